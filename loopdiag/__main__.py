@@ -1,0 +1,3 @@
+from loopdiag.cli import main
+
+main()
