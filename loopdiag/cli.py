@@ -1,0 +1,127 @@
+"""Command line: a thin layer over library functions.
+
+Exit codes: 0 done (a run that diverges or collapses is a result, not a failure),
+2 bad input (one line, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from loopdiag.data import load_corpus
+from loopdiag.models import ARCHITECTURES, preset
+from loopdiag.runner import DEFAULT_ARCHS, RunOutcome, RunSpec, loop_grid, run_grid
+from loopdiag.train import TrainConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-stability diagnostics for looped transformers.")
+console = Console()
+
+
+def bad_input(message: str) -> typer.Exit:
+    """Report a user error as one line; the caller raises the returned exit (code 2)."""
+    console.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=2)
+
+
+@app.callback()
+def _root() -> None:
+    """Training-stability diagnostics for looped (weight-tied) transformers."""
+
+
+@app.command()
+def run(
+    loops: Annotated[int, typer.Option(help="Largest loop count; runs a ladder 1, 2, 4, ... up to it.")] = 12,
+    arch: Annotated[list[str] | None, typer.Option(help="Architecture (repeatable). Default: a reference set.")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps per run.")] = 150,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-3,
+    seeds: Annotated[int, typer.Option(help="Seeds per (architecture, loops) cell.")] = 1,
+    data: Annotated[list[Path] | None, typer.Option(help="Text file(s) to train on. Default: embedded CPython docs.")] = None,
+    size: Annotated[str, typer.Option(help="Model size preset: tiny, default or small.")] = "default",
+    out: Annotated[Path | None, typer.Option(help="Folder for results.csv. Default: runs/<timestamp>.")] = None,
+    quick: Annotated[bool, typer.Option(help="A fast smoke run: tiny models, few steps, loops 1 and max.")] = False,
+) -> None:
+    """Train architectures across loop counts and print final losses and residual norms."""
+    archs = list(arch or DEFAULT_ARCHS)
+    unknown = [a for a in archs if a not in ARCHITECTURES]
+    if unknown:
+        raise bad_input(f"unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}")
+    if seeds < 1:
+        raise bad_input(f"--seeds must be >= 1, got {seeds}")
+    if quick:
+        size, steps = "tiny", min(steps, 40)
+    try:
+        loop_counts = [1, loops] if quick and loops > 1 else loop_grid(loops)
+        model_config = preset(size)
+        train_config = TrainConfig(steps=steps, lr=lr, eval_every=max(steps // 4, 1))
+        corpus = load_corpus(data)
+    except ValueError as error:  # DataError included: bad files, bad sizes, bad loop counts
+        raise bad_input(str(error)) from None
+
+    specs = [RunSpec(a, k, seed) for a in archs for k in loop_counts for seed in range(seeds)]
+    out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    results_csv = out / "results.csv"
+    results_csv.unlink(missing_ok=True)
+    console.print(
+        f"[bold]loopdiag run[/]: {len(specs)} runs ({', '.join(archs)} × loops {loop_counts}"
+        f"{f' × {seeds} seeds' if seeds > 1 else ''}), {steps} steps each, d_model={model_config.d_model}, "
+        f"L={model_config.n_layers}, corpus {corpus.source} ({corpus.n_bytes:,} bytes)"
+    )
+    outcomes = _run_with_progress(specs, model_config, train_config, corpus, results_csv)
+    console.print(_outcome_table(outcomes))
+    console.print(f"results: {results_csv}")
+
+
+def _run_with_progress(specs, model_config, train_config, corpus, results_csv) -> list[RunOutcome]:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[loss]}"),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        overall = progress.add_task("all runs", total=len(specs) * train_config.steps, loss="")
+        done_before = {"steps": 0}
+
+        def on_run_start(index: int, spec: RunSpec) -> None:
+            done_before["steps"] = index * train_config.steps
+            progress.update(overall, description=f"run {index + 1}/{len(specs)} {spec.arch} K={spec.n_loops}")
+
+        def on_progress(step: int, total: int, metrics: dict) -> None:
+            loss = metrics.get("train_loss")
+            progress.update(
+                overall,
+                completed=done_before["steps"] + step,
+                loss="" if loss is None else f"loss {loss:.3f}",
+            )
+
+        return list(run_grid(specs, model_config, train_config, corpus, results_csv, on_run_start, on_progress))
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _outcome_table(outcomes: list[RunOutcome]) -> Table:
+    table = Table(title="final losses and last-loop residual norm (mean token ||x_L^(K)||)")
+    for column in ("arch", "loops", "seed", "params", "train loss", "val loss", "resid norm", "status"):
+        table.add_column(column, justify="left" if column in ("arch", "status") else "right", no_wrap=column == "arch")
+    for o in outcomes:
+        status = f"[red]diverged at step {o.steps_done}[/]" if o.diverged else "ok"
+        table.add_row(
+            o.arch, str(o.n_loops), str(o.seed), f"{o.params:,}",
+            _fmt(o.final_train_loss), _fmt(o.final_val_loss), _fmt(o.last_loop_resid_norm), status,
+        )
+    return table
+
+
+def main() -> None:
+    app()

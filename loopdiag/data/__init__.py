@@ -1,0 +1,35 @@
+"""Training data: byte-level text corpora and synthetic reasoning tasks."""
+
+from loopdiag.data.corpus import (
+    EMBEDDED_CORPUS,
+    VOCAB_SIZE,
+    DataError,
+    TokenCorpus,
+    embedded_corpus_bytes,
+    fixed_batches,
+    get_batch,
+    load_corpus,
+)
+from loopdiag.data.tasks import (
+    IGNORE_INDEX,
+    AdditionTask,
+    PointerChasingTask,
+    SyntheticTask,
+    exact_match_accuracy,
+)
+
+__all__ = [
+    "EMBEDDED_CORPUS",
+    "IGNORE_INDEX",
+    "VOCAB_SIZE",
+    "AdditionTask",
+    "DataError",
+    "PointerChasingTask",
+    "SyntheticTask",
+    "TokenCorpus",
+    "embedded_corpus_bytes",
+    "exact_match_accuracy",
+    "fixed_batches",
+    "get_batch",
+    "load_corpus",
+]

@@ -1,0 +1,180 @@
+"""Synthetic byte-level reasoning tasks where more loops should help, and their accuracy metric.
+
+Each example is ``prompt + answer + "\\n"`` with one fixed layout per task, so every batch
+has the same ``seq_len`` and the answer sits at the same positions. Targets are -1 (the
+ignore index the models' loss uses) everywhere except on the answer bytes.
+"""
+
+from __future__ import annotations
+
+import string
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -1
+NODE_LETTERS = string.ascii_lowercase
+
+
+class SyntheticTask(ABC):
+    """A task generates (prompt, answer) strings; the base turns them into (x, y) batches."""
+
+    name: str
+    prompt_len: int
+    answer_len: int
+
+    @abstractmethod
+    def sample(self, batch_size: int, generator: torch.Generator) -> list[tuple[str, str]]:
+        """``batch_size`` (prompt, answer) pairs of ``prompt_len`` and ``answer_len`` chars."""
+
+    @property
+    def seq_len(self) -> int:
+        # The trailing newline is only ever a target, never an input.
+        return self.prompt_len + self.answer_len
+
+    def batch(
+        self, batch_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (B, seq_len) int64 tokens; ``y`` next-token targets, -1 off the answer."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        examples = self.sample(batch_size, generator)
+        texts = [list((prompt + answer + "\n").encode("ascii")) for prompt, answer in examples]
+        tokens = torch.tensor(texts, dtype=torch.long)  # (B, seq_len + 1)
+        x, y = tokens[:, :-1], tokens[:, 1:].clone()
+        # y[t] predicts byte t + 1, so the answer bytes are targets at prompt_len - 1 onwards.
+        answer = slice(self.prompt_len - 1, self.prompt_len - 1 + self.answer_len)
+        is_answer = torch.zeros(self.seq_len, dtype=torch.bool)
+        is_answer[answer] = True
+        y[:, ~is_answer] = IGNORE_INDEX
+        return x.contiguous(), y
+
+    def describe(self) -> dict:
+        return {"name": self.name, "seq_len": self.seq_len, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class AdditionTask(SyntheticTask):
+    """``"123+456="``, the sum's digits least-significant first (``"9750"``), then ``"\\n"``.
+
+    Operands and answer are zero-padded to fixed widths so every digit keeps one position
+    in every example (a fixed ``seq_len``, and digit i is always in the same place). The
+    answer is reversed so that carries flow left to right, the causal direction: each
+    digit needs only the operand digits and the carry out of the digit just before it.
+    """
+
+    n_digits: int = 3
+
+    def __post_init__(self) -> None:
+        if self.n_digits < 1:
+            raise ValueError(f"n_digits must be at least 1, got {self.n_digits}")
+
+    @property
+    def name(self) -> str:
+        return f"addition_{self.n_digits}d"
+
+    @property
+    def prompt_len(self) -> int:
+        return 2 * self.n_digits + 2
+
+    @property
+    def answer_len(self) -> int:
+        return self.n_digits + 1
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> list[tuple[str, str]]:
+        # Digits drawn one by one: uniform operands of any width, beyond int64's range too.
+        digits = torch.randint(10, (batch_size, 2, self.n_digits), generator=generator).tolist()
+        pairs = []
+        for row in digits:
+            a, b = ("".join(map(str, operand)) for operand in row)
+            total = str(int(a) + int(b)).zfill(self.answer_len)
+            pairs.append((f"{a}+{b}=", total[::-1]))
+        return pairs
+
+
+@dataclass(frozen=True)
+class PointerChasingTask(SyntheticTask):
+    """A random permutation of ``n_nodes`` letters as shuffled pairs, a start node, and the
+    node ``hops`` steps away as the answer.
+
+    With ``hops=2``: ``"ca ab bc|a>"`` then ``"c"`` (a → b → c), then ``"\\n"``. A
+    permutation gives every node exactly one successor and one predecessor, so no node is a
+    likelier answer than another and each hop is a genuine lookup; shuffling the pairs
+    makes that lookup by content, not by position.
+    """
+
+    n_nodes: int = 8
+    hops: int = 3
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.n_nodes <= len(NODE_LETTERS):
+            raise ValueError(f"n_nodes must be in [2, {len(NODE_LETTERS)}], got {self.n_nodes}")
+        if self.hops < 1:
+            raise ValueError(f"hops must be at least 1, got {self.hops}")
+
+    @property
+    def name(self) -> str:
+        return f"pointer_{self.n_nodes}n_{self.hops}h"
+
+    @property
+    def prompt_len(self) -> int:
+        return 3 * self.n_nodes - 1 + 3  # "xy " pairs without the last space, then "|s>"
+
+    @property
+    def answer_len(self) -> int:
+        return 1
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> list[tuple[str, str]]:
+        pairs = []
+        for _ in range(batch_size):
+            successor = torch.randperm(self.n_nodes, generator=generator).tolist()
+            order = torch.randperm(self.n_nodes, generator=generator).tolist()
+            start = int(torch.randint(self.n_nodes, (1,), generator=generator))
+            node = start
+            for _ in range(self.hops):
+                node = successor[node]
+            edges = " ".join(NODE_LETTERS[i] + NODE_LETTERS[successor[i]] for i in order)
+            pairs.append((f"{edges}|{NODE_LETTERS[start]}>", NODE_LETTERS[node]))
+        return pairs
+
+
+def exact_match_accuracy(
+    model: nn.Module,
+    task: SyntheticTask,
+    n_examples: int = 256,
+    n_loops: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> float:
+    """Fraction of ``n_examples`` whose answer bytes are all the argmax of the model's logits.
+
+    The examples come from a generator seeded with ``seed``, so every call sees the same ones.
+    ``model(x, targets=None[, n_loops=K])`` must return ``(logits (B, T, 256), loss)``.
+    """
+    if n_examples < 1 or batch_size < 1:
+        raise ValueError(
+            f"n_examples and batch_size must be positive, got {n_examples}, {batch_size}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    loop_kwargs = {} if n_loops is None else {"n_loops": n_loops}
+    first_param = next(model.parameters(), None)
+    device = first_param.device if first_param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    n_correct = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, n_examples, batch_size):
+                x, y = task.batch(min(batch_size, n_examples - start), generator)
+                logits, _ = model(x.to(device), targets=None, **loop_kwargs)
+                predicted = logits.argmax(dim=-1).cpu()
+                # Teacher forcing feeds the true earlier answer bytes; when every answer byte
+                # is right those are exactly what greedy decoding would have fed, so "all
+                # correct" here is the same verdict as greedy decoding of the answer.
+                all_right = ((predicted == y) | (y == IGNORE_INDEX)).all(dim=1)
+                n_correct += int(all_right.sum())
+    finally:
+        model.train(was_training)
+    return n_correct / n_examples

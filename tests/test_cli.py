@@ -1,0 +1,91 @@
+"""The command line, end to end on tiny sizes, and every bad-input path."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from loopdiag.cli import app
+
+runner = CliRunner()
+
+
+def read_rows(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_trains_every_cell_and_prints_the_table(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["run", "--quick", "--loops", "3", "--arch", "flt", "--arch", "looped", "--steps", "6", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    rows = read_rows(out / "results.csv")
+    assert [(r["arch"], r["n_loops"]) for r in rows] == [("flt", "1"), ("flt", "3"), ("looped", "1"), ("looped", "3")]
+    for row in rows:
+        assert row["steps_done"] == "6"
+        assert 0 < float(row["final_val_loss"]) < 6.0
+        assert float(row["last_loop_resid_norm"]) > 0
+    assert "resid norm" in result.output and "flt" in result.output
+
+
+def test_run_on_a_user_text_file(tmp_path):
+    text = tmp_path / "poem.txt"
+    text.write_text("the loop returns, the weights are tied, the stream goes round.\n" * 200)
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["run", "--quick", "--loops", "1", "--arch", "flt", "--steps", "3", "--data", str(text), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert str(text) in result.output.replace("\n", "")
+    assert len(read_rows(out / "results.csv")) == 1
+
+
+@pytest.fixture
+def binary_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    return path
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--arch", "transformer-xl"], "unknown architecture"),
+        (["--loops", "0"], "--loops must be >= 1"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--size", "huge"], "unknown model preset"),
+        (["--steps", "0"], "steps"),
+        (["--lr", "-1"], "lr"),
+        (["--data", "/no/such/file.txt"], "no such file"),
+    ],
+    ids=["arch", "loops", "seeds", "size", "steps", "lr", "missing-data"],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    result = runner.invoke(app, ["run", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_binary_and_empty_data_rejected(tmp_path, binary_file):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for path, reason in ((binary_file, "binary"), (empty, "empty")):
+        result = runner.invoke(app, ["run", "--out", str(tmp_path), "--data", str(path)])
+        assert result.exit_code == 2, result.output
+        assert reason in result.output.lower() and str(path) in result.output.replace("\n", "")
+
+
+def test_malformed_option_exits_2():
+    assert runner.invoke(app, ["run", "--loops", "twelve"]).exit_code == 2
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "loopdiag", "run", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--loops" in result.stdout
