@@ -41,6 +41,8 @@ def run(
     arch: Annotated[list[str] | None, typer.Option(help="Architecture (repeatable). Default: a reference set.")] = None,
     steps: Annotated[int, typer.Option(help="Training steps per run.")] = 150,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-3,
+    optimizer: Annotated[str, typer.Option(help="adamw, or muon (Muon for block matrices, AdamW for the rest).")] = "adamw",
+    schedule: Annotated[str, typer.Option(help="constant-decay (the paper's) or cosine.")] = "constant-decay",
     seeds: Annotated[int, typer.Option(help="Seeds per (architecture, loops) cell.")] = 1,
     data: Annotated[list[Path] | None, typer.Option(help="Text file(s) to train on. Default: embedded CPython docs.")] = None,
     size: Annotated[str, typer.Option(help="Model size preset: tiny, default or small.")] = "default",
@@ -59,7 +61,9 @@ def run(
     try:
         loop_counts = [1, loops] if quick and loops > 1 else loop_grid(loops)
         model_config = preset(size)
-        train_config = TrainConfig(steps=steps, lr=lr, eval_every=max(steps // 4, 1))
+        train_config = TrainConfig(
+            steps=steps, lr=lr, optimizer=optimizer, schedule=schedule, eval_every=max(steps // 4, 1)
+        )
         corpus = load_corpus(data)
     except ValueError as error:  # DataError included: bad files, bad sizes, bad loop counts
         raise bad_input(str(error)) from None

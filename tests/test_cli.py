@@ -62,9 +62,10 @@ def binary_file(tmp_path):
         (["--size", "huge"], "unknown model preset"),
         (["--steps", "0"], "steps"),
         (["--lr", "-1"], "lr"),
+        (["--optimizer", "sgd"], "optimizer"),
         (["--data", "/no/such/file.txt"], "no such file"),
     ],
-    ids=["arch", "loops", "seeds", "size", "steps", "lr", "missing-data"],
+    ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "missing-data"],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     result = runner.invoke(app, ["run", "--out", str(tmp_path), *args])
