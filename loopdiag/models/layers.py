@@ -73,7 +73,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2, as in the official FLT code
 
 
 class Block(nn.Module):
@@ -116,6 +116,7 @@ class LoopedLM(nn.Module):
                 nn.init.normal_(module.weight, std=module.in_features**-0.5)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)  # near-uniform predictions at step 0
         for module in self.modules():
             if isinstance(module, (Attention, MLP)):
                 if self.config.zero_init_out:
