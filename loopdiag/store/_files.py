@@ -1,0 +1,88 @@
+"""File names of a run folder and the few primitives every part of the store shares:
+atomic replacement, the JSON fallback for non-builtin values, tolerant JSON-lines reading."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "events.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+SUITE_FILE = "suite.json"
+
+
+class RunStoreWarning(UserWarning):
+    """Part of a run store was unreadable and skipped (a torn line, a missing run)."""
+
+
+def json_default(value: Any) -> Any:
+    """Numpy/torch scalars and arrays, paths and dataclasses, as plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable: {value!r}")
+
+
+def replace_atomically(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, fsync, rename over `path`: readers see the
+    old file or the new one, never a half-written one."""
+    # open(..., "x") rather than mkstemp: the file gets the umask's permissions, not 0600,
+    # so others on a shared cluster can read the run.
+    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with tmp_path.open("x", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    replace_atomically(path, json.dumps(obj, indent=2, default=json_default) + "\n")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Every line of a JSON-lines file that is an object with an int `step`.
+
+    Any other line is skipped with a `RunStoreWarning` naming the file and line: a torn
+    last line is what a process killed mid-write leaves, and a bad line elsewhere must
+    not cost the rest of the run. A missing file reads as no rows.
+    """
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return []
+    last_number = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and is_int(row.get("step")):
+            rows.append(row)
+            continue
+        where = ("the last line, torn by an interrupted write" if number == last_number
+                 else "not a JSON object with an int 'step'")
+        warnings.warn(f"{path}: skipped line {number} ({where})", RunStoreWarning, stacklevel=3)
+    return rows
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
