@@ -162,3 +162,9 @@ class LoopedLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the blocks reused every loop (`core` for recurrent-depth); for
+        `standard`, which reuses nothing, all its blocks, so probes compare like with like."""
+        blocks = self.core if hasattr(self, "core") else self.blocks
+        return list(blocks.parameters())

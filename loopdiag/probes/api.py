@@ -1,0 +1,86 @@
+"""`attach`: validate the arguments, find the loop module and the shared weights, and
+build a `LoopRecorder`."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+from torch import nn
+
+from loopdiag.probes.recorder import LoopRecorder
+
+STAT_TIERS = ("cheap", "full")
+
+
+def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stats: str = "cheap",
+           log_every: int = 1, costly_every: int = 50, window: int = 32,
+           shared_params: Iterable[nn.Parameter] | None = None) -> LoopRecorder:
+    """Record per-loop statistics of `model` every `log_every` steps.
+
+    loop_module: the module that runs once per loop: a dotted attribute path
+        ("encoder.layer_group"), the module itself, or None for `model.loop_out`.
+    stats: "cheap" (every logged step) or "full" (adds attention and per-layer statistics
+        every `costly_every` logged steps; our reference models only).
+    window: steps (logged or not) behind `gnorm_cv` and `gnorm_autocorr`; at least 3.
+    shared_params: the weights reused every loop, for the oscillation and update-ratio
+        statistics; default `model.shared_parameters()` when the model has it, else the
+        loop module's parameters, else every trainable parameter.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if stats not in STAT_TIERS:
+        raise ValueError(f"stats must be one of {STAT_TIERS}, got {stats!r}")
+    for name, value, least in (("log_every", log_every, 1), ("costly_every", costly_every, 1),
+                               ("window", window, 3)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    module = _resolve_loop_module(model, loop_module)
+    shared = _resolve_shared_params(model, module, shared_params)
+    return LoopRecorder(model, module, shared, stats=stats, log_every=log_every,
+                        costly_every=costly_every, window=window)
+
+
+def _resolve_loop_module(model: nn.Module, loop_module: str | nn.Module | None) -> nn.Module:
+    children = ", ".join(name for name, _ in model.named_children()) or "none"
+    if loop_module is None:
+        hook_point = getattr(model, "loop_out", None)
+        if isinstance(hook_point, nn.Module):
+            return hook_point
+        raise ValueError(
+            f"{type(model).__name__} has no `loop_out` hook point: pass loop_module=, the module "
+            f"that runs once per loop, as a dotted path or the module itself (its children: {children})")
+    if isinstance(loop_module, str):
+        try:
+            return model.get_submodule(loop_module)
+        except AttributeError:
+            names = [name for name, _ in model.named_modules() if name]
+            close = difflib.get_close_matches(loop_module, names, n=5, cutoff=0.4)
+            hint = f"close names: {', '.join(close)}" if close else f"its children: {children}"
+            raise ValueError(f"{type(model).__name__} has no submodule {loop_module!r}; {hint}") from None
+    if isinstance(loop_module, nn.Module):
+        if loop_module is model:
+            raise ValueError("loop_module is the model itself, which runs once per forward; "
+                             "name the module that runs once per loop")
+        if not any(module is loop_module for module in model.modules()):
+            raise ValueError(f"loop_module ({type(loop_module).__name__}) is not a submodule of the model")
+        return loop_module
+    raise ValueError(f"loop_module must be a dotted path, a module or None, got {type(loop_module).__name__}")
+
+
+def _resolve_shared_params(model: nn.Module, loop_module: nn.Module,
+                           shared_params: Iterable[nn.Parameter] | None) -> list[nn.Parameter]:
+    if shared_params is None:
+        if callable(getattr(model, "shared_parameters", None)):
+            shared = list(model.shared_parameters())
+        else:
+            shared = list(loop_module.parameters()) or list(model.parameters())
+    else:
+        shared = list(shared_params)
+        model_ids = {id(p) for p in model.parameters()}
+        if not all(isinstance(p, nn.Parameter) and id(p) in model_ids for p in shared):
+            raise ValueError("shared_params must be parameters of the model")
+    shared = list({id(p): p for p in shared if p.requires_grad}.values())  # tied weights once
+    if not shared:
+        raise ValueError("no trainable shared parameters: pass shared_params=, the weights reused every loop")
+    return shared

@@ -1,0 +1,47 @@
+"""`RecorderCallback`: a `LoopRecorder` inside `loopdiag.train.train`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from loopdiag.probes.records import Record
+from loopdiag.probes.recorder import LoopRecorder
+from loopdiag.train.trainer import TrainCallback, TrainState
+
+
+class RecorderCallback(TrainCallback):
+    """Feeds the trainer's steps to `recorder` and passes each finished record to
+    `on_record` (where a run store or detectors plug in).
+
+    Loss, learning rate and the pre-clip global grad norm come from the trainer's own
+    host-side history, so they cost no extra sync. A step that diverges (non-finite loss
+    or grad norm) stops the trainer before `after_step`; when that step is a logged one its
+    record is still finished at the end of training, since it is the one that matters most.
+    """
+
+    def __init__(self, recorder: LoopRecorder, on_record: Callable[[Record], None] | None = None):
+        self.recorder = recorder
+        self.on_record = on_record
+
+    def on_train_start(self, state: TrainState) -> None:
+        self.recorder.begin_step(state.step + 1)  # trainer steps are 1-based; resumes continue
+
+    def after_backward(self, state: TrainState) -> None:
+        self.recorder.after_backward()
+
+    def after_step(self, state: TrainState) -> None:
+        self._finish(state)
+
+    def on_eval(self, state: TrainState) -> None:
+        self.recorder.begin_step(state.step + 1)  # evaluation forwards belong to no step
+
+    def on_train_end(self, state: TrainState) -> None:
+        if state.diverged_step is not None and state.diverged_step == state.step:
+            self._finish(state)
+
+    def _finish(self, state: TrainState) -> None:
+        row = state.history[-1]
+        record = self.recorder.end_step(state.step, loss=row["train_loss"], lr=row["lr"],
+                                        grad_norm=row["grad_norm"])
+        if record is not None and self.on_record is not None:
+            self.on_record(record)

@@ -1,0 +1,204 @@
+"""The loop recorder: hooks that see every loop of a weight-tied model, one record per
+logged step.
+
+How loops are counted: a forward pre-hook and an always-called forward hook on the root
+model bracket each forward; inside one, every call of the loop module is the next loop.
+Calls outside a root forward are not loops: activation-checkpoint recomputation during
+backward (`torch.utils.checkpoint`, either flavour) re-runs the module then, and is
+ignored. The count may differ from one forward to the next.
+
+Several forwards in one step (gradient accumulation) are averaged per loop over the
+forwards that reached that loop (so `act_grad_norm` is the mean of the micro-batches'
+norms, not the norm of their summed gradient). If any forward of the step ran with
+gradients enabled, forwards without (evaluation batches between two steps) are left out.
+
+Which step is running is only known at `end_step(step)`; hooks decide whether to collect
+from the expected step: `begin_step(step)` if called, else the one after the last
+`end_step` (0 at first). On steps that are not logged every hook returns at once;
+`after_backward` still adds the shared-grad norm to the window, and keeps the flat
+gradient when the next step is logged.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.linalg import vector_norm
+from torch.utils.hooks import RemovableHandle
+
+from loopdiag.probes.costly import CostlyProbes
+from loopdiag.probes.gradients import GradientProbe
+from loopdiag.probes.records import ForwardBuffer, Record, forward_stats, records_frame, records_loop_frame, to_host
+from loopdiag.probes.stats import LoopSums, as_sequences, reduce_loop_output
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class LoopRecorder:
+    """Built by `attach`; see `loopdiag.probes` for the statistics and their keys."""
+
+    def __init__(self, model: nn.Module, loop_module: nn.Module, shared_params: list[nn.Parameter], *,
+                 stats: str, log_every: int, costly_every: int, window: int):
+        self.model, self.loop_module = model, loop_module
+        self.stats, self.log_every, self.costly_every = stats, log_every, costly_every
+        self.records: list[Record] = []
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self._grads = GradientProbe(named, shared_params, window)
+        self._step = 0  # the step expected to be running
+        self._collecting = self.logs_step(0)
+        self._logged_count = 0
+        self._depth = 0  # nesting of root forwards
+        self._current: ForwardBuffer | None = None  # the root forward running, when collecting
+        self._prev_output: Tensor | None = None  # the previous loop's output, for rel_update
+        self._forwards: list[ForwardBuffer] = []
+        self._tensor_hooks: list[RemovableHandle] = []
+        self._handles = [
+            model.register_forward_pre_hook(self._enter_root),
+            model.register_forward_hook(self._exit_root, always_call=True),
+            loop_module.register_forward_hook(self._on_loop),
+        ]
+        if stats == "full":
+            shared_ids = {id(p) for p in shared_params}
+            self._handles += CostlyProbes(model, shared_ids, lambda: self._current).handles
+        self.attached = True
+
+    # --- the training-loop interface -------------------------------------------------
+
+    def logs_step(self, step: int) -> bool:
+        return step % self.log_every == 0
+
+    def begin_step(self, step: int) -> None:
+        """Optional: announce the step about to run; anything collected since the last
+        `end_step` is dropped."""
+        self._check_attached()
+        self._step, self._collecting = step, self.logs_step(step)
+        self._forwards.clear()
+        self._remove_tensor_hooks()
+        self._grads.discard()
+
+    def after_backward(self) -> None:
+        """Call once per step after the backward pass(es), before clipping and the optimizer."""
+        self._check_attached()
+        self._grads.after_backward(self._step, self._collecting, self.logs_step(self._step + 1))
+
+    def end_step(self, step: int, *, loss: Tensor | float | None = None, lr: float | None = None,
+                 grad_norm: Tensor | float | None = None) -> Record | None:
+        """Close `step` (after the optimizer step). On a logged step: sync once, store and
+        return the record; otherwise return None at no cost. `grad_norm` (pre-clip, when
+        the caller has it) replaces the one computed in `after_backward`."""
+        self._check_attached()
+        forwards, self._forwards = self._forwards, []
+        self._remove_tensor_hooks()
+        self._step, self._collecting = step + 1, self.logs_step(step + 1)
+        if not self.logs_step(step):
+            self._grads.discard()
+            return None
+        grads = self._grads.take()
+        with_grad = [forward for forward in forwards if forward.grad_enabled]
+        synced = to_host({
+            "forwards": [(f.loops, f.attention, f.layer_norms) for f in with_grad or forwards],
+            "grads": grads,
+            "scalars": {name: _as_scalar(name, value) for name, value in
+                        (("loss", loss), ("lr", lr), ("grad_norm", grad_norm)) if value is not None},
+        })
+        record: Record = {"step": step, **synced["scalars"]}
+        if grads is not None:
+            for name, value in self._grads.finish(synced["grads"]).items():
+                record.setdefault(name, value)  # a grad_norm given by the caller wins
+        if forwards:
+            record.update(forward_stats(synced["forwards"]))
+        self._logged_count += 1
+        self.records.append(record)
+        return record
+
+    @property
+    def latest(self) -> Record | None:
+        """The last logged step's record."""
+        return self.records[-1] if self.records else None
+
+    def frame(self) -> pd.DataFrame:
+        """One row per logged step; per-loop values as columns `resid_norm/loop_01`, ..."""
+        return records_frame(self.records)
+
+    def loop_frame(self) -> pd.DataFrame:
+        """Long format: columns step, loop (1-based), stat, value."""
+        return records_loop_frame(self.records)
+
+    def detach(self) -> None:
+        """Remove every hook this recorder registered (module and tensor hooks); the records stay."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._remove_tensor_hooks()
+        self._forwards.clear()
+        self._current = self._prev_output = None
+        self.attached = False
+
+    def __enter__(self) -> LoopRecorder:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.detach()
+
+    # --- hooks -----------------------------------------------------------------------
+
+    def _enter_root(self, module: nn.Module, args: tuple) -> None:
+        self._depth += 1
+        if self._depth == 1 and self._collecting:
+            costly = self.stats == "full" and self._logged_count % self.costly_every == 0
+            self._current = ForwardBuffer(grad_enabled=torch.is_grad_enabled(), costly=costly)
+
+    def _exit_root(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._depth = max(0, self._depth - 1)  # an always-called hook may run without its pre-hook
+        if self._depth == 0 and self._current is not None:
+            self._forwards.append(self._current)
+            self._current = self._prev_output = None
+
+    def _on_loop(self, module: nn.Module, args: tuple, output: Any) -> None:
+        forward = self._current
+        if forward is None:  # not collecting, or outside a root forward (recomputation)
+            return
+        x = _loop_tensor(output)
+        seqs = as_sequences(x)
+        sums = reduce_loop_output(seqs, self._prev_output)
+        self._prev_output = seqs
+        if x.requires_grad:
+            sums["act_grad"] = None  # filled in by the backward pass
+            self._tensor_hooks.append(x.register_hook(functools.partial(self._on_loop_grad, sums)))
+        forward.loops.append(sums)
+
+    @staticmethod
+    def _on_loop_grad(sums: LoopSums, grad: Tensor) -> None:
+        sums["act_grad"] = vector_norm(grad.detach(), dtype=torch.float32)
+
+    def _remove_tensor_hooks(self) -> None:
+        for handle in self._tensor_hooks:
+            handle.remove()
+        self._tensor_hooks.clear()
+
+    def _check_attached(self) -> None:
+        if not self.attached:
+            raise RuntimeError("this LoopRecorder is detached; attach a new one to keep recording")
+
+
+def _loop_tensor(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"the loop module returned {type(output).__name__}; the recorder needs a "
+                    "tensor (..., tokens, features) or a tuple/list starting with one")
+
+
+def _as_scalar(name: str, value: Tensor | float) -> Tensor | float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        return value.detach().reshape(())
+    return float(value)

@@ -1,0 +1,132 @@
+"""Records: what one forward collects, the single device-to-host sync, averaging forwards
+into per-loop lists, and the flat and long views of a record (pandas imported lazily)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from loopdiag.probes.stats import LoopSums, finish_loop
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Record = dict[str, Any]  # scalars and per-loop lists (index 0 = loop 1)
+
+
+@dataclass
+class ForwardBuffer:
+    """Device values collected during one root forward."""
+
+    grad_enabled: bool
+    costly: bool
+    loops: list[LoopSums] = field(default_factory=list)
+    # loop index -> one entry per call inside that loop (costly tier only)
+    attention: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    layer_norms: dict[int, list[Tensor]] = field(default_factory=dict)
+
+
+def to_host(tree: Any) -> Any:
+    """The same nested dicts / lists / tuples with every tensor replaced by a Python number,
+    all fetched with one `stack(...).tolist()`: a single device sync."""
+    leaves: list[Tensor] = []
+
+    def collect(node: Any) -> None:
+        if isinstance(node, Tensor):
+            leaves.append(node)
+        elif isinstance(node, dict):
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                collect(value)
+
+    collect(tree)
+    if not leaves:
+        return tree
+    device = leaves[0].device
+    values = iter(torch.stack([leaf.to(device) for leaf in leaves]).tolist())
+
+    def rebuild(node: Any) -> Any:
+        if isinstance(node, Tensor):
+            return next(values)
+        if isinstance(node, dict):
+            return {key: rebuild(value) for key, value in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(rebuild(value) for value in node)
+        return node
+
+    return rebuild(tree)
+
+
+def forward_stats(forwards: Sequence[tuple[list, dict, dict]]) -> Record:
+    """Per-loop lists from the synced (loops, attention, layer_norms) of each forward: each
+    loop's value is the mean over the forwards that reached it (micro-batches)."""
+    per_forward: list[dict[str, list[float]]] = []
+    for loops, attention, layer_norms in forwards:
+        finished = [finish_loop(sums) for sums in loops]
+        # act_grad_norm exists only for loops whose output needed a gradient: NaN elsewhere
+        names = dict.fromkeys(name for loop in finished for name in loop)
+        stats = {name: [loop.get(name, math.nan) for loop in finished] for name in names}
+        n_loops = len(loops)
+        if attention:
+            calls = [attention.get(k, []) for k in range(n_loops)]
+            stats["attn_entropy"] = [_mean([e for e, _ in c]) for c in calls]
+            stats["attn_max_logit"] = [max((m for _, m in c), default=math.nan) for c in calls]
+        n_layers = max((len(norms) for norms in layer_norms.values()), default=0)
+        for layer in range(n_layers):
+            stats[f"resid_norm/layer_{layer + 1:02d}"] = [
+                _at(layer_norms.get(k, []), layer) for k in range(n_loops)]
+        per_forward.append(stats)
+    record: Record = {"n_loops": max((len(loops) for loops, _, _ in forwards), default=0)}
+    for name in dict.fromkeys(name for stats in per_forward for name in stats):
+        series = [stats[name] for stats in per_forward if name in stats]
+        record[name] = [_mean([s[k] for s in series if k < len(s)])
+                        for k in range(max(len(s) for s in series))]
+    return record
+
+
+def flatten_record(record: Record) -> dict[str, float]:
+    """`/`-namespaced scalars: a per-loop list `resid_norm` becomes `resid_norm/loop_01`, ...
+    (1-based, two digits or more), the keys W&B and the frames use."""
+    flat: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, (list, tuple)):
+            flat.update({f"{key}/loop_{k:02d}": v for k, v in enumerate(value, start=1)})
+        else:
+            flat[key] = value
+    return flat
+
+
+def records_frame(records: Sequence[Record]) -> pd.DataFrame:
+    """One row per record, per-loop values as columns (`resid_norm/loop_01`, ...)."""
+    import pandas as pd
+
+    return pd.DataFrame([flatten_record(record) for record in records])
+
+
+def records_loop_frame(records: Sequence[Record]) -> pd.DataFrame:
+    """Long format, one row per (step, loop, stat): the per-loop lists only, loop 1-based."""
+    import pandas as pd
+
+    def rows() -> Iterator[tuple[int, int, str, float]]:
+        for record in records:
+            for stat, values in record.items():
+                if isinstance(values, (list, tuple)):
+                    for loop, value in enumerate(values, start=1):
+                        yield record["step"], loop, stat, value
+
+    return pd.DataFrame(list(rows()), columns=["step", "loop", "stat", "value"])
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _at(values: Sequence[float], index: int) -> float:
+    return values[index] if index < len(values) else math.nan
