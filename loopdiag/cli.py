@@ -17,6 +17,7 @@ from rich.table import Table
 
 from loopdiag.data import load_corpus
 from loopdiag.models import ARCHITECTURES, preset
+from loopdiag.monitor import ConsoleSink
 from loopdiag.runner import DEFAULT_ARCHS, RunOutcome, RunSpec, loop_grid, run_grid
 from loopdiag.train import TrainConfig
 
@@ -26,7 +27,7 @@ console = Console()
 
 def bad_input(message: str) -> typer.Exit:
     """Report a user error as one line; the caller raises the returned exit (code 2)."""
-    console.print(f"[red]error:[/] {message}", highlight=False)
+    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -46,7 +47,8 @@ def run(
     seeds: Annotated[int, typer.Option(help="Seeds per (architecture, loops) cell.")] = 1,
     data: Annotated[list[Path] | None, typer.Option(help="Text file(s) to train on. Default: embedded CPython docs.")] = None,
     size: Annotated[str, typer.Option(help="Model size preset: tiny, default or small.")] = "default",
-    out: Annotated[Path | None, typer.Option(help="Folder for results.csv. Default: runs/<timestamp>.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Suite folder (one run folder per cell). Default: runs/<timestamp>.")] = None,
+    log_every: Annotated[int, typer.Option(help="Record probe statistics every n steps.")] = 1,
     quick: Annotated[bool, typer.Option(help="A fast smoke run: tiny models, few steps, loops 1 and max.")] = False,
 ) -> None:
     """Train architectures across loop counts and print final losses and residual norms."""
@@ -68,22 +70,24 @@ def run(
     except ValueError as error:  # DataError included: bad files, bad sizes, bad loop counts
         raise bad_input(str(error)) from None
 
+    if log_every < 1:
+        raise bad_input(f"--log-every must be >= 1, got {log_every}")
     specs = [RunSpec(a, k, seed) for a in archs for k in loop_counts for seed in range(seeds)]
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    results_csv = out / "results.csv"
-    results_csv.unlink(missing_ok=True)
+    if out.exists() and any(out.iterdir()):
+        raise bad_input(f"{out} already holds files; choose a new --out folder")
     console.print(
         f"[bold]loopdiag run[/]: {len(specs)} runs ({', '.join(archs)} × loops {loop_counts}"
         f"{f' × {seeds} seeds' if seeds > 1 else ''}), {steps} steps each, d_model={model_config.d_model}, "
         f"L={model_config.n_layers}, corpus {corpus.source} ({corpus.n_bytes:,} bytes)"
     )
-    outcomes = _run_with_progress(specs, model_config, train_config, corpus, results_csv)
+    suite_spec = {"name": out.name, "archs": archs, "loops": loop_counts, "seeds": seeds, "steps": steps, "lr": lr}
+    outcomes = _run_with_progress(specs, model_config, train_config, corpus, out, suite_spec, log_every)
     console.print(_outcome_table(outcomes))
-    console.print(f"results: {results_csv}")
+    console.print(f"run store: {out}")
 
 
-def _run_with_progress(specs, model_config, train_config, corpus, results_csv) -> list[RunOutcome]:
+def _run_with_progress(specs, model_config, train_config, corpus, out, suite_spec, log_every) -> list[RunOutcome]:
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -107,7 +111,11 @@ def _run_with_progress(specs, model_config, train_config, corpus, results_csv) -
                 loss="" if loss is None else f"loss {loss:.3f}",
             )
 
-        return list(run_grid(specs, model_config, train_config, corpus, results_csv, on_run_start, on_progress))
+        sinks = [ConsoleSink(console=progress.console)]
+        return list(run_grid(
+            specs, model_config, train_config, corpus, out, suite_spec, on_run_start,
+            log_every=log_every, sinks=sinks, on_progress=on_progress,
+        ))
 
 
 def _fmt(value: float | None) -> str:
@@ -115,13 +123,13 @@ def _fmt(value: float | None) -> str:
 
 
 def _outcome_table(outcomes: list[RunOutcome]) -> Table:
-    table = Table(title="final losses and last-loop residual norm (mean token ||x_L^(K)||)")
-    for column in ("arch", "loops", "seed", "params", "train loss", "val loss", "resid norm", "status"):
+    table = Table(title="final losses, last-loop residual norm (mean token ||x_L^(K)||) and verdict")
+    for column in ("arch", "loops", "seed", "train loss", "val loss", "resid norm", "verdict"):
         table.add_column(column, justify="left" if column in ("arch", "status") else "right", no_wrap=column == "arch")
     for o in outcomes:
-        status = f"[red]diverged at step {o.steps_done}[/]" if o.diverged else "ok"
+        status = o.status if o.failure_step is None else f"[red]{o.status} at step {o.failure_step} ({o.signal})[/]"
         table.add_row(
-            o.arch, str(o.n_loops), str(o.seed), f"{o.params:,}",
+            o.arch, str(o.n_loops), str(o.seed),
             _fmt(o.final_train_loss), _fmt(o.final_val_loss), _fmt(o.last_loop_resid_norm), status,
         )
     return table

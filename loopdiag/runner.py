@@ -1,17 +1,25 @@
-"""Train a grid of (architecture, loop count) runs on one corpus and summarise each run."""
+"""Train a grid of (architecture, loop count, seed) cells, each into its own run folder.
+
+A run is: build the model, attach the recorder, train, and on every logged step write the
+record to the run store and feed it to the live detectors; at the end write the verdict.
+"""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from loopdiag.data import TokenCorpus
+from loopdiag.detect import verdict
 from loopdiag.models import ModelConfig, build_model
-from loopdiag.train import TrainConfig, corpus_batches, train
+from loopdiag.monitor import AlertSink, EventLogSink, Monitor
+from loopdiag.probes import RecorderCallback, attach
+from loopdiag.store import RunWriter, read_records, write_suite_manifest
+from loopdiag.train import TrainCallback, TrainConfig, TrainState, corpus_batches, eval_due, train
 
 DEFAULT_ARCHS = ("standard", "looped", "looped-inject", "flt-res", "flt")
 LOOP_LADDER = (1, 2, 4, 6, 9, 12)
@@ -29,38 +37,105 @@ class RunSpec:
     arch: str
     n_loops: int
     seed: int = 0
+    lr: float | None = None  # None: the training config's
+
+    @property
+    def run_id(self) -> str:
+        lr = "" if self.lr is None else f"-lr{self.lr:g}"
+        return f"{self.arch}-k{self.n_loops:02d}-s{self.seed}{lr}"
 
 
 @dataclass
 class RunOutcome:
+    run_id: str
     arch: str
     n_loops: int
     seed: int
-    params: int
+    lr: float
+    status: str  # stable | collapsed | diverged | interrupted
+    failure_step: int | None
+    signal: str | None
     steps_done: int
     final_train_loss: float
     final_val_loss: float | None
-    best_val_loss: float | None
-    last_loop_resid_norm: float | None  # mean token ||x_L^(K)|| on validation text
-    diverged: bool
+    last_loop_resid_norm: float | None  # mean token ||x_L^(K)|| at the last logged step
     wall_time_s: float
 
 
-@torch.no_grad()
-def loop_residual_norms(model: torch.nn.Module, idx: torch.Tensor) -> list[float]:
-    """Mean token L2 norm of the stream at the end of every loop, from one forward."""
-    norms: list[float] = []
-    handle = model.loop_out.register_forward_hook(
-        lambda module, inputs, output: norms.append(output.norm(dim=-1).mean().item())
-    )
-    was_training = model.training
-    try:
-        model.eval()
-        model(idx)
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return norms
+class RunLogger(TrainCallback):
+    """Writes one run folder and runs the live detectors on each record.
+
+    Records arrive from the recorder after the optimizer step, before evaluation; on a step
+    that is evaluated the record waits for its validation loss, otherwise it is written at
+    once. Detectors see a record as soon as it exists. Must come after the
+    `RecorderCallback` in `callbacks`.
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], monitor: Monitor, resume: bool = False):
+        self.run_dir, self.config, self.monitor, self.resume = run_dir, config, monitor, resume
+        self.writer: RunWriter | None = None
+        self.pending: dict[str, Any] | None = None
+        self.records: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] | None = None
+
+    def on_train_start(self, state: TrainState) -> None:
+        self.writer = RunWriter(self.run_dir, self.config, resume=self.resume,
+                                resume_step=state.step if self.resume else None)
+        if state.step:  # resumed: restore the detectors' state from what the store kept
+            self.records = read_records(self.run_dir)
+            for record in self.records:
+                self.monitor.restore(record)
+        self.monitor.sinks.insert(0, EventLogSink(self.writer))
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.pending = record
+        self.monitor.update(record)
+
+    def after_step(self, state: TrainState) -> None:
+        if self.monitor.should_stop and not state.should_stop:
+            event = self.monitor.stop_event
+            state.should_stop = True
+            state.stop_reason = f"{event.detector} ({event.severity}) at step {event.step}: {event.message}"
+        if not eval_due(state):
+            self._write_pending()
+
+    def on_eval(self, state: TrainState) -> None:
+        if self.pending is None or self.pending["step"] != state.step:  # a step not logged
+            self._write_pending()
+            self.pending = {"step": state.step}
+        self.pending["val_loss"] = state.val_loss
+        self._write_pending()
+
+    def on_train_end(self, state: TrainState) -> None:
+        self._write_pending()
+        interrupted = (state.stop_reason or "").startswith("interrupted")
+        self.summary = {
+            **verdict(self.records, self.monitor.events, finished=not interrupted),
+            "steps_done": state.step if state.diverged_step is None else state.step - 1,
+            "stopped_by": state.stop_reason if state.should_stop else None,
+        }
+        if interrupted:
+            self.summary["status"] = "interrupted"
+        self.writer.close(self.summary)
+
+    def _write_pending(self) -> None:
+        if self.pending is not None:
+            self.writer.log(self.pending)
+            self.pending = None
+
+
+def run_config(spec: RunSpec, model_config: ModelConfig, train_config: TrainConfig, corpus: TokenCorpus,
+               probes: dict[str, Any], detectors: dict[str, Any]) -> dict[str, Any]:
+    """The fully resolved configuration a run folder records (DESIGN §4)."""
+    return {
+        "cell": {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed, "lr": train_config.lr},
+        "model": model_config.to_dict(),
+        "train": asdict(train_config),
+        "data": corpus.describe(),
+        "probes": probes,
+        "detectors": detectors,
+    }
 
 
 def run_one(
@@ -68,26 +143,38 @@ def run_one(
     model_config: ModelConfig,
     train_config: TrainConfig,
     corpus: TokenCorpus,
+    run_dir: Path,
+    *,
+    log_every: int = 1,
+    detectors: dict[str, Any] | None = None,
+    sinks: Sequence[AlertSink] = (),
+    stop_on: str | None = None,
+    resume: bool = False,
     on_progress: Callable[[int, int, dict], None] | None = None,
 ) -> RunOutcome:
     model_config = model_config.with_(n_loops=spec.n_loops)
-    train_config = TrainConfig(**{**asdict(train_config), "seed": spec.seed, "n_loops": None})
+    train_config = replace(train_config, seed=spec.seed, n_loops=None,
+                           lr=train_config.lr if spec.lr is None else spec.lr)
+    probes = {"loop_module": "loop_out", "stats": "cheap", "log_every": log_every}
+    config = run_config(spec, model_config, train_config, corpus, probes, detectors or {})
+    monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=detectors)
     torch.manual_seed(spec.seed)  # the same seed gives the same initial weights
     model = build_model(spec.arch, model_config)
     train_source, val_batches = corpus_batches(corpus, train_config, model_config.seq_len)
-    result = train(model, train_source, val_batches, train_config, on_progress=on_progress)
-    resid = None if result.diverged else loop_residual_norms(model, val_batches[0][0])[-1]
+    logger = RunLogger(run_dir, config, monitor, resume=resume)
+    with attach(model, log_every=log_every) as recorder:
+        result = train(
+            model, train_source, val_batches, train_config,
+            callbacks=[RecorderCallback(recorder, on_record=logger.on_record), logger],
+            checkpoint_path=run_dir / "checkpoint.pt", resume=resume, on_progress=on_progress,
+        )
+    summary = logger.summary
+    last_resid = next((r["resid_norm"][-1] for r in reversed(logger.records) if r.get("resid_norm")), None)
     return RunOutcome(
-        arch=spec.arch,
-        n_loops=spec.n_loops,
-        seed=spec.seed,
-        params=model.num_params(),
-        steps_done=result.steps_done,
-        final_train_loss=result.final_train_loss,
-        final_val_loss=result.final_val_loss,
-        best_val_loss=result.best_val_loss,
-        last_loop_resid_norm=resid,
-        diverged=result.diverged,
+        run_id=spec.run_id, arch=spec.arch, n_loops=spec.n_loops, seed=spec.seed, lr=train_config.lr,
+        status=summary["status"], failure_step=summary["step"], signal=summary["signal"],
+        steps_done=result.steps_done, final_train_loss=result.final_train_loss,
+        final_val_loss=result.final_val_loss, last_loop_resid_norm=last_resid,
         wall_time_s=result.wall_time_s,
     )
 
@@ -97,25 +184,19 @@ def run_grid(
     model_config: ModelConfig,
     train_config: TrainConfig,
     corpus: TokenCorpus,
-    results_csv: Path | None = None,
+    suite_dir: Path,
+    suite_spec: dict[str, Any],
     on_run_start: Callable[[int, RunSpec], None] | None = None,
-    on_progress: Callable[[int, int, dict], None] | None = None,
+    **run_options: Any,
 ) -> Iterator[RunOutcome]:
-    """Run every spec in order; each finished run is appended to `results_csv` at once, so an
-    interrupted grid keeps what it completed."""
+    """Run every spec in order into `suite_dir/<run_id>/`; `suite.json` lists them all
+    up front, so a suite interrupted midway still loads what it completed."""
+    lrs = {spec: train_config.lr if spec.lr is None else spec.lr for spec in specs}
+    write_suite_manifest(suite_dir, suite_spec, {
+        spec.run_id: {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed, "lr": lrs[spec]}
+        for spec in specs
+    })
     for index, spec in enumerate(specs):
         if on_run_start is not None:
             on_run_start(index, spec)
-        outcome = run_one(spec, model_config, train_config, corpus, on_progress)
-        if results_csv is not None:
-            append_csv_row(results_csv, asdict(outcome))
-        yield outcome
-
-
-def append_csv_row(path: Path, row: dict) -> None:
-    new_file = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
+        yield run_one(spec, model_config, train_config, corpus, suite_dir / spec.run_id, **run_options)

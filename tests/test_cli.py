@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 
@@ -10,13 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from loopdiag.cli import app
+from loopdiag.store import load_suite
 
 runner = CliRunner()
-
-
-def read_rows(path):
-    with path.open() as f:
-        return list(csv.DictReader(f))
 
 
 def test_run_trains_every_cell_and_prints_the_table(tmp_path):
@@ -25,12 +20,14 @@ def test_run_trains_every_cell_and_prints_the_table(tmp_path):
         app, ["run", "--quick", "--loops", "3", "--arch", "flt", "--arch", "looped", "--steps", "6", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
-    rows = read_rows(out / "results.csv")
-    assert [(r["arch"], r["n_loops"]) for r in rows] == [("flt", "1"), ("flt", "3"), ("looped", "1"), ("looped", "3")]
-    for row in rows:
-        assert row["steps_done"] == "6"
-        assert 0 < float(row["final_val_loss"]) < 6.0
-        assert float(row["last_loop_resid_norm"]) > 0
+    suite = load_suite(out)
+    assert sorted(suite.runs) == ["flt-k01-s0", "flt-k03-s0", "looped-k01-s0", "looped-k03-s0"]
+    for run_id, run in suite.runs.items():
+        assert run.steps["step"].tolist() == list(range(1, 7))
+        assert 0 < run.steps["val_loss"].dropna().iloc[-1] < 6.0
+        loops = run.loops[(run.loops["stat"] == "resid_norm") & (run.loops["step"] == 6)]
+        assert len(loops) == run.config["cell"]["n_loops"] and (loops["value"] > 0).all()
+        assert run.summary["status"] == "stable"
     assert "resid norm" in result.output and "flt" in result.output
 
 
@@ -43,7 +40,8 @@ def test_run_on_a_user_text_file(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert str(text) in result.output.replace("\n", "")
-    assert len(read_rows(out / "results.csv")) == 1
+    (run,) = load_suite(out).runs.values()
+    assert run.config["data"]["source"] == str(text)
 
 
 @pytest.fixture
@@ -63,9 +61,10 @@ def binary_file(tmp_path):
         (["--steps", "0"], "steps"),
         (["--lr", "-1"], "lr"),
         (["--optimizer", "sgd"], "optimizer"),
+        (["--log-every", "0"], "--log-every"),
         (["--data", "/no/such/file.txt"], "no such file"),
     ],
-    ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "missing-data"],
+    ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "log-every", "missing-data"],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     result = runner.invoke(app, ["run", "--out", str(tmp_path), *args])
@@ -81,6 +80,12 @@ def test_binary_and_empty_data_rejected(tmp_path, binary_file):
         result = runner.invoke(app, ["run", "--out", str(tmp_path), "--data", str(path)])
         assert result.exit_code == 2, result.output
         assert reason in result.output.lower() and str(path) in result.output.replace("\n", "")
+
+
+def test_existing_output_folder_is_not_overwritten(tmp_path):
+    (tmp_path / "keep.txt").write_text("results")
+    result = runner.invoke(app, ["run", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "already holds files" in result.output
 
 
 def test_malformed_option_exits_2():

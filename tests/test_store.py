@@ -45,8 +45,8 @@ def write_run(run_dir: Path, steps: range, summary: dict | None = None, **writer
 
 def test_public_api():
     assert set(loopdiag.store.__all__) == {
-        "RESUMABLE_KEYS", "RunData", "RunStoreWarning", "RunWriter", "SuiteData", "load_run",
-        "load_suite", "write_suite_manifest"}
+        "RESUMABLE_KEYS", "RunData", "RunStoreWarning", "RunWriter", "SuiteData", "event_frame",
+        "load_run", "load_suite", "read_records", "write_suite_manifest"}
 
 
 def test_round_trip_with_varying_loops_and_non_finite_values(tmp_path):

@@ -71,6 +71,11 @@ def load_run(run_dir: str | Path) -> RunData:
                    summary=_read_summary(run_dir / SUMMARY_FILE))
 
 
+def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's records exactly as logged (for replaying detectors); torn lines skipped."""
+    return read_rows(Path(run_dir) / METRICS_FILE)
+
+
 def metric_frames(records: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(steps, loops) from records, built column-wise: one frame construction for the
     steps and one array per per-loop stat, never a Python loop over table rows.

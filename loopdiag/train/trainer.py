@@ -148,7 +148,7 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
             fire("after_step")
             model.zero_grad(set_to_none=True)
             last = state.step == cfg.steps or state.should_stop
-            if val_batches and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+            if val_batches and eval_due(state):
                 state.val_loss = row["val_loss"] = evaluate(model, val_batches, cfg.n_loops)
                 fire("on_eval")
             if on_progress is not None:
@@ -164,6 +164,14 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
         raise
     fire("on_train_end")
     return _result(state, time.perf_counter() - start_time)
+
+
+def eval_due(state: TrainState) -> bool:
+    """Whether the step that just finished is evaluated: every `eval_every` steps, the last
+    step, and a step after which training stops."""
+    cfg = state.config
+    return (state.step == cfg.steps or state.should_stop
+            or bool(cfg.eval_every and state.step % cfg.eval_every == 0))
 
 
 def _clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> Tensor:

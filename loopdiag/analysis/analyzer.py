@@ -1,0 +1,210 @@
+"""One run, judged from its store alone: verdict, headline numbers and a plain explanation.
+
+Definitions (they are the columns of `suite_table` too):
+- final loss: mean train loss over the last 10% of logged steps (at least one); NaN when
+  any of those is non-finite, so a diverged run never gets a flattering number.
+- best loss: smallest finite logged train loss.
+- residual growth over steps: last-loop `resid_norm` at the last step where it is finite,
+  over its value at the first logged step after the learning-rate warm-up.
+- residual ratio across loops: `resid_norm[K] / resid_norm[1]` at that same last step.
+- oscillation index: mean of max(0, -grad_cos) over the second half of the logged steps;
+  0 when consecutive gradients never point against each other, 1 when every step
+  reverses the last one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from loopdiag.detect import default_detectors, replay, verdict
+from loopdiag.store import RunData
+from loopdiag.store import event_frame, read_records
+
+LOSS_COLUMNS = ("loss", "train_loss")  # the recorder's name first, the trainer's second
+FINAL_FRACTION = 0.1
+CELL_KEYS = ("arch", "n_loops", "seed", "lr")
+FAILED = ("collapsed", "diverged")
+WARNING_SEVERITIES = ("warn", "critical")
+
+
+def loss_series(steps: pd.DataFrame) -> pd.Series:
+    """Train loss indexed by step (empty when the run logged none)."""
+    for column in LOSS_COLUMNS:
+        if column in steps.columns:
+            return steps.set_index("step")[column].astype(float)
+    return pd.Series(dtype=float)
+
+
+def final_loss(steps: pd.DataFrame) -> float:
+    losses = loss_series(steps)
+    if losses.empty:
+        return math.nan
+    tail = losses.iloc[-max(1, int(len(losses) * FINAL_FRACTION)):]
+    return float(tail.mean()) if np.isfinite(tail).all() else math.nan
+
+
+def best_loss(steps: pd.DataFrame) -> float:
+    losses = loss_series(steps)
+    finite = losses[np.isfinite(losses)]
+    return float(finite.min()) if len(finite) else math.nan
+
+
+def final_val_loss(steps: pd.DataFrame) -> float:
+    if "val_loss" not in steps.columns:
+        return math.nan
+    evaluated = steps["val_loss"].dropna()
+    return float(evaluated.iloc[-1]) if len(evaluated) else math.nan
+
+
+def oscillation_index(steps: pd.DataFrame) -> float:
+    if "grad_cos" not in steps.columns or steps.empty:
+        return math.nan
+    second_half = steps["grad_cos"].iloc[len(steps) // 2:].astype(float).dropna()
+    return float(np.maximum(0.0, -second_half).mean()) if len(second_half) else math.nan
+
+
+def residual_norms(loops: pd.DataFrame) -> pd.DataFrame:
+    """`resid_norm` as a (step × loop) table, steps where every loop is finite only."""
+    resid = loops[loops["stat"] == "resid_norm"]
+    table = resid.pivot_table(index="step", columns="loop", values="value", aggfunc="first")
+    return table[np.isfinite(table).all(axis=1)]
+
+
+def residual_endpoints(run: RunData) -> tuple[pd.DataFrame, int, int] | None:
+    """(`residual_norms` table, its first step after the warm-up (else its first step),
+    its last step); None when the run recorded no finite residual norms."""
+    table = residual_norms(run.loops)
+    if table.empty:
+        return None
+    after_warmup = table.index[table.index > warmup_steps(run.config)]
+    start = after_warmup[0] if len(after_warmup) else table.index[0]
+    return table, int(start), int(table.index[-1])
+
+
+def residual_growth(run: RunData) -> tuple[float, float]:
+    """(growth over steps of the last loop's norm, last loop / first loop at the end)."""
+    endpoints = residual_endpoints(run)
+    if endpoints is None:
+        return math.nan, math.nan
+    table, start, end = endpoints
+    last_loop = table.iloc[:, -1]
+    return float(last_loop[end] / last_loop[start]), float(last_loop[end] / table.iloc[-1, 0])
+
+
+def warmup_steps(config: dict[str, Any]) -> int:
+    train = config.get("train")
+    return int((train if isinstance(train, dict) else config).get("warmup_steps") or 0)
+
+
+def run_cell(run: RunData) -> dict[str, Any]:
+    """arch, n_loops, seed, lr of a run: its config's `cell`, the training lr otherwise."""
+    cell = run.config.get("cell") if isinstance(run.config.get("cell"), dict) else {}
+    train = run.config.get("train") if isinstance(run.config.get("train"), dict) else {}
+    found = {key: cell.get(key) for key in CELL_KEYS}
+    if found["lr"] is None:
+        found["lr"] = train.get("lr", run.config.get("lr"))
+    return found
+
+
+def run_verdict(run: RunData) -> dict[str, Any]:
+    """The stored summary when there is one; else the default detectors (with the
+    threshold overrides of the run config's `detectors` mapping, as the run used them)
+    replayed over the store, marked `recomputed: True` and carrying the replayed `events`.
+    A run that logged fewer steps than its config planned and left no summary is judged
+    unfinished: it can read as interrupted."""
+    if run.summary is not None and run.summary.get("status"):
+        return {**run.summary, "recomputed": False}
+    records = read_records(run.run_dir)
+    overrides = run.config.get("detectors")
+    events = replay(records, default_detectors(**overrides) if isinstance(overrides, dict)
+                    else default_detectors())
+    train = run.config.get("train") if isinstance(run.config.get("train"), dict) else {}
+    planned = train.get("steps")
+    last = records[-1]["step"] if records else 0
+    finished = planned is None or last >= planned
+    return {**verdict(records, events, finished=finished), "recomputed": True,
+            "events": [event.to_dict() for event in events]}
+
+
+def verdict_events(run: RunData, judged: dict[str, Any]) -> pd.DataFrame:
+    """The events behind a verdict, in step order: the replayed ones for a recomputed
+    verdict, else the run's stored events."""
+    events = event_frame(judged["events"]) if judged.get("recomputed") else run.events
+    return events.sort_values("step", kind="stable")
+
+
+def first_warning_step(run: RunData, judged: dict[str, Any]) -> float:
+    step = judged.get("first_warning_step")
+    if step is None:
+        events = verdict_events(run, judged)
+        warnings = events.loc[events["severity"].isin(WARNING_SEVERITIES), "step"]
+        step = warnings.min() if len(warnings) else None
+    return math.nan if step is None else float(step)
+
+
+def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
+    """A few plain sentences: what failed, when, which signal fired first, and what the
+    residual norm, gradient oscillation and loss did, with the numbers."""
+    judged = judged or run_verdict(run)
+    cell = run_cell(run)
+    lr = "" if cell["lr"] is None else f", lr {cell['lr']:g}"
+    who = f"{run.run_id} ({cell['arch']}, K={cell['n_loops']}, seed {cell['seed']}{lr})"
+    status = judged.get("status")
+    if status not in FAILED:
+        return (f"{who} ended {status} at step {_last_step(run)}; final train loss "
+                f"{_fmt(final_loss(run.steps))}, best {_fmt(best_loss(run.steps))}.")
+    sentences = [f"{who} {status} at step {judged.get('step')} "
+                 f"(signal: {judged.get('signal') or 'unnamed'}).",
+                 _first_signal(run, judged), _residual_story(run)]
+    oscillation = oscillation_index(run.steps)
+    if not math.isnan(oscillation):
+        sentences.append(f"Gradient oscillation index (mean of max(0, -cos) between consecutive "
+                         f"gradients, second half of training): {_fmt(oscillation)}.")
+    losses = loss_series(run.steps)
+    finite = losses[np.isfinite(losses)]
+    if status == "diverged" and len(finite):
+        sentences.append(f"The last finite train loss was {_fmt(finite.iloc[-1])} at step "
+                         f"{int(finite.index[-1])}; the best was {_fmt(finite.min())}.")
+    elif len(finite):
+        sentences.append(f"Train loss ended at {_fmt(final_loss(run.steps))} against a best of "
+                         f"{_fmt(finite.min())}.")
+    return " ".join(sentence for sentence in sentences if sentence)
+
+
+def _first_signal(run: RunData, judged: dict[str, Any]) -> str:
+    events = verdict_events(run, judged)
+    if events.empty:
+        return ""
+    first = events.iloc[0]
+    message = f": {first['message'].rstrip('.')}" if isinstance(first["message"], str) else ""
+    lead = None if judged.get("step") is None else int(judged["step"]) - int(first["step"])
+    if lead == 0:
+        return f"No detector fired before that step; then {first['detector']} did{message}."
+    notice = "" if lead is None else f", {lead} steps before the verdict"
+    return (f"The first detector to fire was {first['detector']} at step "
+            f"{int(first['step'])}{notice}{message}.")
+
+
+def _residual_story(run: RunData) -> str:
+    endpoints = residual_endpoints(run)
+    if endpoints is None:
+        return ""
+    table, start, end = endpoints
+    growth, across = residual_growth(run)
+    last_loop = table.iloc[:, -1]
+    return (f"The last loop's residual norm went from {_fmt(last_loop[start])} at step {start} "
+            f"to {_fmt(last_loop[end])} at step {end} (x{_fmt(growth)}); there, loop "
+            f"{int(table.columns[-1])} carried x{_fmt(across)} the norm of loop "
+            f"{int(table.columns[0])}.")
+
+
+def _last_step(run: RunData) -> int | None:
+    return int(run.steps["step"].iloc[-1]) if len(run.steps) else None
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3g}"

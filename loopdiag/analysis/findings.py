@@ -1,0 +1,111 @@
+"""Plain-language findings generated from a suite table: what held at the largest loop
+count, where an FLT variant does or does not beat a baseline, how early the detectors
+warned. Every sentence carries its numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from loopdiag.analysis.tables import compare, stable_lr_range
+
+SIGNIFICANCE = 0.05  # a "beats" claim needs a lower mean final loss and p below this
+
+
+def findings(table: pd.DataFrame) -> list[str]:
+    largest = int(table["n_loops"].max())
+    at_largest = table[table["n_loops"] == largest]
+    lines = [_stability_at(at_largest, largest)]
+    lines += _flt_vs_baselines(at_largest, largest)
+    lines += _oscillation(at_largest, largest)
+    if table["lr"].nunique() > 1:
+        lines.append(_stable_lrs(table, largest))
+    lines += _warnings(table)
+    recomputed = int(table["recomputed"].sum())
+    if recomputed:
+        lines.append(f"{recomputed} run(s) had no summary.json; their verdicts were recomputed "
+                     f"by replaying the detectors over the stored metrics.")
+    return lines
+
+
+def _stability_at(runs: pd.DataFrame, n_loops: int) -> str:
+    held, failed = [], []
+    for arch, group in runs.groupby("arch", sort=False):
+        counts = group["status"].value_counts()
+        if counts.get("stable", 0) == len(group):
+            held.append(f"{arch} ({len(group)}/{len(group)})")
+        else:
+            what = ", ".join(f"{n} {status}" for status, n in counts.items() if status != "stable")
+            failed.append(f"{arch} ({counts.get('stable', 0)}/{len(group)} stable; {what})")
+    return (f"At the largest loop count, K={n_loops}: stable in every run: "
+            f"{', '.join(held) or 'no architecture'}; not stable: {', '.join(failed) or 'none'}.")
+
+
+def _flt_vs_baselines(runs: pd.DataFrame, n_loops: int) -> list[str]:
+    archs = list(dict.fromkeys(runs["arch"]))
+    flts = [a for a in archs if a.startswith("flt")]
+    baselines = [a for a in archs if not a.startswith("flt")]
+    lines = []
+    for flt in flts:
+        for baseline in baselines:
+            lines.append(_versus(runs, flt, baseline, n_loops))
+    return lines
+
+
+def _versus(runs: pd.DataFrame, flt: str, baseline: str, n_loops: int) -> str:
+    losses = {a: runs.loc[runs["arch"] == a, "final_loss"] for a in (flt, baseline)}
+    finite = {a: s[np.isfinite(s)] for a, s in losses.items()}
+    where = f"at K={n_loops}"
+    if finite[baseline].empty and len(finite[flt]):
+        return (f"{baseline} has no finite final loss {where} (every run diverged); {flt} "
+                f"reached {finite[flt].mean():.4g}.")
+    if finite[flt].empty:
+        return (f"{flt} has no finite final loss {where} (every run diverged): it does NOT "
+                f"beat {baseline}.")
+    try:
+        result = compare(runs, flt, baseline)
+    except ValueError:
+        a, b = finite[flt].mean(), finite[baseline].mean()
+        verb = "beats" if a < b else "does NOT beat"
+        return (f"{flt} {verb} {baseline} {where} on final loss: {a:.4g} vs {b:.4g} "
+                f"(too few runs for a test).")
+    if result.difference < 0 and result.p_value < SIGNIFICANCE:
+        verdict = f"{flt} beats {baseline} {where}"
+    elif result.difference < 0:
+        verdict = (f"{flt} does NOT clearly beat {baseline} {where} (lower on average, "
+                   f"not significant at p < {SIGNIFICANCE})")
+    else:
+        verdict = f"{flt} does NOT beat {baseline} {where}"
+    return f"{verdict}: {result.summary()}."
+
+
+def _oscillation(runs: pd.DataFrame, n_loops: int) -> list[str]:
+    means = runs.groupby("arch", sort=False)["oscillation"].mean().dropna()
+    if len(means) < 2:
+        return []
+    return [f"Gradient oscillation index at K={n_loops}: highest {means.idxmax()} "
+            f"({means.max():.3g}), lowest {means.idxmin()} ({means.min():.3g})."]
+
+
+def _stable_lrs(table: pd.DataFrame, n_loops: int) -> str:
+    ranges = stable_lr_range(table[table["n_loops"] == n_loops])
+    parts = [f"{row.arch} {row.max_stable_lr:g}" if np.isfinite(row.max_stable_lr)
+             else f"{row.arch} none of {row.lrs_tried} tried" for row in ranges.itertuples()]
+    return (f"Largest learning rate at which every run stayed stable, K={n_loops}: "
+            f"{', '.join(parts)}.")
+
+
+def _warnings(table: pd.DataFrame) -> list[str]:
+    failed = table[table["status"].isin(["collapsed", "diverged"])]
+    if failed.empty:
+        return ["No run collapsed or diverged."]
+    leads = failed["warning_lead"].dropna()
+    counts = ", ".join(f"{n} {status}" for status, n in failed["status"].value_counts().items())
+    line = f"{len(failed)} run(s) failed ({counts})."
+    if len(leads):
+        line += (f" The first detector event came a median of {leads.median():.0f} steps before "
+                 f"the verdict (range {leads.min():.0f} to {leads.max():.0f}, {len(leads)} runs).")
+    silent = len(failed) - len(leads)
+    if silent:
+        line += f" {silent} failed run(s) had no detector event before the verdict was recorded."
+    return [line]

@@ -1,0 +1,186 @@
+"""A suite as tables: one row per run, seeds aggregated per cell, the stable-LR range, and
+a statistical comparison of two architectures' final losses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from loopdiag.analysis.analyzer import (
+    CELL_KEYS,
+    FAILED,
+    best_loss,
+    final_loss,
+    final_val_loss,
+    first_warning_step,
+    oscillation_index,
+    residual_growth,
+    run_cell,
+    run_verdict,
+)
+from loopdiag.store import SuiteData
+
+TABLE_COLUMNS = (
+    "run_id", "arch", "n_loops", "lr", "seed", "status", "failure_step", "signal",
+    "final_loss", "best_loss", "final_val_loss", "resid_growth_steps", "resid_ratio_loops",
+    "oscillation", "first_warning_step", "warning_lead", "last_step", "recomputed",
+)
+
+
+def suite_table(suite: SuiteData) -> pd.DataFrame:
+    """One row per run (columns `TABLE_COLUMNS`, defined in `loopdiag.analysis.analyzer`).
+
+    `failure_step` is the verdict's step for a collapsed or diverged run; `warning_lead`
+    is how many steps the first detector event came before it.
+    """
+    if not suite.runs:
+        raise ValueError(f"suite {suite.suite_dir} has no runs to analyse")
+    rows = []
+    for run_id, run in suite.runs.items():
+        judged = run_verdict(run)
+        failed = judged.get("status") in FAILED
+        failure_step = (float(judged["step"]) if failed and judged.get("step") is not None
+                        else math.nan)
+        warning = first_warning_step(run, judged)
+        growth, across = residual_growth(run)
+        rows.append({
+            "run_id": run_id, **_cell(suite, run_id),
+            "status": judged.get("status"), "failure_step": failure_step,
+            "signal": judged.get("signal") if failed else None,
+            "final_loss": final_loss(run.steps), "best_loss": best_loss(run.steps),
+            "final_val_loss": final_val_loss(run.steps),
+            "resid_growth_steps": growth, "resid_ratio_loops": across,
+            "oscillation": oscillation_index(run.steps),
+            "first_warning_step": warning, "warning_lead": failure_step - warning,
+            "last_step": float(run.steps["step"].max()) if len(run.steps) else math.nan,
+            "recomputed": bool(judged["recomputed"]),
+        })
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    arch_order = {arch: i for i, arch in enumerate(dict.fromkeys(table["arch"]))}
+    table = table.sort_values(["arch", "n_loops", "lr", "seed"], kind="stable",
+                              key=lambda c: c.map(arch_order) if c.name == "arch" else c)
+    return table.reset_index(drop=True)
+
+
+def _cell(suite: SuiteData, run_id: str) -> dict[str, object]:
+    """The run's cell as the suite manifest lists it (`cell_lr` when the cell's `lr`
+    clashes with the logged per-step lr), falling back to the run's own config."""
+    listed = suite.run_table.set_index("run_id").loc[run_id]
+    own = run_cell(suite.runs[run_id])
+    cell = {}
+    for key in CELL_KEYS:
+        value = next((listed[c] for c in (key, f"cell_{key}") if c in listed.index), None)
+        cell[key] = own[key] if value is None or pd.isna(value) else value
+    cell["lr"] = math.nan if cell["lr"] is None else float(cell["lr"])
+    return cell
+
+
+def cell_keys(table: pd.DataFrame) -> list[str]:
+    """(arch, n_loops), plus lr when the suite swept it."""
+    return ["arch", "n_loops", "lr"] if table["lr"].nunique() > 1 else ["arch", "n_loops"]
+
+
+def stability_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Seeds aggregated per cell: runs, counts by verdict, fraction stable, and mean ± std
+    of the final loss over runs with a finite one (diverged runs have none)."""
+    keys = cell_keys(table)
+    grouped = table.groupby(keys, sort=False)
+    summary = grouped.agg(
+        runs=("status", "size"),
+        stable=("status", lambda s: int((s == "stable").sum())),
+        collapsed=("status", lambda s: int((s == "collapsed").sum())),
+        diverged=("status", lambda s: int((s == "diverged").sum())),
+        final_loss_mean=("final_loss", "mean"),
+        final_loss_std=("final_loss", "std"),
+        oscillation_mean=("oscillation", "mean"),
+    ).reset_index()
+    summary.insert(len(keys) + 1, "frac_stable", summary["stable"] / summary["runs"])
+    return summary
+
+
+def stable_lr_range(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (arch, n_loops): the LRs tried, the largest LR at which every run stayed stable
+    (NaN when none did), and the smallest LR at which some run failed (NaN when none)."""
+    rows = []
+    for (arch, n_loops), cell in table.groupby(["arch", "n_loops"], sort=False):
+        all_stable = cell.groupby("lr")["status"].apply(lambda s: bool((s == "stable").all()))
+        rows.append({"arch": arch, "n_loops": n_loops, "lrs_tried": len(all_stable),
+                     "lr_min": all_stable.index.min(), "lr_max": all_stable.index.max(),
+                     "max_stable_lr": all_stable[all_stable].index.max(),
+                     "min_unstable_lr": all_stable[~all_stable].index.min()})
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class Comparison:
+    """Final losses of two architectures over matching runs; the difference is a − b, so
+    negative means `arch_a` reached the lower loss."""
+
+    arch_a: str
+    arch_b: str
+    test: str  # "paired t" (runs matched by n_loops, lr, seed) or "Welch t"
+    n_a: int
+    n_b: int
+    mean_a: float
+    mean_b: float
+    difference: float
+    ci_low: float  # 95% t interval of the mean difference
+    ci_high: float
+    statistic: float
+    p_value: float
+    excluded: int  # runs left out for a non-finite final loss (diverged)
+
+    def summary(self) -> str:
+        return (f"{self.arch_a} vs {self.arch_b}: mean final loss {self.mean_a:.4g} vs "
+                f"{self.mean_b:.4g} (difference {self.difference:+.3g}, 95% CI "
+                f"[{self.ci_low:+.3g}, {self.ci_high:+.3g}]; {self.test} = {self.statistic:.3g}, "
+                f"p = {self.p_value:.3g}; n = {self.n_a}, {self.n_b})")
+
+
+def compare(table: pd.DataFrame, arch_a: str, arch_b: str, *, n_loops: int | None = None,
+            lr: float | None = None) -> Comparison:
+    """Compare final losses of `arch_a` and `arch_b`, optionally at one K and one LR.
+
+    With at least two runs matched on (n_loops, lr, seed), a paired t-test over those
+    pairs; otherwise Welch's t-test over all runs. The 95% interval of the mean difference
+    is the test's own t interval (with a handful of seeds a bootstrap interval is far too
+    narrow). Runs without a finite final loss are excluded and counted.
+    """
+    chosen = table[table["arch"].isin([arch_a, arch_b])]
+    if n_loops is not None:
+        chosen = chosen[chosen["n_loops"] == n_loops]
+    if lr is not None:
+        chosen = chosen[np.isclose(chosen["lr"].astype(float), lr)]
+    finite = chosen[np.isfinite(chosen["final_loss"])]
+    side = {arch: finite[finite["arch"] == arch].set_index(["n_loops", "lr", "seed"])["final_loss"]
+            for arch in (arch_a, arch_b)}
+    if min(len(side[arch_a]), len(side[arch_b])) < 2:
+        raise ValueError(f"compare needs at least 2 runs with a finite final loss per "
+                         f"architecture; got {arch_a}: {len(side[arch_a])}, "
+                         f"{arch_b}: {len(side[arch_b])}")
+    shared = side[arch_a].index.intersection(side[arch_b].index)
+    if len(shared) >= 2:
+        a, b = side[arch_a].loc[shared].to_numpy(), side[arch_b].loc[shared].to_numpy()
+        test, result = "paired t", stats.ttest_rel(a, b)
+    else:
+        a, b = side[arch_a].to_numpy(), side[arch_b].to_numpy()
+        test, result = "Welch t", stats.ttest_ind(a, b, equal_var=False)
+    interval = result.confidence_interval(confidence_level=0.95)
+    return Comparison(arch_a=arch_a, arch_b=arch_b, test=test, n_a=len(a), n_b=len(b),
+                      mean_a=float(a.mean()), mean_b=float(b.mean()),
+                      difference=float(a.mean() - b.mean()), ci_low=float(interval.low),
+                      ci_high=float(interval.high), statistic=float(result.statistic),
+                      p_value=float(result.pvalue), excluded=len(chosen) - len(finite))
+
+
+def with_cells(frame: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """A suite's stacked frame (steps, loops, events) with each run's cell from `table` as
+    `arch`, `n_loops`, `seed`, `lr`, replacing same-named logged columns (the per-step lr
+    and loop count) and the store's `cell_*` copies."""
+    clashing = [c for c in frame.columns if c in CELL_KEYS or c in {f"cell_{k}" for k in CELL_KEYS}]
+    cells = table[["run_id", *CELL_KEYS]]
+    return frame.drop(columns=clashing).merge(cells, on="run_id", how="inner")

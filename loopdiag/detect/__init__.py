@@ -1,0 +1,52 @@
+"""Collapse detectors: streaming judges of recorded runs, the same online and offline.
+
+Each detector reads one record per logged step (`update(record) -> list[Event]`) and
+fires events with evidence; `replay` runs them over a saved run; `verdict` turns a run's
+records and events into stable / collapsed / diverged / interrupted. Nothing here needs
+torch: a run recorded on a cluster is judged on a laptop.
+"""
+
+from loopdiag.detect.anchors import MegatronSpike, OlmoSpike, ZScore30, anchor_detectors
+from loopdiag.detect.base import SEVERITIES, Detector, DetectorConfig, Event, replay
+from loopdiag.detect.collapse import CollapsePlateau, CollapsePlateauConfig
+from loopdiag.detect.gradient import GradientOscillation, GradientOscillationConfig
+from loopdiag.detect.loss import (
+    LossSpike,
+    LossSpikeConfig,
+    NonFinite,
+    NonFiniteConfig,
+    SlowDivergence,
+    SlowDivergenceConfig,
+)
+from loopdiag.detect.registry import DETECTORS, default_detectors
+from loopdiag.detect.residual import ResidualExplosion, ResidualExplosionConfig
+from loopdiag.detect.verdict import STATUSES, ground_truth_onset, verdict
+
+__all__ = [
+    "DETECTORS",
+    "SEVERITIES",
+    "STATUSES",
+    "CollapsePlateau",
+    "CollapsePlateauConfig",
+    "Detector",
+    "DetectorConfig",
+    "Event",
+    "GradientOscillation",
+    "GradientOscillationConfig",
+    "LossSpike",
+    "LossSpikeConfig",
+    "MegatronSpike",
+    "NonFinite",
+    "NonFiniteConfig",
+    "OlmoSpike",
+    "ResidualExplosion",
+    "ResidualExplosionConfig",
+    "SlowDivergence",
+    "SlowDivergenceConfig",
+    "ZScore30",
+    "anchor_detectors",
+    "default_detectors",
+    "ground_truth_onset",
+    "replay",
+    "verdict",
+]

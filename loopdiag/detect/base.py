@@ -1,0 +1,246 @@
+"""The detector protocol: events, validated configs, warm-up and hysteresis, replay.
+
+A detector reads one record at a time (`update`) and returns the events it fires. The
+same object runs online, fed by the recorder, and offline, fed by `replay` over a saved
+run, so a verdict never depends on where it was made.
+
+Counts (warm-up, windows, patience, cooldown) are in records, i.e. logged steps: a
+detector knows only what it is shown. With `log_every = n` a window of 50 records spans
+50·n training steps; scale the counts down when logging sparsely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+import numpy as np
+
+SEVERITIES: Final = ("info", "warn", "critical")
+_RANK: Final = {severity: rank for rank, severity in enumerate(SEVERITIES)}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One firing: what was seen (`message`, one sentence with the numbers) and the values
+    and window behind it (`evidence`, plain JSON values; NaN/Inf as the store writes them)."""
+
+    step: int
+    detector: str
+    severity: str
+    message: str
+    evidence: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.severity not in _RANK:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "detector": self.detector, "severity": self.severity,
+                "message": self.message, "evidence": plain(self.evidence)}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What `_check` reports when its condition holds on a record."""
+
+    severity: str
+    message: str
+    evidence: dict[str, Any]
+
+
+class Unjudged:
+    def __repr__(self) -> str:
+        return "UNJUDGED"
+
+
+# `_check` returns this when the record lacks what the detector reads. Such a record
+# neither fires nor counts towards clearing the condition.
+UNJUDGED: Final = Unjudged()
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Thresholds shared by every detector. Subclasses (frozen dataclasses too: a detector
+    sizes its windows from them once) add theirs with defaults, and range checks in
+    `_validate`; field types are checked from the annotations, so a suite file cannot
+    smuggle a string or a bool into a threshold."""
+
+    warmup: int = 0  # records before the detector may fire
+    cooldown: int = 10  # clear records before the same severity may fire again (0: no latch)
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type in ("int", int) and not is_int(value):
+                raise ValueError(f"{field.name} must be an integer, got {value!r}")
+            if field.type in ("float", float):
+                if not _is_number(value) or not math.isfinite(value):
+                    raise ValueError(f"{field.name} must be a finite number, got {value!r}")
+                object.__setattr__(self, field.name, float(value))  # 8 → 8.0
+        require(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        require(self.cooldown >= 0, f"cooldown must be >= 0, got {self.cooldown}")
+        self._validate()
+
+    def _validate(self) -> None:
+        """Range checks of a subclass's own fields (types are already checked)."""
+
+
+class Detector(ABC):
+    """A streaming detector: `update(record) -> events`.
+
+    Hysteresis: once a severity has fired, that severity (and any lower one) stays quiet
+    until the condition has been clear for `cooldown` judged records in a row; a higher
+    severity (warn → critical) fires at once. Subclasses implement `_check` (one record →
+    a `Finding`, None when the condition is clear, or `UNJUDGED`) and `_reset_state`.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[DetectorConfig]] = DetectorConfig
+
+    def __init__(self, config: DetectorConfig | None = None, **thresholds: Any) -> None:
+        if config is not None and thresholds:
+            raise TypeError("pass either a config or threshold keywords, not both")
+        config = self.config_class(**thresholds) if config is None else config
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{self.name} needs a {self.config_class.__name__}, "
+                            f"got {type(config).__name__}")
+        self.config = config
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen, as if no record had arrived."""
+        self._records_seen = 0
+        self._latched: str | None = None
+        self._clear_streak = 0
+        self._reset_state()
+
+    def update(self, record: Mapping[str, Any]) -> list[Event]:
+        """Judge one record; the events it fires (mostly none)."""
+        self._records_seen += 1
+        finding = self._check(record)
+        if finding is UNJUDGED:
+            return []
+        if finding is None:
+            self._clear_streak += 1
+            if self._latched is not None and self._clear_streak >= self.config.cooldown:
+                self._latched = None
+            return []
+        self._clear_streak = 0
+        if self._records_seen <= self.config.warmup:
+            return []
+        if self._latched is not None and _RANK[finding.severity] <= _RANK[self._latched]:
+            return []
+        if self.config.cooldown > 0:
+            self._latched = finding.severity
+        step = record.get("step")
+        return [Event(step=int(step) if is_int(step) else self._records_seen,
+                      detector=self.name, severity=finding.severity,
+                      message=finding.message, evidence=plain(finding.evidence))]
+
+    @abstractmethod
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        """Judge one record; keep whatever running state the judgement needs."""
+
+    @abstractmethod
+    def _reset_state(self) -> None:
+        """Set the running state to its value before the first record."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+def replay(records: Iterable[Mapping[str, Any]], detectors: Iterable[Detector]) -> list[Event]:
+    """Feed saved records through `detectors` (reset first) exactly as training would have:
+    the events, in record order, then detector order."""
+    detectors = list(detectors)
+    for detector in detectors:
+        detector.reset()
+    events: list[Event] = []
+    for record in records:
+        for detector in detectors:
+            events.extend(detector.update(record))
+    return events
+
+
+# --- reading records -------------------------------------------------------------------
+
+def raw_scalar(record: Mapping[str, Any], key: str) -> float | None:
+    """The number under `key`, NaN/Inf included; None when missing or not a number."""
+    value = record.get(key)
+    return float(value) if _is_number(value) else None
+
+
+def finite_scalar(record: Mapping[str, Any], key: str) -> float | None:
+    """The number under `key` when present and finite, else None."""
+    value = raw_scalar(record, key)
+    return value if value is not None and math.isfinite(value) else None
+
+
+def loop_values(record: Mapping[str, Any], key: str) -> np.ndarray | None:
+    """The per-loop values of `key` as floats, loop 1 first (None entries → NaN): a list
+    under `key` as the run store holds them, or the flattened `key/loop_01`, ... columns
+    of W&B and the recorder's frames. None when absent."""
+    values = record.get(key)
+    if values is None:
+        prefix = f"{key}/loop_"
+        loops = sorted(((int(name[len(prefix):]), value) for name, value in record.items()
+                        if name.startswith(prefix) and name[len(prefix):].isdigit()),
+                       key=lambda loop_value: loop_value[0])
+        values = [value for _, value in loops]
+    if not isinstance(values, (list, tuple)) or not values:
+        return None
+    return np.array([float(v) if _is_number(v) else math.nan for v in values])
+
+
+# --- small shared pieces ---------------------------------------------------------------
+
+class Ema:
+    """Exponential moving average with pandas' `span` convention (alpha = 2/(span+1)),
+    started at the first value rather than at 0 so it carries no start-up bias."""
+
+    def __init__(self, span: float) -> None:
+        self.alpha = 2.0 / (span + 1.0)
+        self.value: float | None = None
+
+    def update(self, x: float) -> float:
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+        return self.value
+
+
+def window_span(steps: Iterable[int]) -> dict[str, int]:
+    """Evidence entry naming the records a windowed statistic was computed over."""
+    steps = list(steps)
+    return {"first_step": steps[0], "last_step": steps[-1], "records": len(steps)}
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def plain(value: Any) -> Any:
+    """`value` with numpy scalars/arrays and tuples turned into builtin JSON types."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)

@@ -1,0 +1,162 @@
+"""The collapsed looped model's signature (the FLT paper's): the loss stuck while the
+residual stream keeps growing."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from loopdiag.detect.base import (
+    UNJUDGED,
+    Detector,
+    DetectorConfig,
+    Ema,
+    Finding,
+    Unjudged,
+    finite_scalar,
+    is_int,
+    loop_values,
+    require,
+    window_span,
+)
+from loopdiag.detect.trend import mann_kendall_rising_p, sen_line
+
+
+@dataclass(frozen=True)
+class CollapsePlateauConfig(DetectorConfig):
+    warmup: int = 50
+    cooldown: int = 20
+    ema_span: int = 20  # records; the same smoothing as `ground_truth_onset`
+    gap: float = 0.10  # smoothed loss this far above its running best counts as stuck
+    window: int = 30  # records it must stay stuck; also the residual-trend window
+    alpha: float = 0.01  # one-sided Mann–Kendall p-value the residual rise must beat
+    # ... and the fitted rise over the window must reach this. The norm is smooth, so
+    # even a healthy run's slow drift (≈ 0.02 %/step in a tiny run, 0.7 % per 30 records)
+    # is "significant"; a collapsing one rose ≈ 0.7 %/step (22 % per 30 records).
+    min_resid_growth: float = 0.05
+    # A model that collapses early never gets a best to fall from: a tiny looped model at
+    # lr 3e-2 sat at loss 3.3 (healthy: 1.9) from step 50 on while its stream grew
+    # 1500 → 8200. So also: the best smoothed loss improved by under `min_progress` over
+    # `stall_window` records while the residual norm rose by `stall_resid_growth` or more.
+    # A converged healthy run keeps its stream steady (a tiny one: +2 % per 100 records).
+    # One learning fine at high lr (`looped-scaled`, lr 3e-2) grew its stream by up to
+    # 30 % per 100 records, but its loss was still falling 4 % per 100: the progress
+    # test is what tells it apart.
+    stall_window: int = 100
+    min_progress: float = 0.01
+    stall_resid_growth: float = 0.25
+
+    def _validate(self) -> None:
+        require(self.ema_span >= 1, f"ema_span must be >= 1, got {self.ema_span}")
+        require(self.window >= 5, f"window must be >= 5, got {self.window}")
+        require(self.stall_window >= 5, f"stall_window must be >= 5, got {self.stall_window}")
+        require(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
+        for name in ("gap", "min_progress", "stall_resid_growth"):
+            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        require(self.min_resid_growth >= 0,
+                f"min_resid_growth must be >= 0, got {self.min_resid_growth}")
+
+
+class CollapsePlateau(Detector):
+    """The loss stuck while the last-loop residual norm r_K keeps rising.
+
+    Stuck above its best: the EMA of the loss (span `ema_span`) stays ≥ (1 + `gap`) × its
+    running best for `window` records → warn; critical if over those records log r_K
+    rises (one-sided Mann–Kendall p < `alpha`) by at least `min_resid_growth` (Theil–Sen
+    line). Without recorded residual norms it can only warn.
+
+    Stalled: the best EMA improved by under `min_progress` over the last `stall_window`
+    records while r_K rose significantly by at least `stall_resid_growth` → critical. A
+    stall alone is what convergence looks like, so it never fires without the rise.
+    """
+
+    name = "collapse_plateau"
+    config_class = CollapsePlateauConfig
+    config: CollapsePlateauConfig
+
+    def _reset_state(self) -> None:
+        self._ema = Ema(self.config.ema_span)
+        self._bests: deque[float] = deque(maxlen=self.config.stall_window + 1)
+        self._stuck = 0
+        self._log_resid: deque[tuple[int, float]] = deque(
+            maxlen=max(self.config.window, self.config.stall_window))
+
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        step = record.get("step")
+        norms = loop_values(record, "resid_norm")
+        if norms is not None and is_int(step) and math.isfinite(norms[-1]) and norms[-1] > 0:
+            self._log_resid.append((step, math.log(norms[-1])))
+        loss = finite_scalar(record, "loss")
+        if loss is None:
+            return UNJUDGED
+        smoothed = self._ema.update(loss)
+        best = min(self._bests[-1], smoothed) if self._bests else smoothed
+        self._bests.append(best)
+        if best <= 0:
+            return UNJUDGED  # relative gaps need a positive loss
+        above = smoothed / best - 1
+        self._stuck = self._stuck + 1 if above >= self.config.gap else 0
+        if self._stuck >= self.config.window:
+            return self._plateau(smoothed, best, above)
+        return self._stall(best)
+
+    def _plateau(self, smoothed: float, best: float, above: float) -> Finding:
+        stuck = (f"Smoothed loss {smoothed:.4g} has stayed ≥ {100 * self.config.gap:.0f}% above "
+                 f"its best {best:.4g} for {self._stuck} records (now +{100 * above:.1f}%)")
+        evidence: dict[str, Any] = {"smoothed_loss": smoothed, "best": best, "above_best": above,
+                                    "stuck_records": self._stuck}
+        rise = self._resid_rise(self.config.window)
+        if rise is None:
+            return Finding("warn", f"{stuck}; too few residual norms recorded to tell whether "
+                                   f"they rise.", evidence | self._thresholds())
+        evidence |= rise
+        growth = rise["resid_growth"]
+        if rise["resid_p_value"] < self.config.alpha and growth >= 1 + self.config.min_resid_growth:
+            window = rise["window"]
+            return Finding("critical", f"{stuck} while the last-loop residual norm rose "
+                                       f"{growth:.2f}× over steps {window['first_step']}–"
+                                       f"{window['last_step']}: the collapse signature.",
+                           evidence | self._thresholds())
+        return Finding("warn", f"{stuck}; the last-loop residual norm is not rising "
+                               f"({growth:.2f}× over the last {self.config.window} records).",
+                       evidence | self._thresholds())
+
+    def _stall(self, best: float) -> Finding | None:
+        if len(self._bests) <= self.config.stall_window:
+            return None
+        progress = 1 - best / self._bests[0]
+        if progress >= self.config.min_progress:
+            return None
+        rise = self._resid_rise(self.config.stall_window)
+        if (rise is None or rise["resid_p_value"] >= self.config.alpha
+                or rise["resid_growth"] < 1 + self.config.stall_resid_growth):
+            return None
+        window = rise["window"]
+        return Finding("critical", (
+            f"The best smoothed loss {best:.4g} improved only {100 * progress:.1f}% over the last "
+            f"{self.config.stall_window} records while the last-loop residual norm rose "
+            f"{rise['resid_growth']:.2f}× (steps {window['first_step']}–{window['last_step']}): "
+            f"the collapse signature of a model that stopped learning."),
+            {"best": best, "progress": progress} | rise | self._thresholds())
+
+    def _resid_rise(self, records: int) -> dict[str, Any] | None:
+        """Trend of log r_K over the last `records` recorded values; None with fewer."""
+        if len(self._log_resid) < records:
+            return None
+        recent = list(self._log_resid)[-records:]
+        steps = np.array([s for s, _ in recent], dtype=float)
+        log_resid = np.array([v for _, v in recent])
+        slope, _ = sen_line(steps, log_resid)
+        return {"resid_growth": math.exp(slope * (steps[-1] - steps[0])),
+                "resid_log_slope": slope, "resid_p_value": mann_kendall_rising_p(log_resid),
+                "window": window_span(int(s) for s in steps)}
+
+    def _thresholds(self) -> dict[str, Any]:
+        names = ("gap", "window", "alpha", "min_resid_growth", "stall_window", "min_progress",
+                 "stall_resid_growth")
+        return {"thresholds": {name: getattr(self.config, name) for name in names}}

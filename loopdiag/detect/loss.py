@@ -1,0 +1,193 @@
+"""Detectors that read the loss (and, for non-finite values, the gradient norm)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from loopdiag.detect.base import (
+    UNJUDGED,
+    Detector,
+    DetectorConfig,
+    Finding,
+    Unjudged,
+    finite_scalar,
+    is_int,
+    raw_scalar,
+    require,
+    window_span,
+)
+from loopdiag.detect.trend import mann_kendall_rising_p, sen_line
+
+# MAD × 1.4826 estimates σ for Gaussian noise, so the robust z reads like a plain z-score.
+MAD_TO_SIGMA = 1.4826
+# A median and MAD of fewer values than this say nothing about the noise.
+MIN_HISTORY = 3
+
+
+@dataclass(frozen=True)
+class NonFiniteConfig(DetectorConfig):
+    warmup: int = 0  # a NaN is never part of a healthy start
+    cooldown: int = 10  # finite records before a new non-finite episode is reported
+
+
+class NonFinite(Detector):
+    """Non-finite loss or global gradient norm → critical, on the record it appears."""
+
+    name = "non_finite"
+    config_class = NonFiniteConfig
+
+    def _reset_state(self) -> None:
+        pass
+
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        present = {key: value for key in ("loss", "grad_norm")
+                   if (value := raw_scalar(record, key)) is not None}
+        if not present:
+            return UNJUDGED
+        bad = {key: value for key, value in present.items() if not math.isfinite(value)}
+        if not bad:
+            return None
+        what = " and ".join(f"{key} ({value})" for key, value in bad.items())
+        return Finding("critical", f"Non-finite {what} at step {record.get('step')}.", present)
+
+
+@dataclass(frozen=True)
+class LossSpikeConfig(DetectorConfig):
+    warmup: int = 20
+    cooldown: int = 10
+    window: int = 50  # trailing records the median and MAD come from
+    # 6 robust σ: Gaussian noise essentially never gets there, heavier-tailed batch noise
+    # rarely; the relative floor catches the rest.
+    z: float = 6.0
+    # ... and the loss must be ≥ (1 + rel_floor) × the median: late in training the MAD is
+    # tiny and a 3 % wobble can score z > 6; tiny-batch healthy runs wobble by up to ~15 %.
+    rel_floor: float = 0.2
+
+    def _validate(self) -> None:
+        require(self.window >= MIN_HISTORY, f"window must be >= {MIN_HISTORY}, got {self.window}")
+        require(self.z > 0, f"z must be > 0, got {self.z}")
+        require(self.rel_floor >= 0, f"rel_floor must be >= 0, got {self.rel_floor}")
+
+
+class LossSpike(Detector):
+    """A loss far above its recent typical value: robust z-score over a trailing window.
+
+    z = (loss − median) / (1.4826 · MAD) over the previous `window` finite losses; warn when
+    z ≥ `z` and loss − median ≥ `rel_floor` · |median|. Median and MAD ignore the spike
+    itself and any earlier ones, so a 3× spike stands out however noisy the window. A
+    spike alone is not a failed run, so it only warns.
+    """
+
+    name = "loss_spike"
+    config_class = LossSpikeConfig
+    config: LossSpikeConfig
+
+    def _reset_state(self) -> None:
+        self._history: deque[tuple[int, float]] = deque(maxlen=self.config.window)
+
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        loss = finite_scalar(record, "loss")
+        if loss is None:
+            return UNJUDGED
+        history = list(self._history)
+        self._history.append((record.get("step"), loss))
+        if len(history) < MIN_HISTORY:
+            return UNJUDGED
+        values = [value for _, value in history]
+        median = statistics.median(values)
+        sigma = MAD_TO_SIGMA * statistics.median(abs(value - median) for value in values)
+        excess = loss - median
+        z = excess / sigma if sigma > 0 else (math.inf if excess > 0 else 0.0)
+        if z < self.config.z or excess < self.config.rel_floor * abs(median):
+            return None
+        ratio = loss / median if median > 0 else math.inf
+        message = (f"Loss {loss:.4g} at step {record.get('step')} is {ratio:.2f}× the trailing "
+                   f"median {median:.4g} (robust z = {z:.1f} over the last {len(history)} "
+                   f"records).")
+        return Finding("warn", message, {
+            "loss": loss, "median": median, "sigma": sigma, "z": z, "ratio": ratio,
+            "window": window_span(step for step, _ in history),
+            "thresholds": {"z": self.config.z, "rel_floor": self.config.rel_floor}})
+
+
+@dataclass(frozen=True)
+class SlowDivergenceConfig(DetectorConfig):
+    warmup: int = 50
+    cooldown: int = 20
+    window: int = 100  # records the trend is fitted over
+    # One-sided Mann–Kendall p-value: overlapping windows test again every record, so the
+    # per-test level is strict.
+    alpha: float = 1e-3
+    # Fitted rise over the window, relative to the fitted start. A flat noisy loss fits
+    # ≈ ±1 % over 100 records (5 % noise); 3 % is well clear of that and well before the
+    # 10 % at which a run counts as visibly failed (see `ground_truth_onset`).
+    warn_rise: float = 0.03
+    critical_rise: float = 0.10  # the loss is now visibly worse and still rising
+    patience: int = 3  # consecutive records the trend must hold
+
+    def _validate(self) -> None:
+        require(self.window >= 10, f"window must be >= 10, got {self.window}")
+        require(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
+        require(0 < self.warn_rise <= self.critical_rise,
+                f"need 0 < warn_rise <= critical_rise, got {self.warn_rise}, {self.critical_rise}")
+        require(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+
+
+class SlowDivergence(Detector):
+    """A loss that creeps upward: a significant rising trend over a window.
+
+    The trend is the Theil–Sen line through the last `window` finite losses against their
+    steps (the line is the smoother; smoothing first would correlate the residuals and
+    void the p-value), its significance the one-sided Mann–Kendall test (Kendall's τ).
+    Both are rank-based, so a lone spike neither makes nor breaks a trend. Warn when
+    p < `alpha` and the fitted rise ≥ `warn_rise` for `patience` records; critical once
+    the rise reaches `critical_rise`. A 6σ-over-128-steps spike rule never sees this: the
+    trend inflates its σ as fast as it raises the loss.
+    """
+
+    name = "slow_divergence"
+    config_class = SlowDivergenceConfig
+    config: SlowDivergenceConfig
+
+    def _reset_state(self) -> None:
+        self._history: deque[tuple[int, float]] = deque(maxlen=self.config.window)
+        self._streak = 0
+
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        loss = finite_scalar(record, "loss")
+        step = record.get("step")
+        if loss is None or not is_int(step):
+            return UNJUDGED
+        self._history.append((step, loss))
+        if len(self._history) < self.config.window:
+            return UNJUDGED
+        steps = np.array([s for s, _ in self._history], dtype=float)
+        losses = np.array([value for _, value in self._history])
+        p = mann_kendall_rising_p(losses)
+        rise = slope = start = math.nan
+        if p < self.config.alpha:  # the slope (the costly part) only matters then
+            slope, start = sen_line(steps, losses)
+            rise = slope * (steps[-1] - steps[0]) / start if start > 0 else math.nan
+        trending = p < self.config.alpha and rise >= self.config.warn_rise
+        self._streak = self._streak + 1 if trending else 0
+        if self._streak < self.config.patience:
+            return None
+        severity = "critical" if rise >= self.config.critical_rise else "warn"
+        message = (f"Loss has risen {100 * rise:.1f}% over the last {len(steps)} records "
+                   f"(steps {int(steps[0])}–{int(steps[-1])}; Theil–Sen slope {slope:.3g}/step, "
+                   f"Mann–Kendall p = {p:.1g}).")
+        return Finding(severity, message, {
+            "rise": rise, "slope_per_step": slope, "p_value": p,
+            "fitted_start": start, "streak": self._streak,
+            "window": window_span(int(s) for s in steps),
+            "thresholds": {"alpha": self.config.alpha, "warn_rise": self.config.warn_rise,
+                           "critical_rise": self.config.critical_rise,
+                           "patience": self.config.patience}})
+

@@ -1,0 +1,46 @@
+"""The default detector set, with thresholds overridable by name (as a suite file does)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from loopdiag.detect.base import Detector
+from loopdiag.detect.collapse import CollapsePlateau
+from loopdiag.detect.gradient import GradientOscillation
+from loopdiag.detect.loss import LossSpike, NonFinite, SlowDivergence
+from loopdiag.detect.residual import ResidualExplosion
+
+DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
+    NonFinite, ResidualExplosion, GradientOscillation, LossSpike, SlowDivergence,
+    CollapsePlateau)}
+
+
+def default_detectors(**overrides: Mapping[str, Any]) -> list[Detector]:
+    """One of each detector in `DETECTORS`, with `overrides` applied, e.g.
+    `default_detectors(loss_spike={"z": 8})` or `default_detectors(**suite["detectors"])`.
+
+    Raises ValueError naming the detector and threshold for an unknown detector, an
+    unknown threshold, or a value of the wrong type or range.
+    """
+    unknown = sorted(set(overrides) - set(DETECTORS))
+    if unknown:
+        raise ValueError(f"unknown detector(s) {', '.join(map(repr, unknown))}; "
+                         f"choose from {', '.join(DETECTORS)}")
+    return [_build(name, cls, overrides.get(name, {})) for name, cls in DETECTORS.items()]
+
+
+def _build(name: str, cls: type[Detector], thresholds: Mapping[str, Any]) -> Detector:
+    if not isinstance(thresholds, Mapping):
+        raise ValueError(f"{name}: thresholds must be a mapping of name to value, "
+                         f"got {type(thresholds).__name__}")
+    known = [field.name for field in dataclasses.fields(cls.config_class)]
+    unknown = sorted(set(thresholds) - set(known))
+    if unknown:
+        raise ValueError(f"{name}: unknown threshold(s) {', '.join(map(repr, unknown))}; "
+                         f"valid: {', '.join(known)}")
+    try:
+        return cls(cls.config_class(**thresholds))
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None

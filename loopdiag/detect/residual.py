@@ -1,0 +1,124 @@
+"""Residual explosion: the residual stream growing beyond what a healthy run shows."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from loopdiag.detect.base import (
+    UNJUDGED,
+    Detector,
+    DetectorConfig,
+    Finding,
+    Unjudged,
+    loop_values,
+    require,
+    window_span,
+)
+
+
+@dataclass(frozen=True)
+class ResidualExplosionConfig(DetectorConfig):
+    # With zero-initialised output projections the stream starts at ‖N(e)‖ = √d and grows
+    # several-fold in the first tens of steps as the residual branches switch on (a tiny
+    # healthy run: 8 → 15.6 by step 25, settling near 8 by step 50). A baseline taken then
+    # would call that growth an explosion, so it is taken after `warmup`.
+    warmup: int = 50
+    cooldown: int = 20
+    baseline_window: int = 20  # records after warm-up whose median is the baseline
+    smooth: int = 5  # rolling median over this many records, so one odd batch never fires
+    # After warm-up a healthy run drifts up slowly as the weights grow (a tiny one: ×1.1
+    # over 550 steps); 3× is well beyond that, 10× an order of magnitude.
+    growth_warn: float = 3.0
+    growth_critical: float = 10.0
+    # Per-loop geometric growth (r_K / r_1)^(1/(K-1)), comparable across loop counts (and
+    # valid when K is sampled per step). The normalising architectures restart near √d
+    # every loop (tiny healthy runs: ≈ 0.97); `looped-scaled` accumulates (≈ 1.1). 2.0
+    # doubles the stream every loop, 2^(K-1) in all: an explosion however it is built.
+    loop_growth_warn: float = 1.5
+    loop_growth_critical: float = 2.0
+
+    def _validate(self) -> None:
+        require(self.baseline_window >= 1,
+                f"baseline_window must be >= 1, got {self.baseline_window}")
+        require(self.smooth >= 1, f"smooth must be >= 1, got {self.smooth}")
+        for low, high in (("growth_warn", "growth_critical"),
+                          ("loop_growth_warn", "loop_growth_critical")):
+            require(1 < getattr(self, low) <= getattr(self, high),
+                    f"need 1 < {low} <= {high}, got {getattr(self, low)}, {getattr(self, high)}")
+
+
+class ResidualExplosion(Detector):
+    """The last-loop residual norm r_K growing beyond what a healthy run shows.
+
+    Two numbers, each a rolling median over `smooth` records:
+    - over steps: r_K / its post-warm-up baseline (median of the first `baseline_window`
+      records after warm-up) → warn ≥ `growth_warn`, critical ≥ `growth_critical`;
+    - over loops (K ≥ 2): per-loop growth (r_K / r_1)^(1/(K-1)) → warn ≥
+      `loop_growth_warn`, critical ≥ `loop_growth_critical`.
+    """
+
+    name = "residual_explosion"
+    config_class = ResidualExplosionConfig
+    config: ResidualExplosionConfig
+
+    def _reset_state(self) -> None:
+        self._recent_last: deque[float] = deque(maxlen=self.config.smooth)
+        self._recent_per_loop: deque[float] = deque(maxlen=self.config.smooth)
+        self._baseline: list[tuple[int, float]] = []  # (step, r_K)
+        self._baseline_median: float | None = None
+
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        norms = loop_values(record, "resid_norm")
+        if norms is None or not (math.isfinite(norms[-1]) and norms[-1] > 0):
+            return UNJUDGED
+        loops = len(norms)
+        evidence: dict[str, Any] = {"loops": loops}
+        self._recent_last.append(float(norms[-1]))
+        if loops >= 2 and math.isfinite(norms[0]) and norms[0] > 0:
+            evidence["loop_ratio"] = loop_ratio = float(norms[-1] / norms[0])
+            self._recent_per_loop.append(loop_ratio ** (1 / (loops - 1)))
+        if (self._records_seen > self.config.warmup
+                and len(self._baseline) < self.config.baseline_window):
+            self._baseline.append((record.get("step"), float(norms[-1])))
+            if len(self._baseline) == self.config.baseline_window:
+                self._baseline_median = statistics.median(r for _, r in self._baseline)
+
+        last = evidence["resid_norm_last"] = statistics.median(self._recent_last)
+        signals: list[tuple[str, str]] = []  # (severity, sentence); the strongest is reported
+        if self._baseline_median is not None:
+            baseline = self._baseline_median
+            growth = last / baseline
+            evidence.update(baseline=baseline, growth=growth,
+                            baseline_window=window_span(s for s, _ in self._baseline))
+            severity = self._grade(growth, self.config.growth_warn, self.config.growth_critical)
+            if severity is not None:
+                signals.append((severity, f"Last-loop residual norm {last:.4g} is {growth:.1f}× "
+                                          f"its post-warm-up baseline {baseline:.4g}."))
+        if self._recent_per_loop:
+            per_loop = statistics.median(self._recent_per_loop)
+            evidence["per_loop_growth"] = per_loop
+            severity = self._grade(per_loop, self.config.loop_growth_warn,
+                                   self.config.loop_growth_critical)
+            if severity is not None:
+                signals.append((severity, f"Residual norm grows {per_loop:.2f}× per loop "
+                                          f"from loop 1 to the last (median of the last "
+                                          f"{len(self._recent_per_loop)} records)."))
+        if not signals:
+            return None
+        evidence["thresholds"] = {
+            name: getattr(self.config, name) for name in
+            ("growth_warn", "growth_critical", "loop_growth_warn", "loop_growth_critical")}
+        severity, message = max(signals, key=lambda signal: signal[0] == "critical")
+        return Finding(severity, message, evidence)
+
+    @staticmethod
+    def _grade(value: float, warn: float, critical: float) -> str | None:
+        if value >= critical:
+            return "critical"
+        return "warn" if value >= warn else None
+

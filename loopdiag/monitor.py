@@ -1,0 +1,115 @@
+"""Live collapse alerts: detectors fed one record at a time, their events fanned out to sinks.
+
+A sink is anything with `emit(event)`. A failing sink is reported once and then skipped:
+an alert channel that breaks (a network hiccup, a full disk) must never stop training.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from loopdiag.detect import SEVERITIES, Detector, Event, default_detectors
+
+SEVERITY_STYLE = {"info": "cyan", "warn": "yellow", "critical": "bold red"}
+
+
+class AlertSink(Protocol):
+    def emit(self, event: Event) -> None: ...
+
+
+class ConsoleSink:
+    """Events as one coloured line each on a rich console (stderr by default)."""
+
+    def __init__(self, console: Any = None, prefix: str = ""):
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+        self.prefix = prefix
+
+    def emit(self, event: Event) -> None:
+        style = SEVERITY_STYLE[event.severity]
+        self.console.print(
+            f"[{style}]{event.severity.upper()}[/] {self.prefix}step {event.step} "
+            f"[bold]{event.detector}[/]: {event.message}",
+            highlight=False,
+        )
+
+
+class CallbackSink:
+    """Hands every event to a user function."""
+
+    def __init__(self, callback: Callable[[Event], Any]):
+        self.callback = callback
+
+    def emit(self, event: Event) -> None:
+        self.callback(event)
+
+
+class EventLogSink:
+    """Appends events to a run's `events.jsonl` through its `RunWriter`."""
+
+    def __init__(self, writer: Any):
+        self.writer = writer
+
+    def emit(self, event: Event) -> None:
+        self.writer.event(event.to_dict())
+
+
+class Monitor:
+    """Runs `detectors` on each record and sends what they fire to `sinks`.
+
+    With `stop_on` set to a severity, the first event at or above it sets `stop_event`
+    (training loops check `should_stop`).
+    """
+
+    def __init__(
+        self,
+        detectors: Iterable[Detector] | None = None,
+        sinks: Iterable[AlertSink] = (),
+        stop_on: str | None = None,
+        thresholds: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
+        if stop_on is not None and stop_on not in SEVERITIES:
+            raise ValueError(f"stop_on must be one of {', '.join(SEVERITIES)} or None, got {stop_on!r}")
+        if detectors is not None and thresholds:
+            raise ValueError("pass either detectors or thresholds for the default detectors, not both")
+        self.detectors = list(detectors) if detectors is not None else default_detectors(**(thresholds or {}))
+        self.sinks = list(sinks)
+        self.stop_on = stop_on
+        self.events: list[Event] = []
+        self.stop_event: Event | None = None
+        self._broken_sinks: set[int] = set()
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stop_event is not None
+
+    def update(self, record: Mapping[str, Any]) -> list[Event]:
+        fired = [event for detector in self.detectors for event in detector.update(record)]
+        for event in fired:
+            self.events.append(event)
+            self._dispatch(event)
+            if self.stop_event is None and self._at_least(event.severity, self.stop_on):
+                self.stop_event = event
+        return fired
+
+    def restore(self, record: Mapping[str, Any]) -> None:
+        """Feed an already-judged record (a resumed run's history): the detectors catch up
+        and its events count towards the verdict, but nothing is sent and nothing stops."""
+        self.events.extend(event for detector in self.detectors for event in detector.update(record))
+
+    def _dispatch(self, event: Event) -> None:
+        for index, sink in enumerate(self.sinks):
+            if index in self._broken_sinks:
+                continue
+            try:
+                sink.emit(event)
+            except Exception as error:  # noqa: BLE001 - an alert channel must not stop training
+                self._broken_sinks.add(index)
+                warnings.warn(f"alert sink {type(sink).__name__} failed and is disabled: {error!r}", stacklevel=2)
+
+    @staticmethod
+    def _at_least(severity: str, threshold: str | None) -> bool:
+        return threshold is not None and SEVERITIES.index(severity) >= SEVERITIES.index(threshold)

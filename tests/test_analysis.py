@@ -1,0 +1,299 @@
+"""Analyzer, plots and report on a small synthetic suite written by hand in the run-store
+format: 2 archs × 2 loop counts × 2 seeds × 2 learning rates, one run collapsing (loss
+plateau while the residual norm rises) and one diverging (NaN loss)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from loopdiag.analysis import (
+    compare,
+    explain,
+    plot_loop_residuals,
+    plot_loop_scaling,
+    plot_loss_curves,
+    plot_lr_sensitivity,
+    plot_oscillation_vs_loops,
+    plot_stability_map,
+    run_verdict,
+    save_figure,
+    stability_summary,
+    stable_lr_range,
+    suite_table,
+    with_cells,
+    write_report,
+)
+from loopdiag.store import RunWriter, SuiteData, load_run, load_suite, write_suite_manifest
+
+ARCHS, LOOPS, SEEDS, LRS = ("looped", "flt"), (2, 4), (0, 1), (1e-3, 3e-3)
+STEPS = 100
+COLLAPSED = "looped-k4-s1-lr0.003"
+DIVERGED = "looped-k4-s0-lr0.003"
+COLLAPSE_FROM, RESID_RISE_FROM, DIVERGE_AT = 40, 30, 71
+
+
+def healthy_loss(arch: str, seed: int, step: int) -> float:
+    # flt a little lower than looped, by a seed-dependent margin so paired tests have spread
+    offset = (-0.05 + 0.01 * seed if arch == "flt" else 0.0) + 0.02 * seed
+    return 2.0 + 3.0 * math.exp(-step / 20) + offset
+
+
+def record(run_id: str, arch: str, n_loops: int, seed: int, lr: float, step: int) -> dict:
+    base_norms = [1.0 + 0.1 * k for k in range(n_loops)]  # a healthy stream barely grows
+    loss, grad_norm, grad_cos, growth = healthy_loss(arch, seed, step), 1.0, 0.3, 1.0
+    if run_id == COLLAPSED:
+        if step > COLLAPSE_FROM:
+            loss = 5.0
+        growth = 1.0 + 0.2 * max(0, step - RESID_RISE_FROM)
+        if step > STEPS // 2:
+            grad_cos = -0.6 if step % 2 == 0 else 0.2
+    if run_id == DIVERGED and step == DIVERGE_AT:
+        loss, grad_norm = math.nan, math.inf
+    # the last loop grows by `growth`, loop 1 not at all
+    resid = [b * growth ** (k / max(1, n_loops - 1)) for k, b in enumerate(base_norms)]
+    row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "n_loops": n_loops,
+           "grad_cos": grad_cos, "sign_flip": 0.3, "update_ratio": 1e-3, "gnorm_cv": 0.1,
+           "gnorm_autocorr": 0.0, "resid_norm": resid, "act_grad_norm": [0.1] * n_loops}
+    if step % 20 == 0:
+        row["val_loss"] = loss + 0.1
+    return row
+
+
+def write_run(suite_dir: Path, arch: str, n_loops: int, seed: int, lr: float) -> str:
+    run_id = f"{arch}-k{n_loops}-s{seed}-lr{lr:g}"
+    cell = {"arch": arch, "n_loops": n_loops, "seed": seed, "lr": lr}
+    config = {"cell": cell, "train": {"steps": STEPS, "lr": lr, "warmup_steps": 0},
+              "model": {"n_loops": n_loops}}
+    writer = RunWriter(suite_dir / run_id, config)
+    last = DIVERGE_AT if run_id == DIVERGED else STEPS
+    for step in range(1, last + 1):
+        writer.log(record(run_id, arch, n_loops, seed, lr, step))
+    summary = {"status": "stable", "step": None, "signal": None, "first_warning_step": None}
+    if run_id == COLLAPSED:
+        writer.event({"step": 45, "detector": "residual_explosion", "severity": "warn",
+                      "message": "last-loop resid_norm grew x4 in 15 steps", "evidence": {}})
+        writer.event({"step": 60, "detector": "collapse_plateau", "severity": "critical",
+                      "message": "loss 5.0 stuck above best 2.4", "evidence": {}})
+        summary = {"status": "collapsed", "step": 60, "signal": "collapse_plateau",
+                   "first_warning_step": 45}
+    if run_id == DIVERGED:
+        writer.event({"step": DIVERGE_AT, "detector": "non_finite", "severity": "critical",
+                      "message": "loss is NaN", "evidence": {}})
+        summary = {"status": "diverged", "step": DIVERGE_AT, "signal": "non_finite",
+                   "first_warning_step": DIVERGE_AT}
+    writer.close(summary)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def suite_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("suite")
+    cells = {}
+    for arch in ARCHS:
+        for n_loops in LOOPS:
+            for lr in LRS:
+                for seed in SEEDS:
+                    run_id = write_run(root, arch, n_loops, seed, lr)
+                    cells[run_id] = {"arch": arch, "n_loops": n_loops, "seed": seed, "lr": lr}
+    write_suite_manifest(root, {"name": "synthetic"}, cells)
+    return root
+
+
+@pytest.fixture(scope="module")
+def suite(suite_dir: Path) -> SuiteData:
+    return load_suite(suite_dir)
+
+
+@pytest.fixture(scope="module")
+def table(suite: SuiteData) -> pd.DataFrame:
+    return suite_table(suite)
+
+
+def test_suite_table_verdicts_and_numbers(table: pd.DataFrame) -> None:
+    assert len(table) == 16
+    rows = table.set_index("run_id")
+    assert rows.loc[COLLAPSED, "status"] == "collapsed"
+    assert rows.loc[DIVERGED, "status"] == "diverged"
+    assert (rows.drop([COLLAPSED, DIVERGED])["status"] == "stable").all()
+    assert rows.loc[COLLAPSED, ["arch", "n_loops", "seed", "lr"]].tolist() == ["looped", 4, 1, 3e-3]
+
+    collapsed = rows.loc[COLLAPSED]
+    assert collapsed["failure_step"] == 60 and collapsed["signal"] == "collapse_plateau"
+    assert collapsed["final_loss"] == pytest.approx(5.0)  # the plateau over the last 10 steps
+    assert collapsed["best_loss"] == pytest.approx(healthy_loss("looped", 1, COLLAPSE_FROM))
+    # last loop: 1.3 at step 1, 1.3 * (1 + 0.2 * 70) = 19.5 at step 100; loop 1 stays at 1.0
+    assert collapsed["resid_growth_steps"] == pytest.approx(15.0)
+    assert collapsed["resid_ratio_loops"] == pytest.approx(19.5)
+    assert collapsed["oscillation"] == pytest.approx(0.3)  # -0.6 on half the 2nd-half steps
+    assert collapsed["first_warning_step"] == 45 and collapsed["warning_lead"] == 15
+    assert collapsed["final_val_loss"] == pytest.approx(5.1)
+
+    diverged = rows.loc[DIVERGED]
+    assert math.isnan(diverged["final_loss"]) and diverged["failure_step"] == DIVERGE_AT
+    assert diverged["resid_growth_steps"] == pytest.approx(1.0)  # last finite step used
+
+    healthy = rows.loc["flt-k2-s0-lr0.001"]
+    expected = np.mean([healthy_loss("flt", 0, s) for s in range(91, 101)])
+    assert healthy["final_loss"] == pytest.approx(expected)
+    assert healthy["resid_ratio_loops"] == pytest.approx(1.1)
+    assert healthy["oscillation"] == 0.0 and math.isnan(healthy["failure_step"])
+    assert not table["recomputed"].any()
+
+
+def test_stability_summary_and_stable_lr_range(table: pd.DataFrame) -> None:
+    summary = stability_summary(table).set_index(["arch", "n_loops", "lr"])
+    failing = summary.loc[("looped", 4, 3e-3)]
+    assert failing["runs"] == 2 and failing["frac_stable"] == 0.0
+    assert failing["collapsed"] == 1 and failing["diverged"] == 1
+    assert failing["final_loss_mean"] == pytest.approx(5.0)  # the diverged run has no loss
+    healthy = summary.loc[("flt", 4, 1e-3)]
+    losses = [np.mean([healthy_loss("flt", s, t) for t in range(91, 101)]) for s in SEEDS]
+    assert healthy["frac_stable"] == 1.0
+    assert healthy["final_loss_mean"] == pytest.approx(np.mean(losses))
+    assert healthy["final_loss_std"] == pytest.approx(np.std(losses, ddof=1))
+
+    ranges = stable_lr_range(table).set_index(["arch", "n_loops"])
+    assert ranges.loc[("looped", 4), "max_stable_lr"] == 1e-3
+    assert ranges.loc[("looped", 4), "min_unstable_lr"] == 3e-3
+    assert ranges.loc[("flt", 4), "max_stable_lr"] == 3e-3
+    assert math.isnan(ranges.loc[("flt", 4), "min_unstable_lr"])
+
+
+def test_compare_pairs_runs_and_reports_a_statistic(table: pd.DataFrame) -> None:
+    result = compare(table, "flt", "looped")
+    assert result.test == "paired t"
+    # 8 matched cells less the diverged run's; the collapsed run's 5.0 widens the spread
+    assert result.n_a == result.n_b == 7 and result.excluded == 1
+    assert result.difference < 0 and np.isfinite(result.statistic)
+    assert "paired t" in result.summary()
+    healthy = compare(table, "flt", "looped", lr=1e-3)  # differences -0.05 and -0.04 by seed
+    assert healthy.n_a == 4 and healthy.difference == pytest.approx(-0.045)
+    assert healthy.ci_high < 0 and healthy.p_value < 0.01
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        compare(table, "flt", "looped", n_loops=4, lr=3e-3)  # looped has one finite run
+
+
+def test_explain_collapsed_and_diverged(suite_dir: Path) -> None:
+    text = explain(load_run(suite_dir / COLLAPSED))
+    assert "collapsed at step 60" in text and "collapse_plateau" in text
+    assert "residual_explosion at step 45" in text and "15 steps before" in text
+    assert "19.5" in text and "0.3" in text
+    diverged = explain(load_run(suite_dir / DIVERGED))
+    assert f"diverged at step {DIVERGE_AT}" in diverged and "last finite train loss" in diverged
+
+
+def loop_scaling_frame() -> pd.DataFrame:
+    rows = [{"arch": arch, "train_loops": k, "eval_loops": e, "metric": "val_loss",
+             "value": 2.0 + abs(e - k) * 0.1}
+            for arch in ARCHS for k in LOOPS for e in (1, 2, 4, 8)]
+    return pd.DataFrame(rows)
+
+
+PLOTS = {  # name: (draw(suite, table), axes, lines in the first axes)
+    "loop_residuals": (lambda s, t: plot_loop_residuals(with_cells(s.loops, t)), 2, 2),
+    "stability_map": (lambda s, t: plot_stability_map(t), 2, 0),
+    "loss_curves": (lambda s, t: plot_loss_curves(with_cells(s.steps, t[t["lr"] == 3e-3])), 4, 2),
+    "oscillation": (lambda s, t: plot_oscillation_vs_loops(t), 1, 2),
+    "lr_sensitivity": (lambda s, t: plot_lr_sensitivity(t), 2, 2),
+    "loop_scaling": (lambda s, t: plot_loop_scaling(loop_scaling_frame()), 1, 4),
+}
+
+
+@pytest.mark.parametrize("name", list(PLOTS))
+def test_plots_return_figures(name: str, suite: SuiteData, table: pd.DataFrame) -> None:
+    from matplotlib.figure import Figure
+
+    draw, n_axes, n_lines = PLOTS[name]
+    figure = draw(suite, table)
+    assert isinstance(figure, Figure)
+    assert len(figure.axes) == n_axes
+    assert len(figure.axes[0].get_lines()) == n_lines
+    assert figure.get_suptitle() or figure.axes[0].get_title()
+
+
+def test_save_figure_writes_png_and_svg(table: pd.DataFrame, tmp_path: Path) -> None:
+    png, svg = save_figure(plot_oscillation_vs_loops(table), tmp_path / "figures" / "oscillation")
+    assert png.read_bytes().startswith(b"\x89PNG") and svg.read_text().startswith("<?xml")
+
+
+def test_report_has_table_command_explanations_and_figures(suite_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(suite_dir, tmp_path / "suite")
+    loop_scaling_frame().to_csv(tmp_path / "suite" / "loop_scaling.csv", index=False)
+    command = f"loopdiag report {tmp_path / 'suite'}"
+    markdown = write_report(tmp_path / "suite", tmp_path / "out", command)
+    text = markdown.read_text()
+    html = (tmp_path / "out" / "report.html").read_text()
+    for content in (text, html):
+        assert command in content and "collapsed at step 60" in content
+        assert "frac_stable" in content and COLLAPSED in content
+        assert "does NOT" in content or "beats" in content
+    for name in ("stability_map", "loss_curves", "loop_residuals", "oscillation_vs_loops",
+                 "lr_sensitivity", "loop_scaling"):
+        assert f"figures/{name}.png" in text and f'data-source="figures/{name}.png"' in html
+        assert (tmp_path / "out" / "figures" / f"{name}.svg").is_file()
+    assert html.count("data:image/png;base64,") == 6
+    assert len(pd.read_csv(tmp_path / "out" / "table.csv")) == 16
+
+
+def test_report_skips_plots_that_do_not_apply(suite_dir: Path, tmp_path: Path) -> None:
+    one_lr = tmp_path / "one-lr"
+    cells = {}
+    for run in sorted(suite_dir.iterdir()):
+        if run.is_dir() and run.name.endswith("-k2-s0-lr0.001"):
+            shutil.copytree(run, one_lr / run.name)
+            cells[run.name] = load_run(run).config["cell"]
+    write_suite_manifest(one_lr, {"name": "one-lr"}, cells)
+    text = write_report(one_lr, tmp_path / "out", "loopdiag report one-lr").read_text()
+    assert "Learning-rate sensitivity: skipped" in text and "loop scaling: skipped" in text
+    assert "lr_sensitivity.png" not in text and "No run collapsed or diverged." in text
+
+
+def test_missing_summary_is_recomputed(suite_dir: Path, tmp_path: Path) -> None:
+    for run_id in ("flt-k2-s1-lr0.001", COLLAPSED, DIVERGED):
+        shutil.copytree(suite_dir / run_id, tmp_path / run_id)
+        (tmp_path / run_id / "summary.json").unlink()
+    judged = {run_id: run_verdict(load_run(tmp_path / run_id))
+              for run_id in ("flt-k2-s1-lr0.001", COLLAPSED, DIVERGED)}
+    assert all(v["recomputed"] for v in judged.values())
+    assert judged["flt-k2-s1-lr0.001"]["status"] == "stable"
+    assert judged[DIVERGED]["status"] == "diverged"
+    assert judged[DIVERGED]["step"] == DIVERGE_AT
+    # the replayed detectors see the residual norm blow up across loops, then the plateau
+    assert judged[COLLAPSED]["status"] == "collapsed"
+    assert judged[COLLAPSED]["first_warning_step"] < judged[COLLAPSED]["step"]
+    text = explain(load_run(tmp_path / COLLAPSED), judged[COLLAPSED])
+    assert f"collapsed at step {judged[COLLAPSED]['step']}" in text
+    first_replayed = judged[COLLAPSED]["events"][0]["step"]
+    assert first_replayed != 45 and f"at step {first_replayed}" in text  # replayed events
+
+
+def test_bad_input_raises_clear_errors(suite_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a suite folder"):
+        write_report(tmp_path / "empty", tmp_path / "out", "x")
+    write_suite_manifest(tmp_path / "no-runs", {"name": "no-runs"}, {})
+    with pytest.raises(ValueError, match="has no runs"):
+        suite_table(load_suite(tmp_path / "no-runs"))
+    with pytest.raises(ValueError, match="lacks column"):
+        write_report(suite_dir, tmp_path / "out", "x", loop_scaling=pd.DataFrame({"arch": ["flt"]}))
+    (tmp_path / "file.txt").write_text("not a suite")
+    with pytest.raises(FileNotFoundError, match="not a suite folder"):
+        load_suite(tmp_path / "file.txt")
+
+
+def test_import_does_not_load_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Re-import the package with matplotlib unloaded (in-process: a fresh interpreter
+    # would spend seconds importing torch); monkeypatch puts the modules back afterwards.
+    for name in list(sys.modules):
+        if name.split(".")[0] == "matplotlib" or name.startswith("loopdiag.analysis"):
+            monkeypatch.delitem(sys.modules, name)
+    importlib.import_module("loopdiag.analysis")
+    assert "matplotlib" not in sys.modules

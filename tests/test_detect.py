@@ -1,0 +1,595 @@
+"""Collapse detectors on synthetic runs: silent on healthy ones, firing at the right step on
+broken ones, steady (no flapping) in between; the anchor rules, verdicts and onsets."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from loopdiag.detect import (
+    DETECTORS,
+    CollapsePlateau,
+    Detector,
+    DetectorConfig,
+    Event,
+    GradientOscillation,
+    LossSpike,
+    MegatronSpike,
+    NonFinite,
+    OlmoSpike,
+    ResidualExplosion,
+    SlowDivergence,
+    ZScore30,
+    anchor_detectors,
+    default_detectors,
+    ground_truth_onset,
+    replay,
+    verdict,
+)
+from loopdiag.detect.base import UNJUDGED, Finding, finite_scalar
+from loopdiag.detect.trend import mann_kendall_rising_p, sen_line
+
+LOOPS = 4
+AUTOCORR_WINDOW = 32  # steps the recorder's gnorm_autocorr is computed over
+ONSET = 300  # where the synthetic collapse begins
+EMA_ALPHA = 2 / 21  # the default onset span of 20 records
+
+
+# --- synthetic runs ---------------------------------------------------------------------
+
+def healthy_resid(steps: np.ndarray, n: int) -> np.ndarray:
+    """√d = 8 at init, ×4 as the zero-initialised branches switch on (settled by step
+    ~60), then a slow healthy drift of +10 % over the run."""
+    return 8 * (1 + 3 * (1 - np.exp(-steps / 15))) * (1 + 0.1 * steps / n)
+
+
+def increment_autocorr(norms: np.ndarray) -> np.ndarray:
+    """What the recorder logs (`probes.stats.window_stats`): lag-1 autocorrelation of the
+    increments of the last AUTOCORR_WINDOW norms; NaN until the window is full."""
+    out = np.full(len(norms), math.nan)
+    for t in range(AUTOCORR_WINDOW - 1, len(norms)):
+        d = np.diff(norms[t - AUTOCORR_WINDOW + 1:t + 1])
+        d = d - d.mean()
+        out[t] = float((d[1:] * d[:-1]).sum() / (d * d).sum())
+    return out
+
+
+def make_run(n=600, seed=0, loss_factor=None, resid_factor=None, cos_mean=None, noise=0.05):
+    """Records of a healthy run (noisy decaying loss, 5 % multiplicative noise; residual
+    norms that grow early then settle; white-noise gradient statistics), optionally broken
+    by multiplying the loss or residual norm, or shifting the mean gradient cosine."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(1, n + 1)
+    loss = (2.0 + 3.5 * np.exp(-steps / 60)) * np.exp(rng.normal(0, noise, n))
+    resid = healthy_resid(steps, n) * np.exp(rng.normal(0, 0.01, n))
+    if loss_factor is not None:
+        loss = loss * loss_factor(steps)
+    if resid_factor is not None:
+        resid = resid * resid_factor(steps)
+    cos = rng.normal(0.2, 0.15, n) + (0 if cos_mean is None else cos_mean(steps) - 0.2)
+    cos = np.clip(cos, -1, 1)
+    gnorm = 1 + 0.2 * rng.standard_normal(n)
+    autocorr = increment_autocorr(gnorm)
+    return [{
+        "step": int(step), "loss": float(loss[i]), "lr": 3e-3, "grad_norm": float(abs(gnorm[i])),
+        "update_ratio": 1e-3, "grad_cos": math.nan if i == 0 else float(cos[i]),
+        "sign_flip": float(0.45 - 0.2 * cos[i]), "gnorm_cv": 0.2,
+        "gnorm_autocorr": float(autocorr[i]),
+        "resid_norm": (resid[i] * np.linspace(0.9, 1.0, LOOPS)).tolist(),
+        "rel_update": [1e-3] * LOOPS, "act_grad_norm": [0.1] * LOOPS, "token_corr": [0.3] * LOOPS,
+    } for i, step in enumerate(steps)]
+
+
+def after(steps: np.ndarray, start: int) -> np.ndarray:
+    return np.clip(steps - start, 0, None)
+
+
+def collapse_run(n=500, seed=1):
+    """Collapse from ONSET: loss rises to 1.5× and plateaus, the residual norm grows
+    e-fold every 30 steps, and gradients oscillate from 20 steps before."""
+    return make_run(n, seed,
+                    loss_factor=lambda s: 1 + 0.5 * (1 - np.exp(-after(s, ONSET) / 40)),
+                    resid_factor=lambda s: np.exp(after(s, ONSET) / 30),
+                    cos_mean=lambda s: np.where(s >= ONSET - 20, -0.7, 0.2))
+
+
+def slow_rise_run(n=700, seed=2):
+    """Healthy until step 400, then the loss creeps up 0.1 % per step."""
+    return make_run(n, seed, loss_factor=lambda s: 1 + 0.001 * after(s, 400))
+
+
+def with_spikes(records, factor, at_steps):
+    return [dict(r, loss=r["loss"] * factor) if r["step"] in at_steps else r for r in records]
+
+
+def losses_and_steps(records):
+    return [r["loss"] for r in records], [r["step"] for r in records]
+
+
+def fired(events, detector=None, severity=None):
+    return [e for e in events if detector in (None, e.detector) and severity in (None, e.severity)]
+
+
+@pytest.fixture(scope="module")
+def collapse():
+    records = collapse_run()
+    return records, replay(records, default_detectors())
+
+
+# --- every detector on a healthy run ----------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_detectors_silent_on_healthy_runs(seed):
+    events = replay(make_run(seed=seed), default_detectors())
+    assert events == [], [e.message for e in events]
+
+
+def test_warmup_baseline_is_why_early_residual_growth_is_not_an_explosion():
+    records = make_run()
+    assert fired(replay(records, [ResidualExplosion()])) == []
+    # Baselined at the very start, the healthy ×4 switch-on growth would look explosive.
+    early = ResidualExplosion(warmup=0, baseline_window=1)
+    assert fired(replay(records, [early]), severity="warn")
+
+
+# --- each detector on its failure ---------------------------------------------------------
+
+def test_non_finite_fires_immediately_and_once_per_episode():
+    records = [{"step": s, "loss": 2.0, "grad_norm": 1.0} for s in range(1, 60)]
+    records[0]["loss"] = math.nan  # step 1: no warm-up
+    for r in records[20:25]:
+        r["grad_norm"] = math.inf  # one episode of five records
+    records[40]["loss"] = -math.inf  # after more than `cooldown` clear records
+    events = replay(records, [NonFinite()])
+    assert [(e.step, e.severity) for e in events] == [(1, "critical"), (21, "critical"),
+                                                      (41, "critical")]
+    assert "grad_norm (inf)" in events[1].message
+
+
+def test_loss_spike_catches_a_3x_spike_at_its_step():
+    events = replay(with_spikes(make_run(), 3.0, {300}), [LossSpike()])
+    assert [(e.step, e.severity) for e in events] == [(300, "warn")]
+    assert events[0].evidence["ratio"] == pytest.approx(3.0, rel=0.15)
+
+
+def test_loss_spike_relative_floor_ignores_tiny_mad_wobbles():
+    # Nearly noiseless loss: a 5 % wobble scores a huge robust z but is no spike.
+    records = with_spikes(make_run(noise=0.001), 1.05, {300})
+    assert replay(records, [LossSpike()]) == []
+    assert replay(records, [LossSpike(rel_floor=0.01)])  # the floor is what kept it quiet
+
+
+def test_gradient_oscillation_fires_after_window_and_patience(collapse):
+    _, events = collapse
+    oscillation = fired(events, "gradient_oscillation")
+    # cos drops to -0.7 at step 280; the 8-record mean reaches -0.5 once 7 records are in
+    # (step 286) and must hold for 5 records.
+    assert [(e.step, e.severity) for e in oscillation] == [(290, "warn")]
+    assert oscillation[0].evidence["mean_grad_cos"] < -0.5
+
+
+def test_gradient_oscillation_from_autocorrelation_alone():
+    records = [{"step": s, "gnorm_autocorr": -0.95 if s > 100 else -0.5} for s in range(1, 200)]
+    events = replay(records, [GradientOscillation()])
+    # The 8-record mean passes -0.8 at step 106 (6 of 8 records oscillating), + 4 records.
+    assert [e.step for e in events] == [110]
+    assert events[0].evidence["mean_grad_cos"] is None
+
+
+def test_residual_explosion_over_steps_warns_then_escalates(collapse):
+    records, events = collapse
+    explosion = fired(events, "residual_explosion")
+    steps = np.array([r["step"] for r in records])
+    clean = healthy_resid(steps, len(steps)) * np.exp(after(steps, ONSET) / 30)
+    baseline = np.median(healthy_resid(steps, len(steps))[50:70])
+
+    def first_crossing(factor):  # + 2: the rolling median of 5 lags by two records
+        return int(steps[np.argmax(clean / baseline >= factor)]) + 2
+
+    assert [e.severity for e in explosion] == ["warn", "critical"]
+    assert abs(explosion[0].step - first_crossing(3.0)) <= 2
+    assert abs(explosion[1].step - first_crossing(10.0)) <= 2
+    assert explosion[1].evidence["growth"] >= 10
+
+
+@pytest.mark.parametrize("per_loop, severity", [(1.6, "warn"), (2.5, "critical")])
+def test_residual_explosion_over_loops(per_loop, severity):
+    # the last loop stays at 8 (no growth over steps); loop 1 shrinks so that the stream
+    # grows `per_loop`× per loop from step 101 on
+    records = [{"step": s, "resid_norm": [8.0 * (per_loop if s > 100 else 1.0) ** (k - 5)
+                                          for k in range(6)]} for s in range(1, 150)]
+    events = replay(records, [ResidualExplosion()])
+    # the median of 5 records follows at step 103
+    assert [(e.step, e.severity) for e in events] == [(103, severity)]
+    assert events[0].evidence["per_loop_growth"] == pytest.approx(per_loop)
+    assert events[0].evidence["growth"] == pytest.approx(1.0)
+
+
+def test_slow_divergence_fires_before_the_loss_is_visibly_worse():
+    records = slow_rise_run()
+    onset = ground_truth_onset(*losses_and_steps(records))
+    events = replay(records, [SlowDivergence()])
+    assert [e.severity for e in events] == ["warn", "critical"]
+    assert 400 < events[0].step < onset - 20
+    # the blind spot of a 6σ-over-128-steps rule: the trend inflates its σ
+    assert replay(records, [OlmoSpike()]) == []
+
+
+def test_slow_divergence_ignores_a_lone_spike():
+    assert replay(with_spikes(make_run(), 3.0, {300}), [SlowDivergence()]) == []
+
+
+def test_collapse_plateau_critical_when_stuck_while_residual_rises(collapse):
+    records, events = collapse
+    plateau = fired(events, "collapse_plateau")
+    onset = ground_truth_onset(*losses_and_steps(records))
+    # same EMA as the onset: stuck from `onset`, critical once stuck for 30 records
+    assert [(e.step, e.severity) for e in plateau] == [(onset + 29, "critical")]
+    assert plateau[0].evidence["resid_growth"] > 1.05
+
+
+def test_collapse_plateau_only_warns_without_residual_growth_or_data():
+    stuck = make_run(n=500, loss_factor=lambda s: 1 + 0.5 * (1 - np.exp(-after(s, ONSET) / 40)))
+    events = replay(stuck, [CollapsePlateau()])
+    assert [e.severity for e in events] == ["warn"]
+    assert "not rising" in events[0].message
+    no_resid = [{k: v for k, v in r.items() if k != "resid_norm"} for r in stuck]
+    events = replay(no_resid, [CollapsePlateau()])
+    assert [e.severity for e in events] == ["warn"]
+    assert "too few residual norms" in events[0].message
+
+
+def test_trend_statistics_match_scipy():
+    rng = np.random.default_rng(3)
+    x = np.arange(100, 200, dtype=float)
+    for drift in (0.0, 2e-4, 1e-3):
+        y = 2 + drift * (x - 100) + 0.05 * rng.standard_normal(len(x))
+        slope, start = sen_line(x, y)
+        reference = stats.theilslopes(y, x)
+        assert slope == pytest.approx(reference.slope)
+        assert start == pytest.approx(reference.intercept + reference.slope * x[0])
+        tau, p_two_sided = stats.kendalltau(x, y, method="asymptotic")
+        p_rising = p_two_sided / 2 if tau > 0 else 1 - p_two_sided / 2
+        # scipy has no continuity correction: equal to a few percent
+        assert mann_kendall_rising_p(y) == pytest.approx(p_rising, rel=0.05, abs=1e-12)
+
+
+def stopped_learning_run(resid_per_100: float, n=400, seed=4):
+    """Loss drops fast, then sits at 3.3 (a healthy model would go on to ~2); the residual
+    norm grows by `resid_per_100` every 100 steps."""
+    rng = np.random.default_rng(seed)
+    noise = np.exp(rng.normal(0, 0.03, n))
+    return [{"step": s, "loss": float((3.3 + 2.2 * math.exp(-s / 10)) * noise[s - 1]),
+             "resid_norm": [8.0, 40.0 * resid_per_100 ** (s / 100)]} for s in range(1, n + 1)]
+
+
+def test_collapse_plateau_catches_a_model_that_stopped_learning():
+    events = replay(stopped_learning_run(resid_per_100=2.0), [CollapsePlateau()])
+    assert [e.severity for e in events] == ["critical"]
+    assert "stopped learning" in events[0].message
+    # the loss settles by step ~60; a stall takes 100 records of < 1 % progress after that,
+    # a little more while the noisy EMA still sets small new lows
+    assert 160 <= events[0].step <= 200
+    assert events[0].evidence["progress"] < 0.01 and events[0].evidence["resid_growth"] > 1.9
+
+
+def test_collapse_plateau_silent_on_convergence_with_a_steady_stream():
+    assert replay(stopped_learning_run(resid_per_100=1.02), [CollapsePlateau()]) == []
+
+
+# --- severity and hysteresis --------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LevelConfig(DetectorConfig):
+    cooldown: int = 3
+
+
+class Level(Detector):
+    """Test detector: v ≥ 1 warns, v ≥ 2 is critical, a missing v is unjudged."""
+
+    name = "level"
+    config_class = LevelConfig
+
+    def _reset_state(self) -> None:
+        pass
+
+    def _check(self, record):
+        v = finite_scalar(record, "v")
+        if v is None:
+            return UNJUDGED
+        if v >= 1:
+            return Finding("critical" if v >= 2 else "warn", f"v = {v}", {"v": v})
+        return None
+
+
+def level_events(values, **config):
+    records = [{"step": i} if v is None else {"step": i, "v": v} for i, v in enumerate(values)]
+    return [(e.step, e.severity) for e in replay(records, [Level(**config)])]
+
+
+def test_no_flapping_when_crossing_the_threshold_repeatedly():
+    assert level_events([1, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1]) == [(0, "warn")]
+
+
+def test_escalation_fires_and_lower_severity_stays_quiet():
+    assert level_events([1, 1, 2, 1, 2, 0, 1]) == [(0, "warn"), (2, "critical")]
+
+
+def test_fires_again_after_cooldown_clear_records():
+    assert level_events([1, 0, 0, 0, 1, 0, 0, 1]) == [(0, "warn"), (4, "warn")]
+
+
+def test_unjudged_records_do_not_clear_the_condition():
+    assert level_events([1, 0, None, None, None, 0, 1]) == [(0, "warn")]
+
+
+def test_warmup_and_cooldown_zero():
+    assert level_events([1, 1, 1, 0], warmup=2) == [(2, "warn")]
+    assert level_events([1, 1, 0, 1], cooldown=0) == [(0, "warn"), (1, "warn"), (3, "warn")]
+
+
+def test_residual_explosion_does_not_flap_around_its_threshold():
+    # after step 300 the residual norm hovers at 2.7× / 3.3× its baseline in blocks of 6
+    hover = lambda s: np.where(s > 300, np.where((s // 6) % 2 == 0, 2.7, 3.3), 1.0)  # noqa: E731
+    events = replay(make_run(n=500, resid_factor=hover), [ResidualExplosion()])
+    assert [e.severity for e in events] == ["warn"]
+
+
+def test_repeated_loss_spikes_within_cooldown_fire_once():
+    records = with_spikes(make_run(), 3.0, {300, 303, 306, 350})
+    assert [e.step for e in replay(records, [LossSpike()])] == [300, 350]
+
+
+# --- robustness: NaN, missing keys, online == offline -----------------------------------
+
+def test_nan_and_inf_outside_the_loss_are_skipped():
+    rng = np.random.default_rng(5)
+    records = make_run()
+    for record in records:
+        if rng.random() < 0.05:
+            record.update(grad_cos=math.nan, gnorm_autocorr=math.inf, sign_flip=math.nan)
+        if rng.random() < 0.05:
+            record["resid_norm"] = [math.nan, None, math.inf, math.nan]
+    assert replay(records, default_detectors()) == []
+
+
+def test_missing_keys_never_crash_and_stay_silent():
+    rng = np.random.default_rng(6)
+    records = [{k: v for k, v in r.items() if k == "step" or rng.random() > 0.3}
+               for r in make_run()]
+    records += [{}, {"step": 601}, {"step": 602, "loss": "n/a", "resid_norm": "n/a"}]
+    assert replay(records, default_detectors()) == []
+    replay(records, anchor_detectors())
+
+
+def test_flattened_per_loop_columns_read_like_lists(collapse):
+    records, events = collapse
+    flat = [{k: v for k, v in r.items() if not isinstance(v, list)}
+            | {f"{k}/loop_{i + 1:02d}": x for k, v in r.items() if isinstance(v, list)
+               for i, x in enumerate(v)} for r in records]
+    assert "resid_norm/loop_04" in flat[0] and "resid_norm" not in flat[0]
+    assert [(e.step, e.detector) for e in replay(flat, default_detectors())] \
+        == [(e.step, e.detector) for e in events]
+
+
+def test_online_updates_equal_offline_replay(collapse):
+    records, offline = collapse
+    detectors = default_detectors()
+    online = [event for record in records for d in detectors for event in d.update(record)]
+    as_json = lambda events: [json.dumps(e.to_dict()) for e in events]  # noqa: E731 (NaN-safe)
+    assert as_json(online) == as_json(offline)
+    assert as_json(replay(records, detectors)) == as_json(offline)  # replay resets
+
+
+def test_counts_are_in_records_whatever_the_log_interval(collapse):
+    records, events = collapse
+    every_10 = [dict(r, step=10 * r["step"]) for r in records]
+    assert [(e.step, e.detector, e.severity) for e in replay(every_10, default_detectors())] \
+        == [(10 * e.step, e.detector, e.severity) for e in events]
+
+
+def test_events_are_plain_json(collapse):
+    records, events = collapse
+    events = events + replay(records, anchor_detectors())
+
+    def plain(value):
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, list):
+            return all(plain(v) for v in value)
+        return type(value) in (str, int, float, bool, type(None))
+
+    for event in events:
+        assert plain(event.to_dict()), event
+        json.dumps(event.to_dict())
+        assert event.message.endswith(".")
+    with pytest.raises(ValueError, match="severity"):
+        Event(step=1, detector="x", severity="fatal", message="m", evidence={})
+
+
+# --- configuration ------------------------------------------------------------------------
+
+def test_default_detectors_overrides():
+    detectors = default_detectors(loss_spike={"z": 8}, residual_explosion={"warmup": 10})
+    assert [d.name for d in detectors] == list(DETECTORS)
+    by_name = {d.name: d for d in detectors}
+    assert by_name["loss_spike"].config.z == 8.0
+    assert isinstance(by_name["loss_spike"].config.z, float)
+    assert by_name["residual_explosion"].config.warmup == 10
+    assert by_name["slow_divergence"].config == SlowDivergence().config
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"loss_spikes": {"z": 8}}, r"unknown detector.*'loss_spikes'.*choose from"),
+    ({"loss_spike": {"zz": 8}}, r"loss_spike: unknown threshold.*'zz'.*valid: .*\bz\b"),
+    ({"loss_spike": {"z": -1}}, r"loss_spike: z must be > 0"),
+    ({"loss_spike": {"z": "8"}}, r"loss_spike: z must be a finite number"),
+    ({"loss_spike": {"window": 2.5}}, r"loss_spike: window must be an integer"),
+    ({"loss_spike": {"window": True}}, r"loss_spike: window must be an integer"),
+    ({"slow_divergence": {"warn_rise": 0.2}}, r"warn_rise <= critical_rise"),
+    ({"gradient_oscillation": {"autocorr_threshold": -0.4}}, r"white noise"),
+    ({"non_finite": 3}, r"non_finite: thresholds must be a mapping"),
+], ids=["detector", "threshold", "range", "string", "float-int", "bool", "order", "autocorr",
+        "mapping"])
+def test_default_detectors_bad_overrides(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        default_detectors(**overrides)
+
+
+def test_detector_constructor_checks_its_config():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LossSpike().config.z = 3  # windows are sized from the config once
+    with pytest.raises(TypeError, match="either a config"):
+        LossSpike(LossSpike.config_class(), z=3)
+    with pytest.raises(TypeError, match="LossSpikeConfig"):
+        LossSpike(SlowDivergence.config_class())
+
+
+# --- anchor rules ---------------------------------------------------------------------------
+
+def test_megatron_misses_a_3x_spike_that_loss_spike_catches():
+    records = with_spikes(make_run(), 3.0, {300})
+    assert replay(records, [MegatronSpike()]) == []
+    assert [e.step for e in replay(records, [LossSpike()])] == [300]
+
+
+def test_megatron_reference_max_is_frozen_after_its_sample():
+    losses = [5.0] * 50 + [1.0] * 100 + [60.0, 1.0, 49.0]
+    records = [{"step": s, "loss": v} for s, v in enumerate(losses)]
+    records[10]["loss"] = 400.0  # inside the sample: never flagged, sets the maximum
+    events = replay(records, [MegatronSpike()])
+    assert events == []
+    records[10]["loss"] = 5.0
+    events = replay(records, [MegatronSpike()])
+    # 10 × max(first 100) = 50: 60 flagged, 49 not, though the loss has long been 1.0
+    assert [e.step for e in events] == [150]
+    assert events[0].evidence["reference_max"] == 5.0
+
+
+def test_3sigma_30_rule_fires_on_healthy_noise_olmo_does_not():
+    records = make_run()
+    assert len(replay(records, [ZScore30()])) >= 3
+    assert replay(records, [OlmoSpike()]) == []
+
+
+def test_olmo_rule_needs_a_full_window_and_catches_a_3x_spike():
+    records = with_spikes(make_run(), 3.0, {100, 300})
+    assert [e.step for e in replay(records, [OlmoSpike()])] == [300]  # 100: window not full
+
+
+# --- verdicts -------------------------------------------------------------------------------
+
+def test_verdict_stable_and_interrupted():
+    records = make_run()
+    events = replay(records, default_detectors())
+    result = verdict(records, events, finished=True)
+    assert result["status"] == "stable"
+    assert result["step"] is result["signal"] is result["first_warning_step"] is None
+    assert result["final_loss"] == records[-1]["loss"]
+    assert result["best_loss"] == min(r["loss"] for r in records)
+    assert verdict(records, events, finished=False)["status"] == "interrupted"
+    json.dumps(result)
+
+
+def test_verdict_collapsed(collapse):
+    records, events = collapse
+    result = verdict(records, events, finished=True)
+    first_critical = fired(events, severity="critical")[0]
+    assert result["status"] == "collapsed"
+    assert (result["step"], result["signal"]) == (first_critical.step, first_critical.detector)
+    assert result["evidence"] == first_critical.to_dict()["evidence"]
+    assert result["first_warning_step"] == 290 < result["step"]
+    # a run stopped because it collapsed is a collapse, not an interruption
+    assert verdict(records, events, finished=False)["status"] == "collapsed"
+    # events read back from the store are plain dicts
+    assert verdict(records, [e.to_dict() for e in events], finished=True) == result
+
+
+def test_verdict_diverged():
+    records = make_run(n=300)
+    for r in records[250:]:
+        r["loss"] = math.nan
+    events = replay(records, default_detectors())
+    result = verdict(records, events, finished=True)
+    assert (result["status"], result["step"], result["signal"]) == ("diverged", 251, "non_finite")
+    assert math.isnan(result["final_loss"])
+    assert verdict(records, [], finished=False)["status"] == "diverged"  # from the records alone
+
+
+def test_verdict_collapse_then_divergence_reports_the_first_failure(collapse):
+    records, _ = collapse
+    records = [dict(r, loss=math.nan) if r["step"] > 450 else r for r in records]
+    events = replay(records, default_detectors())
+    result = verdict(records, events, finished=True)
+    assert result["status"] == "diverged"
+    assert result["signal"] != "non_finite" and result["step"] < 400
+
+
+# --- ground-truth onset ---------------------------------------------------------------------
+
+def test_onset_none_for_healthy_and_transient_runs():
+    assert ground_truth_onset(*losses_and_steps(make_run())) is None
+    spiky = with_spikes(make_run(), 3.0, {300, 301, 302})
+    assert ground_truth_onset(*losses_and_steps(spiky)) is None
+    recovered = [2.0] * 100 + [3.0] * 50 + [2.0] * 100
+    assert ground_truth_onset(recovered, range(len(recovered))) is None
+    assert ground_truth_onset([], []) is None
+
+
+def test_onset_of_a_step_rise_follows_the_ema():
+    losses = [2.0] * 200 + [2.6] * 100
+    steps = [10 * (i + 1) for i in range(len(losses))]  # logged every 10 steps
+    # EMA after k records at 2.6: 2 + 0.6(1 - (1-α)^k) ≥ 2.2  ⇔  (1-α)^k ≤ 2/3
+    k = math.ceil(math.log(2 / 3) / math.log(1 - EMA_ALPHA))
+    assert ground_truth_onset(losses, steps) == steps[200 + k - 1]
+
+
+def test_onset_of_non_finite_tail():
+    losses, steps = losses_and_steps(make_run())
+    losses[400:] = [math.nan] * (len(losses) - 400)
+    assert ground_truth_onset(losses, steps) == steps[400]
+    plateau = [2.0] * 100 + [3.0] * 100 + [math.inf] * 20
+    onset = ground_truth_onset(plateau, range(len(plateau)))
+    assert 100 < onset < 110  # the plateau came first
+
+
+def test_onset_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="length"):
+        ground_truth_onset([1.0, 2.0], [1])
+
+
+# --- packaging --------------------------------------------------------------------------------
+
+def test_public_api():
+    import loopdiag.detect as detect
+
+    assert sorted(detect.__all__) == sorted([
+        "DETECTORS", "SEVERITIES", "STATUSES", "CollapsePlateau", "CollapsePlateauConfig",
+        "Detector", "DetectorConfig", "Event", "GradientOscillation",
+        "GradientOscillationConfig", "LossSpike", "LossSpikeConfig", "MegatronSpike",
+        "NonFinite", "NonFiniteConfig", "OlmoSpike", "ResidualExplosion",
+        "ResidualExplosionConfig", "SlowDivergence", "SlowDivergenceConfig", "ZScore30",
+        "anchor_detectors", "default_detectors", "ground_truth_onset", "replay", "verdict"])
+    assert all(hasattr(detect, name) for name in detect.__all__)
+    assert list(DETECTORS) == ["non_finite", "residual_explosion", "gradient_oscillation",
+                               "loss_spike", "slow_divergence", "collapse_plateau"]
+
+
+def test_detectors_import_neither_torch_nor_the_rest_of_loopdiag():
+    """They judge saved runs on a laptop: numpy and scipy only."""
+    package = Path(__file__).parents[1] / "loopdiag" / "detect"
+    for module in package.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] != "torch", module.name
+                assert name.split(".")[0] != "loopdiag" or name.startswith("loopdiag.detect"), \
+                    module.name
