@@ -85,6 +85,51 @@ def run(
     outcomes = _run_with_progress(specs, model_config, train_config, corpus, out, suite_spec, log_every)
     console.print(_outcome_table(outcomes))
     console.print(f"run store: {out}")
+    _write_report(out, out / "report")
+
+
+@app.command()
+def analyze(
+    path: Annotated[Path, typer.Argument(help="A run folder or a suite folder.")],
+) -> None:
+    """Verdicts from a run store: one run explained, or a suite's table."""
+    from loopdiag.analysis import explain, run_verdict, suite_table
+    from loopdiag.store import is_run_dir, load_run, load_suite
+
+    try:
+        if is_run_dir(path):
+            run = load_run(path)
+            judged = run_verdict(run)
+            console.print(f"[bold]{run.run_id}[/]: {judged['status']}"
+                          f"{' (recomputed from the store)' if judged.get('recomputed') else ''}")
+            if judged["status"] in ("collapsed", "diverged"):
+                console.print(explain(run, judged), soft_wrap=True)
+            return
+        table = suite_table(load_suite(path))
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        raise bad_input(str(error)) from None
+    columns = ["run_id", "status", "failure_step", "signal", "final_loss", "best_loss", "oscillation"]
+    console.print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"), soft_wrap=True)
+
+
+@app.command()
+def report(
+    suite: Annotated[Path, typer.Argument(help="A suite folder written by `loopdiag run`.")],
+    out: Annotated[Path | None, typer.Option(help="Report folder. Default: reports/<suite name>.")] = None,
+) -> None:
+    """Regenerate a suite's report (markdown, HTML, figures, table) from its run store alone."""
+    _write_report(suite, out or Path("reports") / suite.name)
+
+
+def _write_report(suite: Path, out: Path) -> None:
+    from loopdiag.analysis import write_report
+
+    command = f"loopdiag report {suite} --out {out}"
+    try:
+        path = write_report(suite, out, command)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        raise bad_input(str(error)) from None
+    console.print(f"report: {path} (and {path.with_suffix('.html').name})")
 
 
 def _run_with_progress(specs, model_config, train_config, corpus, out, suite_spec, log_every) -> list[RunOutcome]:

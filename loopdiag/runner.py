@@ -107,6 +107,9 @@ class RunLogger(TrainCallback):
         self.pending["val_loss"] = state.val_loss
         self._write_pending()
 
+    def before_checkpoint(self, state: TrainState) -> None:
+        self.writer.flush()  # a resume restarts from the checkpoint: the logs must reach it
+
     def on_train_end(self, state: TrainState) -> None:
         self._write_pending()
         interrupted = (state.stop_reason or "").startswith("interrupted")

@@ -29,6 +29,25 @@ def test_run_trains_every_cell_and_prints_the_table(tmp_path):
         assert len(loops) == run.config["cell"]["n_loops"] and (loops["value"] > 0).all()
         assert run.summary["status"] == "stable"
     assert "resid norm" in result.output and "flt" in result.output
+    assert (out / "report" / "report.md").exists() and (out / "report" / "report.html").exists()
+
+    regenerated = tmp_path / "again"
+    result = runner.invoke(app, ["report", str(out), "--out", str(regenerated)])
+    assert result.exit_code == 0, result.output
+    assert (regenerated / "table.csv").read_text() == (out / "report" / "table.csv").read_text()
+    assert "flt-k03-s0" in (regenerated / "report.md").read_text()
+
+    result = runner.invoke(app, ["analyze", str(out)])
+    assert result.exit_code == 0 and "looped-k03-s0" in result.output and "stable" in result.output
+    result = runner.invoke(app, ["analyze", str(out / "flt-k03-s0")])
+    assert result.exit_code == 0 and "flt-k03-s0: stable" in result.output
+
+
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_analysis_commands_reject_a_folder_that_is_no_run_store(tmp_path, command):
+    result = runner.invoke(app, [command, str(tmp_path)])
+    assert result.exit_code == 2 and "not a suite folder" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_run_on_a_user_text_file(tmp_path):

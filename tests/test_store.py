@@ -45,7 +45,7 @@ def write_run(run_dir: Path, steps: range, summary: dict | None = None, **writer
 
 def test_public_api():
     assert set(loopdiag.store.__all__) == {
-        "RESUMABLE_KEYS", "RunData", "RunStoreWarning", "RunWriter", "SuiteData", "event_frame",
+        "RESUMABLE_KEYS", "RunData", "RunStoreWarning", "RunWriter", "SuiteData", "event_frame", "is_run_dir",
         "load_run", "load_suite", "read_records", "write_suite_manifest"}
 
 

@@ -66,9 +66,10 @@ def _versus(runs: pd.DataFrame, flt: str, baseline: str, n_loops: int) -> str:
         result = compare(runs, flt, baseline)
     except ValueError:
         a, b = finite[flt].mean(), finite[baseline].mean()
-        verb = "beats" if a < b else "does NOT beat"
-        return (f"{flt} {verb} {baseline} {where} on final loss: {a:.4g} vs {b:.4g} "
-                f"(too few runs for a test).")
+        # Without a test a lower mean is not a win: say which is lower, claim nothing more.
+        lower = "lower" if a < b else "NOT lower"
+        return (f"{flt}'s final loss is {lower} than {baseline}'s {where}: {a:.4g} vs {b:.4g} "
+                f"(too few runs for a test, so no claim that either is better).")
     if result.difference < 0 and result.p_value < SIGNIFICANCE:
         verdict = f"{flt} beats {baseline} {where}"
     elif result.difference < 0:

@@ -39,9 +39,9 @@ class FullyLoopedTransformer(LoopedLM):
             for layer, block in enumerate(self.blocks):
                 if h is not None and self.arch == "flt-res":
                     x = norm(x + h)
-                inject = h if h is not None and layer in self.injected_blocks else None
-                x = block(x, inject=inject)
+                query_source = h if h is not None and layer in self.injected_blocks else None
+                x = block(x, query_source=query_source)
             x = self.loop_out(x)  # x_L^(t)
             loop_outputs.append(x)
-            h = norm(x)
+            h = norm(x)  # normalised once here, used as N(h) by every injected block
         return self.read_out(loop_outputs, targets)

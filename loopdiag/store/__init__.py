@@ -19,9 +19,9 @@ tools (jq, browsers) reject those lines.
 """
 
 from loopdiag.store._files import RunStoreWarning
-from loopdiag.store.reader import RunData, event_frame, load_run, read_records
+from loopdiag.store.reader import RunData, event_frame, is_run_dir, load_run, read_records
 from loopdiag.store.suite import SuiteData, load_suite, write_suite_manifest
 from loopdiag.store.writer import RESUMABLE_KEYS, RunWriter
 
-__all__ = ["RESUMABLE_KEYS", "RunData", "RunStoreWarning", "RunWriter", "SuiteData", "event_frame",
+__all__ = ["RESUMABLE_KEYS", "RunData", "RunStoreWarning", "RunWriter", "SuiteData", "event_frame", "is_run_dir",
            "load_run", "load_suite", "read_records", "write_suite_manifest"]

@@ -165,6 +165,13 @@ class RunWriter:
             raise ValueError(f"an event needs an int 'step' and a 'detector', got {row!r}")
         self._events.append(json.dumps(row, default=json_default) + "\n")
 
+    def flush(self) -> None:
+        """Hand every logged line to the OS now: call before a checkpoint is saved, so the
+        logs on disk always reach at least the step a resume restarts from."""
+        self._check_open()
+        self._metrics.flush()
+        self._events.flush()
+
     def close(self, summary: Mapping[str, Any] | None = None) -> None:
         """Flush and fsync the logs; write `summary.json` when a summary is given
         (`last_step` is added unless the summary sets it). Closing twice is a no-op."""

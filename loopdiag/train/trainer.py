@@ -55,7 +55,8 @@ class TrainCallback:
 
     forward, backward, `after_backward` (gradients present, before clipping),
     clip, divergence check, optimizer steps, `after_step` (the clipped gradients are
-    still present; they are cleared right after), evaluation + `on_eval` when due.
+    still present; they are cleared right after), evaluation + `on_eval` when due,
+    `before_checkpoint` when a checkpoint is about to be written.
 
     Update-to-weight ratios: snapshot the weights in `after_backward` and compare them in
     `after_step`. From `after_step` on, `state.history[-1]` holds this step's floats
@@ -67,6 +68,7 @@ class TrainCallback:
     def after_backward(self, state: TrainState) -> None: ...
     def after_step(self, state: TrainState) -> None: ...
     def on_eval(self, state: TrainState) -> None: ...
+    def before_checkpoint(self, state: TrainState) -> None: ...
     def on_train_end(self, state: TrainState) -> None: ...
 
 
@@ -156,6 +158,7 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
             last = last or state.should_stop
             if checkpoint_path is not None and (
                     last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)):
+                fire("before_checkpoint")
                 _save_run_checkpoint(checkpoint_path, state, generator)
     except BaseException as exc:
         # Let recorders close their files and mark the run as interrupted, then re-raise.

@@ -1,0 +1,114 @@
+"""One run end to end: recorder, run store, live detectors and alerts, crash and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from loopdiag.data import load_corpus
+from loopdiag.models import preset
+from loopdiag.monitor import CallbackSink
+from loopdiag.runner import RunSpec, run_one
+from loopdiag.store import load_run
+from loopdiag.train import TrainConfig
+
+TINY = preset("tiny", seq_len=16)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus()
+
+
+def test_run_folder_holds_every_logged_step(tmp_path, corpus):
+    config = TrainConfig(steps=12, batch_size=4, eval_every=5)
+    outcome = run_one(RunSpec("flt", 3), TINY, config, corpus, tmp_path / "run", log_every=2)
+    run = load_run(tmp_path / "run")
+    assert run.config["cell"] == {"arch": "flt", "n_loops": 3, "seed": 0, "lr": config.lr}
+    assert run.config["data"]["sha256"] == corpus.sha256
+    # logged every 2nd step, plus the evaluated steps 5 (val loss only) and 10, 12
+    assert run.steps["step"].tolist() == [2, 4, 5, 6, 8, 10, 12]
+    assert run.steps["val_loss"].notna().tolist() == [False, False, True, False, False, True, True]
+    resid = run.loops[run.loops["stat"] == "resid_norm"]
+    assert resid.groupby("step")["loop"].max().eq(3).all()
+    assert run.summary["status"] == outcome.status == "stable"
+    assert run.checkpoint_path is not None
+
+
+def test_run_made_to_collapse_raises_an_alert_and_stops(tmp_path, corpus):
+    """A looped model at a learning rate it cannot take (no clipping) stalls on a plateau
+    while its residual norm explodes; the live detectors must say so and stop it."""
+    alerts = []
+    config = TrainConfig(steps=400, lr=0.05, grad_clip=None, eval_every=100)
+    outcome = run_one(
+        RunSpec("looped", 4), preset("tiny"), config, corpus, tmp_path / "run",
+        sinks=[CallbackSink(alerts.append)], stop_on="critical",
+    )
+    run = load_run(tmp_path / "run")
+    assert outcome.status == run.summary["status"] == "collapsed"
+    assert alerts and alerts[-1].severity == "critical"
+    assert run.summary["stopped_by"] and outcome.steps_done < 400
+    assert run.steps["step"].iloc[-1] == outcome.steps_done
+    assert list(run.events["detector"]) == [alert.detector for alert in alerts]
+
+
+@pytest.mark.slow
+def test_flt_takes_the_learning_rate_that_collapses_looped(tmp_path, corpus):
+    """The control for the test above: same setting, FLT trains and no alert fires."""
+    alerts = []
+    config = TrainConfig(steps=400, lr=0.05, grad_clip=None, eval_every=100)
+    outcome = run_one(RunSpec("flt", 4), preset("tiny"), config, corpus, tmp_path / "run",
+                      sinks=[CallbackSink(alerts.append)], stop_on="critical")
+    assert outcome.status == "stable" and outcome.steps_done == 400
+    assert [a for a in alerts if a.severity == "critical"] == []
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from pathlib import Path
+    from loopdiag.runner import run_one
+    from test_runner import resumable_run
+    torch.set_num_threads(1)
+    run_one(*resumable_run(Path(sys.argv[1]), int(sys.argv[2])), resume=sys.argv[3] == "resume")
+    """
+)
+
+
+def resumable_run(run_dir: Path, steps: int):
+    config = TrainConfig(steps=steps, batch_size=4, eval_every=7, checkpoint_every=5)
+    return RunSpec("looped", 2), TINY, config, load_corpus(), run_dir
+
+
+def run_worker(run_dir: Path, steps: int, resume: bool = False) -> subprocess.Popen:
+    args = [sys.executable, "-c", WORKER, str(run_dir), str(steps), "resume" if resume else "fresh"]
+    return subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parent)
+
+
+def test_killed_run_loads_and_resumes_without_duplicate_steps(tmp_path):
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    worker = run_worker(killed, 10_000)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (killed / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # let it run past the checkpoint
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    crashed = load_run(killed)
+    assert crashed.summary is None and len(crashed.steps) >= 5
+
+    assert run_worker(killed, 30, resume=True).wait() == 0
+    run_one(*resumable_run(straight, 30))
+    resumed, reference = load_run(killed), load_run(straight)
+    assert resumed.steps["step"].tolist() == list(range(1, 31))
+    assert resumed.steps["loss"].tolist() == reference.steps["loss"].tolist()
+    assert resumed.summary["status"] == "stable"
+    assert len(resumed.config["run_info"]["resumes"]) == 1
