@@ -1,0 +1,98 @@
+"""Live alerts in a user's own training loop: the README's recipe, sinks and stopping."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+
+import loopdiag
+from loopdiag.detect import Event
+
+
+class TiedEncoder(nn.Module):
+    """A user's weight-tied model: one block applied `loops` times."""
+
+    def __init__(self, width: int = 16, loops: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(32, width)
+        self.shared_block = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+        self.head = nn.Linear(width, 32)
+        self.loops = loops
+
+    def forward(self, x):
+        h = self.embed(x)
+        for _ in range(self.loops):
+            h = h + self.shared_block(h)
+        return self.head(h)
+
+
+def test_readme_loop_stops_on_divergence():
+    torch.manual_seed(0)
+    model = TiedEncoder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randint(0, 32, (4, 8))
+    alerts: list[Event] = []
+    rec = loopdiag.attach(model, loop_module="shared_block")
+    monitor = loopdiag.Monitor(sinks=[loopdiag.CallbackSink(alerts.append)], stop_on="critical")
+    stopped_at = None
+    for step in range(1, 31):
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
+        if step == 12:
+            loss = loss * math.nan  # a broken step, as a bad batch or overflow would give
+        loss.backward()
+        rec.after_backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        record = rec.end_step(step, loss=loss, lr=0.1)
+        if record is not None:
+            monitor.update(record)
+            if monitor.should_stop:
+                stopped_at = step
+                break
+    rec.detach()
+    assert stopped_at == 12
+    assert monitor.stop_event.detector == "non_finite" and alerts[-1] is monitor.stop_event
+    assert len(rec.loop_frame().query("stat == 'resid_norm' and step == 1")) == 3
+
+
+def test_a_failing_sink_is_disabled_and_the_others_still_get_events():
+    class Broken:
+        def emit(self, event):
+            raise ConnectionError("alert service unreachable")
+
+    received = []
+    monitor = loopdiag.Monitor(sinks=[Broken(), loopdiag.CallbackSink(received.append)])
+    with pytest.warns(UserWarning, match="Broken failed and is disabled"):
+        monitor.update({"step": 1, "loss": math.inf})
+    for step in range(2, 20):  # finite records clear the latch (the detector's cooldown)
+        monitor.update({"step": step, "loss": 2.0})
+    monitor.update({"step": 20, "loss": math.nan})
+    assert [event.step for event in received] == [1, 20]
+
+
+def test_console_sink_writes_one_line_per_event():
+    buffer = io.StringIO()
+    monitor = loopdiag.Monitor(sinks=[loopdiag.ConsoleSink(Console(file=buffer, width=200))])
+    monitor.update({"step": 7, "loss": math.nan})
+    assert "CRITICAL step 7 non_finite" in buffer.getvalue()
+
+
+def test_without_stop_on_nothing_stops():
+    monitor = loopdiag.Monitor()
+    monitor.update({"step": 1, "loss": math.nan})
+    assert monitor.events and not monitor.should_stop
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"stop_on": "fatal"}, "stop_on"),
+    ({"thresholds": {"loss_spike": {"z": -1}}}, "loss_spike"),
+    ({"thresholds": {"no_such_detector": {}}}, "unknown detector"),
+])
+def test_bad_monitor_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        loopdiag.Monitor(**kwargs)
