@@ -6,10 +6,13 @@ Exit codes: 0 done (a run that diverges or collapses is a result, not a failure)
 
 from __future__ import annotations
 
+import netrc
+import os
 import time
 from pathlib import Path
 from typing import Annotated
 
+import pandas as pd
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -49,6 +52,7 @@ def run(
     size: Annotated[str, typer.Option(help="Model size preset: tiny, default or small.")] = "default",
     out: Annotated[Path | None, typer.Option(help="Suite folder (one run folder per cell). Default: runs/<timestamp>.")] = None,
     log_every: Annotated[int, typer.Option(help="Record probe statistics every n steps.")] = 1,
+    wandb: Annotated[str, typer.Option(help="off, offline (no account; `wandb sync` uploads later) or online.")] = "offline",
     quick: Annotated[bool, typer.Option(help="A fast smoke run: tiny models, few steps, loops 1 and max.")] = False,
 ) -> None:
     """Train architectures across loop counts and print final losses and residual norms."""
@@ -72,6 +76,10 @@ def run(
 
     if log_every < 1:
         raise bad_input(f"--log-every must be >= 1, got {log_every}")
+    if wandb not in ("off", "offline", "online"):
+        raise bad_input(f"--wandb must be off, offline or online, got {wandb!r}")
+    if wandb == "online" and not _wandb_logged_in():
+        raise bad_input("--wandb online needs a W&B login: run `wandb login` or set WANDB_API_KEY")
     specs = [RunSpec(a, k, seed) for a in archs for k in loop_counts for seed in range(seeds)]
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and any(out.iterdir()):
@@ -82,10 +90,30 @@ def run(
         f"L={model_config.n_layers}, corpus {corpus.source} ({corpus.n_bytes:,} bytes)"
     )
     suite_spec = {"name": out.name, "archs": archs, "loops": loop_counts, "seeds": seeds, "steps": steps, "lr": lr}
-    outcomes = _run_with_progress(specs, model_config, train_config, corpus, out, suite_spec, log_every)
+    wandb_mode = None if wandb == "off" else wandb
+    # W&B's own banners and console capture would fight the progress bar; we print the sync hint.
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+    outcomes = _run_with_progress(specs, model_config, train_config, corpus, out, suite_spec, log_every, wandb_mode)
     console.print(_outcome_table(outcomes))
     console.print(f"run store: {out}")
-    _write_report(out, out / "report")
+    report_path = _write_report(out, out / "report")
+    if wandb_mode is not None:
+        from loopdiag.wandb_logging import log_suite
+
+        figures = {path.stem: path for path in sorted((report_path.parent / "figures").glob("*.png"))}
+        table = pd.read_csv(report_path.parent / "table.csv")
+        log_suite(out.name, table, figures, mode=wandb_mode, dir=out)
+        console.print(f"W&B ({wandb_mode}): {out / 'wandb'}" + ("  (upload with `wandb sync`)" if wandb_mode == "offline" else ""))
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
 
 
 @app.command()
@@ -121,7 +149,7 @@ def report(
     _write_report(suite, out or Path("reports") / suite.name)
 
 
-def _write_report(suite: Path, out: Path) -> None:
+def _write_report(suite: Path, out: Path) -> Path:
     from loopdiag.analysis import write_report
 
     command = f"loopdiag report {suite} --out {out}"
@@ -130,9 +158,10 @@ def _write_report(suite: Path, out: Path) -> None:
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise bad_input(str(error)) from None
     console.print(f"report: {path} (and {path.with_suffix('.html').name})")
+    return path
 
 
-def _run_with_progress(specs, model_config, train_config, corpus, out, suite_spec, log_every) -> list[RunOutcome]:
+def _run_with_progress(specs, model_config, train_config, corpus, out, suite_spec, log_every, wandb_mode):
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -160,6 +189,7 @@ def _run_with_progress(specs, model_config, train_config, corpus, out, suite_spe
         return list(run_grid(
             specs, model_config, train_config, corpus, out, suite_spec, on_run_start,
             log_every=log_every, sinks=sinks, on_progress=on_progress,
+            wandb_mode=wandb_mode, wandb_group=suite_spec["name"],
         ))
 
 

@@ -20,6 +20,7 @@ from loopdiag.monitor import AlertSink, EventLogSink, Monitor
 from loopdiag.probes import RecorderCallback, attach
 from loopdiag.store import RunWriter, read_records, write_suite_manifest
 from loopdiag.train import TrainCallback, TrainConfig, TrainState, corpus_batches, eval_due, train
+from loopdiag.wandb_logging import WandbRun
 
 DEFAULT_ARCHS = ("standard", "looped", "looped-inject", "flt-res", "flt")
 LOOP_LADDER = (1, 2, 4, 6, 9, 12)
@@ -71,8 +72,10 @@ class RunLogger(TrainCallback):
     `RecorderCallback` in `callbacks`.
     """
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], monitor: Monitor, resume: bool = False):
+    def __init__(self, run_dir: Path, config: dict[str, Any], monitor: Monitor, resume: bool = False,
+                 wandb_run: WandbRun | None = None):
         self.run_dir, self.config, self.monitor, self.resume = run_dir, config, monitor, resume
+        self.wandb_run = wandb_run
         self.writer: RunWriter | None = None
         self.pending: dict[str, Any] | None = None
         self.records: list[dict[str, Any]] = []
@@ -121,10 +124,14 @@ class RunLogger(TrainCallback):
         if interrupted:
             self.summary["status"] = "interrupted"
         self.writer.close(self.summary)
+        if self.wandb_run is not None:
+            self.wandb_run.finish(self.summary)
 
     def _write_pending(self) -> None:
         if self.pending is not None:
             self.writer.log(self.pending)
+            if self.wandb_run is not None:
+                self.wandb_run.log_record(self.pending)
             self.pending = None
 
 
@@ -153,18 +160,26 @@ def run_one(
     sinks: Sequence[AlertSink] = (),
     stop_on: str | None = None,
     resume: bool = False,
+    wandb_mode: str | None = None,
+    wandb_group: str | None = None,
     on_progress: Callable[[int, int, dict], None] | None = None,
 ) -> RunOutcome:
+    """Train one cell into `run_dir`. `wandb_mode` "offline" or "online" mirrors the run to
+    W&B (one W&B run per training run, grouped by `wandb_group`); None keeps it local."""
     model_config = model_config.with_(n_loops=spec.n_loops)
     train_config = replace(train_config, seed=spec.seed, n_loops=None,
                            lr=train_config.lr if spec.lr is None else spec.lr)
     probes = {"loop_module": "loop_out", "stats": "cheap", "log_every": log_every}
     config = run_config(spec, model_config, train_config, corpus, probes, detectors or {})
+    wandb_run = None
+    if wandb_mode is not None:
+        wandb_run = WandbRun(spec.run_id, config, group=wandb_group, mode=wandb_mode, dir=run_dir.parent)
+        sinks = [*sinks, wandb_run]
     monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=detectors)
     torch.manual_seed(spec.seed)  # the same seed gives the same initial weights
     model = build_model(spec.arch, model_config)
     train_source, val_batches = corpus_batches(corpus, train_config, model_config.seq_len)
-    logger = RunLogger(run_dir, config, monitor, resume=resume)
+    logger = RunLogger(run_dir, config, monitor, resume=resume, wandb_run=wandb_run)
     with attach(model, log_every=log_every) as recorder:
         result = train(
             model, train_source, val_batches, train_config,

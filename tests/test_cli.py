@@ -30,6 +30,7 @@ def test_run_trains_every_cell_and_prints_the_table(tmp_path):
         assert run.summary["status"] == "stable"
     assert "resid norm" in result.output and "flt" in result.output
     assert (out / "report" / "report.md").exists() and (out / "report" / "report.html").exists()
+    assert len(list((out / "wandb").glob("offline-run-*/run-*.wandb"))) == 5  # 4 runs + the suite
 
     regenerated = tmp_path / "again"
     result = runner.invoke(app, ["report", str(out), "--out", str(regenerated)])
@@ -50,12 +51,20 @@ def test_analysis_commands_reject_a_folder_that_is_no_run_store(tmp_path, comman
     assert "Traceback" not in result.output
 
 
+def test_online_wandb_without_a_login_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    result = runner.invoke(app, ["run", "--wandb", "online", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "wandb login" in result.output
+
+
 def test_run_on_a_user_text_file(tmp_path):
     text = tmp_path / "poem.txt"
     text.write_text("the loop returns, the weights are tied, the stream goes round.\n" * 200)
     out = tmp_path / "out"
     result = runner.invoke(
-        app, ["run", "--quick", "--loops", "1", "--arch", "flt", "--steps", "3", "--data", str(text), "--out", str(out)]
+        app, ["run", "--quick", "--loops", "1", "--arch", "flt", "--steps", "3", "--data", str(text), "--out", str(out),
+              "--wandb", "off"]
     )
     assert result.exit_code == 0, result.output
     assert str(text) in result.output.replace("\n", "")
@@ -81,9 +90,10 @@ def binary_file(tmp_path):
         (["--lr", "-1"], "lr"),
         (["--optimizer", "sgd"], "optimizer"),
         (["--log-every", "0"], "--log-every"),
+        (["--wandb", "cloud"], "--wandb must be"),
         (["--data", "/no/such/file.txt"], "no such file"),
     ],
-    ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "log-every", "missing-data"],
+    ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "log-every", "wandb", "missing-data"],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     result = runner.invoke(app, ["run", "--out", str(tmp_path), *args])
