@@ -1,0 +1,95 @@
+"""The detection benchmark's labelling and scoring, on synthetic records (no training)."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "detection.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("detection_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def records(losses):
+    return [{"step": step, "loss": float(loss)} for step, loss in enumerate(losses, 1)]
+
+
+STEPS = 300
+LEARNING = 2.0 + 3.5 * np.exp(-np.arange(STEPS) / 40)  # 5.5 → 2.0, like the reference
+
+
+def test_tracking_the_reference_is_healthy(bench):
+    assert bench.label_run(records(LEARNING * 1.05), records(LEARNING)) == bench.Label("healthy", None)
+
+
+def test_a_plateau_above_the_reference_failed_to_train(bench):
+    plateau = np.maximum(LEARNING, 3.3)  # stuck where the reference keeps learning
+    label = bench.label_run(records(plateau), records(LEARNING))
+    assert label.kind == "failed to train"
+    # The EMA lags: the onset comes a little after the reference falls below 3.0.
+    below = int(np.argmax(LEARNING < 3.3 / 1.1)) + 1
+    assert below <= label.onset <= below + 20
+
+
+def test_a_rise_after_learning_uses_ground_truth_onset(bench):
+    rising = LEARNING.copy()
+    rising[200:] = 4.0
+    label = bench.label_run(records(rising), records(LEARNING))
+    assert label.kind == "rose" and 200 <= label.onset <= 215
+
+
+def test_non_finite_tail_fails_against_the_reference(bench):
+    losses = [3.0] * 10 + [math.nan] * 5
+    onset = bench.failed_to_train_onset(list(range(1, 16)), losses, list(range(1, 16)), [3.0] * 15)
+    assert onset == 11
+
+
+def scored_run(bench, name, kind, onset, alarm_steps, detector="collapse_plateau", steps=STEPS):
+    return bench.ScoredRun(
+        name=name, setting=bench.SETTINGS[0], seed=1, label=bench.Label(kind, onset), steps=steps,
+        final_smoothed_loss=2.0, warmup_resid_growth=1.0,
+        alarms=tuple({"step": s, "detector": detector, "severity": "warn", "message": ""}
+                     for s in alarm_steps))
+
+
+def test_score_counts_recall_lead_and_false_alarms(bench):
+    runs = [
+        scored_run(bench, "early", "failed to train", 100, [60, 90]),  # lead 40
+        scored_run(bench, "on-time", "rose", 150, [150]),  # lead 0
+        scored_run(bench, "late", "rose", 150, [165]),  # within onset + 20 only
+        scored_run(bench, "missed", "failed to train", 80, []),
+        scored_run(bench, "quiet", "healthy", None, []),
+        scored_run(bench, "noisy", "healthy", None, [10, 200]),
+        scored_run(bench, "other-detector", "healthy", None, [50], detector="loss_spike"),
+    ]
+    result = bench.score("plateau", runs, {"collapse_plateau"})
+    assert (result.collapses, result.caught_before, result.caught_within, result.caught_by_end) == (
+        4, 2, 3, 3)
+    assert result.median_lead == 20
+    assert (result.healthy_runs, result.healthy_steps) == (3, 3 * STEPS)
+    assert (result.false_alarms, result.alarmed_healthy_runs) == (2, 1)
+    assert result.false_alarm_rate == pytest.approx(2 * 10_000 / (3 * STEPS))
+
+
+def test_compare_needs_a_better_axis_and_no_worse_one(bench):
+    def result(caught, lead, false_alarms):
+        return bench.Score("x", collapses=10, caught_before=caught, caught_within=caught,
+                           caught_by_end=caught, median_lead=lead, healthy_runs=5, healthy_steps=10_000,
+                           false_alarms=false_alarms, alarmed_healthy_runs=min(false_alarms, 5))
+
+    assert bench.compare(result(9, 30, 0), result(2, 5, 40)) == (
+        ["recall before onset", "median lead", "false-alarm rate"], [])
+    assert bench.compare(result(9, 30, 1), result(2, None, 0)) == (
+        ["recall before onset", "median lead"], ["false-alarm rate"])
+    assert bench.compare(result(0, None, 0), result(0, None, 0)) == ([], [])
