@@ -27,7 +27,10 @@ of `ground_truth_onset`: an EMA of span 20 records, non-finite losses left out o
 
 Seeds ≥ 1 only: the detector thresholds were set by hand on synthetic series and on
 scratch runs with seed 0, so seed 0 is left out; only seeds ≥ 1 are trained and scored,
-and nothing is tuned on them.
+and nothing is tuned on them. One caveat: `residual_blowup` was written after a first
+scoring of these seeds caught no collapse before onset (every stream exploded inside the
+other detectors' warm-ups, recall 0/20); its thresholds come from the seed-0 runs alone
+(see `ResidualBlowupConfig`), but the idea came from reading the scored runs' misses.
 
 Per detector set (loopdiag's defaults together, each alone, each anchor):
 - recall before onset: collapses with a warn or critical event at a step ≤ onset; also

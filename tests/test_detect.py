@@ -565,6 +565,37 @@ def test_onset_rejects_mismatched_lengths():
         ground_truth_onset([1.0, 2.0], [1])
 
 
+# --- residual blow-up --------------------------------------------------------------------------
+
+def blowup_records(growth_per_step: float, steps: int = 60, start: float = 5.7):
+    return [{"step": step, "loss": 3.0, "resid_norm": [start * growth_per_step ** step] * 2}
+            for step in range(1, steps + 1)]
+
+
+def test_residual_blowup_silent_on_healthy_early_growth():
+    from loopdiag.detect import ResidualBlowup
+
+    # grows 25x (the most a healthy benchmark run showed) and settles
+    records = [{"step": s, "resid_norm": [5.7 * min(25.0, 1.2 ** s)]} for s in range(1, 300)]
+    assert replay(records, [ResidualBlowup()]) == []
+
+
+def test_residual_blowup_fires_in_the_first_steps_and_escalates():
+    from loopdiag.detect import ResidualBlowup
+
+    events = replay(blowup_records(1.3), [ResidualBlowup()])
+    warn, critical = events
+    assert (warn.severity, critical.severity) == ("warn", "critical")
+    # 1.3^s passes 100x at s = 18 and 1000x at s = 27; the 5-record median lags 2 records
+    assert 18 <= warn.step <= 21 and 27 <= critical.step <= 30
+    assert critical.evidence["initial_step"] == 1 and critical.evidence["growth"] >= 1000
+
+
+def test_residual_blowup_bad_thresholds():
+    with pytest.raises(ValueError, match="residual_blowup"):
+        default_detectors(residual_blowup={"growth_warn": 10.0, "growth_critical": 5.0})
+
+
 # --- packaging --------------------------------------------------------------------------------
 
 def test_public_api():
@@ -572,13 +603,14 @@ def test_public_api():
 
     assert sorted(detect.__all__) == sorted([
         "DETECTORS", "SEVERITIES", "STATUSES", "CollapsePlateau", "CollapsePlateauConfig",
+        "ResidualBlowup", "ResidualBlowupConfig",
         "Detector", "DetectorConfig", "Event", "GradientOscillation",
         "GradientOscillationConfig", "LossSpike", "LossSpikeConfig", "MegatronSpike",
         "NonFinite", "NonFiniteConfig", "OlmoSpike", "ResidualExplosion",
         "ResidualExplosionConfig", "SlowDivergence", "SlowDivergenceConfig", "ZScore30",
         "anchor_detectors", "default_detectors", "ground_truth_onset", "replay", "verdict"])
     assert all(hasattr(detect, name) for name in detect.__all__)
-    assert list(DETECTORS) == ["non_finite", "residual_explosion", "gradient_oscillation",
+    assert list(DETECTORS) == ["non_finite", "residual_blowup", "residual_explosion", "gradient_oscillation",
                                "loss_spike", "slow_divergence", "collapse_plateau"]
 
 

@@ -7,6 +7,7 @@ torch: a run recorded on a cluster is judged on a laptop.
 """
 
 from loopdiag.detect.anchors import MegatronSpike, OlmoSpike, ZScore30, anchor_detectors
+from loopdiag.detect.blowup import ResidualBlowup, ResidualBlowupConfig
 from loopdiag.detect.base import SEVERITIES, Detector, DetectorConfig, Event, replay
 from loopdiag.detect.collapse import CollapsePlateau, CollapsePlateauConfig
 from loopdiag.detect.gradient import GradientOscillation, GradientOscillationConfig
@@ -39,6 +40,8 @@ __all__ = [
     "NonFinite",
     "NonFiniteConfig",
     "OlmoSpike",
+    "ResidualBlowup",
+    "ResidualBlowupConfig",
     "ResidualExplosion",
     "ResidualExplosionConfig",
     "SlowDivergence",

@@ -7,13 +7,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from loopdiag.detect.base import Detector
+from loopdiag.detect.blowup import ResidualBlowup
 from loopdiag.detect.collapse import CollapsePlateau
 from loopdiag.detect.gradient import GradientOscillation
 from loopdiag.detect.loss import LossSpike, NonFinite, SlowDivergence
 from loopdiag.detect.residual import ResidualExplosion
 
 DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
-    NonFinite, ResidualExplosion, GradientOscillation, LossSpike, SlowDivergence,
+    NonFinite, ResidualBlowup, ResidualExplosion, GradientOscillation, LossSpike, SlowDivergence,
     CollapsePlateau)}
 
 
