@@ -41,8 +41,8 @@ def _root() -> None:
 
 @app.command()
 def run(
-    loops: Annotated[int, typer.Option(help="Largest loop count; runs a ladder 1, 2, 4, ... up to it.")] = 12,
-    arch: Annotated[list[str] | None, typer.Option(help="Architecture (repeatable). Default: a reference set.")] = None,
+    loops: Annotated[int, typer.Option(help="Largest loop count; compares 1, 4 and this many loops.")] = 12,
+    arch: Annotated[list[str] | None, typer.Option(help="Architecture (repeatable). Default: standard, looped, flt.")] = None,
     steps: Annotated[int, typer.Option(help="Training steps per run.")] = 150,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-3,
     optimizer: Annotated[str, typer.Option(help="adamw, or muon (Muon for block matrices, AdamW for the rest).")] = "adamw",
