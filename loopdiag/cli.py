@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -62,6 +61,12 @@ def run(
         raise bad_input(f"unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}")
     if seeds < 1:
         raise bad_input(f"--seeds must be >= 1, got {seeds}")
+    if log_every < 1:
+        raise bad_input(f"--log-every must be >= 1, got {log_every}")
+    if wandb not in ("off", "offline", "online"):
+        raise bad_input(f"--wandb must be off, offline or online, got {wandb!r}")
+    if wandb == "online" and not _wandb_logged_in():
+        raise bad_input("--wandb online needs a W&B login: run `wandb login` or set WANDB_API_KEY")
     if quick:
         size, steps = "tiny", min(steps, 40)
     try:
@@ -74,12 +79,6 @@ def run(
     except ValueError as error:  # DataError included: bad files, bad sizes, bad loop counts
         raise bad_input(str(error)) from None
 
-    if log_every < 1:
-        raise bad_input(f"--log-every must be >= 1, got {log_every}")
-    if wandb not in ("off", "offline", "online"):
-        raise bad_input(f"--wandb must be off, offline or online, got {wandb!r}")
-    if wandb == "online" and not _wandb_logged_in():
-        raise bad_input("--wandb online needs a W&B login: run `wandb login` or set WANDB_API_KEY")
     specs = [RunSpec(a, k, seed) for a in archs for k in loop_counts for seed in range(seeds)]
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and any(out.iterdir()):
@@ -99,6 +98,8 @@ def run(
     console.print(f"run store: {out}")
     report_path = _write_report(out, out / "report")
     if wandb_mode is not None:
+        import pandas as pd
+
         from loopdiag.wandb_logging import log_suite
 
         figures = {path.stem: path for path in sorted((report_path.parent / "figures").glob("*.png"))}
