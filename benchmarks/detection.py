@@ -133,8 +133,7 @@ def train_run(setting: Setting, seed: int, steps: int, run_dir: Path) -> float:
     start = time.perf_counter()
     run_one(RunSpec(setting.arch, setting.n_loops, seed, setting.lr),
             preset("tiny", **dict(setting.model_overrides)),
-            TrainConfig(steps=steps, grad_clip=setting.grad_clip), load_corpus(), run_dir,
-            detectors=None)
+            TrainConfig(steps=steps, grad_clip=setting.grad_clip), load_corpus(), run_dir)
     return time.perf_counter() - start
 
 

@@ -158,7 +158,7 @@ def run_one(
     run_dir: Path,
     *,
     log_every: int = 1,
-    detectors: dict[str, Any] | None = None,
+    thresholds: dict[str, Any] | None = None,
     sinks: Sequence[AlertSink] = (),
     stop_on: str | None = None,
     resume: bool = False,
@@ -166,18 +166,20 @@ def run_one(
     wandb_group: str | None = None,
     on_progress: Callable[[int, int, dict], None] | None = None,
 ) -> RunOutcome:
-    """Train one cell into `run_dir`. `wandb_mode` "offline" or "online" mirrors the run to
-    W&B (one W&B run per training run, grouped by `wandb_group`); None keeps it local."""
+    """Train one cell into `run_dir`. `thresholds` overrides the default detectors' by name
+    (`{"loss_spike": {"z": 8}}`) and is recorded under `detectors` in the config.
+    `wandb_mode` "offline" or "online" mirrors the run to W&B (one W&B run per training run,
+    grouped by `wandb_group`); None keeps it local."""
     model_config = model_config.with_(n_loops=spec.n_loops)
     train_config = replace(train_config, seed=spec.seed, n_loops=None,
                            lr=train_config.lr if spec.lr is None else spec.lr)
     probes = {"loop_module": "loop_out", "stats": "cheap", "log_every": log_every}
-    config = run_config(spec, model_config, train_config, corpus, probes, detectors or {})
+    config = run_config(spec, model_config, train_config, corpus, probes, thresholds or {})
     wandb_run = None
     if wandb_mode is not None:
         wandb_run = WandbRun(spec.run_id, config, group=wandb_group, mode=wandb_mode, dir=run_dir.parent)
         sinks = [*sinks, wandb_run]
-    monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=detectors)
+    monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=thresholds)
     torch.manual_seed(spec.seed)  # the same seed gives the same initial weights
     model = build_model(spec.arch, model_config)
     train_source, val_batches = corpus_batches(corpus, train_config, model_config.seq_len)
