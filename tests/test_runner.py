@@ -84,7 +84,8 @@ WORKER = textwrap.dedent(
 
 
 def resumable_run(run_dir: Path, steps: int):
-    config = TrainConfig(steps=steps, batch_size=4, eval_every=7, checkpoint_every=5)
+    # A constant learning rate: the killed run's schedule must not depend on its length.
+    config = TrainConfig(steps=steps, batch_size=4, eval_every=7, checkpoint_every=5, decay_fraction=0.0)
     return RunSpec("looped", 2), TINY, config, load_corpus(), run_dir
 
 
@@ -105,10 +106,11 @@ def test_killed_run_loads_and_resumes_without_duplicate_steps(tmp_path):
     crashed = load_run(killed)
     assert crashed.summary is None and len(crashed.steps) >= 5
 
-    assert run_worker(killed, 30, resume=True).wait() == 0
-    run_one(*resumable_run(straight, 30))
+    total = int(crashed.steps["step"].max()) + 10  # however far the killed run got
+    assert run_worker(killed, total, resume=True).wait() == 0
+    run_one(*resumable_run(straight, total))
     resumed, reference = load_run(killed), load_run(straight)
-    assert resumed.steps["step"].tolist() == list(range(1, 31))
+    assert resumed.steps["step"].tolist() == list(range(1, total + 1))
     assert resumed.steps["loss"].tolist() == reference.steps["loss"].tolist()
     assert resumed.summary["status"] == "stable"
     assert len(resumed.config["run_info"]["resumes"]) == 1

@@ -250,6 +250,14 @@ def test_resume_matches_uninterrupted_run(tmp_path, optimizer):
         assert torch.equal(tensor, resumed_model.state_dict()[name]), name
 
 
+def test_resume_refuses_a_checkpoint_past_the_last_step(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    train(tiny_model(), next_token_batches, val_set(), config(steps=6), checkpoint_path=path)
+    with pytest.raises(ValueError, match="at step 6, past steps=4"):
+        train(tiny_model(), next_token_batches, val_set(), config(steps=4), checkpoint_path=path,
+              resume=True)
+
+
 def test_load_checkpoint_restores_model(tmp_path):
     path = tmp_path / "ckpt.pt"
     trained = tiny_model()

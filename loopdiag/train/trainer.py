@@ -105,6 +105,9 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
     state = TrainState(model=model, optimizers=optimizers, config=cfg)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         state.step, extra = load_checkpoint(checkpoint_path, model, optimizers)
+        if state.step > cfg.steps:
+            raise ValueError(f"cannot resume: {checkpoint_path} is at step {state.step}, "
+                             f"past steps={cfg.steps}")
         generator.set_state(extra["generator_state"])
         torch.set_rng_state(extra["torch_rng_state"])
         if device.type == "cuda" and "cuda_rng_state" in extra:
