@@ -6,22 +6,24 @@ Exit codes: 0 done (a run that diverges or collapses is a result, not a failure)
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
-import time
+import shlex
+import shutil
+import sys
 from pathlib import Path
 from typing import Annotated
 
+import pandas as pd
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from loopdiag.data import load_corpus
-from loopdiag.models import ARCHITECTURES, preset
-from loopdiag.monitor import ConsoleSink
-from loopdiag.runner import DEFAULT_ARCHS, RunOutcome, RunSpec, loop_grid, run_grid
-from loopdiag.train import TrainConfig
+from loopdiag.console import LiveProgress, stability_table
+from loopdiag.launch import cpu_count, run_suite
+from loopdiag.suite import ProbeSuite, SuiteError, apply_overrides, load_probe_suite
+
+RUNS_FOLDER = "runs"  # the run store inside a report folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-stability diagnostics for looped transformers.")
 console = Console()
@@ -40,72 +42,137 @@ def _root() -> None:
 
 @app.command()
 def run(
-    loops: Annotated[int, typer.Option(help="Largest loop count; compares 1, 4 and this many loops.")] = 12,
-    arch: Annotated[list[str] | None, typer.Option(help="Architecture (repeatable). Default: standard, looped, flt.")] = None,
-    steps: Annotated[int, typer.Option(help="Training steps per run.")] = 150,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-3,
-    optimizer: Annotated[str, typer.Option(help="adamw, or muon (Muon for block matrices, AdamW for the rest).")] = "adamw",
-    schedule: Annotated[str, typer.Option(help="constant-decay (the paper's) or cosine.")] = "constant-decay",
-    seeds: Annotated[int, typer.Option(help="Seeds per (architecture, loops) cell.")] = 1,
-    data: Annotated[list[Path] | None, typer.Option(help="Text file(s) to train on. Default: embedded CPython docs.")] = None,
-    size: Annotated[str, typer.Option(help="Model size preset: tiny, default or small.")] = "default",
-    out: Annotated[Path | None, typer.Option(help="Suite folder (one run folder per cell). Default: runs/<timestamp>.")] = None,
-    log_every: Annotated[int, typer.Option(help="Record probe statistics every n steps.")] = 1,
+    context: typer.Context,
+    suite: Annotated[str | None, typer.Argument(
+        help="A probe suite: a .toml file, or the name of one in probes/. Default: probes/default.toml.",
+        show_default=False)] = None,
+    loops: Annotated[int | None, typer.Option(help="Largest loop count: the suite's loop counts up to it, and it.")] = None,
+    arch: Annotated[list[str] | None, typer.Option(help="Architecture (repeatable); replaces the suite's.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps per run.")] = None,
+    lr: Annotated[list[float] | None, typer.Option(help="Peak learning rate (repeatable: a sweep).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per cell (0..n-1).")] = None,
+    data: Annotated[list[Path] | None, typer.Option(help="Text file(s) to train on instead of the suite's data.")] = None,
+    size: Annotated[str | None, typer.Option(help="Model size preset: tiny, default or small.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw, or muon (Muon for block matrices).")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant-decay (the paper's) or cosine.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Record probe statistics every n steps.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder; the run store goes in its runs/. Default: reports/<suite name>.")] = None,
     wandb: Annotated[str, typer.Option(help="off, offline (no account; `wandb sync` uploads later) or online.")] = "offline",
-    quick: Annotated[bool, typer.Option(help="A fast smoke run: tiny models, few steps, loops 1 and max.")] = False,
+    jobs: Annotated[int, typer.Option(help="Runs trained at once, in worker processes; 0: one per CPU core (at most 8).")] = 0,
+    stop_on_collapse: Annotated[bool | None, typer.Option(
+        "--stop-on-collapse/--no-stop-on-collapse", help="Stop a run when a detector goes critical (default: the suite's).",
+        show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(help="Continue a suite in --out: finished runs are kept, interrupted ones resume.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the runs already in --out.")] = False,
+    quick: Annotated[bool, typer.Option(help="A fast smoke run: tiny models, at most 40 steps, loops 1 and the largest.")] = False,
 ) -> None:
-    """Train architectures across loop counts and print final losses and residual norms."""
-    archs = list(arch or DEFAULT_ARCHS)
-    unknown = [a for a in archs if a not in ARCHITECTURES]
-    if unknown:
-        raise bad_input(f"unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}")
-    if seeds < 1:
-        raise bad_input(f"--seeds must be >= 1, got {seeds}")
-    if log_every < 1:
-        raise bad_input(f"--log-every must be >= 1, got {log_every}")
+    """Train a probe suite (architectures x loop counts x learning rates x seeds) with the
+    probes and live collapse alerts, then write the report and print the stability table."""
     if wandb not in ("off", "offline", "online"):
         raise bad_input(f"--wandb must be off, offline or online, got {wandb!r}")
     if wandb == "online" and not _wandb_logged_in():
         raise bad_input("--wandb online needs a W&B login: run `wandb login` or set WANDB_API_KEY")
-    if quick:
-        size, steps = "tiny", min(steps, 40)
+    if jobs < 0:
+        raise bad_input(f"--jobs must be >= 0, got {jobs}")
+    if resume and overwrite:
+        raise bad_input("--resume and --overwrite contradict each other; pick one")
     try:
-        loop_counts = [1, loops] if quick and loops > 1 else loop_grid(loops)
-        model_config = preset(size)
-        train_config = TrainConfig(
-            steps=steps, lr=lr, optimizer=optimizer, schedule=schedule, eval_every=max(steps // 4, 1)
-        )
-        corpus = load_corpus(data)
-    except ValueError as error:  # DataError included: bad files, bad sizes, bad loop counts
+        spec = load_probe_suite(_suite_path(suite))
+        spec = apply_overrides(spec, loops=loops, archs=arch, steps=steps, lrs=lr, seeds=seeds, data=data,
+                               size=size, optimizer=optimizer, schedule=schedule, log_every=log_every,
+                               stop_on_collapse=stop_on_collapse, quick=quick)
+        spec.data.load()  # a missing or unreadable corpus fails here, before any run
+    except ValueError as error:  # SuiteError and DataError included
         raise bad_input(str(error)) from None
 
-    specs = [RunSpec(a, k, seed) for a in archs for k in loop_counts for seed in range(seeds)]
-    out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if out.exists() and any(out.iterdir()):
-        raise bad_input(f"{out} already holds files; choose a new --out folder")
+    out = out or Path("reports") / spec.name
+    suite_dir = out / RUNS_FOLDER
+    _prepare_suite_dir(suite_dir, spec, resume=resume, overwrite=overwrite)
+    cells = spec.cells()
+    jobs = jobs or min(8, cpu_count())
+    spec = spec.with_(command=_command_line(context))
     console.print(
-        f"[bold]loopdiag run[/]: {len(specs)} runs ({', '.join(archs)} × loops {loop_counts}"
-        f"{f' × {seeds} seeds' if seeds > 1 else ''}), {steps} steps each, d_model={model_config.d_model}, "
-        f"L={model_config.n_layers}, corpus {corpus.source} ({corpus.n_bytes:,} bytes)"
-    )
-    suite_spec = {"name": out.name, "archs": archs, "loops": loop_counts, "seeds": seeds, "steps": steps, "lr": lr}
+        f"[bold]loopdiag run[/] {spec.name}: {len(cells)} runs ({', '.join(spec.archs)} x loops "
+        f"{list(spec.loops)}{_plural(len(spec.lrs), 'lr')}{_plural(len(spec.seeds), 'seed')}), "
+        f"{spec.train.steps} steps each, d_model={spec.model.d_model}, L={spec.model.n_layers}, "
+        f"data {spec.data.describe()}, {min(jobs, len(cells))} at a time", highlight=False, soft_wrap=True)
     wandb_mode = None if wandb == "off" else wandb
     # W&B's own banners and console capture would fight the progress bar; we print the sync hint.
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")
-    outcomes = _run_with_progress(specs, model_config, train_config, corpus, out, suite_spec, log_every, wandb_mode)
-    console.print(_outcome_table(outcomes))
-    console.print(f"run store: {out}")
-    report_path = _write_report(out, out / "report")
+    with LiveProgress(console, cells, spec.train.steps) as progress:
+        results = run_suite(spec, suite_dir, jobs=jobs, resume=resume, wandb_mode=wandb_mode,
+                            on_message=progress.handle)
+    errors = [r for r in results if r.error]
+    if len(errors) == len(results):
+        for result in errors:
+            console.print(f"[red]{result.run_id} failed:[/]\n{result.error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+    report_path = _write_report(suite_dir, out)
+    table = pd.read_csv(report_path.parent / "table.csv")
+    console.print(stability_table(table))
+    console.print(f"report: {report_path} (and {report_path.with_suffix('.html').name}); run store: {suite_dir}")
     if wandb_mode is not None:
-        import pandas as pd
-
         from loopdiag.wandb_logging import log_suite
 
         figures = {path.stem: path for path in sorted((report_path.parent / "figures").glob("*.png"))}
-        table = pd.read_csv(report_path.parent / "table.csv")
-        log_suite(out.name, table, figures, mode=wandb_mode, dir=out)
-        console.print(f"W&B ({wandb_mode}): {out / 'wandb'}" + ("  (upload with `wandb sync`)" if wandb_mode == "offline" else ""))
+        log_suite(spec.name, table, figures, mode=wandb_mode, dir=suite_dir)
+        console.print(f"W&B ({wandb_mode}): {suite_dir / 'wandb'}" + ("  (upload with `wandb sync`)" if wandb_mode == "offline" else ""))
+    for result in errors:
+        console.print(f"[red]{result.run_id} failed:[/]\n{result.error}", highlight=False, soft_wrap=True)
+    if errors:
+        raise typer.Exit(code=1)
+
+
+def _command_line(context: typer.Context) -> str:
+    """The `loopdiag` command as given: its arguments and the options set on the command line."""
+    words = ["loopdiag", context.info_name]
+    for parameter in context.command.params:
+        if context.get_parameter_source(parameter.name).name != "COMMANDLINE":
+            continue
+        values = context.params[parameter.name]
+        values = values if isinstance(values, (list, tuple)) else [values]
+        if parameter.param_type_name == "argument":
+            words += [str(v) for v in values]
+        elif parameter.is_flag:
+            words.append(parameter.opts[0] if values[0] else parameter.secondary_opts[0])
+        else:
+            words += [w for v in values for w in (parameter.opts[0], str(v))]
+    return shlex.join(words)
+
+
+def _suite_path(suite: str | None) -> Path:
+    """A suite file as given, else `probes/<name>.toml` here or beside the package."""
+    if suite is not None and (suite.endswith(".toml") or Path(suite).exists()):
+        return Path(suite)
+    name = suite or "default"
+    for folder in (Path("probes"), Path(__file__).resolve().parents[1] / "probes"):
+        if (folder / f"{name}.toml").is_file():
+            return folder / f"{name}.toml"
+    raise SuiteError(f"no suite file {name!r}: give a .toml path, or a name from probes/")
+
+
+def _prepare_suite_dir(suite_dir: Path, spec: ProbeSuite, *, resume: bool, overwrite: bool) -> None:
+    held = suite_dir.is_dir() and any(suite_dir.iterdir())
+    if not held:
+        return
+    if overwrite:
+        shutil.rmtree(suite_dir)
+    elif resume:
+        stored = json.loads((suite_dir / "suite.json").read_text()).get("spec", {}) \
+            if (suite_dir / "suite.json").is_file() else {}
+        changed = [key for key, value in spec.to_dict().items()
+                   if key not in ("source", "command") and stored.get(key) != json.loads(json.dumps(value))]
+        if changed:
+            raise bad_input(f"{suite_dir} holds a different suite ({', '.join(changed)} changed); "
+                            f"--overwrite replaces it, or choose another --out")
+    else:
+        raise bad_input(f"{suite_dir} already holds runs: --resume continues them, --overwrite "
+                        f"replaces them, or choose another --out")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f" x {count} {noun}s" if count > 1 else ""
 
 
 def _wandb_logged_in() -> bool:
@@ -117,14 +184,21 @@ def _wandb_logged_in() -> bool:
         return False
 
 
+def _store(path: Path) -> Path:
+    """A run or suite folder as given, or the run store inside a report folder."""
+    inner = path / RUNS_FOLDER
+    return inner if inner.is_dir() and not (path / "suite.json").is_file() else path
+
+
 @app.command()
 def analyze(
-    path: Annotated[Path, typer.Argument(help="A run folder or a suite folder.")],
+    path: Annotated[Path, typer.Argument(help="A run folder, a suite folder or a report folder.")],
 ) -> None:
     """Verdicts from a run store: one run explained, or a suite's table."""
     from loopdiag.analysis import explain, run_verdict, suite_table
     from loopdiag.store import is_run_dir, load_run, load_suite
 
+    path = _store(path)
     try:
         if is_run_dir(path):
             run = load_run(path)
@@ -137,78 +211,111 @@ def analyze(
         table = suite_table(load_suite(path))
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise bad_input(str(error)) from None
-    columns = ["run_id", "status", "failure_step", "signal", "final_loss", "best_loss", "oscillation"]
-    console.print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"), soft_wrap=True)
+    console.print(stability_table(table))
 
 
 @app.command()
 def report(
-    suite: Annotated[Path, typer.Argument(help="A suite folder written by `loopdiag run`.")],
-    out: Annotated[Path | None, typer.Option(help="Report folder. Default: reports/<suite name>.")] = None,
+    suite: Annotated[Path, typer.Argument(help="A report folder (with runs/) or a suite folder.")],
+    out: Annotated[Path | None, typer.Option(help="Report folder. Default: the report folder given, "
+                                                   "else reports/<suite name>.")] = None,
 ) -> None:
     """Regenerate a suite's report (markdown, HTML, figures, table) from its run store alone."""
-    _write_report(suite, out or Path("reports") / suite.name)
+    store = _store(suite)
+    _write_report(store, out or (suite if store != suite else Path("reports") / suite.name))
 
 
-def _write_report(suite: Path, out: Path) -> Path:
+def _write_report(store: Path, out: Path) -> Path:
     from loopdiag.analysis import write_report
 
-    command = f"loopdiag report {suite} --out {out}"
+    command = f"loopdiag report {shlex.quote(str(store))} --out {shlex.quote(str(out))}"
     try:
-        path = write_report(suite, out, command)
+        path = write_report(store, out, command)
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise bad_input(str(error)) from None
     console.print(f"report: {path} (and {path.with_suffix('.html').name})")
     return path
 
 
-def _run_with_progress(specs, model_config, train_config, corpus, out, suite_spec, log_every, wandb_mode):
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[loss]}"),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
-        overall = progress.add_task("all runs", total=len(specs) * train_config.steps, loss="")
-        done_before = {"steps": 0}
+@app.command()
+def compare(
+    a: Annotated[str, typer.Argument(help="A run, suite or report folder; or an architecture with --suite.")],
+    b: Annotated[str, typer.Argument(help="The same kind as A.")],
+    suite: Annotated[Path | None, typer.Option(help="Compare architectures A and B inside this suite.")] = None,
+    loops: Annotated[int | None, typer.Option(help="Only runs with this many loops.")] = None,
+) -> None:
+    """Two runs side by side, two suites cell by cell, or two architectures of one suite
+    (paired t-test of final losses over matching runs)."""
+    from loopdiag.analysis import compare as compare_archs
+    from loopdiag.analysis import compare_tables, run_table, suite_table
+    from loopdiag.store import is_run_dir, load_suite
 
-        def on_run_start(index: int, spec: RunSpec) -> None:
-            done_before["steps"] = index * train_config.steps
-            progress.update(overall, description=f"run {index + 1}/{len(specs)} {spec.arch} K={spec.n_loops}")
+    try:
+        if suite is not None:
+            table = suite_table(load_suite(_store(suite)))
+            for arch in (a, b):
+                if arch not in set(table["arch"]):
+                    raise ValueError(f"{_store(suite)} has no runs of architecture {arch!r}; it has "
+                                     f"{', '.join(dict.fromkeys(table['arch']))}")
+            counts = sorted(table["n_loops"].unique()) if loops is None else [loops]
+            for k in counts:
+                try:
+                    console.print(f"K={k}: " + compare_archs(table, a, b, n_loops=k).summary(), soft_wrap=True)
+                except ValueError as error:
+                    console.print(f"K={k}: {error}", soft_wrap=True)
+            return
+        first, second = _store(Path(a)), _store(Path(b))
+        if is_run_dir(first) != is_run_dir(second):
+            raise ValueError(f"compare two runs or two suites, not one of each ({a}, {b})")
+        tables = [run_table(p) if is_run_dir(p) else suite_table(load_suite(p)) for p in (first, second)]
+        if loops is not None:
+            tables = [t[t["n_loops"] == loops] for t in tables]
+        side_by_side = compare_tables(*tables, names=(a, b))
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        raise bad_input(str(error)) from None
+    console.print(side_by_side.to_string(index=False, float_format=lambda v: f"{v:.4g}"), soft_wrap=True)
 
-        def on_progress(step: int, total: int, metrics: dict) -> None:
-            loss = metrics.get("train_loss")
-            progress.update(
-                overall,
-                completed=done_before["steps"] + step,
-                loss="" if loss is None else f"loss {loss:.3f}",
-            )
 
-        sinks = [ConsoleSink(console=progress.console)]
-        return list(run_grid(
-            specs, model_config, train_config, corpus, out, suite_spec, on_run_start,
-            log_every=log_every, sinks=sinks, on_progress=on_progress,
-            wandb_mode=wandb_mode, wandb_group=suite_spec["name"],
-        ))
+@app.command("eval")
+def eval_(
+    path: Annotated[Path, typer.Argument(help="A trained run, or a suite / report folder (every run in it).")],
+    loops: Annotated[str, typer.Option(help="Inference loop counts: 1..12, or 1,2,4,8.")] = "1..12",
+    data: Annotated[list[Path] | None, typer.Option(help="The run's corpus file(s), if they moved.")] = None,
+    examples: Annotated[int, typer.Option(help="Held-out task examples for accuracy.")] = 256,
+) -> None:
+    """Test-time loop scaling: evaluate trained runs at each inference loop count K' (loss,
+    and exact-match accuracy for a task), write <run>/loop_scaling.csv and plot it."""
+    from loopdiag.analysis import plot_loop_scaling, save_figure
+    from loopdiag.evaluation import loop_scaling, parse_loops
+    from loopdiag.store import is_run_dir, load_suite
 
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
-def _outcome_table(outcomes: list[RunOutcome]) -> Table:
-    table = Table(title="final losses, last-loop residual norm (mean token ||x_L^(K)||) and verdict")
-    for column in ("arch", "loops", "seed", "train loss", "val loss", "resid norm", "verdict"):
-        table.add_column(column, justify="left" if column in ("arch", "status") else "right", no_wrap=column == "arch")
-    for o in outcomes:
-        status = o.status if o.failure_step is None else f"[red]{o.status} at step {o.failure_step} ({o.signal})[/]"
-        table.add_row(
-            o.arch, str(o.n_loops), str(o.seed),
-            _fmt(o.final_train_loss), _fmt(o.final_val_loss), _fmt(o.last_loop_resid_norm), status,
-        )
-    return table
+    store = _store(path)
+    try:
+        eval_loops = parse_loops(loops)
+        if examples < 1:
+            raise ValueError(f"--examples must be >= 1, got {examples}")
+        run_dirs = [store] if is_run_dir(store) else [store / r for r in load_suite(store).runs]
+        frames = []
+        for run_dir in run_dirs:
+            try:
+                frames.append(loop_scaling(run_dir, eval_loops, examples=examples, corpus_files=data))
+            except (FileNotFoundError, ValueError) as error:
+                if len(run_dirs) == 1:
+                    raise
+                console.print(f"skipped: {error}", soft_wrap=True)
+        if not frames:
+            raise ValueError(f"no run in {store} has a checkpoint to evaluate")
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        raise bad_input(str(error)) from None
+    frame = pd.concat(frames, ignore_index=True)
+    for metric, rows in frame.groupby("metric", sort=False):
+        wide = rows.pivot_table(index="run_id", columns="eval_loops", values="value", sort=False)
+        console.print(f"[bold]{metric}[/] by inference loops K' (rows: runs)")
+        console.print(wide.to_string(float_format=lambda v: f"{v:.3f}"), soft_wrap=True)
+    figure_dir = store if is_run_dir(store) else store.parent if store.name == RUNS_FOLDER else store
+    png, _ = save_figure(plot_loop_scaling(frame), figure_dir / "loop_scaling")
+    console.print(f"loop scaling: {png} and loop_scaling.csv in each run folder"
+                  + ("" if is_run_dir(store) else "; `loopdiag report` adds it to the report"))
 
 
 def main() -> None:

@@ -13,13 +13,21 @@ from typing import Any
 
 import torch
 
-from loopdiag.data import TokenCorpus
+from loopdiag.data import SyntheticTask, TokenCorpus
 from loopdiag.detect import verdict
 from loopdiag.models import ModelConfig, build_model
 from loopdiag.monitor import AlertSink, EventLogSink, Monitor
 from loopdiag.probes import RecorderCallback, attach
 from loopdiag.store import RunWriter, read_records, write_suite_manifest
-from loopdiag.train import TrainCallback, TrainConfig, TrainState, corpus_batches, eval_due, train
+from loopdiag.train import (
+    TrainCallback,
+    TrainConfig,
+    TrainState,
+    corpus_batches,
+    eval_due,
+    task_batches,
+    train,
+)
 from loopdiag.wandb_logging import WandbRun
 
 # The default comparison trains in a few minutes on two CPU cores: FLT against the plain
@@ -137,14 +145,15 @@ class RunLogger(TrainCallback):
             self.pending = None
 
 
-def run_config(spec: RunSpec, model_config: ModelConfig, train_config: TrainConfig, corpus: TokenCorpus,
-               probes: dict[str, Any], detectors: dict[str, Any]) -> dict[str, Any]:
+def run_config(spec: RunSpec, model_config: ModelConfig, train_config: TrainConfig,
+               data: TokenCorpus | SyntheticTask, probes: dict[str, Any],
+               detectors: dict[str, Any]) -> dict[str, Any]:
     """The fully resolved configuration a run folder records (DESIGN §4)."""
     return {
         "cell": {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed, "lr": train_config.lr},
         "model": model_config.to_dict(),
         "train": asdict(train_config),
-        "data": corpus.describe(),
+        "data": data.describe(),
         "probes": probes,
         "detectors": detectors,
     }
@@ -154,7 +163,7 @@ def run_one(
     spec: RunSpec,
     model_config: ModelConfig,
     train_config: TrainConfig,
-    corpus: TokenCorpus,
+    data: TokenCorpus | SyntheticTask,
     run_dir: Path,
     *,
     log_every: int = 1,
@@ -166,7 +175,8 @@ def run_one(
     wandb_group: str | None = None,
     on_progress: Callable[[int, int, dict], None] | None = None,
 ) -> RunOutcome:
-    """Train one cell into `run_dir`. `thresholds` overrides the default detectors' by name
+    """Train one cell into `run_dir` on a corpus (next-byte prediction) or a synthetic task
+    (loss on the answer bytes). `thresholds` overrides the default detectors' by name
     (`{"loss_spike": {"z": 8}}`) and is recorded under `detectors` in the config.
     `wandb_mode` "offline" or "online" mirrors the run to W&B (one W&B run per training run,
     grouped by `wandb_group`); None keeps it local."""
@@ -174,7 +184,7 @@ def run_one(
     train_config = replace(train_config, seed=spec.seed, n_loops=None,
                            lr=train_config.lr if spec.lr is None else spec.lr)
     probes = {"loop_module": "loop_out", "stats": "cheap", "log_every": log_every}
-    config = run_config(spec, model_config, train_config, corpus, probes, thresholds or {})
+    config = run_config(spec, model_config, train_config, data, probes, thresholds or {})
     wandb_run = None
     if wandb_mode is not None:
         wandb_run = WandbRun(spec.run_id, config, group=wandb_group, mode=wandb_mode, dir=run_dir.parent)
@@ -182,7 +192,10 @@ def run_one(
     monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=thresholds)
     torch.manual_seed(spec.seed)  # the same seed gives the same initial weights
     model = build_model(spec.arch, model_config)
-    train_source, val_batches = corpus_batches(corpus, train_config, model_config.seq_len)
+    if isinstance(data, SyntheticTask):
+        train_source, val_batches = task_batches(data, train_config)
+    else:
+        train_source, val_batches = corpus_batches(data, train_config, model_config.seq_len)
     logger = RunLogger(run_dir, config, monitor, resume=resume, wandb_run=wandb_run)
     with attach(model, log_every=log_every) as recorder:
         result = train(
@@ -205,7 +218,7 @@ def run_grid(
     specs: Sequence[RunSpec],
     model_config: ModelConfig,
     train_config: TrainConfig,
-    corpus: TokenCorpus,
+    data: TokenCorpus | SyntheticTask,
     suite_dir: Path,
     suite_spec: dict[str, Any],
     on_run_start: Callable[[int, RunSpec], None] | None = None,
@@ -221,4 +234,4 @@ def run_grid(
     for index, spec in enumerate(specs):
         if on_run_start is not None:
             on_run_start(index, spec)
-        yield run_one(spec, model_config, train_config, corpus, suite_dir / spec.run_id, **run_options)
+        yield run_one(spec, model_config, train_config, data, suite_dir / spec.run_id, **run_options)

@@ -203,7 +203,7 @@ PLOTS = {  # name: (draw(suite, table), axes, lines in the first axes)
     "loss_curves": (lambda s, t: plot_loss_curves(with_cells(s.steps, t[t["lr"] == 3e-3])), 4, 2),
     "oscillation": (lambda s, t: plot_oscillation_vs_loops(t), 1, 2),
     "lr_sensitivity": (lambda s, t: plot_lr_sensitivity(t), 2, 2),
-    "loop_scaling": (lambda s, t: plot_loop_scaling(loop_scaling_frame()), 1, 4),
+    "loop_scaling": (lambda s, t: plot_loop_scaling(loop_scaling_frame()), 2, 2),
 }
 
 
@@ -224,9 +224,14 @@ def test_save_figure_writes_png_and_svg(table: pd.DataFrame, tmp_path: Path) -> 
     assert png.read_bytes().startswith(b"\x89PNG") and svg.read_text().startswith("<?xml")
 
 
-def test_report_has_table_command_explanations_and_figures(suite_dir: Path, tmp_path: Path) -> None:
+def test_report_has_table_command_explanations_and_figures(suite_dir: Path, table: pd.DataFrame,
+                                                          tmp_path: Path) -> None:
     shutil.copytree(suite_dir, tmp_path / "suite")
-    loop_scaling_frame().to_csv(tmp_path / "suite" / "loop_scaling.csv", index=False)
+    scaling = loop_scaling_frame()
+    for run in table.itertuples():  # what `loopdiag eval` leaves in each run folder
+        mine = scaling[(scaling["arch"] == run.arch) & (scaling["train_loops"] == run.n_loops)]
+        mine.assign(run_id=run.run_id).to_csv(tmp_path / "suite" / run.run_id / "loop_scaling.csv",
+                                              index=False)
     command = f"loopdiag report {tmp_path / 'suite'}"
     markdown = write_report(tmp_path / "suite", tmp_path / "out", command)
     text = markdown.read_text()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
+from wandb_files import read_run, read_table
 
 from loopdiag.cli import app
 from loopdiag.store import load_suite
@@ -14,34 +17,68 @@ from loopdiag.store import load_suite
 runner = CliRunner()
 
 
-def test_run_trains_every_cell_and_prints_the_table(tmp_path):
+QUICK = ["run", "--quick", "--jobs", "1", "--steps", "6"]
+
+
+def test_run_trains_every_cell_and_writes_the_report(tmp_path):
     out = tmp_path / "out"
-    result = runner.invoke(
-        app, ["run", "--quick", "--loops", "3", "--arch", "flt", "--arch", "looped", "--steps", "6", "--out", str(out)]
-    )
+    result = runner.invoke(app, [*QUICK, "--loops", "3", "--arch", "flt", "--arch", "looped", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    suite = load_suite(out)
+    suite = load_suite(out / "runs")
     assert sorted(suite.runs) == ["flt-k01-s0", "flt-k03-s0", "looped-k01-s0", "looped-k03-s0"]
+    assert suite.spec["name"] == "default-quick" and suite.spec["archs"] == ["flt", "looped"]
     for run_id, run in suite.runs.items():
         assert run.steps["step"].tolist() == list(range(1, 7))
         assert 0 < run.steps["val_loss"].dropna().iloc[-1] < 6.0
         loops = run.loops[(run.loops["stat"] == "resid_norm") & (run.loops["step"] == 6)]
         assert len(loops) == run.config["cell"]["n_loops"] and (loops["value"] > 0).all()
         assert run.summary["status"] == "stable"
-    assert "resid norm" in result.output and "flt" in result.output
-    assert (out / "report" / "report.md").exists() and (out / "report" / "report.html").exists()
-    assert len(list((out / "wandb").glob("offline-run-*/run-*.wandb"))) == 5  # 4 runs + the suite
+        scaling = pd.read_csv(out / "runs" / run_id / "loop_scaling.csv")  # the suite's [eval]
+        assert scaling["eval_loops"].tolist() == [1, 3] and (scaling["metric"] == "val_loss").all()
+    assert "flt" in result.output and "growth" in result.output
+    for name in ("report.md", "report.html", "table.csv", "figures/loop_scaling.png",
+                 "figures/stability_map.svg"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))) == 5  # 4 runs + the suite
 
-    regenerated = tmp_path / "again"
-    result = runner.invoke(app, ["report", str(out), "--out", str(regenerated)])
+    result = runner.invoke(app, ["report", str(out / "runs"), "--out", str(tmp_path / "again")])
     assert result.exit_code == 0, result.output
-    assert (regenerated / "table.csv").read_text() == (out / "report" / "table.csv").read_text()
-    assert "flt-k03-s0" in (regenerated / "report.md").read_text()
+    assert (tmp_path / "again" / "table.csv").read_text() == (out / "table.csv").read_text()
+    assert "flt-k03-s0" in (tmp_path / "again" / "report.md").read_text()
 
     result = runner.invoke(app, ["analyze", str(out)])
-    assert result.exit_code == 0 and "looped-k03-s0" in result.output and "stable" in result.output
-    result = runner.invoke(app, ["analyze", str(out / "flt-k03-s0")])
+    assert result.exit_code == 0 and "looped" in result.output and "stable" in result.output
+    result = runner.invoke(app, ["analyze", str(out / "runs" / "flt-k03-s0")])
     assert result.exit_code == 0 and "flt-k03-s0: stable" in result.output
+
+
+def test_worker_processes_train_the_same_runs(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", "--quick", "--jobs", "2", "--steps", "3", "--loops", "2", "--arch", "flt",
+                                 "--wandb", "off", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    suite = load_suite(out / "runs")
+    assert sorted(suite.runs) == ["flt-k01-s0", "flt-k02-s0"]
+    assert all(run.summary["steps_done"] == 3 for run in suite.runs.values())
+
+
+def test_an_existing_suite_is_kept_resumed_or_replaced(tmp_path):
+    out = tmp_path / "out"
+    args = [*QUICK, "--steps", "3", "--loops", "1", "--arch", "flt", "--wandb", "off", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    summary = out / "runs" / "flt-k01-s0" / "summary.json"
+    first = summary.read_text()
+
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "--resume continues them" in refused.output
+    resumed = runner.invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert summary.read_text() == first  # finished: kept, not trained again
+    changed = runner.invoke(app, [*args, "--resume", "--steps", "4"])
+    assert changed.exit_code == 2 and "different suite (steps" in changed.output
+    replaced = runner.invoke(app, [*args, "--overwrite", "--steps", "4"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(summary.read_text())["steps_done"] == 4
 
 
 @pytest.mark.parametrize("command", ["analyze", "report"])
@@ -63,12 +100,12 @@ def test_run_on_a_user_text_file(tmp_path):
     text.write_text("the loop returns, the weights are tied, the stream goes round.\n" * 200)
     out = tmp_path / "out"
     result = runner.invoke(
-        app, ["run", "--quick", "--loops", "1", "--arch", "flt", "--steps", "3", "--data", str(text), "--out", str(out),
+        app, [*QUICK, "--loops", "1", "--arch", "flt", "--steps", "3", "--data", str(text), "--out", str(out),
               "--wandb", "off"]
     )
     assert result.exit_code == 0, result.output
     assert str(text) in result.output.replace("\n", "")
-    (run,) = load_suite(out).runs.values()
+    (run,) = load_suite(out / "runs").runs.values()
     assert run.config["data"]["source"] == str(text)
 
 
@@ -80,26 +117,39 @@ def binary_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    ("args", "message"),
     [
-        (["--arch", "transformer-xl"], "unknown architecture"),
+        (["--arch", "transformer-xl"], "unknown architecture 'transformer-xl'"),
         (["--loops", "0"], "--loops must be >= 1"),
         (["--seeds", "0"], "--seeds must be >= 1"),
-        (["--size", "huge"], "unknown model preset"),
-        (["--steps", "0"], "steps"),
-        (["--lr", "-1"], "lr"),
-        (["--optimizer", "sgd"], "optimizer"),
-        (["--log-every", "0"], "--log-every"),
-        (["--wandb", "cloud"], "--wandb must be"),
+        (["--size", "huge"], "unknown model preset 'huge'"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--lr", "-1"], "learning rates must be > 0"),
+        (["--optimizer", "sgd"], "TrainConfig.optimizer must be one of"),
+        (["--log-every", "0"], "--log-every must be >= 1"),
+        (["--wandb", "cloud"], "--wandb must be off, offline or online"),
+        (["--jobs", "-1"], "--jobs must be >= 0"),
+        (["--resume", "--overwrite"], "contradict"),
         (["--data", "/no/such/file.txt"], "no such file"),
+        (["no/such/suite.toml"], "no such suite file"),
+        (["nosuchsuite"], "no suite file 'nosuchsuite'"),
     ],
-    ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "log-every", "wandb", "missing-data"],
+    ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "log-every", "wandb", "jobs",
+         "resume-overwrite", "missing-data", "missing-suite", "unknown-suite-name"],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     result = runner.invoke(app, ["run", "--out", str(tmp_path), *args])
     assert result.exit_code == 2, result.output
-    assert message in result.output
+    assert message in result.output.replace("\n", "")
     assert "Traceback" not in result.output
+
+
+def test_a_bad_suite_file_is_named_with_its_key(tmp_path):
+    suite = tmp_path / "mine.toml"
+    suite.write_text('archs = ["flt"]\n[train]\nbatch_sise = 4\n')
+    result = runner.invoke(app, ["run", str(suite), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert f"{suite}: train.batch_sise: unknown key" in result.output.replace("\n", "")
 
 
 def test_binary_and_empty_data_rejected(tmp_path, binary_file):
@@ -111,12 +161,6 @@ def test_binary_and_empty_data_rejected(tmp_path, binary_file):
         assert reason in result.output.lower() and str(path) in result.output.replace("\n", "")
 
 
-def test_existing_output_folder_is_not_overwritten(tmp_path):
-    (tmp_path / "keep.txt").write_text("results")
-    result = runner.invoke(app, ["run", "--quick", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "already holds files" in result.output
-
-
 def test_malformed_option_exits_2():
     assert runner.invoke(app, ["run", "--loops", "twelve"]).exit_code == 2
 
@@ -124,3 +168,124 @@ def test_malformed_option_exits_2():
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "loopdiag", "run", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--loops" in result.stdout
+
+
+COLLAPSING_SUITE = """
+name = "collapse"
+description = "the plain looped model at a learning rate it cannot take, and FLT at the same"
+archs = ["looped", "flt"]
+loops = [4]
+lrs = [0.05]
+steps = 200
+stop_on_collapse = true
+[model]
+preset = "tiny"
+[train]
+grad_clip = false
+[eval]
+loops = [1, 2, 4, 8]
+"""
+
+
+@pytest.fixture(scope="module")
+def collapsed_suite(tmp_path_factory):
+    """`loopdiag run` on a suite file where one run collapses: (output, report folder)."""
+    folder = tmp_path_factory.mktemp("collapse")
+    suite_file = folder / "collapse.toml"
+    suite_file.write_text(COLLAPSING_SUITE)
+    result = runner.invoke(app, ["run", str(suite_file), "--jobs", "1", "--out", str(folder / "out")])
+    assert result.exit_code == 0, result.output
+    return result.output, folder / "out"
+
+
+def test_a_collapsing_run_is_alerted_stopped_and_reported(collapsed_suite):
+    output, out = collapsed_suite
+    assert "CRITICAL looped-k04-s0" in output and "collapsed @" in output
+    suite = load_suite(out / "runs")
+    looped, flt = suite.runs["looped-k04-s0"], suite.runs["flt-k04-s0"]
+    assert looped.summary["status"] == "collapsed" and looped.summary["stopped_by"]
+    assert looped.summary["steps_done"] < 200 and looped.checkpoint_path is not None
+    assert "critical" in set(looped.events["severity"])
+    assert flt.summary["status"] == "stable" and flt.summary["steps_done"] == 200
+    report = (out / "report.md").read_text()
+    assert "### looped-k04-s0" in report and "collapsed at step" in report
+    assert "loopdiag run" in report and "collapse.toml" in report  # the command that reproduces it
+    assert (out / "figures" / "loop_scaling.png").is_file()
+    for run in (looped, flt):
+        scaling = pd.read_csv(run.run_dir / "loop_scaling.csv")
+        assert scaling["eval_loops"].tolist() == [1, 2, 4, 8]
+
+
+def test_wandb_offline_runs_hold_what_the_suite_logged(collapsed_suite):
+    _, out = collapsed_suite
+    runs = {}
+    for run_dir in (out / "runs" / "wandb").glob("offline-run-*"):
+        run = read_run(run_dir)
+        runs[run["run"].display_name] = (run_dir, run)
+    assert set(runs) == {"looped-k04-s0", "flt-k04-s0", "collapse-report"}
+    _, looped = runs["looped-k04-s0"]
+    assert looped["run"].run_group == "collapse" and list(looped["run"].tags) == ["looped", "K=4"]
+    assert looped["config"]["cell"] == {"arch": "looped", "n_loops": 4, "seed": 0, "lr": 0.05}
+    assert looped["summary"]["verdict/status"] == "collapsed"
+    assert any(alert.level == "ERROR" and "looped-k04-s0" in alert.title for alert in looped["alerts"])
+    last = looped["history"][-1]
+    assert {f"resid_norm/loop_{k:02d}" for k in range(1, 5)} <= set(last)
+    stored = load_suite(out / "runs").runs["looped-k04-s0"].steps
+    assert last["loss"] == pytest.approx(stored["loss"].iloc[-1])
+    _, flt = runs["flt-k04-s0"]
+    assert flt["summary"]["verdict/status"] == "stable" and not any(a.level == "ERROR" for a in flt["alerts"])
+    report_dir, report = runs["collapse-report"]
+    (row,) = report["history"]
+    assert "figures/stability_map" in row
+    table = read_table(report_dir, row["stability"])
+    assert sorted(row[table["columns"].index("run_id")] for row in table["data"]) == ["flt-k04-s0", "looped-k04-s0"]
+
+
+def test_eval_scores_a_run_at_other_loop_counts(collapsed_suite, tmp_path):
+    _, out = collapsed_suite
+    result = runner.invoke(app, ["eval", str(out / "runs" / "flt-k04-s0"), "--loops", "1..3,6"])
+    assert result.exit_code == 0, result.output
+    scaling = pd.read_csv(out / "runs" / "flt-k04-s0" / "loop_scaling.csv")
+    assert scaling["eval_loops"].tolist() == [1, 2, 3, 6] and scaling["value"].notna().all()
+    assert (out / "runs" / "flt-k04-s0" / "loop_scaling.png").is_file()
+
+
+@pytest.mark.parametrize(("loops", "message"), [("0..3", "must be >= 1"), ("four", "like 1..12"),
+                                                 ("3..1", "ranges ascending")])
+def test_eval_rejects_bad_loop_counts(collapsed_suite, loops, message):
+    _, out = collapsed_suite
+    result = runner.invoke(app, ["eval", str(out / "runs" / "flt-k04-s0"), "--loops", loops])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_eval_needs_a_checkpoint(tmp_path, collapsed_suite):
+    _, out = collapsed_suite
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        (bare / name).write_bytes((out / "runs" / "flt-k04-s0" / name).read_bytes())
+    result = runner.invoke(app, ["eval", str(bare)])
+    assert result.exit_code == 2 and "no checkpoint.pt" in result.output
+
+
+def test_compare_two_runs_two_suites_and_two_architectures(collapsed_suite):
+    _, out = collapsed_suite
+    runs = out / "runs"
+    result = runner.invoke(app, ["compare", str(runs / "looped-k04-s0"), str(runs / "flt-k04-s0")])
+    assert result.exit_code == 0, result.output
+    assert "collapsed" in result.output and "stable" in result.output and "final_loss" in result.output
+    result = runner.invoke(app, ["compare", str(out), str(runs)])  # the same suite twice
+    assert result.exit_code == 0 and "stable" in result.output
+    result = runner.invoke(app, ["compare", "looped", "flt", "--suite", str(out)])
+    assert result.exit_code == 0 and "needs at least 2 runs" in result.output  # one seed: no test
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["runs/looped-k04-s0", "."], "compare two runs or two suites"),
+    (["looped", "transformer", "--suite", "."], "no runs of architecture 'transformer'"),
+])
+def test_compare_bad_input(collapsed_suite, args, message):
+    _, out = collapsed_suite
+    args = [str(out / a) if "/" in a or a == "." else a for a in args]
+    result = runner.invoke(app, ["compare", *args])
+    assert result.exit_code == 2 and message in result.output.replace("\n", "")

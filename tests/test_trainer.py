@@ -340,6 +340,13 @@ def test_task_batches_share_validation_across_seeds():
     assert result.steps_done == 3 and math.isfinite(result.final_val_loss)
 
 
+def test_task_training_stream_does_not_replay_the_validation_examples():
+    task = AdditionTask(n_digits=3)
+    source, val = task_batches(task, config(seed=0))
+    first_train, _ = source(torch.Generator().manual_seed(0))  # the trainer seeds with cfg.seed
+    assert not torch.equal(first_train, val[0][0])
+
+
 def test_corpus_batches_train_a_real_flt_model():
     try:
         from loopdiag.models import ModelConfig, build_model

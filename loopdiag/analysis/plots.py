@@ -216,30 +216,31 @@ def plot_lr_sensitivity(table: pd.DataFrame) -> Figure:
 
 
 def plot_loop_scaling(frame: pd.DataFrame) -> Figure:
-    """Test-time loop scaling: `value` vs inference loops `eval_loops`, one panel per
-    metric, one line per (arch, train_loops); a star marks the trained K."""
+    """Test-time loop scaling: `value` vs inference loops `eval_loops`, mean over seeds;
+    one row of panels per metric, one panel per arch, one line per trained K (a star
+    marks it). Loss panels share a y range, so architectures compare across panels."""
     metrics = list(dict.fromkeys(frame["metric"]))
-    figure, axes = new_figure(1, len(metrics), panel_size=(4.4, 3.2))
-    colours = arch_colours(frame["arch"].tolist())
+    archs = list(dict.fromkeys(frame["arch"]))
+    figure, axes = new_figure(len(metrics), len(archs), panel_size=(3.0, 2.6), sharey="row")
+    colours = loop_colours(frame["train_loops"].unique().tolist())
     labels: EndLabels = {}
-    for ax, metric in zip(axes[0], metrics):
-        rows = frame[frame["metric"] == metric]
-        for (arch, train_loops), line in rows.groupby(["arch", "train_loops"], sort=False):
-            line = line.groupby("eval_loops")["value"].mean()
-            colour = colours[arch]
-            ax.plot(line.index, line.to_numpy(), marker="o", ms=3, color=colour,
-                    alpha=0.5 + 0.5 * train_loops / rows["train_loops"].max())
-            if train_loops in line.index:
-                ax.scatter([train_loops], [line[train_loops]], marker="*", s=90, color=colour,
-                           zorder=3)
-            add_end_label(labels, ax, line.index.tolist(), line.tolist(),
-                          f"{arch} K={train_loops}", colour)
-        ax.set_xlabel("inference loops K'")
-        ax.set_ylabel(metric)
-        ax.set_xticks(sorted(rows["eval_loops"].unique()))
-        ax.margins(x=0.3)
-        ax.set_title(f"{metric} vs inference loops\n(star: the K each model was trained with)",
-                     fontsize=10)
+    for row, metric in enumerate(metrics):
+        for ax, arch in zip(axes[row], archs):
+            rows = frame[(frame["metric"] == metric) & (frame["arch"] == arch)]
+            for train_loops, line in rows.groupby("train_loops", sort=True):
+                line = line.groupby("eval_loops")["value"].mean()
+                colour = colours[train_loops]
+                ax.plot(line.index, line.to_numpy(), marker="o", ms=3, color=colour)
+                if train_loops in line.index:
+                    ax.scatter([train_loops], [line[train_loops]], marker="*", s=90, color=colour,
+                               zorder=3)
+                add_end_label(labels, ax, line.index.tolist(), line.tolist(),
+                              f"K={train_loops}", colour)
+            ax.set_xticks(sorted(frame["eval_loops"].unique()))
+            ax.margins(x=0.3)
+            ax.set_title(arch if row == 0 else "", fontsize=10)
+            ax.set_xlabel("inference loops K'" if row == len(metrics) - 1 else "")
+        axes[row][0].set_ylabel(metric)
     place_end_labels(labels)
-    figure.suptitle("Test-time loop scaling")
+    figure.suptitle("Test-time loop scaling: trained at K (star), evaluated at K'")
     return figure

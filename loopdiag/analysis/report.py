@@ -5,8 +5,9 @@
     <out_dir>/table.csv     one row per run (`suite_table`)
     <out_dir>/figures/      every figure as PNG and SVG
 
-Test-time loop scaling is drawn when a frame is given or the suite folder holds
-`loop_scaling.csv` (columns arch, train_loops, eval_loops, metric, value).
+Test-time loop scaling is drawn when a frame is given or run folders hold
+`loop_scaling.csv` (`loopdiag eval`; columns run_id, arch, train_loops, eval_loops,
+metric, value).
 """
 
 from __future__ import annotations
@@ -18,10 +19,24 @@ import pandas as pd
 
 from loopdiag.analysis import plots
 from loopdiag.analysis.analyzer import FAILED, explain, run_verdict
-from loopdiag.analysis.document import Block, Bullets, Code, Heading, Image, Paragraph, Table, \
-    to_html, to_markdown
+from loopdiag.analysis.document import (
+    Block,
+    Bullets,
+    Code,
+    Heading,
+    Image,
+    Paragraph,
+    Table,
+    to_html,
+    to_markdown,
+)
 from loopdiag.analysis.findings import findings
-from loopdiag.analysis.tables import stability_summary, stable_lr_range, suite_table, with_cells
+from loopdiag.analysis.tables import (
+    stability_summary,
+    stable_lr_range,
+    suite_table,
+    with_cells,
+)
 from loopdiag.store import SuiteData, load_suite
 
 LOOP_SCALING_FILE = "loop_scaling.csv"
@@ -48,8 +63,8 @@ def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
     """Analyse the suite in `suite_dir` and write the report into `out_dir`; returns the
     path of `report.md`. Figures drawn per (arch, K) use one learning rate: `reference_lr`,
     by default the lower middle of the learning rates tried."""
-    loop_scaling = _loop_scaling(Path(suite_dir), loop_scaling)
     suite = load_suite(suite_dir)
+    loop_scaling = _loop_scaling(suite, loop_scaling)
     table = suite_table(suite)
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
@@ -61,8 +76,14 @@ def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
     if at_lr.empty:
         raise ValueError(f"reference_lr={lr:g} is none of the suite's learning rates "
                          f"({', '.join(f'{x:g}' for x in lrs)})")
-    blocks: list[Block] = [
-        Heading(f"loopdiag report: {suite.name}", 1),
+    run_command = (suite.spec or {}).get("command")
+    description = (suite.spec or {}).get("description")
+    blocks: list[Block] = [Heading(f"loopdiag report: {suite.name}", 1)]
+    if description:
+        blocks.append(Paragraph(description))
+    if run_command:
+        blocks += [Paragraph("Reproduce the runs with:"), Code(run_command)]
+    blocks += [
         Paragraph("Regenerate this report from the run store with:"),
         Code(command),
         Paragraph(_scope(table)),
@@ -86,11 +107,13 @@ def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
     return markdown
 
 
-def _loop_scaling(suite_dir: Path, given: pd.DataFrame | None) -> pd.DataFrame | None:
-    """The given loop-scaling frame, else the suite's `loop_scaling.csv`, else None."""
+def _loop_scaling(suite: SuiteData, given: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The given loop-scaling frame, else every run's `loop_scaling.csv`, else None."""
     frame = given
-    if frame is None and (suite_dir / LOOP_SCALING_FILE).is_file():
-        frame = pd.read_csv(suite_dir / LOOP_SCALING_FILE)
+    files = [run.run_dir / LOOP_SCALING_FILE for run in suite.runs.values()]
+    files = [f for f in files if f.is_file()]
+    if frame is None and files:
+        frame = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
     missing = [] if frame is None else [c for c in LOOP_SCALING_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"the loop-scaling frame lacks column(s) {', '.join(missing)}; it "
@@ -129,12 +152,15 @@ def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
     else:
         skipped.append("Learning-rate sensitivity: skipped, the suite tried a single "
                        "learning rate.")
+    if loop_scaling is not None and "run_id" in loop_scaling.columns:
+        loop_scaling = loop_scaling[loop_scaling["run_id"].isin(at_lr["run_id"])]
     if loop_scaling is not None and len(loop_scaling):
         drawn.append(("loop_scaling", plots.plot_loop_scaling(loop_scaling),
-                      "Test-time loop scaling: metric vs inference loop count."))
+                      f"Test-time loop scaling: metric vs inference loop count, mean over "
+                      f"seeds{note}."))
     else:
-        skipped.append(f"Test-time loop scaling: skipped, no evaluation frame "
-                       f"({LOOP_SCALING_FILE} in the suite folder).")
+        skipped.append("Test-time loop scaling: skipped, no run was evaluated at other loop "
+                       "counts (`loopdiag eval`, or an [eval] table in the suite file).")
     blocks: list[Block] = []
     for name, figure, caption in drawn:
         plots.save_figure(figure, out_dir / "figures" / name)

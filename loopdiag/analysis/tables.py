@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ from loopdiag.analysis.analyzer import (
     run_cell,
     run_verdict,
 )
-from loopdiag.store import SuiteData
+from loopdiag.store import RunData, SuiteData, load_run
 
 TABLE_COLUMNS = (
     "run_id", "arch", "n_loops", "lr", "seed", "status", "failure_step", "signal",
@@ -39,31 +40,72 @@ def suite_table(suite: SuiteData) -> pd.DataFrame:
     """
     if not suite.runs:
         raise ValueError(f"suite {suite.suite_dir} has no runs to analyse")
-    rows = []
-    for run_id, run in suite.runs.items():
-        judged = run_verdict(run)
-        failed = judged.get("status") in FAILED
-        failure_step = (float(judged["step"]) if failed and judged.get("step") is not None
-                        else math.nan)
-        warning = first_warning_step(run, judged)
-        growth, across = residual_growth(run)
-        rows.append({
-            "run_id": run_id, **_cell(suite, run_id),
-            "status": judged.get("status"), "failure_step": failure_step,
-            "signal": judged.get("signal") if failed else None,
-            "final_loss": final_loss(run.steps), "best_loss": best_loss(run.steps),
-            "final_val_loss": final_val_loss(run.steps),
-            "resid_growth_steps": growth, "resid_ratio_loops": across,
-            "oscillation": oscillation_index(run.steps),
-            "first_warning_step": warning, "warning_lead": failure_step - warning,
-            "last_step": float(run.steps["step"].max()) if len(run.steps) else math.nan,
-            "recomputed": bool(judged["recomputed"]),
-        })
+    rows = [_row(run_id, run, _cell(suite, run_id)) for run_id, run in suite.runs.items()]
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     arch_order = {arch: i for i, arch in enumerate(dict.fromkeys(table["arch"]))}
     table = table.sort_values(["arch", "n_loops", "lr", "seed"], kind="stable",
                               key=lambda c: c.map(arch_order) if c.name == "arch" else c)
     return table.reset_index(drop=True)
+
+
+def run_table(run_dir: str | Path) -> pd.DataFrame:
+    """`suite_table`'s row for one run folder."""
+    run = load_run(run_dir)
+    cell = run_cell(run)
+    cell["lr"] = math.nan if cell["lr"] is None else float(cell["lr"])
+    return pd.DataFrame([_row(run.run_id, run, cell)], columns=list(TABLE_COLUMNS))
+
+
+def _row(run_id: str, run: RunData, cell: dict[str, object]) -> dict[str, object]:
+    judged = run_verdict(run)
+    failed = judged.get("status") in FAILED
+    failure_step = (float(judged["step"]) if failed and judged.get("step") is not None
+                    else math.nan)
+    warning = first_warning_step(run, judged)
+    growth, across = residual_growth(run)
+    return {
+        "run_id": run_id, **cell,
+        "status": judged.get("status"), "failure_step": failure_step,
+        "signal": judged.get("signal") if failed else None,
+        "final_loss": final_loss(run.steps), "best_loss": best_loss(run.steps),
+        "final_val_loss": final_val_loss(run.steps),
+        "resid_growth_steps": growth, "resid_ratio_loops": across,
+        "oscillation": oscillation_index(run.steps),
+        "first_warning_step": warning, "warning_lead": failure_step - warning,
+        "last_step": float(run.steps["step"].max()) if len(run.steps) else math.nan,
+        "recomputed": bool(judged["recomputed"]),
+    }
+
+
+RUN_METRICS = ("status", "failure_step", "signal", "final_loss", "best_loss", "final_val_loss",
+               "resid_growth_steps", "resid_ratio_loops", "oscillation", "first_warning_step")
+
+
+def compare_tables(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] = ("a", "b")) -> pd.DataFrame:
+    """Two single runs as one column each per metric (with b − a where numeric); or two
+    suites cell by cell (arch, n_loops, lr): runs, fraction stable and mean final loss in
+    each, and the difference of the means (b − a: negative means b reached a lower loss)."""
+    if len(a) == 1 and len(b) == 1:
+        rows = []
+        for metric in ("run_id", "arch", "n_loops", "lr", "seed", *RUN_METRICS):
+            left, right = a[metric].iloc[0], b[metric].iloc[0]
+            numeric = all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                          for v in (left, right)) and metric not in ("n_loops", "seed")
+            rows.append({"metric": metric, names[0]: left, names[1]: right,
+                         "b - a": right - left if numeric else ""})
+        return pd.DataFrame(rows)
+    if a.empty or b.empty:
+        raise ValueError("nothing to compare: one side has no runs (check --loops)")
+    keys = ["arch", "n_loops", "lr"]
+    sides = []
+    for table, name in zip((a, b), names):
+        sides.append(table.groupby(keys, dropna=False).agg(
+            **{f"runs {name}": ("status", "size"),
+               f"stable {name}": ("status", lambda s: float((s == "stable").mean())),
+               f"final_loss {name}": ("final_loss", "mean")}))
+    merged = sides[0].join(sides[1], how="outer").reset_index()
+    merged["b - a"] = merged[f"final_loss {names[1]}"] - merged[f"final_loss {names[0]}"]
+    return merged
 
 
 def _cell(suite: SuiteData, run_id: str) -> dict[str, object]:

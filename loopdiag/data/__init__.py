@@ -12,15 +12,18 @@ from loopdiag.data.corpus import (
 )
 from loopdiag.data.tasks import (
     IGNORE_INDEX,
+    TASKS,
     AdditionTask,
     PointerChasingTask,
     SyntheticTask,
     exact_match_accuracy,
+    task_from_description,
 )
 
 __all__ = [
     "EMBEDDED_CORPUS",
     "IGNORE_INDEX",
+    "TASKS",
     "VOCAB_SIZE",
     "AdditionTask",
     "DataError",
@@ -32,4 +35,5 @@ __all__ = [
     "fixed_batches",
     "get_batch",
     "load_corpus",
+    "task_from_description",
 ]

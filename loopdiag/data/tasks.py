@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import string
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ NODE_LETTERS = string.ascii_lowercase
 class SyntheticTask(ABC):
     """A task generates (prompt, answer) strings; the base turns them into (x, y) batches."""
 
+    kind: str  # the registry key in `TASKS`
     name: str
     prompt_len: int
     answer_len: int
@@ -52,7 +53,7 @@ class SyntheticTask(ABC):
         return x.contiguous(), y
 
     def describe(self) -> dict:
-        return {"name": self.name, "seq_len": self.seq_len, **asdict(self)}
+        return {"task": self.kind, "name": self.name, "seq_len": self.seq_len, **asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class AdditionTask(SyntheticTask):
     digit needs only the operand digits and the carry out of the digit just before it.
     """
 
+    kind = "addition"
     n_digits: int = 3
 
     def __post_init__(self) -> None:
@@ -105,6 +107,7 @@ class PointerChasingTask(SyntheticTask):
     makes that lookup by content, not by position.
     """
 
+    kind = "pointer-chasing"
     n_nodes: int = 8
     hops: int = 3
 
@@ -138,6 +141,15 @@ class PointerChasingTask(SyntheticTask):
             edges = " ".join(NODE_LETTERS[i] + NODE_LETTERS[successor[i]] for i in order)
             pairs.append((f"{edges}|{NODE_LETTERS[start]}>", NODE_LETTERS[node]))
         return pairs
+
+
+TASKS: dict[str, type[SyntheticTask]] = {task.kind: task for task in (AdditionTask, PointerChasingTask)}
+
+
+def task_from_description(description: dict) -> SyntheticTask:
+    """Rebuild a task from `describe()`'s output (a run's recorded config)."""
+    cls = TASKS[description["task"]]
+    return cls(**{f.name: description[f.name] for f in fields(cls)})
 
 
 def exact_match_accuracy(

@@ -13,6 +13,7 @@ class StandardTransformer(LoopedLM):
     profile lines up with a looped model's per-loop profile."""
 
     arch = "standard"
+    fixed_depth = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)

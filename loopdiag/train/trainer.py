@@ -285,9 +285,15 @@ def corpus_batches(corpus: TokenCorpus, cfg: TrainConfig, seq_len: int,
                                        val_seed)
 
 
+# Held-out task examples come from a seed no training run uses, so a training stream never
+# replays the validation examples. (The CPU generator keeps only 32 bits of a seed: 2**32
+# would be seed 0 again.)
+HELD_OUT_SEED = 2**31 - 1
+
+
 def task_batches(task: SyntheticTask, cfg: TrainConfig,
                  val_seed: int = 0) -> tuple[BatchSource, list[Batch]]:
     """Fresh task examples for training and a fixed set for validation."""
-    generator = torch.Generator().manual_seed(val_seed)
+    generator = torch.Generator().manual_seed(HELD_OUT_SEED + val_seed)
     val = [task.batch(cfg.batch_size, generator) for _ in range(cfg.eval_batches)]
     return functools.partial(task.batch, cfg.batch_size), val

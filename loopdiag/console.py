@@ -1,0 +1,96 @@
+"""What `loopdiag run` shows in the terminal: live progress and alerts, then the table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from loopdiag.monitor import SEVERITY_STYLE
+from loopdiag.runner import RunSpec
+
+
+class LiveProgress:
+    """One bar over all steps of all runs and one per run in progress, fed the messages
+    of `loopdiag.launch.run_suite`; detector events print above the bars as they fire."""
+
+    def __init__(self, console: Console, cells: list[RunSpec], steps: int):
+        self.steps = steps
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=console, transient=True)
+        self.total = len(cells)
+        self.finished = 0
+        self.overall = self.progress.add_task(self._overall_text(), total=self.total * steps, note="")
+        self.active: dict[str, TaskID] = {}
+        self.done_steps: dict[str, int] = {}
+
+    def __enter__(self) -> LiveProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def handle(self, message: tuple[str, str, dict[str, Any]]) -> None:
+        kind, run_id, payload = message
+        if kind == "start":
+            self.active[run_id] = self.progress.add_task(f"  {run_id}", total=self.steps, note="")
+        elif kind == "progress" and run_id in self.active:
+            loss = payload.get("loss")
+            note = "" if loss is None else f"loss {loss:.3f}"
+            self.progress.update(self.active[run_id], completed=payload["step"], total=payload["total"], note=note)
+            self.done_steps[run_id] = payload["step"]
+            self.progress.update(self.overall, completed=sum(self.done_steps.values()))
+        elif kind == "eval" and run_id in self.active:
+            self.progress.update(self.active[run_id], note="evaluating at other loop counts")
+        elif kind == "event":
+            style = SEVERITY_STYLE[payload["severity"]]
+            self.progress.console.print(
+                f"[{style}]{payload['severity'].upper()}[/] {run_id} step {payload['step']} "
+                f"[bold]{payload['detector']}[/]: {payload['message']}", highlight=False)
+        elif kind == "done":
+            self.finished += 1
+            self.done_steps[run_id] = self.steps  # a run stopped early counts as done
+            if run_id in self.active:
+                self.progress.remove_task(self.active.pop(run_id))
+            if payload["status"] not in ("stable", "kept"):
+                self.progress.console.print(f"{run_id}: {payload['status']}", highlight=False)
+            self.progress.update(self.overall, description=self._overall_text(),
+                                 completed=sum(self.done_steps.values()))
+
+    def _overall_text(self) -> str:
+        return f"runs done {self.finished}/{self.total}"
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None or pd.isna(value) else f"{value:.3g}" if abs(value) >= 100 else f"{value:.3f}"
+
+
+def stability_table(table: pd.DataFrame) -> Table:
+    """The suite table (`loopdiag.analysis.suite_table`) as a rich table, one row per run."""
+    swept = table["lr"].nunique() > 1
+    out = Table(title="final train / val loss, residual growth (last loop, end / start), "
+                      "gradient oscillation, verdict", title_justify="left")
+    columns = ["arch", "K", *(["lr"] if swept else []), "seed", "loss", "val", "growth", "osc", "verdict"]
+    for column in columns:
+        out.add_column(column, justify="left" if column in ("arch", "verdict") else "right",
+                       no_wrap=column != "verdict", min_width=len(column))
+    for row in table.itertuples():
+        failed = row.status in ("collapsed", "diverged")
+        verdict = (f"[red]{row.status} @{int(row.failure_step)} {row.signal}[/]"
+                   if failed and not pd.isna(row.failure_step) else row.status)
+        out.add_row(row.arch, str(row.n_loops), *([f"{row.lr:g}"] if swept else []), str(row.seed),
+                    _fmt(row.final_loss), _fmt(row.final_val_loss), _fmt(row.resid_growth_steps),
+                    _fmt(row.oscillation), verdict)
+    return out

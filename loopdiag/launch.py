@@ -1,0 +1,180 @@
+"""Run a probe suite's cells into a suite folder, one after another or in worker processes.
+
+Every cell trains into `<suite_dir>/<run_id>/` through `run_one`; with `[eval]` loops the
+trained checkpoint is then evaluated at each K'. Workers send what the terminal shows
+(progress, detector events) as messages; the run store is written by the worker that
+trains the run, so nothing depends on the parent staying alive.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import traceback
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loopdiag.evaluation import CHECKPOINT_FILE, LOOP_SCALING_FILE, loop_scaling
+from loopdiag.models import ARCHITECTURES
+from loopdiag.runner import RunOutcome, RunSpec, run_one
+from loopdiag.store import write_suite_manifest
+from loopdiag.store._files import SUMMARY_FILE
+from loopdiag.suite import ProbeSuite
+
+# (kind, run_id, payload): "start" {}, "progress" {step, total, loss}, "event" {event dict},
+# "eval" {}, "done" {status}.
+Message = tuple[str, str, dict[str, Any]]
+Send = Callable[[Message], None]
+
+
+@dataclass(frozen=True)
+class CellJob:
+    spec: RunSpec
+    suite: ProbeSuite
+    run_dir: Path
+    train: bool  # False: the run finished before (resume); only a missing evaluation runs
+    resume: bool
+    wandb_mode: str | None
+    threads: int | None  # torch threads in a worker process; None leaves them as they are
+
+
+@dataclass
+class CellResult:
+    run_id: str
+    trained: bool
+    outcome: RunOutcome | None = None
+    error: str | None = None  # the worker's traceback
+
+
+def run_suite(suite: ProbeSuite, suite_dir: Path, *, jobs: int = 1, resume: bool = False,
+              wandb_mode: str | None = None, on_message: Send | None = None) -> list[CellResult]:
+    """Train every cell of `suite` into `suite_dir`; `jobs` > 1 trains that many at once in
+    worker processes (torch threads split between them). With `resume`, finished runs are
+    kept, interrupted ones continue from their checkpoint. A cell that raises is reported
+    in its `CellResult` and the others go on."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    specs = suite.cells()
+    write_suite_manifest(suite_dir, suite.to_dict(), {
+        spec.run_id: {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed,
+                      "lr": suite.train.lr if spec.lr is None else spec.lr}
+        for spec in specs})
+    send = on_message or (lambda message: None)
+    jobs = min(jobs, len(specs))
+    threads = max(1, cpu_count() // jobs) if jobs > 1 else None
+    cells = [_job(spec, suite, suite_dir, resume, wandb_mode, threads) for spec in specs]
+    if jobs == 1:
+        return [_run_cell(cell, send) for cell in cells]
+    return _run_in_workers(cells, jobs, send)
+
+
+def _job(spec: RunSpec, suite: ProbeSuite, suite_dir: Path, resume: bool, wandb_mode: str | None,
+         threads: int | None) -> CellJob:
+    run_dir = suite_dir / spec.run_id
+    finished = resume and _finished(run_dir)
+    return CellJob(spec, suite, run_dir, train=not finished, resume=resume, wandb_mode=wandb_mode,
+                   threads=threads)
+
+
+def _finished(run_dir: Path) -> bool:
+    summary = run_dir / SUMMARY_FILE
+    return summary.is_file() and json.loads(summary.read_text()).get("status") != "interrupted"
+
+
+def _run_cell(job: CellJob, send: Send) -> CellResult:
+    run_id, suite = job.spec.run_id, job.suite
+    try:
+        if job.threads is not None:
+            torch.set_num_threads(job.threads)
+        outcome = None
+        if job.train:
+            send(("start", run_id, {}))
+            outcome = run_one(
+                job.spec, suite.model, suite.train, suite.data.load(), job.run_dir,
+                log_every=suite.log_every, thresholds=suite.thresholds,
+                sinks=[_MessageSink(send, run_id)],
+                stop_on="critical" if suite.stop_on_collapse else None, resume=job.resume,
+                wandb_mode=job.wandb_mode, wandb_group=suite.name,
+                on_progress=lambda step, total, metrics: send(
+                    ("progress", run_id, {"step": step, "total": total,
+                                          "loss": metrics.get("train_loss")})),
+            )
+        evaluated = (job.run_dir / LOOP_SCALING_FILE).is_file() and not job.train
+        looped = not ARCHITECTURES[job.spec.arch](suite.model.with_(n_loops=1)).fixed_depth
+        if suite.eval_loops and looped and not evaluated and (job.run_dir / CHECKPOINT_FILE).is_file():
+            send(("eval", run_id, {}))
+            loop_scaling(job.run_dir, list(suite.eval_loops), examples=suite.eval_examples)
+        send(("done", run_id, {"status": outcome.status if outcome else "kept"}))
+        return CellResult(run_id, trained=job.train, outcome=outcome)
+    except Exception:  # noqa: BLE001 - one broken cell must not lose the others
+        send(("done", run_id, {"status": "error"}))
+        return CellResult(run_id, trained=job.train, error=traceback.format_exc())
+
+
+class _MessageSink:
+    """Detector events as messages (the worker's only way to the terminal)."""
+
+    def __init__(self, send: Send, run_id: str):
+        self.send, self.run_id = send, run_id
+
+    def emit(self, event: Any) -> None:
+        self.send(("event", self.run_id, event.to_dict()))
+
+
+_worker_queue: Any = None
+
+
+def _init_worker(message_queue: Any) -> None:
+    global _worker_queue
+    _worker_queue = message_queue
+
+
+def _run_cell_in_worker(job: CellJob) -> CellResult:
+    return _run_cell(job, _worker_queue.put)
+
+
+def _run_in_workers(cells: list[CellJob], jobs: int, send: Send) -> list[CellResult]:
+    # spawn, not fork: torch's thread pools and W&B's service do not survive a fork.
+    context = multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    results: dict[str, CellResult] = {}
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(messages,)) as pool:
+        pending = {pool.submit(_run_cell_in_worker, cell): cell for cell in cells}
+        try:
+            while pending:
+                _drain(messages, send, timeout=0.2)
+                done, _ = wait(pending, timeout=0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    cell = pending.pop(future)
+                    try:
+                        results[cell.spec.run_id] = future.result()
+                    except Exception as error:  # noqa: BLE001 - a worker died (killed, out of memory)
+                        results[cell.spec.run_id] = CellResult(
+                            cell.spec.run_id, trained=cell.train, error=f"worker process failed: {error!r}")
+        except KeyboardInterrupt:
+            pool.shutdown(wait=True, cancel_futures=True)  # workers record "interrupted"
+            raise
+        _drain(messages, send, timeout=0.2)
+    return [results[cell.spec.run_id] for cell in cells]
+
+
+def _drain(messages: Any, send: Send, timeout: float) -> None:
+    try:
+        send(messages.get(timeout=timeout))
+        while True:
+            send(messages.get_nowait())
+    except queue.Empty:
+        pass
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

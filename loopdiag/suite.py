@@ -1,0 +1,296 @@
+"""Probe suites: the declarative experiment specs (`probes/*.toml`) that `loopdiag run` runs.
+
+    name = "default"                  # the report goes to reports/<name>/
+    description = "one line for the report"
+    archs = ["standard", "looped", "flt"]
+    loops = [1, 4, 12]
+    lrs = [3e-3]                      # one run per (arch, loops, lr, seed)
+    seeds = 1                         # a count (seeds 0..n-1) or a list of seeds
+    steps = 150
+    log_every = 1                     # probe statistics every n steps
+    stop_on_collapse = false          # stop a run when a detector goes critical
+
+    [model]      preset = "default", then any ModelConfig field (d_model = 96, ...)
+    [train]      any TrainConfig field but steps, lr, seed, n_loops (the grid sets those);
+                 false turns off a setting that takes None (grad_clip = false)
+    [data]       files = ["my.txt"] (relative to the suite file), or task = "addition" /
+                 "pointer-chasing" with the task's own fields; default: the embedded corpus
+    [detectors]  thresholds by detector: [detectors.loss_spike] z = 8
+    [eval]       loops = [1, 2, 4, 8, 12]: test-time loop scaling of every trained run
+
+Every key is checked when the file is read; a bad one is reported as
+`<file>: <key>: <reason>`.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from loopdiag.data import TASKS, SyntheticTask, TokenCorpus, load_corpus
+from loopdiag.detect import default_detectors
+from loopdiag.models import ARCHITECTURES, ModelConfig, preset
+from loopdiag.runner import RunSpec
+from loopdiag.train import TrainConfig
+
+TOP_LEVEL_KEYS = ("name", "description", "archs", "loops", "lrs", "seeds", "steps", "log_every",
+                  "stop_on_collapse", "model", "train", "data", "detectors", "eval")
+GRID_OWNED_TRAIN_KEYS = ("steps", "lr", "seed", "n_loops")
+EVAL_KEYS = ("loops", "examples")
+
+
+class SuiteError(ValueError):
+    """A suite file or option that cannot be run; the message names the file, key and why."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    files: tuple[str, ...] = ()  # empty: the embedded corpus
+    task: str | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> TokenCorpus | SyntheticTask:
+        if self.task is not None:
+            return TASKS[self.task](**self.task_options)
+        return load_corpus(list(self.files) or None)
+
+    def describe(self) -> str:
+        if self.task is not None:
+            return f"task {self.task}" + "".join(f", {k}={v}" for k, v in self.task_options.items())
+        return ", ".join(self.files) if self.files else "embedded CPython docs"
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.task is not None:
+            return {"task": self.task, **self.task_options}
+        return {"files": list(self.files)} if self.files else {"corpus": "embedded"}
+
+
+@dataclass(frozen=True)
+class ProbeSuite:
+    name: str
+    archs: tuple[str, ...]
+    loops: tuple[int, ...]
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    model: ModelConfig
+    train: TrainConfig
+    data: DataSpec = DataSpec()
+    thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    log_every: int = 1
+    stop_on_collapse: bool = False
+    eval_loops: tuple[int, ...] = ()
+    eval_examples: int = 256
+    description: str = ""
+    source: str | None = None  # the file it was read from
+    command: str | None = None  # the command line that ran it, when one did
+    # What the file said, for command-line options to be applied and checked the same way.
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    base_dir: Path = Path(".")
+
+    def cells(self) -> list[RunSpec]:
+        """Every (arch, loops, lr, seed) run, the lr left out of run ids when there is one."""
+        swept = len(self.lrs) > 1
+        return [RunSpec(arch, k, seed, lr if swept else None)
+                for arch in self.archs for k in self.loops for lr in self.lrs for seed in self.seeds]
+
+    def with_(self, **changes: Any) -> ProbeSuite:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved suite, as `suite.json` records it."""
+        return {
+            "name": self.name, "description": self.description, "source": self.source,
+            "command": self.command,
+            "archs": list(self.archs), "loops": list(self.loops), "lrs": list(self.lrs),
+            "seeds": list(self.seeds), "steps": self.train.steps, "log_every": self.log_every,
+            "stop_on_collapse": self.stop_on_collapse, "model": self.model.to_dict(),
+            "train": asdict(self.train), "data": self.data.to_dict(),
+            "detectors": self.thresholds,
+            "eval": {"loops": list(self.eval_loops), "examples": self.eval_examples},
+        }
+
+
+def load_probe_suite(path: str | Path) -> ProbeSuite:
+    """Read and validate a suite file; raises `SuiteError` naming the file and key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SuiteError(f"{path}: no such suite file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SuiteError(f"{path}: cannot be read: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SuiteError(f"{path}: not valid TOML: {error}") from None
+    return parse_probe_suite(raw, source=str(path), base_dir=path.parent, default_name=path.stem)
+
+
+def parse_probe_suite(raw: dict[str, Any], *, source: str = "<suite>", base_dir: Path = Path("."),
+                      default_name: str = "suite") -> ProbeSuite:
+    check = _Checker(source)
+    check.known(raw, TOP_LEVEL_KEYS, "")
+    name = raw.get("name", default_name)
+    check.that(isinstance(name, str) and name and Path(name).name == name and name not in (".", ".."),
+               "name", f"must be a plain folder name, got {name!r}")
+    archs = tuple(check.list_of(raw, "archs", str, ["standard", "looped", "flt"]))
+    for arch in archs:
+        check.that(arch in ARCHITECTURES, "archs", f"unknown architecture {arch!r}; choose from "
+                                                   f"{', '.join(ARCHITECTURES)}")
+    loops = tuple(check.list_of(raw, "loops", int, [1, 4, 12]))
+    check.that(all(k >= 1 for k in loops), "loops", f"loop counts must be >= 1, got {list(loops)}")
+    lrs = tuple(float(lr) for lr in check.list_of(raw, "lrs", (int, float), [3e-3]))
+    check.that(all(lr > 0 for lr in lrs), "lrs", f"learning rates must be > 0, got {list(lrs)}")
+    seeds = raw.get("seeds", 1)
+    if _is_int(seeds):
+        check.that(seeds >= 1, "seeds", f"a count must be >= 1, got {seeds}")
+        seeds = list(range(seeds))
+    seeds = tuple(check.list_of({"seeds": seeds}, "seeds", int, None))
+    steps = raw.get("steps", 150)
+    check.that(_is_int(steps) and steps >= 1, "steps", f"must be an int >= 1, got {steps!r}")
+    log_every = raw.get("log_every", 1)
+    check.that(_is_int(log_every) and log_every >= 1, "log_every", f"must be an int >= 1, got {log_every!r}")
+    stop = raw.get("stop_on_collapse", False)
+    check.that(isinstance(stop, bool), "stop_on_collapse", f"must be true or false, got {stop!r}")
+    description = raw.get("description", "")
+    check.that(isinstance(description, str), "description", "must be a string")
+
+    model = _model(check, check.table(raw, "model"))
+    train_values = check.table(raw, "train")
+    check.known(train_values, [f.name for f in fields(TrainConfig) if f.name not in GRID_OWNED_TRAIN_KEYS],
+                "train", hint="steps, lrs and seeds are top-level keys")
+    train_values.setdefault("eval_every", max(steps // 4, 1))
+    train = check.build("train", TrainConfig, steps=steps, lr=lrs[0], **_nones(TrainConfig, train_values))
+    data = _data(check, check.table(raw, "data"), base_dir, model)
+    thresholds = check.table(raw, "detectors")
+    try:
+        default_detectors(**thresholds)
+    except ValueError as error:
+        raise SuiteError(f"{source}: detectors: {error}") from None
+    evaluation = check.table(raw, "eval")
+    check.known(evaluation, EVAL_KEYS, "eval")
+    eval_loops = tuple(check.list_of(evaluation, "loops", int, [], key="eval.loops"))
+    check.that(all(k >= 1 for k in eval_loops), "eval.loops", "loop counts must be >= 1")
+    examples = evaluation.get("examples", 256)
+    check.that(_is_int(examples) and examples >= 1, "eval.examples", f"must be an int >= 1, got {examples!r}")
+    return ProbeSuite(name=name, archs=archs, loops=loops, lrs=lrs, seeds=seeds, model=model,
+                      train=train, data=data, thresholds=thresholds, log_every=log_every,
+                      stop_on_collapse=stop, eval_loops=eval_loops, eval_examples=examples,
+                      description=description, source=source, raw=raw, base_dir=base_dir)
+
+
+def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[str] | None = None,
+                    steps: int | None = None, lrs: list[float] | None = None, seeds: int | None = None,
+                    data: list[Path] | None = None, size: str | None = None, optimizer: str | None = None,
+                    schedule: str | None = None, log_every: int | None = None,
+                    stop_on_collapse: bool | None = None, quick: bool = False) -> ProbeSuite:
+    """Command-line options over a suite, checked exactly as the file's values are.
+
+    `loops` keeps the suite's loop counts below it and adds it; `quick` makes a smoke
+    run: the tiny preset, at most 40 steps, loops 1 and the largest, named `<name>-quick`.
+    """
+    raw = copy.deepcopy(suite.raw)
+    for option, value in (("--loops", loops), ("--steps", steps), ("--seeds", seeds),
+                          ("--log-every", log_every)):
+        if value is not None and value < 1:
+            raise SuiteError(f"{option} must be >= 1, got {value}")
+    if loops is not None:
+        raw["loops"] = sorted({k for k in raw.get("loops", [1, 4, 12]) if k < loops} | {loops})
+    given = {"archs": archs, "steps": steps, "lrs": lrs, "seeds": seeds, "log_every": log_every,
+             "stop_on_collapse": stop_on_collapse}
+    raw.update({key: value for key, value in given.items() if value is not None})
+    if data:
+        raw["data"] = {"files": [str(Path(path).resolve()) for path in data]}
+    for section, key, value in (("model", "preset", size), ("train", "optimizer", optimizer),
+                                ("train", "schedule", schedule)):
+        if value is not None:
+            raw.setdefault(section, {})[key] = value
+    if quick:
+        raw["name"] = f"{suite.name}-quick"
+        sizes = ("preset", "d_model", "n_heads", "n_layers", "seq_len", "mlp_ratio")
+        raw["model"] = {"preset": "tiny", **{k: v for k, v in raw.get("model", {}).items() if k not in sizes}}
+        raw["steps"] = min(raw.get("steps", 150), 40)
+        top = max(raw.get("loops", [1, 4, 12]))
+        raw["loops"] = sorted({1, top})
+        if raw.get("eval", {}).get("loops"):
+            raw["eval"]["loops"] = sorted({1, top})
+    return parse_probe_suite(raw, source=f"{suite.source} with the command-line options",
+                             base_dir=suite.base_dir, default_name=suite.name)
+
+
+def _model(check: _Checker, values: dict[str, Any]) -> ModelConfig:
+    values = dict(values)
+    size = values.pop("preset", "default")
+    check.known(values, [f.name for f in fields(ModelConfig) if f.name != "n_loops"], "model",
+                hint="loop counts are the top-level `loops`")
+    try:
+        return preset(size, **_nones(ModelConfig, values))
+    except (ValueError, TypeError) as error:
+        raise SuiteError(f"{check.source}: model: {error}") from None
+
+
+def _data(check: _Checker, values: dict[str, Any], base_dir: Path, model: ModelConfig) -> DataSpec:
+    values = dict(values)
+    if "task" not in values:
+        check.known(values, ("files",), "data", hint="or task = one of " + ", ".join(TASKS))
+        files = check.list_of(values, "files", str, [], key="data.files")
+        return DataSpec(files=tuple(str(base_dir / f) for f in files))
+    task = values.pop("task")
+    check.that(task in TASKS, "data.task", f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    check.known(values, [f.name for f in fields(TASKS[task])], "data", hint=f"the {task} task's fields")
+    built = check.build("data", TASKS[task], **values)
+    check.that(built.seq_len <= model.seq_len, "data.task",
+               f"{task} examples are {built.seq_len} tokens, longer than model.seq_len={model.seq_len}")
+    return DataSpec(task=task, task_options=values)
+
+
+def _nones(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """TOML has no null: `false` switches off a setting that takes None (grad_clip = false)."""
+    optional = {f.name for f in fields(cls) if "None" in str(f.type)}
+    return {k: None if v is False and k in optional else v for k, v in values.items()}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Checker:
+    """Raises `SuiteError`s that all name the file."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def that(self, ok: bool, key: str, reason: str) -> None:
+        if not ok:
+            raise SuiteError(f"{self.source}: {key}: {reason}")
+
+    def known(self, values: dict[str, Any], allowed: Any, section: str, hint: str = "") -> None:
+        for key in values:
+            if key not in allowed:
+                where = f"{section}.{key}" if section else key
+                self.that(False, where, f"unknown key; valid: {', '.join(allowed)}"
+                          + (f" ({hint})" if hint else ""))
+
+    def table(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
+        value = raw.get(key, {})
+        self.that(isinstance(value, dict), key, f"must be a table ([{key}]), got {value!r}")
+        return value
+
+    def list_of(self, raw: dict[str, Any], name: str, kind: Any, default: list | None,
+                key: str | None = None) -> list:
+        key = key or name
+        value = raw.get(name, default)
+        self.that(isinstance(value, list) and len(value) > 0 or (value == [] and default == []),
+                  key, f"must be a non-empty list, got {value!r}")
+        for item in value:
+            ok = isinstance(item, kind) and not isinstance(item, bool)
+            self.that(ok, key, f"{item!r} is not a {getattr(kind, '__name__', 'number')}")
+        self.that(len(set(value)) == len(value), key, f"has duplicates: {value!r}")
+        return list(value)
+
+    def build(self, section: str, cls: type, **values: Any) -> Any:
+        try:
+            return cls(**values)
+        except (ValueError, TypeError) as error:
+            raise SuiteError(f"{self.source}: {section}: {error}") from None

@@ -1,0 +1,170 @@
+"""Probe suite files: what a valid one resolves to, and every way a bad one is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loopdiag.data import PointerChasingTask
+from loopdiag.suite import SuiteError, apply_overrides, load_probe_suite
+
+PROBES = Path(__file__).resolve().parents[1] / "probes"
+
+FULL = """
+name = "sweep"
+description = "two archs, a learning-rate sweep"
+archs = ["looped", "flt"]
+loops = [1, 3]
+lrs = [1e-3, 1e-2]
+seeds = [0, 7]
+steps = 20
+log_every = 2
+stop_on_collapse = true
+
+[model]
+preset = "tiny"
+d_model = 48
+n_heads = 4
+logit_softcap = false
+
+[train]
+batch_size = 4
+grad_clip = false
+optimizer = "muon"
+
+[data]
+task = "pointer-chasing"
+n_nodes = 6
+hops = 2
+
+[detectors.loss_spike]
+z = 8
+
+[eval]
+loops = [1, 2, 4]
+examples = 32
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "suite.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_full_suite_file_resolves_every_section(tmp_path):
+    suite = load_probe_suite(write(tmp_path, FULL))
+    assert suite.name == "sweep" and suite.stop_on_collapse and suite.log_every == 2
+    assert len(suite.cells()) == 2 * 2 * 2 * 2
+    assert {cell.run_id for cell in suite.cells()} >= {"looped-k01-s0-lr0.001", "flt-k03-s7-lr0.01"}
+    assert suite.model.d_model == 48 and suite.model.seq_len == 32 and suite.model.logit_softcap is None
+    assert suite.train.steps == 20 and suite.train.grad_clip is None and suite.train.optimizer == "muon"
+    assert suite.train.eval_every == 5  # a quarter of the steps unless given
+    assert suite.data.load() == PointerChasingTask(n_nodes=6, hops=2)
+    assert suite.thresholds == {"loss_spike": {"z": 8}}
+    assert suite.eval_loops == (1, 2, 4) and suite.eval_examples == 32
+    recorded = suite.to_dict()
+    assert recorded["data"] == {"task": "pointer-chasing", "n_nodes": 6, "hops": 2}
+    assert recorded["lrs"] == [1e-3, 1e-2] and recorded["train"]["grad_clip"] is None
+
+
+def test_one_learning_rate_keeps_it_out_of_the_run_ids(tmp_path):
+    suite = load_probe_suite(write(tmp_path, 'archs = ["flt"]\nloops = [2]\nlrs = [0.01]\n'))
+    assert [cell.run_id for cell in suite.cells()] == ["flt-k02-s0"] and suite.train.lr == 0.01
+    assert suite.name == "suite"  # the file's stem when the file names none
+
+
+def test_corpus_files_are_relative_to_the_suite_file(tmp_path):
+    (tmp_path / "text.txt").write_text("looped transformers " * 2000)
+    suite = load_probe_suite(write(tmp_path, '[data]\nfiles = ["text.txt"]\n'))
+    assert suite.data.files == (str(tmp_path / "text.txt"),)
+    assert suite.data.load().n_bytes == 40_000
+
+
+@pytest.mark.parametrize("path", sorted(PROBES.glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_suites_are_valid(path):
+    suite = load_probe_suite(path)
+    assert suite.name == path.stem and suite.cells()
+
+
+BAD = [
+    ("colour = 1", "colour: unknown key"),
+    ('archs = ["lopped"]', "archs: unknown architecture 'lopped'"),
+    ("archs = []", "archs: must be a non-empty list"),
+    ('archs = "flt"', "archs: must be a non-empty list"),
+    ("loops = [0, 2]", "loops: loop counts must be >= 1"),
+    ("loops = [2, 2]", "loops: has duplicates"),
+    ("loops = [1.5]", "loops: 1.5 is not a int"),
+    ("lrs = [-0.1]", "lrs: learning rates must be > 0"),
+    ('lrs = ["fast"]', "lrs: 'fast' is not a number"),
+    ("seeds = 0", "seeds: a count must be >= 1"),
+    ("steps = 0", "steps: must be an int >= 1"),
+    ("log_every = 0", "log_every: must be an int >= 1"),
+    ('stop_on_collapse = "yes"', "stop_on_collapse: must be true or false"),
+    ('name = "a/b"', "name: must be a plain folder name"),
+    ("model = 3", "model: must be a table"),
+    ("[model]\nd_modle = 64", "model.d_modle: unknown key"),
+    ("[model]\nn_loops = 4", "model.n_loops: unknown key"),
+    ("[model]\nd_model = 30", "model: ModelConfig.d_model (30) must be divisible by n_heads"),
+    ('[model]\npreset = "huge"', "model: unknown model preset 'huge'"),
+    ("[train]\nsteps = 10", "train.steps: unknown key"),
+    ("[train]\nbatch_size = 0", "train: TrainConfig.batch_size must be an int >= 1"),
+    ('[train]\noptimizer = "sgd"', "train: TrainConfig.optimizer must be one of"),
+    ('[data]\ntask = "sorting"', "data.task: unknown task 'sorting'"),
+    ('[data]\ntask = "addition"\nhops = 3', "data.hops: unknown key"),
+    ('[data]\ntask = "pointer-chasing"\nn_nodes = 26', "data.task: pointer-chasing examples are 81 tokens, longer than model.seq_len=64"),
+    ('[data]\nfile = "x.txt"', "data.file: unknown key"),
+    ("[detectors.loss_spiky]\nz = 3", "detectors: unknown detector(s) 'loss_spiky'"),
+    ("[detectors.loss_spike]\nzz = 3", "detectors: loss_spike: unknown threshold(s) 'zz'"),
+    ("[eval]\nloops = [0]", "eval.loops: loop counts must be >= 1"),
+    ("[eval]\nk = [1]", "eval.k: unknown key"),
+    ("[eval]\nexamples = 0", "eval.examples: must be an int >= 1"),
+    ("archs = [", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize(("text", "reason"), BAD, ids=[reason.split(":")[0] + f"-{i}" for i, (_, reason) in enumerate(BAD)])
+def test_bad_suite_files_name_the_file_the_key_and_why(tmp_path, text, reason):
+    path = write(tmp_path, text)
+    with pytest.raises(SuiteError) as raised:
+        load_probe_suite(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ") and reason in message
+
+
+def test_a_missing_suite_file_is_named(tmp_path):
+    with pytest.raises(SuiteError, match="no such suite file"):
+        load_probe_suite(tmp_path / "absent.toml")
+
+
+def test_command_line_options_override_the_file(tmp_path):
+    suite = load_probe_suite(write(tmp_path, FULL))
+    changed = apply_overrides(suite, loops=2, archs=["standard"], steps=8, lrs=[0.5], seeds=3,
+                              size="default", optimizer="adamw", log_every=1, stop_on_collapse=False)
+    assert changed.loops == (1, 2) and changed.archs == ("standard",) and changed.train.steps == 8
+    assert changed.lrs == (0.5,) and changed.seeds == (0, 1, 2) and changed.model.d_model == 48
+    assert changed.train.optimizer == "adamw" and not changed.stop_on_collapse
+    assert changed.data == suite.data and changed.thresholds == suite.thresholds
+
+
+def test_quick_shrinks_the_suite_and_renames_it(tmp_path):
+    suite = load_probe_suite(PROBES / "default.toml")
+    quick = apply_overrides(suite, quick=True)
+    assert quick.name == "default-quick" and quick.model.d_model == 32
+    assert quick.loops == (1, 12) and quick.train.steps <= 40 and quick.archs == suite.archs
+
+
+@pytest.mark.parametrize(("options", "reason"), [
+    ({"steps": 0}, "--steps must be >= 1"),
+    ({"loops": 0}, "--loops must be >= 1"),
+    ({"seeds": 0}, "--seeds must be >= 1"),
+    ({"archs": ["nope"]}, "archs: unknown architecture 'nope'"),
+    ({"lrs": [0.0]}, "lrs: learning rates must be > 0"),
+    ({"size": "huge"}, "unknown model preset 'huge'"),
+    ({"optimizer": "sgd"}, "TrainConfig.optimizer must be one of"),
+])
+def test_bad_options_are_refused_with_the_reason(options, reason):
+    suite = load_probe_suite(PROBES / "default.toml")
+    with pytest.raises(SuiteError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        apply_overrides(suite, **options)
