@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 
 from loopdiag.console import LiveProgress, stability_table
-from loopdiag.launch import cpu_count, run_suite
+from loopdiag.launch import cpu_count, run_suite, shard_cells
 from loopdiag.suite import ProbeSuite, SuiteError, apply_overrides, load_probe_suite
 
 RUNS_FOLDER = "runs"  # the run store inside a report folder
@@ -62,6 +62,9 @@ def run(
     stop_on_collapse: Annotated[bool | None, typer.Option(
         "--stop-on-collapse/--no-stop-on-collapse", help="Stop a run when a detector goes critical (default: the suite's).",
         show_default=False)] = None,
+    shard: Annotated[str | None, typer.Option(
+        help="i/n: train only shard i of n (0-based) of the suite's runs, for several machines "
+             "sharing --out; `loopdiag report` merges them.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue a suite in --out: finished runs are kept, interrupted ones resume.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the runs already in --out.")] = False,
     quick: Annotated[bool, typer.Option(help="A fast smoke run: tiny models, at most 40 steps, loops 1 and the largest.")] = False,
@@ -76,6 +79,7 @@ def run(
         raise bad_input(f"--jobs must be >= 0, got {jobs}")
     if resume and overwrite:
         raise bad_input("--resume and --overwrite contradict each other; pick one")
+    shard_of = _parse_shard(shard)
     try:
         spec = load_probe_suite(_suite_path(suite))
         spec = apply_overrides(spec, loops=loops, archs=arch, steps=steps, lrs=lr, seeds=seeds, data=data,
@@ -87,12 +91,12 @@ def run(
 
     out = out or Path("reports") / spec.name
     suite_dir = out / RUNS_FOLDER
-    _prepare_suite_dir(suite_dir, spec, resume=resume, overwrite=overwrite)
-    cells = spec.cells()
+    cells = shard_cells(spec.cells(), shard_of)
+    _prepare_suite_dir(suite_dir, spec, cells, resume=resume, overwrite=overwrite)
     jobs = jobs or min(8, cpu_count())
     spec = spec.with_(command=_command_line(context))
     console.print(
-        f"[bold]loopdiag run[/] {spec.name}: {len(cells)} runs ({', '.join(spec.archs)} x loops "
+        f"[bold]loopdiag run[/] {spec.name}{f' shard {shard}' if shard else ''}: {len(cells)} runs ({', '.join(spec.archs)} x loops "
         f"{list(spec.loops)}{_plural(len(spec.lrs), 'lr')}{_plural(len(spec.seeds), 'seed')}), "
         f"{spec.train.steps} steps each, d_model={spec.model.d_model}, L={spec.model.n_layers}, "
         f"data {spec.data.describe()}, {min(jobs, len(cells))} at a time", highlight=False, soft_wrap=True)
@@ -102,12 +106,17 @@ def run(
     os.environ.setdefault("WANDB_CONSOLE", "off")
     with LiveProgress(console, cells, spec.train.steps) as progress:
         results = run_suite(spec, suite_dir, jobs=jobs, resume=resume, wandb_mode=wandb_mode,
-                            on_message=progress.handle)
+                            shard=shard_of, on_message=progress.handle)
     errors = [r for r in results if r.error]
     if len(errors) == len(results):
         for result in errors:
             console.print(f"[red]{result.run_id} failed:[/]\n{result.error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
+    if shard is not None:  # the other shards may still be training into the same folder
+        console.print(f"shard {shard} done: {suite_dir}; once every shard is, `loopdiag report {out}` "
+                      f"writes the report of them all")
+        _report_errors(errors)
+        return
     report_path = _write_report(suite_dir, out)
     table = pd.read_csv(report_path.parent / "table.csv")
     console.print(stability_table(table))
@@ -118,10 +127,23 @@ def run(
         figures = {path.stem: path for path in sorted((report_path.parent / "figures").glob("*.png"))}
         log_suite(spec.name, table, figures, mode=wandb_mode, dir=suite_dir)
         console.print(f"W&B ({wandb_mode}): {suite_dir / 'wandb'}" + ("  (upload with `wandb sync`)" if wandb_mode == "offline" else ""))
+    _report_errors(errors)
+
+
+def _report_errors(errors: list) -> None:
     for result in errors:
         console.print(f"[red]{result.run_id} failed:[/]\n{result.error}", highlight=False, soft_wrap=True)
     if errors:
         raise typer.Exit(code=1)
+
+
+def _parse_shard(shard: str | None) -> tuple[int, int]:
+    if shard is None:
+        return 0, 1
+    index, _, count = shard.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise bad_input(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got {shard!r}")
+    return int(index), int(count)
 
 
 def _command_line(context: typer.Context) -> str:
@@ -152,23 +174,27 @@ def _suite_path(suite: str | None) -> Path:
     raise SuiteError(f"no suite file {name!r}: give a .toml path, or a name from probes/")
 
 
-def _prepare_suite_dir(suite_dir: Path, spec: ProbeSuite, *, resume: bool, overwrite: bool) -> None:
-    held = suite_dir.is_dir() and any(suite_dir.iterdir())
-    if not held:
-        return
-    if overwrite:
-        shutil.rmtree(suite_dir)
-    elif resume:
-        stored = json.loads((suite_dir / "suite.json").read_text()).get("spec", {}) \
-            if (suite_dir / "suite.json").is_file() else {}
+def _prepare_suite_dir(suite_dir: Path, spec: ProbeSuite, cells: list, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix suites in one folder or to retrain runs by accident. Only this
+    invocation's runs are judged (and removed by --overwrite): other shards' stay."""
+    manifest = suite_dir / "suite.json"
+    if manifest.is_file():
+        stored = json.loads(manifest.read_text()).get("spec", {})
         changed = [key for key, value in spec.to_dict().items()
                    if key not in ("source", "command") and stored.get(key) != json.loads(json.dumps(value))]
+        if changed and overwrite:
+            shutil.rmtree(suite_dir)  # another suite altogether: none of its runs stay
+            return
         if changed:
             raise bad_input(f"{suite_dir} holds a different suite ({', '.join(changed)} changed); "
                             f"--overwrite replaces it, or choose another --out")
-    else:
-        raise bad_input(f"{suite_dir} already holds runs: --resume continues them, --overwrite "
-                        f"replaces them, or choose another --out")
+    held = [suite_dir / cell.run_id for cell in cells if (suite_dir / cell.run_id).exists()]
+    if held and overwrite:
+        for run_dir in held:
+            shutil.rmtree(run_dir)
+    elif held and not resume:
+        raise bad_input(f"{suite_dir} already holds runs of this suite ({held[0].name}, ...): --resume "
+                        f"continues them, --overwrite replaces them, or choose another --out")
 
 
 def _plural(count: int, noun: str) -> str:

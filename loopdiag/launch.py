@@ -53,21 +53,33 @@ class CellResult:
     error: str | None = None  # the worker's traceback
 
 
+def shard_cells(cells: list[RunSpec], shard: tuple[int, int]) -> list[RunSpec]:
+    """Shard `index` of `count`: every count-th cell from the index-th, so each shard gets
+    a like mix of cheap and costly cells and the split depends only on the suite."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+    return cells[index::count]
+
+
 def run_suite(suite: ProbeSuite, suite_dir: Path, *, jobs: int = 1, resume: bool = False,
-              wandb_mode: str | None = None, on_message: Send | None = None) -> list[CellResult]:
-    """Train every cell of `suite` into `suite_dir`; `jobs` > 1 trains that many at once in
-    worker processes (torch threads split between them). With `resume`, finished runs are
-    kept, interrupted ones continue from their checkpoint. A cell that raises is reported
-    in its `CellResult` and the others go on."""
+              wandb_mode: str | None = None, shard: tuple[int, int] = (0, 1),
+              on_message: Send | None = None) -> list[CellResult]:
+    """Train the cells of `suite` (those of `shard` i/n) into `suite_dir`; `jobs` > 1 trains
+    that many at once in worker processes (torch threads split between them). With
+    `resume`, finished runs are kept, interrupted ones continue from their checkpoint. A
+    cell that raises is reported in its `CellResult` and the others go on. Shards of one
+    suite may share `suite_dir`: `suite.json` lists every cell of the suite."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    specs = suite.cells()
+    every_cell = suite.cells()
+    specs = shard_cells(every_cell, shard)
     write_suite_manifest(suite_dir, suite.to_dict(), {
         spec.run_id: {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed,
                       "lr": suite.train.lr if spec.lr is None else spec.lr}
-        for spec in specs})
+        for spec in every_cell})
     send = on_message or (lambda message: None)
-    jobs = min(jobs, len(specs))
+    jobs = max(1, min(jobs, len(specs)))
     threads = max(1, cpu_count() // jobs) if jobs > 1 else None
     cells = [_job(spec, suite, suite_dir, resume, wandb_mode, threads) for spec in specs]
     if jobs == 1:

@@ -289,3 +289,30 @@ def test_compare_bad_input(collapsed_suite, args, message):
     args = [str(out / a) if "/" in a or a == "." else a for a in args]
     result = runner.invoke(app, ["compare", *args])
     assert result.exit_code == 2 and message in result.output.replace("\n", "")
+
+
+def test_shards_of_a_suite_merge_into_the_unsharded_report(tmp_path):
+    suite = tmp_path / "small.toml"
+    suite.write_text('archs = ["looped", "flt"]\nloops = [1, 2]\nsteps = 3\n[model]\npreset = "tiny"\n'
+                     "[eval]\nloops = [1, 3]\n")
+    common = ["run", str(suite), "--jobs", "1", "--wandb", "off"]
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    assert runner.invoke(app, [*common, "--out", str(whole)]).exit_code == 0
+    trained = []
+    for shard in ("0/2", "1/2"):
+        result = runner.invoke(app, [*common, "--out", str(sharded), "--shard", shard])
+        assert result.exit_code == 0, result.output
+        assert not (sharded / "report.md").exists()  # the other shard may still be training
+        trained.append({p.name for p in (sharded / "runs").iterdir() if p.is_dir()})
+    assert trained[0] == {"looped-k01-s0", "flt-k01-s0"}  # every other cell, in suite order
+    assert runner.invoke(app, ["report", str(sharded)]).exit_code == 0
+    assert (sharded / "table.csv").read_text() == (whole / "table.csv").read_text()
+    strip = lambda text: text.replace(str(sharded), "X").replace(str(whole), "X")  # noqa: E731
+    body = [strip((folder / "report.md").read_text()).split("## Findings")[1] for folder in (whole, sharded)]
+    assert body[0] == body[1]
+
+
+@pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "-1/2"])
+def test_bad_shards_are_refused(tmp_path, shard):
+    result = runner.invoke(app, ["run", "--shard", shard, "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--shard must be i/n" in result.output
