@@ -2,7 +2,7 @@
 stay quiet on runs that train well? Scored side by side with the loss-spike rules of three
 widely used training stacks (`anchor_detectors`), replayed over the same records.
 
-    python benchmarks/detection.py [--seeds 1 2 3 4 5] [--steps 300] [--workers 2]
+    python benchmarks/detection.py [--seeds 6 7 8 9 10] [--steps 300] [--workers 2]
         [--cache benchmarks/.cache/detection] [--reuse] [--out reports/detection]
 
 Corpus: every setting in `SETTINGS` × seed, tiny preset, `--steps` steps, every step
@@ -25,12 +25,14 @@ of `ground_truth_onset`: an EMA of span 20 records, non-finite losses left out o
   reference must itself be labelled healthy.
 - "healthy": neither. Both other labels are collapses.
 
-Seeds ≥ 1 only: the detector thresholds were set by hand on synthetic series and on
-scratch runs with seed 0, so seed 0 is left out; only seeds ≥ 1 are trained and scored,
-and nothing is tuned on them. One caveat: `residual_blowup` was written after a first
-scoring of these seeds caught no collapse before onset (every stream exploded inside the
-other detectors' warm-ups, recall 0/20); its thresholds come from the seed-0 runs alone
-(see `ResidualBlowupConfig`), but the idea came from reading the scored runs' misses.
+Seeds ≥ 6 only: the detector thresholds were set by hand on synthetic series and on
+scratch runs with seed 0. Seeds 1–5 were scored by earlier versions of the detectors, and
+their misses led to two detectors (`residual_blowup`, after a scoring that caught no
+collapse before onset, every stream having exploded inside the other detectors' warm-ups;
+`update_size`, after the lr = 1 runs failed within 3 steps, before any warm-up ended), so
+they are no longer held out. Both detectors take their thresholds from the seed-0 runs
+alone (see their configs); the score is on seeds 6–10, which no version of the detectors
+had seen, and nothing is tuned on them.
 
 Per detector set (loopdiag's defaults together, each alone, each anchor):
 - recall before onset: collapses with a warn or critical event at a step ≤ onset; also
@@ -81,7 +83,7 @@ ONSET_SLACK = 20  # steps after onset that still count for the "within" recall
 PER_STEPS = 10_000
 TARGET_RECALL = 0.90
 TARGET_FALSE_ALARMS = 1.0  # per PER_STEPS healthy steps
-HELD_OUT_FROM_SEED = 1  # seed 0 was used to set thresholds
+HELD_OUT_FROM_SEED = 6  # seed 0 set the thresholds; seeds 1-5 shaped the detectors
 ALL_DEFAULTS = "loopdiag (all defaults)"
 
 
@@ -540,7 +542,7 @@ healthy runs ({healthy_steps} healthy steps).
 
 ## Held-out seeds
 
-{doc_paragraph("Seeds ≥ 1 only")}
+{doc_paragraph("Seeds ≥ 6 only")}
 
 ## Metrics
 
@@ -579,7 +581,7 @@ First alarm (step and detector) of loopdiag's defaults together and of each anch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[6, 7, 8, 9, 10])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/detection"))
@@ -588,7 +590,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/detection"))
     args = parser.parse_args()
     if min(args.seeds) < HELD_OUT_FROM_SEED:
-        parser.error(f"only seeds >= {HELD_OUT_FROM_SEED} are scored: seed 0 set the thresholds")
+        parser.error(f"only seeds >= {HELD_OUT_FROM_SEED} are scored: seed 0 set the thresholds "
+                     f"and seeds 1-5 shaped the detectors")
     seeds = sorted(set(args.seeds))
     command = shlex.join(["python", "benchmarks/detection.py", *sys.argv[1:]])
 

@@ -596,6 +596,41 @@ def test_residual_blowup_bad_thresholds():
         default_detectors(residual_blowup={"growth_warn": 10.0, "growth_critical": 5.0})
 
 
+# --- update size -------------------------------------------------------------------------------
+
+def update_records(ratios):
+    return [{"step": step, "loss": 3.0, "lr": 0.1, "update_ratio": ratio}
+            for step, ratio in enumerate(ratios, start=1)]
+
+
+def test_update_size_silent_on_healthy_steps():
+    from loopdiag.detect import UpdateSize
+
+    # the first steps of Adam at a high but healthy learning rate, then a settled run
+    assert replay(update_records([0.16, 0.15, 0.12, 0.1] + [0.01] * 300), [UpdateSize()]) == []
+
+
+def test_update_size_warns_on_the_first_step_once():
+    from loopdiag.detect import UpdateSize
+
+    events = replay(update_records([4.8, 1.0, 0.5, 0.3, 0.2]), [UpdateSize()])
+    (event,) = events  # latched: the steps right after stay quiet
+    assert (event.step, event.severity) == (1, "warn")
+    assert event.evidence["update_ratio"] == 4.8 and event.evidence["lr"] == 0.1
+    assert "4.8× their norm" in event.message
+
+
+def test_update_size_skips_records_without_the_ratio():
+    from loopdiag.detect import UpdateSize
+
+    assert replay([{"step": 1, "loss": 3.0}, {"step": 2, "update_ratio": float("nan")}], [UpdateSize()]) == []
+
+
+def test_update_size_bad_threshold():
+    with pytest.raises(ValueError, match="update_size: ratio_warn must be > 0"):
+        default_detectors(update_size={"ratio_warn": 0.0})
+
+
 # --- packaging --------------------------------------------------------------------------------
 
 def test_public_api():
@@ -607,11 +642,12 @@ def test_public_api():
         "Detector", "DetectorConfig", "Event", "GradientOscillation",
         "GradientOscillationConfig", "LossSpike", "LossSpikeConfig", "MegatronSpike",
         "NonFinite", "NonFiniteConfig", "OlmoSpike", "ResidualExplosion",
-        "ResidualExplosionConfig", "SlowDivergence", "SlowDivergenceConfig", "ZScore30",
+        "ResidualExplosionConfig", "SlowDivergence", "SlowDivergenceConfig", "UpdateSize",
+        "UpdateSizeConfig", "ZScore30",
         "anchor_detectors", "default_detectors", "ground_truth_onset", "replay", "verdict"])
     assert all(hasattr(detect, name) for name in detect.__all__)
-    assert list(DETECTORS) == ["non_finite", "residual_blowup", "residual_explosion", "gradient_oscillation",
-                               "loss_spike", "slow_divergence", "collapse_plateau"]
+    assert list(DETECTORS) == ["non_finite", "update_size", "residual_blowup", "residual_explosion",
+                               "gradient_oscillation", "loss_spike", "slow_divergence", "collapse_plateau"]
 
 
 def test_detectors_import_neither_torch_nor_the_rest_of_loopdiag():

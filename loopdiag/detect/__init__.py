@@ -21,6 +21,7 @@ from loopdiag.detect.loss import (
 )
 from loopdiag.detect.registry import DETECTORS, default_detectors
 from loopdiag.detect.residual import ResidualExplosion, ResidualExplosionConfig
+from loopdiag.detect.update import UpdateSize, UpdateSizeConfig
 from loopdiag.detect.verdict import STATUSES, ground_truth_onset, verdict
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "ResidualExplosionConfig",
     "SlowDivergence",
     "SlowDivergenceConfig",
+    "UpdateSize",
+    "UpdateSizeConfig",
     "ZScore30",
     "anchor_detectors",
     "default_detectors",

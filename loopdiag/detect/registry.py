@@ -12,10 +12,11 @@ from loopdiag.detect.collapse import CollapsePlateau
 from loopdiag.detect.gradient import GradientOscillation
 from loopdiag.detect.loss import LossSpike, NonFinite, SlowDivergence
 from loopdiag.detect.residual import ResidualExplosion
+from loopdiag.detect.update import UpdateSize
 
 DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
-    NonFinite, ResidualBlowup, ResidualExplosion, GradientOscillation, LossSpike, SlowDivergence,
-    CollapsePlateau)}
+    NonFinite, UpdateSize, ResidualBlowup, ResidualExplosion, GradientOscillation, LossSpike,
+    SlowDivergence, CollapsePlateau)}
 
 
 def default_detectors(**overrides: Mapping[str, Any]) -> list[Detector]:
