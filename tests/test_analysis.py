@@ -302,3 +302,15 @@ def test_import_does_not_load_matplotlib(monkeypatch: pytest.MonkeyPatch) -> Non
             monkeypatch.delitem(sys.modules, name)
     importlib.import_module("loopdiag.analysis")
     assert "matplotlib" not in sys.modules
+
+
+def test_findings_name_a_model_its_loops_made_worse() -> None:
+    from loopdiag.analysis.findings import findings
+    from loopdiag.analysis.tables import TABLE_COLUMNS
+
+    rows = [{"run_id": f"{arch}-k{k}", "arch": arch, "n_loops": k, "lr": 3e-3, "seed": 0, "status": "stable",
+             "final_loss": loss, "oscillation": 0.01, "warning_lead": math.nan, "recomputed": False}
+            for arch, k, loss in [("looped", 1, 2.4), ("looped", 12, 3.26), ("flt", 1, 2.4), ("flt", 12, 2.6)]]
+    lines = findings(pd.DataFrame(rows, columns=list(TABLE_COLUMNS)))
+    (worse,) = [line for line in lines if line.startswith("Worse with 12 loops")]
+    assert "looped (3.26 vs 2.4, +36%)" in worse and "flt (" not in worse  # flt: +8%, under 10%

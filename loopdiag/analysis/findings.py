@@ -10,12 +10,16 @@ import pandas as pd
 from loopdiag.analysis.tables import compare, stable_lr_range
 
 SIGNIFICANCE = 0.05  # a "beats" claim needs a lower mean final loss and p below this
+# A looped model whose loss ends this much above the same model run with one loop was made
+# worse by its loops: the paper's collapse, which a run can show without any alarm.
+WORSE_WITH_LOOPS = 0.10
 
 
 def findings(table: pd.DataFrame) -> list[str]:
     largest = int(table["n_loops"].max())
     at_largest = table[table["n_loops"] == largest]
     lines = [_stability_at(at_largest, largest)]
+    lines += _worse_with_loops(table, largest)
     lines += _flt_vs_baselines(at_largest, largest)
     lines += _oscillation(at_largest, largest)
     if table["lr"].nunique() > 1:
@@ -39,6 +43,26 @@ def _stability_at(runs: pd.DataFrame, n_loops: int) -> str:
             failed.append(f"{arch} ({counts.get('stable', 0)}/{len(group)} stable; {what})")
     return (f"At the largest loop count, K={n_loops}: stable in every run: "
             f"{', '.join(held) or 'no architecture'}; not stable: {', '.join(failed) or 'none'}.")
+
+
+def _worse_with_loops(table: pd.DataFrame, n_loops: int) -> list[str]:
+    """Architectures whose mean final loss at `n_loops` is ≥ 10% above their own at K=1
+    (same learning rate), however the detectors judged the runs."""
+    if n_loops == 1 or 1 not in set(table["n_loops"]):
+        return []
+    means = table.groupby(["arch", "lr", "n_loops"], sort=False, dropna=False)["final_loss"].mean()
+    worse = []
+    for (arch, lr, k), loss in means.items():
+        one_loop = means.get((arch, lr, 1))
+        if k == n_loops and one_loop is not None and np.isfinite(one_loop) and np.isfinite(loss) \
+                and loss >= (1 + WORSE_WITH_LOOPS) * one_loop:
+            at_lr = f" at lr {lr:g}" if table["lr"].nunique() > 1 else ""
+            worse.append(f"{arch}{at_lr} ({loss:.4g} vs {one_loop:.4g}, +{loss / one_loop - 1:.0%})")
+    if not worse:
+        return [f"No architecture ended K={n_loops} ≥ {WORSE_WITH_LOOPS:.0%} above its own K=1 loss."]
+    return [f"Worse with {n_loops} loops than with one, final train loss ≥ {WORSE_WITH_LOOPS:.0%} above "
+            f"the same model at K=1: {'; '.join(worse)}. A model its loops made worse failed to "
+            f"train, whatever its verdict says."]
 
 
 def _flt_vs_baselines(runs: pd.DataFrame, n_loops: int) -> list[str]:
