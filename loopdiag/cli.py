@@ -19,6 +19,7 @@ import pandas as pd
 import typer
 from rich.console import Console
 
+from loopdiag import distributed
 from loopdiag.console import LiveProgress, stability_table
 from loopdiag.launch import cpu_count, run_suite, shard_cells
 from loopdiag.suite import ProbeSuite, SuiteError, apply_overrides, load_probe_suite
@@ -70,7 +71,8 @@ def run(
     quick: Annotated[bool, typer.Option(help="A fast smoke run: tiny models, at most 40 steps, loops 1 and the largest.")] = False,
 ) -> None:
     """Train a probe suite (architectures x loop counts x learning rates x seeds) with the
-    probes and live collapse alerts, then write the report and print the stability table."""
+    probes and live collapse alerts, then write the report and print the stability table.
+    Under `torchrun --nproc_per_node N` all N ranks train each run together (DDP)."""
     if wandb not in ("off", "offline", "online"):
         raise bad_input(f"--wandb must be off, offline or online, got {wandb!r}")
     if wandb == "online" and not _wandb_logged_in():
@@ -89,17 +91,29 @@ def run(
     except ValueError as error:  # SuiteError and DataError included
         raise bad_input(str(error)) from None
 
+    context.with_resource(distributed.torchrun_group(spec.train.device))  # left when the command ends
+    if not distributed.is_main():
+        console.quiet = True  # rank 0 speaks (and writes files) for all ranks
+    try:
+        distributed.local_rows(spec.train.batch_size)
+    except ValueError as error:
+        raise bad_input(str(error)) from None
+
     out = out or Path("reports") / spec.name
     suite_dir = out / RUNS_FOLDER
     cells = shard_cells(spec.cells(), shard_of)
-    _prepare_suite_dir(suite_dir, spec, cells, resume=resume, overwrite=overwrite)
-    jobs = jobs or min(8, cpu_count())
+    if distributed.is_main():
+        _prepare_suite_dir(suite_dir, spec, cells, resume=resume, overwrite=overwrite)
+    distributed.barrier()  # the other ranks read the suite folder only once rank 0 is done with it
+    ranks = distributed.world_size()
+    jobs = 1 if ranks > 1 else jobs or min(8, cpu_count())
     spec = spec.with_(command=_command_line(context))
     console.print(
         f"[bold]loopdiag run[/] {spec.name}{f' shard {shard}' if shard else ''}: {len(cells)} runs ({', '.join(spec.archs)} x loops "
         f"{list(spec.loops)}{_plural(len(spec.lrs), 'lr')}{_plural(len(spec.seeds), 'seed')}), "
         f"{spec.train.steps} steps each, d_model={spec.model.d_model}, L={spec.model.n_layers}, "
-        f"data {spec.data.describe()}, {min(jobs, len(cells))} at a time", highlight=False, soft_wrap=True)
+        f"data {spec.data.describe()}, {min(jobs, len(cells))} at a time{f' on {ranks} ranks' if ranks > 1 else ''}",
+        highlight=False, soft_wrap=True)
     wandb_mode = None if wandb == "off" else wandb
     # W&B's own banners and console capture would fight the progress bar; we print the sync hint.
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -107,6 +121,8 @@ def run(
     with LiveProgress(console, cells, spec.train.steps) as progress:
         results = run_suite(spec, suite_dir, jobs=jobs, resume=resume, wandb_mode=wandb_mode,
                             shard=shard_of, on_message=progress.handle)
+    if not distributed.is_main():
+        return
     errors = [r for r in results if r.error]
     if len(errors) == len(results):
         for result in errors:

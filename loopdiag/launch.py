@@ -4,14 +4,21 @@ Every cell trains into `<suite_dir>/<run_id>/` through `run_one`; with `[eval]` 
 trained checkpoint is then evaluated at each K'. Workers send what the terminal shows
 (progress, detector events) as messages; the run store is written by the worker that
 trains the run, so nothing depends on the parent staying alive.
+
+Under torchrun all ranks train each cell together, one cell after another (no workers);
+rank 0 writes the suite manifest and runs the loop-scaling evaluation, and a cell that
+fails ends the suite (the other ranks cannot go on alone; `--resume` continues it).
 """
 
 from __future__ import annotations
 
+import _thread
 import json
 import multiprocessing
 import os
 import queue
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -21,6 +28,7 @@ from typing import Any
 
 import torch
 
+from loopdiag import distributed
 from loopdiag.evaluation import CHECKPOINT_FILE, LOOP_SCALING_FILE, loop_scaling
 from loopdiag.models import ARCHITECTURES
 from loopdiag.runner import RunOutcome, RunSpec, run_one
@@ -74,17 +82,24 @@ def run_suite(suite: ProbeSuite, suite_dir: Path, *, jobs: int = 1, resume: bool
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     every_cell = suite.cells()
     specs = shard_cells(every_cell, shard)
-    write_suite_manifest(suite_dir, suite.to_dict(), {
-        spec.run_id: {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed,
-                      "lr": suite.train.lr if spec.lr is None else spec.lr}
-        for spec in every_cell})
+    if distributed.is_main():
+        write_suite_manifest(suite_dir, suite.to_dict(), {
+            spec.run_id: {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed,
+                          "lr": suite.train.lr if spec.lr is None else spec.lr}
+            for spec in every_cell})
     send = on_message or (lambda message: None)
-    jobs = max(1, min(jobs, len(specs)))
+    jobs = 1 if distributed.world_size() > 1 else max(1, min(jobs, len(specs)))
     threads = max(1, cpu_count() // jobs) if jobs > 1 else None
+    # Seed by seed, cheap loop counts first: a suite stopped early has whole seeds of every
+    # architecture rather than every seed of the first few.
+    specs = sorted(specs, key=lambda spec: (spec.seed, spec.n_loops, spec.lr or 0.0))
     cells = [_job(spec, suite, suite_dir, resume, wandb_mode, threads) for spec in specs]
     if jobs == 1:
-        return [_run_cell(cell, send) for cell in cells]
-    return _run_in_workers(cells, jobs, send)
+        results = [_run_cell(cell, send) for cell in cells]
+    else:
+        results = _run_in_workers(cells, jobs, send)
+    order = {spec.run_id: index for index, spec in enumerate(every_cell)}
+    return sorted(results, key=lambda result: order[result.run_id])
 
 
 def _job(spec: RunSpec, suite: ProbeSuite, suite_dir: Path, resume: bool, wandb_mode: str | None,
@@ -120,12 +135,15 @@ def _run_cell(job: CellJob, send: Send) -> CellResult:
             )
         evaluated = (job.run_dir / LOOP_SCALING_FILE).is_file() and not job.train
         looped = not ARCHITECTURES[job.spec.arch](suite.model.with_(n_loops=1)).fixed_depth
-        if suite.eval_loops and looped and not evaluated and (job.run_dir / CHECKPOINT_FILE).is_file():
+        if (suite.eval_loops and looped and not evaluated and distributed.is_main()
+                and (job.run_dir / CHECKPOINT_FILE).is_file()):
             send(("eval", run_id, {}))
             loop_scaling(job.run_dir, list(suite.eval_loops), examples=suite.eval_examples)
         send(("done", run_id, {"status": outcome.status if outcome else "kept"}))
         return CellResult(run_id, trained=job.train, outcome=outcome)
     except Exception:  # noqa: BLE001 - one broken cell must not lose the others
+        if distributed.world_size() > 1:
+            raise
         send(("done", run_id, {"status": "error"}))
         return CellResult(run_id, trained=job.train, error=traceback.format_exc())
 
@@ -141,14 +159,30 @@ class _MessageSink:
 
 
 _worker_queue: Any = None
+_parent_gone = threading.Event()
+PARENT_GONE_GRACE_S = 30.0  # for the interrupted run to flush its logs before the worker exits
 
 
 def _init_worker(message_queue: Any) -> None:
     global _worker_queue
     _worker_queue = message_queue
+    threading.Thread(target=_stop_with_parent, daemon=True).start()
+
+
+def _stop_with_parent() -> None:
+    """A worker outliving its parent (killed, crashed) would train on unseen, possibly into a
+    run a resumed suite trains too: interrupt the run in progress, which then writes its
+    logs and an "interrupted" summary, and leave."""
+    multiprocessing.parent_process().join()
+    _parent_gone.set()
+    _thread.interrupt_main()
+    time.sleep(PARENT_GONE_GRACE_S)
+    os._exit(1)
 
 
 def _run_cell_in_worker(job: CellJob) -> CellResult:
+    if _parent_gone.is_set():  # the executor hands out what it had queued: take none of it
+        os._exit(1)
     return _run_cell(job, _worker_queue.put)
 
 

@@ -2,6 +2,8 @@
 
 A run is: build the model, attach the recorder, train, and on every logged step write the
 record to the run store and feed it to the live detectors; at the end write the verdict.
+Under torchrun every rank trains the run together (see `loopdiag.train.trainer`) and runs
+the detectors on the same combined records; only rank 0 writes files, W&B and alerts.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from loopdiag import distributed
 from loopdiag.data import SyntheticTask, TokenCorpus
 from loopdiag.detect import verdict
 from loopdiag.models import ModelConfig, build_model
@@ -24,7 +27,6 @@ from loopdiag.train import (
     TrainConfig,
     TrainState,
     corpus_batches,
-    eval_due,
     task_batches,
     train,
 )
@@ -76,29 +78,32 @@ class RunOutcome:
 class RunLogger(TrainCallback):
     """Writes one run folder and runs the live detectors on each record.
 
-    Records arrive from the recorder after the optimizer step, before evaluation; on a step
-    that is evaluated the record waits for its validation loss, otherwise it is written at
-    once. Detectors see a record as soon as it exists. Must come after the
-    `RecorderCallback` in `callbacks`.
+    Records arrive from the recorder after the optimizer step, before evaluation; each is
+    written at the end of its step, with the validation loss when the step is evaluated.
+    Detectors see a record as soon as it exists. Must come after the
+    `RecorderCallback` in `callbacks`. With `write=False` (ranks other than 0) it judges
+    and stops alike but writes nothing.
     """
 
     def __init__(self, run_dir: Path, config: dict[str, Any], monitor: Monitor, resume: bool = False,
-                 wandb_run: WandbRun | None = None):
+                 wandb_run: WandbRun | None = None, write: bool = True):
         self.run_dir, self.config, self.monitor, self.resume = run_dir, config, monitor, resume
-        self.wandb_run = wandb_run
+        self.wandb_run, self.write = wandb_run, write
         self.writer: RunWriter | None = None
         self.pending: dict[str, Any] | None = None
         self.records: list[dict[str, Any]] = []
         self.summary: dict[str, Any] | None = None
 
     def on_train_start(self, state: TrainState) -> None:
-        self.writer = RunWriter(self.run_dir, self.config, resume=self.resume,
-                                resume_step=state.step if self.resume else None)
+        if self.write:
+            self.writer = RunWriter(self.run_dir, self.config, resume=self.resume,
+                                    resume_step=state.step if self.resume else None)
+            self.monitor.sinks.insert(0, EventLogSink(self.writer))
         if state.step:  # resumed: restore the detectors' state from what the store kept
-            self.records = read_records(self.run_dir)
+            # (steps past the checkpoint are dropped here too: rank 0 may not have yet)
+            self.records = [r for r in read_records(self.run_dir) if r["step"] <= state.step]
             for record in self.records:
                 self.monitor.restore(record)
-        self.monitor.sinks.insert(0, EventLogSink(self.writer))
 
     def on_record(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -110,18 +115,18 @@ class RunLogger(TrainCallback):
             event = self.monitor.stop_event
             state.should_stop = True
             state.stop_reason = f"{event.detector} ({event.severity}) at step {event.step}: {event.message}"
-        if not eval_due(state):
-            self._write_pending()
 
     def on_eval(self, state: TrainState) -> None:
-        if self.pending is None or self.pending["step"] != state.step:  # a step not logged
-            self._write_pending()
+        if self.pending is None:  # a step not logged
             self.pending = {"step": state.step}
         self.pending["val_loss"] = state.val_loss
+
+    def on_step_end(self, state: TrainState) -> None:
         self._write_pending()
 
     def before_checkpoint(self, state: TrainState) -> None:
-        self.writer.flush()  # a resume restarts from the checkpoint: the logs must reach it
+        if self.writer is not None:  # a resume restarts from the checkpoint: the logs must reach it
+            self.writer.flush()
 
     def on_train_end(self, state: TrainState) -> None:
         self._write_pending()
@@ -133,12 +138,13 @@ class RunLogger(TrainCallback):
         }
         if interrupted:
             self.summary["status"] = "interrupted"
-        self.writer.close(self.summary)
+        if self.writer is not None:
+            self.writer.close(self.summary)
         if self.wandb_run is not None:
             self.wandb_run.finish(self.summary)
 
     def _write_pending(self) -> None:
-        if self.pending is not None:
+        if self.pending is not None and self.writer is not None:
             self.writer.log(self.pending)
             if self.wandb_run is not None:
                 self.wandb_run.log_record(self.pending)
@@ -179,14 +185,17 @@ def run_one(
     (loss on the answer bytes). `thresholds` overrides the default detectors' by name
     (`{"loss_spike": {"z": 8}}`) and is recorded under `detectors` in the config.
     `wandb_mode` "offline" or "online" mirrors the run to W&B (one W&B run per training run,
-    grouped by `wandb_group`); None keeps it local."""
+    grouped by `wandb_group`); None keeps it local. Under torchrun every rank calls it with
+    the same arguments; `sinks` and W&B are used on rank 0 only."""
     model_config = model_config.with_(n_loops=spec.n_loops)
     train_config = replace(train_config, seed=spec.seed, n_loops=None,
                            lr=train_config.lr if spec.lr is None else spec.lr)
     probes = {"loop_module": "loop_out", "stats": "cheap", "log_every": log_every}
     config = run_config(spec, model_config, train_config, data, probes, thresholds or {})
+    main = distributed.is_main()
+    sinks = sinks if main else ()
     wandb_run = None
-    if wandb_mode is not None:
+    if wandb_mode is not None and main:
         wandb_run = WandbRun(spec.run_id, config, group=wandb_group, mode=wandb_mode, dir=run_dir.parent)
         sinks = [*sinks, wandb_run]
     monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=thresholds)
@@ -196,7 +205,7 @@ def run_one(
         train_source, val_batches = task_batches(data, train_config)
     else:
         train_source, val_batches = corpus_batches(data, train_config, model_config.seq_len)
-    logger = RunLogger(run_dir, config, monitor, resume=resume, wandb_run=wandb_run)
+    logger = RunLogger(run_dir, config, monitor, resume=resume, wandb_run=wandb_run, write=main)
     with attach(model, log_every=log_every) as recorder:
         result = train(
             model, train_source, val_batches, train_config,
@@ -227,10 +236,11 @@ def run_grid(
     """Run every spec in order into `suite_dir/<run_id>/`; `suite.json` lists them all
     up front, so a suite interrupted midway still loads what it completed."""
     lrs = {spec: train_config.lr if spec.lr is None else spec.lr for spec in specs}
-    write_suite_manifest(suite_dir, suite_spec, {
-        spec.run_id: {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed, "lr": lrs[spec]}
-        for spec in specs
-    })
+    if distributed.is_main():
+        write_suite_manifest(suite_dir, suite_spec, {
+            spec.run_id: {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed, "lr": lrs[spec]}
+            for spec in specs
+        })
     for index, spec in enumerate(specs):
         if on_run_start is not None:
             on_run_start(index, spec)

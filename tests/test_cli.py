@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -316,3 +319,28 @@ def test_shards_of_a_suite_merge_into_the_unsharded_report(tmp_path):
 def test_bad_shards_are_refused(tmp_path, shard):
     result = runner.invoke(app, ["run", "--shard", shard, "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--shard must be i/n" in result.output
+
+
+def test_killing_the_command_interrupts_its_workers_runs(tmp_path):
+    """Workers must not outlive a killed `loopdiag run`: their runs end "interrupted", ready
+    for --resume, instead of training on unseen."""
+    suite = tmp_path / "long.toml"
+    suite.write_text('archs = ["looped", "flt"]\nloops = [2]\nsteps = 100000\n[model]\npreset = "tiny"\n')
+    out = tmp_path / "out"
+    command = subprocess.Popen([sys.executable, "-m", "loopdiag", "run", str(suite), "--jobs", "2", "--wandb", "off",
+                                "--out", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = [out / "runs" / name for name in ("looped-k02-s0", "flt-k02-s0")]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all((run / "metrics.jsonl").is_file() for run in runs):
+        time.sleep(0.2)
+    command.send_signal(signal.SIGKILL)
+    command.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all((run / "summary.json").is_file() for run in runs):
+        time.sleep(0.2)
+    for run in runs:
+        assert json.loads((run / "summary.json").read_text())["status"] == "interrupted", run.name
+    sizes = [(run / "metrics.jsonl").stat().st_size for run in runs]
+    time.sleep(1.0)
+    assert sizes == [(run / "metrics.jsonl").stat().st_size for run in runs]  # nobody trains on

@@ -14,7 +14,8 @@ class RecorderCallback(TrainCallback):
     `on_record` (where a run store or detectors plug in).
 
     Loss, learning rate and the pre-clip global grad norm come from the trainer's own
-    host-side history, so they cost no extra sync. A step that diverges (non-finite loss
+    host-side history, so they cost no extra sync (under torchrun the loss there is
+    already the mean over ranks). A step that diverges (non-finite loss
     or grad norm) stops the trainer before `after_step`; when that step is a logged one its
     record is still finished at the end of training, since it is the one that matters most.
     """

@@ -17,6 +17,25 @@ from the expected step: `begin_step(step)` if called, else the one after the las
 `end_step` (0 at first). On steps that are not logged every hook returns at once;
 `after_backward` still adds the shared-grad norm to the window, and keeps the flat
 gradient when the next step is logged.
+
+Under torch.distributed (data parallel: the same weights on every rank, each rank its own
+rows of one global batch) every rank must call `end_step` on the same steps: there the
+ranks' forward statistics are combined into those of the global batch, so each rank gets
+the same record, equal to one process's over the global batch (the detectors then agree
+everywhere). How each combines:
+  resid_norm, rel_update  token sums and token counts add up: the mean over all tokens
+  token_corr              per-sequence unit-vector sums add in squares (sequences stay whole)
+  act_grad_norm           sqrt of the ranks' summed squares / world size: DDP averages the
+                          ranks' losses, so each rank's part of dloss/dx is its own / n
+  attn_entropy, resid_norm/layer_NN   means over equal slices: averaged
+  attn_max_logit          max: a max over the batch is the max of the ranks' maxima
+  loss                    a tensor (a rank's own loss) is averaged; a float is taken as
+                          already global (the trainer passes its mean over ranks)
+A spike on one rank's rows stays visible: its tokens are part of every mean, and a
+non-finite value on any rank makes the combined value non-finite. No max is taken where the
+statistic is a mean, so the record still equals a one-process run's and the detectors'
+thresholds keep their meaning. Gradient statistics need no combining: `after_backward`
+comes after backward, when DDP has already averaged the gradients on every rank.
 """
 
 from __future__ import annotations
@@ -30,9 +49,18 @@ from torch import Tensor, nn
 from torch.linalg import vector_norm
 from torch.utils.hooks import RemovableHandle
 
+from loopdiag import distributed
 from loopdiag.probes.costly import CostlyProbes
 from loopdiag.probes.gradients import GradientProbe
-from loopdiag.probes.records import ForwardBuffer, Record, forward_stats, records_frame, records_loop_frame, to_host
+from loopdiag.probes.records import (
+    ForwardBuffer,
+    Record,
+    forward_stats,
+    records_frame,
+    records_loop_frame,
+    reduce_over_ranks,
+    to_host,
+)
 from loopdiag.probes.stats import LoopSums, as_sequences, reduce_loop_output
 
 if TYPE_CHECKING:
@@ -99,9 +127,13 @@ class LoopRecorder:
             self._grads.discard()
             return None
         grads = self._grads.take()
-        with_grad = [forward for forward in forwards if forward.grad_enabled]
+        forwards = [forward for forward in forwards if forward.grad_enabled] or forwards
+        if distributed.world_size() > 1:
+            reduce_over_ranks(forwards)
+            if isinstance(loss, Tensor):
+                loss = distributed.mean_over_ranks(loss)
         synced = to_host({
-            "forwards": [(f.loops, f.attention, f.layer_norms) for f in with_grad or forwards],
+            "forwards": [(f.loops, f.attention, f.layer_norms) for f in forwards],
             "grads": grads,
             "scalars": {name: _as_scalar(name, value) for name, value in
                         (("loss", loss), ("lr", lr), ("grad_norm", grad_norm)) if value is not None},

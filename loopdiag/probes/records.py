@@ -1,5 +1,6 @@
-"""Records: what one forward collects, the single device-to-host sync, averaging forwards
-into per-loop lists, and the flat and long views of a record (pandas imported lazily)."""
+"""Records: what one forward collects, combining it across ranks, the single device-to-host
+sync, averaging forwards into per-loop lists, and the flat and long views of a record
+(pandas imported lazily)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from loopdiag import distributed
 from loopdiag.probes.stats import LoopSums, finish_loop
 
 if TYPE_CHECKING:
@@ -29,6 +32,50 @@ class ForwardBuffer:
     # loop index -> one entry per call inside that loop (costly tier only)
     attention: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
     layer_norms: dict[int, list[Tensor]] = field(default_factory=dict)
+
+
+def reduce_over_ranks(forwards: Sequence[ForwardBuffer]) -> None:
+    """Replace each forward's sums over this rank's rows by those over the global batch, in
+    place, with one all-reduce (two on a costly step); the rules are in
+    `loopdiag.probes.recorder`. Every rank calls it on the same step with forwards of the
+    same shape, as data-parallel ranks running one model do."""
+    world = distributed.world_size()
+    summed: list[Tensor] = []
+    maxed: list[Tensor] = []
+    for forward in forwards:
+        for sums in forward.loops:
+            norm_sum = sums["norm_sum"]
+            summed += [norm_sum, sums["unit_sum_norm"] ** 2, norm_sum.new_tensor(sums["batch"])]
+            if "rel_sum" in sums:
+                summed.append(sums["rel_sum"])
+            if "act_grad" in sums:  # None: no gradient arrived, NaN once combined
+                act_grad = sums["act_grad"]
+                summed.append(norm_sum.new_tensor(math.nan) if act_grad is None else act_grad**2)
+        for calls in forward.attention.values():
+            summed += [entropy for entropy, _ in calls]
+            maxed += [max_logit for _, max_logit in calls]
+        for norms in forward.layer_norms.values():
+            summed += norms
+    total, highest = _all_reduce(summed, dist.ReduceOp.SUM), _all_reduce(maxed, dist.ReduceOp.MAX)
+    for forward in forwards:  # read back in the order written above
+        for sums in forward.loops:
+            sums["norm_sum"], sums["unit_sum_norm"], sums["batch"] = next(total), next(total).sqrt(), next(total)
+            if "rel_sum" in sums:
+                sums["rel_sum"] = next(total)
+            if "act_grad" in sums:
+                sums["act_grad"] = next(total).sqrt() / world
+        for calls in forward.attention.values():
+            calls[:] = [(next(total) / world, next(highest)) for _ in calls]
+        for norms in forward.layer_norms.values():
+            norms[:] = [next(total) / world for _ in norms]
+
+
+def _all_reduce(values: list[Tensor], op: dist.ReduceOp) -> Iterator[Tensor]:
+    if not values:
+        return iter(())
+    packed = torch.stack(values)
+    dist.all_reduce(packed, op=op)
+    return iter(packed.unbind())
 
 
 def to_host(tree: Any) -> Any:

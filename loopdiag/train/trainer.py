@@ -4,6 +4,11 @@ The trainer is model-agnostic: any module with `logits, loss = model(idx, target
 n_loops=...)` trains. Data comes as a batch source (a callable drawing one (x, y) batch
 from a `torch.Generator`) plus a fixed list of validation batches, so a synthetic task
 plugs in exactly like a corpus.
+
+Under torch.distributed (torchrun) training is data parallel through DDP: every rank draws
+the global batch and trains on its own contiguous rows; the history's loss is the mean over
+ranks; a stop any rank asks for stops every rank on the same step; validation batches are
+shared out; only rank 0 writes checkpoints. No gradient accumulation: one backward a step.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from loopdiag import distributed
 from loopdiag.data import SyntheticTask, TokenCorpus, fixed_batches, get_batch
 from loopdiag.train.config import TrainConfig
 from loopdiag.train.optim import build_optimizers, lr_multiplier, set_lr_multiplier
@@ -39,12 +46,12 @@ class TrainState:
     optimizers: list[torch.optim.Optimizer]
     config: TrainConfig
     step: int = 0  # updates done, counting the one in progress (1-based inside a step)
-    loss: Tensor | None = None  # this step's loss, detached; still on the device
+    loss: Tensor | None = None  # this step's loss (this rank's own), detached; on the device
     lr: float = 0.0  # AdamW learning rate this step (config.lr * lr_scale)
     lr_scale: float = 0.0  # schedule multiplier applied to every param group
     grad_norm: float | None = None  # pre-clip global norm; None until clipping is done
     val_loss: float | None = None  # latest validation loss
-    history: list[dict[str, Any]] = field(default_factory=list)  # one row per step
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per step (loss: mean over ranks)
     diverged_step: int | None = None  # set when the loss or grad norm is non-finite
     should_stop: bool = False
     stop_reason: str | None = None  # a callback's reason, divergence, or interruption
@@ -56,6 +63,7 @@ class TrainCallback:
     forward, backward, `after_backward` (gradients present, before clipping),
     clip, divergence check, optimizer steps, `after_step` (the clipped gradients are
     still present; they are cleared right after), evaluation + `on_eval` when due,
+    `on_step_end` (whether this step is evaluated and stops is now settled, on every rank),
     `before_checkpoint` when a checkpoint is about to be written.
 
     Update-to-weight ratios: snapshot the weights in `after_backward` and compare them in
@@ -68,6 +76,7 @@ class TrainCallback:
     def after_backward(self, state: TrainState) -> None: ...
     def after_step(self, state: TrainState) -> None: ...
     def on_eval(self, state: TrainState) -> None: ...
+    def on_step_end(self, state: TrainState) -> None: ...
     def before_checkpoint(self, state: TrainState) -> None: ...
     def on_train_end(self, state: TrainState) -> None: ...
 
@@ -99,7 +108,9 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
     start_time = time.perf_counter()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
+    device = distributed.rank_device(cfg.device)
+    world = distributed.world_size()
+    rows = distributed.local_rows(cfg.batch_size) if world > 1 else None
     model.to(device).train()
     optimizers = build_optimizers(model, cfg)
     state = TrainState(model=model, optimizers=optimizers, config=cfg)
@@ -117,19 +128,29 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
     loop_kwargs = {} if cfg.n_loops is None else {"n_loops": cfg.n_loops}
     val_batches = list(val_batches)[: cfg.eval_batches]
     params = [p for p in model.parameters() if p.requires_grad]
+    # DDP averages the gradients over the ranks during backward; callbacks, evaluation and
+    # checkpoints keep using `model` itself.
+    forward = model if world == 1 else DistributedDataParallel(
+        model, device_ids=None if device.type == "cpu" else [device])
+    writes_checkpoint = checkpoint_path is not None and distributed.is_main()
 
     def fire(hook: str) -> None:
         for callback in callbacks:
             getattr(callback, hook)(state)
 
+    def agree_to_stop() -> None:
+        state.should_stop, state.stop_reason = distributed.agree_to_stop(state.should_stop, state.stop_reason)
+
     fire("on_train_start")
+    agree_to_stop()
     try:
         while state.step < cfg.steps and not state.should_stop:
             state.lr_scale = lr_multiplier(state.step, cfg)
             state.lr = cfg.lr * state.lr_scale
             set_lr_multiplier(optimizers, state.lr_scale)
-            x, y = (t.to(device, non_blocking=True) for t in train_batches(generator))
-            _, loss = model(x, y, **loop_kwargs)
+            x, y = (t if rows is None else t[rows] for t in train_batches(generator))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            _, loss = forward(x, y, **loop_kwargs)
             loss.backward()
             state.step += 1
             state.loss, state.grad_norm = loss.detach(), None
@@ -137,8 +158,9 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
             grad_norm = _clip_grad_norm(params, cfg.grad_clip)
             # The one host sync per step: the divergence check must happen before the
             # optimizer step (a NaN update poisons the weights), and history needs floats.
+            # The gradients (so grad_norm) are already the same on every rank; the loss is not.
             loss_value, state.grad_norm = torch.stack(
-                [state.loss.float(), grad_norm.float()]).tolist()
+                [distributed.mean_over_ranks(state.loss.float()), grad_norm.float()]).tolist()
             row = {"step": state.step, "train_loss": loss_value, "lr": state.lr,
                    "grad_norm": state.grad_norm}
             state.history.append(row)
@@ -151,15 +173,19 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
             for optimizer in optimizers:
                 optimizer.step()
             fire("after_step")
+            agree_to_stop()  # before eval_due, which depends on it
             model.zero_grad(set_to_none=True)
             last = state.step == cfg.steps or state.should_stop
             if val_batches and eval_due(state):
-                state.val_loss = row["val_loss"] = evaluate(model, val_batches, cfg.n_loops)
+                state.val_loss = row["val_loss"] = distributed.mean_in_shares(
+                    val_batches, functools.partial(evaluate, model, n_loops=cfg.n_loops))
                 fire("on_eval")
+            fire("on_step_end")
+            agree_to_stop()
             if on_progress is not None:
                 on_progress(state.step, cfg.steps, dict(row))
             last = last or state.should_stop
-            if checkpoint_path is not None and (
+            if writes_checkpoint and (
                     last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)):
                 fire("before_checkpoint")
                 _save_run_checkpoint(checkpoint_path, state, generator)

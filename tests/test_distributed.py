@@ -1,0 +1,231 @@
+"""Data-parallel training under torch.distributed: two gloo processes on CPU against one
+process over the same global batch. Same statistics, one run store, one stop step.
+
+The two ranks are started once (`two_ranks`) and go through every scenario in turn,
+saving what each saw; the tests compare that with single-process runs made here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from loopdiag import distributed
+from loopdiag.data import load_corpus
+from loopdiag.models import build_model, preset
+from loopdiag.probes import RecorderCallback, attach
+from loopdiag.runner import RunSpec, run_one
+from loopdiag.store import load_run, read_records
+from loopdiag.train import TrainCallback, TrainConfig, TrainState, corpus_batches, train
+
+WORLD = 2
+TINY = preset("tiny", seq_len=16)
+SPEC = RunSpec("flt", 2)
+CONFIG = TrainConfig(steps=4, batch_size=4, eval_every=2, eval_batches=2)
+LONGER = TrainConfig(steps=8, batch_size=4, eval_every=0)  # runs that should stop at step 3
+FAULT_STEP = 3
+# Two processes differ from one only in the order of float32 sums: DDP all-reduces two
+# half-batch gradients where one process sums the whole batch, and each rank sums its own
+# statistics first. That is ~1e-7 relative per step, and Adam can amplify it over steps
+# where a gradient coordinate is near 0 (it divides by the coordinate's own scale); the
+# largest difference measured here was 1.2e-6 (rel_update). 1e-4 leaves a wide margin,
+# while a real error (a rank's half counted twice or missing, a norm summed instead of its
+# square) is off by 1e-1 or more.
+CLOSE = dict(rel=1e-4, abs=1e-6, nan_ok=True)
+# sign_flip is a fraction of ~10^4 coordinates: one near-0 coordinate rounding the other
+# way moves it by 1e-4.
+SIGN_FLIP_ABS = 1e-3
+
+
+class ScaleOutput:
+    """A fault on one rank: from training step `start` on, `module`'s output in this rank's
+    `model` is multiplied by `factor`. Training forwards are counted on the model."""
+
+    def __init__(self, model: torch.nn.Module, module: torch.nn.Module, start: int, factor: float):
+        self.start, self.factor, self.forwards = start, factor, 0
+        model.register_forward_pre_hook(self._count)
+        module.register_forward_hook(self._scale)  # registered before the recorder's: it sees the fault
+
+    def _count(self, module, args) -> None:
+        self.forwards += module.training
+
+    def _scale(self, module, args, output):
+        return output * self.factor if module.training and self.forwards >= self.start else None
+
+
+class StopOnLocalLoss(TrainCallback):
+    """The same on every rank: asks to stop when this rank's own loss (`state.loss`, not
+    the mean over ranks) passes `limit`."""
+
+    def __init__(self, limit: float):
+        self.limit = limit
+
+    def after_step(self, state: TrainState) -> None:
+        local = state.loss.item()
+        if local > self.limit:
+            state.should_stop = True
+            state.stop_reason = f"local loss {local:.3g} > {self.limit} on rank {distributed.rank()}"
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("flt", TINY.with_(n_loops=2))
+
+
+def costly_records() -> list[dict]:
+    """Two steps with the costly statistics (attention, per layer) on every logged step."""
+    model, config = tiny_model(), TrainConfig(steps=2, batch_size=4, eval_every=0)
+    source, val = corpus_batches(load_corpus(), config, TINY.seq_len)
+    with attach(model, stats="full", costly_every=1) as recorder:
+        train(model, source, val, config, callbacks=[RecorderCallback(recorder)])
+    return recorder.records
+
+
+def exploding_on_rank_1(arch, config):
+    model = build_model(arch, config)
+    if distributed.rank() == 1:  # its residual stream; the final norm keeps its loss as it was
+        ScaleOutput(model, model.loop_out, FAULT_STEP, 1e5)
+    return model
+
+
+def rank_main(rank: int, store_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    # A stop the ranks disagreed on would leave one waiting in a collective: fail, not hang.
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    out_dir, corpus, seen = Path(out), load_corpus(), {}
+    try:
+        # Every rank is handed the same run folder, as `loopdiag run` under torchrun does.
+        outcome = run_one(SPEC, TINY, CONFIG, corpus, out_dir / "same" / SPEC.run_id)
+        seen["same"] = {"steps_done": outcome.steps_done, "loss": outcome.final_train_loss}
+        seen["costly"] = costly_records()
+
+        # residual_blowup judged from the first record on, so a few steps are enough
+        with mock.patch("loopdiag.runner.build_model", exploding_on_rank_1):
+            outcome = run_one(SPEC, TINY, LONGER, corpus, out_dir / "blowup" / SPEC.run_id,
+                              stop_on="critical", thresholds={"residual_blowup": {"warmup": 0, "smooth": 1}})
+        seen["blowup"] = {"steps_done": outcome.steps_done, "status": outcome.status}
+
+        model = tiny_model()
+        if rank == 1:  # confident nonsense from step 3: rank 1's own loss soars
+            ScaleOutput(model, model.lm_head, FAULT_STEP, 1e3)
+        source, val = corpus_batches(corpus, LONGER, TINY.seq_len)
+        result = train(model, source, val, LONGER, callbacks=[StopOnLocalLoss(limit=10.0)])
+        seen["local_stop"] = {"steps_done": result.steps_done, "reason": result.stop_reason,
+                              "losses": [row["train_loss"] for row in result.history]}
+
+        with pytest.raises(ValueError) as error:
+            train(tiny_model(), source, val, TrainConfig(steps=1, batch_size=5))
+        seen["odd_batch"] = str(error.value)
+    finally:
+        dist.destroy_process_group()
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("two-ranks")
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):
+        mp.spawn(rank_main, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD)
+    return out, [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+
+
+def assert_same_records(records: list[dict], reference: list[dict]) -> None:
+    assert [r["step"] for r in records] == [r["step"] for r in reference]
+    for record, expected in zip(records, reference):
+        assert record.keys() == expected.keys()
+        for key, value in expected.items():
+            tolerance = dict(abs=SIGN_FLIP_ABS) if key == "sign_flip" else CLOSE
+            assert record[key] == pytest.approx(value, **tolerance), (record["step"], key)
+
+
+def test_two_ranks_record_what_one_process_records(two_ranks, tmp_path):
+    out, (rank0, rank1) = two_ranks
+    one = run_one(SPEC, TINY, CONFIG, load_corpus(), tmp_path / SPEC.run_id)
+    records, reference = read_records(out / "same" / SPEC.run_id), read_records(tmp_path / SPEC.run_id)
+    for stat in ("loss", "val_loss", "resid_norm", "act_grad_norm", "grad_norm", "grad_cos", "update_ratio"):
+        assert any(stat in record for record in reference), stat  # compared below, not vacuously
+    assert_same_records(records, reference)
+    assert rank0["same"] == rank1["same"]  # the history's loss is the mean over ranks on each
+    assert rank0["same"]["loss"] == pytest.approx(one.final_train_loss, **CLOSE)
+
+
+def test_only_rank_0_writes_the_run_store(two_ranks):
+    out, _ = two_ranks
+    (run_dir,) = (out / "same").iterdir()
+    assert sorted(path.name for path in run_dir.iterdir()) == [
+        "checkpoint.pt", "config.json", "events.jsonl", "metrics.jsonl", "summary.json"]
+    assert [record["step"] for record in read_records(run_dir)] == [1, 2, 3, 4]  # each step once
+
+
+def test_costly_statistics_combine_like_one_process(two_ranks):
+    _, (rank0, rank1) = two_ranks
+    assert rank0["costly"] == rank1["costly"]  # one record on every rank: the detectors agree
+    assert {"attn_entropy", "attn_max_logit", "resid_norm/layer_02"} <= rank0["costly"][-1].keys()
+    assert_same_records(rank0["costly"], costly_records())
+
+
+def test_collapse_on_rank_1_stops_both_ranks_at_its_step(two_ranks):
+    out, (rank0, rank1) = two_ranks
+    assert rank0["blowup"] == rank1["blowup"] == {"steps_done": FAULT_STEP, "status": "collapsed"}
+    run = load_run(out / "blowup" / SPEC.run_id)
+    assert run.summary["stopped_by"].startswith(f"residual_blowup (critical) at step {FAULT_STEP}")
+    # The combined record carries rank 1's signal at its true weight: half the tokens of the
+    # global batch grew 1e5-fold, so the mean grew about 5e4-fold (not 1e5: rank 0's did not).
+    before, after = (record["resid_norm"][-1] for record in read_records(run.run_dir)[FAULT_STEP - 2:FAULT_STEP])
+    assert 0.3e5 < after / before < 0.7e5
+
+
+def test_a_stop_one_rank_asks_for_stops_every_rank(two_ranks):
+    _, (rank0, rank1) = two_ranks
+    assert rank0["local_stop"]["steps_done"] == rank1["local_stop"]["steps_done"] == FAULT_STEP
+    assert rank1["local_stop"]["reason"].startswith("local loss")
+    assert rank1["local_stop"]["reason"].endswith("on rank 1")
+    assert rank0["local_stop"]["reason"] == f"rank 1: {rank1['local_stop']['reason']}"
+    assert rank0["local_stop"]["losses"] == rank1["local_stop"]["losses"]
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(two_ranks):
+    _, (rank0, rank1) = two_ranks
+    assert rank0["odd_batch"] == rank1["odd_batch"]
+    assert "batch_size 5 does not split over 2 ranks" in rank0["odd_batch"]
+
+
+TINY_SUITE = textwrap.dedent("""
+    name = "two-ranks"
+    archs = ["flt"]
+    loops = [2]
+    steps = 3
+    [model]
+    preset = "tiny"
+    seq_len = 16
+    [train]
+    batch_size = 4
+    eval_batches = 2
+""")
+
+
+def test_torchrun_runs_a_suite_with_two_ranks(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY_SUITE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+               "-m", "loopdiag", "run", "tiny.toml", "--wandb", "off", "--out", "out"]
+    done = subprocess.run(command, check=False, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = tmp_path / "out" / "runs"
+    assert sorted(path.name for path in runs.iterdir()) == ["flt-k02-s0", "suite.json"]
+    assert [record["step"] for record in read_records(runs / "flt-k02-s0")] == [1, 2, 3]
+    assert load_run(runs / "flt-k02-s0").summary["status"] == "stable"
+    assert (tmp_path / "out" / "report.md").is_file()
+    assert done.stdout.count("loopdiag run two-ranks") == 1  # rank 0 speaks for both
