@@ -7,6 +7,7 @@ Exit codes: 0 done (a run that diverges or collapses is a result, not a failure)
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
 import shlex
@@ -63,6 +64,10 @@ def run(
     stop_on_collapse: Annotated[bool | None, typer.Option(
         "--stop-on-collapse/--no-stop-on-collapse", help="Stop a run when a detector goes critical (default: the suite's).",
         show_default=False)] = None,
+    only: Annotated[list[str] | None, typer.Option(
+        help="KEY=V1,V2 (repeatable; KEY: arch, loops, lr, seed): train only the suite's runs that "
+             "match, e.g. to finish part of a suite with --resume; the report covers every run "
+             "finished.", show_default=False)] = None,
     shard: Annotated[str | None, typer.Option(
         help="i/n: train only shard i of n (0-based) of the suite's runs, for several machines "
              "sharing --out; `loopdiag report` merges them.", show_default=False)] = None,
@@ -101,7 +106,13 @@ def run(
 
     out = out or Path("reports") / spec.name
     suite_dir = out / RUNS_FOLDER
-    cells = shard_cells(spec.cells(), shard_of)
+    try:
+        accepts = cell_filter(only or [], spec.train.lr)
+    except ValueError as error:
+        raise bad_input(str(error)) from None
+    cells = [cell for cell in shard_cells(spec.cells(), shard_of) if accepts(cell)]
+    if not cells:
+        raise bad_input(f"--only {' '.join(only or [])} matches none of the suite's runs")
     if distributed.is_main():
         _prepare_suite_dir(suite_dir, spec, cells, resume=resume, overwrite=overwrite)
     distributed.barrier()  # the other ranks read the suite folder only once rank 0 is done with it
@@ -120,7 +131,7 @@ def run(
     os.environ.setdefault("WANDB_CONSOLE", "off")
     with LiveProgress(console, cells, spec.train.steps) as progress:
         results = run_suite(spec, suite_dir, jobs=jobs, resume=resume, wandb_mode=wandb_mode,
-                            shard=shard_of, on_message=progress.handle)
+                            shard=shard_of, only=accepts, on_message=progress.handle)
     if not distributed.is_main():
         return
     errors = [r for r in results if r.error]
@@ -151,6 +162,29 @@ def _report_errors(errors: list) -> None:
         console.print(f"[red]{result.run_id} failed:[/]\n{result.error}", highlight=False, soft_wrap=True)
     if errors:
         raise typer.Exit(code=1)
+
+
+CELL_KEYS = {"arch": str, "loops": int, "lr": float, "seed": int}
+
+
+def cell_filter(conditions: list[str], default_lr: float):
+    """`--only` conditions as a predicate on run specs: every condition must hold."""
+    wanted: dict[str, set] = {}
+    for condition in conditions:
+        key, _, values = condition.partition("=")
+        if key not in CELL_KEYS or not values:
+            raise ValueError(f"--only takes KEY=V1,V2 with KEY one of {', '.join(CELL_KEYS)}; got {condition!r}")
+        try:
+            wanted[key] = {CELL_KEYS[key](value) for value in values.split(",")}
+        except ValueError:
+            raise ValueError(f"--only {key}: {values!r} are not {CELL_KEYS[key].__name__}s") from None
+
+    def accepts(cell) -> bool:
+        lr = default_lr if cell.lr is None else cell.lr
+        return (cell.arch in wanted.get("arch", {cell.arch}) and cell.n_loops in wanted.get("loops", {cell.n_loops})
+                and cell.seed in wanted.get("seed", {cell.seed})
+                and any(math.isclose(lr, x) for x in wanted.get("lr", {lr})))
+    return accepts
 
 
 def _parse_shard(shard: str | None) -> tuple[int, int]:

@@ -72,8 +72,10 @@ def shard_cells(cells: list[RunSpec], shard: tuple[int, int]) -> list[RunSpec]:
 
 def run_suite(suite: ProbeSuite, suite_dir: Path, *, jobs: int = 1, resume: bool = False,
               wandb_mode: str | None = None, shard: tuple[int, int] = (0, 1),
+              only: Callable[[RunSpec], bool] | None = None,
               on_message: Send | None = None) -> list[CellResult]:
-    """Train the cells of `suite` (those of `shard` i/n) into `suite_dir`; `jobs` > 1 trains
+    """Train the cells of `suite` (those of `shard` i/n, and of them those `only` accepts)
+    into `suite_dir`; `jobs` > 1 trains
     that many at once in worker processes (torch threads split between them). With
     `resume`, finished runs are kept, interrupted ones continue from their checkpoint. A
     cell that raises is reported in its `CellResult` and the others go on. Shards of one
@@ -81,7 +83,7 @@ def run_suite(suite: ProbeSuite, suite_dir: Path, *, jobs: int = 1, resume: bool
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     every_cell = suite.cells()
-    specs = shard_cells(every_cell, shard)
+    specs = [spec for spec in shard_cells(every_cell, shard) if only is None or only(spec)]
     if distributed.is_main():
         write_suite_manifest(suite_dir, suite.to_dict(), {
             spec.run_id: {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed,

@@ -344,3 +344,24 @@ def test_killing_the_command_interrupts_its_workers_runs(tmp_path):
     sizes = [(run / "metrics.jsonl").stat().st_size for run in runs]
     time.sleep(1.0)
     assert sizes == [(run / "metrics.jsonl").stat().st_size for run in runs]  # nobody trains on
+
+
+def test_only_trains_part_of_a_suite_and_resume_finishes_it(tmp_path):
+    suite = tmp_path / "part.toml"
+    suite.write_text('archs = ["looped", "flt"]\nloops = [1, 2]\nsteps = 3\n[model]\npreset = "tiny"\n')
+    common = ["run", str(suite), "--jobs", "1", "--wandb", "off", "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, [*common, "--only", "arch=flt", "--only", "loops=2"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "out" / "runs").iterdir() if p.is_dir()] == ["flt-k02-s0"]
+    assert len(load_suite(tmp_path / "out" / "runs").manifest["runs"]) == 4  # the whole suite, planned
+    assert "planned 4 runs; 3 are not in this report" in (tmp_path / "out" / "report.md").read_text()
+    result = runner.invoke(app, [*common, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert len(load_suite(tmp_path / "out" / "runs").runs) == 4
+
+
+@pytest.mark.parametrize(("only", "message"), [("colour=red", "KEY one of arch, loops, lr, seed"),
+                                                ("loops=two", "are not ints"), ("arch=nope", "matches none")])
+def test_bad_only_is_refused(tmp_path, only, message):
+    result = runner.invoke(app, ["run", "--only", only, "--out", str(tmp_path)])
+    assert result.exit_code == 2 and message in result.output.replace("\n", "")

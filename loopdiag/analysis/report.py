@@ -86,7 +86,7 @@ def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
     blocks += [
         Paragraph("Regenerate this report from the run store with:"),
         Code(command),
-        Paragraph(_scope(table)),
+        Paragraph(_scope(table) + _missing(suite)),
         Heading("Findings"),
         Bullets(findings(table)),
         Heading("Stability per cell"),
@@ -128,6 +128,17 @@ def _scope(table: pd.DataFrame) -> str:
 
     return (f"{len(table)} runs: architectures {', '.join(dict.fromkeys(table['arch']))}; "
             f"loops {listed('n_loops')}; seeds {listed('seed')}; learning rates {listed('lr')}.")
+
+
+def _missing(suite: SuiteData) -> str:
+    """What the suite planned but the store does not hold (not run, or unfinished)."""
+    planned = [run["run_id"] for run in (suite.manifest or {}).get("runs", [])]
+    missing = [run_id for run_id in planned if run_id not in suite.runs]
+    if not missing:
+        return ""
+    shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    return (f" The suite planned {len(planned)} runs; {len(missing)} are not in this report "
+            f"(not run or unfinished): {shown}.")
 
 
 def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
