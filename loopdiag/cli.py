@@ -7,12 +7,10 @@ Exit codes: 0 done (a run that diverges or collapses is a result, not a failure)
 from __future__ import annotations
 
 import json
-import math
 import netrc
 import os
 import shlex
 import shutil
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +20,7 @@ from rich.console import Console
 
 from loopdiag import distributed
 from loopdiag.console import LiveProgress, stability_table
-from loopdiag.launch import cpu_count, run_suite, shard_cells
+from loopdiag.launch import cell_filter, cpu_count, run_suite, shard_cells
 from loopdiag.suite import ProbeSuite, SuiteError, apply_overrides, load_probe_suite
 
 RUNS_FOLDER = "runs"  # the run store inside a report folder
@@ -58,7 +56,8 @@ def run(
     optimizer: Annotated[str | None, typer.Option(help="adamw, or muon (Muon for block matrices).")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant-decay (the paper's) or cosine.")] = None,
     log_every: Annotated[int | None, typer.Option(help="Record probe statistics every n steps.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Report folder; the run store goes in its runs/. Default: reports/<suite name>.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Report folder; the run store goes in its runs/. Default: reports/<suite name>.")] = None,
     wandb: Annotated[str, typer.Option(help="off, offline (no account; `wandb sync` uploads later) or online.")] = "offline",
     jobs: Annotated[int, typer.Option(help="Runs trained at once, in worker processes; 0: one per CPU core (at most 8).")] = 0,
     stop_on_collapse: Annotated[bool | None, typer.Option(
@@ -71,9 +70,11 @@ def run(
     shard: Annotated[str | None, typer.Option(
         help="i/n: train only shard i of n (0-based) of the suite's runs, for several machines "
              "sharing --out; `loopdiag report` merges them.", show_default=False)] = None,
-    resume: Annotated[bool, typer.Option(help="Continue a suite in --out: finished runs are kept, interrupted ones resume.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue a suite in --out: finished runs are kept, interrupted ones resume.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the runs already in --out.")] = False,
-    quick: Annotated[bool, typer.Option(help="A fast smoke run: tiny models, at most 40 steps, loops 1 and the largest.")] = False,
+    quick: Annotated[bool, typer.Option(
+        help="A fast smoke run: tiny models, at most 40 steps, loops 1 and the largest.")] = False,
 ) -> None:
     """Train a probe suite (architectures x loop counts x learning rates x seeds) with the
     probes and live collapse alerts, then write the report and print the stability table.
@@ -120,7 +121,8 @@ def run(
     jobs = 1 if ranks > 1 else jobs or min(8, cpu_count())
     spec = spec.with_(command=_command_line(context))
     console.print(
-        f"[bold]loopdiag run[/] {spec.name}{f' shard {shard}' if shard else ''}: {len(cells)} runs ({', '.join(spec.archs)} x loops "
+        f"[bold]loopdiag run[/] {spec.name}{f' shard {shard}' if shard else ''}: {len(cells)} runs "
+        f"({', '.join(spec.archs)} x loops "
         f"{list(spec.loops)}{_plural(len(spec.lrs), 'lr')}{_plural(len(spec.seeds), 'seed')}), "
         f"{spec.train.steps} steps each, d_model={spec.model.d_model}, L={spec.model.n_layers}, "
         f"data {spec.data.describe()}, {min(jobs, len(cells))} at a time{f' on {ranks} ranks' if ranks > 1 else ''}",
@@ -153,7 +155,8 @@ def run(
 
         figures = {path.stem: path for path in sorted((report_path.parent / "figures").glob("*.png"))}
         log_suite(spec.name, table, figures, mode=wandb_mode, dir=suite_dir)
-        console.print(f"W&B ({wandb_mode}): {suite_dir / 'wandb'}" + ("  (upload with `wandb sync`)" if wandb_mode == "offline" else ""))
+        sync_hint = "  (upload with `wandb sync`)" if wandb_mode == "offline" else ""
+        console.print(f"W&B ({wandb_mode}): {suite_dir / 'wandb'}{sync_hint}")
     _report_errors(errors)
 
 
@@ -162,29 +165,6 @@ def _report_errors(errors: list) -> None:
         console.print(f"[red]{result.run_id} failed:[/]\n{result.error}", highlight=False, soft_wrap=True)
     if errors:
         raise typer.Exit(code=1)
-
-
-CELL_KEYS = {"arch": str, "loops": int, "lr": float, "seed": int}
-
-
-def cell_filter(conditions: list[str], default_lr: float):
-    """`--only` conditions as a predicate on run specs: every condition must hold."""
-    wanted: dict[str, set] = {}
-    for condition in conditions:
-        key, _, values = condition.partition("=")
-        if key not in CELL_KEYS or not values:
-            raise ValueError(f"--only takes KEY=V1,V2 with KEY one of {', '.join(CELL_KEYS)}; got {condition!r}")
-        try:
-            wanted[key] = {CELL_KEYS[key](value) for value in values.split(",")}
-        except ValueError:
-            raise ValueError(f"--only {key}: {values!r} are not {CELL_KEYS[key].__name__}s") from None
-
-    def accepts(cell) -> bool:
-        lr = default_lr if cell.lr is None else cell.lr
-        return (cell.arch in wanted.get("arch", {cell.arch}) and cell.n_loops in wanted.get("loops", {cell.n_loops})
-                and cell.seed in wanted.get("seed", {cell.seed})
-                and any(math.isclose(lr, x) for x in wanted.get("lr", {lr})))
-    return accepts
 
 
 def _parse_shard(shard: str | None) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import math
 import multiprocessing
 import os
 import queue
@@ -68,6 +69,30 @@ def shard_cells(cells: list[RunSpec], shard: tuple[int, int]) -> list[RunSpec]:
     if not 0 <= index < count:
         raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
     return cells[index::count]
+
+
+CELL_KEYS = {"arch": str, "loops": int, "lr": float, "seed": int}
+
+
+def cell_filter(conditions: list[str], default_lr: float) -> Callable[[RunSpec], bool]:
+    """`KEY=V1,V2` conditions (`loopdiag run --only`) as a predicate on run specs: every
+    condition must hold; a run without its own lr has `default_lr`."""
+    wanted: dict[str, set] = {}
+    for condition in conditions:
+        key, _, values = condition.partition("=")
+        if key not in CELL_KEYS or not values:
+            raise ValueError(f"--only takes KEY=V1,V2 with KEY one of {', '.join(CELL_KEYS)}; got {condition!r}")
+        try:
+            wanted[key] = {CELL_KEYS[key](value) for value in values.split(",")}
+        except ValueError:
+            raise ValueError(f"--only {key}: {values!r} are not {CELL_KEYS[key].__name__}s") from None
+
+    def accepts(cell: RunSpec) -> bool:
+        lr = default_lr if cell.lr is None else cell.lr
+        return (cell.arch in wanted.get("arch", {cell.arch}) and cell.n_loops in wanted.get("loops", {cell.n_loops})
+                and cell.seed in wanted.get("seed", {cell.seed})
+                and any(math.isclose(lr, x) for x in wanted.get("lr", {lr})))
+    return accepts
 
 
 def run_suite(suite: ProbeSuite, suite_dir: Path, *, jobs: int = 1, resume: bool = False,
