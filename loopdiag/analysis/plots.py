@@ -236,7 +236,8 @@ def plot_loop_scaling(frame: pd.DataFrame) -> Figure:
                                zorder=3)
                 add_end_label(labels, ax, line.index.tolist(), line.tolist(),
                               f"K={train_loops}", colour)
-            ax.set_xticks(sorted(frame["eval_loops"].unique()))
+            ticks = sorted(frame["eval_loops"].unique())
+            ax.set_xticks(ticks if len(ticks) <= 7 else [*ticks[:-1:2], ticks[-1]])  # room for 12
             ax.margins(x=0.3)
             ax.set_title(arch if row == 0 else "", fontsize=10)
             ax.set_xlabel("inference loops K'" if row == len(metrics) - 1 else "")
