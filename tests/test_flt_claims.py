@@ -1,27 +1,19 @@
 """The FLT-claims script's rules, on synthetic suite tables (no training, no run store)."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from benchmark_scripts import loaded
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "flt_claims.py"
 LRS = (3e-3, 1e-2, 3e-2, 1e-1)
 LOOPS = (1, 2, 4, 6, 9, 12)
 
 
 @pytest.fixture(scope="module")
 def claims():
-    spec = importlib.util.spec_from_file_location("flt_claims", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from loaded("flt_claims.py", "flt_claims")
 
 
 def runs(arch, loops=LOOPS, lrs=LRS, seeds=(0, 1), **fields):
