@@ -1,4 +1,4 @@
-"""Train a grid of (architecture, loop count, seed) cells, each into its own run folder.
+"""Train one cell (architecture, loop count, seed, learning rate) into its own run folder.
 
 A run is: build the model, attach the recorder, train, and on every logged step write the
 record to the run store and feed it to the live detectors; at the end write the verdict.
@@ -8,7 +8,7 @@ the detectors on the same combined records; only rank 0 writes files, W&B and al
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from loopdiag.detect import verdict
 from loopdiag.models import ModelConfig, build_model
 from loopdiag.monitor import AlertSink, EventLogSink, Monitor
 from loopdiag.probes import RecorderCallback, attach
-from loopdiag.store import RunWriter, read_records, write_suite_manifest
+from loopdiag.store import RunWriter, read_records
 from loopdiag.train import (
     TrainCallback,
     TrainConfig,
@@ -31,18 +31,6 @@ from loopdiag.train import (
     train,
 )
 from loopdiag.wandb_logging import WandbRun
-
-# The default comparison trains in a few minutes on two CPU cores: FLT against the plain
-# looped model and the compute-matched non-looped one. `--arch` adds the others.
-DEFAULT_ARCHS = ("standard", "looped", "flt")
-LOOP_LADDER = (1, 4)
-
-
-def loop_grid(max_loops: int) -> list[int]:
-    """The loop counts compared up to `max_loops`: 1, 4 and the maximum."""
-    if max_loops < 1:
-        raise ValueError(f"--loops must be >= 1, got {max_loops}")
-    return sorted({k for k in LOOP_LADDER if k < max_loops} | {max_loops})
 
 
 @dataclass(frozen=True)
@@ -148,7 +136,7 @@ class RunLogger(TrainCallback):
             self.writer.log(self.pending)
             if self.wandb_run is not None:
                 self.wandb_run.log_record(self.pending)
-            self.pending = None
+        self.pending = None  # a rank that writes nothing drops it too
 
 
 def run_config(spec: RunSpec, model_config: ModelConfig, train_config: TrainConfig,
@@ -221,27 +209,3 @@ def run_one(
         final_val_loss=result.final_val_loss, last_loop_resid_norm=last_resid,
         wall_time_s=result.wall_time_s,
     )
-
-
-def run_grid(
-    specs: Sequence[RunSpec],
-    model_config: ModelConfig,
-    train_config: TrainConfig,
-    data: TokenCorpus | SyntheticTask,
-    suite_dir: Path,
-    suite_spec: dict[str, Any],
-    on_run_start: Callable[[int, RunSpec], None] | None = None,
-    **run_options: Any,
-) -> Iterator[RunOutcome]:
-    """Run every spec in order into `suite_dir/<run_id>/`; `suite.json` lists them all
-    up front, so a suite interrupted midway still loads what it completed."""
-    lrs = {spec: train_config.lr if spec.lr is None else spec.lr for spec in specs}
-    if distributed.is_main():
-        write_suite_manifest(suite_dir, suite_spec, {
-            spec.run_id: {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed, "lr": lrs[spec]}
-            for spec in specs
-        })
-    for index, spec in enumerate(specs):
-        if on_run_start is not None:
-            on_run_start(index, spec)
-        yield run_one(spec, model_config, train_config, data, suite_dir / spec.run_id, **run_options)
