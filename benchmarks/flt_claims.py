@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from loopdiag.analysis.analyzer import FAILED
 from loopdiag.analysis.document import Block, Bullets, Heading, Paragraph, Table, to_markdown
 from loopdiag.analysis.report import LOOP_SCALING_FILE
 from loopdiag.analysis.tables import suite_table
@@ -33,7 +32,10 @@ from loopdiag.store import RunStoreWarning, SuiteData, load_suite
 DEFAULT_LR = 3e-3  # the suites' default learning rate
 FAILED_TO_TRAIN_RATIO = 1.10
 MOST_LOOPS = 12
-FINISHED = ("stable", *FAILED)
+# The verdicts the rules below were written against, fixed before the runs; a
+# failed_to_train verdict is judged by the rules' own failed-to-train test instead.
+FAILED = ("collapsed", "diverged")
+FINISHED = ("stable", *FAILED, "failed_to_train")
 SUPPORTED, CONTRADICTED, CANNOT_TELL = "supported", "contradicted", "cannot tell"
 DEFAULT_TASK_SUITE = Path("reports/flt-stability-task/runs")
 

@@ -261,7 +261,7 @@ def analyze(
             judged = run_verdict(run)
             console.print(f"[bold]{run.run_id}[/]: {judged['status']}"
                           f"{' (recomputed from the store)' if judged.get('recomputed') else ''}")
-            if judged["status"] in ("collapsed", "diverged"):
+            if judged["status"] in ("collapsed", "diverged", "failed_to_train"):
                 console.print(explain(run, judged), soft_wrap=True)
             return
         table = suite_table(load_suite(path))
@@ -275,10 +275,32 @@ def report(
     suite: Annotated[Path, typer.Argument(help="A report folder (with runs/) or a suite folder.")],
     out: Annotated[Path | None, typer.Option(help="Report folder. Default: the report folder given, "
                                                    "else reports/<suite name>.")] = None,
+    rejudge: Annotated[bool, typer.Option(
+        help="First replay today's detectors over every run's records and rewrite the stored "
+             "verdicts and events (after the detectors changed; training is not repeated).")] = False,
 ) -> None:
     """Regenerate a suite's report (markdown, HTML, figures, table) from its run store alone."""
     store = _store(suite)
+    if rejudge:
+        _rejudge(store)
     _write_report(store, out or (suite if store != suite else Path("reports") / suite.name))
+
+
+def _rejudge(store: Path) -> None:
+    from loopdiag.analysis.rejudge import rejudge_suite
+
+    changed = []
+
+    def note(run_id: str, old: str | None, new: str) -> None:
+        if old != new:
+            changed.append(f"{run_id}: {old} -> {new}")
+
+    try:
+        statuses = rejudge_suite(store, on_run=note)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        raise bad_input(str(error)) from None
+    console.print(f"rejudged {len(statuses)} runs; {len(changed)} verdicts changed"
+                  + "".join(f"\n  {line}" for line in changed))
 
 
 def _write_report(store: Path, out: Path) -> Path:

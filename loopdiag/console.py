@@ -87,9 +87,11 @@ def stability_table(table: pd.DataFrame) -> Table:
         out.add_column(column, justify="left" if column in ("arch", "verdict") else "right",
                        no_wrap=column != "verdict", min_width=len(column))
     for row in table.itertuples():
-        failed = row.status in ("collapsed", "diverged")
-        verdict = (f"[red]{row.status} @{int(row.failure_step)} {row.signal}[/]"
-                   if failed and not pd.isna(row.failure_step) else row.status)
+        failed = row.status in ("collapsed", "diverged", "failed_to_train")
+        mechanism = getattr(row, "mechanism", None)
+        what = row.status.replace("_", " ") + (f" ({mechanism})" if isinstance(mechanism, str) else "")
+        verdict = (f"[red]{what} @{int(row.failure_step)} {row.signal}[/]"
+                   if failed and not pd.isna(row.failure_step) else what)
         out.add_row(row.arch, str(row.n_loops), *([f"{row.lr:g}"] if swept else []), str(row.seed),
                     _fmt(row.final_loss), _fmt(row.final_val_loss), _fmt(row.resid_growth_steps),
                     _fmt(row.oscillation), verdict)

@@ -35,6 +35,7 @@ from loopdiag.models import ARCHITECTURES
 from loopdiag.runner import RunOutcome, RunSpec, run_one
 from loopdiag.store import write_suite_manifest
 from loopdiag.store._files import SUMMARY_FILE
+from loopdiag.store.reference import reference_run
 from loopdiag.suite import ProbeSuite
 
 # (kind, run_id, payload): "start" {}, "progress" {step, total, loss}, "event" {event dict},
@@ -150,11 +151,14 @@ def _run_cell(job: CellJob, send: Send) -> CellResult:
         outcome = None
         if job.train:
             send(("start", run_id, {}))
+            cell = {"arch": job.spec.arch, "n_loops": job.spec.n_loops, "seed": job.spec.seed,
+                    "lr": suite.train.lr if job.spec.lr is None else job.spec.lr}
             outcome = run_one(
                 job.spec, suite.model, suite.train, suite.data.load(), job.run_dir,
                 log_every=suite.log_every, thresholds=suite.thresholds,
                 sinks=[_MessageSink(send, run_id)],
                 stop_on="critical" if suite.stop_on_collapse else None, resume=job.resume,
+                reference=reference_run(job.run_dir.parent, cell),
                 wandb_mode=job.wandb_mode, wandb_group=suite.name,
                 on_progress=lambda step, total, metrics: send(
                     ("progress", run_id, {"step": step, "total": total,

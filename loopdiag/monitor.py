@@ -13,6 +13,8 @@ from typing import Any, Protocol
 from loopdiag.detect import SEVERITIES, Detector, Event, default_detectors
 
 SEVERITY_STYLE = {"info": "cyan", "warn": "yellow", "critical": "bold red"}
+# Records after which a detector that judged none says so (its statistic is not recorded).
+NOT_JUDGED_AFTER = 10
 
 
 class AlertSink(Protocol):
@@ -70,17 +72,21 @@ class Monitor:
         sinks: Iterable[AlertSink] = (),
         stop_on: str | None = None,
         thresholds: Mapping[str, Mapping[str, Any]] | None = None,
+        expected_loss: float | None = None,
     ):
         if stop_on is not None and stop_on not in SEVERITIES:
             raise ValueError(f"stop_on must be one of {', '.join(SEVERITIES)} or None, got {stop_on!r}")
-        if detectors is not None and thresholds:
-            raise ValueError("pass either detectors or thresholds for the default detectors, not both")
-        self.detectors = list(detectors) if detectors is not None else default_detectors(**(thresholds or {}))
+        if detectors is not None and (thresholds or expected_loss is not None):
+            raise ValueError("pass either detectors or thresholds / expected_loss for the default "
+                             "detectors, not both")
+        self.detectors = (list(detectors) if detectors is not None
+                          else default_detectors(expected_loss, **(thresholds or {})))
         self.sinks = list(sinks)
         self.stop_on = stop_on
         self.events: list[Event] = []
         self.stop_event: Event | None = None
         self._broken_sinks: set[int] = set()
+        self._records = 0
 
     @property
     def should_stop(self) -> bool:
@@ -88,17 +94,45 @@ class Monitor:
 
     def update(self, record: Mapping[str, Any]) -> list[Event]:
         fired = [event for detector in self.detectors for event in detector.update(record)]
-        for event in fired:
-            self.events.append(event)
-            self._dispatch(event)
-            if self.stop_event is None and self._at_least(event.severity, self.stop_on):
-                self.stop_event = event
+        self._records += 1
+        if self._records == NOT_JUDGED_AFTER and self.not_judged():
+            fired.append(self._not_judged_event(record))
+        self._fire(fired)
+        return fired
+
+    def finish(self) -> list[Event]:
+        """The detectors' end-of-run judgements (call once, when training ended)."""
+        fired = [event for detector in self.detectors for event in detector.finish()]
+        self._fire(fired)
         return fired
 
     def restore(self, record: Mapping[str, Any]) -> None:
         """Feed an already-judged record (a resumed run's history): the detectors catch up
         and its events count towards the verdict, but nothing is sent and nothing stops."""
+        self._records += 1
         self.events.extend(event for detector in self.detectors for event in detector.update(record))
+
+    def not_judged(self) -> dict[str, tuple[str, ...]]:
+        """Detectors that have judged no record so far, with the record keys they read:
+        what this run's records lack (a user's model without token correlations, say)."""
+        return {detector.name: detector.reads for detector in self.detectors
+                if detector.records_judged == 0 and detector.reads}
+
+    def _not_judged_event(self, record: Mapping[str, Any]) -> Event:
+        missing = sorted({key for keys in self.not_judged().values() for key in keys})
+        step = record.get("step")
+        return Event(step=step if isinstance(step, int) else self._records, detector="monitor",
+                     severity="info", evidence={"not_judged": self.not_judged()},
+                     message=(f"Not judged on this run (its records carry no "
+                              f"{', '.join(missing)}): {', '.join(self.not_judged())}; "
+                              f"the other detectors apply."))
+
+    def _fire(self, fired: list[Event]) -> None:
+        for event in fired:
+            self.events.append(event)
+            self._dispatch(event)
+            if self.stop_event is None and self._at_least(event.severity, self.stop_on):
+                self.stop_event = event
 
     def _dispatch(self, event: Event) -> None:
         for index, sink in enumerate(self.sinks):

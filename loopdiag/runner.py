@@ -53,7 +53,7 @@ class RunOutcome:
     n_loops: int
     seed: int
     lr: float
-    status: str  # stable | collapsed | diverged | interrupted
+    status: str  # stable | collapsed | diverged | failed_to_train | interrupted
     failure_step: int | None
     signal: str | None
     steps_done: int
@@ -119,10 +119,13 @@ class RunLogger(TrainCallback):
     def on_train_end(self, state: TrainState) -> None:
         self._write_pending()
         interrupted = (state.stop_reason or "").startswith("interrupted")
+        if not interrupted and not state.should_stop:
+            self.monitor.finish()  # the end-of-run judgements (a run stopped early has none)
         self.summary = {
             **verdict(self.records, self.monitor.events, finished=not interrupted),
             "steps_done": state.step if state.diverged_step is None else state.step - 1,
             "stopped_by": state.stop_reason if state.should_stop else None,
+            "not_judged": sorted(self.monitor.not_judged()),
         }
         if interrupted:
             self.summary["status"] = "interrupted"
@@ -142,7 +145,7 @@ class RunLogger(TrainCallback):
 def run_config(spec: RunSpec, model_config: ModelConfig, train_config: TrainConfig,
                data: TokenCorpus | SyntheticTask, probes: dict[str, Any],
                detectors: dict[str, Any]) -> dict[str, Any]:
-    """The fully resolved configuration a run folder records (DESIGN §4)."""
+    """The fully resolved configuration a run folder records (see `loopdiag.store`)."""
     return {
         "cell": {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed, "lr": train_config.lr},
         "model": model_config.to_dict(),
@@ -168,25 +171,31 @@ def run_one(
     wandb_mode: str | None = None,
     wandb_group: str | None = None,
     on_progress: Callable[[int, int, dict], None] | None = None,
+    reference: tuple[str, float] | None = None,
 ) -> RunOutcome:
     """Train one cell into `run_dir` on a corpus (next-byte prediction) or a synthetic task
     (loss on the answer bytes). `thresholds` overrides the default detectors' by name
     (`{"loss_spike": {"z": 8}}`) and is recorded under `detectors` in the config.
     `wandb_mode` "offline" or "online" mirrors the run to W&B (one W&B run per training run,
     grouped by `wandb_group`); None keeps it local. Under torchrun every rank calls it with
-    the same arguments; `sinks` and W&B are used on rank 0 only."""
+    the same arguments; `sinks` and W&B are used on rank 0 only. `reference` (run id, loss)
+    names the run whose final smoothed loss this one should reach (the same architecture
+    with one loop): the detectors' `expected_loss`, recorded under `reference`."""
     model_config = model_config.with_(n_loops=spec.n_loops)
     train_config = replace(train_config, seed=spec.seed, n_loops=None,
                            lr=train_config.lr if spec.lr is None else spec.lr)
     probes = {"loop_module": "loop_out", "stats": "cheap", "log_every": log_every}
     config = run_config(spec, model_config, train_config, data, probes, thresholds or {})
+    if reference is not None:
+        config["reference"] = {"run": reference[0], "expected_loss": reference[1]}
     main = distributed.is_main()
     sinks = sinks if main else ()
     wandb_run = None
     if wandb_mode is not None and main:
         wandb_run = WandbRun(spec.run_id, config, group=wandb_group, mode=wandb_mode, dir=run_dir.parent)
         sinks = [*sinks, wandb_run]
-    monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=thresholds)
+    monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=thresholds,
+                      expected_loss=None if reference is None else reference[1])
     torch.manual_seed(spec.seed)  # the same seed gives the same initial weights
     model = build_model(spec.arch, model_config)
     if isinstance(data, SyntheticTask):

@@ -244,7 +244,9 @@ def test_report_has_table_command_explanations_and_figures(suite_dir: Path, tabl
                  "lr_sensitivity", "loop_scaling"):
         assert f"figures/{name}.png" in text and f'data-source="figures/{name}.png"' in html
         assert (tmp_path / "out" / "figures" / f"{name}.svg").is_file()
-    assert html.count("data:image/png;base64,") == 6
+    # the six suite figures and one per-loop figure for the collapsed run
+    assert f"figures/loops_{COLLAPSED}.png" in text
+    assert html.count("data:image/png;base64,") == 7
     assert len(pd.read_csv(tmp_path / "out" / "table.csv")) == 16
 
 
@@ -275,7 +277,7 @@ def test_missing_summary_is_recomputed(suite_dir: Path, tmp_path: Path) -> None:
     assert judged[COLLAPSED]["status"] == "collapsed"
     assert judged[COLLAPSED]["first_warning_step"] < judged[COLLAPSED]["step"]
     text = explain(load_run(tmp_path / COLLAPSED), judged[COLLAPSED])
-    assert f"collapsed at step {judged[COLLAPSED]['step']}" in text
+    assert f"collapsed ({judged[COLLAPSED]['mechanism']}) at step {judged[COLLAPSED]['step']}" in text
     first_replayed = judged[COLLAPSED]["events"][0]["step"]
     assert first_replayed != 45 and f"at step {first_replayed}" in text  # replayed events
 

@@ -46,12 +46,42 @@ def test_non_finite_tail_fails_against_the_reference(bench):
     assert onset == 11
 
 
-def scored_run(bench, name, kind, onset, alarm_steps, detector="collapse_plateau", steps=STEPS):
+def scored_run(bench, name, kind, onset, alarm_steps, detector="collapse_plateau", steps=STEPS,
+               status="stable", first_warning=None):
+    judged = {"status": status, "first_warning_step": first_warning, "step": None,
+              "signal": None, "mechanism": None}
     return bench.ScoredRun(
-        name=name, setting=bench.SETTINGS[0], seed=1, label=bench.Label(kind, onset), steps=steps,
+        name=name, group="g", expected="–", seed=1, label=bench.Label(kind, onset), steps=steps,
         final_smoothed_loss=2.0, warmup_resid_growth=1.0,
         alarms=tuple({"step": s, "detector": detector, "severity": "warn", "message": ""}
-                     for s in alarm_steps))
+                     for s in alarm_steps),
+        verdicts={mode: judged for mode in bench.MODES})
+
+
+def test_verdict_scores_count_against_the_labels(bench):
+    runs = [
+        scored_run(bench, "caught-early", "failed to train", 100, [], status="collapsed",
+                   first_warning=30),  # 30 <= 15 % of 300 steps
+        scored_run(bench, "caught-late", "failed to train", 100, [], status="failed_to_train",
+                   first_warning=200),
+        scored_run(bench, "missed", "rose", 150, [], status="stable"),
+        scored_run(bench, "rose-warned", "rose", 150, [], status="collapsed", first_warning=140),
+        scored_run(bench, "healthy", "healthy", None, []),
+        scored_run(bench, "false-collapse", "healthy", None, [], status="collapsed"),
+    ]
+    v = bench.score_verdicts(runs, bench.MODES[0])
+    assert (v.failed, v.failed_not_stable, v.healthy, v.healthy_collapsed) == (4, 3, 2, 1)
+    assert (v.never_trained, v.never_trained_early, v.rose, v.rose_before_onset) == (2, 1, 2, 1)
+    assert v.failed_statuses == {"collapsed": 2, "failed_to_train": 1, "stable": 1}
+
+
+def test_study_labels_against_the_healthy_one_loop_loss(bench):
+    assert bench.study_label(records(LEARNING), 2.0).kind == "healthy"
+    stuck = bench.study_label(records(np.maximum(LEARNING, 3.3)), 2.0)
+    assert stuck.kind == "failed to train" and stuck.onset == 1
+    rising = LEARNING.copy()
+    rising[200:] = 4.0
+    assert bench.study_label(records(rising), 2.0).kind == "rose"
 
 
 def test_score_counts_recall_lead_and_false_alarms(bench):

@@ -27,7 +27,7 @@ from loopdiag.store import event_frame, read_records
 LOSS_COLUMNS = ("loss", "train_loss")  # the recorder's name first, the trainer's second
 FINAL_FRACTION = 0.1
 CELL_KEYS = ("arch", "n_loops", "seed", "lr")
-FAILED = ("collapsed", "diverged")
+FAILED = ("collapsed", "diverged", "failed_to_train")
 WARNING_SEVERITIES = ("warn", "critical")
 
 
@@ -120,12 +120,14 @@ def run_verdict(run: RunData) -> dict[str, Any]:
         return {**run.summary, "recomputed": False}
     records = read_records(run.run_dir)
     overrides = run.config.get("detectors")
-    events = replay(records, default_detectors(**overrides) if isinstance(overrides, dict)
-                    else default_detectors())
     train = run.config.get("train") if isinstance(run.config.get("train"), dict) else {}
     planned = train.get("steps")
     last = records[-1]["step"] if records else 0
     finished = planned is None or last >= planned
+    reference = run.config.get("reference") if isinstance(run.config.get("reference"), dict) else {}
+    events = replay(records, default_detectors(reference.get("expected_loss"),
+                                               **(overrides if isinstance(overrides, dict) else {})),
+                    finished=finished)
     return {**verdict(records, events, finished=finished), "recomputed": True,
             "events": [event.to_dict() for event in events]}
 
@@ -157,9 +159,11 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
     if status not in FAILED:
         return (f"{who} ended {status} at step {_last_step(run)}; final train loss "
                 f"{_fmt(final_loss(run.steps))}, best {_fmt(best_loss(run.steps))}.")
-    sentences = [f"{who} {status} at step {judged.get('step')} "
+    mechanism = f" ({judged['mechanism']})" if judged.get("mechanism") else ""
+    what = status.replace("_", " ")
+    sentences = [f"{who} {what}{mechanism} at step {judged.get('step')} "
                  f"(signal: {judged.get('signal') or 'unnamed'}).",
-                 _first_signal(run, judged), _residual_story(run)]
+                 _verdict_message(judged), _first_signal(run, judged), _residual_story(run)]
     oscillation = oscillation_index(run.steps)
     if not math.isnan(oscillation):
         sentences.append(f"Gradient oscillation index (mean of max(0, -cos) between consecutive "
@@ -173,6 +177,12 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
         sentences.append(f"Train loss ended at {_fmt(final_loss(run.steps))} against a best of "
                          f"{_fmt(finite.min())}.")
     return " ".join(sentence for sentence in sentences if sentence)
+
+
+def _verdict_message(judged: dict[str, Any]) -> str:
+    """What the deciding event said, for verdicts stored with it."""
+    message = judged.get("message")
+    return f"What broke: {message}" if isinstance(message, str) and message else ""
 
 
 def _first_signal(run: RunData, judged: dict[str, Any]) -> str:

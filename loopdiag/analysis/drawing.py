@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 STATUS_COLOURS = {"stable": "#8fd18f", "collapsed": "#f5b041", "diverged": "#e5533d",
-                  "interrupted": "#c8c8c8"}
+                  "failed_to_train": "#b39ddb", "interrupted": "#c8c8c8"}
+MECHANISM_LABELS = {"representation": "repr.", "gradient": "grad.", "residual": "resid.",
+                    "plateau": "plateau", "loss": "loss"}
 NO_RUN_COLOUR = "#ffffff"
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from loopdiag.analysis.analyzer import LOSS_COLUMNS
 from loopdiag.analysis.drawing import (
+    MECHANISM_LABELS,
     NO_RUN_COLOUR,
     STATUS_COLOURS,
     EndLabels,
@@ -34,8 +35,15 @@ if TYPE_CHECKING:
 STAT_UNITS = {"resid_norm": "mean token L2 norm, log", "act_grad_norm": "L2 norm of dloss/dx, log",
               "rel_update": "relative change from the previous loop, log"}
 
-__all__ = ["plot_loop_residuals", "plot_loop_scaling", "plot_loss_curves", "plot_lr_sensitivity",
-           "plot_oscillation_vs_loops", "plot_stability_map", "save_figure"]
+__all__ = ["plot_loop_mechanism", "plot_loop_residuals", "plot_loop_scaling", "plot_loss_curves",
+           "plot_lr_sensitivity", "plot_oscillation_vs_loops", "plot_stability_map", "save_figure"]
+
+# What each panel of `plot_loop_mechanism` shows: (stat, transform, y label).
+MECHANISM_PANELS = (
+    ("token_corr", lambda v: np.abs(1 - v), "1 − token correlation (0: all positions identical)"),
+    ("rel_update", lambda v: v, "relative update of the loop"),
+    ("act_grad_norm", lambda v: v, "gradient norm at the loop's output"),
+)
 
 
 def plot_loop_residuals(loops: pd.DataFrame, stat: str = "resid_norm") -> Figure:
@@ -72,7 +80,8 @@ def plot_loop_residuals(loops: pd.DataFrame, stat: str = "resid_norm") -> Figure
 
 def plot_stability_map(table: pd.DataFrame) -> Figure:
     """Arch × K grid per LR: colour = verdict (all runs stable, else the commonest
-    failure), text = mean final loss and, with several seeds, the fraction stable."""
+    failure), text = mean final loss, a collapse's mechanism and, with several seeds, the
+    fraction stable."""
     from matplotlib.patches import Patch
 
     archs = list(dict.fromkeys(table["arch"]))
@@ -94,8 +103,8 @@ def plot_stability_map(table: pd.DataFrame) -> Figure:
         ax.set_xlabel("loops K")
         ax.set_title(f"lr {lr:g}" if len(by_lr) > 1 else "")
     shown = [s for s in STATUS_COLOURS if s != "interrupted" or s in set(table["status"])]
-    figure.legend(handles=[Patch(color=STATUS_COLOURS[s], label=s) for s in shown],
-                  loc="outside lower center", ncol=4, frameon=False, fontsize=8)
+    figure.legend(handles=[Patch(color=STATUS_COLOURS[s], label=s.replace("_", " ")) for s in shown],
+                  loc="outside lower center", ncol=5, frameon=False, fontsize=8)
     several_runs = table.groupby(["arch", "n_loops", "lr"], dropna=False).size().max() > 1
     figure.suptitle("Verdict per cell; text: mean final train loss"
                     + (", runs stable / runs" if several_runs else ""))
@@ -115,6 +124,10 @@ def _stability_cell(cell: pd.DataFrame) -> tuple[Any, str]:
     status = "stable" if failures.empty else failures.mode().iloc[0]
     losses = cell["final_loss"][np.isfinite(cell["final_loss"])]
     text = f"{losses.mean():.3g}" if len(losses) else "NaN"
+    if status == "collapsed" and "mechanism" in cell.columns:  # what broke, in short
+        mechanisms = cell.loc[cell["status"] == "collapsed", "mechanism"].dropna()
+        if len(mechanisms):
+            text += f"\n{MECHANISM_LABELS.get(mechanisms.mode().iloc[0], mechanisms.mode().iloc[0])}"
     if len(cell) > 1:
         text += f"\n{int((cell['status'] == 'stable').sum())}/{len(cell)} stable"
     if failures.nunique() > 1:  # the colour shows one failure; name them all
@@ -244,4 +257,30 @@ def plot_loop_scaling(frame: pd.DataFrame) -> Figure:
         axes[row][0].set_ylabel(metric)
     place_end_labels(labels)
     figure.suptitle("Test-time loop scaling: trained at K (star), evaluated at K'")
+    return figure
+
+
+def plot_loop_mechanism(loops: pd.DataFrame, title: str = "") -> Figure:
+    """One run's loops over training: 1 − token correlation, relative update and gradient
+    norm per loop (one line per loop, log scale), the three signs of a looped collapse.
+    `loops` is the run's long table (step, loop, stat, value); absent stats are skipped."""
+    panels = [(stat, transform, label) for stat, transform, label in MECHANISM_PANELS
+              if (loops["stat"] == stat).any()]
+    figure, axes = new_figure(1, max(1, len(panels)), panel_size=(4.2, 3.0))
+    for ax, (stat, transform, label) in zip(axes[0], panels):
+        table = loops[loops["stat"] == stat].pivot_table(index="step", columns="loop",
+                                                         values="value", aggfunc="first")
+        colours = loop_colours(list(table.columns))
+        values = transform(table.to_numpy(dtype=float))
+        # float32 rounding makes identical positions read as ±1e-7; draw them at a floor
+        floor = 1e-8
+        for index, loop in enumerate(table.columns):
+            ax.plot(table.index, np.clip(values[:, index], floor, None), color=colours[loop],
+                    linewidth=1.0, label=f"loop {loop}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=9)
+    if panels:
+        axes[0][-1].legend(fontsize=6, ncol=2, frameon=False, loc="best")
+    figure.suptitle(title or "Per-loop signs of a looped collapse")
     return figure

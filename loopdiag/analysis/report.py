@@ -41,7 +41,8 @@ from loopdiag.store import SuiteData, load_suite
 
 LOOP_SCALING_FILE = "loop_scaling.csv"
 LOOP_SCALING_COLUMNS = ("arch", "train_loops", "eval_loops", "metric", "value")
-REPORT_COLUMNS = ("run_id", "arch", "n_loops", "lr", "seed", "status", "failure_step", "signal",
+REPORT_COLUMNS = ("run_id", "arch", "n_loops", "lr", "seed", "status", "mechanism", "failure_step",
+                  "signal",
                   "final_loss", "best_loss", "final_val_loss", "resid_growth_steps",
                   "resid_ratio_loops", "oscillation", "first_warning_step", "warning_lead")
 DEFINITIONS = [
@@ -52,8 +53,11 @@ DEFINITIONS = [
     "resid_ratio_loops: residual norm of the last loop / of loop 1, at the end.",
     "oscillation: mean of max(0, -cos) between consecutive gradients of the shared weights, "
     "second half of training (0: never reverses, 1: reverses every step).",
-    "failure_step: the verdict's step for a collapsed or diverged run; warning_lead: steps "
-    "from the first detector event to it.",
+    "status: stable, collapsed (mechanism: representation, gradient, residual, plateau or "
+    "loss), diverged, failed_to_train (a loss stalled or ended ≥ 10% above what the same "
+    "architecture reaches with one loop) or interrupted.",
+    "failure_step: the verdict's step for a failed run; warning_lead: steps from the first "
+    "detector event to it.",
 ]
 
 
@@ -96,7 +100,7 @@ def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
         blocks += [Heading("Stable learning-rate range"), Table(stable_lr_range(table))]
     blocks += [Heading("Figures")]
     blocks += _figures(suite, table, at_lr, loop_scaling, out_dir)
-    blocks += [Heading("Failed runs")] + _explanations(suite, table)
+    blocks += [Heading("Failed runs")] + _explanations(suite, table, out_dir)
     shown = table[list(REPORT_COLUMNS)].dropna(axis=1, how="all")
     blocks += [Heading("All runs"), Table(shown), Heading("Definitions"), Bullets(DEFINITIONS)]
 
@@ -181,12 +185,31 @@ def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
     return blocks
 
 
-def _explanations(suite: SuiteData, table: pd.DataFrame) -> list[Block]:
+# Per-loop figures for at most this many collapsed runs (the first of each cell): a big
+# sweep's report stays readable and quick to draw.
+MAX_MECHANISM_FIGURES = 12
+
+
+def _explanations(suite: SuiteData, table: pd.DataFrame, out_dir: Path) -> list[Block]:
+    """A paragraph per failed run; collapsed runs also get their per-loop token correlation,
+    relative update and gradient over steps (one run per cell, at most
+    `MAX_MECHANISM_FIGURES`)."""
     failed = table[table["status"].isin(FAILED)]
     if failed.empty:
-        return [Paragraph("No run collapsed or diverged.")]
+        return [Paragraph("No run collapsed, diverged or failed to train.")]
     blocks: list[Block] = []
-    for run_id in failed["run_id"]:
-        run = suite.runs[run_id]
-        blocks += [Heading(run_id, 3), Paragraph(explain(run, run_verdict(run)))]
+    drawn: set[tuple] = set()
+    for row in failed.itertuples():
+        run = suite.runs[row.run_id]
+        blocks += [Heading(row.run_id, 3), Paragraph(explain(run, run_verdict(run)))]
+        cell = (row.arch, row.n_loops, row.lr)
+        if (row.status == "collapsed" and cell not in drawn and len(drawn) < MAX_MECHANISM_FIGURES
+                and not run.loops.empty):
+            drawn.add(cell)
+            name = f"loops_{row.run_id}"
+            plots.save_figure(plots.plot_loop_mechanism(run.loops, f"{row.run_id}: its loops over "
+                                                                    f"training"),
+                              out_dir / "figures" / name)
+            blocks.append(Image(f"figures/{name}.png", "1 − token correlation, relative update and "
+                                                       "gradient norm per loop over steps."))
     return blocks

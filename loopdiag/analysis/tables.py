@@ -26,7 +26,7 @@ from loopdiag.analysis.analyzer import (
 from loopdiag.store import RunData, SuiteData, load_run
 
 TABLE_COLUMNS = (
-    "run_id", "arch", "n_loops", "lr", "seed", "status", "failure_step", "signal",
+    "run_id", "arch", "n_loops", "lr", "seed", "status", "mechanism", "failure_step", "signal",
     "final_loss", "best_loss", "final_val_loss", "resid_growth_steps", "resid_ratio_loops",
     "oscillation", "first_warning_step", "warning_lead", "last_step", "recomputed",
 )
@@ -65,7 +65,8 @@ def _row(run_id: str, run: RunData, cell: dict[str, object]) -> dict[str, object
     growth, across = residual_growth(run)
     return {
         "run_id": run_id, **cell,
-        "status": judged.get("status"), "failure_step": failure_step,
+        "status": judged.get("status"), "mechanism": judged.get("mechanism"),
+        "failure_step": failure_step,
         "signal": judged.get("signal") if failed else None,
         "final_loss": final_loss(run.steps), "best_loss": best_loss(run.steps),
         "final_val_loss": final_val_loss(run.steps),

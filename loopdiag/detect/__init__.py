@@ -2,15 +2,25 @@
 
 Each detector reads one record per logged step (`update(record) -> list[Event]`) and
 fires events with evidence; `replay` runs them over a saved run; `verdict` turns a run's
-records and events into stable / collapsed / diverged / interrupted. Nothing here needs
-torch: a run recorded on a cluster is judged on a laptop.
+records and events into stable / collapsed (with its mechanism) / diverged / failed to
+train / interrupted. Nothing here needs torch: a run recorded on a cluster is judged on a
+laptop.
 """
 
-from loopdiag.detect.anchors import MegatronSpike, OlmoSpike, ZScore30, anchor_detectors
+from loopdiag.detect.anchors import FoundryHighLoss, MegatronSpike, OlmoSpike, ZScore30, anchor_detectors
 from loopdiag.detect.blowup import ResidualBlowup, ResidualBlowupConfig
 from loopdiag.detect.base import SEVERITIES, Detector, DetectorConfig, Event, replay
 from loopdiag.detect.collapse import CollapsePlateau, CollapsePlateauConfig
+from loopdiag.detect.failure import FailedToTrain, FailedToTrainConfig
 from loopdiag.detect.gradient import GradientOscillation, GradientOscillationConfig
+from loopdiag.detect.loops import (
+    DeadLoops,
+    DeadLoopsConfig,
+    RepresentationCollapse,
+    RepresentationCollapseConfig,
+    VanishingGradient,
+    VanishingGradientConfig,
+)
 from loopdiag.detect.loss import (
     LossSpike,
     LossSpikeConfig,
@@ -22,14 +32,20 @@ from loopdiag.detect.loss import (
 from loopdiag.detect.registry import DETECTORS, default_detectors
 from loopdiag.detect.residual import ResidualExplosion, ResidualExplosionConfig
 from loopdiag.detect.update import UpdateSize, UpdateSizeConfig
-from loopdiag.detect.verdict import STATUSES, ground_truth_onset, verdict
+from loopdiag.detect.verdict import MECHANISMS, STATUSES, ground_truth_onset, verdict
 
 __all__ = [
     "DETECTORS",
+    "MECHANISMS",
     "SEVERITIES",
     "STATUSES",
     "CollapsePlateau",
     "CollapsePlateauConfig",
+    "DeadLoops",
+    "DeadLoopsConfig",
+    "FailedToTrain",
+    "FailedToTrainConfig",
+    "FoundryHighLoss",
     "Detector",
     "DetectorConfig",
     "Event",
@@ -41,6 +57,8 @@ __all__ = [
     "NonFinite",
     "NonFiniteConfig",
     "OlmoSpike",
+    "RepresentationCollapse",
+    "RepresentationCollapseConfig",
     "ResidualBlowup",
     "ResidualBlowupConfig",
     "ResidualExplosion",
@@ -49,6 +67,8 @@ __all__ = [
     "SlowDivergenceConfig",
     "UpdateSize",
     "UpdateSizeConfig",
+    "VanishingGradient",
+    "VanishingGradientConfig",
     "ZScore30",
     "anchor_detectors",
     "default_detectors",

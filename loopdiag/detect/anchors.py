@@ -146,6 +146,84 @@ class MegatronSpike(Detector):
             "thresholds": {"factor": self.config.factor, "num_samples": self.config.num_samples}})
 
 
+@dataclass(frozen=True)
+class FoundryHighLossConfig(DetectorConfig):
+    cooldown: int = 0
+    # llm-foundry sizes the window as 5 % of the run's batches, at least 100; a detector
+    # does not know the run's length, so the minimum, which is what runs of up to 2,000
+    # steps get.
+    window: int = 100
+    max_loss_cap: float = 10.0
+    outlier_multiplier: float = 2.0
+    patience: int = 4
+
+    def _validate(self) -> None:
+        require(self.window >= 2, f"window must be >= 2, got {self.window}")
+        require(self.max_loss_cap > 0, f"max_loss_cap must be > 0, got {self.max_loss_cap}")
+        require(self.outlier_multiplier > 1,
+                f"outlier_multiplier must be > 1, got {self.outlier_multiplier}")
+        require(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
+
+
+class FoundryHighLoss(Detector):
+    """llm-foundry's `KillLossSpike` callback (llmfoundry/callbacks/kill_loss_spike_callback.py).
+
+    Once its window of losses is full: a loss ≥ `outlier_multiplier` × the window's mean
+    for more than `patience` records in a row is a spike; otherwise, from twice the window
+    on, at least half the window above the loss cap (the first window's maximum, at most
+    `max_loss_cap`) is a persistently high loss. The window holds the losses before the
+    current one, as there.
+    """
+
+    name = "llmfoundry_high_loss"
+    config_class = FoundryHighLossConfig
+    config: FoundryHighLossConfig
+
+    def _reset_state(self) -> None:
+        self._window: deque[float] = deque(maxlen=self.config.window)
+        self._seen = 0
+        self._loss_cap: float | None = None
+        self._outliers = 0
+
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        loss = finite_scalar(record, "loss")
+        if loss is None:
+            return UNJUDGED
+        self._seen += 1
+        try:
+            return self._judge(loss, record.get("step"))
+        finally:
+            self._window.append(loss)
+
+    def _judge(self, loss: float, step: Any) -> Finding | None | Unjudged:
+        if len(self._window) < self.config.window:
+            return UNJUDGED
+        if self._loss_cap is None:
+            self._loss_cap = min(max(self._window), self.config.max_loss_cap)
+        mean = float(np.mean(self._window))
+        thresholds = {"window": self.config.window, "loss_cap": self._loss_cap,
+                      "outlier_multiplier": self.config.outlier_multiplier,
+                      "patience": self.config.patience}
+        if loss >= self.config.outlier_multiplier * mean:
+            self._outliers += 1
+            if self._outliers > self.config.patience:
+                return Finding("warn", f"Loss {loss:.4g} at step {step} has been ≥ "
+                                       f"{self.config.outlier_multiplier:g}× the window mean "
+                                       f"{mean:.4g} for {self._outliers} records.",
+                               {"loss": loss, "mean": mean, "outliers": self._outliers,
+                                "thresholds": thresholds})
+        else:
+            self._outliers = 0
+        if self._seen <= 2 * self.config.window:
+            return None
+        high = sum(value > self._loss_cap for value in self._window)
+        if high < self.config.window / 2:
+            return None
+        return Finding("warn", f"{high} of the last {len(self._window)} losses are above the "
+                               f"cap {self._loss_cap:.4g} (the first window's maximum).",
+                       {"loss": loss, "high_losses": high, "thresholds": thresholds})
+
+
 def anchor_detectors() -> list[Detector]:
-    """The three anchor rules with their sources' defaults."""
-    return [OlmoSpike(), ZScore30(), MegatronSpike()]
+    """The four anchor rules with their sources' defaults."""
+    return [OlmoSpike(), ZScore30(), MegatronSpike(), FoundryHighLoss()]

@@ -101,6 +101,11 @@ class Detector(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[DetectorConfig]] = DetectorConfig
+    # What a critical event of this detector says broke ("representation", "gradient",
+    # "residual", "plateau", "loss"); the verdict names it. None: not a collapse detector.
+    mechanism: ClassVar[str | None] = None
+    # Record keys the detector reads, named when a run never carries any of them.
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: DetectorConfig | None = None, **thresholds: Any) -> None:
         if config is not None and thresholds:
@@ -115,6 +120,8 @@ class Detector(ABC):
     def reset(self) -> None:
         """Forget everything seen, as if no record had arrived."""
         self._records_seen = 0
+        self._last_step = 0
+        self.records_judged = 0
         self._latched: str | None = None
         self._clear_streak = 0
         self._reset_state()
@@ -122,9 +129,12 @@ class Detector(ABC):
     def update(self, record: Mapping[str, Any]) -> list[Event]:
         """Judge one record; the events it fires (mostly none)."""
         self._records_seen += 1
+        step = record.get("step")
+        self._last_step = int(step) if is_int(step) else self._records_seen
         finding = self._check(record)
         if finding is UNJUDGED:
             return []
+        self.records_judged += 1
         if finding is None:
             self._clear_streak += 1
             if self._latched is not None and self._clear_streak >= self.config.cooldown:
@@ -137,10 +147,23 @@ class Detector(ABC):
             return []
         if self.config.cooldown > 0:
             self._latched = finding.severity
-        step = record.get("step")
-        return [Event(step=int(step) if is_int(step) else self._records_seen,
-                      detector=self.name, severity=finding.severity,
-                      message=finding.message, evidence=plain(finding.evidence))]
+        return [self._event(self._last_step, finding)]
+
+    def finish(self) -> list[Event]:
+        """Judge the run as a whole once it has ended (after its last record): the events
+        that only the end can tell. Most detectors have none."""
+        finding = self._check_end()
+        if finding is None or (self._latched is not None
+                               and _RANK[finding.severity] <= _RANK[self._latched]):
+            return []
+        return [self._event(self._last_step, finding)]
+
+    def _check_end(self) -> Finding | None:
+        return None
+
+    def _event(self, step: int, finding: Finding) -> Event:
+        return Event(step=step, detector=self.name, severity=finding.severity,
+                     message=finding.message, evidence=plain(finding.evidence))
 
     @abstractmethod
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
@@ -154,9 +177,11 @@ class Detector(ABC):
         return f"{type(self).__name__}({self.config})"
 
 
-def replay(records: Iterable[Mapping[str, Any]], detectors: Iterable[Detector]) -> list[Event]:
+def replay(records: Iterable[Mapping[str, Any]], detectors: Iterable[Detector], *,
+           finished: bool = False) -> list[Event]:
     """Feed saved records through `detectors` (reset first) exactly as training would have:
-    the events, in record order, then detector order."""
+    the events, in record order, then detector order; with `finished`, the run ended
+    there and each detector's end-of-run judgement follows."""
     detectors = list(detectors)
     for detector in detectors:
         detector.reset()
@@ -164,6 +189,9 @@ def replay(records: Iterable[Mapping[str, Any]], detectors: Iterable[Detector]) 
     for record in records:
         for detector in detectors:
             events.extend(detector.update(record))
+    if finished:
+        for detector in detectors:
+            events.extend(detector.finish())
     return events
 
 

@@ -4,6 +4,11 @@
 already exploded during that warm-up becomes its own baseline and looks calm. This
 detector compares with the very first record instead (initialisation), where every
 reference model starts at ‖N(e)‖ = √d, and needs only a few records.
+
+A growing stream alone is not a collapse: the non-looped model at a high learning rate
+grows its stream 1,000–8,000× and trains as well as at a low one. So past
+`growth_critical` it is critical only with a loss or representation symptom
+(`loopdiag.detect.symptoms.Symptoms`), and warns otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, loop_values, require
+from loopdiag.detect.symptoms import Symptoms, validate_expected_loss
 
 
 @dataclass(frozen=True)
@@ -23,34 +29,52 @@ class ResidualBlowupConfig(DetectorConfig):
     warmup: int = 5
     cooldown: int = 20
     smooth: int = 5  # rolling median over this many records, so one odd batch never fires
+    # Records it judges: the start of a run, until `residual_explosion` has its baseline
+    # (warm-up 50 + 20). A stream that grows 100× over hundreds of records is a long run
+    # growing its weights, not a blow-up.
+    horizon: int = 70
     # Set on the seed-0 runs of the detection benchmark, which it does not score: over 300
     # steps the healthy settings grew at most 25× over their first record (5-record median);
     # the four collapsing settings reached 104×, 300×, 74,000× and 2,000,000× by step 30.
     # Warn at 4× the healthiest growth seen; critical an order of magnitude further.
     growth_warn: float = 100.0
     growth_critical: float = 1000.0
+    # The symptom that makes a blow-up a collapse (see `Symptoms`).
+    gap: float = 0.10
+    min_progress: float = 0.02
+    expected_loss: float | None = None
 
     def _validate(self) -> None:
+        validate_expected_loss(self.expected_loss)
+        require(self.gap > 0 and self.min_progress > 0,
+                f"gap and min_progress must be > 0, got {self.gap}, {self.min_progress}")
         require(self.smooth >= 1, f"smooth must be >= 1, got {self.smooth}")
+        require(self.horizon >= self.warmup, f"horizon must be >= warmup, got {self.horizon}")
         require(1 < self.growth_warn <= self.growth_critical,
                 f"need 1 < growth_warn <= growth_critical, got {self.growth_warn}, {self.growth_critical}")
 
 
 class ResidualBlowup(Detector):
     """Last-loop residual norm r_K over its value at the first record, as a rolling median
-    over `smooth` records → warn ≥ `growth_warn`, critical ≥ `growth_critical`."""
+    over `smooth` records, during the first `horizon` records → warn ≥ `growth_warn`;
+    critical ≥ `growth_critical` with a loss or representation symptom."""
 
     name = "residual_blowup"
+    mechanism = "residual"
+    reads = ("resid_norm",)
     config_class = ResidualBlowupConfig
     config: ResidualBlowupConfig
 
     def _reset_state(self) -> None:
         self._initial: tuple[int, float] | None = None  # (step, r_K) of the first record
         self._recent: deque[float] = deque(maxlen=self.config.smooth)
+        self._symptoms = Symptoms(self.config.gap, self.config.expected_loss, self.config.min_progress)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        self._symptoms.update(record)
         norms = loop_values(record, "resid_norm")
-        if norms is None or not (math.isfinite(norms[-1]) and norms[-1] > 0):
+        if (norms is None or not (math.isfinite(norms[-1]) and norms[-1] > 0)
+                or self._records_seen > self.config.horizon):
             return UNJUDGED
         if self._initial is None:
             self._initial = (record.get("step"), float(norms[-1]))
@@ -58,14 +82,14 @@ class ResidualBlowup(Detector):
         initial_step, initial = self._initial
         current = statistics.median(self._recent)
         growth = current / initial
-        if growth >= self.config.growth_critical:
-            severity = "critical"
-        elif growth >= self.config.growth_warn:
-            severity = "warn"
-        else:
+        if growth < self.config.growth_warn:
             return None
-        return Finding(severity, f"Last-loop residual norm {current:.4g} is {growth:.0f}× its value "
-                                 f"{initial:.4g} at step {initial_step}.",
+        symptom = self._symptoms.current() if growth >= self.config.growth_critical else None
+        message = f"Last-loop residual norm {current:.4g} is {growth:.0f}× its value {initial:.4g} at step {initial_step}"
+        if symptom is not None:
+            message += f", and {symptom}"
+        return Finding("critical" if symptom else "warn", message + ".",
                        {"resid_norm_last": current, "initial": initial, "initial_step": initial_step,
-                        "growth": growth, "thresholds": {"growth_warn": self.config.growth_warn,
-                                                         "growth_critical": self.config.growth_critical}})
+                        "growth": growth, "symptom": symptom,
+                        "thresholds": {"growth_warn": self.config.growth_warn,
+                                       "growth_critical": self.config.growth_critical}})

@@ -153,6 +153,7 @@ class SlowDivergence(Detector):
     """
 
     name = "slow_divergence"
+    mechanism = "loss"
     config_class = SlowDivergenceConfig
     config: SlowDivergenceConfig
 

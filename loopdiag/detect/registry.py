@@ -9,19 +9,26 @@ from typing import Any
 from loopdiag.detect.base import Detector
 from loopdiag.detect.blowup import ResidualBlowup
 from loopdiag.detect.collapse import CollapsePlateau
+from loopdiag.detect.failure import FailedToTrain
 from loopdiag.detect.gradient import GradientOscillation
+from loopdiag.detect.loops import DeadLoops, RepresentationCollapse, VanishingGradient
 from loopdiag.detect.loss import LossSpike, NonFinite, SlowDivergence
 from loopdiag.detect.residual import ResidualExplosion
+from loopdiag.detect.symptoms import validate_expected_loss
 from loopdiag.detect.update import UpdateSize
 
 DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
-    NonFinite, UpdateSize, ResidualBlowup, ResidualExplosion, GradientOscillation, LossSpike,
-    SlowDivergence, CollapsePlateau)}
+    NonFinite, UpdateSize, RepresentationCollapse, VanishingGradient, DeadLoops, ResidualBlowup,
+    ResidualExplosion, GradientOscillation, LossSpike, SlowDivergence, CollapsePlateau,
+    FailedToTrain)}
 
 
-def default_detectors(**overrides: Mapping[str, Any]) -> list[Detector]:
+def default_detectors(expected_loss: float | None = None,
+                      **overrides: Mapping[str, Any]) -> list[Detector]:
     """One of each detector in `DETECTORS`, with `overrides` applied, e.g.
     `default_detectors(loss_spike={"z": 8})` or `default_detectors(**suite["detectors"])`.
+    `expected_loss` (the loss this model should reach, e.g. the same architecture's with
+    one loop) goes to every detector that takes one, unless its overrides set it.
 
     Raises ValueError naming the detector and threshold for an unknown detector, an
     unknown threshold, or a value of the wrong type or range.
@@ -30,7 +37,16 @@ def default_detectors(**overrides: Mapping[str, Any]) -> list[Detector]:
     if unknown:
         raise ValueError(f"unknown detector(s) {', '.join(map(repr, unknown))}; "
                          f"choose from {', '.join(DETECTORS)}")
-    return [_build(name, cls, overrides.get(name, {})) for name, cls in DETECTORS.items()]
+    validate_expected_loss(expected_loss)
+    detectors = []
+    for name, cls in DETECTORS.items():
+        thresholds = dict(overrides.get(name, {})) if isinstance(overrides.get(name, {}), Mapping) \
+            else overrides[name]
+        if expected_loss is not None and isinstance(thresholds, dict) and "expected_loss" in {
+                field.name for field in dataclasses.fields(cls.config_class)}:
+            thresholds.setdefault("expected_loss", expected_loss)
+        detectors.append(_build(name, cls, thresholds))
+    return detectors
 
 
 def _build(name: str, cls: type[Detector], thresholds: Mapping[str, Any]) -> Detector:

@@ -1,4 +1,6 @@
-"""Residual explosion: the residual stream growing beyond what a healthy run shows."""
+"""Residual explosion: the residual stream growing beyond what a healthy run shows. Past the
+critical thresholds it is a collapse only with a loss or representation symptom
+(`loopdiag.detect.symptoms.Symptoms`); a stream that grows while the model learns warns."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from loopdiag.detect.base import (
     require,
     window_span,
 )
+from loopdiag.detect.symptoms import Symptoms, validate_expected_loss
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,15 @@ class ResidualExplosionConfig(DetectorConfig):
     # doubles the stream every loop, 2^(K-1) in all: an explosion however it is built.
     loop_growth_warn: float = 1.5
     loop_growth_critical: float = 2.0
+    # The symptom that makes an explosion a collapse (see `Symptoms`).
+    gap: float = 0.10
+    min_progress: float = 0.02
+    expected_loss: float | None = None
 
     def _validate(self) -> None:
+        validate_expected_loss(self.expected_loss)
+        require(self.gap > 0 and self.min_progress > 0,
+                f"gap and min_progress must be > 0, got {self.gap}, {self.min_progress}")
         require(self.baseline_window >= 1,
                 f"baseline_window must be >= 1, got {self.baseline_window}")
         require(self.smooth >= 1, f"smooth must be >= 1, got {self.smooth}")
@@ -59,10 +69,15 @@ class ResidualExplosion(Detector):
     - over steps: r_K / its post-warm-up baseline (median of the first `baseline_window`
       records after warm-up) → warn ≥ `growth_warn`, critical ≥ `growth_critical`;
     - over loops (K ≥ 2): per-loop growth (r_K / r_1)^(1/(K-1)) → warn ≥
-      `loop_growth_warn`, critical ≥ `loop_growth_critical`.
+      `loop_growth_warn`, critical ≥ `loop_growth_critical`;
+    critical only with a loss or representation symptom (`Symptoms`), a warning while the
+    loss has stopped falling, nothing while it still falls (the weights growing as a
+    model learns).
     """
 
     name = "residual_explosion"
+    mechanism = "residual"
+    reads = ("resid_norm",)
     config_class = ResidualExplosionConfig
     config: ResidualExplosionConfig
 
@@ -71,8 +86,10 @@ class ResidualExplosion(Detector):
         self._recent_per_loop: deque[float] = deque(maxlen=self.config.smooth)
         self._baseline: list[tuple[int, float]] = []  # (step, r_K)
         self._baseline_median: float | None = None
+        self._symptoms = Symptoms(self.config.gap, self.config.expected_loss, self.config.min_progress)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        self._symptoms.update(record)
         norms = loop_values(record, "resid_norm")
         if norms is None or not (math.isfinite(norms[-1]) and norms[-1] > 0):
             return UNJUDGED
@@ -114,6 +131,15 @@ class ResidualExplosion(Detector):
             name: getattr(self.config, name) for name in
             ("growth_warn", "growth_critical", "loop_growth_warn", "loop_growth_critical")}
         severity, message = max(signals, key=lambda signal: signal[0] == "critical")
+        symptom = evidence["symptom"] = self._symptoms.current()
+        if symptom is not None:
+            message = f"{message[:-1]}, and {symptom}."
+        elif self._symptoms.learning():
+            # A stream that grows while the loss keeps falling: the weights growing as the
+            # model learns. Neither an alarm nor a clear record (no flapping at the edge).
+            return UNJUDGED
+        elif severity == "critical":
+            severity = "warn"
         return Finding(severity, message, evidence)
 
     @staticmethod

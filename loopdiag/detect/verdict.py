@@ -9,9 +9,16 @@ from typing import Any
 import numpy as np
 
 from loopdiag.detect.base import Ema, Event, is_int, plain, raw_scalar
+from loopdiag.detect.failure import FailedToTrain
 from loopdiag.detect.loss import NonFinite
+from loopdiag.detect.registry import DETECTORS
 
-STATUSES = ("stable", "collapsed", "diverged", "interrupted")
+# Every shipped detector that can go critical, bar non_finite and failed_to_train, is a
+# collapse detector with a mechanism.
+DETECTOR_MECHANISMS = {name: cls.mechanism for name, cls in DETECTORS.items() if cls.mechanism}
+
+STATUSES = ("stable", "collapsed", "diverged", "failed_to_train", "interrupted")
+MECHANISMS = ("representation", "gradient", "residual", "plateau", "loss")
 ONSET_EMA_SPAN = 20
 ONSET_GAP = 0.10
 
@@ -22,20 +29,24 @@ def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mappi
 
     Rule, first match wins:
     - "diverged": a non-finite loss in the records, or a `non_finite` critical event;
-    - "collapsed": a critical event from any other detector (every shipped detector that
-      can go critical — residual explosion, slow divergence, collapse plateau — is a
-      collapse detector);
+    - "collapsed": a critical event from a collapse detector, whose mechanism
+      (`MECHANISMS`: representation, gradient, residual, plateau, loss) the verdict names;
+    - "failed_to_train": a critical `failed_to_train` event (a loss that stalled or ended
+      far above what the model should reach) and no collapse;
     - "interrupted": no critical event and `finished` is False (the run did not end);
     - "stable": otherwise.
     A run stopped because it collapsed is "collapsed", not "interrupted": the failure is
-    the finding. `step`, `signal` and `evidence` describe the earliest failure signal (the
-    first critical event, or the first non-finite loss if that came first), so a run that
-    collapsed and later diverged reports where it first failed; all three are None for
-    stable and interrupted runs. `first_warning_step` is the first warn or critical event.
+    the finding. `step`, `signal`, `mechanism` and `evidence` describe the earliest failure
+    signal of the chosen kind (the first critical event, or the first non-finite loss if
+    that came first), so a run that collapsed and later diverged reports where it first
+    failed; they are None for stable and interrupted runs. `first_warning_step` is the
+    first warn or critical event, `final_smoothed_loss` the loss's EMA (span 20 records,
+    as `ground_truth_onset` smooths it) at the last record.
     """
     fired = sorted((e.to_dict() if isinstance(e, Event) else dict(e) for e in events),
                    key=lambda e: e["step"])
     critical = [e for e in fired if e.get("severity") == "critical"]
+    collapses = [e for e in critical if e.get("detector") not in (NonFinite.name, FailedToTrain.name)]
     losses = [(record["step"], raw_scalar(record, "loss")) for record in records
               if is_int(record.get("step"))]
     losses = [(step, loss) for step, loss in losses if loss is not None]
@@ -47,20 +58,28 @@ def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mappi
                    "evidence": {"loss": non_finite[1]}}
     if non_finite is not None or any(e["detector"] == NonFinite.name for e in critical):
         status = "diverged"
+    elif collapses:
+        status, failure = "collapsed", collapses[0]
     elif critical:
-        status = "collapsed"
+        status = "failed_to_train"
     else:
         status = "stable" if finished else "interrupted"
 
     finite = [loss for _, loss in losses if math.isfinite(loss)]
     warned = [e["step"] for e in fired if e.get("severity") in ("warn", "critical")]
+    ema = Ema(ONSET_EMA_SPAN)
+    for loss in finite:
+        ema.update(loss)
     return {
         "status": status,
+        "mechanism": DETECTOR_MECHANISMS.get(failure["detector"]) if status == "collapsed" else None,
         "step": failure["step"] if failure else None,
         "signal": failure["detector"] if failure else None,
         "evidence": plain(failure["evidence"]) if failure else None,
+        "message": failure.get("message") if failure else None,
         "first_warning_step": warned[0] if warned else None,
         "final_loss": losses[-1][1] if losses else None,
+        "final_smoothed_loss": ema.value,
         "best_loss": min(finite) if finite else None,
     }
 

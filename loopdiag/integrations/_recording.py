@@ -80,8 +80,12 @@ class TrainerRecording:
         if self.recorder is not None and self.recorder.attached:
             self.recorder.detach()
         if self.writer is not None:
+            if finished:
+                for event in self.monitor.finish():
+                    self.writer.event(event.to_dict())
             stop = self.monitor.stop_event
             summary = {**verdict(self.recorder.records, self.monitor.events, finished=finished),
+                       "not_judged": sorted(self.monitor.not_judged()),
                        "stopped_by": None if stop is None else
                        f"{stop.detector} ({stop.severity}) at step {stop.step}: {stop.message}"}
             self.writer.close(summary)

@@ -1,0 +1,80 @@
+"""Judge a stored suite again with today's detectors: replay them over every run's records
+and rewrite its verdict and events, as training would have written them. Nothing about the
+training changes, so replaying is enough when only the detectors did.
+
+One-loop runs are judged first: they are the references (`expected_loss`) of the looped
+runs of the same architecture, seed and learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loopdiag.detect import Event, default_detectors, replay, verdict
+from loopdiag.store import is_run_dir, read_records
+from loopdiag.store._files import EVENTS_FILE, SUITE_FILE, SUMMARY_FILE, replace_atomically, write_json_atomic
+from loopdiag.store.reference import reference_run
+
+
+def rejudge_suite(suite_dir: str | Path,
+                  on_run: Callable[[str, str | None, str], None] | None = None) -> dict[str, str]:
+    """Rejudge every run of the suite in `suite_dir` that has records and a summary; the new
+    status by run id. `on_run(run_id, old_status, new_status)` follows each. Interrupted
+    runs stay interrupted (the end-of-run judgements need an end)."""
+    suite_dir = Path(suite_dir)
+    try:
+        manifest = json.loads((suite_dir / SUITE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{suite_dir} is not a suite folder: it has no {SUITE_FILE}") from None
+    runs = sorted(manifest.get("runs", []), key=lambda run: run.get("cell", {}).get("n_loops") != 1)
+    statuses = {}
+    for entry in runs:
+        run_dir = suite_dir / entry["run_id"]
+        if not is_run_dir(run_dir) or not (run_dir / SUMMARY_FILE).is_file():
+            continue
+        old, new = rejudge_run(run_dir, entry.get("cell", {}))
+        if new is None:
+            continue
+        statuses[entry["run_id"]] = new["status"]
+        if on_run is not None:
+            on_run(entry["run_id"], old.get("status"), new["status"])
+    return statuses
+
+
+def rejudge_run(run_dir: Path, cell: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(old summary, new summary) of one run, the new one written with its events; None as
+    the new one when the run has no records to replay."""
+    old = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    records = read_records(run_dir)
+    if not records:
+        return old, None
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    thresholds = config.get("detectors") if isinstance(config.get("detectors"), dict) else {}
+    reference = reference_run(run_dir.parent, cell)
+    finished = old.get("status") != "interrupted"
+    events, judged = judge(records, thresholds, None if reference is None else reference[1],
+                           finished=finished)
+    new = {**old, **judged,
+           "reference": None if reference is None else {"run": reference[0], "expected_loss": reference[1]},
+           "rejudged_from": old.get("status")}
+    replace_atomically(run_dir / EVENTS_FILE,
+                       "".join(json.dumps(event.to_dict()) + "\n" for event in events))
+    write_json_atomic(run_dir / SUMMARY_FILE, new)
+    return old, new
+
+
+def judge(records: list[dict[str, Any]], thresholds: dict[str, Any], expected_loss: float | None,
+          *, finished: bool) -> tuple[list[Event], dict[str, Any]]:
+    """(events, verdict) of the default detectors (with `thresholds` and `expected_loss`)
+    replayed over `records`, as a live run would have ended: the verdict carries
+    `not_judged`, and an unfinished run is "interrupted"."""
+    detectors = default_detectors(expected_loss, **thresholds)
+    events = replay(records, detectors, finished=finished)
+    judged = verdict(records, events, finished=finished)
+    if not finished:
+        judged["status"] = "interrupted"
+    judged["not_judged"] = sorted(d.name for d in detectors if d.records_judged == 0 and d.reads)
+    return events, judged

@@ -1,0 +1,111 @@
+"""Failure to train: a loss that stops improving far above what the model should reach.
+
+With a known reference (`expected_loss`: the loss the same architecture reaches with one
+loop in the same suite, or what the user expects) the judgement is direct: stalled, or
+ended, ≥ `gap` above it. Without one, llm-foundry's persistent-high-loss rule is the
+fallback: from twice its window on, half the window above the first window's maximum means
+the model never got below where it started.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, require
+from loopdiag.detect.symptoms import LossTrack, validate_expected_loss
+
+
+@dataclass(frozen=True)
+class FailedToTrainConfig(DetectorConfig):
+    cooldown: int = 20
+    expected_loss: float | None = None
+    # 10 %: the gap the loss-only outcome labels use, and ground_truth_onset's.
+    gap: float = 0.10
+    window: int = 50  # records over which a stall is measured
+    min_progress: float = 0.01
+    high_loss_window: int = 100  # llm-foundry's minimum window, used without a reference
+
+    def _validate(self) -> None:
+        validate_expected_loss(self.expected_loss)
+        require(self.gap > 0, f"gap must be > 0, got {self.gap}")
+        require(self.window >= 5, f"window must be >= 5, got {self.window}")
+        require(self.min_progress > 0, f"min_progress must be > 0, got {self.min_progress}")
+        require(self.high_loss_window >= 2,
+                f"high_loss_window must be >= 2, got {self.high_loss_window}")
+
+
+class FailedToTrain(Detector):
+    """Critical when the loss has stalled (its best EMA improved by under `min_progress`
+    over `window` records) ≥ `gap` above `expected_loss`, or the run ended (`finish`) with
+    its smoothed loss there; without `expected_loss`, critical when half of the last
+    `high_loss_window` losses exceed the first window's maximum (after two windows)."""
+
+    name = "failed_to_train"
+    config_class = FailedToTrainConfig
+    config: FailedToTrainConfig
+
+    def _reset_state(self) -> None:
+        self._loss = LossTrack(window=self.config.window)
+        self._first_window_max: float | None = None
+        self._first: list[float] = []
+        self._recent: deque[float] = deque(maxlen=self.config.high_loss_window)
+        self._records = 0
+
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        loss = self._loss.update(record)
+        if loss is None:
+            return UNJUDGED
+        self._records += 1
+        if self.config.expected_loss is not None:
+            return self._against_reference()
+        return self._high_loss(loss)
+
+    def _against_reference(self) -> Finding | None:
+        expected = self.config.expected_loss
+        progress, smoothed = self._loss.best_progress(), self._loss.smoothed
+        if progress is None or progress >= self.config.min_progress:
+            return None
+        if smoothed < (1 + self.config.gap) * expected:
+            return None
+        return Finding("critical", (
+            f"The loss stalled at {smoothed:.4g}, {100 * (smoothed / expected - 1):.0f}% above the "
+            f"{expected:.4g} this model should reach (its best improved {100 * progress:.1f}% over "
+            f"the last {self.config.window} records)."),
+            {"smoothed_loss": smoothed, "expected_loss": expected, "loss_progress": progress,
+             "thresholds": self._thresholds()})
+
+    def _high_loss(self, loss: float) -> Finding | None:
+        window = self.config.high_loss_window
+        if len(self._first) < window:
+            self._first.append(loss)
+            self._recent.append(loss)
+            return None
+        cap = max(self._first)
+        self._recent.append(loss)
+        if self._records <= 2 * window:
+            return None
+        high = sum(value > cap for value in self._recent)
+        if high < window / 2:
+            return None
+        return Finding("critical", (
+            f"{high} of the last {window} losses are above {cap:.4g}, the highest loss of the "
+            f"first {window} records: the model never got below where it started."),
+            {"high_losses": high, "loss_cap": cap, "thresholds": self._thresholds()})
+
+    def _check_end(self) -> Finding | None:
+        expected, smoothed = self.config.expected_loss, self._loss.smoothed
+        if expected is None or smoothed is None or smoothed < (1 + self.config.gap) * expected:
+            return None
+        return Finding("critical", (
+            f"The run ended with its smoothed loss at {smoothed:.4g}, "
+            f"{100 * (smoothed / expected - 1):.0f}% above the {expected:.4g} this model "
+            f"should reach."),
+            {"smoothed_loss": smoothed, "expected_loss": expected,
+             "thresholds": self._thresholds()})
+
+    def _thresholds(self) -> dict[str, Any]:
+        names = ("expected_loss", "gap", "window", "min_progress", "high_loss_window")
+        return {"thresholds": {name: getattr(self.config, name) for name in names}}

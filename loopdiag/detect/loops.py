@@ -1,0 +1,250 @@
+"""The looped collapse read from its mechanism: the loops wash every position into the same
+vector (representation collapse), the gradient dies on its way back through them
+(vanishing gradient), and the later loops stop changing anything (dead loops).
+
+A collapsed looped model shows all three from its first steps and keeps them; a healthy one
+may pass through each for a while (the unigram phase, where positions look alike; FLT's
+loops settling on a fixed point, where the later loops and the gradient through them are
+small) and leaves the first one as it learns. So: representation collapse warns when it
+holds for a few records and is critical when it holds while the loss stalls; the other two
+are information, critical only together with a loss or representation symptom.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, loop_values, require
+from loopdiag.detect.symptoms import (
+    COLLAPSED_DECORRELATION,
+    validate_expected_loss,
+    LossTrack,
+    Symptoms,
+    collapsed_from,
+    dead_from,
+    embedding_gradient,
+    gradient_ratio,
+)
+
+# A loop whose output moves by under a millionth of its norm is, in float32 (7 digits), a
+# loop that changes nothing: FLT's loops settling on their fixed point still move ≥ 1e-4.
+DEAD_UPDATE = 1e-6
+# The gradient reaching loop 1 a millionth of the last loop's: the first loops and the
+# embedding no longer learn from the loss (with Adam's eps of 1e-8 their updates vanish).
+VANISHED_RATIO = 1e-6
+
+
+def loop_story(record: Mapping[str, Any], since: int | None = None) -> list[str]:
+    """Clauses that say what the loops of this record do, for an event's message."""
+    clauses = []
+    updates = loop_values(record, "rel_update")
+    dead = dead_from(record, DEAD_UPDATE)
+    if dead is not None and updates is not None:
+        clauses.append(f"loops {dead}–{len(updates)} change nothing (relative update "
+                       f"< {DEAD_UPDATE:.0e})")
+    collapsed = collapsed_from(record)
+    corr = loop_values(record, "token_corr")
+    if collapsed is not None and corr is not None:
+        when = f" since step {since}" if since is not None else ""
+        clauses.append(f"all positions identical from loop {collapsed} on{when} (token "
+                       f"correlation {corr[-1]:.4f} at the last loop)")
+    ratio = gradient_ratio(record)
+    if ratio is not None and ratio < VANISHED_RATIO:
+        clauses.append(f"the gradient reaching loop 1 is {ratio:.0e}× the last loop's")
+    embedding = embedding_gradient(record)
+    if embedding is not None and (ratio is None or ratio < VANISHED_RATIO):
+        clauses.append(f"gradient at the embedding {embedding[1]:.0e}")
+    return clauses
+
+
+def sentence(clauses: list[str]) -> str:
+    text = "; ".join(clauses)
+    return text[:1].upper() + text[1:] + "."
+
+
+@dataclass(frozen=True)
+class RepresentationCollapseConfig(DetectorConfig):
+    cooldown: int = 20
+    max_decorrelation: float = COLLAPSED_DECORRELATION  # 1 − token correlation, last loop
+    # Records the condition must hold before a warning: a collapsed model shows it from its
+    # first steps, a healthy one never (its unigram phase stays above 2e-5).
+    patience: int = 5
+    # Critical once it has held this many records while the loss stalled (rolling median
+    # improved by under `min_progress` over them): identical positions can only predict
+    # the token marginals, which such a model learns in its first few steps.
+    window: int = 20
+    min_progress: float = 0.02
+
+    def _validate(self) -> None:
+        require(0 < self.max_decorrelation < 1,
+                f"max_decorrelation must be in (0, 1), got {self.max_decorrelation}")
+        require(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+        require(self.window >= self.patience, f"window must be >= patience, got {self.window}")
+        require(self.min_progress > 0, f"min_progress must be > 0, got {self.min_progress}")
+
+
+class RepresentationCollapse(Detector):
+    """Every position carrying the same vector at the last loop (1 − `token_corr` <
+    `max_decorrelation`) for `patience` records → warn; for `window` records while the
+    loss stalls → critical. Names the loop from which all positions are identical."""
+
+    name = "representation_collapse"
+    mechanism = "representation"
+    reads = ("token_corr",)
+    config_class = RepresentationCollapseConfig
+    config: RepresentationCollapseConfig
+
+    def _reset_state(self) -> None:
+        self._loss = LossTrack(window=self.config.window)
+        self._streak = 0
+        self._since: int | None = None
+
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        self._loss.update(record)
+        corr = loop_values(record, "token_corr")
+        if corr is None or not math.isfinite(corr[-1]):
+            return UNJUDGED
+        loop = collapsed_from(record, self.config.max_decorrelation)
+        if loop is None:
+            self._streak, self._since = 0, None
+            return None
+        self._streak += 1
+        if self._since is None:
+            self._since = self._last_step
+        if self._streak < self.config.patience:
+            return None
+        progress = self._loss.progress()
+        stalled = self._streak >= self.config.window and progress is not None \
+            and progress < self.config.min_progress
+        clauses = loop_story(record, self._since)
+        if not any(clause.startswith("all positions") for clause in clauses):
+            clauses.append(f"all positions identical from loop {loop} on since step {self._since}")
+        median = self._loss.current_median()
+        if stalled:
+            clauses.append(f"the loss stalled at {median:.4g} (changed {100 * progress:+.1f}% "
+                           f"over {self.config.window} records)")
+        evidence = {"collapsed_from_loop": loop, "since_step": self._since,
+                    "records": self._streak, "decorrelation": float(1 - corr[-1]),
+                    "loss_progress": progress, "loss_median": median,
+                    "thresholds": {"max_decorrelation": self.config.max_decorrelation,
+                                   "patience": self.config.patience,
+                                   "window": self.config.window,
+                                   "min_progress": self.config.min_progress}}
+        return Finding("critical" if stalled else "warn", sentence(clauses), evidence)
+
+
+@dataclass(frozen=True)
+class DeadLoopsConfig(DetectorConfig):
+    cooldown: int = 20
+    max_update: float = DEAD_UPDATE
+    patience: int = 5
+
+    def _validate(self) -> None:
+        require(0 < self.max_update < 1, f"max_update must be in (0, 1), got {self.max_update}")
+        require(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+
+
+class DeadLoops(Detector):
+    """The loops from k on changing nothing (relative update < `max_update` at every loop
+    from k to the last) for `patience` records → info naming k. Information only: the
+    recurrence past loop k − 1 is ignored, which a model may afford."""
+
+    name = "dead_loops"
+    reads = ("rel_update",)
+    config_class = DeadLoopsConfig
+    config: DeadLoopsConfig
+
+    def _reset_state(self) -> None:
+        self._streak = 0
+
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        updates = loop_values(record, "rel_update")
+        if updates is None or len(updates) < 2:
+            return UNJUDGED
+        first = dead_from(record, self.config.max_update)
+        if first is None:
+            self._streak = 0
+            return None
+        self._streak += 1
+        if self._streak < self.config.patience:
+            return None
+        loops = len(updates)
+        return Finding("info", f"Loops {first}–{loops} change nothing (relative update < "
+                               f"{self.config.max_update:.0e}) for {self._streak} records: "
+                               f"the recurrence past loop {first - 1} is ignored.",
+                       {"dead_from_loop": first, "loops": loops, "records": self._streak,
+                        "max_relative_update": float(max(updates[first - 1:])),
+                        "thresholds": {"max_update": self.config.max_update,
+                                       "patience": self.config.patience}})
+
+
+@dataclass(frozen=True)
+class VanishingGradientConfig(DetectorConfig):
+    cooldown: int = 20
+    max_ratio: float = VANISHED_RATIO  # gradient at loop 1 over the last loop's
+    patience: int = 5
+    window: int = 20  # records it must hold before it can be critical
+    gap: float = 0.10
+    min_progress: float = 0.02
+    expected_loss: float | None = None  # what the model should reach, when known
+
+    def _validate(self) -> None:
+        require(0 < self.max_ratio < 1, f"max_ratio must be in (0, 1), got {self.max_ratio}")
+        require(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+        require(self.window >= self.patience, f"window must be >= patience, got {self.window}")
+        require(self.gap > 0, f"gap must be > 0, got {self.gap}")
+        require(self.min_progress > 0, f"min_progress must be > 0, got {self.min_progress}")
+        validate_expected_loss(self.expected_loss)
+
+
+class VanishingGradient(Detector):
+    """The gradient reaching loop 1 below `max_ratio` × the last loop's (`act_grad_norm`)
+    for `patience` records → info; for `window` records with a loss symptom (`Symptoms`:
+    the loss rose, or stalled above `expected_loss`) → critical. FLT's loops contract towards a fixed point and show
+    small ratios while learning well, so the ratio alone is never a collapse."""
+
+    name = "vanishing_gradient"
+    mechanism = "gradient"
+    reads = ("act_grad_norm",)
+    config_class = VanishingGradientConfig
+    config: VanishingGradientConfig
+
+    def _reset_state(self) -> None:
+        self._symptoms = Symptoms(self.config.gap, self.config.expected_loss,
+                                  self.config.min_progress, self.config.window)
+        self._streak = 0
+        self._since: int | None = None
+
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        self._symptoms.update(record)
+        ratio = gradient_ratio(record)
+        if ratio is None:
+            return UNJUDGED
+        if ratio >= self.config.max_ratio:
+            self._streak, self._since = 0, None
+            return None
+        self._streak += 1
+        if self._since is None:
+            self._since = self._last_step
+        if self._streak < self.config.patience:
+            return None
+        # Identical positions are representation_collapse's to report, with its own timing.
+        symptom = (self._symptoms.current(representation=False)
+                   if self._streak >= self.config.window else None)
+        clauses = [f"the gradient reaching loop 1 has been under {self.config.max_ratio:.0e}× "
+                   f"the last loop's since step {self._since} (now {ratio:.0e}×)"]
+        embedding = embedding_gradient(record)
+        if embedding is not None:
+            clauses.append(f"gradient at the embedding {embedding[1]:.0e}")
+        if symptom is not None:
+            clauses.append(symptom)
+        return Finding("critical" if symptom else "info", sentence(clauses),
+                       {"ratio": ratio, "since_step": self._since, "records": self._streak,
+                        "symptom": symptom,
+                        "thresholds": {"max_ratio": self.config.max_ratio,
+                                       "patience": self.config.patience,
+                                       "window": self.config.window,
+                                       "expected_loss": self.config.expected_loss}})

@@ -1,0 +1,187 @@
+"""What the loss and the representation say about a run, shared by the detectors that may
+only go critical with such a symptom: a growing stream or a vanishing gradient is not a
+collapse by itself, a model that stopped learning because of it is.
+
+The thresholds here are mechanisms, not fits:
+- `COLLAPSED_DECORRELATION`: 1 − token correlation at the last loop. When every position
+  carries the same vector the statistic is float32 rounding, ±7e-7 at 64 tokens (seen:
+  −4.9e-7 … 1.9e-6 in collapsed runs); a model that keeps any per-token information sits
+  above 2e-5 (the closest healthy approach seen, a tiny looped model's unigram phase on the
+  development seed 0, was 2.3e-5; larger models keep more). 1e-5 is between the two.
+- A loss "rose" when its EMA is ≥ (1 + gap) × its running best, the definition of a
+  visible failure that `ground_truth_onset` uses too.
+- A loss "stalled" when its best EMA improved by under `min_progress` over a window: the
+  best EMA only falls while the model learns, and batch noise barely moves it (the EMA of
+  span 20 keeps a fifth of the noise), where a median of a few raw losses would wander by
+  more than a slowly learning run gains.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from loopdiag.detect.base import Ema, finite_scalar, loop_values, require
+
+COLLAPSED_DECORRELATION = 1e-5
+MEDIAN_OF = 5  # losses per rolling median: one odd batch never moves it
+
+
+def collapsed_from(record: Mapping[str, Any], max_decorrelation: float = COLLAPSED_DECORRELATION
+                   ) -> int | None:
+    """The first loop (1-based) from which every loop's output has all positions identical
+    (1 − token correlation < `max_decorrelation`); None if the last loop's has not."""
+    corr = loop_values(record, "token_corr")
+    if corr is None or not 1 - corr[-1] < max_decorrelation:
+        return None
+    first = len(corr)
+    while first > 1 and 1 - corr[first - 2] < max_decorrelation:
+        first -= 1
+    return first
+
+
+def dead_from(record: Mapping[str, Any], max_update: float) -> int | None:
+    """The first loop k ≥ 2 from which every loop's relative update is below `max_update`
+    (the loops from k on change nothing); None when the last loop still changes the
+    stream or no relative update was recorded."""
+    updates = loop_values(record, "rel_update")
+    if updates is None or len(updates) < 2 or not updates[-1] < max_update:
+        return None
+    first = len(updates)
+    while first > 2 and updates[first - 2] < max_update:
+        first -= 1
+    return first
+
+
+def gradient_ratio(record: Mapping[str, Any]) -> float | None:
+    """Gradient norm reaching loop 1's output over the last loop's (`act_grad_norm`), or
+    None when the record has no usable pair."""
+    grads = loop_values(record, "act_grad_norm")
+    if grads is None or len(grads) < 2:
+        return None
+    first, last = grads[0], grads[-1]
+    if not (math.isfinite(first) and math.isfinite(last) and last > 0):
+        return None
+    return float(first / last)
+
+
+def embedding_gradient(record: Mapping[str, Any]) -> tuple[str, float] | None:
+    """(key, value) of the embedding's gradient norm when the record has one: a
+    `grad_norm/<group>` whose group names an embedding (`wte`, `embed...`)."""
+    for key, value in record.items():
+        group = key.partition("grad_norm/")[2].lower()
+        if group and (group == "wte" or "embed" in group) and isinstance(value, (int, float)):
+            return key, float(value)
+    return None
+
+
+class LossTrack:
+    """The loss's EMA (span `ema_span`), its running best, and rolling medians to tell a
+    stall from learning over `window` records."""
+
+    def __init__(self, ema_span: int = 20, window: int = 20) -> None:
+        self.window = window
+        self._ema = Ema(ema_span)
+        self.best = math.inf
+        self._recent: deque[float] = deque(maxlen=window + MEDIAN_OF)
+        self._bests: deque[float] = deque(maxlen=window + 1)
+
+    @property
+    def smoothed(self) -> float | None:
+        return self._ema.value
+
+    def update(self, record: Mapping[str, Any]) -> float | None:
+        loss = finite_scalar(record, "loss")
+        if loss is not None:
+            self.best = min(self.best, self._ema.update(loss))
+            self._recent.append(loss)
+            self._bests.append(self.best)
+        return loss
+
+    def best_progress(self) -> float | None:
+        """Relative fall of the best EMA over the last `window` records; None until that
+        much history exists."""
+        if len(self._bests) < self._bests.maxlen or not self._bests[0] > 0:
+            return None
+        return 1 - self._bests[-1] / self._bests[0]
+
+    def above_best(self) -> float | None:
+        """Smoothed loss over its running best, minus one; None before any loss."""
+        if self.smoothed is None or not self.best > 0:
+            return None
+        return self.smoothed / self.best - 1
+
+    def progress(self) -> float | None:
+        """Relative fall of the rolling median over the last `window` records (positive:
+        still learning); None until that much history exists."""
+        if len(self._recent) < self._recent.maxlen:
+            return None
+        values = list(self._recent)
+        before = statistics.median(values[:MEDIAN_OF])
+        now = statistics.median(values[-MEDIAN_OF:])
+        return 1 - now / before if before > 0 else None
+
+    def current_median(self) -> float | None:
+        if len(self._recent) < MEDIAN_OF:
+            return None
+        return statistics.median(list(self._recent)[-MEDIAN_OF:])
+
+
+class Symptoms:
+    """The loss or representation symptom that turns a warning into a collapse: the loss
+    rose ≥ `gap` above its best, all positions became identical, or (with a known
+    `expected_loss`) the loss stalled ≥ `gap` above it."""
+
+    def __init__(self, gap: float, expected_loss: float | None, min_progress: float,
+                 window: int = 20) -> None:
+        self.gap, self.expected_loss, self.min_progress = gap, expected_loss, min_progress
+        self.loss = LossTrack(window=window)
+        self._record: Mapping[str, Any] = {}
+
+    def update(self, record: Mapping[str, Any]) -> None:
+        self.loss.update(record)
+        self._record = record
+
+    def current(self, representation: bool = True) -> str | None:
+        """One clause naming the symptom present now, or None; `representation=False`
+        leaves identical positions out (for a detector that is itself a consequence)."""
+        above = self.loss.above_best()
+        if above is not None and above >= self.gap:
+            return (f"the smoothed loss {self.loss.smoothed:.4g} is {100 * above:.0f}% above "
+                    f"its best {self.loss.best:.4g}")
+        loop = collapsed_from(self._record) if representation else None
+        if loop is not None:
+            return f"all positions carry the same vector from loop {loop} on"
+        stalled = self.stalled_above_expected()
+        if stalled is not None:
+            return stalled
+        return None
+
+    def learning(self) -> bool:
+        """The best EMA fell by `min_progress` or more over the window (False without
+        enough loss history to tell)."""
+        progress = self.loss.best_progress()
+        return progress is not None and progress >= self.min_progress
+
+    def stalled_above_expected(self) -> str | None:
+        if self.expected_loss is None:
+            return None
+        progress, smoothed = self.loss.best_progress(), self.loss.smoothed
+        if progress is None or progress >= self.min_progress:
+            return None
+        if smoothed < (1 + self.gap) * self.expected_loss:
+            return None
+        return (f"the loss stalled at {smoothed:.4g} ({100 * (smoothed / self.expected_loss - 1):.0f}% "
+                f"above the expected {self.expected_loss:.4g})")
+
+
+def validate_expected_loss(value: float | None) -> None:
+    """The check every detector with an `expected_loss` threshold shares: None or > 0."""
+    if value is None:
+        return
+    require(isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0,
+            f"expected_loss must be a positive number, got {value!r}")

@@ -1,0 +1,169 @@
+"""The looped collapse read from its mechanism (representation, gradient, dead loops), failure
+to train against a reference, and the verdicts that name them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import loopdiag
+from loopdiag.detect import (
+    DeadLoops,
+    FailedToTrain,
+    FoundryHighLoss,
+    RepresentationCollapse,
+    VanishingGradient,
+    default_detectors,
+    replay,
+    verdict,
+)
+
+LOOPS = 12
+
+
+def looped_run(collapse: bool, steps: int = 150, seed: int = 0) -> list[dict]:
+    """A 12-loop run. Both pass through the unigram phase (positions alike, steps 5-30);
+    the collapsed one keeps every position identical from step 3, its loops 3-12 idle and its
+    gradient dying on the way back, while its loss sits at 3.3; the healthy one leaves the
+    phase and learns to 2.3."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for step in range(1, steps + 1):
+        noise = math.exp(rng.normal(0, 0.03))
+        if collapse:
+            loss = (3.3 + 2.2 * math.exp(-step / 3)) * noise
+            decorrelation = 0.9 if step < 3 else abs(rng.normal(0, 4e-7))
+            updates = [math.nan, 0.2, *[1e-7] * (LOOPS - 2)]
+            ratio = 1e-3 * 10 ** (-step / 5)
+        else:
+            loss = (2.3 + 3.2 * math.exp(-step / 25)) * noise
+            # closest approach 3e-5 at step 20, as a healthy tiny looped model's
+            decorrelation = 3e-5 * math.exp(((step - 20) / 8) ** 2) if step < 60 else 0.5
+            updates = [math.nan, *[0.3 / k for k in range(2, LOOPS + 1)]]
+            ratio = 0.5
+        grads = [ratio * 1e-3, *[1e-3] * (LOOPS - 1)]
+        records.append({"step": step, "loss": loss, "token_corr": [1 - min(decorrelation, 0.9)] * LOOPS,
+                        "rel_update": updates, "act_grad_norm": grads, "grad_norm/wte": ratio * 1e-2,
+                        "resid_norm": [8.0] * LOOPS})
+    return records
+
+
+def test_representation_collapse_warns_early_and_is_critical_once_the_loss_stalls():
+    events = replay(looped_run(collapse=True), [RepresentationCollapse()])
+    warn, critical = events
+    assert (warn.severity, critical.severity) == ("warn", "critical")
+    assert warn.step == 7  # identical from step 3, five records in a row
+    assert critical.step <= 40  # 20 records held, the loss flat by then
+    assert critical.evidence["collapsed_from_loop"] == 1 and critical.evidence["since_step"] == 3
+    assert "loops 3–12 change nothing" in critical.message.lower()
+    assert "since step 3" in critical.message and "the loss stalled" in critical.message
+    assert "gradient at the embedding" in critical.message
+
+
+def test_the_unigram_phase_of_a_healthy_run_is_not_a_collapse():
+    healthy = looped_run(collapse=False)
+    assert replay(healthy, default_detectors()) == []
+    assert verdict(healthy, [], finished=True)["status"] == "stable"
+
+
+def test_dead_loops_name_the_first_idle_loop_and_are_information():
+    events = replay(looped_run(collapse=True), [DeadLoops()])
+    (event,) = events
+    assert event.severity == "info" and event.evidence["dead_from_loop"] == 3
+    assert event.message.startswith("Loops 3–12 change nothing")
+
+
+def test_vanishing_gradient_alone_is_information_and_critical_with_a_loss_symptom():
+    records = looped_run(collapse=False)
+    for record in records:  # FLT-like: a contracting loop map while the model learns
+        record["act_grad_norm"] = [1e-12, *[1e-3] * (LOOPS - 1)]
+    assert {event.severity for event in replay(records, [VanishingGradient()])} == {"info"}
+    for record in records[80:]:  # the loss climbs back up
+        record["loss"] *= 1 + (record["step"] - 80) / 40
+    severities = [event.severity for event in replay(records, [VanishingGradient()])]
+    assert severities == ["info", "critical"]
+
+
+def test_failed_to_train_against_a_known_reference():
+    stuck = [{"step": s, "loss": 3.2 + 2.0 * math.exp(-s / 5)} for s in range(1, 200)]
+    (event,) = replay(stuck, [FailedToTrain(expected_loss=2.4)])
+    assert event.severity == "critical" and "above the 2.4" in event.message
+    assert event.evidence["expected_loss"] == 2.4
+    # the same run judged without a reference: it did get below its first losses
+    assert replay(stuck, [FailedToTrain()]) == []
+    healthy = [{"step": s, "loss": 2.45 + 3.0 * math.exp(-s / 30)} for s in range(1, 200)]
+    assert replay(healthy, [FailedToTrain(expected_loss=2.4)], finished=True) == []
+
+
+def test_failed_to_train_at_the_end_of_a_run_still_learning_slowly():
+    slow = [{"step": s, "loss": 3.0 - s / 1000} for s in range(1, 151)]  # 2.85 at the end
+    assert replay(slow, [FailedToTrain(expected_loss=2.4)]) == []
+    (event,) = replay(slow, [FailedToTrain(expected_loss=2.4)], finished=True)
+    assert event.step == 150 and "ended" in event.message
+
+
+def worse_than_at_start(steps: int = 260) -> list[dict]:
+    """Losses that fall a little, then climb above anything seen in the first 100 records."""
+    return [{"step": s, "loss": 5.5 + 0.3 * math.sin(s) if s <= 120 else 6.5} for s in range(1, steps)]
+
+
+def test_failed_to_train_without_a_reference_uses_the_high_loss_rule():
+    (event,) = replay(worse_than_at_start(), [FailedToTrain()])
+    assert event.severity == "critical" and event.step == 201
+    assert "never got below where it started" in event.message
+    flat = [{"step": s, "loss": 5.5 + 0.3 * math.sin(s)} for s in range(1, 260)]
+    assert replay(flat, [FailedToTrain()]) == []  # the rule sees only a loss above its start
+
+
+def test_foundry_high_loss_anchor_follows_its_source():
+    events = replay(worse_than_at_start(), [FoundryHighLoss()])
+    assert events and events[0].step == 201 and events[0].severity == "warn"
+    spike = [{"step": s, "loss": 2.0 if s < 150 or s > 160 else 9.0} for s in range(1, 200)]
+    spikes = replay(spike, [FoundryHighLoss()])
+    assert [event.step for event in spikes] == list(range(154, 161))  # the 5th outlier on
+
+
+def test_verdict_names_the_mechanism():
+    records = looped_run(collapse=True)
+    events = replay(records, default_detectors(), finished=True)
+    judged = verdict(records, events, finished=True)
+    assert judged["status"] == "collapsed" and judged["mechanism"] == "representation"
+    assert judged["first_warning_step"] <= 15  # within the first 10 % of 150 steps
+    assert "all positions identical" in judged["message"]
+    assert judged["final_smoothed_loss"] == pytest.approx(3.3, rel=0.05)
+
+
+def test_verdict_failed_to_train_and_divergence_precedence():
+    stuck = [{"step": s, "loss": 3.2 + 2.0 * math.exp(-s / 5)} for s in range(1, 200)]
+    events = replay(stuck, default_detectors(expected_loss=2.4), finished=True)
+    judged = verdict(stuck, events, finished=True)
+    assert (judged["status"], judged["signal"], judged["mechanism"]) == (
+        "failed_to_train", "failed_to_train", None)
+    diverged = [*stuck, {"step": 200, "loss": math.nan}]
+    assert verdict(diverged, events, finished=True)["status"] == "diverged"
+
+
+def test_expected_loss_reaches_every_detector_that_takes_one():
+    detectors = {d.name: d for d in default_detectors(2.4, failed_to_train={"expected_loss": 2.0})}
+    assert detectors["failed_to_train"].config.expected_loss == 2.0  # its override wins
+    assert detectors["vanishing_gradient"].config.expected_loss == 2.4
+    assert detectors["residual_blowup"].config.expected_loss == 2.4
+    with pytest.raises(ValueError, match="expected_loss must be a positive number"):
+        default_detectors(failed_to_train={"expected_loss": -1.0})
+    with pytest.raises(ValueError, match="expected_loss must be a positive number"):
+        default_detectors(expected_loss=math.nan)
+
+
+def test_a_model_without_loop_statistics_is_told_what_is_not_judged():
+    lines = []
+    monitor = loopdiag.Monitor(sinks=[loopdiag.CallbackSink(lines.append)])
+    for step in range(1, 30):  # a user's model that records only its loss and grad norm
+        monitor.update({"step": step, "loss": 3.0, "grad_norm": 1.0})
+    (note,) = lines
+    assert (note.detector, note.severity, note.step) == ("monitor", "info", 10)
+    assert "token_corr" in note.message and "representation_collapse" in note.message
+    assert "failed_to_train" not in monitor.not_judged()  # it reads the loss
+    judged = verdict([{"step": s, "loss": 3.0} for s in range(1, 30)], monitor.events, finished=True)
+    assert judged["status"] == "stable"
