@@ -129,7 +129,7 @@ def plot_loss_curves(steps: pd.DataFrame) -> Figure:
     if loss is None:
         raise ValueError(f"no train loss to draw: the frame has none of the columns "
                          f"{', '.join(LOSS_COLUMNS)} (a run store without per-step records?)")
-    archs = list(dict.fromkeys(steps["arch"]))
+    archs = list(pd.unique(steps["arch"]))  # first-seen order, fast on a long frame
     loop_counts = sorted(steps["n_loops"].unique())
     figure, axes = new_figure(len(archs), len(loop_counts), panel_size=(3.0, 2.2),
                               sharex=True, sharey=True)
@@ -140,7 +140,7 @@ def plot_loss_curves(steps: pd.DataFrame) -> Figure:
         ax = axes[i][j]
         cell = steps[(steps["arch"] == arch) & (steps["n_loops"] == n_loops)]
         for colour_index, (run_id, run) in enumerate(cell.groupby("run_id", sort=False)):
-            run = _thinned(run, loss)
+            run = thin_curve(run, loss)
             colour = f"C{colour_index % 10}"
             ax.plot(run["step"], run[loss], lw=1, color=colour)
             name = f"s{run['seed'].iloc[0]}" + (f" lr{run['lr'].iloc[0]:g}" if several_lrs else "")
@@ -165,7 +165,7 @@ def plot_loss_curves(steps: pd.DataFrame) -> Figure:
 MAX_CURVE_POINTS = 1000  # per run: a 3-inch panel shows no more, and 100k-step runs draw fast
 
 
-def _thinned(run: pd.DataFrame, loss: str) -> pd.DataFrame:
+def thin_curve(run: pd.DataFrame, loss: str) -> pd.DataFrame:
     """Every n-th row of a long run, keeping the first and last rows, the lowest loss and
     the last finite one (its red cross)."""
     if len(run) <= MAX_CURVE_POINTS:

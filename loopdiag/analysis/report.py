@@ -205,8 +205,9 @@ def _loss_frame(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:
         steps = suite.runs[run_id].steps_of(LOSS_COLUMNS)
         loss = next((column for column in LOSS_COLUMNS if column in steps.columns), None)
         if loss is not None and len(steps):
-            frames.append(pd.DataFrame({"run_id": run_id, "step": steps["step"].to_numpy(),
-                                        "loss": steps[loss].to_numpy(dtype=float)}))
+            curve = pd.DataFrame({"run_id": run_id, "step": steps["step"].to_numpy(),
+                                  "loss": steps[loss].to_numpy(dtype=float)})
+            frames.append(plots.thin_curve(curve, "loss"))
     if not frames:
         return pd.DataFrame()
     return with_cells(pd.concat(frames, ignore_index=True), at_lr)
