@@ -12,16 +12,16 @@ import os
 import shlex
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import pandas as pd
 import typer
 from rich.console import Console
 
-from loopdiag import distributed
-from loopdiag.console import LiveProgress, stability_table
-from loopdiag.launch import cell_filter, cpu_count, run_suite, shard_cells
-from loopdiag.suite import ProbeSuite, SuiteError, apply_overrides, load_probe_suite
+from loopdiag.console import stability_table
+
+if TYPE_CHECKING:
+    from loopdiag.suite import ProbeSuite
 
 RUNS_FOLDER = "runs"  # the run store inside a report folder
 
@@ -79,6 +79,13 @@ def run(
     """Train a probe suite (architectures x loop counts x learning rates x seeds) with the
     probes and live collapse alerts, then write the report and print the stability table.
     Under `torchrun --nproc_per_node N` all N ranks train each run together (DDP)."""
+    # Imported here: torch and the training stack cost seconds that `report` and `analyze`
+    # do not need.
+    from loopdiag import distributed
+    from loopdiag.console import LiveProgress
+    from loopdiag.launch import cell_filter, cpu_count, run_suite, shard_cells
+    from loopdiag.suite import apply_overrides, load_probe_suite
+
     if wandb not in ("off", "offline", "online"):
         raise bad_input(f"--wandb must be off, offline or online, got {wandb!r}")
     if wandb == "online" and not _wandb_logged_in():
@@ -201,6 +208,8 @@ def _suite_path(suite: str | None) -> Path:
     for folder in (Path("probes"), Path(__file__).resolve().parents[1] / "probes"):
         if (folder / f"{name}.toml").is_file():
             return folder / f"{name}.toml"
+    from loopdiag.suite import SuiteError
+
     raise SuiteError(f"no suite file {name!r}: give a .toml path, or a name from probes/")
 
 
@@ -275,15 +284,42 @@ def report(
     suite: Annotated[Path, typer.Argument(help="A report folder (with runs/) or a suite folder.")],
     out: Annotated[Path | None, typer.Option(help="Report folder. Default: the report folder given, "
                                                    "else reports/<suite name>.")] = None,
+    jobs: Annotated[int, typer.Option(help="Processes building missing columnar copies of the runs' "
+                                           "records; 0: one per CPU core (at most 8).")] = 0,
     rejudge: Annotated[bool, typer.Option(
         help="First replay today's detectors over every run's records and rewrite the stored "
              "verdicts and events (after the detectors changed; training is not repeated).")] = False,
 ) -> None:
-    """Regenerate a suite's report (markdown, HTML, figures, table) from its run store alone."""
+    """Regenerate a suite's report (markdown, HTML, figures, table) from its run store alone.
+    Runs whose columnar copy (metrics.parquet) is missing or stale get one first."""
+    if jobs < 0:
+        raise bad_input(f"--jobs must be >= 0, got {jobs}")
     store = _store(suite)
+    if store.is_dir():
+        build_copies(store, jobs or min(8, len(os.sched_getaffinity(0))))
     if rejudge:
         _rejudge(store)
     _write_report(store, out or (suite if store != suite else Path("reports") / suite.name))
+
+
+def build_copies(store: Path, jobs: int) -> dict[str, int]:
+    """Build the columnar copies a suite lacks, with a progress bar on a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from loopdiag.store.columnar import build_columnar, run_dirs
+
+    todo = len(run_dirs(store))
+    errors = Console(stderr=True)
+    with Progress(TextColumn("columnar copies"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=errors, transient=True,
+                  disable=not errors.is_terminal or todo < 2) as progress:
+        task = progress.add_task("copies", total=todo)
+        counts = build_columnar(store, jobs=jobs, on_run=lambda *_: progress.advance(task))
+    built = sum(counts.get(state, 0) for state in ("missing", "stale", "corrupt"))
+    if built:
+        errors.print(f"built the columnar copy (metrics.parquet) of {built} of {todo} runs",
+                     highlight=False)
+    return counts
 
 
 def _rejudge(store: Path) -> None:

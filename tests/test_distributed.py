@@ -165,7 +165,8 @@ def test_only_rank_0_writes_the_run_store(two_ranks):
     out, _ = two_ranks
     (run_dir,) = (out / "same").iterdir()
     assert sorted(path.name for path in run_dir.iterdir()) == [
-        "checkpoint.pt", "config.json", "events.jsonl", "metrics.jsonl", "summary.json"]
+        "checkpoint.pt", "config.json", "events.jsonl", "metrics.jsonl", "metrics.parquet",
+        "summary.json"]
     assert [record["step"] for record in read_records(run_dir)] == [1, 2, 3, 4]  # each step once
 
 

@@ -45,8 +45,9 @@ def write_run(run_dir: Path, steps: range, summary: dict | None = None, **writer
 
 def test_public_api():
     assert set(loopdiag.store.__all__) == {
-        "RESUMABLE_KEYS", "RunData", "RunStoreWarning", "RunWriter", "SuiteData", "event_frame", "is_run_dir",
-        "load_run", "load_suite", "read_records", "write_suite_manifest"}
+        "RESUMABLE_KEYS", "RunData", "RunStoreWarning", "RunWriter", "SuiteData", "build_columnar",
+        "columnar_state", "event_frame", "is_run_dir", "load_run", "load_suite", "read_columns",
+        "read_records", "write_suite_manifest"}
 
 
 def test_round_trip_with_varying_loops_and_non_finite_values(tmp_path):

@@ -77,7 +77,8 @@ def residual_norms(loops: pd.DataFrame) -> pd.DataFrame:
 def residual_endpoints(run: RunData) -> tuple[pd.DataFrame, int, int] | None:
     """(`residual_norms` table, its first step after the warm-up (else its first step),
     its last step); None when the run recorded no finite residual norms."""
-    table = residual_norms(run.loops)
+    table = run.loop_table("resid_norm")
+    table = table[np.isfinite(table).all(axis=1)]
     if table.empty:
         return None
     after_warmup = table.index[table.index > warmup_steps(run.config)]

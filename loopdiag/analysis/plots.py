@@ -138,8 +138,11 @@ def _stability_cell(cell: pd.DataFrame) -> tuple[Any, str]:
 def plot_loss_curves(steps: pd.DataFrame) -> Figure:
     """Train loss vs step, one panel per (arch, K), seeds overlaid and named at their
     ends; a run whose loss turned non-finite ends in a red cross."""
-    loss = next(c for c in LOSS_COLUMNS if c in steps.columns)
-    archs = list(dict.fromkeys(steps["arch"]))
+    loss = next((c for c in LOSS_COLUMNS if c in steps.columns), None)
+    if loss is None:
+        raise ValueError(f"no train loss to draw: the frame has none of the columns "
+                         f"{', '.join(LOSS_COLUMNS)} (a run store without per-step records?)")
+    archs = list(pd.unique(steps["arch"]))  # first-seen order, fast on a long frame
     loop_counts = sorted(steps["n_loops"].unique())
     figure, axes = new_figure(len(archs), len(loop_counts), panel_size=(3.0, 2.2),
                               sharex=True, sharey=True)
@@ -150,6 +153,7 @@ def plot_loss_curves(steps: pd.DataFrame) -> Figure:
         ax = axes[i][j]
         cell = steps[(steps["arch"] == arch) & (steps["n_loops"] == n_loops)]
         for colour_index, (run_id, run) in enumerate(cell.groupby("run_id", sort=False)):
+            run = thin_curve(run, loss)
             colour = f"C{colour_index % 10}"
             ax.plot(run["step"], run[loss], lw=1, color=colour)
             name = f"s{run['seed'].iloc[0]}" + (f" lr{run['lr'].iloc[0]:g}" if several_lrs else "")
@@ -169,6 +173,22 @@ def plot_loss_curves(steps: pd.DataFrame) -> Figure:
         ax.set_ylabel("train loss (nats)")
     figure.suptitle("Train loss vs step per (arch, K); red x: loss became non-finite")
     return figure
+
+
+MAX_CURVE_POINTS = 1000  # per run: a 3-inch panel shows no more, and 100k-step runs draw fast
+
+
+def thin_curve(run: pd.DataFrame, loss: str) -> pd.DataFrame:
+    """Every n-th row of a long run, keeping the first and last rows, the lowest loss and
+    the last finite one (its red cross)."""
+    if len(run) <= MAX_CURVE_POINTS:
+        return run
+    values = run[loss].to_numpy(dtype=float)
+    finite = np.flatnonzero(np.isfinite(values))
+    keep = [np.arange(0, len(run), -(-len(run) // MAX_CURVE_POINTS)), [len(run) - 1]]
+    if len(finite):
+        keep += [[finite[-1], finite[np.argmin(values[finite])]]]
+    return run.iloc[np.unique(np.concatenate(keep))]
 
 
 def plot_oscillation_vs_loops(table: pd.DataFrame) -> Figure:

@@ -12,13 +12,15 @@ metric, value).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from loopdiag.analysis import plots
-from loopdiag.analysis.analyzer import FAILED, explain, run_verdict
+from loopdiag.analysis.analyzer import FAILED, LOSS_COLUMNS, explain, run_verdict
 from loopdiag.analysis.document import (
     Block,
     Bullets,
@@ -147,22 +149,36 @@ def _missing(suite: SuiteData) -> str:
 
 def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
              loop_scaling: pd.DataFrame | None, out_dir: Path) -> list[Block]:
-    """Figures over every run, and per (arch, K) figures over the runs of one LR (`at_lr`)."""
+    """Figures over every run, and per (arch, K) figures over the runs of one LR (`at_lr`).
+    A figure whose data no run holds (a store of summaries only) is skipped with a note."""
     several_lrs = table["lr"].nunique() > 1
     note = f" (lr {at_lr['lr'].iloc[0]:g})" if several_lrs else ""
-    drawn = [
-        ("stability_map", plots.plot_stability_map(table),
+    no_records = "no run of the store has per-step records (metrics.jsonl or metrics.parquet)"
+    losses, ends = _loss_frame(suite, at_lr), _residual_ends(suite, at_lr)
+    drawn: list[tuple[str, Callable[[], Any], str]] = [
+        ("stability_map", lambda: plots.plot_stability_map(table),
          "Verdict per architecture and loop count; text is the mean final train loss."),
-        ("loss_curves", plots.plot_loss_curves(with_cells(suite.steps, at_lr)),
-         f"Train loss vs step per architecture and loop count, seeds overlaid{note}."),
-        ("loop_residuals", plots.plot_loop_residuals(with_cells(suite.loops, at_lr)),
-         f"Residual norm at the end of each loop, last logged step{note}."),
-        ("oscillation_vs_loops", plots.plot_oscillation_vs_loops(at_lr),
-         f"Gradient oscillation index vs loop count{note}."),
     ]
     skipped = []
+    if len(losses):
+        drawn.append(("loss_curves", lambda: plots.plot_loss_curves(losses),
+                      f"Train loss vs step per architecture and loop count, seeds overlaid{note}."))
+    else:
+        skipped.append(f"Train loss curves: skipped, {no_records}.")
+    if len(ends):
+        drawn.append(("loop_residuals", lambda: plots.plot_loop_residuals(ends),
+                      f"Residual norm at the end of each loop, last logged step{note}."))
+    else:
+        skipped.append("Residual norm per loop: skipped, no run recorded per-loop residual "
+                       "norms.")
+    if at_lr["oscillation"].notna().any():
+        drawn.append(("oscillation_vs_loops", lambda: plots.plot_oscillation_vs_loops(at_lr),
+                      f"Gradient oscillation index vs loop count{note}."))
+    else:
+        skipped.append("Gradient oscillation vs loops: skipped, no run recorded the cosine "
+                       "between consecutive gradients (grad_cos).")
     if several_lrs:
-        drawn.append(("lr_sensitivity", plots.plot_lr_sensitivity(table),
+        drawn.append(("lr_sensitivity", lambda: plots.plot_lr_sensitivity(table),
                       "Final train loss vs learning rate per loop count."))
     else:
         skipped.append("Learning-rate sensitivity: skipped, the suite tried a single "
@@ -170,19 +186,53 @@ def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
     if loop_scaling is not None and "run_id" in loop_scaling.columns:
         loop_scaling = loop_scaling[loop_scaling["run_id"].isin(at_lr["run_id"])]
     if loop_scaling is not None and len(loop_scaling):
-        drawn.append(("loop_scaling", plots.plot_loop_scaling(loop_scaling),
+        drawn.append(("loop_scaling", lambda: plots.plot_loop_scaling(loop_scaling),
                       f"Test-time loop scaling: metric vs inference loop count, mean over "
                       f"seeds{note}."))
     else:
         skipped.append("Test-time loop scaling: skipped, no run was evaluated at other loop "
                        "counts (`loopdiag eval`, or an [eval] table in the suite file).")
     blocks: list[Block] = []
-    for name, figure, caption in drawn:
-        plots.save_figure(figure, out_dir / "figures" / name)
+    for name, draw, caption in drawn:
+        plots.save_figure(draw(), out_dir / "figures" / name)
         blocks.append(Image(f"figures/{name}.png", caption))
     if skipped:
         blocks.append(Bullets(skipped))
     return blocks
+
+
+def _loss_frame(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:
+    """(run_id, step, loss) of the runs in `at_lr` that logged a train loss, with their
+    cells: the loss column alone is read from each run's store."""
+    frames = []
+    for run_id in at_lr["run_id"]:
+        steps = suite.runs[run_id].steps_of(LOSS_COLUMNS)
+        loss = next((column for column in LOSS_COLUMNS if column in steps.columns), None)
+        if loss is not None and len(steps):
+            curve = pd.DataFrame({"run_id": run_id, "step": steps["step"].to_numpy(),
+                                  "loss": steps[loss].to_numpy(dtype=float)})
+            frames.append(plots.thin_curve(curve, "loss"))
+    if not frames:
+        return pd.DataFrame()
+    return with_cells(pd.concat(frames, ignore_index=True), at_lr)
+
+
+def _residual_ends(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:
+    """Per run in `at_lr`, the per-loop residual norms at its last step where every loop
+    is finite, as long rows (run_id, step, loop, stat, value) with the cells: all that
+    `plots.plot_loop_residuals` draws, without stacking every step of every run."""
+    frames = []
+    for run_id in at_lr["run_id"]:
+        norms = suite.runs[run_id].loop_table("resid_norm")
+        norms = norms[np.isfinite(norms).all(axis=1)]
+        if len(norms):
+            last = norms.iloc[-1]
+            frames.append(pd.DataFrame({"run_id": run_id, "step": int(norms.index[-1]),
+                                        "loop": last.index.to_numpy(dtype=np.int64),
+                                        "stat": "resid_norm", "value": last.to_numpy(dtype=float)}))
+    if not frames:
+        return pd.DataFrame()
+    return with_cells(pd.concat(frames, ignore_index=True), at_lr)
 
 
 # Per-loop figures for at most this many collapsed runs (the first of each cell): a big

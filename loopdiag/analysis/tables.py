@@ -14,6 +14,7 @@ from scipy import stats
 from loopdiag.analysis.analyzer import (
     CELL_KEYS,
     FAILED,
+    LOSS_COLUMNS,
     best_loss,
     final_loss,
     final_val_loss,
@@ -56,8 +57,12 @@ def run_table(run_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame([_row(run.run_id, run, cell)], columns=list(TABLE_COLUMNS))
 
 
+STEP_COLUMNS = (*LOSS_COLUMNS, "val_loss", "grad_cos")  # what a row reads from `steps`
+
+
 def _row(run_id: str, run: RunData, cell: dict[str, object]) -> dict[str, object]:
     judged = run_verdict(run)
+    steps = run.steps_of(STEP_COLUMNS)
     failed = judged.get("status") in FAILED
     failure_step = (float(judged["step"]) if failed and judged.get("step") is not None
                     else math.nan)
@@ -68,12 +73,12 @@ def _row(run_id: str, run: RunData, cell: dict[str, object]) -> dict[str, object
         "status": judged.get("status"), "mechanism": judged.get("mechanism"),
         "failure_step": failure_step,
         "signal": judged.get("signal") if failed else None,
-        "final_loss": final_loss(run.steps), "best_loss": best_loss(run.steps),
-        "final_val_loss": final_val_loss(run.steps),
+        "final_loss": final_loss(steps), "best_loss": best_loss(steps),
+        "final_val_loss": final_val_loss(steps),
         "resid_growth_steps": growth, "resid_ratio_loops": across,
-        "oscillation": oscillation_index(run.steps),
+        "oscillation": oscillation_index(steps),
         "first_warning_step": warning, "warning_lead": failure_step - warning,
-        "last_step": float(run.steps["step"].max()) if len(run.steps) else math.nan,
+        "last_step": float(steps["step"].max()) if len(steps) else math.nan,
         "recomputed": bool(judged["recomputed"]),
     }
 

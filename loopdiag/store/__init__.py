@@ -3,7 +3,9 @@
     <run_dir>/
       config.json     the caller's resolved config + `run_info` (start time, package
                       versions, resumes); written atomically before step 1
-      metrics.jsonl   one JSON object per logged step: scalars and per-loop lists
+      metrics.jsonl   one JSON object per logged step: scalars and per-loop lists; the
+                      one source of truth for the records
+      metrics.parquet the columnar copy of metrics.jsonl (derived; see below)
       events.jsonl    one JSON object per detector firing (step, detector, severity,
                       message, evidence)
       summary.json    the end verdict (status, step, signal, ...); written atomically at
@@ -16,12 +18,28 @@ The files are append-only while training, so the analyzer may read a live run. N
 default): they read back unchanged with Python's json and pandas here, and a non-finite
 loss is exactly the value this tool must not lose or confuse with a string. Strict JSON
 tools (jq, browsers) reject those lines.
+
+`metrics.jsonl` is the crash-safe log written while training. `metrics.parquet` is derived
+from it (`loopdiag.store.columnar`: one column per key, per-loop statistics as list
+columns, float32 where a column's values fit, zstd) and is what the analyzer reads, a few
+columns at a time. It is written by `RunWriter.close`, and built again from the JSONL,
+with a `RunStoreWarning`, by anything that reads the run (`load_run`, `loopdiag report`,
+`analyze`, `compare`) whenever the two disagree: the copy is missing, unreadable, or was
+built from a different JSONL (other size or content at its head or tail: a live, crashed
+or resumed run). The JSONL always wins. A folder that holds the copy but no JSONL is an
+archived run (the form in which the studies' records are committed) and is read from the
+copy; its float32 statistics are the logged values rounded to float32. `read_records`
+returns the records as logged (from the JSONL where it exists); `read_columns` returns
+chosen keys as numpy arrays (per-loop keys as steps × loops, NaN-padded) for replaying
+detectors fast; `build_columnar(suite_dir, jobs=...)` builds a whole suite's copies.
 """
 
 from loopdiag.store._files import RunStoreWarning
+from loopdiag.store.columnar import build_columnar, columnar_state, read_columns
 from loopdiag.store.reader import RunData, event_frame, is_run_dir, load_run, read_records
 from loopdiag.store.suite import SuiteData, load_suite, write_suite_manifest
 from loopdiag.store.writer import RESUMABLE_KEYS, RunWriter
 
-__all__ = ["RESUMABLE_KEYS", "RunData", "RunStoreWarning", "RunWriter", "SuiteData", "event_frame", "is_run_dir",
-           "load_run", "load_suite", "read_records", "write_suite_manifest"]
+__all__ = ["RESUMABLE_KEYS", "RunData", "RunStoreWarning", "RunWriter", "SuiteData", "build_columnar",
+           "columnar_state", "event_frame", "is_run_dir", "load_run", "load_suite", "read_columns",
+           "read_records", "write_suite_manifest"]

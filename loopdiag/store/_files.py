@@ -13,6 +13,7 @@ from typing import Any
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+COLUMNAR_FILE = "metrics.parquet"  # derived from METRICS_FILE; see loopdiag.store.columnar
 EVENTS_FILE = "events.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -34,15 +35,16 @@ def json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable: {value!r}")
 
 
-def replace_atomically(path: Path, text: str) -> None:
+def replace_atomically(path: Path, text: str | bytes) -> None:
     """Write to a temp file in the same folder, fsync, rename over `path`: readers see the
     old file or the new one, never a half-written one."""
     # open(..., "x") rather than mkstemp: the file gets the umask's permissions, not 0600,
     # so others on a shared cluster can read the run.
     tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    data = text.encode("utf-8") if isinstance(text, str) else text
     try:
-        with tmp_path.open("x", encoding="utf-8") as handle:
-            handle.write(text)
+        with tmp_path.open("xb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)

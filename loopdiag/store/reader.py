@@ -6,7 +6,6 @@ import itertools
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,11 @@ from loopdiag.store._files import (
     RunStoreWarning,
     read_rows,
 )
+from loopdiag.store.columnar import Columns, open_columns, records_from_table, table_columns
 
 EVENT_COLUMNS = ("step", "detector", "severity", "message", "evidence")
 
 
-@dataclass
 class RunData:
     """One run as tables.
 
@@ -35,14 +34,22 @@ class RunData:
     `events`: one row per detector firing; `EVENT_COLUMNS` always present.
     `summary`: the stored verdict, or None when the run never wrote one.
     `config`: as stored, including the writer's `run_info` (start time, versions).
+
+    `steps` and `loops` are read from the run's columnar copy when first used (see
+    `loopdiag.store.columnar`), so a suite of long runs costs nothing until a table is
+    asked for; `loop_table(stat)` reads a single per-loop statistic.
     """
 
-    run_dir: Path
-    config: dict[str, Any]
-    steps: pd.DataFrame
-    loops: pd.DataFrame
-    events: pd.DataFrame
-    summary: dict[str, Any] | None
+    def __init__(self, run_dir: Path, config: dict[str, Any], steps: pd.DataFrame | None = None,
+                 loops: pd.DataFrame | None = None, events: pd.DataFrame | None = None,
+                 summary: dict[str, Any] | None = None, *, columns: Columns | None = None) -> None:
+        self.run_dir, self.config, self.summary = Path(run_dir), config, summary
+        self.events = event_frame([]) if events is None else events
+        self._steps, self._loops, self._columns = steps, loops, columns
+        self._loop_tables: dict[str, pd.DataFrame] = {}
+
+    def __repr__(self) -> str:
+        return f"RunData({str(self.run_dir)!r})"
 
     @property
     def run_id(self) -> str:
@@ -53,27 +60,131 @@ class RunData:
         path = self.run_dir / CHECKPOINT_FILE
         return path if path.is_file() else None
 
+    @property
+    def steps(self) -> pd.DataFrame:
+        if self._steps is None:
+            self._steps = (metric_frames([])[0] if self._columns is None
+                           else steps_frame(self._columns))
+        return self._steps
+
+    @property
+    def loops(self) -> pd.DataFrame:
+        if self._loops is None:
+            self._loops = (metric_frames([])[1] if self._columns is None
+                           else loops_frame(self._columns))
+        return self._loops
+
+    @property
+    def step_columns(self) -> list[str]:
+        """The columns `steps` has, known without reading it."""
+        if self._steps is not None or self._columns is None:
+            return list(self.steps.columns)
+        return ["step", *(key for key in _scalar_keys(self._columns) if key != "step")]
+
+    def steps_of(self, names: Sequence[str]) -> pd.DataFrame:
+        """`steps` restricted to `step` and those of `names` it has, read alone."""
+        wanted = ["step", *(name for name in names if name != "step")]
+        if self._steps is not None or self._columns is None:
+            return self.steps[[name for name in wanted if name in self.steps.columns]]
+        scalars = set(_scalar_keys(self._columns))
+        return _to_frame(self._columns.read([n for n in wanted if n in scalars]))
+
+    def loop_table(self, stat: str) -> pd.DataFrame:
+        """One per-loop statistic as a (step × loop) table, loops numbered from 1; steps
+        without it left out. Empty when the run never logged it."""
+        if stat not in self._loop_tables:
+            if self._loops is not None or self._columns is None:
+                rows = self.loops[self.loops["stat"] == stat]
+                table = rows.pivot_table(index="step", columns="loop", values="value",
+                                         aggfunc="first", dropna=False)
+            else:
+                arrays = table_columns(self._columns.read(["step", stat]), ["step", stat])
+                grid = arrays.get(stat, np.empty((0, 0)))
+                table = pd.DataFrame(grid, index=pd.Index(arrays["step"], name="step"),
+                                     columns=pd.RangeIndex(1, grid.shape[1] + 1, name="loop"))
+                table = table[~np.isnan(grid).all(axis=1)] if grid.size else table.iloc[:0]
+            self._loop_tables[stat] = table
+        return self._loop_tables[stat]
+
 
 def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file()
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    """Load a run folder; unreadable lines are skipped with a `RunStoreWarning`."""
+    """Load a run folder; unreadable lines are skipped with a `RunStoreWarning`, and a
+    missing, stale or corrupt columnar copy is rebuilt from `metrics.jsonl` with one."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         why = "it does not exist" if not run_dir.exists() else f"it has no {CONFIG_FILE}"
         raise FileNotFoundError(f"{run_dir} is not a run folder: {why}")
     config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    steps, loops = metric_frames(read_rows(run_dir / METRICS_FILE))
     events = event_frame(read_rows(run_dir / EVENTS_FILE))
-    return RunData(run_dir=run_dir, config=config, steps=steps, loops=loops, events=events,
-                   summary=_read_summary(run_dir / SUMMARY_FILE))
+    return RunData(run_dir=run_dir, config=config, events=events,
+                   summary=_read_summary(run_dir / SUMMARY_FILE), columns=open_columns(run_dir))
 
 
 def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's records exactly as logged (for replaying detectors); torn lines skipped."""
-    return read_rows(Path(run_dir) / METRICS_FILE)
+    """The run's records as logged (for replaying detectors): from `metrics.jsonl`, torn
+    lines skipped, or, where the folder holds only the columnar copy (an archived run),
+    from that copy (float32 statistics as their float32 values)."""
+    run_dir = Path(run_dir)
+    if (run_dir / METRICS_FILE).is_file():
+        return read_rows(run_dir / METRICS_FILE)
+    columns = open_columns(run_dir)
+    return [] if columns is None else records_from_table(columns.read())
+
+
+def _scalar_keys(columns: Columns) -> list[str]:
+    import pyarrow as pa
+
+    metadata, schema = columns.metadata, columns.schema
+    return [key for key in metadata["keys"] if metadata["columns"][key]["encoding"] != "json"
+            and not pa.types.is_list(schema.field(key).type)]
+
+
+def _to_frame(table: Any) -> pd.DataFrame:
+    """An Arrow table as pandas, floats as float64."""
+    import pyarrow as pa
+
+    frame = table.to_pandas()
+    floats = {field.name: "float64" for field in table.schema if pa.types.is_floating(field.type)}
+    return frame.astype(floats) if floats else frame
+
+
+def steps_frame(columns: Columns) -> pd.DataFrame:
+    metadata = columns.metadata
+    if any(column["encoding"] == "json" for column in metadata["columns"].values()):
+        return metric_frames(records_from_table(columns.read()))[0]  # mixed kinds: rare
+    keys = _scalar_keys(columns)
+    return _to_frame(columns.read(["step", *(key for key in keys if key != "step")]))
+
+
+def loops_frame(columns: Columns) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    metadata, schema = columns.metadata, columns.schema
+    if any(column["encoding"] == "json" for column in metadata["columns"].values()):
+        return metric_frames(records_from_table(columns.read()))[1]
+    stats = [key for key in metadata["keys"] if pa.types.is_list(schema.field(key).type)]
+    if not stats:
+        return metric_frames([])[1]
+    table = columns.read(["step", *stats])
+    steps = table.column("step").to_numpy()
+    parts = []
+    for stat in stats:
+        column = table.column(stat).combine_chunks()
+        lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)
+        values = column.flatten().cast(pa.float64()).to_numpy(zero_copy_only=False)
+        first_of_own_list = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        parts.append(pd.DataFrame({
+            "step": np.repeat(steps, lengths),
+            "loop": np.arange(len(values), dtype=np.int64) - first_of_own_list + 1,
+            "stat": stat,
+            "value": values.astype(np.float64),
+        }))
+    return pd.concat(parts, ignore_index=True)
 
 
 def metric_frames(records: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:

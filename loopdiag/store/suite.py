@@ -6,6 +6,7 @@ import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ class SuiteData:
     cell columns; `run_table` has one row per run: `run_id`, cell columns, summary `status`.
     `cell_columns` names the cell columns: each cell key's own name, or `cell_<key>` where
     the key clashes with a table column (a swept `lr` beside the logged per-step `lr`).
+    `steps` and `loops` are stacked when first used: over a long sweep they are large,
+    and the report reads only the columns it draws (`RunData.steps_of`, `loop_table`).
     """
 
     suite_dir: Path
@@ -32,13 +35,23 @@ class SuiteData:
     runs: dict[str, RunData]
     run_table: pd.DataFrame
     cell_columns: list[str]
-    steps: pd.DataFrame
-    loops: pd.DataFrame
     events: pd.DataFrame
 
     @property
     def spec(self) -> dict[str, Any] | None:
         return None if self.manifest is None else self.manifest.get("spec")
+
+    @cached_property
+    def steps(self) -> pd.DataFrame:
+        return self.stack([run.steps for run in self.runs.values()], metric_frames([])[0])
+
+    @cached_property
+    def loops(self) -> pd.DataFrame:
+        return self.stack([run.loops for run in self.runs.values()], metric_frames([])[1])
+
+    def stack(self, frames: list[pd.DataFrame], empty: pd.DataFrame) -> pd.DataFrame:
+        """One frame per run (in `runs`' order) stacked, each row led by its run's keys."""
+        return _stack(frames, self.run_table.drop(columns="status"), empty)
 
 
 def write_suite_manifest(suite_dir: str | Path, spec: Mapping[str, Any],
@@ -97,11 +110,10 @@ def load_suite(suite_dir: str | Path) -> SuiteData:
                  else {} for run_id, run in runs.items()}
 
     empty_steps, empty_loops = metric_frames([])
-    tables = {"steps": ([run.steps for run in runs.values()], empty_steps),
-              "loops": ([run.loops for run in runs.values()], empty_loops),
-              "events": ([run.events for run in runs.values()], event_frame([]))}
-    taken = {"run_id", "status"} | {column for frames, empty in tables.values()
-                                    for frame in [*frames, empty] for column in frame.columns}
+    events = [run.events for run in runs.values()]
+    taken = ({"run_id", "status"} | set(empty_loops.columns) | set(empty_steps.columns)
+             | {column for run in runs.values() for column in run.step_columns}
+             | {column for frame in [*events, event_frame([])] for column in frame.columns})
     cell_keys = dict.fromkeys(key for cell in cells.values() for key in cell)
     column_of = {key: f"cell_{key}" if key in taken else key for key in cell_keys}
     run_table = pd.DataFrame({
@@ -112,8 +124,7 @@ def load_suite(suite_dir: str | Path) -> SuiteData:
     keys = run_table.drop(columns="status")
     return SuiteData(suite_dir=suite_dir, name=name, manifest=manifest, runs=runs,
                      run_table=run_table, cell_columns=list(column_of.values()),
-                     **{table: _stack(frames, keys, empty)
-                        for table, (frames, empty) in tables.items()})
+                     events=_stack(events, keys, event_frame([])))
 
 
 def _stack(frames: list[pd.DataFrame], keys: pd.DataFrame, empty: pd.DataFrame) -> pd.DataFrame:

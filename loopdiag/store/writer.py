@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import threading
+import warnings
 import weakref
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -18,12 +19,14 @@ from typing import Any
 
 from loopdiag.store._files import (
     CHECKPOINT_FILE,
+    COLUMNAR_FILE,
     CONFIG_FILE,
     EVENTS_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
     is_int,
     json_default,
+    RunStoreWarning,
     read_rows,
     replace_atomically,
     write_json_atomic,
@@ -180,6 +183,7 @@ class RunWriter:
                 raise RuntimeError(f"run {self.run_dir} is already closed; summary not written")
             return
         self._shutdown()
+        _write_columnar_copy(self.run_dir)
         if summary is not None:
             summary = {**summary}
             summary.setdefault("last_step", self.last_step)
@@ -227,6 +231,7 @@ class RunWriter:
         for name, rows in ((METRICS_FILE, records), (EVENTS_FILE, events)):
             replace_atomically(self.run_dir / name, "".join(json.dumps(row) + "\n" for row in rows))
         (self.run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # the verdict is no longer final
+        (self.run_dir / COLUMNAR_FILE).unlink(missing_ok=True)  # rebuilt from the JSONL at close
         last_logged = max((row["step"] for row in records), default=None)
         run_info.setdefault("resumes", []).append(
             {"at": _now(), "resume_step": resume_step, "last_logged_step": last_logged,
@@ -235,6 +240,19 @@ class RunWriter:
         # Training goes on from the checkpoint at resume_step; a record at or before it
         # would repeat the checkpoint's past even where that past was never flushed.
         return last_logged if resume_step is None else resume_step
+
+
+def _write_columnar_copy(run_dir: Path) -> None:
+    """The columnar copy of the finished logs; a failure costs the copy, never the run
+    (the analyzer builds it from the JSONL when it is missing)."""
+    from loopdiag.store.columnar import write_columnar
+
+    try:
+        write_columnar(run_dir)
+    except Exception as error:  # noqa: BLE001 - the JSONL is the record; the copy is derived
+        warnings.warn(f"{run_dir}: could not write {COLUMNAR_FILE} ({type(error).__name__}: "
+                      f"{error}); it is built again when the run is read", RunStoreWarning,
+                      stacklevel=3)
 
 
 def _config_differences(stored: Mapping[str, Any], given: Mapping[str, Any],

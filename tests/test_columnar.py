@@ -1,0 +1,192 @@
+"""The columnar copy (metrics.parquet): derived from metrics.jsonl, rebuilt whenever it
+disagrees, and read alone where it is the only form of a run's records."""
+
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loopdiag.analysis import run_verdict, write_report
+from loopdiag.detect import default_detectors, replay, verdict
+from loopdiag.store import RunStoreWarning, RunWriter, load_run, load_suite, read_records
+from loopdiag.store.columnar import build_columnar, columnar_state, read_columns
+
+TASK_RUNS = Path(__file__).resolve().parents[1] / "reports" / "flt-stability-task" / "runs"
+CONFIG = {"model": {"arch": "flt", "n_loops": 3}, "train": {"steps": 4, "lr": 3e-3}}
+RECORDS = [
+    {"step": 1, "loss": 2.5, "lr": 1e-3, "phase": "warmup", "n_loops": 3,
+     "resid_norm": [1.0, 2.0, 3.0], "rel_update": [math.nan, 0.25, None]},
+    {"step": 2, "loss": math.nan, "lr": 1e-3, "phase": "main", "n_loops": 3, "flag": True,
+     "resid_norm": [1.5, math.inf, -math.inf, 4.0], "grad_norm": 1e-45, "note": None},
+    {"step": 3, "loss": 2.0, "lr": 1e-3, "n_loops": 3, "val_loss": 2.2, "grad_norm": 0.5,
+     "mixed": "text"},
+    {"step": 4, "loss": 1.9, "lr": 1e-3, "n_loops": 3, "resid_norm": [2.0], "mixed": 3,
+     "note": 1.5},
+]
+
+
+def write_run(run_dir: Path, records=RECORDS, summary=None) -> Path:
+    with RunWriter(run_dir, CONFIG) as run:
+        for record in records:
+            run.log(record)
+        run.close(summary or {"status": "stable"})
+    return run_dir
+
+
+def same(a, b) -> bool:
+    """Equality with NaN equal to NaN, in nested lists and dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b and type(a) is type(b)
+
+
+def test_close_writes_a_copy_that_reads_back_as_the_records(tmp_path):
+    run_dir = write_run(tmp_path / "run")
+    assert columnar_state(run_dir) == "fresh"
+    (run_dir / "metrics.jsonl").rename(tmp_path / "kept.jsonl")  # the archived form
+    assert columnar_state(run_dir) == "archived"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        records = read_records(run_dir)
+    # Exact where float32 is exact; a value outside float32's range keeps the column float64.
+    assert same(records, RECORDS)
+    data = load_run(run_dir)
+    assert list(data.steps.columns[:4]) == ["step", "loss", "lr", "phase"]
+    resid = data.loops[data.loops["stat"] == "resid_norm"]
+    assert resid["loop"].tolist() == [1, 2, 3, 1, 2, 3, 4, 1]
+    assert data.steps["grad_norm"].tolist()[1] == 1e-45
+
+
+def test_frames_from_the_copy_match_the_frames_from_the_jsonl(tmp_path):
+    from loopdiag.store.reader import metric_frames
+
+    run_dir = write_run(tmp_path / "run")
+    steps, loops = metric_frames(RECORDS)
+    data = load_run(run_dir)
+    assert list(data.steps.columns) == list(steps.columns)
+    assert data.steps.drop(columns=["mixed", "note"]).equals(steps.drop(columns=["mixed", "note"]))
+    assert data.loops.reset_index(drop=True).equals(loops)
+
+
+def test_read_columns_gives_arrays_per_loop_nan_padded(tmp_path):
+    run_dir = write_run(tmp_path / "run")
+    columns = read_columns(run_dir, ["step", "loss", "resid_norm", "val_loss", "absent"])
+    assert set(columns) == {"step", "loss", "resid_norm", "val_loss"}
+    assert columns["step"].tolist() == [1, 2, 3, 4] and columns["step"].dtype == np.int64
+    assert columns["resid_norm"].shape == (4, 4)
+    assert columns["resid_norm"][0].tolist()[:3] == [1.0, 2.0, 3.0]
+    assert np.isnan(columns["resid_norm"][0, 3]) and np.isnan(columns["resid_norm"][2]).all()
+    assert np.isnan(columns["val_loss"]).tolist() == [True, True, False, True]
+
+
+def test_a_missing_copy_warns_and_is_rebuilt(tmp_path):
+    run_dir = write_run(tmp_path / "run")
+    (run_dir / "metrics.parquet").unlink()
+    with pytest.warns(RunStoreWarning, match="has no columnar copy; rebuilt"):
+        data = load_run(run_dir)
+    assert data.steps["step"].tolist() == [1, 2, 3, 4]
+    assert columnar_state(run_dir) == "fresh"
+
+
+@pytest.mark.parametrize("change", ["appended", "fewer"])
+def test_a_stale_copy_warns_and_is_rebuilt(tmp_path, change):
+    run_dir = write_run(tmp_path / "run")
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    if change == "appended":  # a resumed or live run: the JSONL grew
+        path.write_text("".join(lines) + json.dumps({"step": 5, "loss": 1.8}) + "\n")
+    else:  # a different record count
+        path.write_text("".join(lines[:2]))
+    with pytest.warns(RunStoreWarning, match="older than its metrics.jsonl"):
+        data = load_run(run_dir)
+    assert data.steps["step"].tolist() == ([1, 2, 3, 4, 5] if change == "appended" else [1, 2])
+
+
+def test_a_corrupt_copy_warns_and_is_rebuilt(tmp_path):
+    run_dir = write_run(tmp_path / "run")
+    (run_dir / "metrics.parquet").write_bytes(b"PAR1 not really")
+    with pytest.warns(RunStoreWarning, match="unreadable columnar copy; rebuilt"):
+        data = load_run(run_dir)
+    assert data.steps["step"].tolist() == [1, 2, 3, 4] and columnar_state(run_dir) == "fresh"
+
+
+def test_a_corrupt_copy_without_jsonl_reads_as_no_records(tmp_path):
+    run_dir = write_run(tmp_path / "run")
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "metrics.parquet").write_bytes(b"garbage")
+    with pytest.warns(RunStoreWarning, match="no metrics.jsonl to rebuild it from"):
+        assert load_run(run_dir).steps.empty
+
+
+def test_a_torn_jsonl_tail_warns_and_the_copy_holds_the_whole_records(tmp_path):
+    run_dir = write_run(tmp_path / "run")
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "loss": 0.2, "resid_norm": [1.0, 2.')
+    with pytest.warns(RunStoreWarning, match="torn"):
+        data = load_run(run_dir)
+    assert data.steps["step"].tolist() == [1, 2, 3, 4] and columnar_state(run_dir) == "fresh"
+
+
+def test_a_resumed_run_drops_its_copy_until_close(tmp_path):
+    run_dir = write_run(tmp_path / "run", summary={"status": "interrupted"})
+    with RunWriter(run_dir, CONFIG, resume=True, resume_step=2) as run:
+        assert not (run_dir / "metrics.parquet").exists()
+        run.log({"step": 3, "loss": 1.0})
+    assert columnar_state(run_dir) == "fresh"
+    assert read_columns(run_dir, ["step"])["step"].tolist() == [1, 2, 3]
+
+
+def test_build_columnar_builds_a_suites_copies_in_parallel(tmp_path):
+    for name in ("a", "b", "c"):
+        write_run(tmp_path / name)
+    (tmp_path / "a" / "metrics.parquet").unlink()
+    (tmp_path / "b" / "metrics.parquet").write_bytes(b"bad")
+    with pytest.warns(RunStoreWarning, match="unreadable"):
+        counts = build_columnar(tmp_path, jobs=2)
+    assert counts == {"missing": 1, "corrupt": 1, "fresh": 1}
+    assert all(columnar_state(tmp_path / name) == "fresh" for name in ("a", "b", "c"))
+
+
+def test_a_store_of_summaries_only_still_reports(tmp_path):
+    """The reference study on a fresh clone before its copies were committed: summaries
+    and events, no records. Figures that need records are skipped with a note."""
+    suite_dir = tmp_path / "runs"
+    shutil.copytree(TASK_RUNS, suite_dir)
+    for path in [*suite_dir.glob("*/metrics.jsonl"), *suite_dir.glob("*/metrics.parquet")]:
+        path.unlink()
+    report = write_report(suite_dir, tmp_path / "report", "loopdiag report")
+    text = report.read_text()
+    assert "Train loss curves: skipped" in text and "Residual norm per loop: skipped" in text
+    assert (tmp_path / "report" / "figures" / "stability_map.png").is_file()
+
+
+def test_a_committed_study_run_replays_to_its_stored_verdict():
+    """The task study's records are committed as columnar copies alone: a fresh clone
+    replays every detector on them and gets the verdict stored at the end of training."""
+    for run_dir in sorted(p for p in TASK_RUNS.iterdir() if p.is_dir()):
+        assert columnar_state(run_dir) in ("archived", "fresh")
+        data = load_run(run_dir)
+        records = read_records(run_dir)
+        overrides = data.config.get("detectors") or {}
+        events = replay(records, default_detectors(**overrides))
+        judged = verdict(records, events, finished=True)
+        assert judged["status"] == data.summary["status"], run_dir.name
+        assert judged.get("step") == data.summary.get("step"), run_dir.name
+        assert run_verdict(data)["status"] == data.summary["status"]
+
+
+def test_load_suite_stacks_lazily(tmp_path):
+    for name in ("a", "b"):
+        write_run(tmp_path / name)
+    suite = load_suite(tmp_path)
+    assert "steps" not in vars(suite) and "loops" not in vars(suite)
+    assert suite.steps["run_id"].tolist() == ["a"] * 4 + ["b"] * 4
+    assert set(suite.loops["stat"]) == {"resid_norm", "rel_update"}
