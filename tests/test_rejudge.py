@@ -1,0 +1,75 @@
+"""Judging a stored suite again: today's detectors replayed over its records, each looped run
+against its one-loop reference, through the library and `loopdiag report --rejudge`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from loopdiag.analysis.rejudge import rejudge_suite
+from loopdiag.cli import app
+from loopdiag.store import RunWriter, write_suite_manifest
+from loopdiag.store.reference import reference_run
+
+STEPS = 150
+LOOPS = 4
+
+
+def records(collapsed: bool) -> list[dict]:
+    out = []
+    for step in range(1, STEPS + 1):
+        wobble = 1 + 0.02 * math.sin(step)
+        if collapsed:  # positions identical from step 3, the loss stuck at the unigram level
+            loss, corr = (3.3 + 2.2 * math.exp(-step / 3)) * wobble, 1.0 if step >= 3 else 0.5
+        else:
+            loss, corr = (2.2 + 3.3 * math.exp(-step / 30)) * wobble, 0.5
+        out.append({"step": step, "loss": loss, "token_corr": [corr] * LOOPS,
+                    "rel_update": [math.nan, *[0.1] * (LOOPS - 1)], "resid_norm": [8.0] * LOOPS})
+    return out
+
+
+def write_suite(suite_dir: Path) -> None:
+    cells = {}
+    for n_loops, collapsed in ((1, False), (LOOPS, True)):
+        run_id = f"looped-k{n_loops:02d}-s0"
+        cells[run_id] = {"arch": "looped", "n_loops": n_loops, "seed": 0, "lr": 3e-3}
+        with RunWriter(suite_dir / run_id, {"cell": cells[run_id], "train": {"steps": STEPS},
+                                            "detectors": {}}) as run:
+            for record in records(collapsed):
+                run.log(record)
+            # judged by an older detector set that saw nothing
+            run.close({"status": "stable", "step": None, "signal": None})
+    write_suite_manifest(suite_dir, {"name": "tiny"}, cells)
+
+
+def test_rejudge_rewrites_verdicts_with_the_one_loop_reference(tmp_path: Path):
+    write_suite(tmp_path)
+    changes = []
+    statuses = rejudge_suite(tmp_path, on_run=lambda *change: changes.append(change))
+    assert statuses == {"looped-k01-s0": "stable", "looped-k04-s0": "collapsed"}
+    assert changes[0] == ("looped-k01-s0", "stable", "stable")  # the reference first
+    summary = json.loads((tmp_path / "looped-k04-s0" / "summary.json").read_text())
+    assert summary["mechanism"] == "representation" and summary["rejudged_from"] == "stable"
+    assert summary["reference"]["run"] == "looped-k01-s0"
+    assert summary["reference"]["expected_loss"] == reference_run(tmp_path, {
+        "arch": "looped", "n_loops": LOOPS, "seed": 0, "lr": 3e-3})[1]
+    assert "vanishing_gradient" in summary["not_judged"]  # no act_grad_norm was recorded
+    events = [json.loads(line) for line in (tmp_path / "looped-k04-s0" / "events.jsonl").open()]
+    assert events[0]["detector"] == "representation_collapse" and events[0]["step"] == 7
+
+
+def test_report_rejudge_prints_what_changed_and_reports_it(tmp_path: Path):
+    write_suite(tmp_path / "runs")
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--rejudge", "--jobs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "1 verdicts changed" in result.output and "looped-k04-s0: stable -> collapsed" in result.output
+    report = (tmp_path / "report.md").read_text()
+    assert "collapsed (representation)" in report
+
+
+def test_rejudge_refuses_a_folder_without_a_suite(tmp_path: Path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--rejudge"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
