@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from rich.console import Console
@@ -17,7 +17,9 @@ from rich.progress import (
 from rich.table import Table
 
 from loopdiag.monitor import SEVERITY_STYLE
-from loopdiag.runner import RunSpec
+
+if TYPE_CHECKING:
+    from loopdiag.runner import RunSpec  # imports torch: only the type is needed here
 
 
 class LiveProgress:
