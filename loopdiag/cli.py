@@ -17,26 +17,40 @@ from typing import TYPE_CHECKING, Annotated
 import pandas as pd
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+import loopdiag
 from loopdiag.console import stability_table
 
 if TYPE_CHECKING:
     from loopdiag.suite import ProbeSuite
 
+# Training needs torch; `analyze`, `report` and `compare` do not, so the modules that import
+# it (distributed, launch, suite) are imported inside the commands that train.
+
 RUNS_FOLDER = "runs"  # the run store inside a report folder
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Training-stability diagnostics for looped transformers.")
+app = typer.Typer(no_args_is_help=True, help="Training-stability diagnostics for looped transformers.")
 console = Console()
 
 
 def bad_input(message: str) -> typer.Exit:
     """Report a user error as one line; the caller raises the returned exit (code 2)."""
-    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"loopdiag {loopdiag.__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """Training-stability diagnostics for looped (weight-tied) transformers."""
 
 
@@ -44,8 +58,9 @@ def _root() -> None:
 def run(
     context: typer.Context,
     suite: Annotated[str | None, typer.Argument(
-        help="A probe suite: a .toml file, or the name of one in probes/. Default: probes/default.toml.",
-        show_default=False)] = None,
+        help="A probe suite: a .toml file, or the name of one in ./probes/ or shipped with loopdiag "
+             "(`--list` shows them). Default: default.", show_default=False)] = None,
+    list_suites: Annotated[bool, typer.Option("--list", help="List the suites names resolve to, and exit.")] = False,
     loops: Annotated[int | None, typer.Option(help="Largest loop count: the suite's loop counts up to it, and it.")] = None,
     arch: Annotated[list[str] | None, typer.Option(help="Architecture (repeatable); replaces the suite's.")] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps per run.")] = None,
@@ -79,13 +94,14 @@ def run(
     """Train a probe suite (architectures x loop counts x learning rates x seeds) with the
     probes and live collapse alerts, then write the report and print the stability table.
     Under `torchrun --nproc_per_node N` all N ranks train each run together (DDP)."""
-    # Imported here: torch and the training stack cost seconds that `report` and `analyze`
-    # do not need.
     from loopdiag import distributed
     from loopdiag.console import LiveProgress
     from loopdiag.launch import cell_filter, cpu_count, run_suite, shard_cells
-    from loopdiag.suite import apply_overrides, load_probe_suite
+    from loopdiag.suite import apply_overrides, find_suite, load_probe_suite
 
+    if list_suites:
+        _list_suites()
+        return
     if wandb not in ("off", "offline", "online"):
         raise bad_input(f"--wandb must be off, offline or online, got {wandb!r}")
     if wandb == "online" and not _wandb_logged_in():
@@ -96,7 +112,7 @@ def run(
         raise bad_input("--resume and --overwrite contradict each other; pick one")
     shard_of = _parse_shard(shard)
     try:
-        spec = load_probe_suite(_suite_path(suite))
+        spec = load_probe_suite(find_suite(suite))
         spec = apply_overrides(spec, loops=loops, archs=arch, steps=steps, lrs=lr, seeds=seeds, data=data,
                                size=size, optimizer=optimizer, schedule=schedule, log_every=log_every,
                                stop_on_collapse=stop_on_collapse, quick=quick)
@@ -164,6 +180,9 @@ def run(
         log_suite(spec.name, table, figures, mode=wandb_mode, dir=suite_dir)
         sync_hint = "  (upload with `wandb sync`)" if wandb_mode == "offline" else ""
         console.print(f"W&B ({wandb_mode}): {suite_dir / 'wandb'}{sync_hint}")
+        if wandb_mode == "online":
+            console.print(f"a W&B workspace laid out for these runs: "
+                          f"loopdiag dashboard {shlex.quote(str(out))} --online", highlight=False, soft_wrap=True)
     _report_errors(errors)
 
 
@@ -200,17 +219,11 @@ def _command_line(context: typer.Context) -> str:
     return shlex.join(words)
 
 
-def _suite_path(suite: str | None) -> Path:
-    """A suite file as given, else `probes/<name>.toml` here or beside the package."""
-    if suite is not None and (suite.endswith(".toml") or Path(suite).exists()):
-        return Path(suite)
-    name = suite or "default"
-    for folder in (Path("probes"), Path(__file__).resolve().parents[1] / "probes"):
-        if (folder / f"{name}.toml").is_file():
-            return folder / f"{name}.toml"
-    from loopdiag.suite import SuiteError
+def _list_suites() -> None:
+    from loopdiag.suite import available_suites
 
-    raise SuiteError(f"no suite file {name!r}: give a .toml path, or a name from probes/")
+    for name, (path, description) in available_suites().items():
+        console.print(f"[bold]{name}[/]  {path}\n  {description}", highlight=False, soft_wrap=True)
 
 
 def _prepare_suite_dir(suite_dir: Path, spec: ProbeSuite, cells: list, *, resume: bool, overwrite: bool) -> None:
@@ -430,6 +443,65 @@ def eval_(
     png, _ = save_figure(plot_loop_scaling(frame), figure_dir / "loop_scaling")
     console.print(f"loop scaling: {png} and loop_scaling.csv in each run folder"
                   + ("" if is_run_dir(store) else "; `loopdiag report` adds it to the report"))
+
+
+@app.command()
+def dashboard(
+    suite: Annotated[str, typer.Argument(
+        help="A report folder (reports/<suite>, after `loopdiag run`), or a suite name or .toml file.")],
+    online: Annotated[bool, typer.Option(
+        help="Save the workspace to W&B and print its URL (after `wandb login`).")] = False,
+    out: Annotated[Path | None, typer.Option(
+        help="Offline: the report folder to write wandb-workspace.json in. Default: the report "
+             "folder given, else reports/<suite name>.")] = None,
+    entity: Annotated[str | None, typer.Option(
+        help="W&B entity. Default: your default entity online, a placeholder offline.")] = None,
+    project: Annotated[str, typer.Option(help="W&B project the runs were logged to.")] = "loopdiag",
+) -> None:
+    """A W&B workspace for a suite's runs: loss by architecture x K, per-loop residual norm,
+    token correlation and gradient (one line per loop), gradient oscillation, the stability
+    table and the alerts. Offline (the default) it writes the workspace definition to
+    <report folder>/wandb-workspace.json; --online saves it to W&B and prints its URL."""
+    from loopdiag.store._files import SUITE_FILE
+
+    try:
+        if Path(suite).is_dir():
+            store = _store(Path(suite))
+            if not (store / SUITE_FILE).is_file():
+                raise ValueError(f"{suite} is not a report or suite folder: no {SUITE_FILE}")
+            spec = json.loads((store / SUITE_FILE).read_text())["spec"]
+            name, max_loops = spec["name"], max(spec["loops"])
+            folder = Path(suite) if store != Path(suite) else store.parent
+        else:
+            from loopdiag.suite import find_suite, load_probe_suite
+
+            spec = load_probe_suite(find_suite(suite))
+            name, max_loops, folder = spec.name, max(spec.loops), Path("reports") / spec.name
+    except (OSError, KeyError, ValueError) as error:
+        raise bad_input(str(error)) from None
+    if online and not _wandb_logged_in():
+        raise bad_input("--online needs a W&B login: run `wandb login` or set WANDB_API_KEY")
+    try:
+        from loopdiag import dashboard as workspaces
+
+        if online and entity is None:
+            import wandb
+
+            entity = wandb.Api().default_entity
+        workspace = workspaces.suite_workspace(name, max_loops, entity=entity or workspaces.OFFLINE_ENTITY,
+                                               project=project)
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "wandb_workspaces":
+            raise
+        raise bad_input("loopdiag dashboard needs wandb-workspaces: pip install 'loopdiag[dashboard]'") from None
+    if online:
+        workspace.save()
+        console.print(f"W&B workspace for {name}: {workspace.url}", highlight=False, soft_wrap=True)
+        return
+    path = workspaces.write_workspace(workspace, (out or folder) / workspaces.WORKSPACE_FILE)
+    console.print(f"W&B workspace for {name} (offline): {path}; once the runs are synced, "
+                  f"`loopdiag dashboard {shlex.quote(suite)} --online` saves it to W&B", highlight=False,
+                  soft_wrap=True)
 
 
 def main() -> None:

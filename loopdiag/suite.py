@@ -20,6 +20,11 @@
 
 Every key is checked when the file is read; a bad one is reported as
 `<file>: <key>: <reason>`.
+
+A suite is named by its file's stem (`loopdiag run flt-stability`): names are looked up in
+`./probes/` (your own suites), then among the suites shipped in the package
+(`loopdiag/suites/` in an installed wheel, built from the repository's `probes/`; in a
+checkout, `probes/` itself).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import copy
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +131,41 @@ def load_probe_suite(path: str | Path) -> ProbeSuite:
     except tomllib.TOMLDecodeError as error:
         raise SuiteError(f"{path}: not valid TOML: {error}") from None
     return parse_probe_suite(raw, source=str(path), base_dir=path.parent, default_name=path.stem)
+
+
+def suite_folders() -> list[Path]:
+    """Where suite names are looked up, first match first: ./probes, then the shipped suites."""
+    shipped = resources.files("loopdiag") / "suites"  # in a wheel: probes/*.toml, copied by setup.py
+    checkout = Path(__file__).resolve().parents[1] / "probes"  # editable install or source tree
+    folders = [Path("probes"), Path(str(shipped)) if shipped.is_dir() else checkout]
+    return list({folder.resolve(): folder for folder in folders if folder.is_dir()}.values())
+
+
+def find_suite(name: str | None) -> Path:
+    """A suite file: `name` itself when it is a .toml path or an existing file, else
+    `<name>.toml` in `suite_folders()`; `default` when None."""
+    if name is not None and (name.endswith(".toml") or Path(name).is_file()):
+        return Path(name)
+    name = name or "default"
+    for folder in suite_folders():
+        if (folder / f"{name}.toml").is_file():
+            return folder / f"{name}.toml"
+    known = ", ".join(sorted(available_suites()))
+    raise SuiteError(f"no suite named {name!r}: give a .toml path, or one of {known}")
+
+
+def available_suites() -> dict[str, tuple[Path, str]]:
+    """Every suite name `find_suite` resolves: name -> (file, its one-line description)."""
+    found: dict[str, tuple[Path, str]] = {}
+    for folder in suite_folders():
+        for path in sorted(folder.glob("*.toml")):
+            if path.stem not in found:
+                try:
+                    description = tomllib.loads(path.read_text(encoding="utf-8")).get("description", "")
+                except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+                    description = f"(unreadable: {error})"
+                found[path.stem] = (path, str(description))
+    return found
 
 
 def parse_probe_suite(raw: dict[str, Any], *, source: str = "<suite>", base_dir: Path = Path("."),

@@ -33,6 +33,8 @@ from loopdiag.analysis import (
 )
 from loopdiag.store import RunWriter, SuiteData, load_run, load_suite, write_suite_manifest
 
+pytestmark = pytest.mark.torchless  # also run on Python 3.12 / 3.13 without torch
+
 ARCHS, LOOPS, SEEDS, LRS = ("looped", "flt"), (2, 4), (0, 1), (1e-3, 3e-3)
 STEPS = 100
 COLLAPSED = "looped-k4-s1-lr0.003"

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import loopdiag
 
 PUBLIC = {
@@ -19,11 +21,13 @@ def test_public_names_resolve():
         assert getattr(loopdiag, name) is not None
 
 
+@pytest.mark.torchless
 def test_import_is_light():
     code = "import sys, loopdiag; print(any(m in sys.modules for m in ('torch', 'wandb', 'matplotlib')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
+@pytest.mark.torchless
 def test_detectors_and_analysis_do_not_need_matplotlib_or_wandb():
     code = ("import sys, loopdiag.detect, loopdiag.analysis, loopdiag.store; "
             "print(any(m in sys.modules for m in ('wandb', 'matplotlib')))")

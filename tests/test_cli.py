@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,6 +19,7 @@ from loopdiag.cli import app
 from loopdiag.store import load_suite
 
 runner = CliRunner()
+COMMITTED_REPORT = Path(__file__).resolve().parents[1] / "reports" / "flt-stability-task"  # runs/ has metrics
 
 
 QUICK = ["run", "--quick", "--jobs", "1", "--steps", "6"]
@@ -84,11 +86,41 @@ def test_an_existing_suite_is_kept_resumed_or_replaced(tmp_path):
     assert json.loads(summary.read_text())["steps_done"] == 4
 
 
+@pytest.mark.torchless
 @pytest.mark.parametrize("command", ["analyze", "report"])
 def test_analysis_commands_reject_a_folder_that_is_no_run_store(tmp_path, command):
     result = runner.invoke(app, [command, str(tmp_path)])
     assert result.exit_code == 2 and "not a suite folder" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.torchless
+def test_analysis_commands_on_a_committed_run_store(tmp_path):
+    result = runner.invoke(app, ["analyze", str(COMMITTED_REPORT)])
+    assert result.exit_code == 0, result.output
+    assert "flt-res" in result.output and "looped" in result.output
+    result = runner.invoke(app, ["analyze", str(COMMITTED_REPORT / "runs" / "flt-k04-s0")])
+    assert result.exit_code == 0 and "flt-k04-s0: stable" in result.output
+    result = runner.invoke(app, ["compare", "looped", "flt", "--suite", str(COMMITTED_REPORT)])
+    assert result.exit_code == 0 and "K=4" in result.output, result.output
+    result = runner.invoke(app, ["report", str(COMMITTED_REPORT), "--out", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "again" / "table.csv").read_text() == (COMMITTED_REPORT / "table.csv").read_text()
+    assert (tmp_path / "again" / "figures" / "loop_scaling.png").is_file()
+
+
+@pytest.mark.torchless
+def test_the_command_line_and_its_analysis_commands_need_no_torch():
+    code = "import sys, loopdiag.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.torchless
+def test_version():
+    import loopdiag
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"loopdiag {loopdiag.__version__}"
 
 
 def test_online_wandb_without_a_login_is_refused(tmp_path, monkeypatch):
@@ -135,7 +167,7 @@ def binary_file(tmp_path):
         (["--resume", "--overwrite"], "contradict"),
         (["--data", "/no/such/file.txt"], "no such file"),
         (["no/such/suite.toml"], "no such suite file"),
-        (["nosuchsuite"], "no suite file 'nosuchsuite'"),
+        (["nosuchsuite"], "no suite named 'nosuchsuite': give a .toml path, or one of default, "),
     ],
     ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "log-every", "wandb", "jobs",
          "resume-overwrite", "missing-data", "missing-suite", "unknown-suite-name"],

@@ -36,6 +36,8 @@ from loopdiag.detect import (
 from loopdiag.detect.base import UNJUDGED, Finding, finite_scalar
 from loopdiag.detect.trend import mann_kendall_rising_p, sen_line
 
+pytestmark = pytest.mark.torchless  # also run on Python 3.12 / 3.13 without torch
+
 LOOPS = 4
 AUTOCORR_WINDOW = 32  # steps the recorder's gnorm_autocorr is computed over
 ONSET = 300  # where the synthetic collapse begins

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import loopdiag.store
 from loopdiag.store import (
@@ -29,6 +28,8 @@ from loopdiag.store import (
 CONFIG = {"model": {"arch": "flt", "n_loops": 3, "d_model": 16},
           "train": {"steps": 10, "lr": 3e-3, "betas": (0.9, 0.95)},
           "data": {"task": "addition"}, "seed": 0}
+
+pytestmark = pytest.mark.torchless  # also run on Python 3.12 / 3.13 without torch
 
 
 def record(step: int, n_loops: int = 3) -> dict:
@@ -51,6 +52,7 @@ def test_public_api():
 
 
 def test_round_trip_with_varying_loops_and_non_finite_values(tmp_path):
+    torch = pytest.importorskip("torch")  # a tensor scalar in a record
     run_dir = tmp_path / "run"
     with RunWriter(run_dir, CONFIG) as run:
         run.log({"step": 1, "loss": 2.5, "grad_norm": torch.tensor(0.75), "phase": "warmup",
