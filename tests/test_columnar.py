@@ -15,6 +15,8 @@ from loopdiag.detect import default_detectors, replay, verdict
 from loopdiag.store import RunStoreWarning, RunWriter, load_run, load_suite, read_records
 from loopdiag.store.columnar import build_columnar, columnar_state, read_columns
 
+pytestmark = pytest.mark.torchless  # also run on Python 3.12 / 3.13 without torch
+
 TASK_RUNS = Path(__file__).resolve().parents[1] / "reports" / "flt-stability-task" / "runs"
 CONFIG = {"model": {"arch": "flt", "n_loops": 3}, "train": {"steps": 4, "lr": 3e-3}}
 RECORDS = [

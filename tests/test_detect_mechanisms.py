@@ -20,6 +20,8 @@ from loopdiag.detect import (
     verdict,
 )
 
+pytestmark = pytest.mark.torchless  # also run on Python 3.12 / 3.13 without torch
+
 LOOPS = 12
 
 

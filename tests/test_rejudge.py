@@ -7,12 +7,15 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from loopdiag.analysis.rejudge import rejudge_suite
 from loopdiag.cli import app
 from loopdiag.store import RunWriter, write_suite_manifest
 from loopdiag.store.reference import reference_run
+
+pytestmark = pytest.mark.torchless  # also run on Python 3.12 / 3.13 without torch
 
 STEPS = 150
 LOOPS = 4
