@@ -92,7 +92,9 @@ def stability_table(table: pd.DataFrame) -> Table:
         failed = row.status in ("collapsed", "diverged", "failed_to_train")
         mechanism = getattr(row, "mechanism", None)
         what = row.status.replace("_", " ") + (f" ({mechanism})" if isinstance(mechanism, str) else "")
-        verdict = (f"[red]{what} @{int(row.failure_step)} {row.signal}[/]"
+        # a collapse's mechanism names what broke; other failures name their signal
+        signal = "" if isinstance(mechanism, str) else f" {row.signal}"
+        verdict = (f"[red]{what} @{int(row.failure_step)}{signal}[/]"
                    if failed and not pd.isna(row.failure_step) else what)
         out.add_row(row.arch, str(row.n_loops), *([f"{row.lr:g}"] if swept else []), str(row.seed),
                     _fmt(row.final_loss), _fmt(row.final_val_loss), _fmt(row.resid_growth_steps),
