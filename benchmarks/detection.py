@@ -39,8 +39,8 @@ were never looked at before scoring, and nothing is tuned on them.
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
-`standard` reference's final smoothed loss, a dev run; study, the same architecture's
-one-loop run at the same lr and seed, when that run is stable). Targets: ≥ 99 % of failed
+`standard` reference's final smoothed loss, a dev run; study, the best final smoothed loss
+of the other one-loop runs of the same architecture and seed, as `loopdiag run` sets it). Targets: ≥ 99 % of failed
 runs judged not stable; zero healthy runs judged collapsed; runs that never train
 ("failed to train") warned within the first 15 % of their steps; late collapses ("rose")
 warned before onset on ≥ 95 %.
@@ -454,31 +454,33 @@ def study_label(records: Sequence[Mapping[str, Any]], healthy_loss: float) -> La
 
 
 def score_study(study: Path) -> tuple[list[ScoredRun], float]:
-    """Every finished run of the study replayed; (runs, the healthy one-loop loss)."""
+    """Every finished run of the study replayed; (runs, the healthy one-loop loss). Each
+    run's expected loss is `loopdiag.store.reference`'s: the lowest final smoothed loss of
+    the other one-loop runs of its architecture and seed."""
     manifest = json.loads((study / "suite.json").read_text(encoding="utf-8"))
     cells = {entry["run_id"]: entry["cell"] for entry in manifest["runs"]}
     finished = {run_id: read_records(study / run_id) for run_id in cells
                 if (study / run_id / "summary.json").is_file()}
     finished = {run_id: records for run_id, records in finished.items() if records}
+    finals = {run_id: final_smoothed(records) for run_id, records in finished.items()}
     arch, n_loops, lr = STUDY_REFERENCE
-    healthy = [final_smoothed(records) for run_id, records in finished.items()
+    healthy = [finals[run_id] for run_id in finished
                if (cells[run_id]["arch"], cells[run_id]["n_loops"]) == (arch, n_loops)
                and math.isclose(cells[run_id]["lr"], lr)]
     if not healthy:
         raise ValueError(f"{study} has no {arch} K={n_loops} lr {lr:g} run to label against")
     healthy_loss = statistics.median(healthy)
-    references: dict[tuple, float] = {}
-    runs = []
-    # one-loop runs first: a stable one is the expected loss of its looped cells
-    for run_id in sorted(finished, key=lambda run_id: cells[run_id]["n_loops"] != 1):
+
+    def reference(run_id: str) -> float | None:
         cell = cells[run_id]
-        key = (cell["arch"], cell["seed"], cell["lr"])
-        run = judged_run(run_id, cell["arch"], "–", cell["seed"], finished[run_id],
-                         study_label(finished[run_id], healthy_loss),
-                         None if cell["n_loops"] == 1 else references.get(key))
-        if cell["n_loops"] == 1 and run.verdicts[MODES[1]]["status"] == "stable":
-            references[key] = run.verdicts[MODES[1]]["final_smoothed_loss"]
-        runs.append(run)
+        losses = [finals[other] for other in finished if other != run_id
+                  and cells[other]["n_loops"] == 1 and math.isfinite(finals[other])
+                  and (cells[other]["arch"], cells[other]["seed"]) == (cell["arch"], cell["seed"])]
+        return min(losses) if losses else None
+
+    runs = [judged_run(run_id, cells[run_id]["arch"], "–", cells[run_id]["seed"], records,
+                       study_label(records, healthy_loss), reference(run_id))
+            for run_id, records in finished.items()]
     return runs, healthy_loss
 
 
@@ -689,10 +691,11 @@ def write_report(out: Path, runs: Sequence[ScoredRun], scores: Sequence[Score],
         targets += [*verdict_target_lines("study", study_verdicts),
                     *target_lines("study", study_scores)]
         study_misses = miss_lines(study_runs)
+        kinds = Counter(run.label.kind for run in study_runs)
         study_text = f"""{len(study_runs)} runs of `{study_dir}` replayed from their records. The healthy
 one-loop model (`standard`, K=1, lr 3e-3) ends at a median smoothed loss of {healthy_loss:.3f};
 {sum(r.label.collapsed for r in study_runs)} runs are labelled failed
-({sum(r.label.kind == 'rose' for r in study_runs)} rose, {sum(r.label.kind == 'failed to train' for r in study_runs)} failed to train).
+({kinds['rose']} rose, {kinds['failed to train']} failed to train).
 
 {markdown_table(("architecture", "runs", "labels (from the loss)", "verdicts (with reference)"),
                 study_group_rows(study_runs))}
@@ -707,7 +710,6 @@ one-loop model (`standard`, K=1, lr 3e-3) ends at a median smoothed loss of {hea
 """
     misses = miss_lines(runs)
     false_alarms = false_alarm_rows(runs)
-    label_rules = doc_paragraph('- "rose"')
     text = f"""# Detection quality of loopdiag's collapse detectors and verdicts
 
 Produced by `{command}`; {trained}, the whole invocation {total_seconds:.0f} s.
@@ -715,8 +717,6 @@ Produced by `{command}`; {trained}, the whole invocation {total_seconds:.0f} s.
 ## Labels (written before scoring)
 
 {doc_paragraph("Labels come from")}
-
-{label_rules}
 
 ## Held-out runs
 

@@ -236,7 +236,8 @@ def collapsed_suite(tmp_path_factory):
 def test_a_collapsing_run_is_alerted_stopped_and_reported(collapsed_suite):
     output, out = collapsed_suite
     words = " ".join(output.split())  # rich wraps long cells and lines
-    assert "CRITICAL looped-k04-s0" in words and "collapsed (representation) @" in words
+    assert "CRITICAL looped-k04-s0" in words and "looped-k04-s0: collapsed" in words
+    assert "(representation) @" in words  # the table's verdict cell, wrapped at 80 columns
     suite = load_suite(out / "runs")
     looped, flt = suite.runs["looped-k04-s0"], suite.runs["flt-k04-s0"]
     assert looped.summary["status"] == "collapsed" and looped.summary["stopped_by"]

@@ -59,8 +59,7 @@ def test_the_panels_plot_keys_that_runs_log():
     """Every series the workspace plots is one a loopdiag run writes (checked on a committed
     run's records, flattened as W&B gets them)."""
     logged: set[str] = set()
-    for line in (COMMITTED_REPORT / "runs" / "flt-k04-s0" / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in read_records(COMMITTED_REPORT / "runs" / "flt-k04-s0"):
         logged |= {loop_key(k, i + 1) if isinstance(v, list) else k
                    for k, v in record.items() for i in range(len(v) if isinstance(v, list) else 1)}
     wanted = {*LOSS, *OSCILLATION, *(loop_key(stat, k) for _, stat in PER_LOOP for k in (1, 2, 3, 4))}

@@ -233,9 +233,8 @@ def test_collapse_plateau_critical_when_stuck_while_residual_rises(collapse):
     records, events = collapse
     plateau = fired(events, "collapse_plateau")
     onset = ground_truth_onset(*losses_and_steps(records))
-    # same EMA as the onset: stuck from `onset`, critical once stuck for 30 records, or
-    # sooner by the 50-record stall rule
-    assert [e.severity for e in plateau] == ["critical"] and plateau[0].step <= onset + 29
+    # same EMA as the onset: stuck from `onset`, critical once stuck for 30 records
+    assert [(e.step, e.severity) for e in plateau] == [(onset + 29, "critical")]
     assert plateau[0].evidence["resid_growth"] > 1.05
 
 
@@ -278,11 +277,10 @@ def test_collapse_plateau_catches_a_model_that_stopped_learning():
     events = replay(stopped_learning_run(resid_per_100=2.0), [CollapsePlateau()])
     assert [e.severity for e in events] == ["critical"]
     assert "stopped learning" in events[0].message
-    # the loss settles by step ~60; a stall takes 50 records of < 1 % progress after that,
+    # the loss settles by step ~60; a stall takes 100 records of < 1 % progress after that,
     # a little more while the noisy EMA still sets small new lows
-    assert 110 <= events[0].step <= 150
-    # 2x per 100 records is 1.41x over the 50-record window
-    assert events[0].evidence["progress"] < 0.01 and events[0].evidence["resid_growth"] > 1.35
+    assert 160 <= events[0].step <= 200
+    assert events[0].evidence["progress"] < 0.01 and events[0].evidence["resid_growth"] > 1.9
 
 
 def test_collapse_plateau_silent_on_convergence_with_a_steady_stream():

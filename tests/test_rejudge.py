@@ -59,6 +59,8 @@ def test_rejudge_rewrites_verdicts_with_the_one_loop_reference(tmp_path: Path):
     assert summary["reference"]["run"] == "looped-k01-s0"
     assert summary["reference"]["expected_loss"] == reference_run(tmp_path, {
         "arch": "looped", "n_loops": LOOPS, "seed": 0, "lr": 3e-3})[1]
+    # the one-loop run has no other one-loop run to be judged against
+    assert json.loads((tmp_path / "looped-k01-s0" / "summary.json").read_text())["reference"] is None
     assert "vanishing_gradient" in summary["not_judged"]  # no act_grad_norm was recorded
     events = [json.loads(line) for line in (tmp_path / "looped-k04-s0" / "events.jsonl").open()]
     assert events[0]["detector"] == "representation_collapse" and events[0]["step"] == 7

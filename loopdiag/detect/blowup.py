@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, loop_values, require
-from loopdiag.detect.symptoms import Symptoms, validate_expected_loss
+from loopdiag.detect.symptoms import Symptoms
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,8 @@ class ResidualBlowupConfig(DetectorConfig):
     # The symptom that makes a blow-up a collapse (see `Symptoms`).
     gap: float = 0.10
     min_progress: float = 0.02
-    expected_loss: float | None = None
 
     def _validate(self) -> None:
-        validate_expected_loss(self.expected_loss)
         require(self.gap > 0 and self.min_progress > 0,
                 f"gap and min_progress must be > 0, got {self.gap}, {self.min_progress}")
         require(self.smooth >= 1, f"smooth must be >= 1, got {self.smooth}")
@@ -68,7 +66,7 @@ class ResidualBlowup(Detector):
     def _reset_state(self) -> None:
         self._initial: tuple[int, float] | None = None  # (step, r_K) of the first record
         self._recent: deque[float] = deque(maxlen=self.config.smooth)
-        self._symptoms = Symptoms(self.config.gap, self.config.expected_loss, self.config.min_progress)
+        self._symptoms = Symptoms(self.config.gap, self.config.min_progress)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         self._symptoms.update(record)
@@ -85,7 +83,8 @@ class ResidualBlowup(Detector):
         if growth < self.config.growth_warn:
             return None
         symptom = self._symptoms.current() if growth >= self.config.growth_critical else None
-        message = f"Last-loop residual norm {current:.4g} is {growth:.0f}× its value {initial:.4g} at step {initial_step}"
+        message = (f"Last-loop residual norm {current:.4g} is {growth:.0f}× its value {initial:.4g} "
+                   f"at step {initial_step}")
         if symptom is not None:
             message += f", and {symptom}"
         return Finding("critical" if symptom else "warn", message + ".",

@@ -29,7 +29,7 @@ from loopdiag.detect.trend import mann_kendall_rising_p, sen_line
 
 @dataclass(frozen=True)
 class CollapsePlateauConfig(DetectorConfig):
-    warmup: int = 20
+    warmup: int = 50
     cooldown: int = 20
     ema_span: int = 20  # records; the same smoothing as `ground_truth_onset`
     gap: float = 0.10  # smoothed loss this far above its running best counts as stuck
@@ -46,8 +46,11 @@ class CollapsePlateauConfig(DetectorConfig):
     # A converged healthy run keeps its stream steady (a tiny one: +2 % per 100 records).
     # One learning fine at high lr (`looped-scaled`, lr 3e-2) grew its stream by up to
     # 30 % per 100 records, but its loss was still falling 4 % per 100: the progress
-    # test is what tells it apart. 50 records, so that a run of 100 records can show it.
-    stall_window: int = 50
+    # test is what tells it apart. A 50-record window was tried so that short runs could
+    # show a stall; at lr 3e-2 healthy one-loop models grew their stream 1.5× over 50
+    # records while their loss sat on a plateau before the learning-rate decay, so the
+    # window stays at 100 (short runs' collapses are `representation_collapse`'s).
+    stall_window: int = 100
     min_progress: float = 0.01
     stall_resid_growth: float = 0.25
 

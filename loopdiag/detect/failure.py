@@ -1,10 +1,13 @@
-"""Failure to train: a loss that stops improving far above what the model should reach.
+"""Failure to train: a run that ends far above what the model should reach.
 
 With a known reference (`expected_loss`: the loss the same architecture reaches with one
-loop in the same suite, or what the user expects) the judgement is direct: stalled, or
-ended, ≥ `gap` above it. Without one, llm-foundry's persistent-high-loss rule is the
-fallback: from twice its window on, half the window above the first window's maximum means
-the model never got below where it started.
+loop in the same suite, or what the user expects) the judgement is made at the end of the
+run, when the run and the reference have had the same training: its smoothed loss ≥ `gap`
+above the reference. Mid-run the comparison would be unfair: a reference's final loss is
+below what any run has half-way through its schedule (a constant-then-decay schedule keeps
+a healthy run on a plateau until the decay). Without a reference, llm-foundry's
+persistent-high-loss rule judges online: from twice its window on, half the window above
+the first window's maximum means the loss went back above where it started.
 """
 
 from __future__ import annotations
@@ -24,23 +27,18 @@ class FailedToTrainConfig(DetectorConfig):
     expected_loss: float | None = None
     # 10 %: the gap the loss-only outcome labels use, and ground_truth_onset's.
     gap: float = 0.10
-    window: int = 50  # records over which a stall is measured
-    min_progress: float = 0.01
     high_loss_window: int = 100  # llm-foundry's minimum window, used without a reference
 
     def _validate(self) -> None:
         validate_expected_loss(self.expected_loss)
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
-        require(self.window >= 5, f"window must be >= 5, got {self.window}")
-        require(self.min_progress > 0, f"min_progress must be > 0, got {self.min_progress}")
         require(self.high_loss_window >= 2,
                 f"high_loss_window must be >= 2, got {self.high_loss_window}")
 
 
 class FailedToTrain(Detector):
-    """Critical when the loss has stalled (its best EMA improved by under `min_progress`
-    over `window` records) ≥ `gap` above `expected_loss`, or the run ended (`finish`) with
-    its smoothed loss there; without `expected_loss`, critical when half of the last
+    """With `expected_loss`: critical when the run ended (`finish`) with its smoothed loss
+    (EMA, span 20 records) ≥ `gap` above it. Without: critical when half of the last
     `high_loss_window` losses exceed the first window's maximum (after two windows)."""
 
     name = "failed_to_train"
@@ -48,7 +46,7 @@ class FailedToTrain(Detector):
     config: FailedToTrainConfig
 
     def _reset_state(self) -> None:
-        self._loss = LossTrack(window=self.config.window)
+        self._loss = LossTrack()
         self._first_window_max: float | None = None
         self._first: list[float] = []
         self._recent: deque[float] = deque(maxlen=self.config.high_loss_window)
@@ -60,22 +58,8 @@ class FailedToTrain(Detector):
             return UNJUDGED
         self._records += 1
         if self.config.expected_loss is not None:
-            return self._against_reference()
+            return None  # judged at the end (`_check_end`)
         return self._high_loss(loss)
-
-    def _against_reference(self) -> Finding | None:
-        expected = self.config.expected_loss
-        progress, smoothed = self._loss.best_progress(), self._loss.smoothed
-        if progress is None or progress >= self.config.min_progress:
-            return None
-        if smoothed < (1 + self.config.gap) * expected:
-            return None
-        return Finding("critical", (
-            f"The loss stalled at {smoothed:.4g}, {100 * (smoothed / expected - 1):.0f}% above the "
-            f"{expected:.4g} this model should reach (its best improved {100 * progress:.1f}% over "
-            f"the last {self.config.window} records)."),
-            {"smoothed_loss": smoothed, "expected_loss": expected, "loss_progress": progress,
-             "thresholds": self._thresholds()})
 
     def _high_loss(self, loss: float) -> Finding | None:
         window = self.config.high_loss_window
@@ -107,5 +91,5 @@ class FailedToTrain(Detector):
              "thresholds": self._thresholds()})
 
     def _thresholds(self) -> dict[str, Any]:
-        names = ("expected_loss", "gap", "window", "min_progress", "high_loss_window")
+        names = ("expected_loss", "gap", "high_loss_window")
         return {"thresholds": {name: getattr(self.config, name) for name in names}}

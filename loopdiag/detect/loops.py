@@ -20,7 +20,6 @@ from typing import Any
 from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, loop_values, require
 from loopdiag.detect.symptoms import (
     COLLAPSED_DECORRELATION,
-    validate_expected_loss,
     LossTrack,
     Symptoms,
     collapsed_from,
@@ -189,7 +188,6 @@ class VanishingGradientConfig(DetectorConfig):
     window: int = 20  # records it must hold before it can be critical
     gap: float = 0.10
     min_progress: float = 0.02
-    expected_loss: float | None = None  # what the model should reach, when known
 
     def _validate(self) -> None:
         require(0 < self.max_ratio < 1, f"max_ratio must be in (0, 1), got {self.max_ratio}")
@@ -197,14 +195,14 @@ class VanishingGradientConfig(DetectorConfig):
         require(self.window >= self.patience, f"window must be >= patience, got {self.window}")
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
         require(self.min_progress > 0, f"min_progress must be > 0, got {self.min_progress}")
-        validate_expected_loss(self.expected_loss)
 
 
 class VanishingGradient(Detector):
     """The gradient reaching loop 1 below `max_ratio` × the last loop's (`act_grad_norm`)
-    for `patience` records → info; for `window` records with a loss symptom (`Symptoms`:
-    the loss rose, or stalled above `expected_loss`) → critical. FLT's loops contract towards a fixed point and show
-    small ratios while learning well, so the ratio alone is never a collapse."""
+    for `patience` records → info; for `window` records with the loss risen ≥ `gap`
+    above its best (`Symptoms`) → critical. FLT's loops contract
+    towards a fixed point and show small ratios while learning well, so the ratio alone
+    is never a collapse."""
 
     name = "vanishing_gradient"
     mechanism = "gradient"
@@ -213,8 +211,7 @@ class VanishingGradient(Detector):
     config: VanishingGradientConfig
 
     def _reset_state(self) -> None:
-        self._symptoms = Symptoms(self.config.gap, self.config.expected_loss,
-                                  self.config.min_progress, self.config.window)
+        self._symptoms = Symptoms(self.config.gap, self.config.min_progress, self.config.window)
         self._streak = 0
         self._since: int | None = None
 
@@ -246,5 +243,4 @@ class VanishingGradient(Detector):
                         "symptom": symptom,
                         "thresholds": {"max_ratio": self.config.max_ratio,
                                        "patience": self.config.patience,
-                                       "window": self.config.window,
-                                       "expected_loss": self.config.expected_loss}})
+                                       "window": self.config.window}})

@@ -21,7 +21,7 @@ from loopdiag.detect.base import (
     require,
     window_span,
 )
-from loopdiag.detect.symptoms import Symptoms, validate_expected_loss
+from loopdiag.detect.symptoms import Symptoms
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,8 @@ class ResidualExplosionConfig(DetectorConfig):
     # The symptom that makes an explosion a collapse (see `Symptoms`).
     gap: float = 0.10
     min_progress: float = 0.02
-    expected_loss: float | None = None
 
     def _validate(self) -> None:
-        validate_expected_loss(self.expected_loss)
         require(self.gap > 0 and self.min_progress > 0,
                 f"gap and min_progress must be > 0, got {self.gap}, {self.min_progress}")
         require(self.baseline_window >= 1,
@@ -86,7 +84,7 @@ class ResidualExplosion(Detector):
         self._recent_per_loop: deque[float] = deque(maxlen=self.config.smooth)
         self._baseline: list[tuple[int, float]] = []  # (step, r_K)
         self._baseline_median: float | None = None
-        self._symptoms = Symptoms(self.config.gap, self.config.expected_loss, self.config.min_progress)
+        self._symptoms = Symptoms(self.config.gap, self.config.min_progress)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         self._symptoms.update(record)

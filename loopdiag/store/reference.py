@@ -1,10 +1,14 @@
-"""The loss a run should reach: that of the same architecture with one loop in its suite.
+"""The loss a run should reach: what the same architecture reaches with one loop.
 
-A looped model trained at K loops on the same data, seed and learning rate as its one-loop
-cell has at least that model's capacity; ending far above it means the loops hurt. The
-reference must itself have trained (a stable verdict), and is the EMA of its loss at its
-last record (`final_smoothed_loss`, recomputed from the records for runs judged before that
-field existed).
+A looped model trained at K loops on the same data and seed as its one-loop counterpart has
+at least that model's capacity; ending far above it means the run failed to train, whether
+the loops or the learning rate are to blame. The reference is the best (lowest final
+smoothed loss) of the suite's finished one-loop runs of the architecture and seed, at
+whatever learning rate: a one-loop run at a learning rate too high for the model is itself
+judged against the one-loop run at a good one. The best needs no verdict to be trusted (a
+broken run is never the lowest), so references never depend on the order runs are judged. The loss is the EMA of the train
+loss at the last record (`final_smoothed_loss`, recomputed from the records for runs judged
+before that field existed).
 """
 
 from __future__ import annotations
@@ -21,32 +25,36 @@ from loopdiag.store.reader import read_records
 
 
 def reference_run(suite_dir: str | Path, cell: dict[str, Any]) -> tuple[str, float] | None:
-    """(run id, final smoothed loss) of the stable one-loop run of `cell`'s architecture,
-    seed and lr in the suite at `suite_dir` (from its `suite.json`); None when `cell` has
-    one loop itself, or that run is missing, unfinished or not stable."""
-    if cell.get("n_loops") == 1:
-        return None
+    """(run id, final smoothed loss) of the best finished one-loop run of `cell`'s
+    architecture and seed in the suite at `suite_dir` (from its `suite.json`), other than
+    `cell`'s own run; None when there is none (not run yet, or unfinished)."""
     suite_dir = Path(suite_dir)
     try:
         manifest = json.loads((suite_dir / SUITE_FILE).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return None
+    candidates = []
     for entry in manifest.get("runs", []):
         other = entry.get("cell", {})
-        if other.get("n_loops") == 1 and all(other.get(key) == cell.get(key)
-                                             for key in ("arch", "seed", "lr")):
-            loss = stable_final_loss(suite_dir / entry["run_id"])
-            return None if loss is None else (entry["run_id"], loss)
-    return None
+        if (other.get("n_loops") == 1 and other != cell
+                and all(other.get(key) == cell.get(key) for key in ("arch", "seed"))):
+            loss = finished_final_loss(suite_dir / entry["run_id"])
+            if loss is not None:
+                candidates.append((loss, entry["run_id"]))
+    if not candidates:
+        return None
+    loss, run_id = min(candidates)
+    return run_id, loss
 
 
-def stable_final_loss(run_dir: Path) -> float | None:
-    """The run's final smoothed loss when it finished stable, else None."""
+def finished_final_loss(run_dir: Path) -> float | None:
+    """The run's final smoothed loss when it finished (any verdict but interrupted) with
+    a finite one, else None."""
     try:
         summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return None
-    if not isinstance(summary, dict) or summary.get("status") != "stable":
+    if not isinstance(summary, dict) or summary.get("status") in (None, "interrupted"):
         return None
     loss = summary.get("final_smoothed_loss")
     if loss is None:
