@@ -87,6 +87,7 @@ class Monitor:
         self.stop_event: Event | None = None
         self._broken_sinks: set[int] = set()
         self._records = 0
+        self._keys_seen: set[str] = set()
 
     @property
     def should_stop(self) -> bool:
@@ -95,6 +96,8 @@ class Monitor:
     def update(self, record: Mapping[str, Any]) -> list[Event]:
         fired = [event for detector in self.detectors for event in detector.update(record)]
         self._records += 1
+        if self._records <= NOT_JUDGED_AFTER:
+            self._keys_seen.update(record)
         if self._records == NOT_JUDGED_AFTER and self.not_judged():
             fired.append(self._not_judged_event(record))
         self._fire(fired)
@@ -110,13 +113,18 @@ class Monitor:
         """Feed an already-judged record (a resumed run's history): the detectors catch up
         and its events count towards the verdict, but nothing is sent and nothing stops."""
         self._records += 1
+        if self._records <= NOT_JUDGED_AFTER:
+            self._keys_seen.update(record)
         self.events.extend(event for detector in self.detectors for event in detector.update(record))
 
     def not_judged(self) -> dict[str, tuple[str, ...]]:
-        """Detectors that have judged no record so far, with the record keys they read:
-        what this run's records lack (a user's model without token correlations, say)."""
+        """Detectors that have judged no record so far because the records lack the keys
+        they read (a user's model without token correlations, say), with those keys. A
+        detector with nothing to judge in records that do carry its keys (one loop has no
+        loop to compare with) is not listed."""
         return {detector.name: detector.reads for detector in self.detectors
-                if detector.records_judged == 0 and detector.reads}
+                if detector.records_judged == 0 and detector.reads
+                and not self._keys_seen.intersection(detector.reads)}
 
     def _not_judged_event(self, record: Mapping[str, Any]) -> Event:
         missing = sorted({key for keys in self.not_judged().values() for key in keys})

@@ -38,6 +38,10 @@ STAT_UNITS = {"resid_norm": "mean token L2 norm, log", "act_grad_norm": "L2 norm
 __all__ = ["plot_loop_mechanism", "plot_loop_residuals", "plot_loop_scaling", "plot_loss_curves",
            "plot_lr_sensitivity", "plot_oscillation_vs_loops", "plot_stability_map", "save_figure"]
 
+# Failures named inside a stability-map cell, short enough to fit it.
+SHORT_STATUS = {"collapsed": "coll.", "diverged": "div.", "failed_to_train": "no train",
+                "interrupted": "intr."}
+
 # What each panel of `plot_loop_mechanism` shows: (stat, transform, y label).
 MECHANISM_PANELS = (
     ("token_corr", lambda v: np.abs(1 - v), "1 − token correlation (0: all positions identical)"),
@@ -130,8 +134,8 @@ def _stability_cell(cell: pd.DataFrame) -> tuple[Any, str]:
             text += f"\n{MECHANISM_LABELS.get(mechanisms.mode().iloc[0], mechanisms.mode().iloc[0])}"
     if len(cell) > 1:
         text += f"\n{int((cell['status'] == 'stable').sum())}/{len(cell)} stable"
-    if failures.nunique() > 1:  # the colour shows one failure; name them all
-        text += "\n" + ", ".join(f"{n} {s}" for s, n in failures.value_counts().items())
+    if failures.nunique() > 1:  # the colour shows one failure; name them all, briefly
+        text += "\n" + ", ".join(f"{n} {SHORT_STATUS.get(s, s)}" for s, n in failures.value_counts().items())
     return STATUS_COLOURS.get(status, NO_RUN_COLOUR), text
 
 

@@ -76,5 +76,7 @@ def judge(records: list[dict[str, Any]], thresholds: dict[str, Any], expected_lo
     judged = verdict(records, events, finished=finished)
     if not finished:
         judged["status"] = "interrupted"
-    judged["not_judged"] = sorted(d.name for d in detectors if d.records_judged == 0 and d.reads)
+    keys = {key for record in records for key in record}
+    judged["not_judged"] = sorted(d.name for d in detectors if d.records_judged == 0 and d.reads
+                                  and not keys.intersection(d.reads))
     return events, judged
