@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from loopdiag.cli import app
 from loopdiag.dashboard import LOSS, OSCILLATION, PER_LOOP, WORKSPACE_FILE, loop_key, read_workspace
 from loopdiag.detect import DETECTORS
+from loopdiag.store import read_records
 
 ws = pytest.importorskip("wandb_workspaces.workspaces")
 wr = pytest.importorskip("wandb_workspaces.reports.v2")
