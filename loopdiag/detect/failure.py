@@ -3,9 +3,10 @@
 With a known reference (`expected_loss`: the loss the same architecture reaches with one
 loop in the same suite, or what the user expects) the judgement is made at the end of the
 run, when the run and the reference have had the same training: its smoothed loss ≥ `gap`
-above the reference. Mid-run the comparison would be unfair: a reference's final loss is
-below what any run has half-way through its schedule (a constant-then-decay schedule keeps
-a healthy run on a plateau until the decay). Without a reference, llm-foundry's
+above the reference. Mid-run the comparison is unfair: a reference's final loss is below
+what any run has half-way through its schedule, and a constant-then-decay schedule keeps a
+healthy run on a plateau until the decay (a mid-run stall rule called healthy runs failed on
+the development runs, and on two of the reference study's at lr 1e-2, which is why it went). Without a reference, llm-foundry's
 persistent-high-loss rule judges online: from twice its window on, half the window above
 the first window's maximum means the loss went back above where it started.
 """
