@@ -183,11 +183,13 @@ class RunWriter:
                 raise RuntimeError(f"run {self.run_dir} is already closed; summary not written")
             return
         self._shutdown()
-        _write_columnar_copy(self.run_dir)
         if summary is not None:
             summary = {**summary}
             summary.setdefault("last_step", self.last_step)
             write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+        # After the summary: the copy is derived (rebuilt on demand), and building it imports
+        # pyarrow, which a worker stopping in a hurry (its parent killed) may not have time for.
+        _write_columnar_copy(self.run_dir)
 
     def __enter__(self) -> RunWriter:
         return self
