@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -197,6 +198,9 @@ PARENT_GONE_GRACE_S = 30.0  # for the interrupted run to flush its logs before t
 def _init_worker(message_queue: Any) -> None:
     global _worker_queue
     _worker_queue = message_queue
+    # `_stop_with_parent` interrupts the run with a simulated SIGINT, which Python drops when
+    # SIGINT is ignored, as it is for a command started in the background by a shell.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=_stop_with_parent, daemon=True).start()
 
 
