@@ -187,8 +187,8 @@ class RunWriter:
             summary = {**summary}
             summary.setdefault("last_step", self.last_step)
             write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
-        # After the summary: the copy is derived (rebuilt on demand), and building it imports
-        # pyarrow, which a worker stopping in a hurry (its parent killed) may not have time for.
+        # After the summary, which a stopping run must not lose: the copy is derived (rebuilt
+        # on demand) and its first build imports pyarrow.
         _write_columnar_copy(self.run_dir)
 
     def __enter__(self) -> RunWriter:
