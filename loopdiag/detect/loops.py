@@ -56,7 +56,7 @@ def loop_story(record: Mapping[str, Any], since: int | None = None) -> list[str]
         clauses.append(f"the gradient reaching loop 1 is {ratio:.0e}× the last loop's")
     embedding = embedding_gradient(record)
     if embedding is not None and (ratio is None or ratio < VANISHED_RATIO):
-        clauses.append(f"gradient at the embedding {embedding[1]:.0e}")
+        clauses.append(f"gradient at the embedding {embedding:.0e}")
     return clauses
 
 
@@ -236,7 +236,7 @@ class VanishingGradient(Detector):
                    f"the last loop's since step {self._since} (now {ratio:.0e}×)"]
         embedding = embedding_gradient(record)
         if embedding is not None:
-            clauses.append(f"gradient at the embedding {embedding[1]:.0e}")
+            clauses.append(f"gradient at the embedding {embedding:.0e}")
         if symptom is not None:
             clauses.append(symptom)
         return Finding("critical" if symptom else "info", sentence(clauses),

@@ -68,13 +68,13 @@ def gradient_ratio(record: Mapping[str, Any]) -> float | None:
     return float(first / last)
 
 
-def embedding_gradient(record: Mapping[str, Any]) -> tuple[str, float] | None:
-    """(key, value) of the embedding's gradient norm when the record has one: a
-    `grad_norm/<group>` whose group names an embedding (`wte`, `embed...`)."""
+def embedding_gradient(record: Mapping[str, Any]) -> float | None:
+    """The embedding's gradient norm when the record has one: a `grad_norm/<group>` whose
+    group names an embedding (`wte`, `embed...`)."""
     for key, value in record.items():
         group = key.partition("grad_norm/")[2].lower()
         if group and (group == "wte" or "embed" in group) and isinstance(value, (int, float)):
-            return key, float(value)
+            return float(value)
     return None
 
 
@@ -83,7 +83,6 @@ class LossTrack:
     stall from learning over `window` records."""
 
     def __init__(self, ema_span: int = 20, window: int = 20) -> None:
-        self.window = window
         self._ema = Ema(ema_span)
         self.best = math.inf
         self._recent: deque[float] = deque(maxlen=window + MEDIAN_OF)
