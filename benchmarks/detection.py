@@ -39,7 +39,13 @@ were first scored with thresholds fixed beforehand; that scoring led to three ch
 one-loop reference taken from the architecture's best learning rate, `failed_to_train`
 judged only at the end of a run, `collapse_plateau`'s stall window back to its development
 value), so the study is in-sample for those three. Seeds 14 and 15 were trained and scored
-only after them: they are the held-out check (`--seeds 14 15`).
+only after them: they are the held-out check (`--seeds 14 15`). A fourth change came from
+the study's false alarms (60 of its 71 were `residual_blowup` on healthy runs at high
+learning rates): a stream growing while the loss still falls is now information, and
+`residual_blowup` warns only once the loss has stalled (its rolling median fell < 2 % over
+20 records, the stall rule `representation_collapse` already used) or risen. The study is
+in-sample for that change too; the corpus, which had no false alarm to remove, checks that
+it costs no recall.
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0

@@ -42,6 +42,7 @@ class ResidualBlowupConfig(DetectorConfig):
     # The symptom that makes a blow-up a collapse (see `Symptoms`).
     gap: float = 0.10
     min_progress: float = 0.02
+    stall_window: int = 20  # records over which a loss that fell < min_progress has stalled
 
     def _validate(self) -> None:
         require(self.gap > 0 and self.min_progress > 0,
@@ -66,7 +67,8 @@ class ResidualBlowup(Detector):
     def _reset_state(self) -> None:
         self._initial: tuple[int, float] | None = None  # (step, r_K) of the first record
         self._recent: deque[float] = deque(maxlen=self.config.smooth)
-        self._symptoms = Symptoms(self.config.gap, self.config.min_progress)
+        self._learned_through_growth = False
+        self._symptoms = Symptoms(self.config.gap, self.config.min_progress, self.config.stall_window)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         self._symptoms.update(record)
@@ -82,12 +84,24 @@ class ResidualBlowup(Detector):
         growth = current / initial
         if growth < self.config.growth_warn:
             return None
-        symptom = self._symptoms.current() if growth >= self.config.growth_critical else None
+        symptom = self._symptoms.current()
         message = (f"Last-loop residual norm {current:.4g} is {growth:.0f}× its value {initial:.4g} "
                    f"at step {initial_step}")
         if symptom is not None:
             message += f", and {symptom}"
-        return Finding("critical" if symptom else "warn", message + ".",
+            severity = "critical" if growth >= self.config.growth_critical else "warn"
+        elif self._learned_through_growth:
+            return None
+        elif self._symptoms.stalled():
+            message += f", and the loss stopped falling (median {self._symptoms.loss.current_median():.4g})"
+            severity = "warn"
+        elif self._symptoms.loss.progress() is None:
+            return None  # too early to tell a stalled loss from a falling one
+        else:
+            self._learned_through_growth = True
+            message += ", while the loss still falls"
+            severity = "info"
+        return Finding(severity, message + ".",
                        {"resid_norm_last": current, "initial": initial, "initial_step": initial_step,
                         "growth": growth, "symptom": symptom,
                         "thresholds": {"growth_warn": self.config.growth_warn,

@@ -162,6 +162,11 @@ class Symptoms:
         progress = self.loss.best_progress()
         return progress is not None and progress >= self.min_progress
 
+    def stalled(self) -> bool:
+        """The rolling-median loss fell by less than `min_progress` over the window (False
+        without enough loss history to tell)."""
+        progress = self.loss.progress()
+        return progress is not None and progress < self.min_progress
 
 
 def validate_expected_loss(value: float | None) -> None:
