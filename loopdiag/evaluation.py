@@ -2,8 +2,9 @@
 
 The loop count is a forward argument of every reference model, so the same weights run
 at any K'. Each run's result is a long table in `<run>/loop_scaling.csv`:
-run_id, arch, train_loops, seed, lr, eval_loops, metric, value; `val_loss` always, and
-`accuracy` (exact match on held-out examples) for a run trained on a task.
+run_id, arch, train_loops, seed, lr, eval_loops, metric, value; `val_loss` always,
+`accuracy` (exact match on held-out examples) for a run trained on a task, and
+`accuracy_<h>hop` per depth for pointer chasing over several hop counts.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from loopdiag.analysis.report import LOOP_SCALING_FILE
 from loopdiag.data import (
     EMBEDDED_CORPUS,
+    PointerChasingTask,
     SyntheticTask,
     exact_match_accuracy,
     load_corpus,
@@ -67,9 +69,9 @@ def loop_scaling(run_dir: str | Path, eval_loops: list[int], *, examples: int = 
     cell = run.config["cell"]
     model_config = ModelConfig.from_dict(run.config["model"])
     model = build_model(cell["arch"], model_config)
-    if model.fixed_depth:
+    if model.fixed_depth and list(eval_loops) != [cell["n_loops"]]:
         raise ValueError(f"{run.run_id}: {cell['arch']} is not looped; its depth is fixed at "
-                         f"{cell['n_loops']} loops' worth of blocks")
+                         f"{cell['n_loops']} loops' worth of blocks, the only K' it runs at")
     load_checkpoint(checkpoint, model)
     train_config = TrainConfig(**run.config["train"])
     data = _run_data(run.config["data"], corpus_files)
@@ -91,9 +93,25 @@ def loop_scaling(run_dir: str | Path, eval_loops: list[int], *, examples: int = 
                 accuracy = exact_match_accuracy(model, data, n_examples=examples, n_loops=k,
                                                 seed=HELD_OUT_SEED + 1)
                 rows.append({**base, "eval_loops": k, "metric": "accuracy", "value": accuracy})
+                for hops, task in _tasks_by_depth(data).items():
+                    accuracy = exact_match_accuracy(model, task, n_examples=examples, n_loops=k,
+                                                    seed=HELD_OUT_SEED + 1)
+                    rows.append({**base, "eval_loops": k, "metric": hop_accuracy_metric(hops),
+                                 "value": accuracy})
     frame = pd.DataFrame(rows)
     frame.to_csv(run_dir / LOOP_SCALING_FILE, index=False)
     return frame
+
+
+def hop_accuracy_metric(hops: int) -> str:
+    return f"accuracy_{hops}hop"
+
+
+def _tasks_by_depth(task: SyntheticTask) -> dict[int, SyntheticTask]:
+    """A mixed-depth task split into one task per depth; empty for any other task."""
+    if not isinstance(task, PointerChasingTask) or len(task.hop_choices) < 2:
+        return {}
+    return {hops: task.at_hops(hops) for hops in task.hop_choices}
 
 
 def _run_data(described: dict[str, Any], corpus_files: list[str | Path] | None):

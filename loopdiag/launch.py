@@ -167,10 +167,12 @@ def _run_cell(job: CellJob, send: Send) -> CellResult:
             )
         evaluated = (job.run_dir / LOOP_SCALING_FILE).is_file() and not job.train
         looped = not ARCHITECTURES[job.spec.arch](suite.model.with_(n_loops=1)).fixed_depth
-        if (suite.eval_loops and looped and not evaluated and distributed.is_main()
+        if (suite.eval_loops and not evaluated and distributed.is_main()
                 and (job.run_dir / CHECKPOINT_FILE).is_file()):
             send(("eval", run_id, {}))
-            loop_scaling(job.run_dir, list(suite.eval_loops), examples=suite.eval_examples)
+            # a fixed-depth model runs at its own depth only: the control beside the loops
+            eval_loops = list(suite.eval_loops) if looped else [job.spec.n_loops]
+            loop_scaling(job.run_dir, eval_loops, examples=suite.eval_examples)
         send(("done", run_id, {"status": outcome.status if outcome else "kept"}))
         return CellResult(run_id, trained=job.train, outcome=outcome)
     except Exception:  # noqa: BLE001 - one broken cell must not lose the others

@@ -85,7 +85,7 @@ def make_run(n=600, seed=0, loss_factor=None, resid_factor=None, cos_mean=None, 
         "sign_flip": float(0.45 - 0.2 * cos[i]), "gnorm_cv": 0.2,
         "gnorm_autocorr": float(autocorr[i]),
         "resid_norm": (resid[i] * np.linspace(0.9, 1.0, LOOPS)).tolist(),
-        "rel_update": [1e-3] * LOOPS, "act_grad_norm": [0.1] * LOOPS, "token_corr": [0.3] * LOOPS,
+        "rel_update": [0.05] * LOOPS, "act_grad_norm": [0.1] * LOOPS, "token_corr": [0.3] * LOOPS,
     } for i, step in enumerate(steps)]
 
 
@@ -673,7 +673,7 @@ def test_public_api():
 
     assert sorted(detect.__all__) == sorted([
         "DETECTORS", "MECHANISMS", "SEVERITIES", "STATUSES", "CollapsePlateau",
-        "CollapsePlateauConfig", "DeadLoops", "DeadLoopsConfig", "FailedToTrain",
+        "CollapsePlateauConfig", "DeadLoops", "DeadLoopsConfig", "IdleLoops", "IdleLoopsConfig", "FailedToTrain",
         "FailedToTrainConfig", "FoundryHighLoss", "RepresentationCollapse",
         "RepresentationCollapseConfig", "VanishingGradient", "VanishingGradientConfig",
         "ResidualBlowup", "ResidualBlowupConfig",
@@ -685,7 +685,7 @@ def test_public_api():
         "anchor_detectors", "default_detectors", "ground_truth_onset", "replay", "verdict"])
     assert all(hasattr(detect, name) for name in detect.__all__)
     assert list(DETECTORS) == ["non_finite", "update_size", "representation_collapse",
-                               "vanishing_gradient", "dead_loops", "residual_blowup",
+                               "vanishing_gradient", "dead_loops", "idle_loops", "residual_blowup",
                                "residual_explosion", "gradient_oscillation", "loss_spike",
                                "slow_divergence", "collapse_plateau", "failed_to_train"]
 

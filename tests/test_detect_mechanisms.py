@@ -77,6 +77,21 @@ def test_dead_loops_name_the_first_idle_loop_and_are_information():
     assert event.message.startswith("Loops 3–12 change nothing")
 
 
+def test_idle_loops_name_where_the_fixed_point_sets_in_after_the_early_phase():
+    from loopdiag.detect import IdleLoops
+
+    # loops 1-4 move the stream by 30 %, loops 5-12 by 0.3 %: stable, mostly idle
+    records = [{"step": s, "loss": 3.0, "rel_update": [float("nan"), *[0.3] * 3, *[0.003] * 8]}
+               for s in range(1, 200)]
+    (event,) = replay(records, [IdleLoops()])
+    assert event.severity == "info" and event.evidence["dead_from_loop"] == 5
+    assert event.step == 51  # the first record after its 50-record warm-up (held >= 20)
+    assert event.message.startswith("Loops 5–12 move the stream by < 1% each")
+    for record in records:
+        record["rel_update"][-1] = 0.05  # the last loop still moves it: not idle
+    assert replay(records, [IdleLoops()]) == []
+
+
 def test_vanishing_gradient_alone_is_information_and_critical_with_a_loss_symptom():
     records = looped_run(collapse=False)
     for record in records:  # FLT-like: a contracting loop map while the model learns

@@ -111,11 +111,13 @@ def rank_main(rank: int, store_file: str, out: str) -> None:
         seen["same"] = {"steps_done": outcome.steps_done, "loss": outcome.final_train_loss}
         seen["costly"] = costly_records()
 
-        # residual_blowup judged from the first record on, so a few steps are enough; a
-        # stream that grows while the loss does not is a warning, which is what stops here
+        # residual_explosion with its baseline at the first record, so a few steps are
+        # enough; a stream that explodes before any loss history can say the model still
+        # learns is a warning, which is what stops here
         with mock.patch("loopdiag.runner.build_model", exploding_on_rank_1):
             outcome = run_one(SPEC, TINY, LONGER, corpus, out_dir / "blowup" / SPEC.run_id,
-                              stop_on="warn", thresholds={"residual_blowup": {"warmup": 0, "smooth": 1}})
+                              stop_on="warn", thresholds={"residual_explosion": {
+                                  "warmup": 0, "baseline_window": 1, "smooth": 1}})
         seen["blowup"] = {"steps_done": outcome.steps_done, "status": outcome.status}
 
         model = tiny_model()
@@ -182,7 +184,7 @@ def test_collapse_on_rank_1_stops_both_ranks_at_its_step(two_ranks):
     out, (rank0, rank1) = two_ranks
     assert rank0["blowup"] == rank1["blowup"] == {"steps_done": FAULT_STEP, "status": "stable"}
     run = load_run(out / "blowup" / SPEC.run_id)
-    assert run.summary["stopped_by"].startswith(f"residual_blowup (warn) at step {FAULT_STEP}")
+    assert run.summary["stopped_by"].startswith(f"residual_explosion (warn) at step {FAULT_STEP}")
     # The combined record carries rank 1's signal at its true weight: half the tokens of the
     # global batch grew 1e5-fold, so the mean grew about 5e4-fold (not 1e5: rank 0's did not).
     before, after = (record["resid_norm"][-1] for record in read_records(run.run_dir)[FAULT_STEP - 2:FAULT_STEP])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loopdiag.data import AdditionTask, load_corpus
+from loopdiag.data import AdditionTask, PointerChasingTask, load_corpus
 from loopdiag.evaluation import loop_scaling, parse_loops
 from loopdiag.models import preset
 from loopdiag.runner import RunSpec, run_one
@@ -43,10 +43,20 @@ def test_a_corpus_run_needs_the_same_text(tmp_path):
         loop_scaling(run_dir, [1])
 
 
-def test_a_model_of_fixed_depth_is_refused(tmp_path):
+def test_a_model_of_fixed_depth_runs_at_its_own_depth_only(tmp_path):
     run_one(RunSpec("standard", 2), TINY, CONFIG, load_corpus(), tmp_path / "run")
     with pytest.raises(ValueError, match="standard is not looped"):
         loop_scaling(tmp_path / "run", [1, 2])
+    assert loop_scaling(tmp_path / "run", [2])["eval_loops"].tolist() == [2]
+
+
+def test_mixed_depth_pointer_chasing_is_scored_per_depth(tmp_path):
+    run_dir = tmp_path / "run"
+    task = PointerChasingTask(n_nodes=4, hops=[1, 2])
+    run_one(RunSpec("flt", 2), preset("tiny", seq_len=16), CONFIG, task, run_dir)
+    frame = loop_scaling(run_dir, [1, 3], examples=16)
+    assert set(frame["metric"]) == {"val_loss", "accuracy", "accuracy_1hop", "accuracy_2hop"}
+    assert frame.groupby("metric")["eval_loops"].apply(list).to_dict()["accuracy_2hop"] == [1, 3]
 
 
 @pytest.mark.parametrize(("text", "loops"), [("1..4", [1, 2, 3, 4]), ("1,2,4,8", [1, 2, 4, 8]),

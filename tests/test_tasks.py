@@ -16,9 +16,10 @@ TASKS = [
     AdditionTask(3),
     AdditionTask(25),
     PointerChasingTask(),
-    PointerChasingTask(3, 5),
+    PointerChasingTask(10, 5),
+    PointerChasingTask(16, [1, 2, 4, 8]),
 ]
-TASK_IDS = ["add1", "add3", "add25", "ptr8x3", "ptr3x5"]
+TASK_IDS = ["add1", "add3", "add25", "ptr8x3", "ptr10x5", "ptr16xmixed"]
 
 
 def decode(row: torch.Tensor) -> str:
@@ -92,7 +93,7 @@ def test_addition_covers_carries():
     assert min(sums) < 10 <= max(sums)
 
 
-@pytest.mark.parametrize("n_nodes, hops", [(8, 3), (3, 5), (26, 1)])
+@pytest.mark.parametrize("n_nodes, hops", [(8, 3), (4, 2), (26, 1), (26, 13)])
 def test_pointer_chasing_answers_follow_the_pointers(n_nodes, hops):
     task = PointerChasingTask(n_nodes, hops)
     x, y = task.batch(32, torch.Generator().manual_seed(0))
@@ -102,18 +103,40 @@ def test_pointer_chasing_answers_follow_the_pointers(n_nodes, hops):
         start, answer = query.split(">")
         successor = dict(edges.split(" "))
         assert sorted(successor) == sorted(successor.values()) == letters  # a permutation
+        node, cycle = start, []
+        for _ in range(n_nodes):
+            node = successor[node]
+            cycle.append(node)
+        assert sorted(cycle) == letters  # one cycle through every node: no walk wraps early
+        assert answer == cycle[hops - 1] != start
+        assert decode(row_y[row_y != IGNORE_INDEX]) == answer
+
+
+def test_mixed_hops_name_the_depth_and_score_per_depth():
+    task = PointerChasingTask(16, [1, 2, 4, 8])
+    x, y = task.batch(256, torch.Generator().manual_seed(0))
+    seen = set()
+    for row_x, row_y in zip(x, y):
+        edges, query = decode(row_x).split("|")
+        start, hops = query[0], int(query[1])
+        successor = dict(edges.split(" "))
         node = start
         for _ in range(hops):
             node = successor[node]
-        assert answer == node
-        assert decode(row_y[row_y != IGNORE_INDEX]) == answer
+        assert decode(row_y[row_y != IGNORE_INDEX]) == node
+        seen.add(hops)
+    assert seen == {1, 2, 4, 8}
+    deep = task.at_hops(8)
+    assert deep.seq_len == task.seq_len
+    assert {decode(row).split("|")[1][1] for row in deep.batch(16, torch.Generator())[0]} == {"8"}
 
 
 @pytest.mark.parametrize(
     "make",
     [lambda: AdditionTask(0), lambda: PointerChasingTask(1), lambda: PointerChasingTask(27),
-     lambda: PointerChasingTask(8, 0)],
-    ids=["add0", "ptr1node", "ptr27nodes", "ptr0hops"],
+     lambda: PointerChasingTask(8, 0), lambda: PointerChasingTask(8, 5),
+     lambda: PointerChasingTask(16, []), lambda: PointerChasingTask(26, [1, 10])],
+    ids=["add0", "ptr1node", "ptr27nodes", "ptr0hops", "ptr-wraps", "ptr-no-hops", "ptr-two-digits"],
 )
 def test_bad_task_parameters(make):
     with pytest.raises(ValueError):

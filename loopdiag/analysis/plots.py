@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 STAT_UNITS = {"resid_norm": "mean token L2 norm, log", "act_grad_norm": "L2 norm of dloss/dx, log",
               "rel_update": "relative change from the previous loop, log"}
 
-__all__ = ["plot_loop_mechanism", "plot_loop_residuals", "plot_loop_scaling", "plot_loss_curves",
+__all__ = ["plot_depth_accuracy", "plot_loop_mechanism", "plot_loop_residuals", "plot_loop_scaling",
+           "plot_loop_usefulness", "plot_loss_curves",
            "plot_lr_sensitivity", "plot_oscillation_vs_loops", "plot_stability_map", "save_figure"]
 
 # Failures named inside a stability-map cell, short enough to fit it.
@@ -307,4 +308,73 @@ def plot_loop_mechanism(loops: pd.DataFrame, title: str = "") -> Figure:
     if panels:
         axes[0][-1].legend(fontsize=6, ncol=2, frameon=False, loc="best")
     figure.suptitle(title or "Per-loop signs of a looped collapse")
+    return figure
+
+
+def plot_depth_accuracy(accuracy: pd.DataFrame) -> Figure:
+    """Accuracy per task depth (rows: hops) and trained loop count (columns: K), each
+    model evaluated at its own K, mean over seeds; one panel per arch. `accuracy` is
+    `loopdiag.analysis.depth.depth_accuracy`'s frame."""
+    at_own_k = accuracy[accuracy["eval_loops"] == accuracy["train_loops"]]
+    archs = list(dict.fromkeys(accuracy["arch"]))
+    hops = sorted(accuracy["hops"].unique())
+    loop_counts = sorted(accuracy["train_loops"].unique())
+    figure, axes = new_figure(1, len(archs), panel_size=(0.55 * len(loop_counts) + 1.2,
+                                                           0.5 * len(hops) + 1.2))
+    image = None
+    for ax, arch in zip(axes[0], archs):
+        grid = (at_own_k[at_own_k["arch"] == arch]
+                .pivot_table(index="hops", columns="train_loops", values="accuracy")
+                .reindex(index=hops, columns=loop_counts))
+        image = ax.imshow(grid.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis",
+                          aspect="auto")
+        for (i, j), value in np.ndenumerate(grid.to_numpy(dtype=float)):
+            text = "–" if np.isnan(value) else f"{value:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="black" if not np.isnan(value) and value > 0.6 else "white")
+        ax.set_xticks(range(len(loop_counts)), [str(k) for k in loop_counts])
+        ax.set_yticks(range(len(hops)), [str(h) for h in hops])
+        ax.set_xlabel("trained loops K")
+        ax.set_title(arch, fontsize=10)
+    axes[0][0].set_ylabel("hops")
+    if image is not None:
+        figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="exact-match accuracy")
+    figure.suptitle("Accuracy per depth (hops) and trained loop count, evaluated at K' = K")
+    return figure
+
+
+def plot_loop_usefulness(updates: pd.DataFrame, accuracy: pd.DataFrame,
+                         idle_update: float) -> Figure:
+    """Per arch (columns), for its model trained at the largest K: top, the relative update
+    of each loop at the end of training (median over seeds, log y, the idle line at
+    `idle_update`); bottom, accuracy per depth evaluated at K' = loop index. Read down a
+    column: a loop that moves the stream by little should add little accuracy.
+    `updates`: (arch, train_loops, loop, value); `accuracy`: `depth_accuracy`'s frame."""
+    archs = list(dict.fromkeys(accuracy["arch"]))
+    figure, axes = new_figure(2, len(archs), panel_size=(3.0, 2.4), sharex="col")
+    hop_colours = loop_colours(sorted(accuracy["hops"].unique().tolist()))
+    for column, arch in enumerate(archs):
+        top, bottom = axes[0][column], axes[1][column]
+        largest = int(accuracy.loc[accuracy["arch"] == arch, "train_loops"].max())
+        rows = updates[(updates["arch"] == arch) & (updates["train_loops"] == largest)]
+        curve = rows.groupby("loop")["value"].median().sort_index()
+        if len(curve):
+            top.plot(curve.index, np.clip(curve.to_numpy(dtype=float), 1e-8, None), marker="o",
+                     ms=3, color="black")
+            top.set_yscale("log")
+        top.axhline(idle_update, color="grey", linestyle="--", linewidth=0.8)
+        top.set_title(f"{arch}, trained at K={largest}", fontsize=9)
+        model = accuracy[(accuracy["arch"] == arch) & (accuracy["train_loops"] == largest)]
+        for hops, line in model.groupby("hops", sort=True):
+            line = line.sort_values("eval_loops")
+            bottom.plot(line["eval_loops"], line["accuracy"], marker="o", ms=3,
+                        color=hop_colours[hops], label=f"{hops} hop{'s' if hops > 1 else ''}")
+        bottom.axvline(largest, color="grey", linewidth=0.6)
+        bottom.set_ylim(-0.02, 1.02)
+        bottom.set_xlabel("loop k / inference loops K'")
+    axes[0][0].set_ylabel("relative update (log)")
+    axes[1][0].set_ylabel("accuracy at K' = k")
+    axes[1][-1].legend(fontsize=6, frameon=False, loc="best")
+    figure.suptitle("Does each loop compute? Its relative update (top) beside the accuracy "
+                    "it adds (bottom)")
     return figure

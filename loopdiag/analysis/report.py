@@ -21,6 +21,14 @@ import pandas as pd
 
 from loopdiag.analysis import plots
 from loopdiag.analysis.analyzer import FAILED, LOSS_COLUMNS, explain, run_verdict
+from loopdiag.analysis.depth import (
+    IDLE_UPDATE,
+    depth_accuracy,
+    depth_findings,
+    depth_rows,
+    end_updates,
+    idle_from,
+)
 from loopdiag.analysis.document import (
     Block,
     Bullets,
@@ -94,7 +102,7 @@ def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
         Code(command),
         Paragraph(_scope(table) + _missing(suite)),
         Heading("Findings"),
-        Bullets(findings(table)),
+        Bullets(findings(table) + _depth_findings(suite, table, loop_scaling)),
         Heading("Stability per cell"),
         Table(stability_summary(table)),
     ]
@@ -192,6 +200,16 @@ def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
     else:
         skipped.append("Test-time loop scaling: skipped, no run was evaluated at other loop "
                        "counts (`loopdiag eval`, or an [eval] table in the suite file).")
+    depth = _depth_frames(suite, table, loop_scaling)
+    if depth is not None:
+        accuracy, updates = depth
+        drawn.append(("depth_accuracy", lambda: plots.plot_depth_accuracy(accuracy),
+                      "Accuracy per depth (hops) × trained loop count K, each model at its own "
+                      "K, mean over seeds."))
+        drawn.append(("loop_usefulness",
+                      lambda: plots.plot_loop_usefulness(updates, accuracy, IDLE_UPDATE),
+                      "Per architecture at its largest K: each loop's relative update at the end "
+                      "of training (dashed: 1 %) above the accuracy at K' = that loop."))
     blocks: list[Block] = []
     for name, draw, caption in drawn:
         plots.save_figure(draw(), out_dir / "figures" / name)
@@ -199,6 +217,41 @@ def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
     if skipped:
         blocks.append(Bullets(skipped))
     return blocks
+
+
+def _depth_frames(suite: SuiteData, table: pd.DataFrame, loop_scaling: pd.DataFrame | None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(depth accuracy, end-of-training relative update per loop) when the runs were
+    evaluated per task depth, else None."""
+    rows = None if loop_scaling is None else depth_rows(loop_scaling)
+    if rows is None or rows.empty:
+        return None
+    frames = []
+    for row in table.itertuples():
+        updates = suite.runs[row.run_id].loop_table("rel_update")
+        if len(updates):
+            ends = end_updates(updates)
+            frames.append(pd.DataFrame({"arch": row.arch, "train_loops": row.n_loops,
+                                        "loop": ends.index.to_numpy(dtype=np.int64),
+                                        "value": ends.to_numpy(dtype=float)}))
+    updates = (pd.concat(frames, ignore_index=True) if frames
+               else pd.DataFrame(columns=["arch", "train_loops", "loop", "value"]))
+    return depth_accuracy(rows), updates
+
+
+def _depth_findings(suite: SuiteData, table: pd.DataFrame,
+                    loop_scaling: pd.DataFrame | None) -> list[str]:
+    depth = _depth_frames(suite, table, loop_scaling)
+    if depth is None:
+        return []
+    accuracy, _ = depth
+    idle, stable = {}, {}
+    for (arch, n_loops), cell in table.groupby(["arch", "n_loops"]):
+        stable[(arch, n_loops)] = bool((cell["status"] == "stable").all())
+        starts = [idle_from(suite.runs[run_id].loop_table("rel_update")) for run_id in cell["run_id"]]
+        # idle only when every seed's loops go idle; from the latest such loop
+        idle[(arch, n_loops)] = None if None in starts or not starts else max(starts)
+    return depth_findings(accuracy, idle, stable)
 
 
 def _loss_frame(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:

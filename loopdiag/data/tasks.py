@@ -98,48 +98,83 @@ class AdditionTask(SyntheticTask):
 
 @dataclass(frozen=True)
 class PointerChasingTask(SyntheticTask):
-    """A random permutation of ``n_nodes`` letters as shuffled pairs, a start node, and the
+    """A random cycle through ``n_nodes`` letters as shuffled pairs, a start node, and the
     node ``hops`` steps away as the answer.
 
-    With ``hops=2``: ``"ca ab bc|a>"`` then ``"c"`` (a → b → c), then ``"\\n"``. A
-    permutation gives every node exactly one successor and one predecessor, so no node is a
-    likelier answer than another and each hop is a genuine lookup; shuffling the pairs
-    makes that lookup by content, not by position.
+    With ``hops=2``: ``"ca ab bc|a>"`` then ``"c"`` (a → b → c), then ``"\\n"``. One cycle
+    through every node gives each exactly one successor and one predecessor, so no node is a
+    likelier answer than another; shuffling the pairs makes each lookup by content, not by
+    position. ``hops`` is at most half of ``n_nodes``: in a shorter cycle (or a permutation
+    with short cycles) the walk wraps round, and ``h`` hops forward would be ``n − h`` hops
+    backward or land on the start node, a shortcut shallower than the depth ``h`` asks for.
+
+    ``hops`` may also be a list of hop counts (each at most 9): every example draws one and
+    the prompt names it after the start node, ``"ca ab bc|a2>"``. One model then trains on
+    every depth at once and `at_hops` scores it per depth in the same layout.
     """
 
     kind = "pointer-chasing"
     n_nodes: int = 8
-    hops: int = 3
+    hops: int | tuple[int, ...] = 3
 
     def __post_init__(self) -> None:
         if not 2 <= self.n_nodes <= len(NODE_LETTERS):
             raise ValueError(f"n_nodes must be in [2, {len(NODE_LETTERS)}], got {self.n_nodes}")
-        if self.hops < 1:
-            raise ValueError(f"hops must be at least 1, got {self.hops}")
+        if isinstance(self.hops, (list, tuple)):
+            hops = tuple(self.hops)
+            if not hops or any(not isinstance(h, int) or not 1 <= h <= 9 for h in hops):
+                raise ValueError(f"a list of hops must hold hop counts in [1, 9], got {list(hops)}")
+            object.__setattr__(self, "hops", hops)  # a TOML or JSON list becomes a tuple
+        elif not isinstance(self.hops, int) or self.hops < 1:
+            raise ValueError(f"hops must be at least 1, got {self.hops!r}")
+        if 2 * max(self.hop_choices) > self.n_nodes:
+            raise ValueError(f"hops ({max(self.hop_choices)}) must be at most n_nodes / 2 "
+                             f"({self.n_nodes // 2}), or walking backward is a shortcut")
+
+    @property
+    def names_hops(self) -> bool:
+        return isinstance(self.hops, tuple)
+
+    @property
+    def hop_choices(self) -> tuple[int, ...]:
+        return self.hops if isinstance(self.hops, tuple) else (self.hops,)
+
+    def at_hops(self, hops: int) -> PointerChasingTask:
+        """The same layout with every example at ``hops`` hops (for per-depth accuracy)."""
+        return PointerChasingTask(self.n_nodes, (hops,) if self.names_hops else hops)
 
     @property
     def name(self) -> str:
-        return f"pointer_{self.n_nodes}n_{self.hops}h"
+        return f"pointer_{self.n_nodes}n_{'-'.join(map(str, self.hop_choices))}h"
 
     @property
     def prompt_len(self) -> int:
-        return 3 * self.n_nodes - 1 + 3  # "xy " pairs without the last space, then "|s>"
+        # "xy " pairs without the last space, then "|s>" (or "|sH>" when the prompt names H).
+        return 3 * self.n_nodes - 1 + 3 + self.names_hops
 
     @property
     def answer_len(self) -> int:
         return 1
 
     def sample(self, batch_size: int, generator: torch.Generator) -> list[tuple[str, str]]:
+        choices = self.hop_choices
         pairs = []
         for _ in range(batch_size):
-            successor = torch.randperm(self.n_nodes, generator=generator).tolist()
+            cycle = torch.randperm(self.n_nodes, generator=generator).tolist()
+            successor = [0] * self.n_nodes
+            for position, node in enumerate(cycle):
+                successor[node] = cycle[(position + 1) % self.n_nodes]
             order = torch.randperm(self.n_nodes, generator=generator).tolist()
             start = int(torch.randint(self.n_nodes, (1,), generator=generator))
+            hops = choices[0]
+            if len(choices) > 1:
+                hops = choices[int(torch.randint(len(choices), (1,), generator=generator))]
             node = start
-            for _ in range(self.hops):
+            for _ in range(hops):
                 node = successor[node]
             edges = " ".join(NODE_LETTERS[i] + NODE_LETTERS[successor[i]] for i in order)
-            pairs.append((f"{edges}|{NODE_LETTERS[start]}>", NODE_LETTERS[node]))
+            named = str(hops) if self.names_hops else ""
+            pairs.append((f"{edges}|{NODE_LETTERS[start]}{named}>", NODE_LETTERS[node]))
         return pairs
 
 

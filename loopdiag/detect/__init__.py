@@ -16,6 +16,8 @@ from loopdiag.detect.gradient import GradientOscillation, GradientOscillationCon
 from loopdiag.detect.loops import (
     DeadLoops,
     DeadLoopsConfig,
+    IdleLoops,
+    IdleLoopsConfig,
     RepresentationCollapse,
     RepresentationCollapseConfig,
     VanishingGradient,
@@ -43,6 +45,8 @@ __all__ = [
     "CollapsePlateauConfig",
     "DeadLoops",
     "DeadLoopsConfig",
+    "IdleLoops",
+    "IdleLoopsConfig",
     "FailedToTrain",
     "FailedToTrainConfig",
     "FoundryHighLoss",

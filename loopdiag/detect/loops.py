@@ -32,6 +32,8 @@ from loopdiag.detect.symptoms import (
 # loop that changes nothing. Trained FLT's last loops still move ≥ 3e-4 (default suite,
 # K=12); a tiny FLT's last loop moved 1e-7 in its first steps (dev seed 0), so: information.
 DEAD_UPDATE = 1e-6
+# A loop moving the stream by < 1 % is idle: the threshold of the loops-compute study.
+IDLE_UPDATE = 0.01
 # The gradient reaching loop 1 a millionth of the last loop's: the first loops and the
 # embedding no longer learn from the loss (with Adam's eps of 1e-8 their updates vanish).
 VANISHED_RATIO = 1e-6
@@ -179,6 +181,38 @@ class DeadLoops(Detector):
                         "max_relative_update": float(max(updates[first - 1:])),
                         "thresholds": {"max_update": self.config.max_update,
                                        "patience": self.config.patience}})
+
+
+@dataclass(frozen=True)
+class IdleLoopsConfig(DeadLoopsConfig):
+    # After the early phase every model passes through (the unigram phase ends by record
+    # 30–50), so a loop still finding its role is not called idle.
+    warmup: int = 50
+    max_update: float = IDLE_UPDATE
+    patience: int = 20
+
+
+class IdleLoops(DeadLoops):
+    """The loops from k on each moving the stream by < `max_update` (1 %) for `patience`
+    records → info naming k. A stable looped model can be stable because its later loops
+    settle on a fixed point and repeat it; whether they still add accuracy is what
+    test-time loop scaling measures (`loopdiag eval RUN --loops 1..K`). Never a collapse."""
+
+    name = "idle_loops"
+    config_class = IdleLoopsConfig
+    config: IdleLoopsConfig
+
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        finding = super()._check(record)
+        if not isinstance(finding, Finding):
+            return finding
+        first, loops = finding.evidence["dead_from_loop"], finding.evidence["loops"]
+        return Finding("info", f"Loops {first}–{loops} move the stream by < "
+                               f"{self.config.max_update:.0%} each for {self._streak} records "
+                               f"(largest {finding.evidence['max_relative_update']:.2g}): the "
+                               f"model may be stable because loops past {first - 1} repeat a "
+                               f"fixed point; test-time loop scaling tells whether they add "
+                               f"anything.", finding.evidence)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,110 @@
+"""Do the loops compute? Accuracy per task depth and loop count, set beside how much each
+loop still changes the stream.
+
+A stable looped model can be stable because its extra loops do nothing: it settles on a
+fixed point after a few loops and the rest repeat it. Two numbers tell that apart per
+trained model: the loop after which its accuracy stops improving (`useful_loops`, from the
+test-time loop-scaling rows) and the loop from which every loop moves the stream by less
+than `IDLE_UPDATE` (`idle_from`, from the recorded per-loop relative update).
+
+The inputs are the long loop-scaling rows of `loopdiag.evaluation.loop_scaling`, whose
+per-depth metrics are named `accuracy_<h>hop`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from loopdiag.detect.loops import IDLE_UPDATE
+
+HOP_METRIC = re.compile(r"^accuracy_(\d+)hop$")
+# A further loop is useful when it raises accuracy (mean over depths) by at least this
+# much: two examples in a hundred, above the ±1.5-point noise of 512 held-out examples at
+# the accuracies that matter.
+USEFUL_GAIN = 0.02
+# Fraction of a run's last records whose median relative update counts as its end state.
+END_FRACTION = 0.1
+
+
+def depth_rows(loop_scaling: pd.DataFrame) -> pd.DataFrame:
+    """The per-depth accuracy rows, with a `hops` column; empty when no run has any."""
+    hops = loop_scaling["metric"].astype(str).str.extract(HOP_METRIC)[0]
+    rows = loop_scaling[hops.notna()].copy()
+    rows["hops"] = hops[hops.notna()].astype(int)
+    return rows
+
+
+def depth_accuracy(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean accuracy over seeds per (arch, train_loops, hops, eval_loops), from
+    `depth_rows`."""
+    return (rows.groupby(["arch", "train_loops", "hops", "eval_loops"], sort=True)["value"]
+            .mean().rename("accuracy").reset_index())
+
+
+def useful_loops(accuracy: pd.DataFrame, arch: str, train_loops: int) -> int | None:
+    """The smallest K' ≤ K after which no further loop (up to K) raises the mean accuracy
+    over depths by `USEFUL_GAIN`: the loop where the model trained at K stops improving.
+    None when the model was not evaluated at K' ≤ K."""
+    rows = accuracy[(accuracy["arch"] == arch) & (accuracy["train_loops"] == train_loops)
+                    & (accuracy["eval_loops"] <= train_loops)]
+    if rows.empty:
+        return None
+    curve = rows.groupby("eval_loops")["accuracy"].mean().sort_index()
+    best = curve.max()
+    return int(curve[curve >= best - USEFUL_GAIN].index[0])
+
+
+def idle_from(rel_update: pd.DataFrame) -> int | None:
+    """The first loop k ≥ 2 from which every loop's relative update is below `IDLE_UPDATE`
+    at the end of training (median over the last `END_FRACTION` of records); None when the
+    last loop still moves the stream. `rel_update` is a run's loop table (steps × loops)."""
+    table = rel_update.dropna(how="all")
+    if table.empty or table.shape[1] < 2:
+        return None
+    tail = table.iloc[-max(1, int(np.ceil(len(table) * END_FRACTION))):]
+    ends = tail.median().to_numpy(dtype=float)
+    if not ends[-1] < IDLE_UPDATE:
+        return None
+    first = len(ends)
+    while first > 2 and ends[first - 2] < IDLE_UPDATE:
+        first -= 1
+    return first
+
+
+def end_updates(rel_update: pd.DataFrame) -> pd.Series:
+    """Per loop, the median relative update over the run's last `END_FRACTION` of records."""
+    table = rel_update.dropna(how="all")
+    tail = table.iloc[-max(1, int(np.ceil(len(table) * END_FRACTION))):]
+    return tail.median()
+
+
+def depth_findings(accuracy: pd.DataFrame, idle: dict[tuple[str, int], int | None],
+                   stable: dict[tuple[str, int], bool]) -> list[str]:
+    """One sentence per architecture at its largest trained K: where accuracy stops
+    improving, where the loops go idle, and plainly when a stable model's loops do not
+    compute. `idle` and `stable` are keyed by (arch, train_loops)."""
+    lines = []
+    for arch in dict.fromkeys(accuracy["arch"]):
+        largest = int(accuracy.loc[accuracy["arch"] == arch, "train_loops"].max())
+        if largest < 2:
+            continue
+        at_k = accuracy[(accuracy["arch"] == arch) & (accuracy["train_loops"] == largest)
+                        & (accuracy["eval_loops"] == largest)]
+        per_depth = ", ".join(f"{h} hop{'s' if h > 1 else ''} {a:.2f}"
+                              for h, a in zip(at_k["hops"], at_k["accuracy"]))
+        useful = useful_loops(accuracy, arch, largest)
+        idle_loop = idle.get((arch, largest))
+        line = f"{arch} trained at K={largest}: accuracy {per_depth}"
+        if useful is not None:
+            line += f"; accuracy stops improving after loop {useful}"
+        line += ("; every loop still moves the stream by ≥ 1 %" if idle_loop is None
+                 else f"; loops {idle_loop}–{largest} move the stream by < 1 % each")
+        if stable.get((arch, largest)) and useful is not None and useful < largest:
+            quiet = (f"loops {useful + 1}–{largest}" if useful + 1 < largest
+                     else f"loop {largest}")
+            line += f". It is stable, but {quiet} add no accuracy: its loops beyond {useful} do not compute"
+        lines.append(line + ".")
+    return lines
