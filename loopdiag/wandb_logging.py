@@ -237,12 +237,13 @@ def _start_run(*, project: str, mode: str, dir: str | Path | None, **init: Any) 
         # would then be missing where `wandb sync` is pointed, so fail here instead
         Path(dir).mkdir(parents=True, exist_ok=True)
     if mode == "online" and outage(dir) is None:
-        limits = {"finish_timeout": ONLINE_WAIT_S, "finish_timeout_raises": True}
-        if "WANDB_INIT_TIMEOUT" not in os.environ:
-            limits["init_timeout"] = ONLINE_WAIT_S
+        # read here: wandb reads its environment once per process, at its first run
+        init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", ONLINE_WAIT_S))
+        limits = wandb.Settings(init_timeout=init_timeout, finish_timeout=ONLINE_WAIT_S,
+                                finish_timeout_raises=True)
         try:
             return wandb.init(project=project, mode="online", dir=dir, reinit="create_new",
-                              settings=wandb.Settings(**limits), **init)
+                              settings=limits, **init)
         except Exception as error:  # noqa: BLE001 - unreachable, slow, refused: log offline instead
             note_outage(dir, f"{init.get('name')}, init: {_first_line(error)}")
     return wandb.init(project=project, mode="offline", dir=dir, reinit="create_new", **init)
