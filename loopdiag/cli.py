@@ -1,7 +1,8 @@
 """Command line: a thin layer over library functions.
 
 Exit codes: 0 done (a run that diverges or collapses is a result, not a failure),
-2 bad input (one line, no traceback), 1 internal error.
+2 bad input (one line, no traceback), 1 internal error, or a disk that takes no more
+writes (one line, no traceback).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import netrc
 import os
 import shlex
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -21,6 +24,7 @@ from rich.markup import escape
 
 import loopdiag
 from loopdiag.console import stability_table
+from loopdiag.store.writer import write_failure
 
 if TYPE_CHECKING:
     from loopdiag.suite import ProbeSuite
@@ -38,6 +42,26 @@ def bad_input(message: str) -> typer.Exit:
     """Report a user error as one line; the caller raises the returned exit (code 2)."""
     console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
+
+
+def disk_failure(message: str, resume_with: str | None = None) -> typer.Exit:
+    """Report a write that failed (a full disk) as one line; the caller raises the returned
+    exit (code 1)."""
+    then = f"; free some space, then `{resume_with}` finishes it" if resume_with else ""
+    console.print(f"[red]error:[/] {escape(message + then)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+@contextmanager
+def _failed_writes_end_command(path: Path, rerun: str) -> Iterator[None]:
+    """A write under `path` that fails for want of disk ends the command in one line."""
+    try:
+        yield
+    except OSError as error:
+        failed_write = write_failure(path, error)
+        if failed_write is None:
+            raise
+        raise disk_failure(failed_write, rerun) from None
 
 
 def _print_version(value: bool) -> None:
@@ -139,6 +163,7 @@ def run(
         raise bad_input(f"--only {' '.join(only or [])} matches none of the suite's runs")
     if distributed.is_main():
         _prepare_suite_dir(suite_dir, spec, cells, resume=resume, overwrite=overwrite)
+        _check_writable(suite_dir)
     distributed.barrier()  # the other ranks read the suite folder only once rank 0 is done with it
     ranks = distributed.world_size()
     jobs = 1 if ranks > 1 else jobs or min(8, cpu_count())
@@ -159,6 +184,11 @@ def run(
                             shard=shard_of, only=accepts, on_message=progress.handle)
     if not distributed.is_main():
         return
+    stopped = [r for r in results if r.write_failure]
+    if stopped:
+        resume_with = spec.command if resume else f"{spec.command} --resume"
+        raise disk_failure(f"{stopped[0].write_failure}: runs stopped: {len(stopped)} (their records kept), "
+                           f"not started: {len(cells) - len(results)}", resume_with)
     errors = [r for r in results if r.error]
     if len(errors) == len(results):
         for result in errors:
@@ -169,18 +199,21 @@ def run(
                       f"writes the report of them all")
         _report_errors(errors)
         return
-    report_path = _write_report(suite_dir, out)
+    with _failed_writes_end_command(out, f"loopdiag report {shlex.quote(str(out))}"):
+        report_path = _write_report(suite_dir, out)
     table = pd.read_csv(report_path.parent / "table.csv")
     console.print(stability_table(table))
     console.print(f"report: {report_path} (and {report_path.with_suffix('.html').name}); run store: {suite_dir}")
     if wandb_mode is not None:
-        from loopdiag.wandb_logging import log_suite
+        from loopdiag.wandb_logging import log_suite, outage
 
         figures = {path.stem: path for path in sorted((report_path.parent / "figures").glob("*.png"))}
         log_suite(spec.name, table, figures, mode=wandb_mode, dir=suite_dir)
-        sync_hint = "  (upload with `wandb sync`)" if wandb_mode == "offline" else ""
-        console.print(f"W&B ({wandb_mode}): {suite_dir / 'wandb'}{sync_hint}")
-        if wandb_mode == "online":
+        unreachable = wandb_mode == "online" and outage(suite_dir) is not None
+        sync_hint = "  (upload with `wandb sync`)" if wandb_mode == "offline" or unreachable else ""
+        mode_shown = "online, unreachable: runs since then logged offline" if unreachable else wandb_mode
+        console.print(f"W&B ({mode_shown}): {suite_dir / 'wandb'}{sync_hint}")
+        if wandb_mode == "online" and not unreachable:
             console.print(f"a W&B workspace laid out for these runs: "
                           f"loopdiag dashboard {shlex.quote(str(out))} --online", highlight=False, soft_wrap=True)
     _report_errors(errors)
@@ -249,6 +282,15 @@ def _prepare_suite_dir(suite_dir: Path, spec: ProbeSuite, cells: list, *, resume
                         f"continues them, --overwrite replaces them, or choose another --out")
 
 
+def _check_writable(suite_dir: Path) -> None:
+    from loopdiag.store.writer import check_writable
+
+    try:
+        check_writable(suite_dir)
+    except OSError as error:
+        raise disk_failure(write_failure(suite_dir, error) or f"cannot write to {suite_dir}: {error}") from None
+
+
 def _plural(count: int, noun: str) -> str:
     return f" x {count} {noun}s" if count > 1 else ""
 
@@ -308,11 +350,13 @@ def report(
     if jobs < 0:
         raise bad_input(f"--jobs must be >= 0, got {jobs}")
     store = _store(suite)
-    if store.is_dir():
-        build_copies(store, jobs or min(8, len(os.sched_getaffinity(0))))
-    if rejudge:
-        _rejudge(store)
-    _write_report(store, out or (suite if store != suite else Path("reports") / suite.name))
+    out = out or (suite if store != suite else Path("reports") / suite.name)
+    with _failed_writes_end_command(out, f"loopdiag report {shlex.quote(str(suite))}"):
+        if store.is_dir():
+            build_copies(store, jobs or min(8, len(os.sched_getaffinity(0))))
+        if rejudge:
+            _rejudge(store)
+        _write_report(store, out)
 
 
 def build_copies(store: Path, jobs: int) -> dict[str, int]:

@@ -37,7 +37,9 @@ from loopdiag.runner import RunOutcome, RunSpec, run_one
 from loopdiag.store import write_suite_manifest
 from loopdiag.store._files import SUMMARY_FILE
 from loopdiag.store.reference import reference_run
+from loopdiag.store.writer import write_failure
 from loopdiag.suite import ProbeSuite
+from loopdiag.wandb_logging import forget_outage
 
 # (kind, run_id, payload): "start" {}, "progress" {step, total, loss}, "event" {event dict},
 # "eval" {}, "done" {status}.
@@ -62,6 +64,7 @@ class CellResult:
     trained: bool
     outcome: RunOutcome | None = None
     error: str | None = None  # the worker's traceback
+    write_failure: str | None = None  # a disk that took no more writes stopped the run (one line)
 
 
 def shard_cells(cells: list[RunSpec], shard: tuple[int, int]) -> list[RunSpec]:
@@ -106,7 +109,9 @@ def run_suite(suite: ProbeSuite, suite_dir: Path, *, jobs: int = 1, resume: bool
     that many at once in worker processes (torch threads split between them). With
     `resume`, finished runs are kept, interrupted ones continue from their checkpoint. A
     cell that raises is reported in its `CellResult` and the others go on. Shards of one
-    suite may share `suite_dir`: `suite.json` lists every cell of the suite."""
+    suite may share `suite_dir`: `suite.json` lists every cell of the suite. A run whose
+    writes fail (`write_failure`: a full disk) stops there, cleanly, and no further cell
+    starts: the results then cover only the cells started, and `resume` finishes the rest."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     every_cell = suite.cells()
@@ -116,6 +121,8 @@ def run_suite(suite: ProbeSuite, suite_dir: Path, *, jobs: int = 1, resume: bool
             spec.run_id: {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed,
                           "lr": suite.train.lr if spec.lr is None else spec.lr}
             for spec in every_cell})
+        if wandb_mode == "online":
+            forget_outage(suite_dir)  # an outage learned by an earlier invocation may be over
     send = on_message or (lambda message: None)
     jobs = 1 if distributed.world_size() > 1 else max(1, min(jobs, len(specs)))
     threads = max(1, cpu_count() // jobs) if jobs > 1 else None
@@ -124,7 +131,11 @@ def run_suite(suite: ProbeSuite, suite_dir: Path, *, jobs: int = 1, resume: bool
     specs = sorted(specs, key=lambda spec: (spec.seed, spec.n_loops, spec.lr or 0.0))
     cells = [_job(spec, suite, suite_dir, resume, wandb_mode, threads) for spec in specs]
     if jobs == 1:
-        results = [_run_cell(cell, send) for cell in cells]
+        results = []
+        for cell in cells:
+            results.append(_run_cell(cell, send))
+            if results[-1].write_failure:  # the next runs would meet the same disk
+                break
     else:
         results = _run_in_workers(cells, jobs, send)
     order = {spec.run_id: index for index, spec in enumerate(every_cell)}
@@ -175,9 +186,13 @@ def _run_cell(job: CellJob, send: Send) -> CellResult:
             loop_scaling(job.run_dir, eval_loops, examples=suite.eval_examples)
         send(("done", run_id, {"status": outcome.status if outcome else "kept"}))
         return CellResult(run_id, trained=job.train, outcome=outcome)
-    except Exception:  # noqa: BLE001 - one broken cell must not lose the others
+    except Exception as error:  # noqa: BLE001 - one broken cell must not lose the others
         if distributed.world_size() > 1:
             raise
+        failed_write = write_failure(job.run_dir, error)
+        if failed_write:
+            send(("done", run_id, {"status": "interrupted"}))
+            return CellResult(run_id, trained=job.train, write_failure=failed_write)
         send(("done", run_id, {"status": "error"}))
         return CellResult(run_id, trained=job.train, error=traceback.format_exc())
 
@@ -237,8 +252,13 @@ def _run_in_workers(cells: list[CellJob], jobs: int, send: Send) -> list[CellRes
                 done, _ = wait(pending, timeout=0, return_when=FIRST_COMPLETED)
                 for future in done:
                     cell = pending.pop(future)
+                    if future.cancelled():
+                        continue
                     try:
                         results[cell.spec.run_id] = future.result()
+                        if results[cell.spec.run_id].write_failure:  # the next runs would meet the same disk
+                            for queued in pending:
+                                queued.cancel()
                     except Exception as error:  # noqa: BLE001 - a worker died (killed, out of memory)
                         results[cell.spec.run_id] = CellResult(
                             cell.spec.run_id, trained=cell.train, error=f"worker process failed: {error!r}")
@@ -246,7 +266,7 @@ def _run_in_workers(cells: list[CellJob], jobs: int, send: Send) -> list[CellRes
             pool.shutdown(wait=True, cancel_futures=True)  # workers record "interrupted"
             raise
         _drain(messages, send, timeout=0.2)
-    return [results[cell.spec.run_id] for cell in cells]
+    return [results[cell.spec.run_id] for cell in cells if cell.spec.run_id in results]
 
 
 def _drain(messages: Any, send: Send, timeout: float) -> None:

@@ -117,7 +117,8 @@ class RunLogger(TrainCallback):
             self.writer.flush()
 
     def on_train_end(self, state: TrainState) -> None:
-        self._write_pending()
+        if self.writer is None or self.writer.write_error is None:
+            self._write_pending()
         interrupted = (state.stop_reason or "").startswith("interrupted")
         if not interrupted and not state.should_stop:
             self.monitor.finish()  # the end-of-run judgements (a run stopped early has none)
@@ -130,7 +131,12 @@ class RunLogger(TrainCallback):
         if interrupted:
             self.summary["status"] = "interrupted"
         if self.writer is not None:
-            self.writer.close(self.summary)
+            try:
+                self.writer.close(self.summary)
+            except OSError:
+                if not interrupted:
+                    raise
+                # else the write failure that interrupted the run is already on its way up
         if self.wandb_run is not None:
             self.wandb_run.finish(self.summary)
 

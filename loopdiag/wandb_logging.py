@@ -5,15 +5,24 @@ Offline is the default: a run is written to `<dir>/wandb/offline-run-<time>-<id>
 account and no network, and `wandb sync <that folder>` uploads it later. Every series is
 logged under the keys the frames use (`resid_norm/loop_03`), against the training step.
 
-W&B is never on the training's critical path: any exception from it is warned once and
-turns the logger into a no-op. `wandb` is imported inside functions, so importing this
-module (or `loopdiag`) stays light.
+W&B is never on the training's critical path: any exception from it is reported in one
+line and turns the logger into a no-op. `wandb` is imported inside functions, so importing
+this module (or `loopdiag`) stays light.
+
+Online, a server that is unreachable, slow or failing is learned once per W&B folder
+(`dir`, the suite folder): the first run whose `wandb.init` fails or takes longer than
+`ONLINE_WAIT_S`, or whose W&B calls fail mid-run (an upload at `finish` included), writes
+`OUTAGE_FILE` into `<dir>/wandb/` and logs one line; every later run of any process using
+that folder sees the file and logs offline beside it, for `wandb sync` to upload later.
+`forget_outage` removes the file (a new suite invocation tries online again).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +39,13 @@ EVENT_RANK = {severity: rank for rank, severity in enumerate(SEVERITIES, start=1
 ALERT_LEVEL = {"info": "INFO", "warn": "WARN", "critical": "ERROR"}
 ALERT_TITLE_MAX = 63  # W&B wants titles under 64 characters
 EVENT_COLUMNS = ["step", "detector", "severity", "message"]
+# Seconds an online run waits on the W&B server, to start (`wandb.init`) and to upload what
+# is left at `finish`; longer counts as unreachable. WANDB_INIT_TIMEOUT overrides the first.
+ONLINE_WAIT_S = 10.0
+OUTAGE_FILE = "loopdiag-unreachable.json"  # in <dir>/wandb/; see the module docstring
+
+log = logging.getLogger(__name__)  # one line per failure; unconfigured, Python prints it on stderr
+_outages_without_dir: set[str] = set()  # where there is no folder to mark: once per process
 
 
 class WandbRun:
@@ -52,8 +68,11 @@ class WandbRun:
     file and delivered only when it is synced, so local sinks (console, events.jsonl) must
     never depend on W&B.
 
-    Failure isolation: an exception from W&B in any call (init, log, alert, finish) is
-    warned once, naming the run, and every later call does nothing.
+    Failure isolation: an exception from W&B in any call (init, log, alert, finish) turns
+    every later call into a no-op. Online, it is an outage (see the module docstring): one
+    line per W&B folder, and later runs log offline; an online `wandb.init` that fails is
+    retried offline at once, so the run keeps its W&B data. Offline, it is logged as one
+    line naming the run.
     """
 
     def __init__(
@@ -73,6 +92,7 @@ class WandbRun:
         if alert_on not in SEVERITIES:
             raise ValueError(f"alert_on must be one of {', '.join(SEVERITIES)}, got {alert_on!r}")
         self.run_id = run_id
+        self.mode, self.dir = mode, dir
         self.alert_rank = EVENT_RANK[alert_on]
         self.alert_interval_s = alert_interval_s
         self.run_dir: Path | None = None  # what `wandb sync` takes
@@ -167,9 +187,14 @@ class WandbRun:
             self._disable(action, error)
 
     def _disable(self, action: str, error: Exception) -> None:
+        online = self._run is not None and self._run.settings.mode == "online"
         self._run = None
-        warnings.warn(f"W&B logging for run {self.run_id} failed in {action} and is off for the rest "
-                      f"of the run: {error!r}", stacklevel=3)
+        if online:
+            note_outage(self.dir, f"{self.run_id}, {action}: {_first_line(error)}; what it logged "
+                                  f"is in {self.run_dir}")
+        else:
+            log.warning(f"W&B logging for run {self.run_id} failed in {action} and is off for the "
+                        f"rest of the run: {_first_line(error)}")
 
 
 def log_suite(
@@ -184,7 +209,7 @@ def log_suite(
     """Log a suite's stability table (`stability`, a `wandb.Table`) and report figures
     (`figures/<name>`, `wandb.Image`s) as a separate run (`job_type="suite-report"`, named
     `<suite>-report`, in the suite's group). Returns the run folder for `wandb sync`, or
-    None when W&B failed (warned: a report never fails for W&B)."""
+    None when W&B failed (logged: a report never fails for W&B)."""
     _check_mode(mode)
     try:
         import wandb
@@ -198,19 +223,74 @@ def log_suite(
             run.finish()
         return Path(run.settings.sync_dir)
     except Exception as error:  # noqa: BLE001 - the report is already on disk without W&B
-        warnings.warn(f"W&B report for suite {suite_name} failed: {error!r}", stacklevel=2)
+        log.warning(f"W&B report for suite {suite_name} failed: {_first_line(error)}")
         return None
 
 
 def _start_run(*, project: str, mode: str, dir: str | Path | None, **init: Any) -> Any:
-    """`wandb.init` for one of several runs in this process (`reinit="create_new"`)."""
+    """`wandb.init` for one of several runs in this process (`reinit="create_new"`); online,
+    within `ONLINE_WAIT_S`, and offline instead once the folder has learned of an outage."""
     import wandb
 
     if dir is not None:
         # wandb quietly falls back to a temp folder when it cannot use `dir`: the run
         # would then be missing where `wandb sync` is pointed, so fail here instead
         Path(dir).mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=project, mode=mode, dir=dir, reinit="create_new", **init)
+    if mode == "online" and outage(dir) is None:
+        # read here: wandb reads its environment once per process, at its first run
+        init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", ONLINE_WAIT_S))
+        limits = wandb.Settings(init_timeout=init_timeout, finish_timeout=ONLINE_WAIT_S,
+                                finish_timeout_raises=True)
+        try:
+            return wandb.init(project=project, mode="online", dir=dir, reinit="create_new",
+                              settings=limits, **init)
+        except Exception as error:  # noqa: BLE001 - unreachable, slow, refused: log offline instead
+            note_outage(dir, f"{init.get('name')}, init: {_first_line(error)}")
+    return wandb.init(project=project, mode="offline", dir=dir, reinit="create_new", **init)
+
+
+def outage(dir: str | Path | None) -> str | None:
+    """Why online W&B was given up for runs in `dir`, or None while it has not been."""
+    if dir is not None:
+        try:
+            return json.loads((Path(dir) / "wandb" / OUTAGE_FILE).read_text())["reason"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return next(iter(_outages_without_dir), None)
+
+
+def note_outage(dir: str | Path | None, reason: str) -> None:
+    """Record that online W&B failed for runs in `dir`; the first to record it logs the line."""
+    if dir is None:
+        first = not _outages_without_dir
+        _outages_without_dir.add(reason)
+    else:
+        folder = Path(dir) / "wandb"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # "x": of several processes failing at once, exactly one creates the file
+            with (folder / OUTAGE_FILE).open("x", encoding="utf-8") as handle:
+                json.dump({"reason": reason, "at": time.time()}, handle)
+            first = True
+        except FileExistsError:
+            first = False
+        except OSError:  # no folder to mark: this process at least stops trying
+            first = not _outages_without_dir
+            _outages_without_dir.add(reason)
+    if first:
+        where = Path(dir or ".") / "wandb"
+        log.warning(f"W&B unreachable ({reason}); runs log offline from now on: `wandb sync "
+                    f"{where}/offline-run-*` uploads them once the server is back")
+
+
+def forget_outage(dir: str | Path) -> None:
+    """Let the next online run in `dir` try the server again."""
+    (Path(dir) / "wandb" / OUTAGE_FILE).unlink(missing_ok=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def _check_mode(mode: str) -> None:

@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import math
+import socket
 import subprocess
 import sys
+import threading
 import time
-import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ import pytest
 from wandb_files import read_run, read_table
 
 from loopdiag.detect import Event
-from loopdiag.wandb_logging import WandbRun, log_suite
+from loopdiag.wandb_logging import WandbRun, forget_outage, log_suite, note_outage, outage
 
 
 @pytest.fixture(autouse=True)
@@ -168,41 +172,119 @@ def test_suite_report_run(tmp_path: Path) -> None:
     assert (run_dir / "files" / image["path"]).is_file()
 
 
-def test_init_failure_warns_once_and_turns_into_no_op(tmp_path: Path) -> None:
+def test_init_failure_logs_one_line_and_turns_into_no_op(tmp_path: Path, caplog) -> None:
     not_a_dir = tmp_path / "wandb-dir"
     not_a_dir.write_text("a file where the W&B folder should be")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        wandb_run = WandbRun("looped-k03-s0", cell_config(), dir=not_a_dir)
-        wandb_run.log_record(record(1))
-        wandb_run.emit(event(1, "resid_explosion", "critical"))
-        wandb_run.finish({"status": "collapsed"})
-    assert [str(w.message).split(":")[0] for w in caught] == [
-        "W&B logging for run looped-k03-s0 failed in init and is off for the rest of the run"]
+    wandb_run = WandbRun("looped-k03-s0", cell_config(), dir=not_a_dir)
+    wandb_run.log_record(record(1))
+    wandb_run.emit(event(1, "resid_explosion", "critical"))
+    wandb_run.finish({"status": "collapsed"})
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "loopdiag.wandb_logging"]
+    assert line.startswith("W&B logging for run looped-k03-s0 failed in init and is off for the rest "
+                           "of the run: FileExistsError") and "\n" not in line
     assert not wandb_run.active and wandb_run.run_dir is None
     assert not (tmp_path / "wandb").exists()
 
 
-def test_failure_mid_run_warns_once_and_turns_into_no_op(tmp_path: Path) -> None:
+def test_failure_mid_run_logs_one_line_and_turns_into_no_op(tmp_path: Path, caplog) -> None:
     wandb_run = WandbRun("looped-k03-s0", cell_config(), dir=tmp_path)
     wandb_run.log_record(record(1))
     wandb_run.wandb_run.finish()  # the run ends under the logger: W&B now raises on every call
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        wandb_run.log_record(record(2))
-        wandb_run.emit(event(2, "resid_explosion", "critical"))
-        wandb_run.finish({"status": "collapsed"})
-    (warning,) = caught
-    assert "looped-k03-s0 failed in log" in str(warning.message) and "UsageError" in str(warning.message)
+    wandb_run.log_record(record(2))
+    wandb_run.emit(event(2, "resid_explosion", "critical"))
+    wandb_run.finish({"status": "collapsed"})
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "loopdiag.wandb_logging"]
+    assert "looped-k03-s0 failed in log" in line and "UsageError" in line and "\n" not in line
     assert not wandb_run.active
     assert [row["_step"] for row in read_run(wandb_run.run_dir)["history"]] == [1]
 
 
-def test_suite_report_failure_warns_and_returns_none(tmp_path: Path) -> None:
+def test_suite_report_failure_logs_and_returns_none(tmp_path: Path, caplog) -> None:
     not_a_dir = tmp_path / "report"
     not_a_dir.write_text("")
-    with pytest.warns(UserWarning, match="W&B report for suite tiny-suite failed"):
-        assert log_suite("tiny-suite", pd.DataFrame({"a": [1]}), {}, dir=not_a_dir) is None
+    assert log_suite("tiny-suite", pd.DataFrame({"a": [1]}), {}, dir=not_a_dir) is None
+    assert "W&B report for suite tiny-suite failed" in caplog.text
+
+
+@contextmanager
+def unreachable_server(kind: str) -> Iterator[str]:
+    """A W&B base URL that fails the way a server can: nothing listening, a socket that
+    accepts and never answers, an HTTP 500 for every request."""
+    if kind == "closed port":
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    elif kind == "silent socket":
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(64)
+            yield f"http://127.0.0.1:{silent.getsockname()[1]}"
+    else:
+        class Failing(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(500)
+                self.end_headers()
+
+            do_POST = do_GET
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+INIT_LIMIT_S = 3.0  # WANDB_INIT_TIMEOUT for these tests: ONLINE_WAIT_S is what a user waits
+
+
+@pytest.mark.parametrize("kind", ["closed port", "silent socket", "HTTP 500"])
+def test_unreachable_server_is_learned_once_and_later_runs_log_offline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog, kind: str) -> None:
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", str(INIT_LIMIT_S))
+    suite_dir = tmp_path / "suite"
+    with unreachable_server(kind) as url:
+        monkeypatch.setenv("WANDB_BASE_URL", url)
+        waits = []
+        for index in range(3):
+            started = time.monotonic()
+            wandb_run = WandbRun(f"looped-k0{index + 1}-s0", cell_config(), group="suite", mode="online",
+                                 dir=suite_dir)
+            waits.append(time.monotonic() - started)
+            wandb_run.log_record(record(1))
+            wandb_run.finish({"status": "stable"})
+            # kept offline in the suite's W&B folder, for `wandb sync`
+            assert wandb_run.run_dir.parent == suite_dir / "wandb"
+            assert wandb_run.run_dir.name.startswith("offline-run-")
+            assert [row["_step"] for row in read_run(wandb_run.run_dir)["history"]] == [1]
+    lines = [r.getMessage() for r in caplog.records if r.name == "loopdiag.wandb_logging"]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert lines[0].startswith("W&B unreachable (looped-k01-s0, init: ")
+    assert f"wandb sync {suite_dir / 'wandb'}/offline-run-*" in lines[0]
+    assert "init" in outage(suite_dir)
+    # the first run waits the limit (plus starting W&B on a busy machine); the others do not
+    # try online, which would leave a `run-*` folder each
+    assert waits[0] < INIT_LIMIT_S + 60, waits
+    assert len(list((suite_dir / "wandb").glob("run-*"))) == 1
+    forget_outage(suite_dir)
+    assert outage(suite_dir) is None
+
+
+def test_outage_is_noted_by_the_first_process_only(tmp_path: Path, caplog) -> None:
+    code = ("import sys; from loopdiag.wandb_logging import note_outage; "
+            "note_outage(sys.argv[1], 'seen by ' + sys.argv[2])")
+    for name in ("first", "second"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path), name], check=True)
+    note_outage(tmp_path, "seen by this process")
+    assert outage(tmp_path) == "seen by first"
+    assert caplog.records == []  # this process was not the first
 
 
 def test_rejects_unknown_mode_and_severity(tmp_path: Path) -> None:

@@ -4,13 +4,15 @@ training, the summary at the end. See `loopdiag.store` for the folder layout."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import platform
+import shutil
 import threading
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -38,18 +40,23 @@ RESUMABLE_KEYS = frozenset({"train.steps", "train.eval_every", "train.checkpoint
                             "train.device"})
 # config.json holds the caller's config plus this one key, which the writer owns.
 RUN_INFO_KEY = "run_info"
+# The errors of a disk that cannot take a write: full, over quota, read-only, gone, locked.
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES,
+                            errno.EPERM})
 
 
 class _JsonlAppender:
     """Appends JSON lines, handing them to the OS `flush_every` lines at a time.
 
-    Lines wait here, not in the file object's buffer, so only whole lines reach the file:
-    a killed process leaves at most one torn line, when the kill lands mid-write.
+    Lines wait here, not in a file buffer, so only whole lines reach the file: a killed
+    process leaves at most one torn line, when the kill lands mid-write. A write that fails
+    (a full disk) is cut back off the file, which keeps only whole lines, and its lines are
+    dropped: the caller stops the run there.
     """
 
     def __init__(self, path: Path, flush_every: int) -> None:
         self.flush_every = flush_every
-        self._handle = path.open("a", encoding="utf-8")
+        self._handle = path.open("ab", buffering=0)
         self._pending: list[str] = []
         self._lock = threading.Lock()  # the periodic flusher runs on its own thread
 
@@ -68,28 +75,45 @@ class _JsonlAppender:
         with self._lock:
             if self._handle.closed:
                 return
-            self._write_pending()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
+            try:
+                self._write_pending()
+                os.fsync(self._handle.fileno())
+            finally:
+                self._handle.close()
 
     def _write_pending(self) -> None:
-        if self._pending:
-            self._handle.write("".join(self._pending))
-            self._pending.clear()
-            self._handle.flush()
+        if not self._pending:
+            return
+        data = memoryview("".join(self._pending).encode("utf-8"))
+        self._pending.clear()
+        size = os.fstat(self._handle.fileno()).st_size
+        try:
+            while data:
+                data = data[self._handle.write(data):]
+        except OSError:
+            os.ftruncate(self._handle.fileno(), size)  # frees what it took, never needs space
+            raise
 
 
 def _flush_periodically(appender: _JsonlAppender, stop: threading.Event, seconds: float) -> None:
     # Holds no reference to the writer, so a writer that is dropped unclosed is still
     # collected and its finaliser flushes what was pending.
     while not stop.wait(seconds):
-        appender.flush()
+        try:
+            appender.flush()
+        except OSError:  # the writer meets it at its next write or close and stops the run
+            return
 
 
-def _shut(stop: threading.Event, appenders: tuple[_JsonlAppender, ...]) -> None:
+def _shut(stop: threading.Event, appenders: tuple[_JsonlAppender, ...], errors: list[OSError]) -> None:
+    # Collects rather than raises: at garbage collection or exit a raise would only print a
+    # traceback; `close` raises the first.
     stop.set()
     for appender in appenders:
-        appender.close()
+        try:
+            appender.close()
+        except OSError as error:
+            errors.append(error)
 
 
 class RunWriter:
@@ -100,6 +124,10 @@ class RunWriter:
     `metrics.jsonl`, flushed every `flush_every` records and at least every `flush_seconds`
     (by a background thread), fsynced on close. `event` appends to `events.jsonl` and
     flushes at once. `close(summary)` writes `summary.json` atomically.
+
+    A write that fails (`OSError`: a full disk, a lost mount) raises, leaves the logs on
+    disk whole up to the last line written, and makes every later `log`, `event` and
+    `flush` raise it again, so the logs never skip a record; `close` still tries the summary.
 
     A record is a flat dict with an int `step` (strictly increasing) whose values are
     scalars (number, str, bool, None) or per-loop lists of numbers; numpy and torch
@@ -124,6 +152,7 @@ class RunWriter:
         if resume_step is not None and not (resume and is_int(resume_step)):
             raise ValueError(f"resume_step={resume_step!r} needs resume=True and an int step")
         self.run_dir = Path(run_dir)
+        self.write_error: OSError | None = None
         config = _plain_config(config)
         if resume and (self.run_dir / CONFIG_FILE).is_file():
             self.last_step = self._reopen(config, resume_step)
@@ -136,7 +165,9 @@ class RunWriter:
         threading.Thread(target=_flush_periodically, args=(self._metrics, stop, flush_seconds),
                          name=f"RunWriter flusher {self.run_dir.name}", daemon=True).start()
         # Runs on close, on garbage collection, or at interpreter exit, whichever is first.
-        self._shutdown = weakref.finalize(self, _shut, stop, (self._metrics, self._events))
+        self._close_errors: list[OSError] = []
+        self._shutdown = weakref.finalize(self, _shut, stop, (self._metrics, self._events),
+                                          self._close_errors)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -156,7 +187,7 @@ class RunWriter:
         if self.last_step is not None and step <= self.last_step:
             raise ValueError(f"steps must strictly increase: step {step} after step "
                              f"{self.last_step} in {self.run_dir}")
-        self._metrics.append(json.dumps(row) + "\n")
+        self._write(self._metrics.append, json.dumps(row) + "\n")
         self.last_step = step
 
     def event(self, event: Mapping[str, Any] | Any) -> None:
@@ -166,14 +197,14 @@ class RunWriter:
         row = dataclasses.asdict(event) if dataclasses.is_dataclass(event) else dict(event)
         if not is_int(row.get("step")) or "detector" not in row:
             raise ValueError(f"an event needs an int 'step' and a 'detector', got {row!r}")
-        self._events.append(json.dumps(row, default=json_default) + "\n")
+        self._write(self._events.append, json.dumps(row, default=json_default) + "\n")
 
     def flush(self) -> None:
         """Hand every logged line to the OS now: call before a checkpoint is saved, so the
         logs on disk always reach at least the step a resume restarts from."""
         self._check_open()
-        self._metrics.flush()
-        self._events.flush()
+        for appender in (self._metrics, self._events):
+            self._write(appender.flush)
 
     def close(self, summary: Mapping[str, Any] | None = None) -> None:
         """Flush and fsync the logs; write `summary.json` when a summary is given
@@ -183,10 +214,16 @@ class RunWriter:
                 raise RuntimeError(f"run {self.run_dir} is already closed; summary not written")
             return
         self._shutdown()
-        if summary is not None:
+        logs_failed = self._close_errors[0] if self._close_errors else None
+        self.write_error = self.write_error or logs_failed
+        if summary is not None:  # tried even so: a stopped run's summary is what says why
             summary = {**summary}
             summary.setdefault("last_step", self.last_step)
             write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+        if logs_failed is not None:
+            raise logs_failed
+        if self.write_error is not None:
+            return  # no space for a copy the reader rebuilds anyway
         # After the summary, which a stopping run must not lose: the copy is derived (rebuilt
         # on demand) and its first build imports pyarrow.
         _write_columnar_copy(self.run_dir)
@@ -204,6 +241,15 @@ class RunWriter:
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError(f"run {self.run_dir} is closed")
+        if self.write_error is not None:
+            raise self.write_error
+
+    def _write(self, write: Callable[..., None], *line: str) -> None:
+        try:
+            write(*line)
+        except OSError as error:
+            self.write_error = error
+            raise
 
     def _start(self, config: dict[str, Any], resume: bool) -> None:
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
@@ -242,6 +288,40 @@ class RunWriter:
         # Training goes on from the checkpoint at resume_step; a record at or before it
         # would repeat the checkpoint's past even where that past was never flushed.
         return last_logged if resume_step is None else resume_step
+
+
+def write_failure(path: str | Path, error: BaseException) -> str | None:
+    """One line for an error that is a failed write under `path` (a full, read-only or lost
+    disk), naming the path and the space left there; None for any other error."""
+    if not (isinstance(error, OSError) and error.errno in WRITE_FAILURES):
+        return None
+    return f"cannot write to {path}: {error.strerror or error} ({free_space(Path(path))} free there)"
+
+
+def free_space(path: Path) -> str:
+    """The free space on the disk holding `path` (or its nearest existing parent), e.g. 12 KB."""
+    existing = next((folder for folder in (path, *path.parents) if folder.exists()), Path("."))
+    free = float(shutil.disk_usage(existing).free)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if free < 1024 or unit == "GB":
+            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+        free /= 1024
+    return ""
+
+
+def check_writable(folder: str | Path) -> None:
+    """Raise the `OSError` a write into `folder` meets (created if missing), before any run
+    depends on it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-check.{os.getpid()}"
+    try:
+        with probe.open("wb") as handle:
+            handle.write(b"\0" * 65536)  # a config and the first records' worth
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _write_columnar_copy(run_dir: Path) -> None:

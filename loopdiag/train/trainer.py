@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
 import os
 import tempfile
@@ -260,10 +261,14 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizers: Sequence[tor
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                "step": step, "extra": extra}
+    # Serialised in memory first: torch reports a short write (a full disk) as a RuntimeError,
+    # a plain file write as the OSError callers can tell apart from a bug.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            handle.write(buffer.getbuffer())
         os.replace(tmp_name, path)
     except BaseException:
         os.unlink(tmp_name)
