@@ -149,7 +149,7 @@ def train_run(setting: Setting, seed: int, steps: int, run_dir: Path) -> float:
 
     from loopdiag.data import load_corpus
     from loopdiag.models.config import preset
-    from loopdiag.runner import RunSpec, run_one
+    from loopdiag.run.runner import RunSpec, run_one
     from loopdiag.train import TrainConfig
 
     torch.set_num_threads(1)  # two processes on two cores: extra threads only spin-wait

@@ -23,7 +23,7 @@ import loopdiag
 from loopdiag.console import stability_table
 
 if TYPE_CHECKING:
-    from loopdiag.suite import ProbeSuite
+    from loopdiag.run.probe_suite import ProbeSuite
 
 # Training needs torch; `analyze`, `report` and `compare` do not, so the modules that import
 # it (distributed, launch, suite) are imported inside the commands that train.
@@ -96,8 +96,8 @@ def run(
     Under `torchrun --nproc_per_node N` all N ranks train each run together (DDP)."""
     from loopdiag import distributed
     from loopdiag.console import LiveProgress
-    from loopdiag.launch import cell_filter, cpu_count, run_suite, shard_cells
-    from loopdiag.suite import apply_overrides, find_suite, load_probe_suite
+    from loopdiag.run.launch import cell_filter, cpu_count, run_suite, shard_cells
+    from loopdiag.run.probe_suite import apply_overrides, find_suite, load_probe_suite
 
     if list_suites:
         _list_suites()
@@ -174,7 +174,7 @@ def run(
     console.print(stability_table(table))
     console.print(f"report: {report_path} (and {report_path.with_suffix('.html').name}); run store: {suite_dir}")
     if wandb_mode is not None:
-        from loopdiag.wandb_logging import log_suite
+        from loopdiag.run.wandb_logging import log_suite
 
         figures = {path.stem: path for path in sorted((report_path.parent / "figures").glob("*.png"))}
         log_suite(spec.name, table, figures, mode=wandb_mode, dir=suite_dir)
@@ -220,7 +220,7 @@ def _command_line(context: typer.Context) -> str:
 
 
 def _list_suites() -> None:
-    from loopdiag.suite import available_suites
+    from loopdiag.run.probe_suite import available_suites
 
     for name, (path, description) in available_suites().items():
         console.print(f"[bold]{name}[/]  {path}\n  {description}", highlight=False, soft_wrap=True)
@@ -473,7 +473,7 @@ def dashboard(
             name, max_loops = spec["name"], max(spec["loops"])
             folder = Path(suite) if store != Path(suite) else store.parent
         else:
-            from loopdiag.suite import find_suite, load_probe_suite
+            from loopdiag.run.probe_suite import find_suite, load_probe_suite
 
             spec = load_probe_suite(find_suite(suite))
             name, max_loops, folder = spec.name, max(spec.loops), Path("reports") / spec.name

@@ -25,7 +25,7 @@ from loopdiag import distributed
 from loopdiag.data import load_corpus
 from loopdiag.models import build_model, preset
 from loopdiag.probes import RecorderCallback, attach
-from loopdiag.runner import RunSpec, run_one
+from loopdiag.run.runner import RunSpec, run_one
 from loopdiag.store import load_run, read_records
 from loopdiag.train import TrainCallback, TrainConfig, TrainState, corpus_batches, train
 
@@ -113,7 +113,7 @@ def rank_main(rank: int, store_file: str, out: str) -> None:
 
         # residual_blowup judged from the first record on, so a few steps are enough; a
         # stream that grows while the loss does not is a warning, which is what stops here
-        with mock.patch("loopdiag.runner.build_model", exploding_on_rank_1):
+        with mock.patch("loopdiag.run.runner.build_model", exploding_on_rank_1):
             outcome = run_one(SPEC, TINY, LONGER, corpus, out_dir / "blowup" / SPEC.run_id,
                               stop_on="warn", thresholds={"residual_blowup": {"warmup": 0, "smooth": 1}})
         seen["blowup"] = {"steps_done": outcome.steps_done, "status": outcome.status}

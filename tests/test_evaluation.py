@@ -7,7 +7,7 @@ import pytest
 from loopdiag.data import AdditionTask, load_corpus
 from loopdiag.evaluation import loop_scaling, parse_loops
 from loopdiag.models import preset
-from loopdiag.runner import RunSpec, run_one
+from loopdiag.run.runner import RunSpec, run_one
 from loopdiag.store import load_run
 from loopdiag.train import TrainConfig
 

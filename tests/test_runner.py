@@ -14,8 +14,8 @@ import pytest
 
 from loopdiag.data import load_corpus
 from loopdiag.models import preset
-from loopdiag.monitor import CallbackSink
-from loopdiag.runner import RunSpec, run_one
+from loopdiag.detect.monitor import CallbackSink
+from loopdiag.run.runner import RunSpec, run_one
 from loopdiag.store import load_run
 from loopdiag.train import TrainConfig
 
@@ -75,7 +75,7 @@ WORKER = textwrap.dedent(
     import sys
     import torch
     from pathlib import Path
-    from loopdiag.runner import run_one
+    from loopdiag.run.runner import run_one
     from test_runner import resumable_run
     torch.set_num_threads(1)
     run_one(*resumable_run(Path(sys.argv[1]), int(sys.argv[2])), resume=sys.argv[3] == "resume")

@@ -16,7 +16,7 @@ import pytest
 from wandb_files import read_run, read_table
 
 from loopdiag.detect import Event
-from loopdiag.wandb_logging import WandbRun, log_suite
+from loopdiag.run.wandb_logging import WandbRun, log_suite
 
 
 @pytest.fixture(autouse=True)
@@ -214,5 +214,5 @@ def test_rejects_unknown_mode_and_severity(tmp_path: Path) -> None:
 
 
 def test_import_does_not_import_wandb() -> None:
-    code = "import sys, loopdiag, loopdiag.wandb_logging; sys.exit('wandb' in sys.modules)"
+    code = "import sys, loopdiag, loopdiag.run.wandb_logging; sys.exit('wandb' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)

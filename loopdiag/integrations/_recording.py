@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from loopdiag.detect import verdict
-from loopdiag.monitor import ConsoleSink, Monitor
+from loopdiag.detect.monitor import ConsoleSink, Monitor
 from loopdiag.probes import LoopRecorder, Record, attach, flatten_record
 from loopdiag.store import RunWriter
 

@@ -19,7 +19,7 @@ except ImportError as error:
                       "pip install 'loopdiag[lightning]'") from error
 
 from loopdiag.integrations._recording import TrainerRecording, log_values
-from loopdiag.monitor import Monitor
+from loopdiag.detect.monitor import Monitor
 from loopdiag.probes import LoopRecorder
 
 

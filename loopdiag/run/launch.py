@@ -33,11 +33,11 @@ import torch
 from loopdiag import distributed
 from loopdiag.evaluation import CHECKPOINT_FILE, LOOP_SCALING_FILE, loop_scaling
 from loopdiag.models import ARCHITECTURES
-from loopdiag.runner import RunOutcome, RunSpec, run_one
+from loopdiag.run.runner import RunOutcome, RunSpec, run_one
 from loopdiag.store import write_suite_manifest
 from loopdiag.store._files import SUMMARY_FILE
 from loopdiag.store.reference import reference_run
-from loopdiag.suite import ProbeSuite
+from loopdiag.run.probe_suite import ProbeSuite
 
 # (kind, run_id, payload): "start" {}, "progress" {step, total, loss}, "event" {event dict},
 # "eval" {}, "done" {status}.

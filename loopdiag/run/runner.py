@@ -19,7 +19,7 @@ from loopdiag import distributed
 from loopdiag.data import SyntheticTask, TokenCorpus
 from loopdiag.detect import verdict
 from loopdiag.models import ModelConfig, build_model
-from loopdiag.monitor import AlertSink, EventLogSink, Monitor
+from loopdiag.detect.monitor import AlertSink, EventLogSink, Monitor
 from loopdiag.probes import RecorderCallback, attach
 from loopdiag.store import RunWriter, read_records
 from loopdiag.train import (
@@ -30,7 +30,7 @@ from loopdiag.train import (
     task_batches,
     train,
 )
-from loopdiag.wandb_logging import WandbRun
+from loopdiag.run.wandb_logging import WandbRun
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from typing import Any
 from loopdiag.data import TASKS, SyntheticTask, TokenCorpus, load_corpus
 from loopdiag.detect import default_detectors
 from loopdiag.models import ARCHITECTURES, ModelConfig, preset
-from loopdiag.runner import RunSpec
+from loopdiag.run.runner import RunSpec
 from loopdiag.train import TrainConfig
 
 TOP_LEVEL_KEYS = ("name", "description", "archs", "loops", "lrs", "seeds", "steps", "log_every",
@@ -136,7 +136,7 @@ def load_probe_suite(path: str | Path) -> ProbeSuite:
 def suite_folders() -> list[Path]:
     """Where suite names are looked up, first match first: ./probes, then the shipped suites."""
     shipped = resources.files("loopdiag") / "suites"  # in a wheel: probes/*.toml, copied by setup.py
-    checkout = Path(__file__).resolve().parents[1] / "probes"  # editable install or source tree
+    checkout = Path(__file__).resolve().parents[2] / "probes"  # editable install or source tree
     folders = [Path("probes"), Path(str(shipped)) if shipped.is_dir() else checkout]
     return list({folder.resolve(): folder for folder in folders if folder.is_dir()}.values())
 
