@@ -35,6 +35,8 @@ _EXPORTS = {
     "Monitor": "loopdiag.detect.monitor",
     "ConsoleSink": "loopdiag.detect.monitor",
     "CallbackSink": "loopdiag.detect.monitor",
+    "RunSession": "loopdiag.run.session",
+    "WandbRun": "loopdiag.run.wandb_logging",
     "RunSpec": "loopdiag.run.runner",
     "run_one": "loopdiag.run.runner",
     "suite_table": "loopdiag.analysis",

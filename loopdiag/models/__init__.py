@@ -1,4 +1,4 @@
-"""The model registry: every architecture of DESIGN §2 built from one `ModelConfig`."""
+"""The model registry: every architecture of docs/design.md §2 built from one `ModelConfig`."""
 
 from __future__ import annotations
 
