@@ -229,7 +229,9 @@ def _list_suites() -> None:
 def _prepare_suite_dir(suite_dir: Path, spec: ProbeSuite, cells: list, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix suites in one folder or to retrain runs by accident. Only this
     invocation's runs are judged (and removed by --overwrite): other shards' stay."""
-    manifest = suite_dir / "suite.json"
+    from loopdiag.store._files import SUITE_FILE
+
+    manifest = suite_dir / SUITE_FILE
     if manifest.is_file():
         stored = json.loads(manifest.read_text()).get("spec", {})
         changed = [key for key, value in spec.to_dict().items()
@@ -264,8 +266,10 @@ def _wandb_logged_in() -> bool:
 
 def _store(path: Path) -> Path:
     """A run or suite folder as given, or the run store inside a report folder."""
+    from loopdiag.store._files import SUITE_FILE
+
     inner = path / RUNS_FOLDER
-    return inner if inner.is_dir() and not (path / "suite.json").is_file() else path
+    return inner if inner.is_dir() and not (path / SUITE_FILE).is_file() else path
 
 
 @app.command()

@@ -158,17 +158,12 @@ def records_frame(records: Sequence[Record]) -> pd.DataFrame:
 
 
 def records_loop_frame(records: Sequence[Record]) -> pd.DataFrame:
-    """Long format, one row per (step, loop, stat): the per-loop lists only, loop 1-based."""
-    import pandas as pd
+    """Long format, one row per (step, loop, stat): the per-loop lists only, loop 1-based,
+    in record order (the run store's builder, rows ordered by step)."""
+    from loopdiag.store.reader import metric_frames
 
-    def rows() -> Iterator[tuple[int, int, str, float]]:
-        for record in records:
-            for stat, values in record.items():
-                if isinstance(values, (list, tuple)):
-                    for loop, value in enumerate(values, start=1):
-                        yield record["step"], loop, stat, value
-
-    return pd.DataFrame(list(rows()), columns=["step", "loop", "stat", "value"])
+    loops = metric_frames(records)[1]
+    return loops.sort_values("step", kind="stable", ignore_index=True)
 
 
 def _mean(values: Sequence[float]) -> float:
