@@ -119,9 +119,11 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
     def agree_to_stop() -> None:
         state.should_stop, state.stop_reason = distributed.agree_to_stop(state.should_stop, state.stop_reason)
 
-    fire("on_train_start")
-    agree_to_stop()
     try:
+        # inside the try: an interrupt while callbacks start (a run store just opened) must
+        # still reach on_train_end, which closes the run as interrupted
+        fire("on_train_start")
+        agree_to_stop()
         while state.step < cfg.steps and not state.should_stop:
             state.lr_scale = lr_multiplier(state.step, cfg)
             state.lr = cfg.lr * state.lr_scale
