@@ -23,14 +23,16 @@ import torch.multiprocessing as mp
 
 from loopdiag import distributed
 from loopdiag.data import load_corpus
-from loopdiag.models import build_model, preset
+from loopdiag.models import build_model
 from loopdiag.probes import RecorderCallback, attach
 from loopdiag.run.runner import RunSpec, run_one
 from loopdiag.store import load_run, read_records
 from loopdiag.train import TrainCallback, TrainConfig, TrainState, corpus_batches, train
+from run_files import tiny_model_config
 
+pytestmark = pytest.mark.processes  # every test here starts torchrun ranks
 WORLD = 2
-TINY = preset("tiny", seq_len=16)
+TINY = tiny_model_config()
 SPEC = RunSpec("flt", 2)
 CONFIG = TrainConfig(steps=4, batch_size=4, eval_every=2, eval_batches=2)
 LONGER = TrainConfig(steps=8, batch_size=4, eval_every=0)  # runs that should stop at step 3

@@ -6,12 +6,12 @@ import pytest
 
 from loopdiag.data import AdditionTask, load_corpus
 from loopdiag.evaluation import loop_scaling, parse_loops
-from loopdiag.models import preset
 from loopdiag.run.runner import RunSpec, run_one
 from loopdiag.store import load_run
 from loopdiag.train import TrainConfig
+from run_files import tiny_model_config
 
-TINY = preset("tiny", seq_len=16)
+TINY = tiny_model_config()
 CONFIG = TrainConfig(steps=6, batch_size=4, eval_every=3)
 
 

@@ -19,8 +19,9 @@ from loopdiag.run.runner import RunSpec, SessionCallback, run_one
 from loopdiag.run.session import RunSession
 from loopdiag.store import load_run
 from loopdiag.train import TrainCallback, TrainConfig, corpus_batches, train
+from run_files import tiny_model_config
 
-TINY = preset("tiny", seq_len=16)
+TINY = tiny_model_config()
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,7 @@ def run_worker(run_dir: Path, steps: int, resume: bool = False) -> subprocess.Po
     return subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parent)
 
 
+@pytest.mark.processes
 def test_killed_run_loads_and_resumes_without_duplicate_steps(tmp_path):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     worker = run_worker(killed, 10_000)
