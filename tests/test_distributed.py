@@ -110,7 +110,7 @@ def rank_main(rank: int, store_file: str, out: str) -> None:
     try:
         # Every rank is handed the same run folder, as `loopdiag run` under torchrun does.
         outcome = run_one(SPEC, TINY, CONFIG, corpus, out_dir / "same" / SPEC.run_id)
-        seen["same"] = {"steps_done": outcome.steps_done, "loss": outcome.final_train_loss}
+        seen["same"] = {"steps_done": outcome.steps_done, "loss": outcome.final_loss}
         seen["costly"] = costly_records()
 
         # residual_blowup judged from the first record on, so a few steps are enough; a
@@ -161,7 +161,7 @@ def test_two_ranks_record_what_one_process_records(two_ranks, tmp_path):
         assert any(stat in record for record in reference), stat  # compared below, not vacuously
     assert_same_records(records, reference)
     assert rank0["same"] == rank1["same"]  # the history's loss is the mean over ranks on each
-    assert rank0["same"]["loss"] == pytest.approx(one.final_train_loss, **CLOSE)
+    assert rank0["same"]["loss"] == pytest.approx(one.final_loss, **CLOSE)
 
 
 def test_only_rank_0_writes_the_run_store(two_ranks):

@@ -49,7 +49,7 @@ def test_records_config_tags_and_verdict(tmp_path: Path) -> None:
                          dir=tmp_path)
     for step in (0, 5, 10):
         wandb_run.log_record(record(step))
-    verdict = {"status": "collapsed", "step": 10, "signal": "resid_explosion", "final_loss": 3.0,
+    verdict = {"status": "collapsed", "step": 10, "signal": "resid_explosion", "last_loss": 3.0,
                "evidence": {"ratio": 12.5}, "first_warning_step": 5, "stopped_by": None}
     wandb_run.finish(verdict)
     assert not wandb_run.active

@@ -57,7 +57,7 @@ class RunOutcome:
     failure_step: int | None
     signal: str | None
     steps_done: int
-    final_train_loss: float
+    final_loss: float  # mean train loss over the last 10% of steps, as in the report's table
     final_val_loss: float | None
     last_loop_resid_norm: float | None  # mean token ||x_L^(K)|| at the last logged step
     wall_time_s: float
@@ -190,7 +190,7 @@ def run_one(
     return RunOutcome(
         run_id=spec.run_id, arch=spec.arch, n_loops=spec.n_loops, seed=spec.seed, lr=train_config.lr,
         status=summary["status"], failure_step=summary["step"], signal=summary["signal"],
-        steps_done=result.steps_done, final_train_loss=result.final_train_loss,
+        steps_done=result.steps_done, final_loss=result.final_loss,
         final_val_loss=result.final_val_loss, last_loop_resid_norm=last_resid,
         wall_time_s=result.wall_time_s,
     )

@@ -62,7 +62,7 @@ class TrainCallback:
 @dataclass
 class TrainResult:
     history: list[dict[str, Any]]
-    final_train_loss: float  # mean train loss over the last 10% of steps (at least one)
+    final_loss: float  # mean train loss over the last 10% of steps (at least one)
     final_val_loss: float | None  # None when never evaluated (diverged or no val batches)
     best_val_loss: float | None
     diverged: bool
@@ -199,7 +199,7 @@ def _result(state: TrainState, wall_time_s: float) -> TrainResult:
     val_losses = [row["val_loss"] for row in history if "val_loss" in row]
     return TrainResult(
         history=history,
-        final_train_loss=sum(row["train_loss"] for row in tail) / len(tail) if tail else math.nan,
+        final_loss=sum(row["train_loss"] for row in tail) / len(tail) if tail else math.nan,
         final_val_loss=history[-1].get("val_loss") if history else None,
         best_val_loss=min(val_losses) if val_losses else None,
         diverged=state.diverged_step is not None,
