@@ -27,7 +27,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from loopdiag.detect import Event, verdict
-from loopdiag.detect.monitor import ConsoleSink, EventLogSink, Monitor
+from loopdiag.detect.monitor import AlertSink, ConsoleSink, EventLogSink, Monitor
 from loopdiag.probes import LoopRecorder, Record, attach
 from loopdiag.run.wandb_logging import WandbRun
 from loopdiag.store import RunWriter, read_records
@@ -79,7 +79,7 @@ class RunSession:
         self.summary: dict[str, Any] | None = None
         self.judges = True
         self.writes = False
-        self._added_sinks: list[Any] = []
+        self._added_sinks: list[AlertSink] = []
         self._warned_no_loops = False
 
     @classmethod
@@ -199,12 +199,13 @@ class RunSession:
         return summary
 
     def __enter__(self) -> RunSession:
-        return self.start() if self.recorder is None else self
+        started = self.recorder is not None and self.recorder.attached
+        return self if started else self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: Any) -> None:
         self.close(finished=exc_type is None, stopped_by=self.stop_reason)
 
-    def _add_sink(self, sink: Any, first: bool = False) -> None:
+    def _add_sink(self, sink: AlertSink, first: bool = False) -> None:
         self.monitor.sinks.insert(0 if first else len(self.monitor.sinks), sink)
         self._added_sinks.append(sink)
 
