@@ -1,6 +1,6 @@
 """The wheel carries the probe suites: `probes/*.toml` (one copy, where people read and edit
 them) are copied into the built package as `loopdiag/suites/*.toml`, which
-`loopdiag.suite.suite_folders` finds with importlib.resources. Everything else is in
+`loopdiag.run.probe_suite.suite_folders` finds with importlib.resources. Everything else is in
 pyproject.toml."""
 
 import shutil

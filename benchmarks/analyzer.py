@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     args = parser.parse_args(argv)
     name = f"analyzer-{args.runs}x{args.steps}x{args.loops}"
     store, out = args.cache / name / "runs", args.cache / name / "report"
-    if not (store / "suite.json").is_file():
+    from loopdiag.store._files import SUITE_FILE
+
+    if not (store / SUITE_FILE).is_file():
         print(f"building the store in {store} ...", flush=True)
         start = time.perf_counter()
         shutil.rmtree(store, ignore_errors=True)

@@ -99,6 +99,7 @@ from loopdiag.detect import (
 from loopdiag.detect.base import Ema
 from loopdiag.detect.verdict import ONSET_EMA_SPAN, ONSET_GAP
 from loopdiag.store import read_records
+from loopdiag.store._files import SUITE_FILE
 
 ALARM_SEVERITIES = ("warn", "critical")
 ONSET_SLACK = 20  # steps after onset that still count for the "within" recall
@@ -155,7 +156,7 @@ def train_run(setting: Setting, seed: int, steps: int, run_dir: Path) -> float:
 
     from loopdiag.data import load_corpus
     from loopdiag.models.config import preset
-    from loopdiag.runner import RunSpec, run_one
+    from loopdiag.run.runner import RunSpec, run_one
     from loopdiag.train import TrainConfig
 
     torch.set_num_threads(1)  # two processes on two cores: extra threads only spin-wait
@@ -467,7 +468,7 @@ def score_study(study: Path) -> tuple[list[ScoredRun], float]:
     """Every finished run of the study replayed; (runs, the healthy one-loop loss). Each
     run's expected loss is `loopdiag.store.reference`'s: the lowest final smoothed loss of
     the other one-loop runs of its architecture and seed."""
-    manifest = json.loads((study / "suite.json").read_text(encoding="utf-8"))
+    manifest = json.loads((study / SUITE_FILE).read_text(encoding="utf-8"))
     cells = {entry["run_id"]: entry["cell"] for entry in manifest["runs"]}
     finished = {run_id: read_records(study / run_id) for run_id in cells
                 if (study / run_id / "summary.json").is_file()}
@@ -819,7 +820,7 @@ def main() -> None:
     runs = score_corpus(seeds, args.cache)
     scores = score_all(runs)
     study = None
-    if (args.study / "suite.json").is_file():
+    if (args.study / SUITE_FILE).is_file():
         study_runs, healthy_loss = score_study(args.study)
         study = (args.study, study_runs, healthy_loss)
     total_seconds = time.perf_counter() - start

@@ -25,7 +25,7 @@ import pandas as pd
 from scipy import stats
 
 from loopdiag.analysis.document import Block, Bullets, Heading, Paragraph, Table, to_markdown
-from loopdiag.analysis.report import LOOP_SCALING_FILE
+from loopdiag.store._files import LOOP_SCALING_FILE
 from loopdiag.analysis.tables import suite_table
 from loopdiag.store import RunStoreWarning, SuiteData, load_suite
 

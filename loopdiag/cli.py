@@ -27,7 +27,7 @@ from loopdiag.console import stability_table
 from loopdiag.store.writer import write_failure
 
 if TYPE_CHECKING:
-    from loopdiag.suite import ProbeSuite
+    from loopdiag.run.probe_suite import ProbeSuite
 
 # Training needs torch; `analyze`, `report` and `compare` do not, so the modules that import
 # it (distributed, launch, suite) are imported inside the commands that train.
@@ -120,8 +120,8 @@ def run(
     Under `torchrun --nproc_per_node N` all N ranks train each run together (DDP)."""
     from loopdiag import distributed
     from loopdiag.console import LiveProgress
-    from loopdiag.launch import cell_filter, cpu_count, run_suite, shard_cells
-    from loopdiag.suite import apply_overrides, find_suite, load_probe_suite
+    from loopdiag.run.launch import cell_filter, cpu_count, run_suite, shard_cells
+    from loopdiag.run.probe_suite import apply_overrides, find_suite, load_probe_suite
 
     if list_suites:
         _list_suites()
@@ -205,7 +205,7 @@ def run(
     console.print(stability_table(table))
     console.print(f"report: {report_path} (and {report_path.with_suffix('.html').name}); run store: {suite_dir}")
     if wandb_mode is not None:
-        from loopdiag.wandb_logging import log_suite, outage
+        from loopdiag.run.wandb_logging import log_suite, outage
 
         figures = {path.stem: path for path in sorted((report_path.parent / "figures").glob("*.png"))}
         log_suite(spec.name, table, figures, mode=wandb_mode, dir=suite_dir)
@@ -253,7 +253,7 @@ def _command_line(context: typer.Context) -> str:
 
 
 def _list_suites() -> None:
-    from loopdiag.suite import available_suites
+    from loopdiag.run.probe_suite import available_suites
 
     for name, (path, description) in available_suites().items():
         console.print(f"[bold]{name}[/]  {path}\n  {description}", highlight=False, soft_wrap=True)
@@ -262,7 +262,9 @@ def _list_suites() -> None:
 def _prepare_suite_dir(suite_dir: Path, spec: ProbeSuite, cells: list, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix suites in one folder or to retrain runs by accident. Only this
     invocation's runs are judged (and removed by --overwrite): other shards' stay."""
-    manifest = suite_dir / "suite.json"
+    from loopdiag.store._files import SUITE_FILE
+
+    manifest = suite_dir / SUITE_FILE
     if manifest.is_file():
         stored = json.loads(manifest.read_text()).get("spec", {})
         changed = [key for key, value in spec.to_dict().items()
@@ -306,8 +308,10 @@ def _wandb_logged_in() -> bool:
 
 def _store(path: Path) -> Path:
     """A run or suite folder as given, or the run store inside a report folder."""
+    from loopdiag.store._files import SUITE_FILE
+
     inner = path / RUNS_FOLDER
-    return inner if inner.is_dir() and not (path / "suite.json").is_file() else path
+    return inner if inner.is_dir() and not (path / SUITE_FILE).is_file() else path
 
 
 @app.command()
@@ -517,7 +521,7 @@ def dashboard(
             name, max_loops = spec["name"], max(spec["loops"])
             folder = Path(suite) if store != Path(suite) else store.parent
         else:
-            from loopdiag.suite import find_suite, load_probe_suite
+            from loopdiag.run.probe_suite import find_suite, load_probe_suite
 
             spec = load_probe_suite(find_suite(suite))
             name, max_loops, folder = spec.name, max(spec.loops), Path("reports") / spec.name

@@ -16,15 +16,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from loopdiag.monitor import SEVERITY_STYLE
+from loopdiag.detect.monitor import SEVERITY_STYLE
 
 if TYPE_CHECKING:  # the runner imports torch; `analyze` and `report` print tables without it
-    from loopdiag.runner import RunSpec
+    from loopdiag.run.runner import RunSpec
 
 
 class LiveProgress:
     """One bar over all steps of all runs and one per run in progress, fed the messages
-    of `loopdiag.launch.run_suite`; detector events print above the bars as they fire."""
+    of `loopdiag.run.launch.run_suite`; detector events print above the bars as they fire."""
 
     def __init__(self, console: Console, cells: list[RunSpec], steps: int):
         self.steps = steps

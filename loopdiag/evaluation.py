@@ -15,7 +15,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from loopdiag.analysis.report import LOOP_SCALING_FILE
 from loopdiag.data import (
     EMBEDDED_CORPUS,
     PointerChasingTask,
@@ -26,6 +25,7 @@ from loopdiag.data import (
 )
 from loopdiag.models import ModelConfig, build_model
 from loopdiag.store import load_run
+from loopdiag.store._files import CHECKPOINT_FILE, LOOP_SCALING_FILE
 from loopdiag.train import (
     TrainConfig,
     corpus_batches,
@@ -33,9 +33,7 @@ from loopdiag.train import (
     load_checkpoint,
     task_batches,
 )
-from loopdiag.train.trainer import HELD_OUT_SEED
-
-CHECKPOINT_FILE = "checkpoint.pt"
+from loopdiag.train.batches import HELD_OUT_SEED
 
 
 def parse_loops(text: str) -> list[int]:

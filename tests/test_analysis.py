@@ -31,7 +31,8 @@ from loopdiag.analysis import (
     with_cells,
     write_report,
 )
-from loopdiag.store import RunWriter, SuiteData, load_run, load_suite, write_suite_manifest
+from loopdiag.store import SuiteData, load_run, load_suite, write_suite_manifest
+from run_files import write_run
 
 pytestmark = pytest.mark.torchless  # also run on Python 3.12 / 3.13 without torch
 
@@ -69,29 +70,28 @@ def record(run_id: str, arch: str, n_loops: int, seed: int, lr: float, step: int
     return row
 
 
-def write_run(suite_dir: Path, arch: str, n_loops: int, seed: int, lr: float) -> str:
+def write_cell(suite_dir: Path, arch: str, n_loops: int, seed: int, lr: float) -> str:
     run_id = f"{arch}-k{n_loops}-s{seed}-lr{lr:g}"
     cell = {"arch": arch, "n_loops": n_loops, "seed": seed, "lr": lr}
     config = {"cell": cell, "train": {"steps": STEPS, "lr": lr, "warmup_steps": 0},
               "model": {"n_loops": n_loops}}
-    writer = RunWriter(suite_dir / run_id, config)
     last = DIVERGE_AT if run_id == DIVERGED else STEPS
-    for step in range(1, last + 1):
-        writer.log(record(run_id, arch, n_loops, seed, lr, step))
+    records = [record(run_id, arch, n_loops, seed, lr, step) for step in range(1, last + 1)]
+    events = []
     summary = {"status": "stable", "step": None, "signal": None, "first_warning_step": None}
     if run_id == COLLAPSED:
-        writer.event({"step": 45, "detector": "residual_explosion", "severity": "warn",
-                      "message": "last-loop resid_norm grew x4 in 15 steps", "evidence": {}})
-        writer.event({"step": 60, "detector": "collapse_plateau", "severity": "critical",
-                      "message": "loss 5.0 stuck above best 2.4", "evidence": {}})
+        events = [{"step": 45, "detector": "residual_explosion", "severity": "warn",
+                   "message": "last-loop resid_norm grew x4 in 15 steps", "evidence": {}},
+                  {"step": 60, "detector": "collapse_plateau", "severity": "critical",
+                   "message": "loss 5.0 stuck above best 2.4", "evidence": {}}]
         summary = {"status": "collapsed", "step": 60, "signal": "collapse_plateau",
                    "first_warning_step": 45}
     if run_id == DIVERGED:
-        writer.event({"step": DIVERGE_AT, "detector": "non_finite", "severity": "critical",
-                      "message": "loss is NaN", "evidence": {}})
+        events = [{"step": DIVERGE_AT, "detector": "non_finite", "severity": "critical",
+                   "message": "loss is NaN", "evidence": {}}]
         summary = {"status": "diverged", "step": DIVERGE_AT, "signal": "non_finite",
                    "first_warning_step": DIVERGE_AT}
-    writer.close(summary)
+    write_run(suite_dir / run_id, records, config, events=events, summary=summary)
     return run_id
 
 
@@ -103,7 +103,7 @@ def suite_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for n_loops in LOOPS:
             for lr in LRS:
                 for seed in SEEDS:
-                    run_id = write_run(root, arch, n_loops, seed, lr)
+                    run_id = write_cell(root, arch, n_loops, seed, lr)
                     cells[run_id] = {"arch": arch, "n_loops": n_loops, "seed": seed, "lr": lr}
     write_suite_manifest(root, {"name": "synthetic"}, cells)
     return root

@@ -9,7 +9,8 @@ import loopdiag
 
 PUBLIC = {
     "ARCHITECTURES", "AdditionTask", "CallbackSink", "ConsoleSink", "Event", "LoopRecorder", "ModelConfig",
-    "Monitor", "PointerChasingTask", "RecorderCallback", "RunSpec", "RunWriter", "TrainConfig", "attach",
+    "Monitor", "PointerChasingTask", "RecorderCallback", "RunSession", "RunSpec", "RunWriter", "TrainConfig",
+    "WandbRun", "attach",
     "build_model", "default_detectors", "exact_match_accuracy", "load_corpus", "load_run", "load_suite",
     "preset", "replay", "run_one", "suite_table", "train", "verdict", "write_report", "__version__",
 }

@@ -57,6 +57,7 @@ def test_run_trains_every_cell_and_writes_the_report(tmp_path):
     assert result.exit_code == 0 and "flt-k03-s0: stable" in result.output
 
 
+@pytest.mark.processes
 def test_worker_processes_train_the_same_runs(tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["run", "--quick", "--jobs", "2", "--steps", "3", "--loops", "2", "--arch", "flt",
@@ -356,6 +357,7 @@ def test_bad_shards_are_refused(tmp_path, shard):
     assert result.exit_code == 2 and "--shard must be i/n" in result.output
 
 
+@pytest.mark.processes
 def test_killing_the_command_interrupts_its_workers_runs(tmp_path):
     """Workers must not outlive a killed `loopdiag run`: their runs end "interrupted", ready
     for --resume, instead of training on unseen."""

@@ -14,6 +14,7 @@ from loopdiag.analysis import run_verdict, write_report
 from loopdiag.detect import default_detectors, replay, verdict
 from loopdiag.store import RunStoreWarning, RunWriter, load_run, load_suite, read_records
 from loopdiag.store.columnar import build_columnar, columnar_state, read_columns
+from run_files import write_run
 
 pytestmark = pytest.mark.torchless  # also run on Python 3.12 / 3.13 without torch
 
@@ -31,12 +32,8 @@ RECORDS = [
 ]
 
 
-def write_run(run_dir: Path, records=RECORDS, summary=None) -> Path:
-    with RunWriter(run_dir, CONFIG) as run:
-        for record in records:
-            run.log(record)
-        run.close(summary or {"status": "stable"})
-    return run_dir
+def write_records(run_dir: Path, records=RECORDS, summary=None) -> Path:
+    return write_run(run_dir, records, CONFIG, summary=summary or {"status": "stable"})
 
 
 def same(a, b) -> bool:
@@ -51,7 +48,7 @@ def same(a, b) -> bool:
 
 
 def test_close_writes_a_copy_that_reads_back_as_the_records(tmp_path):
-    run_dir = write_run(tmp_path / "run")
+    run_dir = write_records(tmp_path / "run")
     assert columnar_state(run_dir) == "fresh"
     (run_dir / "metrics.jsonl").rename(tmp_path / "kept.jsonl")  # the archived form
     assert columnar_state(run_dir) == "archived"
@@ -70,7 +67,7 @@ def test_close_writes_a_copy_that_reads_back_as_the_records(tmp_path):
 def test_frames_from_the_copy_match_the_frames_from_the_jsonl(tmp_path):
     from loopdiag.store.reader import metric_frames
 
-    run_dir = write_run(tmp_path / "run")
+    run_dir = write_records(tmp_path / "run")
     steps, loops = metric_frames(RECORDS)
     data = load_run(run_dir)
     assert list(data.steps.columns) == list(steps.columns)
@@ -79,7 +76,7 @@ def test_frames_from_the_copy_match_the_frames_from_the_jsonl(tmp_path):
 
 
 def test_read_columns_gives_arrays_per_loop_nan_padded(tmp_path):
-    run_dir = write_run(tmp_path / "run")
+    run_dir = write_records(tmp_path / "run")
     columns = read_columns(run_dir, ["step", "loss", "resid_norm", "val_loss", "absent"])
     assert set(columns) == {"step", "loss", "resid_norm", "val_loss"}
     assert columns["step"].tolist() == [1, 2, 3, 4] and columns["step"].dtype == np.int64
@@ -90,7 +87,7 @@ def test_read_columns_gives_arrays_per_loop_nan_padded(tmp_path):
 
 
 def test_a_missing_copy_warns_and_is_rebuilt(tmp_path):
-    run_dir = write_run(tmp_path / "run")
+    run_dir = write_records(tmp_path / "run")
     (run_dir / "metrics.parquet").unlink()
     with pytest.warns(RunStoreWarning, match="has no columnar copy; rebuilt"):
         data = load_run(run_dir)
@@ -100,7 +97,7 @@ def test_a_missing_copy_warns_and_is_rebuilt(tmp_path):
 
 @pytest.mark.parametrize("change", ["appended", "fewer"])
 def test_a_stale_copy_warns_and_is_rebuilt(tmp_path, change):
-    run_dir = write_run(tmp_path / "run")
+    run_dir = write_records(tmp_path / "run")
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     if change == "appended":  # a resumed or live run: the JSONL grew
@@ -113,7 +110,7 @@ def test_a_stale_copy_warns_and_is_rebuilt(tmp_path, change):
 
 
 def test_a_corrupt_copy_warns_and_is_rebuilt(tmp_path):
-    run_dir = write_run(tmp_path / "run")
+    run_dir = write_records(tmp_path / "run")
     (run_dir / "metrics.parquet").write_bytes(b"PAR1 not really")
     with pytest.warns(RunStoreWarning, match="unreadable columnar copy; rebuilt"):
         data = load_run(run_dir)
@@ -121,7 +118,7 @@ def test_a_corrupt_copy_warns_and_is_rebuilt(tmp_path):
 
 
 def test_a_corrupt_copy_without_jsonl_reads_as_no_records(tmp_path):
-    run_dir = write_run(tmp_path / "run")
+    run_dir = write_records(tmp_path / "run")
     (run_dir / "metrics.jsonl").unlink()
     (run_dir / "metrics.parquet").write_bytes(b"garbage")
     with pytest.warns(RunStoreWarning, match="no metrics.jsonl to rebuild it from"):
@@ -129,7 +126,7 @@ def test_a_corrupt_copy_without_jsonl_reads_as_no_records(tmp_path):
 
 
 def test_a_torn_jsonl_tail_warns_and_the_copy_holds_the_whole_records(tmp_path):
-    run_dir = write_run(tmp_path / "run")
+    run_dir = write_records(tmp_path / "run")
     with open(run_dir / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 5, "loss": 0.2, "resid_norm": [1.0, 2.')
     with pytest.warns(RunStoreWarning, match="torn"):
@@ -138,7 +135,7 @@ def test_a_torn_jsonl_tail_warns_and_the_copy_holds_the_whole_records(tmp_path):
 
 
 def test_a_resumed_run_drops_its_copy_until_close(tmp_path):
-    run_dir = write_run(tmp_path / "run", summary={"status": "interrupted"})
+    run_dir = write_records(tmp_path / "run", summary={"status": "interrupted"})
     with RunWriter(run_dir, CONFIG, resume=True, resume_step=2) as run:
         assert not (run_dir / "metrics.parquet").exists()
         run.log({"step": 3, "loss": 1.0})
@@ -148,7 +145,7 @@ def test_a_resumed_run_drops_its_copy_until_close(tmp_path):
 
 def test_build_columnar_builds_a_suites_copies_in_parallel(tmp_path):
     for name in ("a", "b", "c"):
-        write_run(tmp_path / name)
+        write_records(tmp_path / name)
     (tmp_path / "a" / "metrics.parquet").unlink()
     (tmp_path / "b" / "metrics.parquet").write_bytes(b"bad")
     with pytest.warns(RunStoreWarning, match="unreadable"):
@@ -187,7 +184,7 @@ def test_a_committed_study_run_replays_to_its_stored_verdict():
 
 def test_load_suite_stacks_lazily(tmp_path):
     for name in ("a", "b"):
-        write_run(tmp_path / name)
+        write_records(tmp_path / name)
     suite = load_suite(tmp_path)
     assert "steps" not in vars(suite) and "loops" not in vars(suite)
     assert suite.steps["run_id"].tolist() == ["a"] * 4 + ["b"] * 4

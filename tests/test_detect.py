@@ -495,7 +495,7 @@ def test_verdict_stable_and_interrupted():
     result = verdict(records, events, finished=True)
     assert result["status"] == "stable"
     assert result["step"] is result["signal"] is result["first_warning_step"] is None
-    assert result["final_loss"] == records[-1]["loss"]
+    assert result["last_loss"] == records[-1]["loss"]
     assert result["best_loss"] == min(r["loss"] for r in records)
     assert verdict(records, events, finished=False)["status"] == "interrupted"
     json.dumps(result)
@@ -522,7 +522,7 @@ def test_verdict_diverged():
     events = replay(records, default_detectors())
     result = verdict(records, events, finished=True)
     assert (result["status"], result["step"], result["signal"]) == ("diverged", 251, "non_finite")
-    assert math.isnan(result["final_loss"])
+    assert math.isnan(result["last_loss"])
     assert verdict(records, [], finished=False)["status"] == "diverged"  # from the records alone
 
 

@@ -23,14 +23,16 @@ import torch.multiprocessing as mp
 
 from loopdiag import distributed
 from loopdiag.data import load_corpus
-from loopdiag.models import build_model, preset
+from loopdiag.models import build_model
 from loopdiag.probes import RecorderCallback, attach
-from loopdiag.runner import RunSpec, run_one
+from loopdiag.run.runner import RunSpec, run_one
 from loopdiag.store import load_run, read_records
 from loopdiag.train import TrainCallback, TrainConfig, TrainState, corpus_batches, train
+from run_files import tiny_model_config
 
+pytestmark = pytest.mark.processes  # every test here starts torchrun ranks
 WORLD = 2
-TINY = preset("tiny", seq_len=16)
+TINY = tiny_model_config()
 SPEC = RunSpec("flt", 2)
 CONFIG = TrainConfig(steps=4, batch_size=4, eval_every=2, eval_batches=2)
 LONGER = TrainConfig(steps=8, batch_size=4, eval_every=0)  # runs that should stop at step 3
@@ -108,13 +110,13 @@ def rank_main(rank: int, store_file: str, out: str) -> None:
     try:
         # Every rank is handed the same run folder, as `loopdiag run` under torchrun does.
         outcome = run_one(SPEC, TINY, CONFIG, corpus, out_dir / "same" / SPEC.run_id)
-        seen["same"] = {"steps_done": outcome.steps_done, "loss": outcome.final_train_loss}
+        seen["same"] = {"steps_done": outcome.steps_done, "loss": outcome.final_loss}
         seen["costly"] = costly_records()
 
         # residual_explosion with its baseline at the first record, so a few steps are
         # enough; a stream that explodes before any loss history can say the model still
         # learns is a warning, which is what stops here
-        with mock.patch("loopdiag.runner.build_model", exploding_on_rank_1):
+        with mock.patch("loopdiag.run.runner.build_model", exploding_on_rank_1):
             outcome = run_one(SPEC, TINY, LONGER, corpus, out_dir / "blowup" / SPEC.run_id,
                               stop_on="warn", thresholds={"residual_explosion": {
                                   "warmup": 0, "baseline_window": 1, "smooth": 1}})
@@ -161,7 +163,7 @@ def test_two_ranks_record_what_one_process_records(two_ranks, tmp_path):
         assert any(stat in record for record in reference), stat  # compared below, not vacuously
     assert_same_records(records, reference)
     assert rank0["same"] == rank1["same"]  # the history's loss is the mean over ranks on each
-    assert rank0["same"]["loss"] == pytest.approx(one.final_train_loss, **CLOSE)
+    assert rank0["same"]["loss"] == pytest.approx(one.final_loss, **CLOSE)
 
 
 def test_only_rank_0_writes_the_run_store(two_ranks):

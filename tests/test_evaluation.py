@@ -6,12 +6,12 @@ import pytest
 
 from loopdiag.data import AdditionTask, PointerChasingTask, load_corpus
 from loopdiag.evaluation import loop_scaling, parse_loops
-from loopdiag.models import preset
-from loopdiag.runner import RunSpec, run_one
+from loopdiag.run.runner import RunSpec, run_one
 from loopdiag.store import load_run
 from loopdiag.train import TrainConfig
+from run_files import tiny_model_config
 
-TINY = preset("tiny", seq_len=16)
+TINY = tiny_model_config()
 CONFIG = TrainConfig(steps=6, batch_size=4, eval_every=3)
 
 
@@ -53,7 +53,7 @@ def test_a_model_of_fixed_depth_runs_at_its_own_depth_only(tmp_path):
 def test_mixed_depth_pointer_chasing_is_scored_per_depth(tmp_path):
     run_dir = tmp_path / "run"
     task = PointerChasingTask(n_nodes=4, hops=[1, 2])
-    run_one(RunSpec("flt", 2), preset("tiny", seq_len=16), CONFIG, task, run_dir)
+    run_one(RunSpec("flt", 2), TINY, CONFIG, task, run_dir)
     frame = loop_scaling(run_dir, [1, 3], examples=16)
     assert set(frame["metric"]) == {"val_loss", "accuracy", "accuracy_1hop", "accuracy_2hop"}
     assert frame.groupby("metric")["eval_loops"].apply(list).to_dict()["accuracy_2hop"] == [1, 3]

@@ -140,7 +140,7 @@ WINDOWED_KEYS = ("grad_cos", "sign_flip", "gnorm_cv", "gnorm_autocorr")  # need 
 WORKER = """
 import sys, torch
 from pathlib import Path
-from loopdiag.runner import run_one
+from loopdiag.run.runner import run_one
 from test_faults import soak_run
 torch.set_num_threads(1)
 run_one(*soak_run(Path(sys.argv[1])), resume=sys.argv[2] == "resume")
@@ -150,7 +150,7 @@ run_one(*soak_run(Path(sys.argv[1])), resume=sys.argv[2] == "resume")
 def soak_run(run_dir: Path):
     from loopdiag.data import load_corpus
     from loopdiag.models import preset
-    from loopdiag.runner import RunSpec
+    from loopdiag.run.runner import RunSpec
     from loopdiag.train import TrainConfig
 
     config = TrainConfig(steps=SOAK_STEPS, batch_size=4, eval_every=50, checkpoint_every=25)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from loopdiag.cli import app
-from loopdiag.suite import available_suites, find_suite, load_probe_suite
+from loopdiag.run.probe_suite import available_suites, find_suite, load_probe_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBES = sorted((ROOT / "probes").glob("*.toml"))

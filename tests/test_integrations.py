@@ -129,6 +129,26 @@ def test_lightning_stop_on_ends_training_and_writes_the_run(tmp_path):
     assert run.summary["status"] == "collapsed" and run.summary["stopped_by"].startswith("stops_at")
 
 
+class FailsAtStep3(LitLooped):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            raise RuntimeError("a bad batch")
+        return super().training_step(batch, batch_idx)
+
+
+def test_lightning_run_that_raises_is_written_as_interrupted(tmp_path):
+    callback = lightning_integration.LoopdiagCallback(module="model", monitor=loopdiag.Monitor(),
+                                                      run_dir=tmp_path / "run")
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=10, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        trainer.fit(FailsAtStep3(), DataLoader(token_batches(32), batch_size=4))
+    run = loopdiag.load_run(tmp_path / "run")
+    assert list(run.steps["step"]) == [1, 2] and run.summary["status"] == "interrupted"
+    assert not callback.recorder.attached
+
+
 def test_lightning_bad_module_names(tmp_path):
     with pytest.raises(ValueError, match="no submodule 'model.block'; close names: model.blocks"):
         fit_lightning(tmp_path, lightning_integration.LoopdiagCallback(loop_module="model.block"), steps=1)

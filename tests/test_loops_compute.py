@@ -13,7 +13,7 @@ from benchmark_scripts import loaded
 from typer.testing import CliRunner
 
 from loopdiag.cli import app
-from loopdiag.suite import load_probe_suite
+from loopdiag.run.probe_suite import load_probe_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPS = [1, 2, 4, 8]

@@ -1,4 +1,4 @@
-"""The architectures of DESIGN §2, pinned down by behaviour and by a hand-unrolled reference."""
+"""The architectures of docs/design.md §2, pinned down by behaviour and by a hand-unrolled reference."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def reference_block(block, x, h_prev=None):
 
 
 def reference_forward(model, idx, n_loops):
-    """DESIGN §2 unrolled by hand for the looped and FLT families."""
+    """docs/design.md §2 unrolled by hand for the looped and FLT families."""
     e = model.wte(idx)
     arch, h = model.arch, None
     for t in range(n_loops):

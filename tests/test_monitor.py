@@ -60,6 +60,52 @@ def test_readme_loop_stops_on_divergence():
     assert len(rec.loop_frame().query("stat == 'resid_norm' and step == 1")) == 3
 
 
+def test_readme_session_stops_on_divergence_and_writes_the_verdict(tmp_path):
+    torch.manual_seed(0)
+    model = TiedEncoder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randint(0, 32, (4, 8))
+    alerts: list[Event] = []
+    monitor = loopdiag.Monitor(sinks=[loopdiag.CallbackSink(alerts.append)], stop_on="critical")
+    with loopdiag.RunSession(model, loop_module="shared_block", monitor=monitor, run_dir=tmp_path / "run",
+                             config={"model": "tied"}) as run:
+        for step in range(1, 31):
+            loss = nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
+            if step == 12:
+                loss = loss * math.nan
+            loss.backward()
+            run.after_backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            run.step(step, loss=loss, lr=0.1)
+            if run.should_stop:
+                break
+    assert step == 12 and not run.recorder.attached and len(monitor.sinks) == 1  # its own sinks again
+    stored = loopdiag.load_run(tmp_path / "run")
+    assert stored.summary["status"] == "diverged" and stored.summary["stopped_by"].startswith("non_finite")
+    assert list(stored.steps["step"]) == list(range(1, 13)) and stored.config["model"] == "tied"
+    assert list(stored.events["detector"]) == [e.detector for e in alerts]
+
+
+def test_a_session_left_by_an_exception_is_interrupted(tmp_path):
+    model = TiedEncoder()
+    x = torch.randint(0, 32, (4, 8))
+    with pytest.raises(KeyboardInterrupt), loopdiag.RunSession(
+            model, loop_module="shared_block", monitor=loopdiag.Monitor(), run_dir=tmp_path / "run") as run:
+        for step in range(1, 4):
+            model(x).sum().backward()
+            run.after_backward()
+            run.step(step, loss=1.0, lr=0.1)
+        raise KeyboardInterrupt
+    assert run.summary["status"] == "interrupted"
+    assert loopdiag.load_run(tmp_path / "run").summary["status"] == "interrupted"
+
+
+def test_an_unknown_attach_option_is_refused_before_training():
+    with pytest.raises(TypeError, match="unknown option.*log_evry"):
+        loopdiag.RunSession(TiedEncoder(), log_evry=2)
+
+
 def test_a_failing_sink_is_disabled_and_the_others_still_get_events():
     class Broken:
         def emit(self, event):

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 
 from loopdiag.data import load_corpus
-from loopdiag.models import preset
-from loopdiag.monitor import CallbackSink
-from loopdiag.runner import RunSpec, run_one
+from loopdiag.detect.monitor import CallbackSink, Monitor
+from loopdiag.models import build_model, preset
+from loopdiag.run.runner import RunSpec, SessionCallback, run_one
+from loopdiag.run.session import RunSession
 from loopdiag.store import load_run
-from loopdiag.train import TrainConfig
+from loopdiag.train import TrainCallback, TrainConfig, corpus_batches, train
+from run_files import tiny_model_config
 
-TINY = preset("tiny", seq_len=16)
+TINY = tiny_model_config()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ WORKER = textwrap.dedent(
     import sys
     import torch
     from pathlib import Path
-    from loopdiag.runner import run_one
+    from loopdiag.run.runner import run_one
     from test_runner import resumable_run
     torch.set_num_threads(1)
     run_one(*resumable_run(Path(sys.argv[1]), int(sys.argv[2])), resume=sys.argv[3] == "resume")
@@ -94,6 +96,7 @@ def run_worker(run_dir: Path, steps: int, resume: bool = False) -> subprocess.Po
     return subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parent)
 
 
+@pytest.mark.processes
 def test_killed_run_loads_and_resumes_without_duplicate_steps(tmp_path):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     worker = run_worker(killed, 10_000)
@@ -114,3 +117,20 @@ def test_killed_run_loads_and_resumes_without_duplicate_steps(tmp_path):
     assert resumed.steps["loss"].tolist() == reference.steps["loss"].tolist()
     assert resumed.summary["status"] == "stable"
     assert len(resumed.config["run_info"]["resumes"]) == 1
+
+
+def test_a_run_interrupted_while_it_starts_is_closed_as_interrupted(tmp_path, corpus):
+    """A killed `loopdiag run` interrupts its workers whenever the signal lands, also just
+    after a run opened its store and before its first step."""
+    class InterruptedAtStart(TrainCallback):
+        def on_train_start(self, state):
+            raise KeyboardInterrupt
+
+    model = build_model("looped", TINY.with_(n_loops=2))
+    session = RunSession(model, monitor=Monitor(), run_dir=tmp_path / "run", config={})
+    source, val = corpus_batches(corpus, TrainConfig(steps=3, batch_size=4), TINY.seq_len)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, source, val, TrainConfig(steps=3, batch_size=4),
+              callbacks=[SessionCallback(session), InterruptedAtStart()])
+    assert load_run(tmp_path / "run").summary["status"] == "interrupted"
+    assert not session.recorder.attached

@@ -24,6 +24,7 @@ from loopdiag.store import (
     load_suite,
     write_suite_manifest,
 )
+from run_files import write_run
 
 CONFIG = {"model": {"arch": "flt", "n_loops": 3, "d_model": 16},
           "train": {"steps": 10, "lr": 3e-3, "betas": (0.9, 0.95)},
@@ -37,11 +38,8 @@ def record(step: int, n_loops: int = 3) -> dict:
             "resid_norm": [float(step + loop) for loop in range(n_loops)]}
 
 
-def write_run(run_dir: Path, steps: range, summary: dict | None = None, **writer_options) -> None:
-    with RunWriter(run_dir, CONFIG, **writer_options) as run:
-        for step in steps:
-            run.log(record(step))
-        run.close(summary)
+def write_steps(run_dir: Path, steps: range, summary: dict | None = None, **writer_options) -> None:
+    write_run(run_dir, [record(step) for step in steps], CONFIG, summary=summary, **writer_options)
 
 
 def test_public_api():
@@ -153,7 +151,7 @@ def test_events_are_flushed_at_once(tmp_path):
 
 
 def test_torn_last_line_is_skipped_with_a_warning(tmp_path):
-    write_run(tmp_path / "run", range(1, 4))
+    write_steps(tmp_path / "run", range(1, 4))
     with open(tmp_path / "run" / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 4, "loss": 0.2, "resid_norm": [1.0, 2.')
     with pytest.warns(RunStoreWarning, match=r"metrics\.jsonl: skipped line 4 \(the last line, torn"):
@@ -162,7 +160,7 @@ def test_torn_last_line_is_skipped_with_a_warning(tmp_path):
 
 
 def test_torn_middle_line_is_skipped_with_a_warning(tmp_path):
-    write_run(tmp_path / "run", range(1, 4))
+    write_steps(tmp_path / "run", range(1, 4))
     path = tmp_path / "run" / "metrics.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text(lines[0] + lines[1][:25] + "\n" + lines[2])
@@ -185,6 +183,7 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.processes
 def test_sigkill_mid_run_loses_at_most_one_flush_interval(tmp_path):
     run_dir = tmp_path / "run"
     child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(run_dir)],
@@ -262,7 +261,7 @@ def test_resume_truncates_to_the_checkpoint_and_continues(tmp_path):
 
 
 def test_resume_after_a_torn_line_appends_cleanly(tmp_path):
-    write_run(tmp_path / "run", range(1, 4))
+    write_steps(tmp_path / "run", range(1, 4))
     with open(tmp_path / "run" / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 4, "lo')
     with pytest.warns(RunStoreWarning, match="torn"):
@@ -275,7 +274,7 @@ def test_resume_after_a_torn_line_appends_cleanly(tmp_path):
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    write_run(tmp_path / "run", range(1, 3))
+    write_steps(tmp_path / "run", range(1, 3))
     other = {**CONFIG, "model": {**CONFIG["model"], "n_loops": 4}}
     with pytest.raises(ValueError, match=r"model\.n_loops: 3 != 4"):
         RunWriter(tmp_path / "run", other, resume=True, resume_step=2)
@@ -301,7 +300,7 @@ def test_bad_records_are_rejected(tmp_path):
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path):
-    write_run(tmp_path / "run", range(1, 3))
+    write_steps(tmp_path / "run", range(1, 3))
     with pytest.raises(FileExistsError, match=r"run folder .*run exists and is not empty"):
         RunWriter(tmp_path / "run", CONFIG)
     assert load_run(tmp_path / "run").steps["step"].tolist() == [1, 2]
@@ -328,7 +327,7 @@ CELLS = {"flt-k3-s0": {"arch": "flt", "n_loops": 3, "seed": 0, "lr": 3e-3},
 def test_suite_stacks_runs_with_their_cell_columns(tmp_path):
     write_suite_manifest(tmp_path, {"name": "ladder", "archs": ["flt", "looped"]},
                          {**CELLS, "flt-k3-s9": {"arch": "flt", "n_loops": 3, "seed": 9}})
-    write_run(tmp_path / "flt-k3-s0", range(1, 4), {"status": "stable"})
+    write_steps(tmp_path / "flt-k3-s0", range(1, 4), {"status": "stable"})
     with RunWriter(tmp_path / "looped-k3-s1", CONFIG) as run:
         run.log(record(1, n_loops=2))
         run.event({"step": 1, "detector": "resid", "severity": "warning", "message": "",

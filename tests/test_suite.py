@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from loopdiag.data import PointerChasingTask
-from loopdiag.suite import SuiteError, apply_overrides, load_probe_suite
+from loopdiag.run.probe_suite import SuiteError, apply_overrides, load_probe_suite
 
 PROBES = Path(__file__).resolve().parents[1] / "probes"
 

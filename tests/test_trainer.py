@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from loopdiag.train import (
     evaluate,
     load_checkpoint,
     lr_multiplier,
+    save_checkpoint,
     task_batches,
     train,
 )
@@ -94,7 +97,7 @@ def test_loss_goes_down():
     result = train(tiny_model(), next_token_batches, val_set(), config(steps=60, eval_every=20))
     assert not result.diverged and result.steps_done == 60
     assert result.final_val_loss < 0.1 * math.log(VOCAB)
-    assert result.final_train_loss < result.history[0]["train_loss"]
+    assert result.final_loss < result.history[0]["train_loss"]
     assert [row["step"] for row in result.history if "val_loss" in row] == [20, 40, 60]
     assert result.best_val_loss <= result.final_val_loss
 
@@ -365,3 +368,15 @@ def test_corpus_batches_train_a_real_flt_model():
     result = train(model, source, val, cfg)
     assert not result.diverged and result.steps_done == 5
     assert math.isfinite(result.final_val_loss)
+
+
+def test_checkpoint_is_readable_by_the_group_like_the_run_store(tmp_path):
+    """A shared cluster group reads the run folders: the checkpoint takes the umask's
+    permissions, as the store's files do, not a temp file's 0600."""
+    old_umask = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "checkpoint.pt", nn.Linear(2, 2), [], step=1, extra={})
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "checkpoint.pt").stat().st_mode) == 0o644
+    assert [path.name for path in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left

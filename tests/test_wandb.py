@@ -20,7 +20,7 @@ import pytest
 from wandb_files import read_run, read_table
 
 from loopdiag.detect import Event
-from loopdiag.wandb_logging import WandbRun, forget_outage, log_suite, note_outage, outage
+from loopdiag.run.wandb_logging import WandbRun, forget_outage, log_suite, note_outage, outage
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +53,7 @@ def test_records_config_tags_and_verdict(tmp_path: Path) -> None:
                          dir=tmp_path)
     for step in (0, 5, 10):
         wandb_run.log_record(record(step))
-    verdict = {"status": "collapsed", "step": 10, "signal": "resid_explosion", "final_loss": 3.0,
+    verdict = {"status": "collapsed", "step": 10, "signal": "resid_explosion", "last_loss": 3.0,
                "evidence": {"ratio": 12.5}, "first_warning_step": 5, "stopped_by": None}
     wandb_run.finish(verdict)
     assert not wandb_run.active
@@ -179,7 +179,7 @@ def test_init_failure_logs_one_line_and_turns_into_no_op(tmp_path: Path, caplog)
     wandb_run.log_record(record(1))
     wandb_run.emit(event(1, "resid_explosion", "critical"))
     wandb_run.finish({"status": "collapsed"})
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "loopdiag.wandb_logging"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "loopdiag.run.wandb_logging"]
     assert line.startswith("W&B logging for run looped-k03-s0 failed in init and is off for the rest "
                            "of the run: FileExistsError") and "\n" not in line
     assert not wandb_run.active and wandb_run.run_dir is None
@@ -193,7 +193,7 @@ def test_failure_mid_run_logs_one_line_and_turns_into_no_op(tmp_path: Path, capl
     wandb_run.log_record(record(2))
     wandb_run.emit(event(2, "resid_explosion", "critical"))
     wandb_run.finish({"status": "collapsed"})
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "loopdiag.wandb_logging"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "loopdiag.run.wandb_logging"]
     assert "looped-k03-s0 failed in log" in line and "UsageError" in line and "\n" not in line
     assert not wandb_run.active
     assert [row["_step"] for row in read_run(wandb_run.run_dir)["history"]] == [1]
@@ -264,7 +264,7 @@ def test_unreachable_server_is_learned_once_and_later_runs_log_offline(
             assert wandb_run.run_dir.parent == suite_dir / "wandb"
             assert wandb_run.run_dir.name.startswith("offline-run-")
             assert [row["_step"] for row in read_run(wandb_run.run_dir)["history"]] == [1]
-    lines = [r.getMessage() for r in caplog.records if r.name == "loopdiag.wandb_logging"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "loopdiag.run.wandb_logging"]
     assert len(lines) == 1 and "\n" not in lines[0], lines
     assert lines[0].startswith("W&B unreachable (looped-k01-s0, init: ")
     assert f"wandb sync {suite_dir / 'wandb'}/offline-run-*" in lines[0]
@@ -278,7 +278,7 @@ def test_unreachable_server_is_learned_once_and_later_runs_log_offline(
 
 
 def test_outage_is_noted_by_the_first_process_only(tmp_path: Path, caplog) -> None:
-    code = ("import sys; from loopdiag.wandb_logging import note_outage; "
+    code = ("import sys; from loopdiag.run.wandb_logging import note_outage; "
             "note_outage(sys.argv[1], 'seen by ' + sys.argv[2])")
     for name in ("first", "second"):
         subprocess.run([sys.executable, "-c", code, str(tmp_path), name], check=True)
@@ -296,5 +296,5 @@ def test_rejects_unknown_mode_and_severity(tmp_path: Path) -> None:
 
 
 def test_import_does_not_import_wandb() -> None:
-    code = "import sys, loopdiag, loopdiag.wandb_logging; sys.exit('wandb' in sys.modules)"
+    code = "import sys, loopdiag, loopdiag.run.wandb_logging; sys.exit('wandb' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)

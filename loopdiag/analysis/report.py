@@ -48,8 +48,8 @@ from loopdiag.analysis.tables import (
     with_cells,
 )
 from loopdiag.store import SuiteData, load_suite
+from loopdiag.store._files import LOOP_SCALING_FILE
 
-LOOP_SCALING_FILE = "loop_scaling.csv"
 LOOP_SCALING_COLUMNS = ("arch", "train_loops", "eval_loops", "metric", "value")
 REPORT_COLUMNS = ("run_id", "arch", "n_loops", "lr", "seed", "status", "mechanism", "failure_step",
                   "signal",

@@ -267,6 +267,8 @@ def plain(value: Any) -> Any:
 
 
 def is_int(value: Any) -> bool:
+    """An integer, numpy's included (records read back as arrays hold them); never a bool.
+    The one integer test of the package: configs, suite files and the store use it too."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 

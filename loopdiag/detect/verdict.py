@@ -40,8 +40,8 @@ def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mappi
     signal of the chosen kind (the first critical event, or the first non-finite loss if
     that came first), so a run that collapsed and later diverged reports where it first
     failed; they are None for stable and interrupted runs. `first_warning_step` is the
-    first warn or critical event, `final_smoothed_loss` the loss's EMA (span 20 records,
-    as `ground_truth_onset` smooths it) at the last record.
+    first warn or critical event, `last_loss` the last logged loss, `final_smoothed_loss`
+    the loss's EMA (span 20 records, as `ground_truth_onset` smooths it) at the last record.
     """
     fired = sorted((e.to_dict() if isinstance(e, Event) else dict(e) for e in events),
                    key=lambda e: e["step"])
@@ -78,7 +78,7 @@ def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mappi
         "evidence": plain(failure["evidence"]) if failure else None,
         "message": failure.get("message") if failure else None,
         "first_warning_step": warned[0] if warned else None,
-        "final_loss": losses[-1][1] if losses else None,
+        "last_loss": losses[-1][1] if losses else None,
         "final_smoothed_loss": ema.value,
         "best_loss": min(finite) if finite else None,
     }

@@ -25,9 +25,10 @@ except ImportError as error:
     raise ImportError("loopdiag.integrations.huggingface needs transformers: "
                       "pip install 'loopdiag[hf]'") from error
 
-from loopdiag.integrations._recording import TrainerRecording, log_values
-from loopdiag.monitor import Monitor
+from loopdiag.detect.monitor import Monitor
+from loopdiag.integrations import log_values
 from loopdiag.probes import LoopRecorder
+from loopdiag.run.session import RunSession
 
 
 class LoopdiagCallback(TrainerCallback):
@@ -68,8 +69,8 @@ class LoopdiagCallback(TrainerCallback):
     def __init__(self, module: str | nn.Module | None = None, loop_module: str | nn.Module | None = None, *,
                  monitor: Monitor | None = None, run_dir: str | Path | None = None,
                  config: Mapping[str, Any] | None = None, **attach_options: Any):
-        self.recording = TrainerRecording("transformers", module, loop_module, monitor, run_dir, config,
-                                          attach_options)
+        self.session = RunSession.for_trainer("transformers", module, loop_module, monitor, run_dir, config,
+                                              attach_options)
         self._lr: float | None = None
         self._losses: list[Tensor] = []
         self._loss_hook: torch.utils.hooks.RemovableHandle | None = None
@@ -77,15 +78,16 @@ class LoopdiagCallback(TrainerCallback):
 
     @property
     def recorder(self) -> LoopRecorder | None:
-        return self.recording.recorder
+        return self.session.recorder
 
     @property
     def monitor(self) -> Monitor:
-        return self.recording.monitor
+        return self.session.monitor
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, **kwargs: Any) -> None:
-        self.recording.start(model, state.global_step + 1, main_process=state.is_world_process_zero)
+        main = state.is_world_process_zero
+        self.session.start(model, first_step=state.global_step + 1, write=main, judge=main)
         self._remove_loss_hook()  # left by a run that crashed
         self._loss_hook = model.register_forward_hook(self._keep_loss)
         self._losses, self._logged_step = [], None
@@ -99,7 +101,7 @@ class LoopdiagCallback(TrainerCallback):
                     **kwargs: Any) -> None:
         loss = torch.stack(self._losses).mean() if self._losses else None
         self._losses = []
-        record = self.recording.finish_step(state.global_step, loss=loss, lr=self._lr)
+        record = self.session.step(state.global_step, loss=loss, lr=self._lr)
         # every process reaches this on the same steps, so the stop is decided together
         if record is not None and self.monitor.stop_on is not None and _any_process(
                 self.monitor.should_stop, args.device):
@@ -119,7 +121,7 @@ class LoopdiagCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         self._remove_loss_hook()
-        self.recording.close(finished=True)
+        self.session.close(stopped_by=self.session.stop_reason)
 
     def _remove_loss_hook(self) -> None:
         if self._loss_hook is not None:

@@ -18,9 +18,10 @@ except ImportError as error:
     raise ImportError("loopdiag.integrations.lightning needs Lightning: "
                       "pip install 'loopdiag[lightning]'") from error
 
-from loopdiag.integrations._recording import TrainerRecording, log_values
-from loopdiag.monitor import Monitor
+from loopdiag.detect.monitor import Monitor
+from loopdiag.integrations import log_values
 from loopdiag.probes import LoopRecorder
+from loopdiag.run.session import RunSession
 
 
 class LoopdiagCallback(Callback):
@@ -54,22 +55,23 @@ class LoopdiagCallback(Callback):
     def __init__(self, module: str | nn.Module | None = None, loop_module: str | nn.Module | None = None, *,
                  monitor: Monitor | None = None, run_dir: str | Path | None = None,
                  config: Mapping[str, Any] | None = None, **attach_options: Any):
-        self.recording = TrainerRecording("lightning", module, loop_module, monitor, run_dir, config,
-                                          attach_options)
+        self.session = RunSession.for_trainer("lightning", module, loop_module, monitor, run_dir, config,
+                                              attach_options)
         self._lr: float | None = None
         self._losses: list[Tensor] = []
         self._stepped = False
 
     @property
     def recorder(self) -> LoopRecorder | None:
-        return self.recording.recorder
+        return self.session.recorder
 
     @property
     def monitor(self) -> Monitor:
-        return self.recording.monitor
+        return self.session.monitor
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.recording.start(pl_module, trainer.global_step + 1, main_process=trainer.is_global_zero)
+        main = trainer.is_global_zero
+        self.session.start(pl_module, first_step=trainer.global_step + 1, write=main, judge=main)
         self._losses, self._stepped = [], False
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,
@@ -91,7 +93,7 @@ class LoopdiagCallback(Callback):
             return
         mean_loss = torch.stack(self._losses).mean() if self._losses else None
         self._losses, self._stepped = [], False
-        record = self.recording.finish_step(trainer.global_step, loss=mean_loss, lr=self._lr)
+        record = self.session.step(trainer.global_step, loss=mean_loss, lr=self._lr)
         if record is None:
             return
         for logger in trainer.loggers:
@@ -102,7 +104,7 @@ class LoopdiagCallback(Callback):
             trainer.should_stop = True
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.recording.close(finished=True)
+        self.session.close(stopped_by=self.session.stop_reason)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.recording.close(finished=False)
+        self.session.close(finished=False, stopped_by=self.session.stop_reason)

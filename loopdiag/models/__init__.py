@@ -1,8 +1,7 @@
-"""The model registry: every architecture of DESIGN §2 built from one `ModelConfig`."""
+"""The model registry: every architecture of docs/design.md §2 built from one `ModelConfig`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from loopdiag.models.config import PRESETS, ModelConfig, preset
@@ -12,15 +11,13 @@ from loopdiag.models.looped import LoopedTransformer
 from loopdiag.models.recurrent_depth import RecurrentDepthTransformer
 from loopdiag.models.transformer import StandardTransformer
 
-ARCHITECTURES: dict[str, Callable[[ModelConfig], LoopedLM]] = {
+# Classes, not builders: what a class says of its models (`fixed_depth`) is read without
+# building one.
+ARCHITECTURES: dict[str, type[LoopedLM]] = {
     "standard": StandardTransformer,
-    "looped": lambda cfg: LoopedTransformer(cfg, "looped"),
-    "looped-inject": lambda cfg: LoopedTransformer(cfg, "looped-inject"),
-    "looped-scaled": lambda cfg: LoopedTransformer(cfg, "looped-scaled"),
+    **dict.fromkeys(LoopedTransformer.variants, LoopedTransformer),
     "recurrent-depth": RecurrentDepthTransformer,
-    "flt-res": lambda cfg: FullyLoopedTransformer(cfg, "flt-res"),
-    "flt-ai1": lambda cfg: FullyLoopedTransformer(cfg, "flt-ai1"),
-    "flt": lambda cfg: FullyLoopedTransformer(cfg, "flt"),
+    **dict.fromkeys(FullyLoopedTransformer.variants, FullyLoopedTransformer),
 }
 
 
@@ -29,7 +26,8 @@ def build_model(arch: str, config: ModelConfig | None = None, **overrides: Any) 
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     config = (config or ModelConfig()).with_(**overrides)
-    return ARCHITECTURES[arch](config)
+    model_class = ARCHITECTURES[arch]
+    return model_class(config, arch) if model_class.variants else model_class(config)
 
 
 __all__ = [

@@ -21,8 +21,10 @@ from loopdiag.models.layers import LoopedLM, norm
 
 
 class FullyLoopedTransformer(LoopedLM):
+    variants = ("flt-res", "flt-ai1", "flt")
+
     def __init__(self, cfg: ModelConfig, arch: str = "flt"):
-        if arch not in ("flt", "flt-ai1", "flt-res"):
+        if arch not in self.variants:
             raise ValueError(f"unknown FLT variant {arch!r}")
         super().__init__(cfg)
         self.arch = arch

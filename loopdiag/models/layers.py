@@ -102,6 +102,7 @@ class LoopedLM(nn.Module):
     """
 
     arch: str = ""
+    variants: tuple[str, ...] = ()  # the architectures one class builds, each passed as `arch`
     fixed_depth = False  # True: the loop count is fixed at build time (no test-time scaling)
 
     def __init__(self, cfg: ModelConfig):

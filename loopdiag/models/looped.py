@@ -16,8 +16,10 @@ from loopdiag.models.layers import LoopedLM, norm
 
 
 class LoopedTransformer(LoopedLM):
+    variants = ("looped", "looped-inject", "looped-scaled")
+
     def __init__(self, cfg: ModelConfig, arch: str = "looped"):
-        if arch not in ("looped", "looped-inject", "looped-scaled"):
+        if arch not in self.variants:
             raise ValueError(f"unknown looped variant {arch!r}")
         super().__init__(cfg)
         self.arch = arch

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 from loopdiag.probes.records import Record
 from loopdiag.probes.recorder import LoopRecorder
-from loopdiag.train.trainer import TrainCallback, TrainState
+from loopdiag.train.checkpoint import TrainState
+from loopdiag.train.trainer import TrainCallback
 
 
 class RecorderCallback(TrainCallback):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from loopdiag import distributed
-from loopdiag.probes.stats import LoopSums, finish_loop
+from loopdiag.probes.stats import LOOP_SUMS_OVER_RANKS, LoopSums, finish_loop
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,13 +44,8 @@ def reduce_over_ranks(forwards: Sequence[ForwardBuffer]) -> None:
     maxed: list[Tensor] = []
     for forward in forwards:
         for sums in forward.loops:
-            norm_sum = sums["norm_sum"]
-            summed += [norm_sum, sums["unit_sum_norm"] ** 2, norm_sum.new_tensor(sums["batch"])]
-            if "rel_sum" in sums:
-                summed.append(sums["rel_sum"])
-            if "act_grad" in sums:  # None: no gradient arrived, NaN once combined
-                act_grad = sums["act_grad"]
-                summed.append(norm_sum.new_tensor(math.nan) if act_grad is None else act_grad**2)
+            summed += [_to_sum(sums[key], rule, like=sums["norm_sum"])
+                       for key, rule in LOOP_SUMS_OVER_RANKS.items() if key in sums]
         for calls in forward.attention.values():
             summed += [entropy for entropy, _ in calls]
             maxed += [max_logit for _, max_logit in calls]
@@ -59,15 +54,28 @@ def reduce_over_ranks(forwards: Sequence[ForwardBuffer]) -> None:
     total, highest = _all_reduce(summed, dist.ReduceOp.SUM), _all_reduce(maxed, dist.ReduceOp.MAX)
     for forward in forwards:  # read back in the order written above
         for sums in forward.loops:
-            sums["norm_sum"], sums["unit_sum_norm"], sums["batch"] = next(total), next(total).sqrt(), next(total)
-            if "rel_sum" in sums:
-                sums["rel_sum"] = next(total)
-            if "act_grad" in sums:
-                sums["act_grad"] = next(total).sqrt() / world
+            for key, rule in LOOP_SUMS_OVER_RANKS.items():
+                if key in sums:
+                    sums[key] = _from_sum(next(total), rule, world)
         for calls in forward.attention.values():
             calls[:] = [(next(total) / world, next(highest)) for _ in calls]
         for norms in forward.layer_norms.values():
             norms[:] = [next(total) / world for _ in norms]
+
+
+def _to_sum(value: Tensor | int | None, rule: str, like: Tensor) -> Tensor:
+    """What a rank contributes to the sum over ranks of one per-loop value."""
+    if value is None:  # no gradient arrived: NaN once combined
+        return like.new_tensor(math.nan)
+    if not isinstance(value, Tensor):  # a count
+        value = like.new_tensor(value)
+    return value if rule == "sum" else value**2
+
+
+def _from_sum(total: Tensor, rule: str, world: int) -> Tensor:
+    if rule == "sum":
+        return total
+    return total.sqrt() if rule == "norm" else total.sqrt() / world
 
 
 def _all_reduce(values: list[Tensor], op: dist.ReduceOp) -> Iterator[Tensor]:
@@ -158,17 +166,12 @@ def records_frame(records: Sequence[Record]) -> pd.DataFrame:
 
 
 def records_loop_frame(records: Sequence[Record]) -> pd.DataFrame:
-    """Long format, one row per (step, loop, stat): the per-loop lists only, loop 1-based."""
-    import pandas as pd
+    """Long format, one row per (step, loop, stat): the per-loop lists only, loop 1-based,
+    in record order (the run store's builder, rows ordered by step)."""
+    from loopdiag.store.reader import metric_frames
 
-    def rows() -> Iterator[tuple[int, int, str, float]]:
-        for record in records:
-            for stat, values in record.items():
-                if isinstance(values, (list, tuple)):
-                    for loop, value in enumerate(values, start=1):
-                        yield record["step"], loop, stat, value
-
-    return pd.DataFrame(list(rows()), columns=["step", "loop", "stat", "value"])
+    loops = metric_frames(records)[1]
+    return loops.sort_values("step", kind="stable", ignore_index=True)
 
 
 def _mean(values: Sequence[float]) -> float:

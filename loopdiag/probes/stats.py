@@ -18,6 +18,15 @@ from loopdiag.models.layers import Attention, norm
 
 LoopSums = dict[str, Tensor | int | None]
 
+# How each per-loop sum (those of `reduce_loop_output`, and the recorder's `act_grad`)
+# becomes the global batch's under data parallelism; `records.reduce_over_ranks` applies it.
+#   sum        added over the ranks
+#   norm       a Euclidean norm over rows: the squares are added, then the root taken
+#   mean_norm  the norm of a gradient of the loss averaged over ranks: `norm` / world size
+# A sum not listed (`seq_len`) is the same on every rank.
+LOOP_SUMS_OVER_RANKS = {"norm_sum": "sum", "unit_sum_norm": "norm", "batch": "sum", "rel_sum": "sum",
+                        "act_grad": "mean_norm"}
+
 
 def as_sequences(x: Tensor) -> Tensor:
     """(..., T, d) -> (B, T, d), detached: the last dim is features, the one before it
@@ -28,7 +37,8 @@ def as_sequences(x: Tensor) -> Tensor:
 
 def reduce_loop_output(seqs: Tensor, prev: Tensor | None) -> LoopSums:
     """Sums behind `resid_norm`, `rel_update` and `token_corr` for one loop's output `seqs`
-    (B, T, d); `prev` is the previous loop's output in the same forward, or None."""
+    (B, T, d); `prev` is the previous loop's output in the same forward, or None. A new sum
+    also needs its rule in `LOOP_SUMS_OVER_RANKS` and its host value in `finish_loop`."""
     norms = vector_norm(seqs, dim=-1, dtype=torch.float32)  # (B, T)
     inverse = norms.reciprocal()
     # (B, 1, T) @ (B, T, d) -> (B, 1, d): the sum of the unit token vectors of each sequence

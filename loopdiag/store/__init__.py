@@ -37,7 +37,7 @@ detectors fast; `build_columnar(suite_dir, jobs=...)` builds a whole suite's cop
 from loopdiag.store._files import RunStoreWarning
 from loopdiag.store.columnar import build_columnar, columnar_state, read_columns
 from loopdiag.store.reader import RunData, event_frame, is_run_dir, load_run, read_records
-from loopdiag.store.suite import SuiteData, load_suite, write_suite_manifest
+from loopdiag.store.suite_folder import SuiteData, load_suite, write_suite_manifest
 from loopdiag.store.writer import RESUMABLE_KEYS, RunWriter
 
 __all__ = ["RESUMABLE_KEYS", "RunData", "RunStoreWarning", "RunWriter", "SuiteData", "build_columnar",

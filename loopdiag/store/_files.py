@@ -8,8 +8,11 @@ import json
 import os
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from loopdiag.detect.base import is_int
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -18,6 +21,7 @@ EVENTS_FILE = "events.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 SUITE_FILE = "suite.json"
+LOOP_SCALING_FILE = "loop_scaling.csv"  # written by loopdiag.evaluation
 
 
 class RunStoreWarning(UserWarning):
@@ -36,15 +40,20 @@ def json_default(value: Any) -> Any:
 
 
 def replace_atomically(path: Path, text: str | bytes) -> None:
-    """Write to a temp file in the same folder, fsync, rename over `path`: readers see the
-    old file or the new one, never a half-written one."""
+    """Replace `path` by `text` atomically (see `write_atomically`)."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    write_atomically(path, lambda handle: handle.write(data))
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write` on a temp file in the same folder, fsync, rename over `path`: readers
+    see the old file or the new one, never a half-written one."""
     # open(..., "x") rather than mkstemp: the file gets the umask's permissions, not 0600,
     # so others on a shared cluster can read the run.
     tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    data = text.encode("utf-8") if isinstance(text, str) else text
     try:
         with tmp_path.open("xb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
@@ -84,7 +93,3 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                  else "not a JSON object with an int 'step'")
         warnings.warn(f"{path}: skipped line {number} ({where})", RunStoreWarning, stacklevel=3)
     return rows
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

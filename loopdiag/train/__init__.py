@@ -2,20 +2,9 @@
 
 from loopdiag.train.config import TrainConfig
 from loopdiag.train.optim import build_optimizers, lr_multiplier, set_lr_multiplier
-from loopdiag.train.trainer import (
-    Batch,
-    BatchSource,
-    TrainCallback,
-    TrainResult,
-    TrainState,
-    corpus_batches,
-    eval_due,
-    evaluate,
-    load_checkpoint,
-    save_checkpoint,
-    task_batches,
-    train,
-)
+from loopdiag.train.batches import Batch, BatchSource, corpus_batches, task_batches
+from loopdiag.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from loopdiag.train.trainer import TrainCallback, TrainResult, eval_due, evaluate, train
 
 __all__ = [
     "Batch",

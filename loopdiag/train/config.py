@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from loopdiag.detect.base import is_int
+
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("constant-decay", "cosine")
 
@@ -40,8 +42,8 @@ class TrainConfig:
         # JSON round-trips turn the tuple into a list; accept that.
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        _check(_is_int(self.steps) and self.steps >= 1, "steps", "an int >= 1", self.steps)
-        _check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an int >= 1",
+        _check(is_int(self.steps) and self.steps >= 1, "steps", "an int >= 1", self.steps)
+        _check(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an int >= 1",
                self.batch_size)
         _check(_is_number(self.lr) and self.lr > 0, "lr", "> 0", self.lr)
         _check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}", self.optimizer)
@@ -53,20 +55,20 @@ class TrainConfig:
         _check(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}", self.schedule)
         _check(_is_number(self.decay_fraction) and 0 <= self.decay_fraction <= 1,
                "decay_fraction", "in [0, 1]", self.decay_fraction)
-        _check(_is_int(self.warmup_steps) and 0 <= self.warmup_steps < self.steps,
+        _check(is_int(self.warmup_steps) and 0 <= self.warmup_steps < self.steps,
                "warmup_steps", f"an int in [0, steps={self.steps})", self.warmup_steps)
         _check(_is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
                "in [0, 1]", self.min_lr_ratio)
         _check(self.grad_clip is None or (_is_number(self.grad_clip) and self.grad_clip > 0),
                "grad_clip", "> 0 or None", self.grad_clip)
-        _check(_is_int(self.eval_every) and self.eval_every >= 0, "eval_every", "an int >= 0",
+        _check(is_int(self.eval_every) and self.eval_every >= 0, "eval_every", "an int >= 0",
                self.eval_every)
-        _check(_is_int(self.eval_batches) and self.eval_batches >= 1, "eval_batches",
+        _check(is_int(self.eval_batches) and self.eval_batches >= 1, "eval_batches",
                "an int >= 1", self.eval_batches)
-        _check(_is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
+        _check(is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
                "checkpoint_every", "an int >= 0", self.checkpoint_every)
-        _check(_is_int(self.seed), "seed", "an int", self.seed)
-        _check(self.n_loops is None or (_is_int(self.n_loops) and self.n_loops >= 1), "n_loops",
+        _check(is_int(self.seed), "seed", "an int", self.seed)
+        _check(self.n_loops is None or (is_int(self.n_loops) and self.n_loops >= 1), "n_loops",
                "an int >= 1 or None", self.n_loops)
         _check(_is_number(self.muon_lr) and self.muon_lr > 0, "muon_lr", "> 0", self.muon_lr)
         try:
@@ -74,10 +76,6 @@ class TrainConfig:
         except (RuntimeError, TypeError):
             _check(False, "device", "a torch device string such as 'cpu' or 'cuda:0'",
                    self.device)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

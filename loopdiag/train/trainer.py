@@ -1,4 +1,5 @@
-"""One training run: the loop, evaluation, checkpoints and the callback protocol.
+"""One training run: the loop, evaluation and the callback protocol (checkpoints in
+`loopdiag.train.checkpoint`, batch sources in `loopdiag.train.batches`).
 
 The trainer is model-agnostic: any module with `logits, loss = model(idx, targets,
 n_loops=...)` trains. Data comes as a batch source (a callable drawing one (x, y) batch
@@ -13,15 +14,11 @@ shared out; only rank 0 writes checkpoints. No gradient accumulation: one backwa
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import io
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,32 +27,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from loopdiag import distributed
-from loopdiag.data import SyntheticTask, TokenCorpus, fixed_batches, get_batch
+from loopdiag.train.batches import Batch, BatchSource
+from loopdiag.train.checkpoint import TrainState, load_checkpoint, save_run_checkpoint
 from loopdiag.train.config import TrainConfig
 from loopdiag.train.optim import build_optimizers, lr_multiplier, set_lr_multiplier
 
-Batch = tuple[Tensor, Tensor]
-BatchSource = Callable[[torch.Generator], Batch]
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
-
-
-@dataclass
-class TrainState:
-    """What callbacks see; they may set `should_stop` (and `stop_reason`)."""
-
-    model: nn.Module
-    optimizers: list[torch.optim.Optimizer]
-    config: TrainConfig
-    step: int = 0  # updates done, counting the one in progress (1-based inside a step)
-    loss: Tensor | None = None  # this step's loss (this rank's own), detached; on the device
-    lr: float = 0.0  # AdamW learning rate this step (config.lr * lr_scale)
-    lr_scale: float = 0.0  # schedule multiplier applied to every param group
-    grad_norm: float | None = None  # pre-clip global norm; None until clipping is done
-    val_loss: float | None = None  # latest validation loss
-    history: list[dict[str, Any]] = field(default_factory=list)  # one row per step (loss: mean over ranks)
-    diverged_step: int | None = None  # set when the loss or grad norm is non-finite
-    should_stop: bool = False
-    stop_reason: str | None = None  # a callback's reason, divergence, or interruption
 
 
 class TrainCallback:
@@ -85,7 +62,7 @@ class TrainCallback:
 @dataclass
 class TrainResult:
     history: list[dict[str, Any]]
-    final_train_loss: float  # mean train loss over the last 10% of steps (at least one)
+    final_loss: float  # mean train loss over the last 10% of steps (at least one)
     final_val_loss: float | None  # None when never evaluated (diverged or no val batches)
     best_val_loss: float | None
     diverged: bool
@@ -142,9 +119,11 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
     def agree_to_stop() -> None:
         state.should_stop, state.stop_reason = distributed.agree_to_stop(state.should_stop, state.stop_reason)
 
-    fire("on_train_start")
-    agree_to_stop()
     try:
+        # inside the try: an interrupt while callbacks start (a run store just opened) must
+        # still reach on_train_end, which closes the run as interrupted
+        fire("on_train_start")
+        agree_to_stop()
         while state.step < cfg.steps and not state.should_stop:
             state.lr_scale = lr_multiplier(state.step, cfg)
             state.lr = cfg.lr * state.lr_scale
@@ -189,7 +168,7 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
             if writes_checkpoint and (
                     last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)):
                 fire("before_checkpoint")
-                _save_run_checkpoint(checkpoint_path, state, generator)
+                save_run_checkpoint(checkpoint_path, state, generator)
     except BaseException as exc:
         # Let recorders close their files and mark the run as interrupted, then re-raise.
         state.stop_reason = f"interrupted ({type(exc).__name__})"
@@ -220,7 +199,7 @@ def _result(state: TrainState, wall_time_s: float) -> TrainResult:
     val_losses = [row["val_loss"] for row in history if "val_loss" in row]
     return TrainResult(
         history=history,
-        final_train_loss=sum(row["train_loss"] for row in tail) / len(tail) if tail else math.nan,
+        final_loss=sum(row["train_loss"] for row in tail) / len(tail) if tail else math.nan,
         final_val_loss=history[-1].get("val_loss") if history else None,
         best_val_loss=min(val_losses) if val_losses else None,
         diverged=state.diverged_step is not None,
@@ -250,81 +229,3 @@ def evaluate(model: nn.Module, val_batches: Sequence[Batch], n_loops: int | None
     return total.item() / len(val_batches)
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
-                    step: int, extra: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename): a crash mid-write never leaves a torn file.
-
-    Only tensors, primitives, lists, tuples and dicts go in, so loading works with
-    `torch.load(..., weights_only=True)`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-               "step": step, "extra": extra}
-    # Serialised in memory first: torch reports a short write (a full disk) as a RuntimeError,
-    # a plain file write as the OSError callers can tell apart from a bug.
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getbuffer())
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
-
-
-def load_checkpoint(path: str | Path, model: nn.Module,
-                    optimizers: Sequence[torch.optim.Optimizer] = ()) -> tuple[int, dict[str, Any]]:
-    """Restore model (and optimizers, when given) in place; returns (step, extra)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(payload["model"])
-    if optimizers:
-        if len(optimizers) != len(payload["optimizers"]):
-            raise ValueError(f"checkpoint holds {len(payload['optimizers'])} optimizer states, "
-                             f"got {len(optimizers)} optimizers")
-        for optimizer, optimizer_state in zip(optimizers, payload["optimizers"]):
-            optimizer.load_state_dict(optimizer_state)
-    return payload["step"], payload["extra"]
-
-
-def _save_run_checkpoint(path: str | Path, state: TrainState, generator: torch.Generator) -> None:
-    model_config = getattr(state.model, "config", None)
-    extra: dict[str, Any] = {
-        "generator_state": generator.get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-        "history": state.history,
-        "train_config": dataclasses.asdict(state.config),
-        "model_config": (dataclasses.asdict(model_config)
-                         if dataclasses.is_dataclass(model_config) else None),
-    }
-    if torch.device(state.config.device).type == "cuda":
-        extra["cuda_rng_state"] = torch.cuda.get_rng_state_all()
-    save_checkpoint(path, state.model, state.optimizers, state.step, extra)
-
-
-def corpus_batches(corpus: TokenCorpus, cfg: TrainConfig, seq_len: int,
-                   val_seed: int = 0) -> tuple[BatchSource, list[Batch]]:
-    """Random training windows and fixed validation windows from a corpus's splits.
-
-    Validation uses `val_seed`, not `cfg.seed`, so runs that differ only in their seed
-    are scored on the same text (likewise in `task_batches`).
-    """
-    train_source = functools.partial(get_batch, corpus.train, cfg.batch_size, seq_len)
-    return train_source, fixed_batches(corpus.val, cfg.batch_size, seq_len, cfg.eval_batches,
-                                       val_seed)
-
-
-# Held-out task examples come from a seed no training run uses, so a training stream never
-# replays the validation examples. (The CPU generator keeps only 32 bits of a seed: 2**32
-# would be seed 0 again.)
-HELD_OUT_SEED = 2**31 - 1
-
-
-def task_batches(task: SyntheticTask, cfg: TrainConfig,
-                 val_seed: int = 0) -> tuple[BatchSource, list[Batch]]:
-    """Fresh task examples for training and a fixed set for validation."""
-    generator = torch.Generator().manual_seed(HELD_OUT_SEED + val_seed)
-    val = [task.batch(cfg.batch_size, generator) for _ in range(cfg.eval_batches)]
-    return functools.partial(task.batch, cfg.batch_size), val

@@ -38,8 +38,9 @@ from typing import Any
 
 from loopdiag.data import TASKS, SyntheticTask, TokenCorpus, load_corpus
 from loopdiag.detect import default_detectors
+from loopdiag.detect.base import is_int
 from loopdiag.models import ARCHITECTURES, ModelConfig, preset
-from loopdiag.runner import RunSpec
+from loopdiag.run.runner import RunSpec
 from loopdiag.train import TrainConfig
 
 TOP_LEVEL_KEYS = ("name", "description", "archs", "loops", "lrs", "seeds", "steps", "log_every",
@@ -136,7 +137,7 @@ def load_probe_suite(path: str | Path) -> ProbeSuite:
 def suite_folders() -> list[Path]:
     """Where suite names are looked up, first match first: ./probes, then the shipped suites."""
     shipped = resources.files("loopdiag") / "suites"  # in a wheel: probes/*.toml, copied by setup.py
-    checkout = Path(__file__).resolve().parents[1] / "probes"  # editable install or source tree
+    checkout = Path(__file__).resolve().parents[2] / "probes"  # editable install or source tree
     folders = [Path("probes"), Path(str(shipped)) if shipped.is_dir() else checkout]
     return list({folder.resolve(): folder for folder in folders if folder.is_dir()}.values())
 
@@ -184,14 +185,14 @@ def parse_probe_suite(raw: dict[str, Any], *, source: str = "<suite>", base_dir:
     lrs = tuple(float(lr) for lr in check.list_of(raw, "lrs", (int, float), [3e-3]))
     check.that(all(lr > 0 for lr in lrs), "lrs", f"learning rates must be > 0, got {list(lrs)}")
     seeds = raw.get("seeds", 1)
-    if _is_int(seeds):
+    if is_int(seeds):
         check.that(seeds >= 1, "seeds", f"a count must be >= 1, got {seeds}")
         seeds = list(range(seeds))
     seeds = tuple(check.list_of({"seeds": seeds}, "seeds", int, None))
     steps = raw.get("steps", 150)
-    check.that(_is_int(steps) and steps >= 1, "steps", f"must be an int >= 1, got {steps!r}")
+    check.that(is_int(steps) and steps >= 1, "steps", f"must be an int >= 1, got {steps!r}")
     log_every = raw.get("log_every", 1)
-    check.that(_is_int(log_every) and log_every >= 1, "log_every", f"must be an int >= 1, got {log_every!r}")
+    check.that(is_int(log_every) and log_every >= 1, "log_every", f"must be an int >= 1, got {log_every!r}")
     stop = raw.get("stop_on_collapse", False)
     check.that(isinstance(stop, bool), "stop_on_collapse", f"must be true or false, got {stop!r}")
     description = raw.get("description", "")
@@ -214,7 +215,7 @@ def parse_probe_suite(raw: dict[str, Any], *, source: str = "<suite>", base_dir:
     eval_loops = tuple(check.list_of(evaluation, "loops", int, [], key="eval.loops"))
     check.that(all(k >= 1 for k in eval_loops), "eval.loops", "loop counts must be >= 1")
     examples = evaluation.get("examples", 256)
-    check.that(_is_int(examples) and examples >= 1, "eval.examples", f"must be an int >= 1, got {examples!r}")
+    check.that(is_int(examples) and examples >= 1, "eval.examples", f"must be an int >= 1, got {examples!r}")
     return ProbeSuite(name=name, archs=archs, loops=loops, lrs=lrs, seeds=seeds, model=model,
                       train=train, data=data, thresholds=thresholds, log_every=log_every,
                       stop_on_collapse=stop, eval_loops=eval_loops, eval_examples=examples,
@@ -290,10 +291,6 @@ def _nones(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """TOML has no null: `false` switches off a setting that takes None (grad_clip = false)."""
     optional = {f.name for f in fields(cls) if "None" in str(f.type)}
     return {k: None if v is False and k in optional else v for k, v in values.items()}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _Checker:

@@ -17,11 +17,11 @@ import torch
 
 from loopdiag import distributed
 from loopdiag.data import SyntheticTask, TokenCorpus
-from loopdiag.detect import verdict
+from loopdiag.detect.monitor import AlertSink, Monitor
 from loopdiag.models import ModelConfig, build_model
-from loopdiag.monitor import AlertSink, EventLogSink, Monitor
-from loopdiag.probes import RecorderCallback, attach
-from loopdiag.store import RunWriter, read_records
+from loopdiag.probes import RecorderCallback
+from loopdiag.run.session import RunSession
+from loopdiag.store._files import CHECKPOINT_FILE
 from loopdiag.train import (
     TrainCallback,
     TrainConfig,
@@ -30,7 +30,7 @@ from loopdiag.train import (
     task_batches,
     train,
 )
-from loopdiag.wandb_logging import WandbRun
+from loopdiag.run.wandb_logging import WandbRun
 
 
 @dataclass(frozen=True)
@@ -57,54 +57,46 @@ class RunOutcome:
     failure_step: int | None
     signal: str | None
     steps_done: int
-    final_train_loss: float
+    final_loss: float  # mean train loss over the last 10% of steps, as in the report's table
     final_val_loss: float | None
     last_loop_resid_norm: float | None  # mean token ||x_L^(K)|| at the last logged step
     wall_time_s: float
 
 
-class RunLogger(TrainCallback):
-    """Writes one run folder and runs the live detectors on each record.
+class SessionCallback(TrainCallback):
+    """Drives a `RunSession` from `loopdiag.train.train`'s hooks.
 
-    Records arrive from the recorder after the optimizer step, before evaluation; each is
-    written at the end of its step, with the validation loss when the step is evaluated.
-    Detectors see a record as soon as it exists. Must come after the
-    `RecorderCallback` in `callbacks`. With `write=False` (ranks other than 0) it judges
-    and stops alike but writes nothing.
+    Records take the trainer's own loss, learning rate and pre-clip grad norm (see
+    `RecorderCallback`). Each is judged as soon as it exists and written at the end of its
+    step, with the validation loss when the step is evaluated. With `write=False` (ranks
+    other than 0) it judges and stops alike but writes nothing.
     """
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], monitor: Monitor, resume: bool = False,
-                 wandb_run: WandbRun | None = None, write: bool = True):
-        self.run_dir, self.config, self.monitor, self.resume = run_dir, config, monitor, resume
-        self.wandb_run, self.write = wandb_run, write
-        self.writer: RunWriter | None = None
+    def __init__(self, session: RunSession, resume: bool = False, write: bool = True):
+        self.session, self.resume, self.write = session, resume, write
+        self.recording: RecorderCallback | None = None
         self.pending: dict[str, Any] | None = None
-        self.records: list[dict[str, Any]] = []
-        self.summary: dict[str, Any] | None = None
 
     def on_train_start(self, state: TrainState) -> None:
-        if self.write:
-            self.writer = RunWriter(self.run_dir, self.config, resume=self.resume,
-                                    resume_step=state.step if self.resume else None)
-            self.monitor.sinks.insert(0, EventLogSink(self.writer))
-        if state.step:  # resumed: restore the detectors' state from what the store kept
-            # (steps past the checkpoint are dropped here too: rank 0 may not have yet)
-            self.records = [r for r in read_records(self.run_dir) if r["step"] <= state.step]
-            for record in self.records:
-                self.monitor.restore(record)
+        self.session.start(first_step=state.step + 1, resume=self.resume, write=self.write)
+        self.recording = RecorderCallback(self.session.recorder, on_record=self.on_record)
+        self.recording.on_train_start(state)
 
     def on_record(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
         self.pending = record
-        self.monitor.update(record)
+        self.session.judge(record)
+
+    def after_backward(self, state: TrainState) -> None:
+        self.recording.after_backward(state)
 
     def after_step(self, state: TrainState) -> None:
-        if self.monitor.should_stop and not state.should_stop:
-            event = self.monitor.stop_event
+        self.recording.after_step(state)
+        if self.session.should_stop and not state.should_stop:
             state.should_stop = True
-            state.stop_reason = f"{event.detector} ({event.severity}) at step {event.step}: {event.message}"
+            state.stop_reason = self.session.stop_reason
 
     def on_eval(self, state: TrainState) -> None:
+        self.recording.on_eval(state)
         if self.pending is None:  # a step not logged
             self.pending = {"step": state.step}
         self.pending["val_loss"] = state.val_loss
@@ -113,39 +105,21 @@ class RunLogger(TrainCallback):
         self._write_pending()
 
     def before_checkpoint(self, state: TrainState) -> None:
-        if self.writer is not None:  # a resume restarts from the checkpoint: the logs must reach it
-            self.writer.flush()
+        self.session.flush()  # a resume restarts from the checkpoint: the logs must reach it
 
     def on_train_end(self, state: TrainState) -> None:
-        if self.writer is None or self.writer.write_error is None:
-            self._write_pending()
-        interrupted = (state.stop_reason or "").startswith("interrupted")
-        if not interrupted and not state.should_stop:
-            self.monitor.finish()  # the end-of-run judgements (a run stopped early has none)
-        self.summary = {
-            **verdict(self.records, self.monitor.events, finished=not interrupted),
-            "steps_done": state.step if state.diverged_step is None else state.step - 1,
-            "stopped_by": state.stop_reason if state.should_stop else None,
-            "not_judged": sorted(self.monitor.not_judged()),
-        }
-        if interrupted:
-            self.summary["status"] = "interrupted"
-        if self.writer is not None:
-            try:
-                self.writer.close(self.summary)
-            except OSError:
-                if not interrupted:
-                    raise
-                # else the write failure that interrupted the run is already on its way up
-        if self.wandb_run is not None:
-            self.wandb_run.finish(self.summary)
+        if self.recording is not None:
+            self.recording.on_train_end(state)
+        if self.session.writer is None or self.session.writer.write_error is None:
+            self._write_pending()  # after a failed write the store takes nothing more
+        self.session.close(finished=not (state.stop_reason or "").startswith("interrupted"),
+                           stopped_by=state.stop_reason if state.should_stop else None,
+                           steps_done=state.step if state.diverged_step is None else state.step - 1)
 
     def _write_pending(self) -> None:
-        if self.pending is not None and self.writer is not None:
-            self.writer.log(self.pending)
-            if self.wandb_run is not None:
-                self.wandb_run.log_record(self.pending)
-        self.pending = None  # a rank that writes nothing drops it too
+        if self.pending is not None:
+            self.session.write(self.pending)
+        self.pending = None
 
 
 def run_config(spec: RunSpec, model_config: ModelConfig, train_config: TrainConfig,
@@ -199,7 +173,6 @@ def run_one(
     wandb_run = None
     if wandb_mode is not None and main:
         wandb_run = WandbRun(spec.run_id, config, group=wandb_group, mode=wandb_mode, dir=run_dir.parent)
-        sinks = [*sinks, wandb_run]
     monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=thresholds,
                       expected_loss=None if reference is None else reference[1])
     torch.manual_seed(spec.seed)  # the same seed gives the same initial weights
@@ -208,19 +181,17 @@ def run_one(
         train_source, val_batches = task_batches(data, train_config)
     else:
         train_source, val_batches = corpus_batches(data, train_config, model_config.seq_len)
-    logger = RunLogger(run_dir, config, monitor, resume=resume, wandb_run=wandb_run, write=main)
-    with attach(model, log_every=log_every) as recorder:
-        result = train(
-            model, train_source, val_batches, train_config,
-            callbacks=[RecorderCallback(recorder, on_record=logger.on_record), logger],
-            checkpoint_path=run_dir / "checkpoint.pt", resume=resume, on_progress=on_progress,
-        )
-    summary = logger.summary
-    last_resid = next((r["resid_norm"][-1] for r in reversed(logger.records) if r.get("resid_norm")), None)
+    session = RunSession(model, monitor=monitor, run_dir=run_dir, config=config, wandb=wandb_run,
+                         log_every=log_every)
+    result = train(model, train_source, val_batches, train_config,
+                   callbacks=[SessionCallback(session, resume=resume, write=main)],
+                   checkpoint_path=run_dir / CHECKPOINT_FILE, resume=resume, on_progress=on_progress)
+    summary = session.summary
+    last_resid = next((r["resid_norm"][-1] for r in reversed(session.records) if r.get("resid_norm")), None)
     return RunOutcome(
         run_id=spec.run_id, arch=spec.arch, n_loops=spec.n_loops, seed=spec.seed, lr=train_config.lr,
         status=summary["status"], failure_step=summary["step"], signal=summary["signal"],
-        steps_done=result.steps_done, final_train_loss=result.final_train_loss,
+        steps_done=result.steps_done, final_loss=result.final_loss,
         final_val_loss=result.final_val_loss, last_loop_resid_norm=last_resid,
         wall_time_s=result.wall_time_s,
     )

@@ -31,15 +31,15 @@ from typing import Any
 import torch
 
 from loopdiag import distributed
-from loopdiag.evaluation import CHECKPOINT_FILE, LOOP_SCALING_FILE, loop_scaling
+from loopdiag.evaluation import loop_scaling
 from loopdiag.models import ARCHITECTURES
-from loopdiag.runner import RunOutcome, RunSpec, run_one
+from loopdiag.run.runner import RunOutcome, RunSpec, run_one
 from loopdiag.store import write_suite_manifest
-from loopdiag.store._files import SUMMARY_FILE
+from loopdiag.store._files import CHECKPOINT_FILE, LOOP_SCALING_FILE, SUMMARY_FILE
 from loopdiag.store.reference import reference_run
+from loopdiag.run.probe_suite import ProbeSuite
+from loopdiag.run.wandb_logging import forget_outage
 from loopdiag.store.writer import write_failure
-from loopdiag.suite import ProbeSuite
-from loopdiag.wandb_logging import forget_outage
 
 # (kind, run_id, payload): "start" {}, "progress" {step, total, loss}, "event" {event dict},
 # "eval" {}, "done" {status}.
@@ -177,7 +177,7 @@ def _run_cell(job: CellJob, send: Send) -> CellResult:
                                           "loss": metrics.get("train_loss")})),
             )
         evaluated = (job.run_dir / LOOP_SCALING_FILE).is_file() and not job.train
-        looped = not ARCHITECTURES[job.spec.arch](suite.model.with_(n_loops=1)).fixed_depth
+        looped = not ARCHITECTURES[job.spec.arch].fixed_depth
         if (suite.eval_loops and not evaluated and distributed.is_main()
                 and (job.run_dir / CHECKPOINT_FILE).is_file()):
             send(("eval", run_id, {}))

@@ -1,0 +1,84 @@
+"""A run's state, as the trainer's callbacks see it, and its checkpoints: the weights,
+optimizers, RNG states and history a resume restarts from."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from loopdiag.store._files import write_atomically
+from loopdiag.train.config import TrainConfig
+
+
+@dataclass
+class TrainState:
+    """What callbacks see; they may set `should_stop` (and `stop_reason`)."""
+
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    config: TrainConfig
+    step: int = 0  # updates done, counting the one in progress (1-based inside a step)
+    loss: Tensor | None = None  # this step's loss (this rank's own), detached; on the device
+    lr: float = 0.0  # AdamW learning rate this step (config.lr * lr_scale)
+    lr_scale: float = 0.0  # schedule multiplier applied to every param group
+    grad_norm: float | None = None  # pre-clip global norm; None until clipping is done
+    val_loss: float | None = None  # latest validation loss
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per step (loss: mean over ranks)
+    diverged_step: int | None = None  # set when the loss or grad norm is non-finite
+    should_stop: bool = False
+    stop_reason: str | None = None  # a callback's reason, divergence, or interruption
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+                    step: int, extra: dict[str, Any]) -> None:
+    """Write atomically, with the run store's file permissions: a crash mid-write never
+    leaves a torn file.
+
+    Only tensors, primitives, lists, tuples and dicts go in, so loading works with
+    `torch.load(..., weights_only=True)`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+               "step": step, "extra": extra}
+    # Serialised in memory first: torch reports a short write (a full disk) as a RuntimeError,
+    # a plain file write as the OSError callers can tell apart from a bug.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomically(path, lambda handle: handle.write(buffer.getbuffer()))
+
+
+def load_checkpoint(path: str | Path, model: nn.Module,
+                    optimizers: Sequence[torch.optim.Optimizer] = ()) -> tuple[int, dict[str, Any]]:
+    """Restore model (and optimizers, when given) in place; returns (step, extra)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(payload["model"])
+    if optimizers:
+        if len(optimizers) != len(payload["optimizers"]):
+            raise ValueError(f"checkpoint holds {len(payload['optimizers'])} optimizer states, "
+                             f"got {len(optimizers)} optimizers")
+        for optimizer, optimizer_state in zip(optimizers, payload["optimizers"]):
+            optimizer.load_state_dict(optimizer_state)
+    return payload["step"], payload["extra"]
+
+
+def save_run_checkpoint(path: str | Path, state: TrainState, generator: torch.Generator) -> None:
+    model_config = getattr(state.model, "config", None)
+    extra: dict[str, Any] = {
+        "generator_state": generator.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "history": state.history,
+        "train_config": dataclasses.asdict(state.config),
+        "model_config": (dataclasses.asdict(model_config)
+                         if dataclasses.is_dataclass(model_config) else None),
+    }
+    if torch.device(state.config.device).type == "cuda":
+        extra["cuda_rng_state"] = torch.cuda.get_rng_state_all()
+    save_checkpoint(path, state.model, state.optimizers, state.step, extra)
