@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from loopdiag.detect.monitor import CallbackSink, Monitor
 from loopdiag.models import build_model, preset
 from loopdiag.run.runner import RunSpec, SessionCallback, run_one
 from loopdiag.run.session import RunSession
-from loopdiag.store import load_run
+from loopdiag.store import load_run, read_records
 from loopdiag.train import TrainCallback, TrainConfig, corpus_batches, train
 from run_files import tiny_model_config
 
@@ -117,6 +118,20 @@ def test_killed_run_loads_and_resumes_without_duplicate_steps(tmp_path):
     assert resumed.steps["loss"].tolist() == reference.steps["loss"].tolist()
     assert resumed.summary["status"] == "stable"
     assert len(resumed.config["run_info"]["resumes"]) == 1
+
+
+def test_a_resumed_run_records_what_an_uninterrupted_one_records(tmp_path):
+    """Stopped at its checkpoint and resumed: every statistic of every step, also those over
+    a window of steps (gradient cosine and sign flips need the step before, the gradient
+    norm's spread the last 32), because the checkpoint carries the recorder's window."""
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    run_one(*resumable_run(stopped, 28))  # a multiple of eval_every: its final evaluation is due anyway
+    run_one(*resumable_run(stopped, 40), resume=True)
+    run_one(*resumable_run(straight, 40))
+    ours, theirs = read_records(stopped), read_records(straight)
+    assert [record["step"] for record in ours] == list(range(1, 41))
+    assert json.dumps(ours) == json.dumps(theirs)  # NaN equals NaN as JSON
+    assert {"grad_cos", "sign_flip", "gnorm_cv", "gnorm_autocorr"} <= ours[-1].keys()
 
 
 def test_a_run_interrupted_while_it_starts_is_closed_as_interrupted(tmp_path, corpus):

@@ -9,6 +9,8 @@ from loopdiag.probes.recorder import LoopRecorder
 from loopdiag.train.checkpoint import TrainState
 from loopdiag.train.trainer import TrainCallback
 
+RECORDER_STATE = "loop_recorder"  # its key in a checkpoint's callback state
+
 
 class RecorderCallback(TrainCallback):
     """Feeds the trainer's steps to `recorder` and passes each finished record to
@@ -26,7 +28,13 @@ class RecorderCallback(TrainCallback):
         self.on_record = on_record
 
     def on_train_start(self, state: TrainState) -> None:
+        saved = state.callback_state.get(RECORDER_STATE)
+        if saved is not None:  # a resume: continue the windows that span steps
+            self.recorder.load_state_dict(saved)
         self.recorder.begin_step(state.step + 1)  # trainer steps are 1-based; resumes continue
+
+    def before_checkpoint(self, state: TrainState) -> None:
+        state.callback_state[RECORDER_STATE] = self.recorder.state_dict()
 
     def after_backward(self, state: TrainState) -> None:
         self.recorder.after_backward()

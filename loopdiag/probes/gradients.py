@@ -70,6 +70,25 @@ class GradientProbe:
         pending["update"] = (vector_norm(self._flat_weights() - snapshot), vector_norm(snapshot))
         return pending
 
+    def state_dict(self) -> dict[str, Any]:
+        """The norm window and the gradient kept for the next logged step: what a resumed
+        run needs to record the same oscillation statistics as one never stopped."""
+        previous = None
+        if self._previous is not None:
+            step, flat, norm = self._previous
+            previous = {"step": step, "grad": flat.detach().cpu(), "norm": float(norm)}
+        return {"norms": [float(norm) for norm in self.norms], "previous": previous}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.norms.clear()
+        self.norms.extend(state["norms"])
+        previous = state["previous"]
+        self._previous = None
+        if previous is not None:
+            device = self.shared[0].device
+            self._previous = (previous["step"], previous["grad"].to(device),
+                              torch.tensor(previous["norm"], device=device))
+
     def discard(self) -> None:
         self._pending = self._snapshot = None
 

@@ -161,6 +161,14 @@ class LoopRecorder:
         """Long format: columns step, loop (1-based), stat, value."""
         return records_loop_frame(self.records)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the statistics that span steps (the
+        gradient-oscillation window); a checkpoint stores it."""
+        return {"gradients": self._grads.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._grads.load_state_dict(state["gradients"])
+
     def detach(self) -> None:
         """Remove every hook this recorder registered (module and tensor hooks); the records stay."""
         for handle in self._handles:

@@ -105,6 +105,7 @@ class SessionCallback(TrainCallback):
         self._write_pending()
 
     def before_checkpoint(self, state: TrainState) -> None:
+        self.recording.before_checkpoint(state)
         self.session.flush()  # a resume restarts from the checkpoint: the logs must reach it
 
     def on_train_end(self, state: TrainState) -> None:

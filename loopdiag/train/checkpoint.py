@@ -34,6 +34,9 @@ class TrainState:
     diverged_step: int | None = None  # set when the loss or grad norm is non-finite
     should_stop: bool = False
     stop_reason: str | None = None  # a callback's reason, divergence, or interruption
+    # Callbacks' own state that a resume needs (saved by `before_checkpoint`, restored
+    # before `on_train_start`): tensors, numbers, lists and dicts only.
+    callback_state: dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
@@ -75,6 +78,7 @@ def save_run_checkpoint(path: str | Path, state: TrainState, generator: torch.Ge
         "generator_state": generator.get_state(),
         "torch_rng_state": torch.get_rng_state(),
         "history": state.history,
+        "callbacks": state.callback_state,
         "train_config": dataclasses.asdict(state.config),
         "model_config": (dataclasses.asdict(model_config)
                          if dataclasses.is_dataclass(model_config) else None),

@@ -102,6 +102,7 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
         if device.type == "cuda" and "cuda_rng_state" in extra:
             torch.cuda.set_rng_state_all(extra["cuda_rng_state"])
         state.history = extra["history"]
+        state.callback_state = extra.get("callbacks", {})
     model.zero_grad(set_to_none=True)
     loop_kwargs = {} if cfg.n_loops is None else {"n_loops": cfg.n_loops}
     val_batches = list(val_batches)[: cfg.eval_batches]
