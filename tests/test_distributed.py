@@ -1,5 +1,6 @@
 """Data-parallel training under torch.distributed: two gloo processes on CPU against one
-process over the same global batch. Same statistics, one run store, one stop step.
+process over the same global batch, with the model replicated (DDP) or sharded (FSDP2).
+Same statistics, one run store, one stop step.
 
 The two ranks are started once (`two_ranks`) and go through every scenario in turn,
 saving what each saw; the tests compare that with single-process runs made here.
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -35,6 +37,7 @@ WORLD = 2
 TINY = tiny_model_config()
 SPEC = RunSpec("flt", 2)
 CONFIG = TrainConfig(steps=4, batch_size=4, eval_every=2, eval_batches=2)
+SHARDED = replace(CONFIG, parallel="fsdp", eval_batches=3)  # 3: more batches than ranks, unevenly
 LONGER = TrainConfig(steps=8, batch_size=4, eval_every=0)  # runs that should stop at step 3
 FAULT_STEP = 3
 # Two processes differ from one only in the order of float32 sums: DDP all-reduces two
@@ -85,9 +88,9 @@ def tiny_model() -> torch.nn.Module:
     return build_model("flt", TINY.with_(n_loops=2))
 
 
-def costly_records() -> list[dict]:
+def costly_records(parallel: str = "ddp") -> list[dict]:
     """Two steps with the costly statistics (attention, per layer) on every logged step."""
-    model, config = tiny_model(), TrainConfig(steps=2, batch_size=4, eval_every=0)
+    model, config = tiny_model(), TrainConfig(steps=2, batch_size=4, eval_every=0, parallel=parallel)
     source, val = corpus_batches(load_corpus(), config, TINY.seq_len)
     with attach(model, stats="full", costly_every=1) as recorder:
         train(model, source, val, config, callbacks=[RecorderCallback(recorder)])
@@ -113,12 +116,18 @@ def rank_main(rank: int, store_file: str, out: str) -> None:
         seen["same"] = {"steps_done": outcome.steps_done, "loss": outcome.final_loss}
         seen["costly"] = costly_records()
 
+        outcome = run_one(SPEC, TINY, SHARDED, corpus, out_dir / "sharded" / SPEC.run_id)
+        seen["sharded"] = {"steps_done": outcome.steps_done, "loss": outcome.final_loss}
+        seen["sharded_costly"] = costly_records("fsdp")  # attached before the weights are sharded
+
         # residual_blowup judged from the first record on, so a few steps are enough; a
         # stream that grows while the loss does not is a warning, which is what stops here
-        with mock.patch("loopdiag.run.runner.build_model", exploding_on_rank_1):
-            outcome = run_one(SPEC, TINY, LONGER, corpus, out_dir / "blowup" / SPEC.run_id,
-                              stop_on="warn", thresholds={"residual_blowup": {"warmup": 0, "smooth": 1}})
-        seen["blowup"] = {"steps_done": outcome.steps_done, "status": outcome.status}
+        for parallel in ("ddp", "fsdp"):
+            with mock.patch("loopdiag.run.runner.build_model", exploding_on_rank_1):
+                outcome = run_one(SPEC, TINY, replace(LONGER, parallel=parallel), corpus,
+                                  out_dir / f"blowup-{parallel}" / SPEC.run_id, stop_on="warn",
+                                  thresholds={"residual_blowup": {"warmup": 0, "smooth": 1}})
+            seen[f"blowup-{parallel}"] = {"steps_done": outcome.steps_done, "status": outcome.status}
 
         model = tiny_model()
         if rank == 1:  # confident nonsense from step 3: rank 1's own loss soars
@@ -164,6 +173,32 @@ def test_two_ranks_record_what_one_process_records(two_ranks, tmp_path):
     assert rank0["same"]["loss"] == pytest.approx(one.final_loss, **CLOSE)
 
 
+def test_sharded_ranks_record_what_one_process_records(two_ranks, tmp_path):
+    out, (rank0, rank1) = two_ranks
+    one = run_one(SPEC, TINY, SHARDED, load_corpus(), tmp_path / SPEC.run_id)
+    records, reference = read_records(out / "sharded" / SPEC.run_id), read_records(tmp_path / SPEC.run_id)
+    for stat in ("val_loss", "grad_norm/blocks.0.attn", "shared_grad_norm", "grad_cos", "sign_flip", "update_ratio"):
+        assert any(stat in record for record in reference), stat
+    assert_same_records(records, reference)
+    assert rank0["sharded"] == rank1["sharded"]
+    assert rank0["sharded"]["loss"] == pytest.approx(one.final_loss, **CLOSE)
+    assert rank0["sharded_costly"] == rank1["sharded_costly"]
+    assert_same_records(rank0["sharded_costly"], costly_records())
+
+
+def test_a_sharded_checkpoint_holds_the_full_weights(two_ranks, tmp_path):
+    out, _ = two_ranks
+    run_one(SPEC, TINY, SHARDED, load_corpus(), tmp_path / SPEC.run_id)
+    sharded = torch.load(out / "sharded" / SPEC.run_id / "checkpoint.pt", weights_only=True)
+    single = torch.load(tmp_path / SPEC.run_id / "checkpoint.pt", weights_only=True)
+    assert sharded["model"].keys() == single["model"].keys()
+    for name, weight in single["model"].items():
+        # weights ~0.01 to 4, rounding differences of ~5e-6 after Adam's four steps
+        torch.testing.assert_close(sharded["model"][name], weight, rtol=1e-4, atol=2e-5, msg=name)
+    (state,) = sharded["optimizers"]
+    assert len(state["state"]) == len(single["optimizers"][0]["state"])
+
+
 def test_only_rank_0_writes_the_run_store(two_ranks):
     out, _ = two_ranks
     (run_dir,) = (out / "same").iterdir()
@@ -180,10 +215,12 @@ def test_costly_statistics_combine_like_one_process(two_ranks):
     assert_same_records(rank0["costly"], costly_records())
 
 
-def test_collapse_on_rank_1_stops_both_ranks_at_its_step(two_ranks):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_collapse_on_rank_1_stops_both_ranks_at_its_step(two_ranks, parallel):
     out, (rank0, rank1) = two_ranks
-    assert rank0["blowup"] == rank1["blowup"] == {"steps_done": FAULT_STEP, "status": "stable"}
-    run = load_run(out / "blowup" / SPEC.run_id)
+    name = f"blowup-{parallel}"
+    assert rank0[name] == rank1[name] == {"steps_done": FAULT_STEP, "status": "stable"}
+    run = load_run(out / name / SPEC.run_id)
     assert run.summary["stopped_by"].startswith(f"residual_blowup (warn) at step {FAULT_STEP}")
     # The combined record carries rank 1's signal at its true weight: half the tokens of the
     # global batch grew 1e5-fold, so the mean grew about 5e4-fold (not 1e5: rank 0's did not).
