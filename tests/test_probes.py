@@ -406,6 +406,29 @@ def test_costly_tier_attention_and_layers_by_hand():
     assert "attn_entropy" not in rec.end_step(1)  # costly every 2nd logged step
 
 
+@pytest.mark.parametrize("arch", ["looped", "flt"])
+def test_bf16_per_loop_statistics_match_fp32(arch):
+    records, outputs = [], []
+    for bf16 in (False, True):
+        model = tiny(arch, 4)
+        rec, ref = probes.attach(model, stats="full", costly_every=1), Outputs(model.loop_out)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, loss = model(*batch())
+        loss.backward()
+        rec.after_backward()
+        records.append(rec.end_step(0, loss=loss))
+        outputs.append(ref.tensors)
+    fp32, bf16 = records
+    assert bf16["loss"] != fp32["loss"]  # the forward did run in bf16
+    for key in ("resid_norm", "rel_update", "token_corr", "act_grad_norm", "attn_entropy",
+                "attn_max_logit", "resid_norm/layer_01"):
+        # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, a few roundings per loop
+        assert bf16[key] == pytest.approx(fp32[key], rel=3e-2, abs=1e-2, nan_ok=True), key
+    # the bf16 forward's own loop outputs, reduced in fp32 by hand: the recorder's sums are fp32
+    for stat, expected in by_hand([o.float() for o in outputs[1]]).items():
+        assert bf16[stat] == pytest.approx(expected, **APPROX), stat
+
+
 def test_full_stats_on_user_model_skip_costly_tier():
     model = UserLooped("encoder")
     rec, ref = probes.attach(model, "block", stats="full", costly_every=1), Outputs(model.block)
