@@ -257,16 +257,20 @@ TINY_SUITE = textwrap.dedent("""
 """)
 
 
-def test_torchrun_runs_a_suite_with_two_ranks(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_runs_a_suite_with_two_ranks(tmp_path, parallel):
     (tmp_path / "tiny.toml").write_text(TINY_SUITE)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-               "-m", "loopdiag", "run", "tiny.toml", "--wandb", "off", "--out", "out"]
+               "-m", "loopdiag", "run", "tiny.toml", "--wandb", "off", "--out", "out", "--parallel", parallel,
+               "--grad-accum-steps", "2", "--precision", "bf16"]
     done = subprocess.run(command, check=False, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     runs = tmp_path / "out" / "runs"
     assert sorted(path.name for path in runs.iterdir()) == ["flt-k02-s0", "suite.json"]
     assert [record["step"] for record in read_records(runs / "flt-k02-s0")] == [1, 2, 3]
-    assert load_run(runs / "flt-k02-s0").summary["status"] == "stable"
+    run = load_run(runs / "flt-k02-s0")
+    assert run.summary["status"] == "stable"
+    assert (run.config["train"]["parallel"], run.config["train"]["precision"]) == (parallel, "bf16")
     assert (tmp_path / "out" / "report.md").is_file()
     assert done.stdout.count("loopdiag run two-ranks") == 1  # rank 0 speaks for both
