@@ -429,6 +429,35 @@ def test_bf16_per_loop_statistics_match_fp32(arch):
         assert bf16[stat] == pytest.approx(expected, **APPROX), stat
 
 
+def train_steps(model, forward, rec, steps: int = 3) -> list[dict]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        _, loss = forward(*batch(step))
+        loss.backward()
+        rec.after_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        rec.end_step(step, loss=loss)
+    return rec.records
+
+
+@pytest.mark.slow  # compiling forward and backward takes ~10 s on CPU
+def test_compiled_model_records_per_loop_statistics_without_graph_breaks():
+    torch._dynamo.reset()
+    eager = train_steps(model := tiny("flt", 2), model, probes.attach(model))
+    model = tiny("flt", 2)
+    rec = probes.attach(model, log_every=2)  # logged and unlogged steps: one graph each
+    # fullgraph=True: a graph break (one per loop, from a hook) raises instead of falling back
+    compiled = train_steps(model, torch.compile(model, backend="aot_eager", fullgraph=True), rec)
+    assert [r["step"] for r in compiled] == [0, 2]
+    for record, expected in zip(compiled, eager[::2]):
+        assert "act_grad_norm" not in record  # its tensor hook would break the graph
+        assert len(record["resid_norm"]) == 2
+        for key in ("resid_norm", "rel_update", "token_corr", "grad_norm", "shared_grad_norm", "update_ratio"):
+            assert record[key] == pytest.approx(expected[key], **APPROX), key
+    assert compiled[1]["resid_norm"] != compiled[0]["resid_norm"]  # per loop, from this step's forward
+
+
 def test_full_stats_on_user_model_skip_costly_tier():
     model = UserLooped("encoder")
     rec, ref = probes.attach(model, "block", stats="full", costly_every=1), Outputs(model.block)

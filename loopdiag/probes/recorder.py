@@ -211,7 +211,9 @@ class LoopRecorder:
             seqs = as_sequences(x).float()
             sums = reduce_loop_output(seqs, self._prev_output)
         self._prev_output = seqs
-        if x.requires_grad:
+        # A tensor hook that writes outside the graph breaks it, and a break inside the
+        # model's loop sends its whole forward back to eager: compiled, no act_grad_norm.
+        if x.requires_grad and not torch.compiler.is_compiling():
             sums["act_grad"] = None  # filled in by the backward pass
             self._tensor_hooks.append(x.register_hook(functools.partial(self._on_loop_grad, sums)))
         forward.loops.append(sums)
