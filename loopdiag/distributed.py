@@ -1,8 +1,8 @@
-"""Multi-process (torchrun / DDP) helpers: which rank this is, and the few collectives the
+"""Multi-process (torchrun: DDP or FSDP2) helpers: which rank this is, and the few collectives the
 trainer, the recorder and the CLI share.
 
-Data parallel throughout: every rank holds the same weights and trains on its own rows of
-one global batch. Without a process group of more than one rank every helper answers as
+Data parallel throughout: every rank trains on its own rows of one global batch, with the
+same weights (DDP) or its shard of them (FSDP2). Without a process group of more than one rank every helper answers as
 rank 0 of 1 and communicates nothing, so a single-process run pays nothing for them.
 Collectives must be called by every rank at the same point of the program.
 """

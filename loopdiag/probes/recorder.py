@@ -44,6 +44,14 @@ forward statistics combine as under DDP. The recorder may be attached before the
 sharded.
 
 Under torch.autocast the loop statistics are computed in fp32 from the loop's output.
+
+Under torch.compile the module hooks are traced into the model's graph: their reductions
+become graph ops and their bookkeeping (buffers, lists) Dynamo's replayed side effects, so
+`torch.compile(model)` stays one graph (two when `log_every` > 1: collecting or not is a
+guard). The one hook that cannot be traced is the tensor hook behind `act_grad_norm`: it
+writes from the backward pass into a Python dict, a graph break, and a break inside the
+model's loop makes Dynamo run the whole forward eagerly (7 graphs for K = 4 instead of 1).
+So it is not registered while compiling, and compiled forwards record no `act_grad_norm`.
 """
 
 from __future__ import annotations
