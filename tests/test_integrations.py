@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import importlib
+import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import huggingface_hub
 import lightning.pytorch as pl
@@ -147,6 +150,29 @@ def test_lightning_run_that_raises_is_written_as_interrupted(tmp_path):
     run = loopdiag.load_run(tmp_path / "run")
     assert list(run.steps["step"]) == [1, 2] and run.summary["status"] == "interrupted"
     assert not callback.recorder.attached
+
+
+@pytest.mark.processes
+def test_lightning_fsdp2_ranks_record_what_one_process_records(tmp_path):
+    script = Path(__file__).with_name("lightning_sharded.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for folder, command in (("one", [sys.executable, str(script)]),
+                            ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc_per_node", "2", str(script)])):
+        (tmp_path / folder).mkdir()
+        devices = "1" if folder == "one" else "2"
+        done = subprocess.run([*command, str(tmp_path / folder), devices], env=env, capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    rank0, rank1 = (json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1  # combined across ranks: every rank's callback sees one record
+    assert [r["step"] for r in rank0] == [r["step"] for r in one] == [1, 2, 3]
+    for record, expected in zip(rank0, one):
+        assert record.keys() == expected.keys()
+        for key, value in expected.items():
+            tolerance = dict(abs=1e-3) if key == "sign_flip" else dict(rel=1e-4, abs=1e-6, nan_ok=True)
+            assert record[key] == pytest.approx(value, **tolerance), (record["step"], key)
 
 
 def test_lightning_bad_module_names(tmp_path):
