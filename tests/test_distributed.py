@@ -97,6 +97,18 @@ def costly_records(parallel: str = "ddp") -> list[dict]:
     return recorder.records
 
 
+def sharded_resume(corpus, checkpoint) -> dict[str, list[float]]:
+    """Train 4 sharded steps at once, and 2 + 2 resumed from a checkpoint: train losses."""
+    config = replace(CONFIG, parallel="fsdp", eval_every=0)
+    source, val = corpus_batches(corpus, config, TINY.seq_len)
+    losses = {}
+    for name, steps, resume in (("whole", 4, False), ("first", 2, False), ("resumed", 4, True)):
+        path = checkpoint if name != "whole" else checkpoint.with_name("whole.pt")
+        result = train(tiny_model(), source, val, replace(config, steps=steps), checkpoint_path=path, resume=resume)
+        losses[name] = [row["train_loss"] for row in result.history]
+    return losses
+
+
 def exploding_on_rank_1(arch, config):
     model = build_model(arch, config)
     if distributed.rank() == 1:  # its residual stream; the final norm keeps its loss as it was
@@ -119,6 +131,7 @@ def rank_main(rank: int, store_file: str, out: str) -> None:
         outcome = run_one(SPEC, TINY, SHARDED, corpus, out_dir / "sharded" / SPEC.run_id)
         seen["sharded"] = {"steps_done": outcome.steps_done, "loss": outcome.final_loss}
         seen["sharded_costly"] = costly_records("fsdp")  # attached before the weights are sharded
+        seen["sharded_resume"] = sharded_resume(corpus, out_dir / "resume.pt")
 
         # residual_blowup judged from the first record on, so a few steps are enough; a
         # stream that grows while the loss does not is a warning, which is what stops here
@@ -184,6 +197,14 @@ def test_sharded_ranks_record_what_one_process_records(two_ranks, tmp_path):
     assert rank0["sharded"]["loss"] == pytest.approx(one.final_loss, **CLOSE)
     assert rank0["sharded_costly"] == rank1["sharded_costly"]
     assert_same_records(rank0["sharded_costly"], costly_records())
+
+
+def test_a_sharded_run_resumes_from_its_checkpoint_as_if_uninterrupted(two_ranks):
+    _, (rank0, rank1) = two_ranks
+    assert rank0["sharded_resume"] == rank1["sharded_resume"]
+    losses = rank0["sharded_resume"]
+    assert losses["resumed"][:2] == losses["first"]  # the history comes back from the checkpoint
+    assert losses["resumed"] == pytest.approx(losses["whole"], rel=1e-6)
 
 
 def test_a_sharded_checkpoint_holds_the_full_weights(two_ranks, tmp_path):

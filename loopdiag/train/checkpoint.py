@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule
 
+from loopdiag import distributed
 from loopdiag.store._files import write_atomically
 from loopdiag.train.config import TrainConfig
 
@@ -62,12 +63,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizers: Sequence[tor
         optimizer_states = [get_optimizer_state_dict(model, o, options=options) for o in optimizers]
     else:
         model_state, optimizer_states = model.state_dict(), [o.state_dict() for o in optimizers]
-    if not write:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": model_state, "optimizers": optimizer_states, "step": step, "extra": extra}
-    write_atomically(path, functools.partial(torch.save, payload))
+    if write:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"model": model_state, "optimizers": optimizer_states, "step": step, "extra": extra}
+        write_atomically(path, functools.partial(torch.save, payload))
+    if _is_sharded(model):
+        distributed.barrier()  # every rank reads this file to resume: none goes on before it exists
 
 
 def load_checkpoint(path: str | Path, model: nn.Module,
