@@ -132,7 +132,7 @@ def run(
     if not distributed.is_main():
         console.quiet = True  # rank 0 speaks (and writes files) for all ranks
     try:
-        distributed.local_rows(spec.train.batch_size)
+        distributed.local_rows(spec.train.batch_size, spec.train.grad_accum_steps)
     except ValueError as error:
         raise bad_input(str(error)) from None
 

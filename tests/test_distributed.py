@@ -153,6 +153,9 @@ def rank_main(rank: int, store_file: str, out: str) -> None:
         with pytest.raises(ValueError) as error:
             train(tiny_model(), source, val, TrainConfig(steps=1, batch_size=5))
         seen["odd_batch"] = str(error.value)
+        with pytest.raises(ValueError) as error:  # 6 rows: 3 a rank, not 2 micro-batches
+            train(tiny_model(), source, val, TrainConfig(steps=1, batch_size=6, grad_accum_steps=2))
+        seen["odd_micro_batch"] = str(error.value)
     finally:
         dist.destroy_process_group()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(seen))
@@ -262,6 +265,8 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(two_ranks):
     _, (rank0, rank1) = two_ranks
     assert rank0["odd_batch"] == rank1["odd_batch"]
     assert "batch_size 5 does not split over 2 ranks" in rank0["odd_batch"]
+    assert rank0["odd_micro_batch"] == rank1["odd_micro_batch"]
+    assert "3 rows, which do not split into grad_accum_steps=2" in rank0["odd_micro_batch"]
 
 
 TINY_SUITE = textwrap.dedent("""

@@ -51,8 +51,8 @@ ProgressFn = Callable[[int, int, dict[str, Any]], None]
 class TrainCallback:
     """Hooks into `train`; override what you need. Per step the order is:
 
-    forward, backward, `after_backward` (gradients present, before clipping),
-    clip, divergence check, optimizer steps, `after_step` (the clipped gradients are
+    forward and backward (one each per micro-batch), `after_backward` (gradients present,
+    before clipping), clip, divergence check, optimizer steps, `after_step` (the clipped gradients are
     still present; they are cleared right after), evaluation + `on_eval` when due,
     `on_step_end` (whether this step is evaluated and stops is now settled, on every rank),
     `before_checkpoint` when a checkpoint is about to be written.
@@ -101,8 +101,8 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
     generator = torch.Generator().manual_seed(cfg.seed)
     device = distributed.rank_device(cfg.device)
     world = distributed.world_size()
-    rows = distributed.local_rows(cfg.batch_size) if world > 1 else None
-    micro_rows = _micro_rows(cfg, world)
+    rows = distributed.local_rows(cfg.batch_size, cfg.grad_accum_steps) if world > 1 else None
+    micro_rows = cfg.batch_size // world // cfg.grad_accum_steps
     model.to(device).train()
     sharded = world > 1 and cfg.parallel == "fsdp"
     if sharded:
@@ -129,7 +129,7 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
         model, device_ids=None if device.type == "cpu" else [device])
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
                                  enabled=cfg.precision == "bf16")
-    evaluate_rank_share = functools.partial(evaluate, model, n_loops=cfg.n_loops, precision=cfg.precision)
+    evaluate_batches = functools.partial(evaluate, model, n_loops=cfg.n_loops, precision=cfg.precision)
 
     def fire(hook: str) -> None:
         for callback in callbacks:
@@ -183,8 +183,8 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
             last = state.step == cfg.steps or state.should_stop
             if val_batches and eval_due(state):
                 state.val_loss = row["val_loss"] = (
-                    evaluate_rank_share(val_batches) if sharded
-                    else distributed.mean_in_shares(val_batches, evaluate_rank_share))
+                    evaluate_batches(val_batches) if sharded
+                    else distributed.mean_in_shares(val_batches, evaluate_batches))
                 if sharded:
                     model.reshard()  # the root keeps its gathered weights after a forward
                 fire("on_eval")
@@ -214,15 +214,6 @@ def eval_due(state: TrainState) -> bool:
     cfg = state.config
     return (state.step == cfg.steps or state.should_stop
             or bool(cfg.eval_every and state.step % cfg.eval_every == 0))
-
-
-def _micro_rows(cfg: TrainConfig, world: int) -> int:
-    rank_rows = cfg.batch_size // world
-    if rank_rows % cfg.grad_accum_steps:
-        raise ValueError(f"each of the {world} ranks trains on {rank_rows} rows, which do not split "
-                         f"into grad_accum_steps={cfg.grad_accum_steps} micro-batches: use a "
-                         f"batch_size that is a multiple of {world * cfg.grad_accum_steps}")
-    return rank_rows // cfg.grad_accum_steps
 
 
 def _gradient_sync(forward: nn.Module, last: bool) -> contextlib.AbstractContextManager:
