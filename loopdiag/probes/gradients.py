@@ -66,8 +66,7 @@ class GradientProbe:
             with_grad = [(group, p.grad) for group, p in zip(self.groups, params) if p.grad is not None]
             self._pending = {
                 "groups": [group for group, _ in with_grad],
-                "param_squares": [torch.dot(g, g) for g in
-                                  (self._rank_share(grad).reshape(-1) for _, grad in with_grad)],
+                "param_squares": _squares([self._rank_share(grad) for _, grad in with_grad]),
                 "shared_square": shared_square,
                 "window": list(self.norms),
             }
@@ -136,6 +135,13 @@ class GradientProbe:
         return local if counted else local.reshape(-1)[:0]
 
 
+def _squares(tensors: list[Tensor]) -> list[Tensor]:
+    """Each tensor's squared norm, in two fused kernels."""
+    if not tensors:
+        return []
+    norms = torch._foreach_norm(tensors)
+    return list(torch._foreach_mul(norms, norms))
+
+
 def _square_sum(tensors: list[Tensor]) -> Tensor:
-    norms = torch.stack(torch._foreach_norm(tensors))
-    return torch.dot(norms, norms)
+    return torch.stack(_squares(tensors)).sum()
