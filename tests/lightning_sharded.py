@@ -34,7 +34,9 @@ class ShardedLooped(pl.LightningModule):
         self.model = loopdiag.build_model("looped", loopdiag.models.preset("tiny", vocab_size=VOCAB))
 
     def configure_model(self):
-        if self.device_mesh is not None:  # the root only, as loopdiag's own trainer shards
+        if self.device_mesh is not None:  # each block, then the rest: the usual FSDP2 recipe
+            for block in self.model.blocks:
+                fully_shard(block, mesh=self.device_mesh["data_parallel"])
             fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
 
     def training_step(self, batch, batch_idx):
@@ -50,7 +52,7 @@ def main(out: Path, devices: int) -> None:
     tokens = torch.randint(0, VOCAB, (32, SEQ_LEN + 1), generator=torch.Generator().manual_seed(0))
     data = TensorDataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
     sampler = DistributedSampler(data, num_replicas=devices, rank=int(os.environ.get("RANK", 0)), shuffle=False)
-    callback = LoopdiagCallback(module="model")
+    callback = LoopdiagCallback(module="model", stats="full", costly_every=1)  # attention too
     strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                          callbacks=[callback], enable_progress_bar=False, enable_checkpointing=False,

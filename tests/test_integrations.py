@@ -168,6 +168,7 @@ def test_lightning_fsdp2_ranks_record_what_one_process_records(tmp_path):
     rank0, rank1 = (json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1  # combined across ranks: every rank's callback sees one record
     assert [r["step"] for r in rank0] == [r["step"] for r in one] == [1, 2, 3]
+    assert {"attn_entropy", "grad_cos", "update_ratio"} <= rank0[-1].keys()
     for record, expected in zip(rank0, one):
         assert record.keys() == expected.keys()
         for key, value in expected.items():
