@@ -152,20 +152,25 @@ def test_lightning_run_that_raises_is_written_as_interrupted(tmp_path):
     assert not callback.recorder.attached
 
 
-@pytest.mark.processes
-def test_lightning_fsdp2_ranks_record_what_one_process_records(tmp_path):
-    script = Path(__file__).with_name("lightning_sharded.py")
+def one_process_and_two_ranks(script_name: str, out) -> tuple[object, object, object]:
+    """What `tests/<script_name>` wrote: run by one process, and by each of 2 torchrun ranks."""
+    script = Path(__file__).with_name(script_name)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for folder, command in (("one", [sys.executable, str(script)]),
                             ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                      "--nproc_per_node", "2", str(script)])):
-        (tmp_path / folder).mkdir()
+        (out / folder).mkdir()
         devices = "1" if folder == "one" else "2"
-        done = subprocess.run([*command, str(tmp_path / folder), devices], env=env, capture_output=True,
+        done = subprocess.run([*command, str(out / folder), devices], env=env, capture_output=True,
                               text=True, timeout=300, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
-    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
-    rank0, rank1 = (json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1))
+    return tuple(json.loads((out / folder / f"rank{r}.json").read_text())
+                 for folder, r in (("one", 0), ("two", 0), ("two", 1)))
+
+
+@pytest.mark.processes
+def test_lightning_fsdp2_ranks_record_what_one_process_records(tmp_path):
+    one, rank0, rank1 = one_process_and_two_ranks("lightning_sharded.py", tmp_path)
     assert rank0 == rank1  # combined across ranks: every rank's callback sees one record
     assert [r["step"] for r in rank0] == [r["step"] for r in one] == [1, 2, 3]
     assert {"attn_entropy", "grad_cos", "update_ratio"} <= rank0[-1].keys()
@@ -174,6 +179,21 @@ def test_lightning_fsdp2_ranks_record_what_one_process_records(tmp_path):
         for key, value in expected.items():
             tolerance = dict(abs=1e-3) if key == "sign_flip" else dict(rel=1e-4, abs=1e-6, nan_ok=True)
             assert record[key] == pytest.approx(value, **tolerance), (record["step"], key)
+
+
+@pytest.mark.processes
+def test_huggingface_two_ranks_record_the_trainers_gradient(tmp_path):
+    one, rank0, rank1 = one_process_and_two_ranks("huggingface_ranks.py", tmp_path)
+    assert rank0["records"] == rank1["records"]
+    records = rank0["records"]
+    assert [r["step"] for r in records] == [r["step"] for r in one["records"]] == [1, 2, 3]
+    # the gradient the Trainer steps with: its own logged norm (on 2 ranks the Trainer's
+    # gradient is twice one process's; the probes report it as it is)
+    assert [r["grad_norm"] for r in records] == pytest.approx(rank0["trainer_grad_norms"], rel=1e-5)
+    # forward statistics of the same global batch, combined across ranks
+    for record, expected in zip(records, one["records"]):
+        for key in ("resid_norm", "token_corr"):
+            assert record[key] == pytest.approx(expected[key], rel=1e-4), (record["step"], key)
 
 
 def test_lightning_bad_module_names(tmp_path):
