@@ -95,6 +95,12 @@ def run(
     optimizer: Annotated[str | None, typer.Option(help="adamw, or muon (Muon for block matrices).")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant-decay (the paper's) or cosine.")] = None,
     log_every: Annotated[int | None, typer.Option(help="Record probe statistics every n steps.")] = None,
+    grad_accum_steps: Annotated[int | None, typer.Option(
+        help="Micro-batches per update (each batch_size / n rows).", show_default=False)] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="fp32, or bf16 (forwards under autocast; weights and statistics fp32).", show_default=False)] = None,
+    parallel: Annotated[str | None, typer.Option(
+        help="Under torchrun: ddp (replicated weights) or fsdp (sharded, FSDP2).", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
         help="Report folder; the run store goes in its runs/. Default: reports/<suite name>.")] = None,
     wandb: Annotated[str, typer.Option(help="off, offline (no account; `wandb sync` uploads later) or online.")] = "offline",
@@ -117,7 +123,8 @@ def run(
 ) -> None:
     """Train a probe suite (architectures x loop counts x learning rates x seeds) with the
     probes and live collapse alerts, then write the report and print the stability table.
-    Under `torchrun --nproc_per_node N` all N ranks train each run together (DDP)."""
+    Under `torchrun --nproc_per_node N` all N ranks train each run together (DDP, or FSDP2
+    with --parallel fsdp)."""
     from loopdiag import distributed
     from loopdiag.console import LiveProgress
     from loopdiag.run.launch import cell_filter, cpu_count, run_suite, shard_cells
@@ -139,6 +146,7 @@ def run(
         spec = load_probe_suite(find_suite(suite))
         spec = apply_overrides(spec, loops=loops, archs=arch, steps=steps, lrs=lr, seeds=seeds, data=data,
                                size=size, optimizer=optimizer, schedule=schedule, log_every=log_every,
+                               grad_accum_steps=grad_accum_steps, precision=precision, parallel=parallel,
                                stop_on_collapse=stop_on_collapse, quick=quick)
         spec.data.load()  # a missing or unreadable corpus fails here, before any run
     except ValueError as error:  # SuiteError and DataError included
@@ -148,7 +156,7 @@ def run(
     if not distributed.is_main():
         console.quiet = True  # rank 0 speaks (and writes files) for all ranks
     try:
-        distributed.local_rows(spec.train.batch_size)
+        distributed.local_rows(spec.train.batch_size, spec.train.grad_accum_steps)
     except ValueError as error:
         raise bad_input(str(error)) from None
 

@@ -1,8 +1,8 @@
-"""Multi-process (torchrun / DDP) helpers: which rank this is, and the few collectives the
+"""Multi-process (torchrun: DDP or FSDP2) helpers: which rank this is, and the few collectives the
 trainer, the recorder and the CLI share.
 
-Data parallel throughout: every rank holds the same weights and trains on its own rows of
-one global batch. Without a process group of more than one rank every helper answers as
+Data parallel throughout: every rank trains on its own rows of one global batch, with the
+same weights (DDP) or its shard of them (FSDP2). Without a process group of more than one rank every helper answers as
 rank 0 of 1 and communicates nothing, so a single-process run pays nothing for them.
 Collectives must be called by every rank at the same point of the program.
 """
@@ -60,14 +60,19 @@ def rank_device(device: str) -> torch.device:
     return chosen
 
 
-def local_rows(batch_size: int) -> slice:
-    """This rank's contiguous rows of a global batch of `batch_size` rows."""
+def local_rows(batch_size: int, grad_accum_steps: int = 1) -> slice:
+    """This rank's contiguous rows of a global batch of `batch_size` rows, which it trains on
+    in `grad_accum_steps` equal micro-batches."""
     world = world_size()
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} does not split over {world} ranks: each rank "
                          f"trains on batch_size / {world} rows of the global batch, so use a "
                          f"multiple of {world}")
     rows = batch_size // world
+    if rows % grad_accum_steps:
+        raise ValueError(f"each of the {world} ranks trains on {rows} rows, which do not split into "
+                         f"grad_accum_steps={grad_accum_steps} micro-batches: use a batch_size that "
+                         f"is a multiple of {world * grad_accum_steps}")
     return slice(rank() * rows, (rank() + 1) * rows)
 
 

@@ -163,6 +163,9 @@ def binary_file(tmp_path):
         (["--lr", "-1"], "learning rates must be > 0"),
         (["--optimizer", "sgd"], "TrainConfig.optimizer must be one of"),
         (["--log-every", "0"], "--log-every must be >= 1"),
+        (["--grad-accum-steps", "3"], "TrainConfig.batch_size must be a multiple of grad_accum_steps=3"),
+        (["--precision", "fp16"], "TrainConfig.precision must be one of"),
+        (["--parallel", "zero3"], "TrainConfig.parallel must be one of"),
         (["--wandb", "cloud"], "--wandb must be off, offline or online"),
         (["--jobs", "-1"], "--jobs must be >= 0"),
         (["--resume", "--overwrite"], "contradict"),
@@ -170,7 +173,8 @@ def binary_file(tmp_path):
         (["no/such/suite.toml"], "no such suite file"),
         (["nosuchsuite"], "no suite named 'nosuchsuite': give a .toml path, or one of default, "),
     ],
-    ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "log-every", "wandb", "jobs",
+    ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "log-every", "grad-accum-steps",
+         "precision", "parallel", "wandb", "jobs",
          "resume-overwrite", "missing-data", "missing-suite", "unknown-suite-name"],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):

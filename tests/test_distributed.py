@@ -1,5 +1,6 @@
 """Data-parallel training under torch.distributed: two gloo processes on CPU against one
-process over the same global batch. Same statistics, one run store, one stop step.
+process over the same global batch, with the model replicated (DDP) or sharded (FSDP2).
+Same statistics, one run store, one stop step.
 
 The two ranks are started once (`two_ranks`) and go through every scenario in turn,
 saving what each saw; the tests compare that with single-process runs made here.
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -35,6 +37,7 @@ WORLD = 2
 TINY = tiny_model_config()
 SPEC = RunSpec("flt", 2)
 CONFIG = TrainConfig(steps=4, batch_size=4, eval_every=2, eval_batches=2)
+SHARDED = replace(CONFIG, parallel="fsdp", eval_batches=3)  # 3: more batches than ranks, unevenly
 LONGER = TrainConfig(steps=8, batch_size=4, eval_every=0)  # runs that should stop at step 3
 FAULT_STEP = 3
 # Two processes differ from one only in the order of float32 sums: DDP all-reduces two
@@ -85,13 +88,25 @@ def tiny_model() -> torch.nn.Module:
     return build_model("flt", TINY.with_(n_loops=2))
 
 
-def costly_records() -> list[dict]:
+def costly_records(parallel: str = "ddp") -> list[dict]:
     """Two steps with the costly statistics (attention, per layer) on every logged step."""
-    model, config = tiny_model(), TrainConfig(steps=2, batch_size=4, eval_every=0)
+    model, config = tiny_model(), TrainConfig(steps=2, batch_size=4, eval_every=0, parallel=parallel)
     source, val = corpus_batches(load_corpus(), config, TINY.seq_len)
     with attach(model, stats="full", costly_every=1) as recorder:
         train(model, source, val, config, callbacks=[RecorderCallback(recorder)])
     return recorder.records
+
+
+def sharded_resume(corpus, checkpoint) -> dict[str, list[float]]:
+    """Train 4 sharded steps at once, and 2 + 2 resumed from a checkpoint: train losses."""
+    config = replace(CONFIG, parallel="fsdp", eval_every=0)
+    source, val = corpus_batches(corpus, config, TINY.seq_len)
+    losses = {}
+    for name, steps, resume in (("whole", 4, False), ("first", 2, False), ("resumed", 4, True)):
+        path = checkpoint if name != "whole" else checkpoint.with_name("whole.pt")
+        result = train(tiny_model(), source, val, replace(config, steps=steps), checkpoint_path=path, resume=resume)
+        losses[name] = [row["train_loss"] for row in result.history]
+    return losses
 
 
 def exploding_on_rank_1(arch, config):
@@ -113,14 +128,21 @@ def rank_main(rank: int, store_file: str, out: str) -> None:
         seen["same"] = {"steps_done": outcome.steps_done, "loss": outcome.final_loss}
         seen["costly"] = costly_records()
 
+        outcome = run_one(SPEC, TINY, SHARDED, corpus, out_dir / "sharded" / SPEC.run_id)
+        seen["sharded"] = {"steps_done": outcome.steps_done, "loss": outcome.final_loss}
+        seen["sharded_costly"] = costly_records("fsdp")  # attached before the weights are sharded
+        seen["sharded_resume"] = sharded_resume(corpus, out_dir / "resume.pt")
+
         # residual_explosion with its baseline at the first record, so a few steps are
         # enough; a stream that explodes before any loss history can say the model still
         # learns is a warning, which is what stops here
-        with mock.patch("loopdiag.run.runner.build_model", exploding_on_rank_1):
-            outcome = run_one(SPEC, TINY, LONGER, corpus, out_dir / "blowup" / SPEC.run_id,
-                              stop_on="warn", thresholds={"residual_explosion": {
-                                  "warmup": 0, "baseline_window": 1, "smooth": 1}})
-        seen["blowup"] = {"steps_done": outcome.steps_done, "status": outcome.status}
+        for parallel in ("ddp", "fsdp"):
+            with mock.patch("loopdiag.run.runner.build_model", exploding_on_rank_1):
+                outcome = run_one(SPEC, TINY, replace(LONGER, parallel=parallel), corpus,
+                                  out_dir / f"blowup-{parallel}" / SPEC.run_id, stop_on="warn",
+                                  thresholds={"residual_explosion": {
+                                      "warmup": 0, "baseline_window": 1, "smooth": 1}})
+            seen[f"blowup-{parallel}"] = {"steps_done": outcome.steps_done, "status": outcome.status}
 
         model = tiny_model()
         if rank == 1:  # confident nonsense from step 3: rank 1's own loss soars
@@ -133,6 +155,9 @@ def rank_main(rank: int, store_file: str, out: str) -> None:
         with pytest.raises(ValueError) as error:
             train(tiny_model(), source, val, TrainConfig(steps=1, batch_size=5))
         seen["odd_batch"] = str(error.value)
+        with pytest.raises(ValueError) as error:  # 6 rows: 3 a rank, not 2 micro-batches
+            train(tiny_model(), source, val, TrainConfig(steps=1, batch_size=6, grad_accum_steps=2))
+        seen["odd_micro_batch"] = str(error.value)
     finally:
         dist.destroy_process_group()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(seen))
@@ -166,6 +191,40 @@ def test_two_ranks_record_what_one_process_records(two_ranks, tmp_path):
     assert rank0["same"]["loss"] == pytest.approx(one.final_loss, **CLOSE)
 
 
+def test_sharded_ranks_record_what_one_process_records(two_ranks, tmp_path):
+    out, (rank0, rank1) = two_ranks
+    one = run_one(SPEC, TINY, SHARDED, load_corpus(), tmp_path / SPEC.run_id)
+    records, reference = read_records(out / "sharded" / SPEC.run_id), read_records(tmp_path / SPEC.run_id)
+    for stat in ("val_loss", "grad_norm/blocks.0.attn", "shared_grad_norm", "grad_cos", "sign_flip", "update_ratio"):
+        assert any(stat in record for record in reference), stat
+    assert_same_records(records, reference)
+    assert rank0["sharded"] == rank1["sharded"]
+    assert rank0["sharded"]["loss"] == pytest.approx(one.final_loss, **CLOSE)
+    assert rank0["sharded_costly"] == rank1["sharded_costly"]
+    assert_same_records(rank0["sharded_costly"], costly_records())
+
+
+def test_a_sharded_run_resumes_from_its_checkpoint_as_if_uninterrupted(two_ranks):
+    _, (rank0, rank1) = two_ranks
+    assert rank0["sharded_resume"] == rank1["sharded_resume"]
+    losses = rank0["sharded_resume"]
+    assert losses["resumed"][:2] == losses["first"]  # the history comes back from the checkpoint
+    assert losses["resumed"] == pytest.approx(losses["whole"], rel=1e-6)
+
+
+def test_a_sharded_checkpoint_holds_the_full_weights(two_ranks, tmp_path):
+    out, _ = two_ranks
+    run_one(SPEC, TINY, SHARDED, load_corpus(), tmp_path / SPEC.run_id)
+    sharded = torch.load(out / "sharded" / SPEC.run_id / "checkpoint.pt", weights_only=True)
+    single = torch.load(tmp_path / SPEC.run_id / "checkpoint.pt", weights_only=True)
+    assert sharded["model"].keys() == single["model"].keys()
+    for name, weight in single["model"].items():
+        # weights ~0.01 to 4, rounding differences of ~5e-6 after Adam's four steps
+        torch.testing.assert_close(sharded["model"][name], weight, rtol=1e-4, atol=2e-5, msg=name)
+    (state,) = sharded["optimizers"]
+    assert len(state["state"]) == len(single["optimizers"][0]["state"])
+
+
 def test_only_rank_0_writes_the_run_store(two_ranks):
     out, _ = two_ranks
     (run_dir,) = (out / "same").iterdir()
@@ -182,10 +241,12 @@ def test_costly_statistics_combine_like_one_process(two_ranks):
     assert_same_records(rank0["costly"], costly_records())
 
 
-def test_collapse_on_rank_1_stops_both_ranks_at_its_step(two_ranks):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_collapse_on_rank_1_stops_both_ranks_at_its_step(two_ranks, parallel):
     out, (rank0, rank1) = two_ranks
-    assert rank0["blowup"] == rank1["blowup"] == {"steps_done": FAULT_STEP, "status": "stable"}
-    run = load_run(out / "blowup" / SPEC.run_id)
+    name = f"blowup-{parallel}"
+    assert rank0[name] == rank1[name] == {"steps_done": FAULT_STEP, "status": "stable"}
+    run = load_run(out / name / SPEC.run_id)
     assert run.summary["stopped_by"].startswith(f"residual_explosion (warn) at step {FAULT_STEP}")
     # The combined record carries rank 1's signal at its true weight: half the tokens of the
     # global batch grew 1e5-fold, so the mean grew about 5e4-fold (not 1e5: rank 0's did not).
@@ -206,6 +267,8 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(two_ranks):
     _, (rank0, rank1) = two_ranks
     assert rank0["odd_batch"] == rank1["odd_batch"]
     assert "batch_size 5 does not split over 2 ranks" in rank0["odd_batch"]
+    assert rank0["odd_micro_batch"] == rank1["odd_micro_batch"]
+    assert "3 rows, which do not split into grad_accum_steps=2" in rank0["odd_micro_batch"]
 
 
 TINY_SUITE = textwrap.dedent("""
@@ -222,16 +285,20 @@ TINY_SUITE = textwrap.dedent("""
 """)
 
 
-def test_torchrun_runs_a_suite_with_two_ranks(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_runs_a_suite_with_two_ranks(tmp_path, parallel):
     (tmp_path / "tiny.toml").write_text(TINY_SUITE)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-               "-m", "loopdiag", "run", "tiny.toml", "--wandb", "off", "--out", "out"]
+               "-m", "loopdiag", "run", "tiny.toml", "--wandb", "off", "--out", "out", "--parallel", parallel,
+               "--grad-accum-steps", "2", "--precision", "bf16"]
     done = subprocess.run(command, check=False, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     runs = tmp_path / "out" / "runs"
     assert sorted(path.name for path in runs.iterdir()) == ["flt-k02-s0", "suite.json"]
     assert [record["step"] for record in read_records(runs / "flt-k02-s0")] == [1, 2, 3]
-    assert load_run(runs / "flt-k02-s0").summary["status"] == "stable"
+    run = load_run(runs / "flt-k02-s0")
+    assert run.summary["status"] == "stable"
+    assert (run.config["train"]["parallel"], run.config["train"]["precision"]) == (parallel, "bf16")
     assert (tmp_path / "out" / "report.md").is_file()
     assert done.stdout.count("loopdiag run two-ranks") == 1  # rank 0 speaks for both

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import importlib
+import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import huggingface_hub
 import lightning.pytorch as pl
@@ -147,6 +150,50 @@ def test_lightning_run_that_raises_is_written_as_interrupted(tmp_path):
     run = loopdiag.load_run(tmp_path / "run")
     assert list(run.steps["step"]) == [1, 2] and run.summary["status"] == "interrupted"
     assert not callback.recorder.attached
+
+
+def one_process_and_two_ranks(script_name: str, out) -> tuple[object, object, object]:
+    """What `tests/<script_name>` wrote: run by one process, and by each of 2 torchrun ranks."""
+    script = Path(__file__).with_name(script_name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for folder, command in (("one", [sys.executable, str(script)]),
+                            ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc_per_node", "2", str(script)])):
+        (out / folder).mkdir()
+        devices = "1" if folder == "one" else "2"
+        done = subprocess.run([*command, str(out / folder), devices], env=env, capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return tuple(json.loads((out / folder / f"rank{r}.json").read_text())
+                 for folder, r in (("one", 0), ("two", 0), ("two", 1)))
+
+
+@pytest.mark.processes
+def test_lightning_fsdp2_ranks_record_what_one_process_records(tmp_path):
+    one, rank0, rank1 = one_process_and_two_ranks("lightning_sharded.py", tmp_path)
+    assert rank0 == rank1  # combined across ranks: every rank's callback sees one record
+    assert [r["step"] for r in rank0] == [r["step"] for r in one] == [1, 2, 3]
+    assert {"attn_entropy", "grad_cos", "update_ratio"} <= rank0[-1].keys()
+    for record, expected in zip(rank0, one):
+        assert record.keys() == expected.keys()
+        for key, value in expected.items():
+            tolerance = dict(abs=1e-3) if key == "sign_flip" else dict(rel=1e-4, abs=1e-6, nan_ok=True)
+            assert record[key] == pytest.approx(value, **tolerance), (record["step"], key)
+
+
+@pytest.mark.processes
+def test_huggingface_two_ranks_record_the_trainers_gradient(tmp_path):
+    one, rank0, rank1 = one_process_and_two_ranks("huggingface_ranks.py", tmp_path)
+    assert rank0["records"] == rank1["records"]
+    records = rank0["records"]
+    assert [r["step"] for r in records] == [r["step"] for r in one["records"]] == [1, 2, 3]
+    # the gradient the Trainer steps with: its own logged norm (on 2 ranks the Trainer's
+    # gradient is twice one process's; the probes report it as it is)
+    assert [r["grad_norm"] for r in records] == pytest.approx(rank0["trainer_grad_norms"], rel=1e-5)
+    # forward statistics of the same global batch, combined across ranks
+    for record, expected in zip(records, one["records"]):
+        for key in ("resid_norm", "token_corr"):
+            assert record[key] == pytest.approx(expected[key], rel=1e-4), (record["step"], key)
 
 
 def test_lightning_bad_module_names(tmp_path):

@@ -406,6 +406,58 @@ def test_costly_tier_attention_and_layers_by_hand():
     assert "attn_entropy" not in rec.end_step(1)  # costly every 2nd logged step
 
 
+@pytest.mark.parametrize("arch", ["looped", "flt"])
+def test_bf16_per_loop_statistics_match_fp32(arch):
+    records, outputs = [], []
+    for bf16 in (False, True):
+        model = tiny(arch, 4)
+        rec, ref = probes.attach(model, stats="full", costly_every=1), Outputs(model.loop_out)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, loss = model(*batch())
+        loss.backward()
+        rec.after_backward()
+        records.append(rec.end_step(0, loss=loss))
+        outputs.append(ref.tensors)
+    fp32, bf16 = records
+    assert bf16["loss"] != fp32["loss"]  # the forward did run in bf16
+    for key in ("resid_norm", "rel_update", "token_corr", "act_grad_norm", "attn_entropy",
+                "attn_max_logit", "resid_norm/layer_01"):
+        # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, a few roundings per loop
+        assert bf16[key] == pytest.approx(fp32[key], rel=3e-2, abs=1e-2, nan_ok=True), key
+    # the bf16 forward's own loop outputs, reduced in fp32 by hand: the recorder's sums are fp32
+    for stat, expected in by_hand([o.float() for o in outputs[1]]).items():
+        assert bf16[stat] == pytest.approx(expected, **APPROX), stat
+
+
+def train_steps(model, forward, rec, steps: int = 3) -> list[dict]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        _, loss = forward(*batch(step))
+        loss.backward()
+        rec.after_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        rec.end_step(step, loss=loss)
+    return rec.records
+
+
+@pytest.mark.slow  # compiling forward and backward takes ~10 s on CPU
+def test_compiled_model_records_per_loop_statistics_without_graph_breaks():
+    torch._dynamo.reset()
+    eager = train_steps(model := tiny("flt", 2), model, probes.attach(model))
+    model = tiny("flt", 2)
+    rec = probes.attach(model, log_every=2)  # logged and unlogged steps: one graph each
+    # fullgraph=True: a graph break (one per loop, from a hook) raises instead of falling back
+    compiled = train_steps(model, torch.compile(model, backend="aot_eager", fullgraph=True), rec)
+    assert [r["step"] for r in compiled] == [0, 2]
+    for record, expected in zip(compiled, eager[::2]):
+        assert "act_grad_norm" not in record  # its tensor hook would break the graph
+        assert len(record["resid_norm"]) == 2
+        for key in ("resid_norm", "rel_update", "token_corr", "grad_norm", "shared_grad_norm", "update_ratio"):
+            assert record[key] == pytest.approx(expected[key], **APPROX), key
+    assert compiled[1]["resid_norm"] != compiled[0]["resid_norm"]  # per loop, from this step's forward
+
+
 def test_full_stats_on_user_model_skip_costly_tier():
     model = UserLooped("encoder")
     rec, ref = probes.attach(model, "block", stats="full", costly_every=1), Outputs(model.block)

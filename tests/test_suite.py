@@ -111,6 +111,10 @@ BAD = [
     ("[train]\nsteps = 10", "train.steps: unknown key"),
     ("[train]\nbatch_size = 0", "train: TrainConfig.batch_size must be an int >= 1"),
     ('[train]\noptimizer = "sgd"', "train: TrainConfig.optimizer must be one of"),
+    ("[train]\ngrad_accum_steps = 0", "train: TrainConfig.grad_accum_steps must be an int >= 1"),
+    ("[train]\nbatch_size = 6\ngrad_accum_steps = 4", "train: TrainConfig.batch_size must be a multiple of"),
+    ('[train]\nprecision = "fp16"', "train: TrainConfig.precision must be one of"),
+    ('[train]\nparallel = "zero3"', "train: TrainConfig.parallel must be one of"),
     ('[data]\ntask = "sorting"', "data.task: unknown task 'sorting'"),
     ('[data]\ntask = "addition"\nhops = 3', "data.hops: unknown key"),
     ('[data]\ntask = "pointer-chasing"\nn_nodes = 26',
@@ -142,10 +146,12 @@ def test_a_missing_suite_file_is_named(tmp_path):
 def test_command_line_options_override_the_file(tmp_path):
     suite = load_probe_suite(write(tmp_path, FULL))
     changed = apply_overrides(suite, loops=2, archs=["standard"], steps=8, lrs=[0.5], seeds=3,
-                              size="default", optimizer="adamw", log_every=1, stop_on_collapse=False)
+                              size="default", optimizer="adamw", log_every=1, stop_on_collapse=False,
+                              grad_accum_steps=2, precision="bf16", parallel="fsdp")
     assert changed.loops == (1, 2) and changed.archs == ("standard",) and changed.train.steps == 8
     assert changed.lrs == (0.5,) and changed.seeds == (0, 1, 2) and changed.model.d_model == 48
     assert changed.train.optimizer == "adamw" and not changed.stop_on_collapse
+    assert (changed.train.grad_accum_steps, changed.train.precision, changed.train.parallel) == (2, "bf16", "fsdp")
     assert changed.data == suite.data and changed.thresholds == suite.thresholds
 
 
@@ -164,6 +170,9 @@ def test_quick_shrinks_the_suite_and_renames_it(tmp_path):
     ({"lrs": [0.0]}, "lrs: learning rates must be > 0"),
     ({"size": "huge"}, "unknown model preset 'huge'"),
     ({"optimizer": "sgd"}, "TrainConfig.optimizer must be one of"),
+    ({"grad_accum_steps": 0}, "TrainConfig.grad_accum_steps must be an int >= 1"),
+    ({"precision": "fp8"}, "TrainConfig.precision must be one of"),
+    ({"parallel": "tp"}, "TrainConfig.parallel must be one of"),
 ])
 def test_bad_options_are_refused_with_the_reason(options, reason):
     suite = load_probe_suite(PROBES / "default.toml")

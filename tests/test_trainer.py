@@ -304,10 +304,60 @@ def test_evaluate_restores_mode_and_averages():
     ("betas", (0.9,)), ("schedule", "linear"), ("decay_fraction", 1.5), ("warmup_steps", 300),
     ("min_lr_ratio", 2.0), ("grad_clip", 0.0), ("eval_every", -1), ("eval_batches", 0),
     ("checkpoint_every", -1), ("n_loops", 0), ("muon_lr", 0.0), ("device", "not-a-device"),
+    ("grad_accum_steps", 0), ("grad_accum_steps", 1.5), ("precision", "fp16"), ("parallel", "zero3"),
 ], ids=lambda v: str(v))
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{field} "):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("values,field,reason", [
+    ({"batch_size": 6, "grad_accum_steps": 4}, "batch_size", "a multiple of grad_accum_steps=4"),
+    ({"parallel": "fsdp", "optimizer": "muon"}, "optimizer", "'adamw' with parallel='fsdp'"),
+])
+def test_config_refuses_combinations_that_cannot_train(values, field, reason):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} must be {reason}"):
+        TrainConfig(**values)
+
+
+def deterministic_model() -> TinyLooped:
+    model = tiny_model()
+    model.dropout.p = 0.0  # micro-batches draw dropout masks in another order
+    return model
+
+
+def test_accumulated_micro_batches_train_like_one_full_batch():
+    from loopdiag.probes import RecorderCallback, attach
+
+    runs = []
+    for accum in (1, 2, 4):
+        model = deterministic_model()
+        with attach(model, loop_module="block") as recorder:
+            result = train(model, next_token_batches, val_set(), config(steps=4, grad_accum_steps=accum),
+                           callbacks=[RecorderCallback(recorder)])
+        runs.append((result, recorder.records, model.state_dict(), model.loops_seen))
+    (full, full_records, full_weights, full_loops) = runs[0]
+    assert len(full_loops) == 4 + 2  # 4 steps, then one evaluation of 2 batches
+    for accum, (result, records, weights, loops) in zip((2, 4), runs[1:]):
+        assert len(loops) == 4 * accum + 2  # one forward per micro-batch
+        for row, expected in zip(result.history, full.history):
+            assert row.keys() == expected.keys()
+            for key in row.keys() - {"step", "lr"}:
+                assert row[key] == pytest.approx(expected[key], rel=1e-5), (accum, key)
+        for record, expected in zip(records, full_records):
+            for key in ("resid_norm", "rel_update", "shared_grad_norm", "update_ratio"):
+                assert record[key] == pytest.approx(expected[key], rel=1e-4, nan_ok=True), (accum, key)
+        for name, weight in full_weights.items():
+            torch.testing.assert_close(weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bf16_trains_close_to_fp32():
+    results = [train(deterministic_model(), next_token_batches, val_set(), config(steps=5, precision=precision))
+               for precision in ("fp32", "bf16")]
+    fp32, bf16 = ([row["train_loss"] for row in result.history] for result in results)
+    assert fp32 == pytest.approx(bf16, rel=2e-2)  # bf16 keeps ~3 significant digits
+    assert fp32 != bf16  # autocast did run in bf16
+    assert results[1].final_val_loss == pytest.approx(results[0].final_val_loss, rel=2e-2)
 
 
 def test_config_is_asdict_able():

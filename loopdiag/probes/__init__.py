@@ -22,7 +22,8 @@ Per loop:
                   batch (1 = every token points the same way: representation collapse)
   act_grad_norm   |dloss/dx^(k)|_F over the whole output tensor; present when the step's
                   forwards ran with gradients, NaN for a loop whose output got none (a
-                  truncated-backprop loop under no_grad, or no backward before end_step)
+                  truncated-backprop loop under no_grad, or no backward before end_step);
+                  absent in a torch.compile'd forward (its tensor hook would break the graph)
   attn_entropy, attn_max_logit, resid_norm/layer_NN
                   stats="full" on a costly step only: mean attention entropy (nats) and max
                   pre-softmax logit over the loop's attention calls, and the residual norm

@@ -48,7 +48,9 @@ class CostlyProbes:
         x = args[0] if args else kwargs["x"]
         query_source = args[1] if len(args) > 1 else kwargs.get("query_source")
         calls = forward.attention.setdefault(len(forward.loops), [])
-        calls.append(attention_stats(module, x, query_source))
+        with torch.autocast(x.device.type, enabled=False):  # logits and entropy in fp32
+            calls.append(attention_stats(module, x.float(),
+                                         None if query_source is None else query_source.float()))
 
     def _on_block(self, module: Block, args: tuple, output: Tensor) -> None:
         forward = self._costly_forward()

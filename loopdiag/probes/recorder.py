@@ -34,8 +34,24 @@ everywhere). How each combines:
 A spike on one rank's rows stays visible: its tokens are part of every mean, and a
 non-finite value on any rank makes the combined value non-finite. No max is taken where the
 statistic is a mean, so the record still equals a one-process run's and the detectors'
-thresholds keep their meaning. Gradient statistics need no combining: `after_backward`
-comes after backward, when DDP has already averaged the gradients on every rank.
+thresholds keep their meaning. Gradient statistics need no combining under DDP:
+`after_backward` comes after backward, when DDP has already averaged the gradients on
+every rank. Under FSDP2 (`fully_shard`: DTensor parameters and gradients, each rank holding
+a shard of the averaged gradient) the gradient statistics are sums over coordinates taken on
+each rank's shard and added with one more all-reduce per logged step (see
+`loopdiag.probes.gradients`); nothing is gathered. Activations are not sharded, so the
+forward statistics combine as under DDP. The recorder may be attached before the model is
+sharded.
+
+Under torch.autocast the loop statistics are computed in fp32 from the loop's output.
+
+Under torch.compile the module hooks are traced into the model's graph: their reductions
+become graph ops and their bookkeeping (buffers, lists) Dynamo's replayed side effects, so
+`torch.compile(model)` stays one graph (two when `log_every` > 1: collecting or not is a
+guard). The one hook that cannot be traced is the tensor hook behind `act_grad_norm`: it
+writes from the backward pass into a Python dict, a graph break, and a break inside the
+model's loop makes Dynamo run the whole forward eagerly (7 graphs for K = 4 instead of 1).
+So it is not registered while compiling, and compiled forwards record no `act_grad_norm`.
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.linalg import vector_norm
 from torch.utils.hooks import RemovableHandle
 
@@ -75,8 +92,7 @@ class LoopRecorder:
         self.model, self.loop_module = model, loop_module
         self.stats, self.log_every, self.costly_every = stats, log_every, costly_every
         self.records: list[Record] = []
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self._grads = GradientProbe(named, shared_params, window)
+        self._grads = GradientProbe(model, shared_params, window)
         self._step = 0  # the step expected to be running
         self._collecting = self.logs_step(0)
         self._logged_count = 0
@@ -205,10 +221,15 @@ class LoopRecorder:
         if forward is None:  # not collecting, or outside a root forward (recomputation)
             return
         x = _loop_tensor(output)
-        seqs = as_sequences(x)
-        sums = reduce_loop_output(seqs, self._prev_output)
+        # In fp32 whatever the forward's precision: a bf16 sum of T unit vectors loses the
+        # digits token_corr is read from.
+        with torch.autocast(x.device.type, enabled=False):
+            seqs = as_sequences(x).float()
+            sums = reduce_loop_output(seqs, self._prev_output)
         self._prev_output = seqs
-        if x.requires_grad:
+        # A tensor hook that writes outside the graph breaks it, and a break inside the
+        # model's loop sends its whole forward back to eager: compiled, no act_grad_norm.
+        if x.requires_grad and not torch.compiler.is_compiling():
             sums["act_grad"] = None  # filled in by the backward pass
             self._tensor_hooks.append(x.register_hook(functools.partial(self._on_loop_grad, sums)))
         forward.loops.append(sums)
@@ -240,5 +261,7 @@ def _as_scalar(name: str, value: Tensor | float) -> Tensor | float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if isinstance(value, DTensor):  # a norm over sharded gradients (FSDP2's clip_grad_norm_)
+            value = value.full_tensor()
         return value.detach().reshape(())
     return float(value)

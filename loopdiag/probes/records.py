@@ -5,7 +5,7 @@ sync, averaging forwards into per-loop lists, and the flat and long views of a r
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +89,23 @@ def _all_reduce(values: list[Tensor], op: dist.ReduceOp) -> Iterator[Tensor]:
 def to_host(tree: Any) -> Any:
     """The same nested dicts / lists / tuples with every tensor replaced by a Python number,
     all fetched with one `stack(...).tolist()`: a single device sync."""
+    return _map_leaves(tree, lambda packed: iter(packed.tolist()))
+
+
+def sum_over_ranks(tree: Any) -> Any:
+    """The same tree with every tensor (a 0-d sum over this rank's part) replaced by its sum
+    over the ranks: one all-reduce. Every rank calls it alike."""
+
+    def all_reduce(packed: Tensor) -> Iterator[Tensor]:
+        dist.all_reduce(packed)
+        return iter(packed.unbind())
+
+    return _map_leaves(tree, all_reduce)
+
+
+def _map_leaves(tree: Any, on_packed: Callable[[Tensor], Iterator[Any]]) -> Any:
+    """`tree` with its 0-d tensor leaves replaced, in order, by what `on_packed` makes of
+    them stacked into one tensor (on the first leaf's device)."""
     leaves: list[Tensor] = []
 
     def collect(node: Any) -> None:
@@ -105,7 +122,7 @@ def to_host(tree: Any) -> Any:
     if not leaves:
         return tree
     device = leaves[0].device
-    values = iter(torch.stack([leaf.to(device) for leaf in leaves]).tolist())
+    values = on_packed(torch.stack([leaf.to(device) for leaf in leaves]))
 
     def rebuild(node: Any) -> Any:
         if isinstance(node, Tensor):

@@ -226,7 +226,9 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
                     steps: int | None = None, lrs: list[float] | None = None, seeds: int | None = None,
                     data: list[Path] | None = None, size: str | None = None, optimizer: str | None = None,
                     schedule: str | None = None, log_every: int | None = None,
-                    stop_on_collapse: bool | None = None, quick: bool = False) -> ProbeSuite:
+                    grad_accum_steps: int | None = None, precision: str | None = None,
+                    parallel: str | None = None, stop_on_collapse: bool | None = None,
+                    quick: bool = False) -> ProbeSuite:
     """Command-line options over a suite, checked exactly as the file's values are.
 
     `loops` keeps the suite's loop counts below it and adds it; `quick` makes a smoke
@@ -245,7 +247,8 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
     if data:
         raw["data"] = {"files": [str(Path(path).resolve()) for path in data]}
     for section, key, value in (("model", "preset", size), ("train", "optimizer", optimizer),
-                                ("train", "schedule", schedule)):
+                                ("train", "schedule", schedule), ("train", "grad_accum_steps", grad_accum_steps),
+                                ("train", "precision", precision), ("train", "parallel", parallel)):
         if value is not None:
             raw.setdefault(section, {})[key] = value
     if quick:

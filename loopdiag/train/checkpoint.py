@@ -12,7 +12,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
 
+from loopdiag import distributed
 from loopdiag.store._files import write_atomically
 from loopdiag.train.config import TrainConfig
 
@@ -40,39 +49,64 @@ class TrainState:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
-                    step: int, extra: dict[str, Any]) -> None:
+                    step: int, extra: dict[str, Any], *, write: bool = True) -> None:
     """Write atomically, with the run store's file permissions: a crash mid-write never
     leaves a torn file.
 
     Only tensors, primitives, lists, tuples and dicts go in, so loading works with
-    `torch.load(..., weights_only=True)`.
+    `torch.load(..., weights_only=True)`. A sharded (FSDP) model's full weights and optimizer
+    states are gathered to rank 0's CPU, so every rank calls it and only one writes.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-               "step": step, "extra": extra}
-    # Serialised in memory first: torch reports a short write (a full disk) as a RuntimeError,
-    # a plain file write as the OSError callers can tell apart from a bug.
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_atomically(path, lambda handle: handle.write(buffer.getbuffer()))
+    if _is_sharded(model):
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()  # an evaluation forward leaves the root's weights gathered
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=options)
+        optimizer_states = [get_optimizer_state_dict(model, o, options=options) for o in optimizers]
+    else:
+        model_state, optimizer_states = model.state_dict(), [o.state_dict() for o in optimizers]
+    if write:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"model": model_state, "optimizers": optimizer_states, "step": step, "extra": extra}
+        # Serialised in memory first: torch reports a short write (a full disk) as a
+        # RuntimeError, a plain file write as the OSError callers can tell apart from a bug.
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        write_atomically(path, lambda handle: handle.write(buffer.getbuffer()))
+    if _is_sharded(model):
+        distributed.barrier()  # every rank reads this file to resume: none goes on before it exists
 
 
 def load_checkpoint(path: str | Path, model: nn.Module,
                     optimizers: Sequence[torch.optim.Optimizer] = ()) -> tuple[int, dict[str, Any]]:
     """Restore model (and optimizers, when given) in place; returns (step, extra)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(payload["model"])
+    sharded = _is_sharded(model)
+    if sharded:  # every rank reads the full file and keeps its shards
+        set_model_state_dict(model, payload["model"], options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(payload["model"])
     if optimizers:
         if len(optimizers) != len(payload["optimizers"]):
             raise ValueError(f"checkpoint holds {len(payload['optimizers'])} optimizer states, "
                              f"got {len(optimizers)} optimizers")
         for optimizer, optimizer_state in zip(optimizers, payload["optimizers"]):
-            optimizer.load_state_dict(optimizer_state)
+            if sharded:
+                set_optimizer_state_dict(model, optimizer, optimizer_state,
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizer.load_state_dict(optimizer_state)
     return payload["step"], payload["extra"]
 
 
-def save_run_checkpoint(path: str | Path, state: TrainState, generator: torch.Generator) -> None:
+def _is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def save_run_checkpoint(path: str | Path, state: TrainState, generator: torch.Generator, *,
+                        write: bool = True) -> None:
     model_config = getattr(state.model, "config", None)
     extra: dict[str, Any] = {
         "generator_state": generator.get_state(),
@@ -85,4 +119,4 @@ def save_run_checkpoint(path: str | Path, state: TrainState, generator: torch.Ge
     }
     if torch.device(state.config.device).type == "cuda":
         extra["cuda_rng_state"] = torch.cuda.get_rng_state_all()
-    save_checkpoint(path, state.model, state.optimizers, state.step, extra)
+    save_checkpoint(path, state.model, state.optimizers, state.step, extra, write=write)

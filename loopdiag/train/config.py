@@ -12,6 +12,8 @@ from loopdiag.detect.base import is_int
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("constant-decay", "cosine")
+PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -37,6 +39,12 @@ class TrainConfig:
     n_loops: int | None = None  # None = the model's configured loop count
     muon_lr: float = 0.02
     device: str = "cpu"
+    # Micro-batches per update: `batch_size` rows make one update, in this many forwards.
+    grad_accum_steps: int = 1
+    # "bf16": forwards under torch.autocast; weights, gradients, optimizer and statistics fp32.
+    precision: str = "fp32"
+    # How torchrun ranks share the model: "ddp" replicates it, "fsdp" shards it (FSDP2).
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         # JSON round-trips turn the tuple into a list; accept that.
@@ -71,6 +79,16 @@ class TrainConfig:
         _check(self.n_loops is None or (is_int(self.n_loops) and self.n_loops >= 1), "n_loops",
                "an int >= 1 or None", self.n_loops)
         _check(_is_number(self.muon_lr) and self.muon_lr > 0, "muon_lr", "> 0", self.muon_lr)
+        _check(is_int(self.grad_accum_steps) and self.grad_accum_steps >= 1, "grad_accum_steps",
+               "an int >= 1", self.grad_accum_steps)
+        _check(self.batch_size % self.grad_accum_steps == 0, "batch_size",
+               f"a multiple of grad_accum_steps={self.grad_accum_steps} (each micro-batch takes "
+               f"batch_size / grad_accum_steps rows)", self.batch_size)
+        _check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}", self.precision)
+        _check(self.parallel in PARALLEL, "parallel", f"one of {PARALLEL}", self.parallel)
+        _check(self.parallel != "fsdp" or self.optimizer == "adamw", "optimizer",
+               "'adamw' with parallel='fsdp' (Muon orthogonalizes whole matrices, FSDP holds "
+               "shards)", self.optimizer)
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):

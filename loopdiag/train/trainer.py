@@ -6,14 +6,25 @@ n_loops=...)` trains. Data comes as a batch source (a callable drawing one (x, y
 from a `torch.Generator`) plus a fixed list of validation batches, so a synthetic task
 plugs in exactly like a corpus.
 
-Under torch.distributed (torchrun) training is data parallel through DDP: every rank draws
-the global batch and trains on its own contiguous rows; the history's loss is the mean over
-ranks; a stop any rank asks for stops every rank on the same step; validation batches are
-shared out; only rank 0 writes checkpoints. No gradient accumulation: one backward a step.
+Under torch.distributed (torchrun) training is data parallel, through DDP or FSDP2
+(`parallel`): every rank draws the global batch and trains on its own contiguous rows; the
+history's loss is the mean over ranks; a stop any rank asks for stops every rank on the
+same step; only rank 0 writes checkpoints. Under DDP validation batches are shared out;
+under FSDP every rank evaluates all of them, since each forward gathers the weights with
+every rank and ranks with unequal shares would wait on each other.
+
+FSDP shards the root module only: a looped model runs its blocks K times a forward, and one
+gather per forward (not one per block call) keeps the communication independent of K, at
+the memory of the full weights while a forward or backward runs.
+
+With `grad_accum_steps` = m each rank's rows are split into m micro-batches, each
+backward of its loss / m; gradients are synchronized over ranks on the last one only. The
+step's loss is the mean of the micro-batches' losses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -24,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from loopdiag import distributed
@@ -38,8 +51,8 @@ ProgressFn = Callable[[int, int, dict[str, Any]], None]
 class TrainCallback:
     """Hooks into `train`; override what you need. Per step the order is:
 
-    forward, backward, `after_backward` (gradients present, before clipping),
-    clip, divergence check, optimizer steps, `after_step` (the clipped gradients are
+    forward and backward (one each per micro-batch), `after_backward` (gradients present,
+    before clipping), clip, divergence check, optimizer steps, `after_step` (the clipped gradients are
     still present; they are cleared right after), evaluation + `on_eval` when due,
     `on_step_end` (whether this step is evaluated and stops is now settled, on every rank),
     `before_checkpoint` when a checkpoint is about to be written.
@@ -88,8 +101,12 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
     generator = torch.Generator().manual_seed(cfg.seed)
     device = distributed.rank_device(cfg.device)
     world = distributed.world_size()
-    rows = distributed.local_rows(cfg.batch_size) if world > 1 else None
+    rows = distributed.local_rows(cfg.batch_size, cfg.grad_accum_steps) if world > 1 else None
+    micro_rows = cfg.batch_size // world // cfg.grad_accum_steps
     model.to(device).train()
+    sharded = world > 1 and cfg.parallel == "fsdp"
+    if sharded:
+        fully_shard(model)  # before the optimizers: it replaces the parameters by DTensors
     optimizers = build_optimizers(model, cfg)
     state = TrainState(model=model, optimizers=optimizers, config=cfg)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
@@ -107,11 +124,13 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
     loop_kwargs = {} if cfg.n_loops is None else {"n_loops": cfg.n_loops}
     val_batches = list(val_batches)[: cfg.eval_batches]
     params = [p for p in model.parameters() if p.requires_grad]
-    # DDP averages the gradients over the ranks during backward; callbacks, evaluation and
-    # checkpoints keep using `model` itself.
-    forward = model if world == 1 else DistributedDataParallel(
+    # DDP and FSDP average the gradients over the ranks during backward; callbacks,
+    # evaluation and checkpoints keep using `model` itself.
+    forward = model if world == 1 or sharded else DistributedDataParallel(
         model, device_ids=None if device.type == "cpu" else [device])
-    writes_checkpoint = checkpoint_path is not None and distributed.is_main()
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
+                                 enabled=cfg.precision == "bf16")
+    evaluate_batches = functools.partial(evaluate, model, n_loops=cfg.n_loops, precision=cfg.precision)
 
     def fire(hook: str) -> None:
         for callback in callbacks:
@@ -131,10 +150,16 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
             set_lr_multiplier(optimizers, state.lr_scale)
             x, y = (t if rows is None else t[rows] for t in train_batches(generator))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            _, loss = forward(x, y, **loop_kwargs)
-            loss.backward()
+            losses = []
+            for start in range(0, x.size(0), micro_rows):
+                part = slice(start, start + micro_rows)
+                with _gradient_sync(forward, last=start + micro_rows >= x.size(0)):
+                    with autocast():
+                        _, loss = forward(x[part], y[part], **loop_kwargs)
+                    (loss / cfg.grad_accum_steps).backward()
+                losses.append(loss.detach())
             state.step += 1
-            state.loss, state.grad_norm = loss.detach(), None
+            state.loss, state.grad_norm = torch.stack(losses).mean(), None
             fire("after_backward")
             grad_norm = _clip_grad_norm(params, cfg.grad_clip)
             # The one host sync per step: the divergence check must happen before the
@@ -158,18 +183,23 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
             model.zero_grad(set_to_none=True)
             last = state.step == cfg.steps or state.should_stop
             if val_batches and eval_due(state):
-                state.val_loss = row["val_loss"] = distributed.mean_in_shares(
-                    val_batches, functools.partial(evaluate, model, n_loops=cfg.n_loops))
+                state.val_loss = row["val_loss"] = (
+                    evaluate_batches(val_batches) if sharded
+                    else distributed.mean_in_shares(val_batches, evaluate_batches))
+                if sharded:
+                    model.reshard()  # the root keeps its gathered weights after a forward
                 fire("on_eval")
             fire("on_step_end")
             agree_to_stop()
             if on_progress is not None:
                 on_progress(state.step, cfg.steps, dict(row))
             last = last or state.should_stop
-            if writes_checkpoint and (
+            if checkpoint_path is not None and (
                     last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)):
-                fire("before_checkpoint")
-                save_run_checkpoint(checkpoint_path, state, generator)
+                if distributed.is_main():
+                    fire("before_checkpoint")
+                # every rank: sharded weights are gathered for rank 0 to write
+                save_run_checkpoint(checkpoint_path, state, generator, write=distributed.is_main())
     except BaseException as exc:
         # Let recorders close their files and mark the run as interrupted, then re-raise.
         state.stop_reason = f"interrupted ({type(exc).__name__})"
@@ -187,11 +217,22 @@ def eval_due(state: TrainState) -> bool:
             or bool(cfg.eval_every and state.step % cfg.eval_every == 0))
 
 
+def _gradient_sync(forward: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Synchronize gradients over ranks on the last micro-batch of a step only."""
+    if isinstance(forward, DistributedDataParallel) and not last:
+        return forward.no_sync()
+    if isinstance(forward, FSDPModule):
+        forward.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
 def _clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> Tensor:
     """Global grad norm before clipping; clips only when `max_norm` is set."""
     if max_norm is not None:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded: summed over ranks
 
 
 def _result(state: TrainState, wall_time_s: float) -> TrainResult:
@@ -213,8 +254,10 @@ def _result(state: TrainState, wall_time_s: float) -> TrainResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_batches: Sequence[Batch], n_loops: int | None = None) -> float:
-    """Mean loss over `val_batches` in eval mode; the model's mode is restored."""
+def evaluate(model: nn.Module, val_batches: Sequence[Batch], n_loops: int | None = None,
+             precision: str = "fp32") -> float:
+    """Mean loss over `val_batches` in eval mode (forwards under bf16 autocast with
+    precision="bf16"); the model's mode is restored."""
     if not val_batches:
         raise ValueError("evaluate needs at least one validation batch")
     device = next(model.parameters()).device
@@ -223,8 +266,9 @@ def evaluate(model: nn.Module, val_batches: Sequence[Batch], n_loops: int | None
     model.eval()
     try:
         # Sum on the device and sync once, not once per batch.
-        total = sum(model(x.to(device), y.to(device), **loop_kwargs)[1].float()
-                    for x, y in val_batches)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            total = sum(model(x.to(device), y.to(device), **loop_kwargs)[1].float()
+                        for x, y in val_batches)
     finally:
         model.train(was_training)
     return total.item() / len(val_batches)
