@@ -179,7 +179,7 @@ def judge_b(accuracy: pd.DataFrame, hops: list[int], idle: dict[tuple[str, int],
 
 def judge_c(accuracy: pd.DataFrame, hops: list[int]) -> Judgement:
     largest_eval = int(accuracy["eval_loops"].max()) if len(accuracy) else 0
-    rows, classes = [], {}
+    rows, classes, flt_changes = [], {}, []
     for arch in LOOPED:
         changes = []
         for k in trained_ks(accuracy, arch):
@@ -196,7 +196,8 @@ def judge_c(accuracy: pd.DataFrame, hops: list[int]) -> Judgement:
         if changes:
             classes[arch] = ("extrapolates" if all(c >= HOLDS for _, c in changes)
                              else "holds" if all(c > -HOLDS for _, c in changes) else "degrades")
-    flt_changes = [(k, float(r["accuracy change"])) for r in rows if r["arch"] == "flt" for k in [r["K"]]]
+        if arch == "flt":
+            flt_changes = changes
     verdict = verdict_of(classes.get("flt") in ("extrapolates", "holds"),
                          any(k >= 2 and c <= -HOLDS for k, c in flt_changes))
     reason = "; ".join(f"{arch} {cls}" for arch, cls in classes.items()) or "no loop-scaling rows"
