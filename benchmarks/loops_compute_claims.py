@@ -25,7 +25,7 @@ from loopdiag.analysis.depth import (
     USEFUL_GAIN,
     depth_accuracy,
     depth_rows,
-    idle_from,
+    loop_states,
     useful_loops,
 )
 from loopdiag.analysis.document import Block, Bullets, Heading, Paragraph, Table, to_markdown
@@ -229,11 +229,8 @@ def judge_claims(suite: SuiteData) -> tuple[dict[str, Judgement], str]:
     table = suite_table(suite)
     accuracy = read_accuracy(suite)
     hops = sorted(accuracy["hops"].unique().tolist())
-    idle, stable = {}, {}
-    for (arch, k), cell in table.groupby(["arch", "n_loops"]):
-        stable[(arch, k)] = bool((cell["status"] == "stable").all())
-        starts = [idle_from(suite.runs[run_id].loop_table("rel_update")) for run_id in cell["run_id"]]
-        idle[(arch, k)] = None if not starts or None in starts else max(starts)
+    states = loop_states(suite, table)
+    idle, stable = states.idle, states.stable
     one_hop = [a for arch in LOOPED if (a := acc(accuracy, arch, 1, 1)) is not None]
     precondition = bool(one_hop) and sum(one_hop) / len(one_hop) >= SOLVES
     status = (f"Precondition: the one-loop looped models reach a mean 1-hop accuracy of "

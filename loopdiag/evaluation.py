@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from loopdiag.analysis.depth import hop_accuracy_metric
 from loopdiag.data import (
     EMBEDDED_CORPUS,
     PointerChasingTask,
@@ -99,10 +100,6 @@ def loop_scaling(run_dir: str | Path, eval_loops: list[int], *, examples: int = 
     frame = pd.DataFrame(rows)
     frame.to_csv(run_dir / LOOP_SCALING_FILE, index=False)
     return frame
-
-
-def hop_accuracy_metric(hops: int) -> str:
-    return f"accuracy_{hops}hop"
 
 
 def _tasks_by_depth(task: SyntheticTask) -> dict[int, SyntheticTask]:

@@ -14,19 +14,26 @@ per-depth metrics are named `accuracy_<h>hop`.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from loopdiag.detect.loops import IDLE_UPDATE
+from loopdiag.store import SuiteData
 
-HOP_METRIC = re.compile(r"^accuracy_(\d+)hop$")
+HOP_METRIC = re.compile(r"^accuracy_(\d+)hop$")  # see `hop_accuracy_metric`
 # A further loop is useful when it raises accuracy (mean over depths) by at least this
 # much: two examples in a hundred, above the ±1.5-point noise of 512 held-out examples at
 # the accuracies that matter.
 USEFUL_GAIN = 0.02
 # Fraction of a run's last records whose median relative update counts as its end state.
 END_FRACTION = 0.1
+
+
+def hop_accuracy_metric(hops: int) -> str:
+    """The loop-scaling metric of accuracy on `hops`-hop examples."""
+    return f"accuracy_{hops}hop"
 
 
 def depth_rows(loop_scaling: pd.DataFrame) -> pd.DataFrame:
@@ -57,28 +64,56 @@ def useful_loops(accuracy: pd.DataFrame, arch: str, train_loops: int) -> int | N
     return int(curve[curve >= best - USEFUL_GAIN].index[0])
 
 
+def end_updates(rel_update: pd.DataFrame) -> pd.Series:
+    """Per loop, the median relative update over the run's last `END_FRACTION` of records.
+    `rel_update` is a run's loop table (steps × loops)."""
+    table = rel_update.dropna(how="all")
+    tail = table.iloc[-max(1, int(np.ceil(len(table) * END_FRACTION))):]
+    return tail.median()
+
+
 def idle_from(rel_update: pd.DataFrame) -> int | None:
     """The first loop k ≥ 2 from which every loop's relative update is below `IDLE_UPDATE`
-    at the end of training (median over the last `END_FRACTION` of records); None when the
-    last loop still moves the stream. `rel_update` is a run's loop table (steps × loops)."""
-    table = rel_update.dropna(how="all")
-    if table.empty or table.shape[1] < 2:
+    at the end of training (`end_updates`); None when the last loop still moves the
+    stream. `rel_update` is a run's loop table (steps × loops)."""
+    values = end_updates(rel_update).to_numpy(dtype=float)
+    if len(values) < 2 or not values[-1] < IDLE_UPDATE:
         return None
-    tail = table.iloc[-max(1, int(np.ceil(len(table) * END_FRACTION))):]
-    ends = tail.median().to_numpy(dtype=float)
-    if not ends[-1] < IDLE_UPDATE:
-        return None
-    first = len(ends)
-    while first > 2 and ends[first - 2] < IDLE_UPDATE:
+    first = len(values)
+    while first > 2 and values[first - 2] < IDLE_UPDATE:
         first -= 1
     return first
 
 
-def end_updates(rel_update: pd.DataFrame) -> pd.Series:
-    """Per loop, the median relative update over the run's last `END_FRACTION` of records."""
-    table = rel_update.dropna(how="all")
-    tail = table.iloc[-max(1, int(np.ceil(len(table) * END_FRACTION))):]
-    return tail.median()
+@dataclass
+class LoopStates:
+    """What each cell's loops did by the end of training, from one read of every run's
+    relative update: `updates` (arch, train_loops, loop, value) per run, and per cell
+    (arch, K) `idle` (the latest idle loop over seeds; None unless every seed's loops go
+    idle) and `stable` (every seed's verdict stable)."""
+
+    updates: pd.DataFrame
+    idle: dict[tuple[str, int], int | None]
+    stable: dict[tuple[str, int], bool]
+
+
+def loop_states(suite: SuiteData, table: pd.DataFrame) -> LoopStates:
+    """`LoopStates` of the runs in `table` (a `suite_table` of `suite`)."""
+    frames, idle, stable = [], {}, {}
+    for (arch, n_loops), cell in table.groupby(["arch", "n_loops"], sort=False):
+        starts = []
+        for run_id in cell["run_id"]:
+            updates = suite.runs[run_id].loop_table("rel_update").dropna(how="all")
+            ends = end_updates(updates) if len(updates) else pd.Series(dtype=float)
+            starts.append(idle_from(updates) if len(updates) else None)
+            frames.append(pd.DataFrame({"arch": arch, "train_loops": n_loops,
+                                        "loop": ends.index.to_numpy(dtype=np.int64),
+                                        "value": ends.to_numpy(dtype=float)}))
+        idle[(arch, n_loops)] = None if None in starts or not starts else max(starts)
+        stable[(arch, n_loops)] = bool((cell["status"] == "stable").all())
+    updates = (pd.concat(frames, ignore_index=True) if frames
+               else pd.DataFrame(columns=["arch", "train_loops", "loop", "value"]))
+    return LoopStates(updates, idle, stable)
 
 
 def depth_findings(accuracy: pd.DataFrame, idle: dict[tuple[str, int], int | None],

@@ -23,11 +23,11 @@ from loopdiag.analysis import plots
 from loopdiag.analysis.analyzer import FAILED, LOSS_COLUMNS, explain, run_verdict
 from loopdiag.analysis.depth import (
     IDLE_UPDATE,
+    LoopStates,
     depth_accuracy,
     depth_findings,
     depth_rows,
-    end_updates,
-    idle_from,
+    loop_states,
 )
 from loopdiag.analysis.document import (
     Block,
@@ -90,6 +90,7 @@ def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
     if at_lr.empty:
         raise ValueError(f"reference_lr={lr:g} is none of the suite's learning rates "
                          f"({', '.join(f'{x:g}' for x in lrs)})")
+    depth = _depth(suite, table, loop_scaling)
     run_command = (suite.spec or {}).get("command")
     description = (suite.spec or {}).get("description")
     blocks: list[Block] = [Heading(f"loopdiag report: {suite.name}", 1)]
@@ -102,14 +103,15 @@ def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
         Code(command),
         Paragraph(_scope(table) + _missing(suite)),
         Heading("Findings"),
-        Bullets(findings(table) + _depth_findings(suite, table, loop_scaling)),
+        Bullets(findings(table) + ([] if depth is None else
+                                   depth_findings(depth[0], depth[1].idle, depth[1].stable))),
         Heading("Stability per cell"),
         Table(stability_summary(table)),
     ]
     if len(lrs) > 1:
         blocks += [Heading("Stable learning-rate range"), Table(stable_lr_range(table))]
     blocks += [Heading("Figures")]
-    blocks += _figures(suite, table, at_lr, loop_scaling, out_dir)
+    blocks += _figures(suite, table, at_lr, loop_scaling, depth, out_dir)
     blocks += [Heading("Failed runs")] + _explanations(suite, table, out_dir)
     shown = table[list(REPORT_COLUMNS)].dropna(axis=1, how="all")
     blocks += [Heading("All runs"), Table(shown), Heading("Definitions"), Bullets(DEFINITIONS)]
@@ -156,7 +158,8 @@ def _missing(suite: SuiteData) -> str:
 
 
 def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
-             loop_scaling: pd.DataFrame | None, out_dir: Path) -> list[Block]:
+             loop_scaling: pd.DataFrame | None, depth: tuple[pd.DataFrame, LoopStates] | None,
+             out_dir: Path) -> list[Block]:
     """Figures over every run, and per (arch, K) figures over the runs of one LR (`at_lr`).
     A figure whose data no run holds (a store of summaries only) is skipped with a note."""
     several_lrs = table["lr"].nunique() > 1
@@ -200,14 +203,13 @@ def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
     else:
         skipped.append("Test-time loop scaling: skipped, no run was evaluated at other loop "
                        "counts (`loopdiag eval`, or an [eval] table in the suite file).")
-    depth = _depth_frames(suite, table, loop_scaling)
     if depth is not None:
-        accuracy, updates = depth
+        accuracy, states = depth
         drawn.append(("depth_accuracy", lambda: plots.plot_depth_accuracy(accuracy),
                       "Accuracy per depth (hops) × trained loop count K, each model at its own "
                       "K, mean over seeds."))
         drawn.append(("loop_usefulness",
-                      lambda: plots.plot_loop_usefulness(updates, accuracy, IDLE_UPDATE),
+                      lambda: plots.plot_loop_usefulness(states.updates, accuracy, IDLE_UPDATE),
                       "Per architecture at its largest K: each loop's relative update at the end "
                       "of training (dashed: 1 %) above the accuracy at K' = that loop."))
     blocks: list[Block] = []
@@ -219,39 +221,14 @@ def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
     return blocks
 
 
-def _depth_frames(suite: SuiteData, table: pd.DataFrame, loop_scaling: pd.DataFrame | None
-                  ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """(depth accuracy, end-of-training relative update per loop) when the runs were
-    evaluated per task depth, else None."""
+def _depth(suite: SuiteData, table: pd.DataFrame, loop_scaling: pd.DataFrame | None
+           ) -> tuple[pd.DataFrame, LoopStates] | None:
+    """(depth accuracy, the cells' loop states) when the runs were evaluated per task
+    depth, else None."""
     rows = None if loop_scaling is None else depth_rows(loop_scaling)
     if rows is None or rows.empty:
         return None
-    frames = []
-    for row in table.itertuples():
-        updates = suite.runs[row.run_id].loop_table("rel_update")
-        if len(updates):
-            ends = end_updates(updates)
-            frames.append(pd.DataFrame({"arch": row.arch, "train_loops": row.n_loops,
-                                        "loop": ends.index.to_numpy(dtype=np.int64),
-                                        "value": ends.to_numpy(dtype=float)}))
-    updates = (pd.concat(frames, ignore_index=True) if frames
-               else pd.DataFrame(columns=["arch", "train_loops", "loop", "value"]))
-    return depth_accuracy(rows), updates
-
-
-def _depth_findings(suite: SuiteData, table: pd.DataFrame,
-                    loop_scaling: pd.DataFrame | None) -> list[str]:
-    depth = _depth_frames(suite, table, loop_scaling)
-    if depth is None:
-        return []
-    accuracy, _ = depth
-    idle, stable = {}, {}
-    for (arch, n_loops), cell in table.groupby(["arch", "n_loops"]):
-        stable[(arch, n_loops)] = bool((cell["status"] == "stable").all())
-        starts = [idle_from(suite.runs[run_id].loop_table("rel_update")) for run_id in cell["run_id"]]
-        # idle only when every seed's loops go idle; from the latest such loop
-        idle[(arch, n_loops)] = None if None in starts or not starts else max(starts)
-    return depth_findings(accuracy, idle, stable)
+    return depth_accuracy(rows), loop_states(suite, table)
 
 
 def _loss_frame(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:

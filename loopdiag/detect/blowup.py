@@ -45,7 +45,10 @@ class ResidualBlowupConfig(DetectorConfig):
     # The symptom that makes a blow-up a collapse (see `Symptoms`).
     gap: float = 0.10
     min_progress: float = 0.02
-    stall_window: int = 20  # records over which a loss that fell < min_progress has stalled
+    # Records over which a loss that fell < min_progress has stalled: the window of
+    # `representation_collapse`'s stall rule. A 10-record one read batch noise as stalls
+    # (19 healthy runs of the reference study warned, which that study scores: in-sample).
+    stall_window: int = 20
 
     def _validate(self) -> None:
         require(self.gap > 0 and self.min_progress > 0,
