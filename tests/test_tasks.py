@@ -18,8 +18,9 @@ TASKS = [
     PointerChasingTask(),
     PointerChasingTask(10, 5),
     PointerChasingTask(16, [1, 2, 4, 8]),
+    PointerChasingTask(16, [1, 2, 4, 8], queries=6),
 ]
-TASK_IDS = ["add1", "add3", "add25", "ptr8x3", "ptr10x5", "ptr16xmixed"]
+TASK_IDS = ["add1", "add3", "add25", "ptr8x3", "ptr10x5", "ptr16xmixed", "ptr16x6queries"]
 
 
 def decode(row: torch.Tensor) -> str:
@@ -60,7 +61,7 @@ def test_batch_shapes_and_fixed_length(task):
 def test_targets_ignored_outside_answer(task):
     x, y = task.batch(16, torch.Generator().manual_seed(1))
     scored = y != IGNORE_INDEX
-    assert (scored.sum(dim=1) == task.answer_len).all()
+    assert (scored.sum(dim=1) == len(task.answer_positions)).all()
     # Scored targets are the next input bytes, ending just before the closing newline.
     assert torch.equal(y[:, :-1][scored[:, :-1]], x[:, 1:][scored[:, :-1]])
     assert not scored[:, -1].any()
@@ -131,12 +132,36 @@ def test_mixed_hops_name_the_depth_and_score_per_depth():
     assert {decode(row).split("|")[1][1] for row in deep.batch(16, torch.Generator())[0]} == {"8"}
 
 
+def test_several_queries_ask_from_different_starts_and_every_answer_is_a_target():
+    task = PointerChasingTask(16, [1, 2, 4, 8], queries=5)
+    x, y = task.batch(64, torch.Generator().manual_seed(0))
+    for row_x, row_y in zip(x, y):
+        edges, asked = decode(row_x).split("|")  # x ends on the last answer
+        successor = dict(edges.split(" "))
+        expected = ""
+        for query in asked.split(" "):
+            start, hops, answer = query[0], int(query[1]), query[3]
+            node = start
+            for _ in range(hops):
+                node = successor[node]
+            assert query[2] == ">" and answer == node
+            expected += answer
+        assert len({query[0] for query in asked.split(" ")}) == 5
+        assert decode(row_y[row_y != IGNORE_INDEX]) == expected
+    first = task.at_hops(4)
+    assert first.queries == 1 and first.seq_len < task.seq_len
+    # The first query sits where it does in training, so a causal model scores it alike.
+    assert decode(first.batch(1, torch.Generator())[0][0]).index("|") == decode(x[0]).index("|")
+
+
 @pytest.mark.parametrize(
     "make",
     [lambda: AdditionTask(0), lambda: PointerChasingTask(1), lambda: PointerChasingTask(27),
      lambda: PointerChasingTask(8, 0), lambda: PointerChasingTask(8, 5),
-     lambda: PointerChasingTask(16, []), lambda: PointerChasingTask(26, [1, 10])],
-    ids=["add0", "ptr1node", "ptr27nodes", "ptr0hops", "ptr-wraps", "ptr-no-hops", "ptr-two-digits"],
+     lambda: PointerChasingTask(16, []), lambda: PointerChasingTask(26, [1, 10]),
+     lambda: PointerChasingTask(4, 1, queries=5), lambda: PointerChasingTask(4, 1, queries=0)],
+    ids=["add0", "ptr1node", "ptr27nodes", "ptr0hops", "ptr-wraps", "ptr-no-hops", "ptr-two-digits",
+         "ptr-more-queries-than-starts", "ptr-no-queries"],
 )
 def test_bad_task_parameters(make):
     with pytest.raises(ValueError):

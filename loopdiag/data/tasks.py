@@ -45,12 +45,17 @@ class SyntheticTask(ABC):
         texts = [list((prompt + answer + "\n").encode("ascii")) for prompt, answer in examples]
         tokens = torch.tensor(texts, dtype=torch.long)  # (B, seq_len + 1)
         x, y = tokens[:, :-1], tokens[:, 1:].clone()
-        # y[t] predicts byte t + 1, so the answer bytes are targets at prompt_len - 1 onwards.
-        answer = slice(self.prompt_len - 1, self.prompt_len - 1 + self.answer_len)
+        # y[t] predicts byte t + 1, so an answer byte at position p is the target at p - 1.
         is_answer = torch.zeros(self.seq_len, dtype=torch.bool)
-        is_answer[answer] = True
+        is_answer[[position - 1 for position in self.answer_positions]] = True
         y[:, ~is_answer] = IGNORE_INDEX
         return x.contiguous(), y
+
+    @property
+    def answer_positions(self) -> list[int]:
+        """Where the scored bytes sit in ``prompt + answer``: the answer, unless a task
+        interleaves several answers with its prompt."""
+        return list(range(self.prompt_len, self.prompt_len + self.answer_len))
 
     def describe(self) -> dict:
         return {"task": self.kind, "name": self.name, "seq_len": self.seq_len, **asdict(self)}
@@ -111,15 +116,26 @@ class PointerChasingTask(SyntheticTask):
     ``hops`` may also be a list of hop counts (each at most 9): every example draws one and
     the prompt names it after the start node, ``"ca ab bc|a2>"``. One model then trains on
     every depth at once and `at_hops` scores it per depth in the same layout.
+
+    ``queries`` > 1 asks several questions of one graph, each with its own start (all
+    different) and, with a list of hops, its own depth: ``"ca ab bc|a2>c b1>c"``. Every
+    answer is a target, so one sequence gives ``queries`` answers of supervision where a
+    single query gives one. A later query may lean on earlier answers (a shortcut a
+    first query lacks), so `at_hops` keeps only the first query, which sits where it does in
+    training: accuracy is then per first query, never all-or-none over several.
     """
 
     kind = "pointer-chasing"
     n_nodes: int = 8
     hops: int | tuple[int, ...] = 3
+    queries: int = 1
 
     def __post_init__(self) -> None:
         if not 2 <= self.n_nodes <= len(NODE_LETTERS):
             raise ValueError(f"n_nodes must be in [2, {len(NODE_LETTERS)}], got {self.n_nodes}")
+        if not isinstance(self.queries, int) or not 1 <= self.queries <= self.n_nodes:
+            raise ValueError(f"queries must be in [1, n_nodes={self.n_nodes}] (each asks from "
+                             f"another start), got {self.queries!r}")
         if isinstance(self.hops, (list, tuple)):
             hops = tuple(self.hops)
             if not hops or any(not isinstance(h, int) or not 1 <= h <= 9 for h in hops):
@@ -145,12 +161,23 @@ class PointerChasingTask(SyntheticTask):
 
     @property
     def name(self) -> str:
-        return f"pointer_{self.n_nodes}n_{'-'.join(map(str, self.hop_choices))}h"
+        many = f"_{self.queries}q" if self.queries > 1 else ""
+        return f"pointer_{self.n_nodes}n_{'-'.join(map(str, self.hop_choices))}h{many}"
+
+    @property
+    def _query_len(self) -> int:
+        return 2 + self.names_hops  # "s>" or "sH>"
 
     @property
     def prompt_len(self) -> int:
-        # "xy " pairs without the last space, then "|s>" (or "|sH>" when the prompt names H).
-        return 3 * self.n_nodes - 1 + 3 + self.names_hops
+        # "xy " pairs without the last space and "|", then the queries, each answered and
+        # followed by a space but the last: "s>" (or "sH>" when the prompt names H).
+        return 3 * self.n_nodes + self.queries * self._query_len + 2 * (self.queries - 1)
+
+    @property
+    def answer_positions(self) -> list[int]:
+        first = 3 * self.n_nodes + self._query_len
+        return [first + query * (self._query_len + 2) for query in range(self.queries)]
 
     @property
     def answer_len(self) -> int:
@@ -165,16 +192,23 @@ class PointerChasingTask(SyntheticTask):
             for position, node in enumerate(cycle):
                 successor[node] = cycle[(position + 1) % self.n_nodes]
             order = torch.randperm(self.n_nodes, generator=generator).tolist()
-            start = int(torch.randint(self.n_nodes, (1,), generator=generator))
-            hops = choices[0]
-            if len(choices) > 1:
-                hops = choices[int(torch.randint(len(choices), (1,), generator=generator))]
-            node = start
-            for _ in range(hops):
-                node = successor[node]
             edges = " ".join(NODE_LETTERS[i] + NODE_LETTERS[successor[i]] for i in order)
-            named = str(hops) if self.names_hops else ""
-            pairs.append((f"{edges}|{NODE_LETTERS[start]}{named}>", NODE_LETTERS[node]))
+            if self.queries == 1:  # one draw, so single-query streams stay as they were
+                starts = [int(torch.randint(self.n_nodes, (1,), generator=generator))]
+            else:
+                starts = torch.randperm(self.n_nodes, generator=generator)[:self.queries].tolist()
+            asked = []
+            for start in starts:
+                hops = choices[0]
+                if len(choices) > 1:
+                    hops = choices[int(torch.randint(len(choices), (1,), generator=generator))]
+                node = start
+                for _ in range(hops):
+                    node = successor[node]
+                named = str(hops) if self.names_hops else ""
+                asked.append((f"{NODE_LETTERS[start]}{named}>", NODE_LETTERS[node]))
+            earlier = "".join(f"{query}{answer} " for query, answer in asked[:-1])
+            pairs.append((f"{edges}|{earlier}{asked[-1][0]}", asked[-1][1]))
         return pairs
 
 
