@@ -138,7 +138,7 @@ def test_warmup_baseline_is_why_early_residual_growth_is_not_an_explosion():
     assert fired(replay(records, [ResidualExplosion()])) == []
     # Baselined at the very start, the healthy ×4 switch-on growth would look explosive.
     early = ResidualExplosion(warmup=0, baseline_window=1)
-    assert fired(replay(records, [early]), severity="warn")
+    assert fired(replay(records, [early]), severity="info")
 
 
 # --- each detector on its failure ---------------------------------------------------------
@@ -183,6 +183,29 @@ def test_gradient_oscillation_from_autocorrelation_alone():
     # The 8-record mean passes -0.8 at step 106 (6 of 8 records oscillating), + 4 records.
     assert [e.step for e in events] == [110]
     assert events[0].evidence["mean_grad_cos"] is None
+    assert events[0].severity == "info"  # no loss: nothing says the descent stopped
+
+
+@pytest.mark.parametrize("loss, severity", [
+    (lambda s: 5.0 * 0.998 ** s, "info"),  # falls 4 % per 20 records throughout
+    (lambda s: 5.0 * 0.998 ** min(s, 60), "warn"),  # flat from step 60: stalled
+    (lambda s: 3.0 * (1.2 if s > 80 else 1.0), "warn"),  # 20 % above its best
+])
+def test_gradient_oscillation_warns_only_when_the_loss_stops_falling(loss, severity):
+    records = [{"step": s, "loss": loss(s), "gnorm_autocorr": -0.95 if s > 100 else -0.5}
+               for s in range(1, 200)]
+    events = replay(records, [GradientOscillation()])
+    assert [(e.step, e.severity) for e in events] == [(110, severity)]
+    assert (events[0].evidence["symptom"] is None) == (severity == "info")
+
+
+def test_a_lone_loss_spike_is_information_and_a_lasting_one_warns():
+    lone = replay(with_spikes(make_run(), 1.5, {300}), [LossSpike()])
+    assert [(e.step, e.severity) for e in lone] == [(300, "info")]
+    lasting = replay(with_spikes(make_run(), 1.5, {300, 301}), [LossSpike()])
+    assert [(e.step, e.severity) for e in lasting] == [(300, "info"), (301, "warn")]
+    assert lasting[1].evidence["records_in_a_row"] == 2
+    assert [e.severity for e in replay(with_spikes(make_run(), 2.5, {300}), [LossSpike()])] == ["warn"]
 
 
 def test_residual_explosion_over_steps_warns_then_escalates(collapse):
@@ -201,8 +224,8 @@ def test_residual_explosion_over_steps_warns_then_escalates(collapse):
     assert explosion[1].evidence["growth"] >= 10
 
 
-# Without a loss there is no symptom: growth alone, however large, warns.
-@pytest.mark.parametrize("per_loop, severity", [(1.6, "warn"), (2.5, "warn")])
+# Without a loss there is no symptom: growth alone, however large, is information.
+@pytest.mark.parametrize("per_loop, severity", [(1.6, "info"), (2.5, "info")])
 def test_residual_explosion_over_loops(per_loop, severity):
     # the last loop stays at 8 (no growth over steps); loop 1 shrinks so that the stream
     # grows `per_loop`× per loop from step 101 on
@@ -342,7 +365,7 @@ def test_residual_explosion_does_not_flap_around_its_threshold():
     # after step 300 the residual norm hovers at 2.7× / 3.3× its baseline in blocks of 6
     hover = lambda s: np.where(s > 300, np.where((s // 6) % 2 == 0, 2.7, 3.3), 1.0)  # noqa: E731
     events = replay(make_run(n=500, resid_factor=hover), [ResidualExplosion()])
-    assert [e.severity for e in events] == ["warn"]
+    assert [e.severity for e in events] == ["info"]
 
 
 def test_repeated_loss_spikes_within_cooldown_fire_once():

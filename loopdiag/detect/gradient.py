@@ -1,4 +1,8 @@
-"""Gradient oscillation of the shared weights: the optimiser bouncing across a valley."""
+"""Gradient oscillation of the shared weights: the optimiser bouncing across a valley.
+
+Oscillation is the FLT paper's second cause of a looped collapse, but it hurts only when the
+bouncing stops the descent: gradients that alternate while the loss still falls are
+information, the same gradients while the loss has stalled or risen are a warning."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from loopdiag.detect.base import (
     require,
     window_span,
 )
+from loopdiag.detect.symptoms import Symptoms
 
 
 @dataclass(frozen=True)
@@ -37,8 +42,18 @@ class GradientOscillationConfig(DetectorConfig):
     # slowly (the windows overlap): on simulated healthy 2000-step runs −0.75 fired in 12
     # of 40, −0.8 in none. A shorter recorder window is noisier: use −0.85 there.
     autocorr_threshold: float = -0.8
+    # The loss symptom that makes oscillation a warning (see `Symptoms`): the smoothed loss
+    # ≥ `gap` above its best, or its rolling median < `min_progress` better over
+    # `stall_window` records (the stall rule of `residual_blowup` and
+    # `representation_collapse`).
+    gap: float = 0.10
+    min_progress: float = 0.02
+    stall_window: int = 20
 
     def _validate(self) -> None:
+        require(self.gap > 0 and self.min_progress > 0,
+                f"gap and min_progress must be > 0, got {self.gap}, {self.min_progress}")
+        require(self.stall_window >= 1, f"stall_window must be >= 1, got {self.stall_window}")
         require(self.window >= 1, f"window must be >= 1, got {self.window}")
         require(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
         require(-1 <= self.cos_threshold < 0,
@@ -54,8 +69,9 @@ class GradientOscillation(Detector):
     Rolling means over `window` records of `grad_cos` (cosine between consecutive steps'
     gradients) and `gnorm_autocorr` (lag-1 autocorrelation of the shared-grad-norm
     increments); warn when either is at or below its threshold for `patience` records in
-    a row. `sign_flip` and `gnorm_cv` ride along as evidence. Oscillation precedes many
-    collapses but does not prove one, so it only warns.
+    a row: warn when the loss has stalled or risen (`Symptoms`), info while it still falls
+    (or too early to tell). `sign_flip` and `gnorm_cv` ride along as evidence. Oscillation
+    precedes many collapses but does not prove one, so it never goes critical.
     """
 
     name = "gradient_oscillation"
@@ -66,8 +82,10 @@ class GradientOscillation(Detector):
         self._cos: deque[tuple[int, float]] = deque(maxlen=self.config.window)
         self._autocorr: deque[tuple[int, float]] = deque(maxlen=self.config.window)
         self._streak = 0
+        self._symptoms = Symptoms(self.config.gap, self.config.min_progress, self.config.stall_window)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        self._symptoms.update(record)
         step = record.get("step")
         cos = finite_scalar(record, "grad_cos")
         autocorr = finite_scalar(record, "gnorm_autocorr")
@@ -96,11 +114,22 @@ class GradientOscillation(Detector):
                          f"{mean_autocorr:.2f} (threshold {self.config.autocorr_threshold:.2f})")
         source = self._cos if cos_low else self._autocorr
         message = (f"Gradients oscillate: {' and '.join(parts)} over the last "
-                   f"{self.config.window} records, for {self._streak} records in a row.")
-        return Finding("warn", message, {
+                   f"{self.config.window} records, for {self._streak} records in a row")
+        symptom = self._symptoms.current(representation=False)
+        if symptom is None and self._symptoms.stalled():
+            symptom = f"the loss stopped falling (median {self._symptoms.loss.current_median():.4g})"
+        severity = "warn" if symptom is not None else "info"
+        if symptom is not None:
+            message += f", and {symptom}."
+        elif self._symptoms.loss.progress() is None:
+            message += ", too early to tell whether the loss has stalled."
+        else:
+            message += ", while the loss still falls."
+        return Finding(severity, message, {
             "mean_grad_cos": mean_cos, "mean_gnorm_autocorr": mean_autocorr,
             "sign_flip": finite_scalar(record, "sign_flip"),
             "gnorm_cv": finite_scalar(record, "gnorm_cv"), "streak": self._streak,
+            "symptom": symptom,
             "window": window_span(s for s, _ in source),
             "thresholds": {"cos_threshold": self.config.cos_threshold,
                            "autocorr_threshold": self.config.autocorr_threshold,

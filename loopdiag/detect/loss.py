@@ -69,20 +69,30 @@ class LossSpikeConfig(DetectorConfig):
     # ... and the loss must be ≥ (1 + rel_floor) × the median: late in training the MAD is
     # tiny and a 3 % wobble can score z > 6; tiny-batch healthy runs wobble by up to ~15 %.
     rel_floor: float = 0.2
+    # One record's loss is one batch: a hard batch lifts it once, an unstable step lifts the
+    # next batches' too. So a spike warns when it lasts `persist` records in a row (llm-foundry
+    # waits for a spike to persist as well), or at once when the loss is ≥ `ratio_now` × the
+    # median (llm-foundry's outlier multiplier); a lone smaller one is information.
+    persist: int = 2
+    ratio_now: float = 2.0
 
     def _validate(self) -> None:
         require(self.window >= MIN_HISTORY, f"window must be >= {MIN_HISTORY}, got {self.window}")
         require(self.z > 0, f"z must be > 0, got {self.z}")
         require(self.rel_floor >= 0, f"rel_floor must be >= 0, got {self.rel_floor}")
+        require(self.persist >= 1, f"persist must be >= 1, got {self.persist}")
+        require(self.ratio_now > 1, f"ratio_now must be > 1, got {self.ratio_now}")
 
 
 class LossSpike(Detector):
     """A loss far above its recent typical value: robust z-score over a trailing window.
 
-    z = (loss − median) / (1.4826 · MAD) over the previous `window` finite losses; warn when
-    z ≥ `z` and loss − median ≥ `rel_floor` · |median|. Median and MAD ignore the spike
-    itself and any earlier ones, so a 3× spike stands out however noisy the window. A
-    spike alone is not a failed run, so it only warns.
+    z = (loss − median) / (1.4826 · MAD) over the previous `window` finite losses; a spike
+    is z ≥ `z` and loss − median ≥ `rel_floor` · |median|. Median and MAD ignore the spike
+    itself and any earlier ones, so a 3× spike stands out however noisy the window. Warn
+    when spikes last `persist` records in a row or one reaches `ratio_now` × the median;
+    a lone smaller spike is `info`. A spike alone is not a failed run, so it never goes
+    critical.
     """
 
     name = "loss_spike"
@@ -91,6 +101,7 @@ class LossSpike(Detector):
 
     def _reset_state(self) -> None:
         self._history: deque[tuple[int, float]] = deque(maxlen=self.config.window)
+        self._run = 0  # spikes in a row, this record's included
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         loss = finite_scalar(record, "loss")
@@ -106,15 +117,25 @@ class LossSpike(Detector):
         excess = loss - median
         z = excess / sigma if sigma > 0 else (math.inf if excess > 0 else 0.0)
         if z < self.config.z or excess < self.config.rel_floor * abs(median):
+            self._run = 0
             return None
+        self._run += 1
         ratio = loss / median if median > 0 else math.inf
         message = (f"Loss {loss:.4g} at step {record.get('step')} is {ratio:.2f}× the trailing "
                    f"median {median:.4g} (robust z = {z:.1f} over the last {len(history)} "
-                   f"records).")
-        return Finding("warn", message, {
+                   f"records)")
+        if self._run >= self.config.persist:
+            severity, message = "warn", f"{message}, {self._run} records in a row above it."
+        elif ratio >= self.config.ratio_now:
+            severity, message = "warn", f"{message}."
+        else:
+            severity, message = "info", f"{message}; one batch so far."
+        return Finding(severity, message, {
             "loss": loss, "median": median, "sigma": sigma, "z": z, "ratio": ratio,
+            "records_in_a_row": self._run,
             "window": window_span(step for step, _ in history),
-            "thresholds": {"z": self.config.z, "rel_floor": self.config.rel_floor}})
+            "thresholds": {"z": self.config.z, "rel_floor": self.config.rel_floor,
+                           "persist": self.config.persist, "ratio_now": self.config.ratio_now}})
 
 
 @dataclass(frozen=True)

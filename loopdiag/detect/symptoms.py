@@ -135,7 +135,7 @@ class Symptoms:
     what a model reaches at the end of its training; a run in mid-course is not behind it
     in any sense that tells a collapse, so it is judged at the end, by `failed_to_train`.)"""
 
-    def __init__(self, gap: float, min_progress: float, window: int = 20) -> None:
+    def __init__(self, gap: float, min_progress: float = 0.02, window: int = 20) -> None:
         self.gap, self.min_progress = gap, min_progress
         self.loss = LossTrack(window=window)
         self._record: Mapping[str, Any] = {}
