@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,8 @@ from loopdiag.detect.base import (
     require,
     window_span,
 )
-from loopdiag.detect.trend import mann_kendall_rising_p, sen_line
+from loopdiag.detect.columns import MARGIN, RecordColumns, codes, expand, streaks, trailing_medians
+from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
 # MAD × 1.4826 estimates σ for Gaussian noise, so the robust z reads like a plain z-score.
 MAD_TO_SIGMA = 1.4826
@@ -56,6 +57,11 @@ class NonFinite(Detector):
             return None
         what = " and ".join(f"{key} ({value})" for key, value in bad.items())
         return Finding("critical", f"Non-finite {what} at step {record.get('step')}.", present)
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        (loss, loss_present), (grad, grad_present) = columns.raw("loss"), columns.raw("grad_norm")
+        bad = (loss_present & ~np.isfinite(loss)) | (grad_present & ~np.isfinite(grad))
+        return codes(loss_present | grad_present, bad, certain=True), lambda i: self._check(columns.records[i])
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,11 @@ class LossSpike(Detector):
             return UNJUDGED
         history = list(self._history)
         self._history.append((record.get("step"), loss))
+        return self._spike(record.get("step"), loss, history)
+
+    def _spike(self, step: Any, loss: float, history: list[tuple[Any, float]]
+               ) -> Finding | None | Unjudged:
+        """The judgement of `loss` against the (step, loss) pairs before it."""
         if len(history) < MIN_HISTORY:
             return UNJUDGED
         values = [value for _, value in history]
@@ -108,13 +119,37 @@ class LossSpike(Detector):
         if z < self.config.z or excess < self.config.rel_floor * abs(median):
             return None
         ratio = loss / median if median > 0 else math.inf
-        message = (f"Loss {loss:.4g} at step {record.get('step')} is {ratio:.2f}× the trailing "
+        message = (f"Loss {loss:.4g} at step {step} is {ratio:.2f}× the trailing "
                    f"median {median:.4g} (robust z = {z:.1f} over the last {len(history)} "
                    f"records).")
         return Finding("warn", message, {
             "loss": loss, "median": median, "sigma": sigma, "z": z, "ratio": ratio,
             "window": window_span(step for step, _ in history),
             "thresholds": {"z": self.config.z, "rel_floor": self.config.rel_floor}})
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        # Over the finite losses alone: the j-th is judged against the `window` before it.
+        loss = columns.finite("loss")
+        positions = np.flatnonzero(np.isfinite(loss))
+        losses = loss[positions]
+        medians = np.full(len(losses), math.nan)
+        medians[1:] = trailing_medians(losses, self.config.window)[:-1]
+        excess = losses - medians
+        # A spike needs the loss above the median by rel_floor of it (the z test is left
+        # to the exact judgement, on these few records).
+        maybe = excess >= self.config.rel_floor * np.abs(medians) - MARGIN * (
+            np.abs(losses) + np.abs(medians))
+        enough = np.arange(len(losses)) >= MIN_HISTORY
+        values = losses.tolist()
+        order = {index: j for j, index in enumerate(positions.tolist())}
+
+        def judge(index: int) -> Finding | None | Unjudged:
+            j = order[index]
+            history = [(columns.step(positions[k]), values[k])
+                       for k in range(max(0, j - self.config.window), j)]
+            return self._spike(columns.step(index), values[j], history)
+        return (codes(expand(positions, enough, len(loss), False),
+                      expand(positions, enough & maybe, len(loss), False)), judge)
 
 
 @dataclass(frozen=True)
@@ -172,14 +207,23 @@ class SlowDivergence(Detector):
         steps = np.array([s for s, _ in self._history], dtype=float)
         losses = np.array([value for _, value in self._history])
         p = mann_kendall_rising_p(losses)
-        rise = slope = start = math.nan
-        if p < self.config.alpha:  # the slope (the costly part) only matters then
-            slope, start = sen_line(steps, losses)
-            rise = slope * (steps[-1] - steps[0]) / start if start > 0 else math.nan
+        slope, start, rise = self._rise(p, steps, losses)
         trending = p < self.config.alpha and rise >= self.config.warn_rise
         self._streak = self._streak + 1 if trending else 0
         if self._streak < self.config.patience:
             return None
+        return self._trend(steps, p, slope, start, rise)
+
+    def _rise(self, p: float, steps: np.ndarray, losses: np.ndarray) -> tuple[float, float, float]:
+        """(Theil–Sen slope, fitted start, relative rise over the window); NaN unless the
+        trend is significant: the slope is the costly part and only matters then."""
+        if not p < self.config.alpha:
+            return math.nan, math.nan, math.nan
+        slope, start = sen_line(steps, losses)
+        return slope, start, slope * (steps[-1] - steps[0]) / start if start > 0 else math.nan
+
+    def _trend(self, steps: np.ndarray, p: float, slope: float, start: float,
+               rise: float) -> Finding:
         severity = "critical" if rise >= self.config.critical_rise else "warn"
         message = (f"Loss has risen {100 * rise:.1f}% over the last {len(steps)} records "
                    f"(steps {int(steps[0])}–{int(steps[-1])}; Theil–Sen slope {slope:.3g}/step, "
@@ -191,4 +235,33 @@ class SlowDivergence(Detector):
             "thresholds": {"alpha": self.config.alpha, "warn_rise": self.config.warn_rise,
                            "critical_rise": self.config.critical_rise,
                            "patience": self.config.patience}})
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        # Over the records with a finite loss and an integer step, each judged on the
+        # `window` of them ending there from the window-th on.
+        loss = columns.finite("loss")
+        steps, int_step = columns.int_steps()
+        positions = np.flatnonzero(np.isfinite(loss) & int_step)
+        losses, window_steps = loss[positions], steps[positions].astype(float)
+        n = self.config.window
+        ends = np.arange(n - 1, len(positions))
+        p = np.full(len(positions), math.nan)
+        p[ends] = rolling_rising_p(losses, n)
+        rises = {}
+        for j in np.flatnonzero(p < self.config.alpha).tolist():
+            rises[j] = self._rise(p[j], window_steps[j - n + 1:j + 1], losses[j - n + 1:j + 1])
+        trending = np.zeros(len(positions), dtype=bool)
+        for j, (_, _, rise) in rises.items():
+            trending[j] = rise >= self.config.warn_rise
+        streak = streaks(trending)
+        order = {index: j for j, index in enumerate(positions.tolist())}
+
+        def judge(index: int) -> Finding:
+            j = order[index]
+            self._streak = int(streak[j])
+            return self._trend(window_steps[j - n + 1:j + 1], float(p[j]), *rises[j])
+        judged = np.arange(len(positions)) >= n - 1
+        return (codes(expand(positions, judged, len(loss), False),
+                      expand(positions, streak >= self.config.patience, len(loss), False),
+                      certain=True), judge)
 
