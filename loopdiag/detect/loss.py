@@ -30,6 +30,7 @@ from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_l
 MAD_TO_SIGMA = 1.4826
 # A median and MAD of fewer values than this say nothing about the noise.
 MIN_HISTORY = 3
+SPIKE_CHUNK = 1 << 14  # windows sorted at once
 
 
 @dataclass(frozen=True)
@@ -132,24 +133,55 @@ class LossSpike(Detector):
         loss = columns.finite("loss")
         positions = np.flatnonzero(np.isfinite(loss))
         losses = loss[positions]
+        window = self.config.window
         medians = np.full(len(losses), math.nan)
-        medians[1:] = trailing_medians(losses, self.config.window)[:-1]
+        medians[1:] = trailing_medians(losses, window)[:-1]
         excess = losses - medians
-        # A spike needs the loss above the median by rel_floor of it (the z test is left
-        # to the exact judgement, on these few records).
+        # A spike needs the loss above the median by rel_floor of it: a cheap screen.
         maybe = excess >= self.config.rel_floor * np.abs(medians) - MARGIN * (
             np.abs(losses) + np.abs(medians))
         enough = np.arange(len(losses)) >= MIN_HISTORY
+        full = np.arange(len(losses)) >= window
+        # With a full window the screened records are judged here, with `_spike`'s float
+        # operations on sorted windows: the median of sorted values is the same number.
+        spikes = (maybe & enough & ~full) | _spikes(losses, np.flatnonzero(maybe & full), window,
+                                                    self.config.z, self.config.rel_floor)
         values = losses.tolist()
         order = {index: j for j, index in enumerate(positions.tolist())}
 
         def judge(index: int) -> Finding | None | Unjudged:
             j = order[index]
-            history = [(columns.step(positions[k]), values[k])
-                       for k in range(max(0, j - self.config.window), j)]
+            history = [(columns.step(positions[k]), values[k]) for k in range(max(0, j - window), j)]
             return self._spike(columns.step(index), values[j], history)
         return (codes(expand(positions, enough, len(loss), False),
-                      expand(positions, enough & maybe, len(loss), False)), judge)
+                      expand(positions, spikes, len(loss), False),
+                      certain=expand(positions, full, len(loss), False)), judge)
+
+
+def _spikes(losses: np.ndarray, candidates: np.ndarray, window: int, z: float,
+            rel_floor: float) -> np.ndarray:
+    """Where `LossSpike._spike` fires among `candidates` (positions with `window` losses
+    before them), as a mask over `losses`."""
+    fires = np.zeros(len(losses), dtype=bool)
+    if not len(candidates):
+        return fires
+    windows = np.lib.stride_tricks.sliding_window_view(losses, window)
+    for start in range(0, len(candidates), SPIKE_CHUNK):
+        at = candidates[start:start + SPIKE_CHUNK]
+        history = windows[at - window]
+        median = _middle(np.sort(history, axis=1))
+        sigma = MAD_TO_SIGMA * _middle(np.sort(np.abs(history - median[:, None]), axis=1))
+        excess = losses[at] - median
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where(sigma > 0, excess / sigma, np.where(excess > 0, math.inf, 0.0))
+        fires[at] = ~((score < z) | (excess < rel_floor * np.abs(median)))
+    return fires
+
+
+def _middle(rows: np.ndarray) -> np.ndarray:
+    """`statistics.median` of each sorted row."""
+    half = rows.shape[1] // 2
+    return rows[:, half] if rows.shape[1] % 2 else (rows[:, half - 1] + rows[:, half]) / 2
 
 
 @dataclass(frozen=True)
