@@ -14,6 +14,7 @@ Targets: warm report <= 5 s and <= 1 GB; cold report <= 60 s and <= 2 GB.
 
     python benchmarks/analyzer.py                      # 100 x 10k x 12
     python benchmarks/analyzer.py --runs 4 --steps 200 --loops 4   # a smoke run
+    python benchmarks/analyzer.py --replay 1000000     # detector replay, 100 runs x 10k
 """
 
 from __future__ import annotations
@@ -128,6 +129,43 @@ def measure(store: Path, out: Path, jobs: int) -> dict[str, tuple[float, float]]
             "warm analyze": timed([*loopdiag, "analyze", str(store)])}
 
 
+def measure_replay(records: int, steps: int, sample: int) -> dict[str, float]:
+    """Records/s of replaying the default detectors (`finished=True`) over `records`
+    synthetic records in runs of `steps`, record by record and over whole columns, side
+    by side; the per-record path runs on the first `sample` records and is extrapolated."""
+    from loopdiag.detect import default_detectors, replay
+
+    template = template_records()
+    rng = np.random.default_rng(0)
+    decay = 1.0 + 2.0 * np.exp(-np.arange(steps) / (steps / 10))
+    runs = []
+    for _ in range(max(1, records // steps)):
+        picks = rng.integers(0, len(template), steps).tolist()
+        losses = (np.exp(0.05 * rng.standard_normal(steps)) * decay).tolist()
+        runs.append([{**template[pick], "step": index + 1, "loss": template[pick]["loss"] * loss}
+                     for index, (pick, loss) in enumerate(zip(picks, losses))])
+    total = sum(map(len, runs))
+
+    def rate(path_runs: list[list[dict]], vectorised: bool) -> tuple[float, int]:
+        start, count = time.perf_counter(), 0
+        for run in path_runs:
+            replay(run, default_detectors(), finished=True, vectorised=vectorised)
+            count += len(run)
+        return count / (time.perf_counter() - start), count
+
+    sampled = [run[:sample] for run in runs[:1]] if sample < steps else runs[:max(1, sample // steps)]
+    per_record, measured = rate(sampled, vectorised=False)
+    vectorised, _ = rate(runs, vectorised=True)
+    print(f"replay of the default detectors over {total:,} records ({len(runs)} runs x {steps:,}):")
+    print(f"{'path':<12}{'records/s':>12}{'s for all':>11}")
+    print(f"{'per record':<12}{per_record:>12,.0f}{total / per_record:>11.1f}   "
+          f"(measured on {measured:,} records, extrapolated)")
+    print(f"{'vectorised':<12}{vectorised:>12,.0f}{total / vectorised:>11.1f}   "
+          f"{vectorised / per_record:.0f}x the per-record path; target <= 10 s per 1M records: "
+          f"{'ok' if 1e6 / vectorised <= 10 else 'MISSED'}")
+    return {"per_record": per_record, "vectorised": vectorised}
+
+
 def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=100)
@@ -137,7 +175,14 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
                         help="processes building the copies in the cold report")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache",
                         help="where the synthetic store is kept between runs")
+    parser.add_argument("--replay", type=int, metavar="RECORDS",
+                        help="time replaying the default detectors over RECORDS synthetic "
+                             "records (runs of --steps) instead, per record vs vectorised")
+    parser.add_argument("--replay-sample", type=int, default=20_000,
+                        help="records the per-record replay is measured on")
     args = parser.parse_args(argv)
+    if args.replay:
+        return measure_replay(args.replay, args.steps, args.replay_sample)
     name = f"analyzer-{args.runs}x{args.steps}x{args.loops}"
     store, out = args.cache / name / "runs", args.cache / name / "report"
     from loopdiag.store._files import SUITE_FILE

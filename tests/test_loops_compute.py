@@ -111,7 +111,7 @@ examples = 16
 def test_the_study_suite_resolves():
     suite = load_probe_suite(ROOT / "probes" / "loops-compute.toml")
     assert len(suite.cells()) == 6 * 5 * 3 and suite.eval_loops == tuple(range(1, 17))
-    assert suite.data.load().hop_choices == (1, 2, 4, 8)
+    assert suite.data.load().hop_choices == (1, 2, 4)
 
 
 def test_the_study_in_miniature_end_to_end(tmp_path):

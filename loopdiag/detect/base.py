@@ -14,11 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from loopdiag.detect.columns import RecordColumns
 
 SEVERITIES: Final = ("info", "warn", "critical")
 _RANK: Final = {severity: rank for rank, severity in enumerate(SEVERITIES)}
@@ -131,23 +134,76 @@ class Detector(ABC):
         self._records_seen += 1
         step = record.get("step")
         self._last_step = int(step) if is_int(step) else self._records_seen
-        finding = self._check(record)
+        return self._judged(self._check(record))
+
+    def _judged(self, finding: Finding | None | Unjudged) -> list[Event]:
+        """The hysteresis: what one judgement of the record just seen fires. The per-record
+        and the vectorised paths both go through here."""
         if finding is UNJUDGED:
             return []
-        self.records_judged += 1
         if finding is None:
-            self._clear_streak += 1
-            if self._latched is not None and self._clear_streak >= self.config.cooldown:
-                self._latched = None
+            self._clears(1)
             return []
+        self.records_judged += 1
         self._clear_streak = 0
-        if self._records_seen <= self.config.warmup:
-            return []
-        if self._latched is not None and _RANK[finding.severity] <= _RANK[self._latched]:
+        if self._silenced(finding.severity):
             return []
         if self.config.cooldown > 0:
             self._latched = finding.severity
         return [self._event(self._last_step, finding)]
+
+    def _silenced(self, severity: str) -> bool:
+        """A finding of `severity` on the record just seen stays quiet: warm-up or latch."""
+        return self._records_seen <= self.config.warmup or (
+            self._latched is not None and _RANK[severity] <= _RANK[self._latched])
+
+    def _clears(self, count: int) -> None:
+        """`count` judged records in a row with the condition clear."""
+        self.records_judged += count
+        self._clear_streak += count
+        if self._latched is not None and self._clear_streak >= self.config.cooldown:
+            self._latched = None
+
+    def replay_columns(self, columns: RecordColumns) -> list[tuple[int, Event]]:
+        """Judge every record of `columns` from a reset, as `update` would one by one: the
+        events with the index of the record that fired each. Afterwards the detector holds
+        what `finish` reads, not a state to continue `update` from.
+
+        `_judge_columns` says per record whether `_check` would return UNJUDGED, None, or
+        something to judge exactly; only the latter run through `_judged` one by one (with
+        the record's position set first), a stretch of clear records in one `_clears`. A
+        record certain to be a finding that the latch or warm-up would silence anyway is
+        not worked out."""
+        from loopdiag.detect.columns import CLEAR_CODE, FOUND_CODE, OPEN_CODE
+
+        self.reset()
+        codes, judge = self._judge_columns(columns)
+        clear_before = np.cumsum(codes == CLEAR_CODE)
+        fired: list[tuple[int, Event]] = []
+        counted = 0
+        for index in np.flatnonzero(codes >= OPEN_CODE).tolist():
+            self._clears(int(clear_before[index]) - counted)
+            counted = int(clear_before[index])
+            self._records_seen, self._last_step = index + 1, columns.last_step(index)
+            if codes[index] == FOUND_CODE and self._silenced(SEVERITIES[-1]):
+                # Quiet whatever its severity: what it says need not be worked out.
+                self._judged(Finding(SEVERITIES[-1], "", {}))
+                continue
+            fired.extend((index, event) for event in self._judged(judge(index)))
+        if len(columns):
+            self._clears(int(clear_before[-1]) - counted)
+            self._records_seen, self._last_step = len(columns), columns.last_step(len(columns) - 1)
+        return fired
+
+    def _judge_columns(self, columns: RecordColumns
+                       ) -> tuple[np.ndarray, Callable[[int], Finding | None | Unjudged]]:
+        """(a code per record, the exact judgement of an OPEN record by its index). Called
+        on a reset detector; `judge` is called on the OPEN records in order. Without a
+        vectorised judgement every record is OPEN and judged by `_check`."""
+        from loopdiag.detect.columns import OPEN_CODE
+
+        records = columns.records
+        return np.full(len(records), OPEN_CODE, dtype=np.int8), lambda index: self._check(records[index])
 
     def finish(self) -> list[Event]:
         """Judge the run as a whole once it has ended (after its last record): the events
@@ -178,17 +234,30 @@ class Detector(ABC):
 
 
 def replay(records: Iterable[Mapping[str, Any]], detectors: Iterable[Detector], *,
-           finished: bool = False) -> list[Event]:
+           finished: bool = False, vectorised: bool = True) -> list[Event]:
     """Feed saved records through `detectors` (reset first) exactly as training would have:
     the events, in record order, then detector order; with `finished`, the run ended
-    there and each detector's end-of-run judgement follows."""
+    there and each detector's end-of-run judgement follows.
+
+    `vectorised` judges each detector over whole columns (`Detector.replay_columns`), which
+    gives the same events as feeding the records one by one (`vectorised=False`, the path
+    training takes) in a fraction of the time."""
+    from loopdiag.detect.columns import RecordColumns
+
     detectors = list(detectors)
-    for detector in detectors:
-        detector.reset()
     events: list[Event] = []
-    for record in records:
+    if vectorised:
+        columns = RecordColumns(records if isinstance(records, Sequence) else list(records))
+        fired = [(index, position, event) for position, detector in enumerate(detectors)
+                 for index, event in detector.replay_columns(columns)]
+        fired.sort(key=lambda item: item[:2])
+        events.extend(event for _, _, event in fired)
+    else:
         for detector in detectors:
-            events.extend(detector.update(record))
+            detector.reset()
+        for record in records:
+            for detector in detectors:
+                events.extend(detector.update(record))
     if finished:
         for detector in detectors:
             events.extend(detector.finish())

@@ -19,11 +19,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, loop_values, require
+from loopdiag.detect.columns import RecordColumns, codes
 from loopdiag.detect.symptoms import Symptoms
 
 
@@ -113,3 +116,10 @@ class ResidualBlowup(Detector):
                         "growth": growth, "symptom": symptom,
                         "thresholds": {"growth_warn": self.config.growth_warn,
                                        "growth_critical": self.config.growth_critical}})
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        # Nothing after `horizon` is judged, and what it judges within depends on its own
+        # firing history (growth learned through is judged once): `_check` judges the
+        # first `horizon` records one by one.
+        judged = np.arange(len(columns)) < self.config.horizon
+        return codes(judged, judged), lambda index: self._check(columns.records[index])

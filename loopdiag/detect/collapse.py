@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,8 @@ from loopdiag.detect.base import (
     require,
     window_span,
 )
-from loopdiag.detect.trend import mann_kendall_rising_p, sen_line
+from loopdiag.detect.columns import RecordColumns, codes, expand, streaks
+from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,56 @@ class CollapsePlateau(Detector):
         return {"resid_growth": math.exp(slope * (steps[-1] - steps[0])),
                 "resid_log_slope": slope, "resid_p_value": mann_kendall_rising_p(log_resid),
                 "window": window_span(int(s) for s in steps)}
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        config = self.config
+        # The (step, log r_K) pairs `_check` keeps, and how many of them each record has seen.
+        last = columns.last_loop("resid_norm")
+        steps, int_step = columns.int_steps()
+        with_resid = int_step & np.isfinite(last) & (last > 0)
+        resid_positions = np.flatnonzero(with_resid)
+        log_resid = [(int(steps[index]), math.log(value)) for index, value in
+                     zip(resid_positions.tolist(), last[resid_positions].tolist())]
+        resid_seen = np.cumsum(with_resid)
+        # The EMA and running best of the finite losses, as `_check` computes them.
+        loss = columns.finite("loss")
+        positions = np.flatnonzero(np.isfinite(loss))
+        ema, smoothed, bests = Ema(config.ema_span), [], []
+        for value in loss[positions].tolist():
+            smoothed.append(ema.update(value))
+            bests.append(min(bests[-1], smoothed[-1]) if bests else smoothed[-1])
+        best = np.array(bests)
+        judged = ~(best <= 0)  # `_check`'s test: a NaN best is judged
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stuck = streaks(judged & (np.array(smoothed) / best - 1 >= config.gap))
+        plateau = judged & (stuck >= config.window)
+        # A stall needs progress < min_progress over `stall_window` and a significant rise
+        # of the last `stall_window` log norms; the growth itself is checked exactly.
+        seen = np.arange(1, len(positions) + 1)
+        progress = np.full(len(positions), math.nan)
+        if len(positions) > config.stall_window:
+            progress[config.stall_window:] = 1 - best[config.stall_window:] / best[:-config.stall_window]
+        resid_count = resid_seen[positions]
+        rise_p = np.full(len(resid_positions) + 1, math.nan)  # by log norms seen
+        rise_p[config.stall_window:] = rolling_rising_p(
+            np.array([value for _, value in log_resid]), config.stall_window)
+        stall = (judged & ~plateau & (seen > config.stall_window)
+                 & (progress < config.min_progress) & (rise_p[resid_count] < config.alpha))
+        order = {index: j for j, index in enumerate(positions.tolist())}
+
+        def judge(index: int) -> Finding | None:
+            j = order[index]
+            self._stuck = int(stuck[j])
+            self._bests = deque(bests[max(0, j - config.stall_window):j + 1],
+                                maxlen=config.stall_window + 1)
+            self._log_resid = deque(log_resid[:int(resid_seen[index])][-self._log_resid.maxlen:],
+                                    maxlen=self._log_resid.maxlen)
+            if plateau[j]:
+                return self._plateau(smoothed[j], bests[j], smoothed[j] / bests[j] - 1)
+            return self._stall(bests[j])
+        return (codes(expand(positions, judged, len(loss), False),
+                      expand(positions, plateau | stall, len(loss), False),
+                      certain=expand(positions, plateau, len(loss), False)), judge)
 
     def _thresholds(self) -> dict[str, Any]:
         names = ("gap", "window", "alpha", "min_resid_growth", "stall_window", "min_progress",

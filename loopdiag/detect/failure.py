@@ -14,11 +14,14 @@ the first window's maximum means the loss went back above where it started.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, require
+from loopdiag.detect.columns import RecordColumns, codes, expand
 from loopdiag.detect.symptoms import LossTrack, validate_expected_loss
 
 
@@ -72,13 +75,34 @@ class FailedToTrain(Detector):
         self._recent.append(loss)
         if self._records <= 2 * window:
             return None
-        high = sum(value > cap for value in self._recent)
+        return self._high(sum(value > cap for value in self._recent), cap)
+
+    def _high(self, high: int, cap: float) -> Finding | None:
+        window = self.config.high_loss_window
         if high < window / 2:
             return None
         return Finding("critical", (
             f"{high} of the last {window} losses are above {cap:.4g}, the highest loss of the "
             f"first {window} records: the model never got below where it started."),
             {"high_losses": high, "loss_cap": cap, "thresholds": self._thresholds()})
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        self._loss = columns.loss_track_at(len(columns) - 1, window=20)  # what `finish` reads
+        loss = columns.finite("loss")
+        judged = np.isfinite(loss)
+        window = self.config.high_loss_window
+        losses = loss[judged].tolist()
+        if self.config.expected_loss is not None or len(losses) <= 2 * window:
+            return codes(judged, np.zeros(len(loss), dtype=bool)), lambda index: None
+        cap = max(losses[:window])
+        above = np.cumsum(np.array(losses) > cap)
+        high = np.zeros(len(losses), dtype=np.int64)
+        high[window:] = above[window:] - above[:-window]  # over the last `window` losses
+        positions = np.flatnonzero(judged)
+        open_ = (np.arange(1, len(losses) + 1) > 2 * window) & ~(high < window / 2)
+        order = {index: j for j, index in enumerate(positions.tolist())}
+        return (codes(judged, expand(positions, open_, len(loss), False), certain=True),
+                lambda index: self._high(int(high[order[index]]), cap))
 
     def _check_end(self) -> Finding | None:
         expected, smoothed = self.config.expected_loss, self._loss.smoothed

@@ -6,11 +6,14 @@ information, the same gradients while the loss has stalled or risen are a warnin
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from loopdiag.detect.base import (
     UNJUDGED,
@@ -22,6 +25,7 @@ from loopdiag.detect.base import (
     require,
     window_span,
 )
+from loopdiag.detect.columns import RecordColumns, codes, judged_streaks, near, trailing_means
 from loopdiag.detect.symptoms import Symptoms
 
 
@@ -105,6 +109,10 @@ class GradientOscillation(Detector):
         self._streak = self._streak + 1 if cos_low or autocorr_low else 0
         if self._streak < self.config.patience:
             return None
+        return self._oscillation(record, mean_cos, mean_autocorr, cos_low, autocorr_low)
+
+    def _oscillation(self, record: Mapping[str, Any], mean_cos: float | None,
+                     mean_autocorr: float | None, cos_low: bool, autocorr_low: bool) -> Finding:
         parts = []
         if cos_low:
             parts.append(f"mean cosine between consecutive gradients {mean_cos:.2f} "
@@ -135,7 +143,62 @@ class GradientOscillation(Detector):
                            "autocorr_threshold": self.config.autocorr_threshold,
                            "patience": self.config.patience}})
 
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        window = self.config.window
+        series = {key: _Trailing(columns, key, window) for key in ("grad_cos", "gnorm_autocorr")}
+        cos, autocorr = series["grad_cos"], series["gnorm_autocorr"]
+        judged = (cos.present | autocorr.present) & (cos.full | autocorr.full)
+        cos_low = cos.at_or_below(self.config.cos_threshold)
+        autocorr_low = autocorr.at_or_below(self.config.autocorr_threshold)
+        streak, _ = judged_streaks(judged, judged & (cos_low | autocorr_low))
+
+        def judge(index: int) -> Finding:
+            self._streak = int(streak[index])
+            self._cos, self._autocorr = cos.deque_at(index), autocorr.deque_at(index)
+            self._symptoms = columns.symptoms_at(index, self.config.gap, self.config.min_progress,
+                                                 self.config.stall_window)
+            return self._oscillation(columns.records[index], cos.mean_at(index),
+                                     autocorr.mean_at(index), bool(cos_low[index]),
+                                     bool(autocorr_low[index]))
+        return codes(judged, streak >= self.config.patience, certain=True), judge
+
     def _full_mean(self, values: deque[tuple[int, float]]) -> float | None:
         if len(values) < self.config.window:
             return None
         return statistics.fmean(value for _, value in values)
+
+
+class _Trailing:
+    """One statistic's finite values and their trailing `window` means, per record."""
+
+    def __init__(self, columns: RecordColumns, key: str, window: int) -> None:
+        values = columns.finite(key)
+        self.columns, self.window = columns, window
+        self.present = np.isfinite(values)
+        self.positions = np.flatnonzero(self.present)
+        self.values: list[float] = values[self.positions].tolist()
+        self.seen = np.cumsum(self.present)  # values up to and including each record
+        self.full = self.seen >= window
+        means = trailing_means(values[self.positions], window)
+        self.means = np.full(len(values), math.nan)
+        self.means[self.full] = means[self.seen[self.full] - 1]
+
+    def at_or_below(self, threshold: float) -> np.ndarray:
+        """mean <= threshold per record (False without a full window), the summed means
+        checked again with `statistics.fmean` near the threshold."""
+        low = self.full & (self.means <= threshold)
+        for index in np.flatnonzero(self.full & near(self.means, threshold)).tolist():
+            low[index] = self.mean_at(index) <= threshold
+        return low
+
+    def mean_at(self, index: int) -> float | None:
+        """`GradientOscillation._full_mean` after the record at `index`."""
+        if not self.full[index]:
+            return None
+        return statistics.fmean(self.values[self.seen[index] - self.window:self.seen[index]])
+
+    def deque_at(self, index: int) -> deque[tuple[int, float]]:
+        seen = int(self.seen[index])
+        start = max(0, seen - self.window)
+        return deque(((self.columns.step(int(self.positions[k])), self.values[k])
+                      for k in range(start, seen)), maxlen=self.window)

@@ -13,11 +13,14 @@ are information, critical only together with a loss or representation symptom.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, loop_values, require
+from loopdiag.detect.columns import RecordColumns, codes, judged_streaks
 from loopdiag.detect.symptoms import (
     COLLAPSED_DECORRELATION,
     LossTrack,
@@ -118,13 +121,17 @@ class RepresentationCollapse(Detector):
             self._since = self._last_step
         if self._streak < self.config.patience:
             return None
-        progress = self._loss.progress()
+        return self._collapse(record, corr, loop, self._loss)
+
+    def _collapse(self, record: Mapping[str, Any], corr: np.ndarray, loop: int,
+                  loss: LossTrack) -> Finding:
+        progress = loss.progress()
         stalled = self._streak >= self.config.window and progress is not None \
             and progress < self.config.min_progress
         clauses = loop_story(record, self._since)
         if not any(clause.startswith("all positions") for clause in clauses):
             clauses.append(f"all positions identical from loop {loop} on since step {self._since}")
-        median = self._loss.current_median()
+        median = loss.current_median()
         if stalled:
             clauses.append(f"the loss stalled at {median:.4g} (changed {100 * progress:+.1f}% "
                            f"over {self.config.window} records)")
@@ -136,6 +143,19 @@ class RepresentationCollapse(Detector):
                                    "window": self.config.window,
                                    "min_progress": self.config.min_progress}}
         return Finding("critical" if stalled else "warn", sentence(clauses), evidence)
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        last = columns.last_loop("token_corr")
+        judged = np.isfinite(last)
+        streak, first = judged_streaks(judged, judged & (1 - last < self.config.max_decorrelation))
+
+        def judge(index: int) -> Finding:
+            record = columns.records[index]
+            self._streak, self._since = int(streak[index]), columns.last_step(int(first[index]))
+            return self._collapse(record, loop_values(record, "token_corr"),
+                                  collapsed_from(record, self.config.max_decorrelation),
+                                  columns.loss_track_at(index, self.config.window))
+        return codes(judged, streak >= self.config.patience, certain=True), judge
 
 
 @dataclass(frozen=True)
@@ -173,6 +193,9 @@ class DeadLoops(Detector):
         self._streak += 1
         if self._streak < self.config.patience:
             return None
+        return self._dead(updates, first)
+
+    def _dead(self, updates: np.ndarray, first: int) -> Finding:
         loops = len(updates)
         return Finding("info", f"Loops {first}–{loops} change nothing (relative update < "
                                f"{self.config.max_update:.0e}) for {self._streak} records: "
@@ -181,6 +204,19 @@ class DeadLoops(Detector):
                         "max_relative_update": float(max(updates[first - 1:])),
                         "thresholds": {"max_update": self.config.max_update,
                                        "patience": self.config.patience}})
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        _, lengths = columns.loops("rel_update")
+        judged = lengths >= 2
+        streak, _ = judged_streaks(judged, judged & (columns.last_loop("rel_update")
+                                                     < self.config.max_update))
+
+        def judge(index: int) -> Finding:
+            record = columns.records[index]
+            self._streak = int(streak[index])
+            return self._dead(loop_values(record, "rel_update"),
+                              dead_from(record, self.config.max_update))
+        return codes(judged, streak >= self.config.patience, certain=True), judge
 
 
 @dataclass(frozen=True)
@@ -202,10 +238,8 @@ class IdleLoops(DeadLoops):
     config_class = IdleLoopsConfig
     config: IdleLoopsConfig
 
-    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
-        finding = super()._check(record)
-        if not isinstance(finding, Finding):
-            return finding
+    def _dead(self, updates: np.ndarray, first: int) -> Finding:
+        finding = super()._dead(updates, first)
         first, loops = finding.evidence["dead_from_loop"], finding.evidence["loops"]
         return Finding("info", f"Loops {first}–{loops} move the stream by < "
                                f"{self.config.max_update:.0%} each for {self._streak} records "
@@ -263,8 +297,14 @@ class VanishingGradient(Detector):
             self._since = self._last_step
         if self._streak < self.config.patience:
             return None
+        return self._vanished(record, ratio, self._symptoms)
+
+    def _vanished(self, record: Mapping[str, Any], ratio: float, symptoms: Symptoms | None
+                  ) -> Finding:
+        """The finding once the ratio has held `patience` records; `symptoms` is read (and
+        may be None before) once it has held `window` records."""
         # Identical positions are representation_collapse's to report, with its own timing.
-        symptom = (self._symptoms.current(representation=False)
+        symptom = (symptoms.current(representation=False)
                    if self._streak >= self.config.window else None)
         clauses = [f"the gradient reaching loop 1 has been under {self.config.max_ratio:.0e}× "
                    f"the last loop's since step {self._since} (now {ratio:.0e}×)"]
@@ -279,3 +319,21 @@ class VanishingGradient(Detector):
                         "thresholds": {"max_ratio": self.config.max_ratio,
                                        "patience": self.config.patience,
                                        "window": self.config.window}})
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        grid, lengths = columns.loops("act_grad_norm")
+        last = columns.last_loop("act_grad_norm")
+        first_loop = grid[:, 0] if grid.shape[1] else np.full(len(lengths), math.nan)
+        judged = (lengths >= 2) & np.isfinite(first_loop) & np.isfinite(last) & (last > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = first_loop / last
+        streak, first = judged_streaks(judged, judged & (ratio < self.config.max_ratio))
+
+        def judge(index: int) -> Finding:
+            record = columns.records[index]
+            self._streak, self._since = int(streak[index]), columns.last_step(int(first[index]))
+            symptoms = (columns.symptoms_at(index, self.config.gap, self.config.min_progress,
+                                            self.config.window)
+                        if self._streak >= self.config.window else None)
+            return self._vanished(record, gradient_ratio(record), symptoms)
+        return codes(judged, streak >= self.config.patience, certain=True), judge

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +23,14 @@ from loopdiag.detect.base import (
     require,
     window_span,
 )
-from loopdiag.detect.trend import mann_kendall_rising_p, sen_line
+from loopdiag.detect.columns import MARGIN, RecordColumns, codes, expand, streaks, trailing_medians
+from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
 # MAD × 1.4826 estimates σ for Gaussian noise, so the robust z reads like a plain z-score.
 MAD_TO_SIGMA = 1.4826
 # A median and MAD of fewer values than this say nothing about the noise.
 MIN_HISTORY = 3
+SPIKE_CHUNK = 1 << 14  # windows sorted at once
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class NonFinite(Detector):
             return None
         what = " and ".join(f"{key} ({value})" for key, value in bad.items())
         return Finding("critical", f"Non-finite {what} at step {record.get('step')}.", present)
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        (loss, loss_present), (grad, grad_present) = columns.raw("loss"), columns.raw("grad_norm")
+        bad = (loss_present & ~np.isfinite(loss)) | (grad_present & ~np.isfinite(grad))
+        return codes(loss_present | grad_present, bad, certain=True), lambda i: self._check(columns.records[i])
 
 
 @dataclass(frozen=True)
@@ -109,19 +116,21 @@ class LossSpike(Detector):
             return UNJUDGED
         history = list(self._history)
         self._history.append((record.get("step"), loss))
+        return self._spike(record.get("step"), loss, history)
+
+    def _spike(self, step: Any, loss: float, history: list[tuple[Any, float]]
+               ) -> Finding | None | Unjudged:
+        """The judgement of `loss` against the (step, loss) pairs before it."""
         if len(history) < MIN_HISTORY:
             return UNJUDGED
         values = [value for _, value in history]
-        median = statistics.median(values)
-        sigma = MAD_TO_SIGMA * statistics.median(abs(value - median) for value in values)
-        excess = loss - median
-        z = excess / sigma if sigma > 0 else (math.inf if excess > 0 else 0.0)
-        if z < self.config.z or excess < self.config.rel_floor * abs(median):
+        median, sigma, z = self._robust_z(loss, values)
+        if not self._spiked(loss, median, z):
             self._run = 0
             return None
         self._run += 1
         ratio = loss / median if median > 0 else math.inf
-        message = (f"Loss {loss:.4g} at step {record.get('step')} is {ratio:.2f}× the trailing "
+        message = (f"Loss {loss:.4g} at step {step} is {ratio:.2f}× the trailing "
                    f"median {median:.4g} (robust z = {z:.1f} over the last {len(history)} "
                    f"records)")
         if self._run >= self.config.persist:
@@ -136,6 +145,81 @@ class LossSpike(Detector):
             "window": window_span(step for step, _ in history),
             "thresholds": {"z": self.config.z, "rel_floor": self.config.rel_floor,
                            "persist": self.config.persist, "ratio_now": self.config.ratio_now}})
+
+    @staticmethod
+    def _robust_z(loss: float, values: list[float]) -> tuple[float, float, float]:
+        """(median, robust σ, robust z of `loss`) over `values`."""
+        median = statistics.median(values)
+        sigma = MAD_TO_SIGMA * statistics.median(abs(value - median) for value in values)
+        excess = loss - median
+        return median, sigma, excess / sigma if sigma > 0 else (math.inf if excess > 0 else 0.0)
+
+    def _spiked(self, loss: float, median: float, z: float) -> bool:
+        return z >= self.config.z and loss - median >= self.config.rel_floor * abs(median)
+
+    def _is_spike(self, loss: float, values: list[float]) -> bool:
+        median, _, z = self._robust_z(loss, values)
+        return self._spiked(loss, median, z)
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        # Over the finite losses alone: the j-th is judged against the `window` before it.
+        loss = columns.finite("loss")
+        positions = np.flatnonzero(np.isfinite(loss))
+        losses = loss[positions]
+        window = self.config.window
+        medians = np.full(len(losses), math.nan)
+        medians[1:] = trailing_medians(losses, window)[:-1]
+        excess = losses - medians
+        # A spike needs the loss above the median by rel_floor of it: a cheap screen.
+        maybe = excess >= self.config.rel_floor * np.abs(medians) - MARGIN * (
+            np.abs(losses) + np.abs(medians))
+        enough = np.arange(len(losses)) >= MIN_HISTORY
+        full = np.arange(len(losses)) >= window
+        # With a full window the screened records are judged here, with `_spike`'s float
+        # operations on sorted windows: the median of sorted values is the same number.
+        spikes = _spikes(losses, np.flatnonzero(maybe & full), window, self.config.z,
+                         self.config.rel_floor)
+        values = losses.tolist()
+        # The first windows are short and few: judged exactly, so that every spike is known
+        # and each one's place in a run of spikes (its severity) with it.
+        for j in np.flatnonzero(maybe & enough & ~full).tolist():
+            spikes[j] = self._is_spike(values[j], values[max(0, j - window):j])
+        in_a_row = streaks(spikes)
+        order = {index: j for j, index in enumerate(positions.tolist())}
+
+        def judge(index: int) -> Finding | None | Unjudged:
+            j = order[index]
+            self._run = int(in_a_row[j - 1]) if j else 0
+            history = [(columns.step(positions[k]), values[k]) for k in range(max(0, j - window), j)]
+            return self._spike(columns.step(index), values[j], history)
+        return (codes(expand(positions, enough, len(loss), False),
+                      expand(positions, spikes, len(loss), False), certain=True), judge)
+
+
+def _spikes(losses: np.ndarray, candidates: np.ndarray, window: int, z: float,
+            rel_floor: float) -> np.ndarray:
+    """Where `LossSpike._spike` fires among `candidates` (positions with `window` losses
+    before them), as a mask over `losses`."""
+    fires = np.zeros(len(losses), dtype=bool)
+    if not len(candidates):
+        return fires
+    windows = np.lib.stride_tricks.sliding_window_view(losses, window)
+    for start in range(0, len(candidates), SPIKE_CHUNK):
+        at = candidates[start:start + SPIKE_CHUNK]
+        history = windows[at - window]
+        median = _middle(np.sort(history, axis=1))
+        sigma = MAD_TO_SIGMA * _middle(np.sort(np.abs(history - median[:, None]), axis=1))
+        excess = losses[at] - median
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where(sigma > 0, excess / sigma, np.where(excess > 0, math.inf, 0.0))
+        fires[at] = ~((score < z) | (excess < rel_floor * np.abs(median)))
+    return fires
+
+
+def _middle(rows: np.ndarray) -> np.ndarray:
+    """`statistics.median` of each sorted row."""
+    half = rows.shape[1] // 2
+    return rows[:, half] if rows.shape[1] % 2 else (rows[:, half - 1] + rows[:, half]) / 2
 
 
 @dataclass(frozen=True)
@@ -193,14 +277,23 @@ class SlowDivergence(Detector):
         steps = np.array([s for s, _ in self._history], dtype=float)
         losses = np.array([value for _, value in self._history])
         p = mann_kendall_rising_p(losses)
-        rise = slope = start = math.nan
-        if p < self.config.alpha:  # the slope (the costly part) only matters then
-            slope, start = sen_line(steps, losses)
-            rise = slope * (steps[-1] - steps[0]) / start if start > 0 else math.nan
+        slope, start, rise = self._rise(p, steps, losses)
         trending = p < self.config.alpha and rise >= self.config.warn_rise
         self._streak = self._streak + 1 if trending else 0
         if self._streak < self.config.patience:
             return None
+        return self._trend(steps, p, slope, start, rise)
+
+    def _rise(self, p: float, steps: np.ndarray, losses: np.ndarray) -> tuple[float, float, float]:
+        """(Theil–Sen slope, fitted start, relative rise over the window); NaN unless the
+        trend is significant: the slope is the costly part and only matters then."""
+        if not p < self.config.alpha:
+            return math.nan, math.nan, math.nan
+        slope, start = sen_line(steps, losses)
+        return slope, start, slope * (steps[-1] - steps[0]) / start if start > 0 else math.nan
+
+    def _trend(self, steps: np.ndarray, p: float, slope: float, start: float,
+               rise: float) -> Finding:
         severity = "critical" if rise >= self.config.critical_rise else "warn"
         message = (f"Loss has risen {100 * rise:.1f}% over the last {len(steps)} records "
                    f"(steps {int(steps[0])}–{int(steps[-1])}; Theil–Sen slope {slope:.3g}/step, "
@@ -212,4 +305,33 @@ class SlowDivergence(Detector):
             "thresholds": {"alpha": self.config.alpha, "warn_rise": self.config.warn_rise,
                            "critical_rise": self.config.critical_rise,
                            "patience": self.config.patience}})
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        # Over the records with a finite loss and an integer step, each judged on the
+        # `window` of them ending there from the window-th on.
+        loss = columns.finite("loss")
+        steps, int_step = columns.int_steps()
+        positions = np.flatnonzero(np.isfinite(loss) & int_step)
+        losses, window_steps = loss[positions], steps[positions].astype(float)
+        n = self.config.window
+        ends = np.arange(n - 1, len(positions))
+        p = np.full(len(positions), math.nan)
+        p[ends] = rolling_rising_p(losses, n)
+        rises = {}
+        for j in np.flatnonzero(p < self.config.alpha).tolist():
+            rises[j] = self._rise(p[j], window_steps[j - n + 1:j + 1], losses[j - n + 1:j + 1])
+        trending = np.zeros(len(positions), dtype=bool)
+        for j, (_, _, rise) in rises.items():
+            trending[j] = rise >= self.config.warn_rise
+        streak = streaks(trending)
+        order = {index: j for j, index in enumerate(positions.tolist())}
+
+        def judge(index: int) -> Finding:
+            j = order[index]
+            self._streak = int(streak[j])
+            return self._trend(window_steps[j - n + 1:j + 1], float(p[j]), *rises[j])
+        judged = np.arange(len(positions)) >= n - 1
+        return (codes(expand(positions, judged, len(loss), False),
+                      expand(positions, streak >= self.config.patience, len(loss), False),
+                      certain=True), judge)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from loopdiag.detect.base import (
     UNJUDGED,
@@ -22,6 +24,7 @@ from loopdiag.detect.base import (
     require,
     window_span,
 )
+from loopdiag.detect.columns import RecordColumns, codes, expand, near, trailing_medians
 from loopdiag.detect.symptoms import Symptoms
 
 
@@ -100,7 +103,10 @@ class ResidualExplosion(Detector):
             self._baseline.append((record.get("step"), float(norms[-1])))
             if len(self._baseline) == self.config.baseline_window:
                 self._baseline_median = statistics.median(r for _, r in self._baseline)
+        return self._signals(evidence)
 
+    def _signals(self, evidence: dict[str, Any]) -> Finding | None | Unjudged:
+        """The judgement from the trailing medians and the baseline held now."""
         last = evidence["resid_norm_last"] = statistics.median(self._recent_last)
         signals: list[tuple[str, str]] = []  # (severity, sentence); the strongest is reported
         if self._baseline_median is not None:
@@ -134,6 +140,59 @@ class ResidualExplosion(Detector):
         # flattens late in training is a converging run as often as a stalled one.
         return Finding("info", f"{message[:-1]}, with the loss within {100 * self.config.gap:.0f}% "
                                f"of its best and positions distinct.", evidence)
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        grid, lengths = columns.loops("resid_norm")
+        last = columns.last_loop("resid_norm")
+        first_loop = grid[:, 0] if grid.shape[1] else np.full(len(lengths), math.nan)
+        judged = np.isfinite(last) & (last > 0)
+        positions = np.flatnonzero(judged)
+        lasts = last[positions]
+        last_medians = expand(positions, trailing_medians(lasts, self.config.smooth), len(last),
+                              math.nan)
+        with_loops = judged & (lengths >= 2) & np.isfinite(first_loop) & (first_loop > 0)
+        loop_positions = np.flatnonzero(with_loops)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            loop_ratios = last / first_loop
+        # Python's float power, as `_check` takes it (numpy's may differ in the last bit).
+        per_loop = [ratio ** (1 / (loops - 1)) for ratio, loops in
+                    zip(loop_ratios[loop_positions].tolist(), lengths[loop_positions].tolist())]
+        per_loop_seen = np.cumsum(with_loops)
+        per_loop_medians = np.full(len(last), math.nan)
+        if per_loop:
+            medians = trailing_medians(np.array(per_loop), self.config.smooth)
+            has = per_loop_seen > 0
+            per_loop_medians[has] = medians[per_loop_seen[has] - 1]
+        baseline_positions = positions[positions >= self.config.warmup][:self.config.baseline_window]
+        baseline = [(columns.step(index), float(last[index])) for index in baseline_positions.tolist()]
+        growth = np.full(len(last), math.nan)
+        if len(baseline) == self.config.baseline_window:
+            baseline_median = statistics.median(r for _, r in baseline)
+            since = int(baseline_positions[-1])
+            growth[since:] = last_medians[since:] / baseline_median
+
+        def maybe(values: np.ndarray, threshold: float) -> np.ndarray:
+            return (values >= threshold) | near(values, threshold)
+        open_ = judged & (maybe(growth, self.config.growth_warn)
+                          | maybe(per_loop_medians, self.config.loop_growth_warn))
+        seen = np.cumsum(judged)
+        lasts_list = lasts.tolist()
+
+        def judge(index: int) -> Finding | None | Unjudged:
+            smooth = self.config.smooth
+            self._recent_last = deque(lasts_list[max(0, seen[index] - smooth):seen[index]],
+                                      maxlen=smooth)
+            self._recent_per_loop = deque(per_loop[max(0, per_loop_seen[index] - smooth):
+                                                   per_loop_seen[index]], maxlen=smooth)
+            self._baseline = [entry for entry, at in zip(baseline, baseline_positions) if at <= index]
+            self._baseline_median = (statistics.median(r for _, r in self._baseline)
+                                     if len(self._baseline) == self.config.baseline_window else None)
+            self._symptoms = columns.symptoms_at(index, self.config.gap)
+            evidence: dict[str, Any] = {"loops": int(lengths[index])}
+            if with_loops[index]:
+                evidence["loop_ratio"] = float(loop_ratios[index])
+            return self._signals(evidence)
+        return codes(judged, open_), judge
 
     @staticmethod
     def _grade(value: float, warn: float, critical: float) -> str | None:

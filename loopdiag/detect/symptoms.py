@@ -27,6 +27,7 @@ from typing import Any
 from loopdiag.detect.base import Ema, finite_scalar, loop_values, require
 
 COLLAPSED_DECORRELATION = 1e-5
+MIN_PROGRESS = 0.02  # the stall rule: a rolling-median loss < 2 % better over the window
 MEDIAN_OF = 5  # losses per rolling median: one odd batch never moves it
 
 
@@ -135,7 +136,7 @@ class Symptoms:
     what a model reaches at the end of its training; a run in mid-course is not behind it
     in any sense that tells a collapse, so it is judged at the end, by `failed_to_train`.)"""
 
-    def __init__(self, gap: float, min_progress: float = 0.02, window: int = 20) -> None:
+    def __init__(self, gap: float, min_progress: float = MIN_PROGRESS, window: int = 20) -> None:
         self.gap, self.min_progress = gap, min_progress
         self.loss = LossTrack(window=window)
         self._record: Mapping[str, Any] = {}

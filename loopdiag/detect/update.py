@@ -9,11 +9,14 @@ any detector that needs a history. This one needs none.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, finite_scalar, require
+from loopdiag.detect.columns import RecordColumns, codes
 
 
 @dataclass(frozen=True)
@@ -51,3 +54,9 @@ class UpdateSize(Detector):
                                f"the learning rate is too high for this model.",
                        {"update_ratio": ratio, "lr": finite_scalar(record, "lr"),
                         "thresholds": {"ratio_warn": self.config.ratio_warn}})
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        ratio = columns.finite("update_ratio")
+        judged = np.isfinite(ratio)
+        return (codes(judged, judged & (ratio >= self.config.ratio_warn), certain=True),
+                lambda index: self._check(columns.records[index]))
