@@ -173,23 +173,37 @@ class Detector(ABC):
         something to judge exactly; only the latter run through `_judged` one by one (with
         the record's position set first), a stretch of clear records in one `_clears`. A
         record certain to be a finding that the latch or warm-up would silence anyway is
-        not worked out."""
-        from loopdiag.detect.columns import CLEAR_CODE, FOUND_CODE, OPEN_CODE
+        not worked out, and once the latch silences one, the findings after it up to the
+        next clear record or a finding that may outrank the latch go in one step."""
+        from loopdiag.detect.columns import CLEAR_CODE, OPEN_CODE, highest_severity
 
         self.reset()
         codes, judge = self._judge_columns(columns)
         clear_before = np.cumsum(codes == CLEAR_CODE)
+        candidates = np.flatnonzero(codes >= OPEN_CODE)
+        ceiling = highest_severity(codes[candidates])  # -1 where it must be judged
+        clears = clear_before[candidates]
+        quiet_until = {rank: _next_break(ceiling, clears, rank) for rank in _RANK.values()}
         fired: list[tuple[int, Event]] = []
-        counted = 0
-        for index in np.flatnonzero(codes >= OPEN_CODE).tolist():
-            self._clears(int(clear_before[index]) - counted)
-            counted = int(clear_before[index])
+        counted, position = 0, 0
+        while position < len(candidates):
+            index = int(candidates[position])
+            self._clears(int(clears[position]) - counted)
+            counted = int(clears[position])
             self._records_seen, self._last_step = index + 1, columns.last_step(index)
-            if codes[index] == FOUND_CODE and self._silenced(SEVERITIES[-1]):
-                # Quiet whatever its severity: what it says need not be worked out.
-                self._judged(Finding(SEVERITIES[-1], "", {}))
+            rank = int(ceiling[position])
+            if rank >= 0 and self._silenced(SEVERITIES[rank]):
+                end = position + 1
+                if self._records_seen > self.config.warmup:  # the latch holds until a clear
+                    end = int(quiet_until[_RANK[self._latched]][position])
+                self.records_judged += end - position
+                self._clear_streak = 0
+                last = int(candidates[end - 1])
+                self._records_seen, self._last_step = last + 1, columns.last_step(last)
+                position = end
                 continue
             fired.extend((index, event) for event in self._judged(judge(index)))
+            position += 1
         if len(columns):
             self._clears(int(clear_before[-1]) - counted)
             self._records_seen, self._last_step = len(columns), columns.last_step(len(columns) - 1)
@@ -231,6 +245,17 @@ class Detector(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def _next_break(ceiling: np.ndarray, clears: np.ndarray, latched: int) -> np.ndarray:
+    """Per candidate p, the first candidate after it that a latch at rank `latched` may not
+    silence: one that must be judged or may outrank it, or one after a clear record."""
+    count = len(ceiling)
+    breaks = (ceiling < 0) | (ceiling > latched)
+    breaks[1:] |= clears[1:] != clears[:-1]
+    at = np.where(breaks, np.arange(count), count)
+    first_from = np.minimum.accumulate(at[::-1])[::-1]
+    return np.append(first_from[1:], count)
 
 
 def replay(records: Iterable[Mapping[str, Any]], detectors: Iterable[Detector], *,

@@ -24,7 +24,7 @@ from loopdiag.detect.base import (
     require,
     window_span,
 )
-from loopdiag.detect.columns import RecordColumns, codes, expand, streaks
+from loopdiag.detect.columns import FOUND_WARN_CODE, RecordColumns, codes, expand, streaks
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
 
@@ -197,6 +197,12 @@ class CollapsePlateau(Detector):
             np.array([value for _, value in log_resid]), config.stall_window)
         stall = (judged & ~plateau & (seen > config.stall_window)
                  & (progress < config.min_progress) & (rise_p[resid_count] < config.alpha))
+        # A plateau is critical only with a significant rise of the last `window` log norms;
+        # without one (or with too few norms) it is certainly a warning.
+        plateau_p = np.full(len(resid_positions) + 1, math.nan)
+        plateau_p[config.window:] = rolling_rising_p(
+            np.array([value for _, value in log_resid]), config.window)
+        may_be_critical = plateau_p[resid_count] < config.alpha
         order = {index: j for j, index in enumerate(positions.tolist())}
 
         def judge(index: int) -> Finding | None:
@@ -209,9 +215,11 @@ class CollapsePlateau(Detector):
             if plateau[j]:
                 return self._plateau(smoothed[j], bests[j], smoothed[j] / bests[j] - 1)
             return self._stall(bests[j])
-        return (codes(expand(positions, judged, len(loss), False),
+        found = codes(expand(positions, judged, len(loss), False),
                       expand(positions, plateau | stall, len(loss), False),
-                      certain=expand(positions, plateau, len(loss), False)), judge)
+                      certain=expand(positions, plateau, len(loss), False))
+        found[expand(positions, plateau & ~may_be_critical, len(loss), False)] = FOUND_WARN_CODE
+        return found, judge
 
     def _thresholds(self) -> dict[str, Any]:
         names = ("gap", "window", "alpha", "min_resid_growth", "stall_window", "min_progress",

@@ -21,6 +21,10 @@ from loopdiag.detect.symptoms import MEDIAN_OF, MIN_PROGRESS, LossTrack, Symptom
 # there, something the detector must judge exactly (`OPEN`), or certainly a Finding whose
 # content is judged exactly only if the hysteresis may let it fire (`FOUND`).
 UNJUDGED_CODE, CLEAR_CODE, OPEN_CODE, FOUND_CODE = 0, 1, 2, 3
+# Certainly a Finding of a known severity: silenced by a latch at that severity or above
+# without being worked out. FOUND_CODE's severity is unknown, so only a critical latch
+# silences it.
+FOUND_INFO_CODE, FOUND_WARN_CODE = 4, 5
 # Relative margin around a threshold inside which a statistic computed over whole
 # columns (summed or ordered differently from the per-record path) is recomputed exactly.
 MARGIN = 1e-7
@@ -169,6 +173,13 @@ def codes(judged: np.ndarray, flagged: np.ndarray, *, certain: bool | np.ndarray
     where a flagged record is `certain` to be a Finding), else CLEAR."""
     flag = np.where(certain, FOUND_CODE, OPEN_CODE)
     return np.where(judged, np.where(flagged, flag, CLEAR_CODE), UNJUDGED_CODE).astype(np.int8)
+
+
+def highest_severity(codes: np.ndarray) -> np.ndarray:
+    """Per code, the rank (in `SEVERITIES`) of the highest severity a certain finding can
+    have; -1 for a record that must be judged."""
+    return np.select([codes == FOUND_INFO_CODE, codes == FOUND_WARN_CODE, codes == FOUND_CODE],
+                     [0, 1, 2], -1)
 
 
 def expand(positions: np.ndarray, values: np.ndarray, size: int, fill: Any = 0) -> np.ndarray:
