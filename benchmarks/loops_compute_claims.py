@@ -52,6 +52,10 @@ DEFINITIONS = [
     "Precondition of every claim: the one-loop models solve 1 hop (mean of acc(arch, 1, 1) "
     f"over the looped architectures ≥ {SOLVES}); if not, the study was too short or too "
     "small and every claim is cannot tell.",
+    "A shard (some of the suite's runs) is judged on the runs found, and a rule never reads "
+    "absence as failure: (a) judges an architecture only with runs at K = 1 and at a K ≥ the "
+    "deepest hop count, and contradicts only if at least 3 are judged; (b) says flt FAILS "
+    "a depth only if flt was trained at a K ≥ the baselines' min_K for it.",
 ]
 RULES = {
     "a": ("A looped model with enough loops solves depths that fewer loops cannot",
@@ -139,17 +143,19 @@ def depth_table(accuracy: pd.DataFrame, archs: list[str], hops: list[int]) -> pd
 
 def judge_a(accuracy: pd.DataFrame, hops: list[int]) -> Judgement:
     deep = [h for h in hops if h >= 2]
+    judged = [arch for arch in LOOPED if (ks := trained_ks(accuracy, arch))
+              and 1 in ks and deep and max(ks) >= max(deep)]
     separating = []
-    for arch in LOOPED:
+    for arch in judged:
         if any(separates(accuracy, arch, h) for h in deep):
             solved = [min_k(accuracy, arch, h) for h in hops if min_k(accuracy, arch, h)]
             separating.append((arch, solved == sorted(solved)))
     monotone = [arch for arch, ok in separating if ok]
     verdict = verdict_of(len(monotone) >= 3 and len(monotone) == len(separating),
-                         not separating)
+                         not separating and len(judged) >= 3)
     reason = (f"{len(separating)} of {len(LOOPED)} looped architectures separate "
-              f"({', '.join(a for a, _ in separating) or 'none'}); min_K rises with h in "
-              f"{len(monotone)}")
+              f"({', '.join(a for a, _ in separating) or 'none'}; {len(judged)} with the runs "
+              f"to tell); min_K rises with h in {len(monotone)}")
     min_ks = pd.DataFrame([{"arch": arch, **{f"min_K at {h} hop{'s' if h > 1 else ''}":
                                              min_k(accuracy, arch, h) or "–" for h in hops}}
                            for arch in dict.fromkeys(accuracy["arch"])])
@@ -167,7 +173,8 @@ def judge_b(accuracy: pd.DataFrame, hops: list[int], idle: dict[tuple[str, int],
         flt_k = min_k(accuracy, "flt", h)
         if flt_k is not None and baseline_k in grid and grid.index(flt_k) <= grid.index(baseline_k) + 1:
             kept.append(h)
-        elif all((a := acc(accuracy, "flt", k, h)) is None or a < FAILS for k in grid):
+        elif (grid and max(grid) >= baseline_k
+              and all((a := acc(accuracy, "flt", k, h)) is None or a < FAILS for k in grid)):
             lost.append(h)
     verdict = verdict_of(bool(targets) and len(kept) == len(targets), bool(lost))
     reason = (f"depths a baseline solves: {sorted(targets) or 'none'}; flt keeps "

@@ -60,6 +60,23 @@ def test_b_flt_loses_the_depth_the_baselines_reach(claims):
     assert claims.judge_b(accuracy_frame(one_hop_per_loop), HOPS, idle={}).verdict == "supported"
 
 
+def test_a_shard_without_the_deep_runs_cannot_contradict(claims):
+    shallow = accuracy_frame(no_depth)
+    shallow = shallow[shallow["train_loops"] <= 2]  # a shard stopped before K = 4
+    assert claims.judge_a(shallow, HOPS).verdict == "cannot tell"
+
+    def flt_stuck(arch, k, h, e):
+        return no_depth(arch, k, h, e) if arch == "flt" else one_hop_per_loop(arch, k, h, e)
+
+    stuck = accuracy_frame(flt_stuck)
+    # flt trained only up to K = 2, the baselines to 8: flt never ran the loops depth 4 needs
+    partial = stuck[(stuck["arch"] != "flt") | (stuck["train_loops"] <= 2)]
+    judgement = claims.judge_b(partial, HOPS, idle={})
+    assert judgement.verdict == "contradicted" and "[2]" in judgement.reason  # 2 hops: K = 2 ran
+    assert claims.judge_b(stuck[(stuck["arch"] != "flt") | (stuck["train_loops"] <= 1)],
+                          HOPS, idle={}).verdict == "cannot tell"
+
+
 def test_c_classes_extrapolation(claims):
     # trained at K, run at K' > K: one_hop_per_loop keeps its accuracy (min(k, e))
     judgement = claims.judge_c(accuracy_frame(one_hop_per_loop), HOPS)
