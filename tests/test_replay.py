@@ -13,6 +13,7 @@ import pytest
 
 from loopdiag.detect import DETECTORS, Event, default_detectors, replay, verdict
 from loopdiag.store import read_records
+from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p
 
 pytestmark = pytest.mark.torchless
 
@@ -204,3 +205,13 @@ def test_the_comparison_can_fail():
     with pytest.raises(AssertionError):
         assert_same(eventful_run(0), lambda: [Lax()])
     assert isinstance(replay(eventful_run(0), [UpdateSize()])[0], Event)
+
+
+@pytest.mark.parametrize("window", [5, 30, 100])
+def test_rolling_mann_kendall_equals_the_per_window_test(window):
+    rng = np.random.default_rng(window)
+    values = np.round(rng.standard_normal(400), 1)  # rounded: many ties
+    rolling = rolling_rising_p(values, window)
+    assert len(rolling) == len(values) - window + 1
+    assert rolling.tolist() == [mann_kendall_rising_p(values[i:i + window])
+                                for i in range(len(values) - window + 1)]
