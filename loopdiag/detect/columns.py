@@ -161,7 +161,6 @@ class LossHistory:
             track._ema.value = self.smoothed[seen - 1]
             track.best = self.bests[seen - 1]
             track._recent.extend(self.losses[max(0, seen - window - MEDIAN_OF):seen])
-            track._bests.extend(self.bests[max(0, seen - window - 1):seen])
         return track
 
 

@@ -10,10 +10,10 @@ The thresholds here are mechanisms, not fits:
   development seed 0, was 2.3e-5; larger models keep more). 1e-5 is between the two.
 - A loss "rose" when its EMA is ≥ (1 + gap) × its running best, the definition of a
   visible failure that `ground_truth_onset` uses too.
-- A loss is still "learning" when its best EMA fell by `min_progress` or more over a
-  window: the best EMA only falls while the model learns, and batch noise barely moves it
-  (the EMA of span 20 keeps a fifth of the noise), where a median of a few raw losses
-  would wander by more than a slowly learning run gains.
+- A loss has "stalled" when the median of its last 5 values is less than `min_progress`
+  (2 %) below the median of 5 values `window` records earlier, the stall rule of
+  `representation_collapse`, `residual_blowup` and `gradient_oscillation`: a median of 5
+  ignores one odd batch.
 """
 
 from __future__ import annotations
@@ -87,7 +87,6 @@ class LossTrack:
         self._ema = Ema(ema_span)
         self.best = math.inf
         self._recent: deque[float] = deque(maxlen=window + MEDIAN_OF)
-        self._bests: deque[float] = deque(maxlen=window + 1)
 
     @property
     def smoothed(self) -> float | None:
@@ -98,15 +97,7 @@ class LossTrack:
         if loss is not None:
             self.best = min(self.best, self._ema.update(loss))
             self._recent.append(loss)
-            self._bests.append(self.best)
         return loss
-
-    def best_progress(self) -> float | None:
-        """Relative fall of the best EMA over the last `window` records; None until that
-        much history exists."""
-        if len(self._bests) < self._bests.maxlen or not self._bests[0] > 0:
-            return None
-        return 1 - self._bests[-1] / self._bests[0]
 
     def above_best(self) -> float | None:
         """Smoothed loss over its running best, minus one; None before any loss."""
@@ -156,12 +147,6 @@ class Symptoms:
         if loop is not None:
             return f"all positions carry the same vector from loop {loop} on"
         return None
-
-    def learning(self) -> bool:
-        """The best EMA fell by `min_progress` or more over the window (False without
-        enough loss history to tell)."""
-        progress = self.loss.best_progress()
-        return progress is not None and progress >= self.min_progress
 
     def stalled(self) -> bool:
         """The rolling-median loss fell by less than `min_progress` over the window (False
