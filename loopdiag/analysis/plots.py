@@ -16,11 +16,14 @@ import pandas as pd
 
 from loopdiag.analysis.analyzer import LOSS_COLUMNS
 from loopdiag.analysis.drawing import (
+    ENVELOPE_BUCKETS,
     MECHANISM_LABELS,
     NO_RUN_COLOUR,
     STATUS_COLOURS,
     EndLabels,
     add_end_label,
+    draw_curve,
+    envelope_indices,
     arch_colours,
     loop_colours,
     new_figure,
@@ -158,9 +161,8 @@ def plot_loss_curves(steps: pd.DataFrame) -> Figure:
         ax = axes[i][j]
         cell = steps[(steps["arch"] == arch) & (steps["n_loops"] == n_loops)]
         for colour_index, (run_id, run) in enumerate(cell.groupby("run_id", sort=False)):
-            run = thin_curve(run, loss)
             colour = f"C{colour_index % 10}"
-            ax.plot(run["step"], run[loss], lw=1, color=colour)
+            draw_curve(ax, run["step"].to_numpy(), run[loss].to_numpy(), colour)
             name = f"s{run['seed'].iloc[0]}" + (f" lr{run['lr'].iloc[0]:g}" if several_lrs else "")
             add_end_label(labels, ax, run["step"].tolist(), run[loss].tolist(), name, colour)
             ok = run[np.isfinite(run[loss])]
@@ -180,20 +182,10 @@ def plot_loss_curves(steps: pd.DataFrame) -> Figure:
     return figure
 
 
-MAX_CURVE_POINTS = 1000  # per run: a 3-inch panel shows no more, and 100k-step runs draw fast
-
-
-def thin_curve(run: pd.DataFrame, loss: str) -> pd.DataFrame:
-    """Every n-th row of a long run, keeping the first and last rows, the lowest loss and
-    the last finite one (its red cross)."""
-    if len(run) <= MAX_CURVE_POINTS:
-        return run
-    values = run[loss].to_numpy(dtype=float)
-    finite = np.flatnonzero(np.isfinite(values))
-    keep = [np.arange(0, len(run), -(-len(run) // MAX_CURVE_POINTS)), [len(run) - 1]]
-    if len(finite):
-        keep += [[finite[-1], finite[np.argmin(values[finite])]]]
-    return run.iloc[np.unique(np.concatenate(keep))]
+def thin_curve(run: pd.DataFrame, column: str, buckets: int = ENVELOPE_BUCKETS) -> pd.DataFrame:
+    """The rows of one run that draw its `column` over `step` as the full run looks in
+    `buckets` pixel columns (`envelope_indices`): spikes and the lowest loss kept."""
+    return run.iloc[envelope_indices(run["step"].to_numpy(), run[column].to_numpy(), buckets)]
 
 
 def plot_oscillation_vs_loops(table: pd.DataFrame) -> Figure:
@@ -299,10 +291,14 @@ def plot_loop_mechanism(loops: pd.DataFrame, title: str = "") -> Figure:
         values = transform(table.to_numpy(dtype=float))
         # float32 rounding makes identical positions read as ±1e-7; draw them at a floor
         floor = 1e-8
+        steps, curves = table.index.to_numpy(), np.clip(values, floor, None)
         for index, loop in enumerate(table.columns):
-            ax.plot(table.index, np.clip(values[:, index], floor, None), color=colours[loop],
-                    linewidth=1.0, label=f"loop {loop}")
-        ax.set_yscale("log")
+            draw_curve(ax, steps, curves[:, index], colours[loop], label=f"loop {loop}")
+        shown = curves[np.isfinite(curves)]
+        if len(shown):
+            plain_log_axis(ax, "y", shown.min(), shown.max())
+        else:
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=9)
     if panels:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from loopdiag.analysis.analyzer import (
     CELL_KEYS,
@@ -198,6 +197,8 @@ def compare(table: pd.DataFrame, arch_a: str, arch_b: str, *, n_loops: int | Non
     is the test's own t interval (with a handful of seeds a bootstrap interval is far too
     narrow). Runs without a finite final loss are excluded and counted.
     """
+    from scipy import stats  # here: it costs `report` and `analyze` most of a second to import
+
     chosen = table[table["arch"].isin([arch_a, arch_b])]
     if n_loops is not None:
         chosen = chosen[chosen["n_loops"] == n_loops]

@@ -47,6 +47,7 @@ class RunData:
         self.events = event_frame([]) if events is None else events
         self._steps, self._loops, self._columns = steps, loops, columns
         self._loop_tables: dict[str, pd.DataFrame] = {}
+        self._step_series: dict[str, pd.Series] = {}  # columns `steps_of` has read
 
     def __repr__(self) -> str:
         return f"RunData({str(self.run_dir)!r})"
@@ -82,12 +83,18 @@ class RunData:
         return ["step", *(key for key in _scalar_keys(self._columns) if key != "step")]
 
     def steps_of(self, names: Sequence[str]) -> pd.DataFrame:
-        """`steps` restricted to `step` and those of `names` it has, read alone."""
+        """`steps` restricted to `step` and those of `names` it has, each column read
+        once (the table, the report's curves and its explanations ask for the same)."""
         wanted = ["step", *(name for name in names if name != "step")]
         if self._steps is not None or self._columns is None:
             return self.steps[[name for name in wanted if name in self.steps.columns]]
         scalars = set(_scalar_keys(self._columns))
-        return _to_frame(self._columns.read([n for n in wanted if n in scalars]))
+        present = [name for name in wanted if name in scalars]
+        unread = [name for name in present if name not in self._step_series]
+        if unread:
+            read = _to_frame(self._columns.read(unread))
+            self._step_series.update((name, read[name]) for name in unread)
+        return pd.DataFrame({name: self._step_series[name] for name in present})
 
     def loop_table(self, stat: str) -> pd.DataFrame:
         """One per-loop statistic as a (step × loop) table, loops numbered from 1; steps
