@@ -75,6 +75,18 @@ def test_frames_from_the_copy_match_the_frames_from_the_jsonl(tmp_path):
     assert data.loops.reset_index(drop=True).equals(loops)
 
 
+def test_loop_tables_from_the_copy_match_the_long_frame(tmp_path):
+    run_dir = write_records(tmp_path / "run")
+    data = load_run(run_dir)
+    table = data.loop_table("resid_norm")
+    assert table.index.tolist() == [1, 2, 4] and list(table.columns) == [1, 2, 3, 4]
+    assert table.loc[2].tolist()[1:] == [math.inf, -math.inf, 4.0]
+    assert data.loop_table("token_corr").empty  # never logged: empty, not an error
+    steps, loops = data.steps_of(["loss", "val_loss"]), data.loops  # a second read is the first
+    assert data.steps_of(["val_loss", "loss"])["val_loss"].equals(steps["val_loss"])
+    assert len(loops[loops["stat"] == "resid_norm"]) == table.notna().sum().sum()
+
+
 def test_read_columns_gives_arrays_per_loop_nan_padded(tmp_path):
     run_dir = write_records(tmp_path / "run")
     columns = read_columns(run_dir, ["step", "loss", "resid_norm", "val_loss", "absent"])

@@ -9,6 +9,7 @@ module costs nothing and no figure state leaks from one plot into the next.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,6 +53,7 @@ MECHANISM_PANELS = (
     ("rel_update", lambda v: v, "relative update of the loop"),
     ("act_grad_norm", lambda v: v, "gradient norm at the loop's output"),
 )
+MECHANISM_STATS = tuple(stat for stat, _, _ in MECHANISM_PANELS)
 
 
 def plot_loop_residuals(loops: pd.DataFrame, stat: str = "resid_norm") -> Figure:
@@ -277,16 +279,22 @@ def plot_loop_scaling(frame: pd.DataFrame) -> Figure:
     return figure
 
 
-def plot_loop_mechanism(loops: pd.DataFrame, title: str = "") -> Figure:
+def plot_loop_mechanism(loops: pd.DataFrame | Mapping[str, pd.DataFrame], title: str = "") -> Figure:
     """One run's loops over training: 1 − token correlation, relative update and gradient
     norm per loop (one line per loop, log scale), the three signs of a looped collapse.
-    `loops` is the run's long table (step, loop, stat, value); absent stats are skipped."""
+    `loops` is the run's long table (step, loop, stat, value), or its (step × loop) table
+    of each stat (`RunData.loop_table`), which spares building the long one; absent or
+    empty stats are skipped."""
+    if isinstance(loops, pd.DataFrame):
+        loops = {stat: loops[loops["stat"] == stat].pivot_table(index="step", columns="loop",
+                                                                values="value", aggfunc="first")
+                 for stat in MECHANISM_STATS}
+    loops = {stat: table.dropna(axis=1, how="all") for stat, table in loops.items()}  # never logged
     panels = [(stat, transform, label) for stat, transform, label in MECHANISM_PANELS
-              if (loops["stat"] == stat).any()]
+              if stat in loops and not loops[stat].empty]
     figure, axes = new_figure(1, max(1, len(panels)), panel_size=(4.2, 3.0))
     for ax, (stat, transform, label) in zip(axes[0], panels):
-        table = loops[loops["stat"] == stat].pivot_table(index="step", columns="loop",
-                                                         values="value", aggfunc="first")
+        table = loops[stat]
         colours = loop_colours(list(table.columns))
         values = transform(table.to_numpy(dtype=float))
         # float32 rounding makes identical positions read as ±1e-7; draw them at a floor

@@ -284,12 +284,14 @@ def _explanations(suite: SuiteData, table: pd.DataFrame, out_dir: Path, svg: boo
         run = suite.runs[row.run_id]
         blocks += [Heading(row.run_id, 3), Paragraph(explain(run, run_verdict(run)))]
         cell = (row.arch, row.n_loops, row.lr)
-        if (row.status == "collapsed" and cell not in drawn and len(drawn) < MAX_MECHANISM_FIGURES
-                and not run.loops.empty):
+        if row.status != "collapsed" or cell in drawn or len(drawn) >= MAX_MECHANISM_FIGURES:
+            continue
+        tables = {stat: run.loop_table(stat) for stat in plots.MECHANISM_STATS}
+        if any(len(table) for table in tables.values()):
             drawn.add(cell)
             name = f"loops_{row.run_id}"
-            plots.save_figure(plots.plot_loop_mechanism(run.loops, f"{row.run_id}: its loops over "
-                                                                    f"training"),
+            plots.save_figure(plots.plot_loop_mechanism(tables, f"{row.run_id}: its loops over "
+                                                                f"training"),
                               out_dir / "figures" / name, svg=svg)
             blocks.append(Image(f"figures/{name}.png", "1 − token correlation, relative update and "
                                                        "gradient norm per loop over steps."))

@@ -106,8 +106,9 @@ class RunData:
                                          aggfunc="first", dropna=False)
             else:
                 arrays = table_columns(self._columns.read(["step", stat]), ["step", stat])
+                steps = arrays["step"] if stat in arrays else arrays["step"][:0]
                 grid = arrays.get(stat, np.empty((0, 0)))
-                table = pd.DataFrame(grid, index=pd.Index(arrays["step"], name="step"),
+                table = pd.DataFrame(grid, index=pd.Index(steps, name="step"),
                                      columns=pd.RangeIndex(1, grid.shape[1] + 1, name="loop"))
                 table = table[~np.isnan(grid).all(axis=1)] if grid.size else table.iloc[:0]
             self._loop_tables[stat] = table
