@@ -8,6 +8,7 @@ import importlib
 import math
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,27 @@ def test_plots_return_figures(name: str, suite: SuiteData, table: pd.DataFrame) 
     assert len(figure.axes) == n_axes
     assert len(figure.axes[0].get_lines()) == n_lines
     assert figure.get_suptitle() or figure.axes[0].get_title()
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_t_test_gives_scipy_stats_numbers(paired: bool) -> None:
+    from scipy import stats
+
+    from loopdiag.analysis.tables import t_test
+
+    rng = np.random.default_rng(0)
+    samples = [(rng.normal(2.0, 0.1, 6), rng.normal(2.05, 0.3, 6)),
+               (np.array([1.0, 1.0]), np.array([2.0, 2.0])),  # no spread: t infinite
+               (np.array([1.0, 1.0, 1.0]), np.array([1.0, 1.0, 1.0]))]  # no difference: NaN
+    if not paired:
+        samples.append((rng.normal(2.0, 0.1, 3), rng.normal(2.1, 0.4, 9)))
+    for a, b in samples:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = stats.ttest_rel(a, b) if paired else stats.ttest_ind(a, b, equal_var=False)
+        interval = result.confidence_interval(0.95)
+        expected = [result.statistic, result.pvalue, interval.low, interval.high]
+        np.testing.assert_allclose(t_test(a, b, paired=paired), expected, rtol=1e-12)
 
 
 def test_save_figure_writes_png_and_svg_on_request(table: pd.DataFrame, tmp_path: Path) -> None:
