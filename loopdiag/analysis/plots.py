@@ -98,7 +98,8 @@ def plot_stability_map(table: pd.DataFrame) -> Figure:
     loop_counts = sorted(table["n_loops"].unique())
     by_lr = list(table.groupby("lr", dropna=False, sort=True))
     figure, axes = new_figure(1, len(by_lr), panel_size=(0.9 * len(loop_counts) + 1.6,
-                                                           0.55 * len(archs) + 1.0))
+                                                           0.55 * len(archs) + 1.0),
+                              layout="constrained")  # the legend below, outside the panels
     for ax, (lr, at_lr) in zip(axes[0], by_lr):
         for i, arch in enumerate(archs):
             for j, n_loops in enumerate(loop_counts):
@@ -324,7 +325,8 @@ def plot_depth_accuracy(accuracy: pd.DataFrame) -> Figure:
     hops = sorted(accuracy["hops"].unique())
     loop_counts = sorted(accuracy["train_loops"].unique())
     figure, axes = new_figure(1, len(archs), panel_size=(0.55 * len(loop_counts) + 1.2,
-                                                           0.5 * len(hops) + 1.2))
+                                                           0.5 * len(hops) + 1.2),
+                              layout="constrained")  # room for the colorbar
     image = None
     for ax, arch in zip(axes[0], archs):
         grid = (at_own_k[at_own_k["arch"] == arch]
