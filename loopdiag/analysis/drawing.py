@@ -135,9 +135,9 @@ LABEL_GAP = 0.075  # least vertical distance between two end labels, in axes fra
 def add_end_label(labels: EndLabels, ax: Axes, x: Sequence[float], y: Sequence[float],
                   text: str, colour: Any) -> None:
     """Remember a line's name for its last finite point (drawn by `place_end_labels`)."""
-    finite = [(a, b) for a, b in zip(x, y) if np.isfinite(b)]
-    if finite:
-        labels.setdefault(ax, []).append((*finite[-1], text, colour))
+    finite = np.flatnonzero(np.isfinite(np.asarray(y, dtype=float)))
+    if len(finite):
+        labels.setdefault(ax, []).append((x[finite[-1]], y[finite[-1]], text, colour))
 
 
 def place_end_labels(labels: EndLabels) -> None:

@@ -17,14 +17,12 @@ import pandas as pd
 
 from loopdiag.analysis.analyzer import LOSS_COLUMNS
 from loopdiag.analysis.drawing import (
-    ENVELOPE_BUCKETS,
     MECHANISM_LABELS,
     NO_RUN_COLOUR,
     STATUS_COLOURS,
     EndLabels,
     add_end_label,
     draw_curve,
-    envelope_indices,
     arch_colours,
     loop_colours,
     new_figure,
@@ -167,7 +165,7 @@ def plot_loss_curves(steps: pd.DataFrame) -> Figure:
             colour = f"C{colour_index % 10}"
             draw_curve(ax, run["step"].to_numpy(), run[loss].to_numpy(), colour)
             name = f"s{run['seed'].iloc[0]}" + (f" lr{run['lr'].iloc[0]:g}" if several_lrs else "")
-            add_end_label(labels, ax, run["step"].tolist(), run[loss].tolist(), name, colour)
+            add_end_label(labels, ax, run["step"].to_numpy(), run[loss].to_numpy(), name, colour)
             ok = run[np.isfinite(run[loss])]
             if len(ok) < len(run) and len(ok):
                 ax.scatter(ok["step"].iloc[-1], ok[loss].iloc[-1], marker="x", color="red",
@@ -183,12 +181,6 @@ def plot_loss_curves(steps: pd.DataFrame) -> Figure:
         ax.set_ylabel("train loss (nats)")
     figure.suptitle("Train loss vs step per (arch, K); red x: loss became non-finite")
     return figure
-
-
-def thin_curve(run: pd.DataFrame, column: str, buckets: int = ENVELOPE_BUCKETS) -> pd.DataFrame:
-    """The rows of one run that draw its `column` over `step` as the full run looks in
-    `buckets` pixel columns (`envelope_indices`): spikes and the lowest loss kept."""
-    return run.iloc[envelope_indices(run["step"].to_numpy(), run[column].to_numpy(), buckets)]
 
 
 def plot_oscillation_vs_loops(table: pd.DataFrame) -> Figure:

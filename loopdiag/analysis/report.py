@@ -40,6 +40,7 @@ from loopdiag.analysis.document import (
     to_html,
     to_markdown,
 )
+from loopdiag.analysis.drawing import envelope_indices
 from loopdiag.analysis.findings import findings
 from loopdiag.analysis.tables import (
     stability_summary,
@@ -234,18 +235,24 @@ def _depth(suite: SuiteData, table: pd.DataFrame, loop_scaling: pd.DataFrame | N
 
 def _loss_frame(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:
     """(run_id, step, loss) of the runs in `at_lr` that logged a train loss, with their
-    cells: the loss column alone is read from each run's store."""
-    frames = []
+    cells: the loss column alone is read from each run's store, and a long run is thinned
+    to its envelope (`envelope_indices`: more points than a panel has pixel columns, the
+    spikes kept)."""
+    run_ids, steps, losses = [], [], []
     for run_id in at_lr["run_id"]:
-        steps = suite.runs[run_id].steps_of(LOSS_COLUMNS)
-        loss = next((column for column in LOSS_COLUMNS if column in steps.columns), None)
-        if loss is not None and len(steps):
-            curve = pd.DataFrame({"run_id": run_id, "step": steps["step"].to_numpy(),
-                                  "loss": steps[loss].to_numpy(dtype=float)})
-            frames.append(plots.thin_curve(curve, "loss"))
-    if not frames:
+        logged = suite.runs[run_id].steps_of(LOSS_COLUMNS)
+        loss = next((column for column in LOSS_COLUMNS if column in logged.columns), None)
+        if loss is not None and len(logged):
+            step, value = logged["step"].to_numpy(), logged[loss].to_numpy(dtype=float)
+            kept = envelope_indices(step, value)
+            run_ids.append(np.full(len(kept), run_id, dtype=object))
+            steps.append(step[kept])
+            losses.append(value[kept])
+    if not run_ids:
         return pd.DataFrame()
-    return with_cells(pd.concat(frames, ignore_index=True), at_lr)
+    curves = pd.DataFrame({"run_id": np.concatenate(run_ids), "step": np.concatenate(steps),
+                           "loss": np.concatenate(losses)})
+    return with_cells(curves, at_lr)
 
 
 def _residual_ends(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:
