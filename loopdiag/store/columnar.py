@@ -332,7 +332,9 @@ class Columns:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        return table_metadata(self.schema)
+        if not hasattr(self, "_metadata"):  # parsed once: every column read looks its keys up
+            self._metadata = table_metadata(self.schema)
+        return self._metadata
 
 
 def open_columns(run_dir: str | Path, *, announce: bool = True) -> Columns | None:
