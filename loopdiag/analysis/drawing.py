@@ -121,11 +121,17 @@ def draw_curve(ax: Axes, x: np.ndarray, y: np.ndarray, colour: Any, linewidth: f
     lows, highs = np.full(columns, np.inf), np.full(columns, -np.inf)
     np.minimum.at(lows, slices[finite], y[finite])
     np.maximum.at(highs, slices[finite], y[finite])
-    empty = ~np.isfinite(lows)
-    lows[empty], highs[empty] = np.nan, np.nan
+    from matplotlib.collections import PolyCollection
+
     centres = x[0] + (np.arange(columns) + 0.5) * (x[-1] - x[0]) / columns
-    ax.fill_between(centres, lows, highs, facecolor=colour, edgecolor=colour,
-                    linewidth=linewidth, label=label)
+    filled = np.isfinite(lows)
+    starts = np.flatnonzero(filled & ~np.r_[False, filled[:-1]])  # runs of filled columns
+    ends = np.flatnonzero(filled & ~np.r_[filled[1:], False]) + 1
+    bands = [np.r_[np.c_[centres[a:b], highs[a:b]], np.c_[centres[a:b], lows[a:b]][::-1]]
+             for a, b in zip(starts, ends)]
+    # a PolyCollection of the bands themselves: fill_between costs more than drawing them
+    ax.add_collection(PolyCollection(bands, facecolors=colour, edgecolors=colour,
+                                     linewidths=linewidth, label=label))
 
 
 EndLabels = dict[Any, list[tuple[float, float, str, Any]]]  # axes -> (x, y, text, colour)

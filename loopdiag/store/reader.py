@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import warnings
@@ -234,6 +235,17 @@ def _loop_rows(stat: str, steps: np.ndarray, column: list[Any]) -> pd.DataFrame:
 
 
 def event_frame(events: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    if not events:  # most runs: built once, copied
+        return _no_events().copy()
+    return _events_frame(events)
+
+
+@functools.cache
+def _no_events() -> pd.DataFrame:
+    return _events_frame([])
+
+
+def _events_frame(events: Sequence[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(list(events))
     extra = [c for c in frame.columns if c not in EVENT_COLUMNS]
     frame = frame.reindex(columns=[*EVENT_COLUMNS, *extra])
