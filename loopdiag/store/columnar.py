@@ -12,6 +12,10 @@ Parquet's zstd with byte-stream-split floats; on the reference task's records th
 11% of the JSONL's size with float32 statistics and 17% with float64 ones (list columns;
 the same records as a long (step, loop, stat, value) table: 1% larger).
 
+The JSONL is parsed by Arrow's JSON reader (2.5x faster than `json.loads` per line) where
+it reads the lines as `json` does; a file where the two could differ (a `null`, text, an
+integer beyond int64, a torn line) is read line by line, to the same table.
+
 The copy records what it was built from (size and a hash of the first and last 64 KiB of
 the JSONL, and the record count) in its metadata: `columnar_state` tells a copy that still
 matches its JSONL from a stale one without parsing the JSONL. File times are not used:
