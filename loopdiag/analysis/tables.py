@@ -40,7 +40,8 @@ def suite_table(suite: SuiteData) -> pd.DataFrame:
     """
     if not suite.runs:
         raise ValueError(f"suite {suite.suite_dir} has no runs to analyse")
-    rows = [_row(run_id, run, _cell(suite, run_id)) for run_id, run in suite.runs.items()]
+    listed = suite.run_table.set_index("run_id")
+    rows = [_row(run_id, run, _cell(listed.loc[run_id], run)) for run_id, run in suite.runs.items()]
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     arch_order = {arch: i for i, arch in enumerate(dict.fromkeys(table["arch"]))}
     table = table.sort_values(["arch", "n_loops", "lr", "seed"], kind="stable",
@@ -113,11 +114,11 @@ def compare_tables(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] = ("
     return merged
 
 
-def _cell(suite: SuiteData, run_id: str) -> dict[str, object]:
-    """The run's cell as the suite manifest lists it (`cell_lr` when the cell's `lr`
-    clashes with the logged per-step lr), falling back to the run's own config."""
-    listed = suite.run_table.set_index("run_id").loc[run_id]
-    own = run_cell(suite.runs[run_id])
+def _cell(listed: pd.Series, run: RunData) -> dict[str, object]:
+    """The run's cell as the suite manifest lists it (`listed`, its row of the suite's
+    run table: `cell_lr` when the cell's `lr` clashes with the logged per-step lr), falling
+    back to the run's own config."""
+    own = run_cell(run)
     cell = {}
     for key in CELL_KEYS:
         value = next((listed[c] for c in (key, f"cell_{key}") if c in listed.index), None)
