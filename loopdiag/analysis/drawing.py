@@ -19,8 +19,10 @@ STATUS_COLOURS = {"stable": "#8fd18f", "collapsed": "#f5b041", "diverged": "#e55
 MECHANISM_LABELS = {"representation": "repr.", "gradient": "grad.", "residual": "resid.",
                     "plateau": "plateau", "loss": "loss"}
 NO_RUN_COLOUR = "#ffffff"
-
-
+PNG_DPI = 120
+# Buckets a long curve is thinned to before its panel is known (a report's loss frame):
+# more than any panel's pixel columns at PNG_DPI.
+ENVELOPE_BUCKETS = 1000
 # The fixed layout's margins, in inches: tick labels and an axis label left and below, a
 # suptitle and panel titles above (and the 2 % of the height a suptitle leaves above it);
 # between panels, tick labels unless the axis is shared.
@@ -68,12 +70,6 @@ def save_figure(figure: Figure, path_stem: str | Path, *, svg: bool = False) -> 
     return [png, vector]
 
 
-PNG_DPI = 120
-# Buckets a long curve is thinned to before its panel is known (a report's loss frame):
-# more than any panel's pixel columns at PNG_DPI.
-ENVELOPE_BUCKETS = 1000
-
-
 def pixel_columns(ax: Axes) -> int:
     """How many pixel columns the axes spans in the PNG (before the layout shrinks it)."""
     return max(1, int(ax.get_position().width * ax.figure.get_figwidth() * PNG_DPI))
@@ -84,8 +80,7 @@ def envelope_indices(x: np.ndarray, y: np.ndarray, buckets: int = ENVELOPE_BUCKE
     looks when `buckets` equal slices of its x range each fill one pixel column: in each
     slice its lowest and highest finite y (a one-step spike stays), its first non-finite y
     (the line's gap), and the first, last and last finite points (where a curve ends and
-    is labelled). A dense line costs Agg its stroke length, so this is what keeps a
-    100k-step curve as quick to draw as a short one."""
+    is labelled). What a report keeps of a 100k-step curve before `draw_curve` draws it."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     count = len(y)
     if count <= 3 * buckets + 3:  # no more than an envelope keeps
@@ -107,10 +102,12 @@ def envelope_indices(x: np.ndarray, y: np.ndarray, buckets: int = ENVELOPE_BUCKE
 
 def draw_curve(ax: Axes, x: np.ndarray, y: np.ndarray, colour: Any, linewidth: float = 1.0,
                label: str | None = None) -> None:
-    """Draw y over x (ascending) as a line, or, when it has more points than the axes has
-    pixel columns, as the band between its lowest and highest finite y in each column
-    (edged like the line): the same pixels a full line covers, where a dense zigzag of
-    segments would cost Agg many times the stroke. A column without a finite y is a gap."""
+    """Draw y over x (ascending) as a line, or, with more than three points per pixel
+    column of the axes, as the band between its lowest and highest finite y in each column
+    (edged like the line): the pixels the full line covers, where a dense zigzag of
+    segments would cost Agg its whole stroke length. A column without a finite y is a gap."""
+    from matplotlib.collections import PolyCollection
+
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     columns = pixel_columns(ax)
     if len(y) <= 3 * columns + 3 or x[-1] <= x[0]:
@@ -121,15 +118,13 @@ def draw_curve(ax: Axes, x: np.ndarray, y: np.ndarray, colour: Any, linewidth: f
     lows, highs = np.full(columns, np.inf), np.full(columns, -np.inf)
     np.minimum.at(lows, slices[finite], y[finite])
     np.maximum.at(highs, slices[finite], y[finite])
-    from matplotlib.collections import PolyCollection
-
     centres = x[0] + (np.arange(columns) + 0.5) * (x[-1] - x[0]) / columns
     filled = np.isfinite(lows)
     starts = np.flatnonzero(filled & ~np.r_[False, filled[:-1]])  # runs of filled columns
     ends = np.flatnonzero(filled & ~np.r_[filled[1:], False]) + 1
     bands = [np.r_[np.c_[centres[a:b], highs[a:b]], np.c_[centres[a:b], lows[a:b]][::-1]]
              for a, b in zip(starts, ends)]
-    # a PolyCollection of the bands themselves: fill_between costs more than drawing them
+    # the bands as polygons: fill_between's masking and interpolation cost more than drawing them
     ax.add_collection(PolyCollection(bands, facecolors=colour, edgecolors=colour,
                                      linewidths=linewidth, label=label))
 

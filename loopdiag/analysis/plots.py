@@ -22,8 +22,8 @@ from loopdiag.analysis.drawing import (
     STATUS_COLOURS,
     EndLabels,
     add_end_label,
-    draw_curve,
     arch_colours,
+    draw_curve,
     loop_colours,
     new_figure,
     place_end_labels,
@@ -272,7 +272,8 @@ def plot_loop_scaling(frame: pd.DataFrame) -> Figure:
     return figure
 
 
-def plot_loop_mechanism(loops: pd.DataFrame | Mapping[str, pd.DataFrame], title: str = "") -> Figure:
+def plot_loop_mechanism(loops: pd.DataFrame | Mapping[str, pd.DataFrame],
+                        title: str = "") -> Figure:
     """One run's loops over training: 1 − token correlation, relative update and gradient
     norm per loop (one line per loop, log scale), the three signs of a looped collapse.
     `loops` is the run's long table (step, loop, stat, value), or its (step × loop) table

@@ -41,7 +41,8 @@ def suite_table(suite: SuiteData) -> pd.DataFrame:
     if not suite.runs:
         raise ValueError(f"suite {suite.suite_dir} has no runs to analyse")
     listed = suite.run_table.set_index("run_id")
-    rows = [_row(run_id, run, _cell(listed.loc[run_id], run)) for run_id, run in suite.runs.items()]
+    rows = [_row(run_id, run, _cell(listed.loc[run_id], run))
+            for run_id, run in suite.runs.items()]
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     arch_order = {arch: i for i, arch in enumerate(dict.fromkeys(table["arch"]))}
     table = table.sort_values(["arch", "n_loops", "lr", "seed"], kind="stable",
