@@ -127,6 +127,7 @@ def draw_curve(ax: Axes, x: np.ndarray, y: np.ndarray, colour: Any, linewidth: f
     # the bands as polygons: fill_between's masking and interpolation cost more than drawing them
     ax.add_collection(PolyCollection(bands, facecolors=colour, edgecolors=colour,
                                      linewidths=linewidth, label=label))
+    ax.autoscale_view()  # older matplotlib does not fit the view to an added collection
 
 
 EndLabels = dict[Any, list[tuple[float, float, str, Any]]]  # axes -> (x, y, text, colour)
