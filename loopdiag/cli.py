@@ -120,6 +120,7 @@ def run(
     overwrite: Annotated[bool, typer.Option(help="Replace the runs already in --out.")] = False,
     quick: Annotated[bool, typer.Option(
         help="A fast smoke run: tiny models, at most 40 steps, loops 1 and the largest.")] = False,
+    svg: Annotated[bool, typer.Option(help="Also write every figure of the report as SVG.")] = False,
 ) -> None:
     """Train a probe suite (architectures x loop counts x learning rates x seeds) with the
     probes and live collapse alerts, then write the report and print the stability table.
@@ -208,7 +209,7 @@ def run(
         _report_errors(errors)
         return
     with _failed_writes_end_command(out, f"loopdiag report {shlex.quote(str(out))}"):
-        report_path = _write_report(suite_dir, out)
+        report_path = _write_report(suite_dir, out, svg)
     table = pd.read_csv(report_path.parent / "table.csv")
     console.print(stability_table(table))
     console.print(f"report: {report_path} (and {report_path.with_suffix('.html').name}); run store: {suite_dir}")
@@ -356,6 +357,8 @@ def report(
     rejudge: Annotated[bool, typer.Option(
         help="First replay today's detectors over every run's records and rewrite the stored "
              "verdicts and events (after the detectors changed; training is not repeated).")] = False,
+    svg: Annotated[bool, typer.Option(help="Also write every figure as SVG (PNG alone by default: "
+                                          "an SVG costs as much to write again).")] = False,
 ) -> None:
     """Regenerate a suite's report (markdown, HTML, figures, table) from its run store alone.
     Runs whose columnar copy (metrics.parquet) is missing or stale get one first."""
@@ -368,7 +371,7 @@ def report(
             build_copies(store, jobs or min(8, len(os.sched_getaffinity(0))))
         if rejudge:
             _rejudge(store)
-        _write_report(store, out)
+        _write_report(store, out, svg)
 
 
 def build_copies(store: Path, jobs: int) -> dict[str, int]:
@@ -408,12 +411,13 @@ def _rejudge(store: Path) -> None:
                   + "".join(f"\n  {line}" for line in changed))
 
 
-def _write_report(store: Path, out: Path) -> Path:
+def _write_report(store: Path, out: Path, svg: bool) -> Path:
     from loopdiag.analysis import write_report
 
-    command = f"loopdiag report {shlex.quote(str(store))} --out {shlex.quote(str(out))}"
+    command = (f"loopdiag report {shlex.quote(str(store))} --out {shlex.quote(str(out))}"
+               + (" --svg" if svg else ""))
     try:
-        path = write_report(store, out, command)
+        path = write_report(store, out, command, svg=svg)
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise bad_input(str(error)) from None
     console.print(f"report: {path} (and {path.with_suffix('.html').name})")
@@ -465,6 +469,7 @@ def eval_(
     loops: Annotated[str, typer.Option(help="Inference loop counts: 1..12, or 1,2,4,8.")] = "1..12",
     data: Annotated[list[Path] | None, typer.Option(help="The run's corpus file(s), if they moved.")] = None,
     examples: Annotated[int, typer.Option(help="Held-out task examples for accuracy.")] = 256,
+    svg: Annotated[bool, typer.Option(help="Also write the figure as SVG.")] = False,
 ) -> None:
     """Test-time loop scaling: evaluate trained runs at each inference loop count K' (loss,
     and exact-match accuracy for a task), write <run>/loop_scaling.csv and plot it."""
@@ -496,7 +501,7 @@ def eval_(
         console.print(f"[bold]{metric}[/] by inference loops K' (rows: runs)")
         console.print(wide.to_string(float_format=lambda v: f"{v:.3f}"), soft_wrap=True)
     figure_dir = store if is_run_dir(store) else store.parent if store.name == RUNS_FOLDER else store
-    png, _ = save_figure(plot_loop_scaling(frame), figure_dir / "loop_scaling")
+    png, *_ = save_figure(plot_loop_scaling(frame), figure_dir / "loop_scaling", svg=svg)
     console.print(f"loop scaling: {png} and loop_scaling.csv in each run folder"
                   + ("" if is_run_dir(store) else "; `loopdiag report` adds it to the report"))
 

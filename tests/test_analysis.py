@@ -8,6 +8,7 @@ import importlib
 import math
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from loopdiag.analysis import (
     with_cells,
     write_report,
 )
+from loopdiag.analysis.drawing import envelope_indices
 from loopdiag.store import SuiteData, load_run, load_suite, write_suite_manifest
 from run_files import write_run
 
@@ -221,9 +223,63 @@ def test_plots_return_figures(name: str, suite: SuiteData, table: pd.DataFrame) 
     assert figure.get_suptitle() or figure.axes[0].get_title()
 
 
-def test_save_figure_writes_png_and_svg(table: pd.DataFrame, tmp_path: Path) -> None:
-    png, svg = save_figure(plot_oscillation_vs_loops(table), tmp_path / "figures" / "oscillation")
+@pytest.mark.parametrize("paired", [True, False])
+def test_t_test_gives_scipy_stats_numbers(paired: bool) -> None:
+    from scipy import stats
+
+    from loopdiag.analysis.tables import t_test
+
+    rng = np.random.default_rng(0)
+    samples = [(rng.normal(2.0, 0.1, 6), rng.normal(2.05, 0.3, 6)),
+               (np.array([1.0, 1.0]), np.array([2.0, 2.0])),  # no spread: t infinite
+               (np.array([1.0, 1.0, 1.0]), np.array([1.0, 1.0, 1.0]))]  # no difference: NaN
+    if not paired:
+        samples.append((rng.normal(2.0, 0.1, 3), rng.normal(2.1, 0.4, 9)))
+    for a, b in samples:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = stats.ttest_rel(a, b) if paired else stats.ttest_ind(a, b, equal_var=False)
+        interval = result.confidence_interval(0.95)
+        expected = [result.statistic, result.pvalue, interval.low, interval.high]
+        np.testing.assert_allclose(t_test(a, b, paired=paired), expected, rtol=1e-12)
+
+
+def test_save_figure_writes_png_and_svg_on_request(table: pd.DataFrame, tmp_path: Path) -> None:
+    stem = tmp_path / "figures" / "oscillation"
+    png, svg = save_figure(plot_oscillation_vs_loops(table), stem, svg=True)
     assert png.read_bytes().startswith(b"\x89PNG") and svg.read_text().startswith("<?xml")
+    # drawn again without SVG, the old SVG would no longer match the PNG: it goes
+    assert save_figure(plot_oscillation_vs_loops(table), stem) == [png]
+    assert png.is_file() and not svg.exists()
+
+
+def test_envelope_keeps_every_spike_and_the_curve_ends() -> None:
+    steps = np.arange(1, 100_001)
+    loss = 2.0 + np.sin(steps / 5000)
+    loss[[777, 50_001]] = [9.0, -1.0]  # a one-step spike up, one down
+    loss[99_990:] = np.nan  # diverged: the curve ends early
+    kept = envelope_indices(steps, loss, buckets=300)
+    assert len(kept) <= 3 * 300 + 3 and np.all(np.diff(kept) > 0)
+    assert {0, 777, 50_001, 99_989, 99_990, 99_999} <= set(kept.tolist())
+    assert np.nanmax(loss[kept]) == 9.0 and np.nanmin(loss[kept]) == -1.0
+    assert np.array_equal(envelope_indices(steps[:900], loss[:900], buckets=300), np.arange(900))
+
+
+def test_a_dense_curve_is_drawn_as_its_envelope_with_its_spikes() -> None:
+    from matplotlib.collections import PolyCollection
+
+    steps = np.arange(1, 50_001)
+    loss = 3.0 + np.exp(-steps / 5000)
+    loss[12_345] = 11.0
+    rows = pd.DataFrame({"run_id": "long", "step": steps, "loss": loss, "arch": "flt",
+                         "n_loops": 4, "seed": 0, "lr": 3e-3})
+    short = rows.iloc[::500].assign(run_id="short", seed=1)  # 100 points: a plain line
+    ax = plot_loss_curves(pd.concat([rows, short], ignore_index=True)).axes[0]
+    (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    heights = band.get_paths()[0].vertices[:, 1]
+    assert heights.max() == 11.0 and len(heights) < 5_000  # the spike stays, few vertices
+    (line,) = ax.get_lines()
+    assert len(line.get_xdata()) == 100
 
 
 def test_report_has_table_command_explanations_and_figures(suite_dir: Path, table: pd.DataFrame,
@@ -245,7 +301,7 @@ def test_report_has_table_command_explanations_and_figures(suite_dir: Path, tabl
     for name in ("stability_map", "loss_curves", "loop_residuals", "oscillation_vs_loops",
                  "lr_sensitivity", "loop_scaling"):
         assert f"figures/{name}.png" in text and f'data-source="figures/{name}.png"' in html
-        assert (tmp_path / "out" / "figures" / f"{name}.svg").is_file()
+    assert not list((tmp_path / "out" / "figures").glob("*.svg"))  # SVG only with svg=True
     # the six suite figures and one per-loop figure for the collapsed run
     assert f"figures/loops_{COLLAPSED}.png" in text
     assert html.count("data:image/png;base64,") == 7

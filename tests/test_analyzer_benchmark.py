@@ -27,4 +27,6 @@ def test_the_synthetic_store_holds_the_recorders_keys(bench, tmp_path):
 def test_a_small_benchmark_runs_end_to_end(bench, tmp_path):
     results = bench.main(["--runs", "4", "--steps", "50", "--loops", "4", "--jobs", "2",
                           "--cache", str(tmp_path)])
-    assert set(results) == {"cold report", "warm report", "warm analyze"}
+    assert set(results) == {"cold report, --jobs 1", "cold report, --jobs 2", "warm report",
+                            "warm analyze"}
+    assert all(wall > 0 and peak > 50 for wall, peak in results.values())  # MiB: a Python with pandas

@@ -42,14 +42,19 @@ def test_run_trains_every_cell_and_writes_the_report(tmp_path):
         assert scaling["eval_loops"].tolist() == [1, 3] and (scaling["metric"] == "val_loss").all()
     assert "flt" in result.output and "growth" in result.output
     for name in ("report.md", "report.html", "table.csv", "figures/loop_scaling.png",
-                 "figures/stability_map.svg"):
+                 "figures/stability_map.png"):
         assert (out / name).is_file(), name
+    assert not list((out / "figures").glob("*.svg"))  # SVG only with --svg
     assert len(list((out / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))) == 5  # 4 runs + the suite
 
-    result = runner.invoke(app, ["report", str(out / "runs"), "--out", str(tmp_path / "again")])
+    result = runner.invoke(app, ["report", str(out / "runs"), "--out", str(tmp_path / "again"), "--svg"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "again" / "table.csv").read_text() == (out / "table.csv").read_text()
     assert "flt-k03-s0" in (tmp_path / "again" / "report.md").read_text()
+    assert "--svg" in (tmp_path / "again" / "report.md").read_text()  # the command that redraws it
+    pngs, svgs = ({path.stem for path in (tmp_path / "again" / "figures").glob(f"*.{kind}")}
+                  for kind in ("png", "svg"))
+    assert "stability_map" in svgs and svgs == pngs
 
     result = runner.invoke(app, ["analyze", str(out)])
     assert result.exit_code == 0 and "looped" in result.output and "stable" in result.output

@@ -75,6 +75,73 @@ def test_frames_from_the_copy_match_the_frames_from_the_jsonl(tmp_path):
     assert data.loops.reset_index(drop=True).equals(loops)
 
 
+def test_loop_tables_from_the_copy_match_the_long_frame(tmp_path):
+    run_dir = write_records(tmp_path / "run")
+    data = load_run(run_dir)
+    table = data.loop_table("resid_norm")
+    assert table.index.tolist() == [1, 2, 4] and list(table.columns) == [1, 2, 3, 4]
+    assert table.loc[2].tolist()[1:] == [math.inf, -math.inf, 4.0]
+    assert data.loop_table("token_corr").empty  # never logged: empty, not an error
+    steps, loops = data.steps_of(["loss", "val_loss"]), data.loops  # a second read is the first
+    assert data.steps_of(["val_loss", "loss"])["val_loss"].equals(steps["val_loss"])
+    assert len(loops[loops["stat"] == "resid_norm"]) == table.notna().sum().sum()
+
+
+NUMERIC_RECORDS = [  # what a recorder writes: numbers, NaN and ±Inf, keys missing or late
+    {"step": 1, "loss": 2.5, "lr": 1e-3, "n_loops": 3, "resid_norm": [1.0, 2.0, 3.0],
+     "rel_update": [math.nan, 0.25, 0.5], "grad_norm": 1e-45, "flag": True, "count": 3},
+    {"step": 2, "loss": math.nan, "lr": 1e-3, "n_loops": 3, "resid_norm": [1.5, math.inf, -math.inf, 4.0],
+     "rel_update": [], "grad_cos": -0.5, "count": 4.5, "small": 5e18},
+    {"step": 3, "loss": 2.0, "lr": 1e-3, "n_loops": 3, "val_loss": 2.2, "grad_norm": 0.5,
+     "resid_norm": [2], "rel_update": [0.1, 0.2], "small": 1e-300},
+]
+
+
+def python_table(run_dir: Path):
+    """The copy's table as `json.loads`, line by line, makes it."""
+    from loopdiag.store._files import read_rows
+    from loopdiag.store.columnar import records_table, source_fingerprint
+
+    records = read_rows(run_dir / "metrics.jsonl")
+    return records_table(records, {**source_fingerprint(run_dir / "metrics.jsonl"), "records": len(records)})
+
+
+def test_arrow_reads_numeric_records_into_the_same_copy(tmp_path):
+    from loopdiag.store.columnar import _arrow_table, source_fingerprint
+
+    run_dir = write_records(tmp_path / "run", NUMERIC_RECORDS)
+    jsonl = run_dir / "metrics.jsonl"
+    fast = _arrow_table(jsonl.read_bytes(), source_fingerprint(jsonl))
+    slow = python_table(run_dir)
+    assert fast is not None and fast.schema.equals(slow.schema, check_metadata=True)
+    for name in slow.column_names:
+        assert same(fast.column(name).to_pylist(), slow.column(name).to_pylist()), name
+    assert str(fast.schema.field("resid_norm").type) == "list<item: float>"  # narrowed alike
+    assert str(fast.schema.field("small").type) == "double"  # 1e-300 is below float32's range
+
+
+@pytest.mark.parametrize("text", [
+    '{"step": 4, "loss": null}',          # null: Arrow cannot tell it from a missing key
+    '{"step": 4, "phase": "main"}',       # text
+    '{"step": 4, "count": 12345678901234567890}',  # beyond int64
+    '{"step": 4, "loss": Inf}',           # Arrow takes it, json does not: the line is skipped
+    '{"step": 4, "loss": -NaN}',
+    '{"step": 4.0}',                      # not an int step: skipped
+    '{"step": 4, "lo',                    # torn
+])
+def test_lines_arrow_could_read_otherwise_are_read_by_json(tmp_path, text):
+    from loopdiag.store.columnar import _arrow_table, source_fingerprint, write_columnar
+
+    run_dir = write_records(tmp_path / "run", NUMERIC_RECORDS)
+    jsonl = run_dir / "metrics.jsonl"
+    jsonl.write_text(jsonl.read_text() + text + "\n")
+    assert _arrow_table(jsonl.read_bytes(), source_fingerprint(jsonl)) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RunStoreWarning)
+        table, slow = write_columnar(run_dir), python_table(run_dir)
+    assert table.schema.equals(slow.schema, check_metadata=True)
+
+
 def test_read_columns_gives_arrays_per_loop_nan_padded(tmp_path):
     run_dir = write_records(tmp_path / "run")
     columns = read_columns(run_dir, ["step", "loss", "resid_norm", "val_loss", "absent"])

@@ -153,29 +153,31 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
     """A few plain sentences: what failed, when, which signal fired first, and what the
     residual norm, gradient oscillation and loss did, with the numbers."""
     judged = judged or run_verdict(run)
+    steps = run.steps_of((*LOSS_COLUMNS, "grad_cos"))  # all it reads: not every column
     cell = run_cell(run)
     lr = "" if cell["lr"] is None else f", lr {cell['lr']:g}"
     who = f"{run.run_id} ({cell['arch']}, K={cell['n_loops']}, seed {cell['seed']}{lr})"
     status = judged.get("status")
     if status not in FAILED:
-        return (f"{who} ended {status} at step {_last_step(run)}; final train loss "
-                f"{_fmt(final_loss(run.steps))}, best {_fmt(best_loss(run.steps))}.")
+        last = int(steps["step"].iloc[-1]) if len(steps) else None
+        return (f"{who} ended {status} at step {last}; final train loss "
+                f"{_fmt(final_loss(steps))}, best {_fmt(best_loss(steps))}.")
     mechanism = f" ({judged['mechanism']})" if judged.get("mechanism") else ""
     what = status.replace("_", " ")
     sentences = [f"{who} {what}{mechanism} at step {judged.get('step')} "
                  f"(signal: {judged.get('signal') or 'unnamed'}).",
                  _verdict_message(judged), _first_signal(run, judged), _residual_story(run)]
-    oscillation = oscillation_index(run.steps)
+    oscillation = oscillation_index(steps)
     if not math.isnan(oscillation):
         sentences.append(f"Gradient oscillation index (mean of max(0, -cos) between consecutive "
                          f"gradients, second half of training): {_fmt(oscillation)}.")
-    losses = loss_series(run.steps)
+    losses = loss_series(steps)
     finite = losses[np.isfinite(losses)]
     if status == "diverged" and len(finite):
         sentences.append(f"The last finite train loss was {_fmt(finite.iloc[-1])} at step "
                          f"{int(finite.index[-1])}; the best was {_fmt(finite.min())}.")
     elif len(finite):
-        sentences.append(f"Train loss ended at {_fmt(final_loss(run.steps))} against a best of "
+        sentences.append(f"Train loss ended at {_fmt(final_loss(steps))} against a best of "
                          f"{_fmt(finite.min())}.")
     return " ".join(sentence for sentence in sentences if sentence)
 
@@ -211,10 +213,6 @@ def _residual_story(run: RunData) -> str:
             f"to {_fmt(last_loop[end])} at step {end} (x{_fmt(growth)}); there, loop "
             f"{int(table.columns[-1])} carried x{_fmt(across)} the norm of loop "
             f"{int(table.columns[0])}.")
-
-
-def _last_step(run: RunData) -> int | None:
-    return int(run.steps["step"].iloc[-1]) if len(run.steps) else None
 
 
 def _fmt(value: float) -> str:

@@ -9,6 +9,7 @@ module costs nothing and no figure state leaks from one plot into the next.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from loopdiag.analysis.drawing import (
     EndLabels,
     add_end_label,
     arch_colours,
+    draw_curve,
     loop_colours,
     new_figure,
     place_end_labels,
@@ -49,6 +51,7 @@ MECHANISM_PANELS = (
     ("rel_update", lambda v: v, "relative update of the loop"),
     ("act_grad_norm", lambda v: v, "gradient norm at the loop's output"),
 )
+MECHANISM_STATS = tuple(stat for stat, _, _ in MECHANISM_PANELS)
 
 
 def plot_loop_residuals(loops: pd.DataFrame, stat: str = "resid_norm") -> Figure:
@@ -93,7 +96,8 @@ def plot_stability_map(table: pd.DataFrame) -> Figure:
     loop_counts = sorted(table["n_loops"].unique())
     by_lr = list(table.groupby("lr", dropna=False, sort=True))
     figure, axes = new_figure(1, len(by_lr), panel_size=(0.9 * len(loop_counts) + 1.6,
-                                                           0.55 * len(archs) + 1.0))
+                                                           0.55 * len(archs) + 1.0),
+                              layout="constrained")  # the legend below, outside the panels
     for ax, (lr, at_lr) in zip(axes[0], by_lr):
         for i, arch in enumerate(archs):
             for j, n_loops in enumerate(loop_counts):
@@ -158,11 +162,10 @@ def plot_loss_curves(steps: pd.DataFrame) -> Figure:
         ax = axes[i][j]
         cell = steps[(steps["arch"] == arch) & (steps["n_loops"] == n_loops)]
         for colour_index, (run_id, run) in enumerate(cell.groupby("run_id", sort=False)):
-            run = thin_curve(run, loss)
             colour = f"C{colour_index % 10}"
-            ax.plot(run["step"], run[loss], lw=1, color=colour)
+            draw_curve(ax, run["step"].to_numpy(), run[loss].to_numpy(), colour)
             name = f"s{run['seed'].iloc[0]}" + (f" lr{run['lr'].iloc[0]:g}" if several_lrs else "")
-            add_end_label(labels, ax, run["step"].tolist(), run[loss].tolist(), name, colour)
+            add_end_label(labels, ax, run["step"].to_numpy(), run[loss].to_numpy(), name, colour)
             ok = run[np.isfinite(run[loss])]
             if len(ok) < len(run) and len(ok):
                 ax.scatter(ok["step"].iloc[-1], ok[loss].iloc[-1], marker="x", color="red",
@@ -178,22 +181,6 @@ def plot_loss_curves(steps: pd.DataFrame) -> Figure:
         ax.set_ylabel("train loss (nats)")
     figure.suptitle("Train loss vs step per (arch, K); red x: loss became non-finite")
     return figure
-
-
-MAX_CURVE_POINTS = 1000  # per run: a 3-inch panel shows no more, and 100k-step runs draw fast
-
-
-def thin_curve(run: pd.DataFrame, loss: str) -> pd.DataFrame:
-    """Every n-th row of a long run, keeping the first and last rows, the lowest loss and
-    the last finite one (its red cross)."""
-    if len(run) <= MAX_CURVE_POINTS:
-        return run
-    values = run[loss].to_numpy(dtype=float)
-    finite = np.flatnonzero(np.isfinite(values))
-    keep = [np.arange(0, len(run), -(-len(run) // MAX_CURVE_POINTS)), [len(run) - 1]]
-    if len(finite):
-        keep += [[finite[-1], finite[np.argmin(values[finite])]]]
-    return run.iloc[np.unique(np.concatenate(keep))]
 
 
 def plot_oscillation_vs_loops(table: pd.DataFrame) -> Figure:
@@ -285,24 +272,35 @@ def plot_loop_scaling(frame: pd.DataFrame) -> Figure:
     return figure
 
 
-def plot_loop_mechanism(loops: pd.DataFrame, title: str = "") -> Figure:
+def plot_loop_mechanism(loops: pd.DataFrame | Mapping[str, pd.DataFrame],
+                        title: str = "") -> Figure:
     """One run's loops over training: 1 − token correlation, relative update and gradient
     norm per loop (one line per loop, log scale), the three signs of a looped collapse.
-    `loops` is the run's long table (step, loop, stat, value); absent stats are skipped."""
+    `loops` is the run's long table (step, loop, stat, value), or its (step × loop) table
+    of each stat (`RunData.loop_table`), which spares building the long one; absent or
+    empty stats are skipped."""
+    if isinstance(loops, pd.DataFrame):
+        loops = {stat: loops[loops["stat"] == stat].pivot_table(index="step", columns="loop",
+                                                                values="value", aggfunc="first")
+                 for stat in MECHANISM_STATS}
+    loops = {stat: table.dropna(axis=1, how="all") for stat, table in loops.items()}  # never logged
     panels = [(stat, transform, label) for stat, transform, label in MECHANISM_PANELS
-              if (loops["stat"] == stat).any()]
+              if stat in loops and not loops[stat].empty]
     figure, axes = new_figure(1, max(1, len(panels)), panel_size=(4.2, 3.0))
     for ax, (stat, transform, label) in zip(axes[0], panels):
-        table = loops[loops["stat"] == stat].pivot_table(index="step", columns="loop",
-                                                         values="value", aggfunc="first")
+        table = loops[stat]
         colours = loop_colours(list(table.columns))
         values = transform(table.to_numpy(dtype=float))
         # float32 rounding makes identical positions read as ±1e-7; draw them at a floor
         floor = 1e-8
+        steps, curves = table.index.to_numpy(), np.clip(values, floor, None)
         for index, loop in enumerate(table.columns):
-            ax.plot(table.index, np.clip(values[:, index], floor, None), color=colours[loop],
-                    linewidth=1.0, label=f"loop {loop}")
-        ax.set_yscale("log")
+            draw_curve(ax, steps, curves[:, index], colours[loop], label=f"loop {loop}")
+        shown = curves[np.isfinite(curves)]
+        if len(shown):
+            plain_log_axis(ax, "y", shown.min(), shown.max())
+        else:
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=9)
     if panels:
@@ -320,7 +318,8 @@ def plot_depth_accuracy(accuracy: pd.DataFrame) -> Figure:
     hops = sorted(accuracy["hops"].unique())
     loop_counts = sorted(accuracy["train_loops"].unique())
     figure, axes = new_figure(1, len(archs), panel_size=(0.55 * len(loop_counts) + 1.2,
-                                                           0.5 * len(hops) + 1.2))
+                                                           0.5 * len(hops) + 1.2),
+                              layout="constrained")  # room for the colorbar
     image = None
     for ax, arch in zip(axes[0], archs):
         grid = (at_own_k[at_own_k["arch"] == arch]

@@ -3,7 +3,7 @@
     <out_dir>/report.md     title, command, findings, tables, figures, failed-run notes
     <out_dir>/report.html   the same, one self-contained file (figures inlined)
     <out_dir>/table.csv     one row per run (`suite_table`)
-    <out_dir>/figures/      every figure as PNG and SVG
+    <out_dir>/figures/      every figure as PNG (and SVG with `svg=True`)
 
 Test-time loop scaling is drawn when a frame is given or run folders hold
 `loop_scaling.csv` (`loopdiag eval`; columns run_id, arch, train_loops, eval_loops,
@@ -40,6 +40,7 @@ from loopdiag.analysis.document import (
     to_html,
     to_markdown,
 )
+from loopdiag.analysis.drawing import envelope_indices
 from loopdiag.analysis.findings import findings
 from loopdiag.analysis.tables import (
     stability_summary,
@@ -73,10 +74,11 @@ DEFINITIONS = [
 
 def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
                  loop_scaling: pd.DataFrame | None = None,
-                 reference_lr: float | None = None) -> Path:
+                 reference_lr: float | None = None, svg: bool = False) -> Path:
     """Analyse the suite in `suite_dir` and write the report into `out_dir`; returns the
     path of `report.md`. Figures drawn per (arch, K) use one learning rate: `reference_lr`,
-    by default the lower middle of the learning rates tried."""
+    by default the lower middle of the learning rates tried. Figures are PNG, each also as
+    SVG with `svg`."""
     suite = load_suite(suite_dir)
     loop_scaling = _loop_scaling(suite, loop_scaling)
     table = suite_table(suite)
@@ -111,8 +113,8 @@ def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
     if len(lrs) > 1:
         blocks += [Heading("Stable learning-rate range"), Table(stable_lr_range(table))]
     blocks += [Heading("Figures")]
-    blocks += _figures(suite, table, at_lr, loop_scaling, depth, out_dir)
-    blocks += [Heading("Failed runs")] + _explanations(suite, table, out_dir)
+    blocks += _figures(suite, table, at_lr, loop_scaling, depth, out_dir, svg)
+    blocks += [Heading("Failed runs")] + _explanations(suite, table, out_dir, svg)
     shown = table[list(REPORT_COLUMNS)].dropna(axis=1, how="all")
     blocks += [Heading("All runs"), Table(shown), Heading("Definitions"), Bullets(DEFINITIONS)]
 
@@ -159,7 +161,7 @@ def _missing(suite: SuiteData) -> str:
 
 def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
              loop_scaling: pd.DataFrame | None, depth: tuple[pd.DataFrame, LoopStates] | None,
-             out_dir: Path) -> list[Block]:
+             out_dir: Path, svg: bool) -> list[Block]:
     """Figures over every run, and per (arch, K) figures over the runs of one LR (`at_lr`).
     A figure whose data no run holds (a store of summaries only) is skipped with a note."""
     several_lrs = table["lr"].nunique() > 1
@@ -214,7 +216,7 @@ def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
                       "of training (dashed: 1 %) above the accuracy at K' = that loop."))
     blocks: list[Block] = []
     for name, draw, caption in drawn:
-        plots.save_figure(draw(), out_dir / "figures" / name)
+        plots.save_figure(draw(), out_dir / "figures" / name, svg=svg)
         blocks.append(Image(f"figures/{name}.png", caption))
     if skipped:
         blocks.append(Bullets(skipped))
@@ -233,18 +235,24 @@ def _depth(suite: SuiteData, table: pd.DataFrame, loop_scaling: pd.DataFrame | N
 
 def _loss_frame(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:
     """(run_id, step, loss) of the runs in `at_lr` that logged a train loss, with their
-    cells: the loss column alone is read from each run's store."""
-    frames = []
+    cells: the loss column alone is read from each run's store, and a long run is thinned
+    to its envelope (`envelope_indices`: more points than a panel has pixel columns, the
+    spikes kept)."""
+    run_ids, steps, losses = [], [], []
     for run_id in at_lr["run_id"]:
-        steps = suite.runs[run_id].steps_of(LOSS_COLUMNS)
-        loss = next((column for column in LOSS_COLUMNS if column in steps.columns), None)
-        if loss is not None and len(steps):
-            curve = pd.DataFrame({"run_id": run_id, "step": steps["step"].to_numpy(),
-                                  "loss": steps[loss].to_numpy(dtype=float)})
-            frames.append(plots.thin_curve(curve, "loss"))
-    if not frames:
+        logged = suite.runs[run_id].steps_of(LOSS_COLUMNS)
+        loss = next((column for column in LOSS_COLUMNS if column in logged.columns), None)
+        if loss is not None and len(logged):
+            step, value = logged["step"].to_numpy(), logged[loss].to_numpy(dtype=float)
+            kept = envelope_indices(step, value)
+            run_ids.append(np.full(len(kept), run_id, dtype=object))
+            steps.append(step[kept])
+            losses.append(value[kept])
+    if not run_ids:
         return pd.DataFrame()
-    return with_cells(pd.concat(frames, ignore_index=True), at_lr)
+    curves = pd.DataFrame({"run_id": np.concatenate(run_ids), "step": np.concatenate(steps),
+                           "loss": np.concatenate(losses)})
+    return with_cells(curves, at_lr)
 
 
 def _residual_ends(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:
@@ -270,7 +278,7 @@ def _residual_ends(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:
 MAX_MECHANISM_FIGURES = 12
 
 
-def _explanations(suite: SuiteData, table: pd.DataFrame, out_dir: Path) -> list[Block]:
+def _explanations(suite: SuiteData, table: pd.DataFrame, out_dir: Path, svg: bool) -> list[Block]:
     """A paragraph per failed run; collapsed runs also get their per-loop token correlation,
     relative update and gradient over steps (one run per cell, at most
     `MAX_MECHANISM_FIGURES`)."""
@@ -283,13 +291,15 @@ def _explanations(suite: SuiteData, table: pd.DataFrame, out_dir: Path) -> list[
         run = suite.runs[row.run_id]
         blocks += [Heading(row.run_id, 3), Paragraph(explain(run, run_verdict(run)))]
         cell = (row.arch, row.n_loops, row.lr)
-        if (row.status == "collapsed" and cell not in drawn and len(drawn) < MAX_MECHANISM_FIGURES
-                and not run.loops.empty):
+        if row.status != "collapsed" or cell in drawn or len(drawn) >= MAX_MECHANISM_FIGURES:
+            continue
+        tables = {stat: run.loop_table(stat) for stat in plots.MECHANISM_STATS}
+        if any(len(table) for table in tables.values()):
             drawn.add(cell)
             name = f"loops_{row.run_id}"
-            plots.save_figure(plots.plot_loop_mechanism(run.loops, f"{row.run_id}: its loops over "
-                                                                    f"training"),
-                              out_dir / "figures" / name)
+            plots.save_figure(plots.plot_loop_mechanism(tables, f"{row.run_id}: its loops over "
+                                                                f"training"),
+                              out_dir / "figures" / name, svg=svg)
             blocks.append(Image(f"figures/{name}.png", "1 − token correlation, relative update and "
                                                        "gradient norm per loop over steps."))
     return blocks

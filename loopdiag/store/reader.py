@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import warnings
@@ -47,6 +48,7 @@ class RunData:
         self.events = event_frame([]) if events is None else events
         self._steps, self._loops, self._columns = steps, loops, columns
         self._loop_tables: dict[str, pd.DataFrame] = {}
+        self._step_series: dict[str, pd.Series] = {}  # columns `steps_of` has read
 
     def __repr__(self) -> str:
         return f"RunData({str(self.run_dir)!r})"
@@ -82,12 +84,18 @@ class RunData:
         return ["step", *(key for key in _scalar_keys(self._columns) if key != "step")]
 
     def steps_of(self, names: Sequence[str]) -> pd.DataFrame:
-        """`steps` restricted to `step` and those of `names` it has, read alone."""
+        """`steps` restricted to `step` and those of `names` it has, each column read
+        once (the table, the report's curves and its explanations ask for the same)."""
         wanted = ["step", *(name for name in names if name != "step")]
         if self._steps is not None or self._columns is None:
             return self.steps[[name for name in wanted if name in self.steps.columns]]
         scalars = set(_scalar_keys(self._columns))
-        return _to_frame(self._columns.read([n for n in wanted if n in scalars]))
+        present = [name for name in wanted if name in scalars]
+        unread = [name for name in present if name not in self._step_series]
+        if unread:
+            read = _to_frame(self._columns.read(unread))
+            self._step_series.update((name, read[name]) for name in unread)
+        return pd.DataFrame({name: self._step_series[name] for name in present})
 
     def loop_table(self, stat: str) -> pd.DataFrame:
         """One per-loop statistic as a (step × loop) table, loops numbered from 1; steps
@@ -99,8 +107,9 @@ class RunData:
                                          aggfunc="first", dropna=False)
             else:
                 arrays = table_columns(self._columns.read(["step", stat]), ["step", stat])
+                steps = arrays["step"] if stat in arrays else arrays["step"][:0]
                 grid = arrays.get(stat, np.empty((0, 0)))
-                table = pd.DataFrame(grid, index=pd.Index(arrays["step"], name="step"),
+                table = pd.DataFrame(grid, index=pd.Index(steps, name="step"),
                                      columns=pd.RangeIndex(1, grid.shape[1] + 1, name="loop"))
                 table = table[~np.isnan(grid).all(axis=1)] if grid.size else table.iloc[:0]
             self._loop_tables[stat] = table
@@ -144,12 +153,14 @@ def _scalar_keys(columns: Columns) -> list[str]:
 
 
 def _to_frame(table: Any) -> pd.DataFrame:
-    """An Arrow table as pandas, floats as float64."""
+    """An Arrow table as pandas, floats as float64 (straight to numpy: `to_pandas` and a
+    cast cost more than reading the columns)."""
     import pyarrow as pa
 
-    frame = table.to_pandas()
-    floats = {field.name: "float64" for field in table.schema if pa.types.is_floating(field.type)}
-    return frame.astype(floats) if floats else frame
+    return pd.DataFrame({
+        field.name: (table.column(field.name).to_numpy().astype(np.float64)
+                     if pa.types.is_floating(field.type) else table.column(field.name).to_pandas())
+        for field in table.schema})
 
 
 def steps_frame(columns: Columns) -> pd.DataFrame:
@@ -224,6 +235,17 @@ def _loop_rows(stat: str, steps: np.ndarray, column: list[Any]) -> pd.DataFrame:
 
 
 def event_frame(events: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    if not events:  # most runs: built once, copied
+        return _no_events().copy()
+    return _events_frame(events)
+
+
+@functools.cache
+def _no_events() -> pd.DataFrame:
+    return _events_frame([])
+
+
+def _events_frame(events: Sequence[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(list(events))
     extra = [c for c in frame.columns if c not in EVENT_COLUMNS]
     frame = frame.reindex(columns=[*EVENT_COLUMNS, *extra])
