@@ -46,16 +46,7 @@ EAGER = {
 
 def online(records, detectors, finished=True):
     """What training sees: every record through `update`, then `finish`."""
-    events = []
-    for detector in detectors:
-        detector.reset()
-    for record in records:
-        for detector in detectors:
-            events.extend(detector.update(record))
-    if finished:
-        for detector in detectors:
-            events.extend(detector.finish())
-    return events
+    return replay(records, detectors, finished=finished, vectorised=False)
 
 
 def assert_same(records, make_detectors, finished=True):
