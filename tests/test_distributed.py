@@ -134,12 +134,12 @@ def rank_main(rank: int, store_file: str, out: str) -> None:
         seen["sharded_resume"] = sharded_resume(corpus, out_dir / "resume.pt")
 
         # residual_explosion with its baseline at the first record, so a few steps are
-        # enough; a stream that explodes before any loss history can say the model still
-        # learns is a warning, which is what stops here
+        # enough; a stream that explodes while the loss shows nothing is information, and
+        # stopping on information makes its event the stop
         for parallel in ("ddp", "fsdp"):
             with mock.patch("loopdiag.run.runner.build_model", exploding_on_rank_1):
                 outcome = run_one(SPEC, TINY, replace(LONGER, parallel=parallel), corpus,
-                                  out_dir / f"blowup-{parallel}" / SPEC.run_id, stop_on="warn",
+                                  out_dir / f"blowup-{parallel}" / SPEC.run_id, stop_on="info",
                                   thresholds={"residual_explosion": {
                                       "warmup": 0, "baseline_window": 1, "smooth": 1}})
             seen[f"blowup-{parallel}"] = {"steps_done": outcome.steps_done, "status": outcome.status}
@@ -247,7 +247,7 @@ def test_collapse_on_rank_1_stops_both_ranks_at_its_step(two_ranks, parallel):
     name = f"blowup-{parallel}"
     assert rank0[name] == rank1[name] == {"steps_done": FAULT_STEP, "status": "stable"}
     run = load_run(out / name / SPEC.run_id)
-    assert run.summary["stopped_by"].startswith(f"residual_explosion (warn) at step {FAULT_STEP}")
+    assert run.summary["stopped_by"].startswith(f"residual_explosion (info) at step {FAULT_STEP}")
     # The combined record carries rank 1's signal at its true weight: half the tokens of the
     # global batch grew 1e5-fold, so the mean grew about 5e4-fold (not 1e5: rank 0's did not).
     before, after = (record["resid_norm"][-1] for record in read_records(run.run_dir)[FAULT_STEP - 2:FAULT_STEP])
