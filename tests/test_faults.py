@@ -106,7 +106,8 @@ def test_full_disk_stops_the_suite_cleanly_and_resume_finishes_it(small_disk: Pa
                 for name in runs if (summary := out / "runs" / name / "summary.json").is_file()}
     assert "interrupted" in statuses.values() or len(statuses) < len(runs), statuses
 
-    report = command("report", str(out))  # the disk is still full
+    fill(small_disk)  # no room for the report, whatever the stopped run left free
+    report = command("report", str(out))
     assert report.returncode == 1
     assert_one_clean_line(report.stdout + report.stderr, f"cannot write to {out}", "free there")
 
