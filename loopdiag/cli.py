@@ -353,7 +353,8 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Report folder. Default: the report folder given, "
                                                    "else reports/<suite name>.")] = None,
     jobs: Annotated[int, typer.Option(help="Processes building missing columnar copies of the runs' "
-                                           "records; 0: one per CPU core (at most 8).")] = 0,
+                                           "records, and drawing the figures (two at most); 0: one "
+                                           "per CPU core (at most 8).")] = 0,
     rejudge: Annotated[bool, typer.Option(
         help="First replay today's detectors over every run's records and rewrite the stored "
              "verdicts and events (after the detectors changed; training is not repeated).")] = False,
@@ -366,12 +367,13 @@ def report(
         raise bad_input(f"--jobs must be >= 0, got {jobs}")
     store = _store(suite)
     out = out or (suite if store != suite else Path("reports") / suite.name)
+    jobs = jobs or min(8, len(os.sched_getaffinity(0)))
     with _failed_writes_end_command(out, f"loopdiag report {shlex.quote(str(suite))}"):
         if store.is_dir():
-            build_copies(store, jobs or min(8, len(os.sched_getaffinity(0))))
+            build_copies(store, jobs)
         if rejudge:
             _rejudge(store)
-        _write_report(store, out, svg)
+        _write_report(store, out, svg, jobs)
 
 
 def build_copies(store: Path, jobs: int) -> dict[str, int]:
@@ -411,13 +413,13 @@ def _rejudge(store: Path) -> None:
                   + "".join(f"\n  {line}" for line in changed))
 
 
-def _write_report(store: Path, out: Path, svg: bool) -> Path:
+def _write_report(store: Path, out: Path, svg: bool, jobs: int = 1) -> Path:
     from loopdiag.analysis import write_report
 
     command = (f"loopdiag report {shlex.quote(str(store))} --out {shlex.quote(str(out))}"
                + (" --svg" if svg else ""))
     try:
-        path = write_report(store, out, command, svg=svg)
+        path = write_report(store, out, command, svg=svg, jobs=jobs)
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise bad_input(str(error)) from None
     console.print(f"report: {path} (and {path.with_suffix('.html').name})")

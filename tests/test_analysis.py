@@ -32,7 +32,7 @@ from loopdiag.analysis import (
     with_cells,
     write_report,
 )
-from loopdiag.analysis.drawing import envelope_indices
+from loopdiag.analysis.drawing import FigureDrawer, FigureJob, envelope_indices
 from loopdiag.store import SuiteData, load_run, load_suite, write_suite_manifest
 from run_files import write_run
 
@@ -306,6 +306,19 @@ def test_report_has_table_command_explanations_and_figures(suite_dir: Path, tabl
     assert f"figures/loops_{COLLAPSED}.png" in text
     assert html.count("data:image/png;base64,") == 7
     assert len(pd.read_csv(tmp_path / "out" / "table.csv")) == 16
+
+
+@pytest.mark.processes
+def test_a_helper_process_draws_the_same_figures(suite_dir: Path, tmp_path: Path) -> None:
+    alone = write_report(suite_dir, tmp_path / "alone", "x").parent / "figures"
+    helped = write_report(suite_dir, tmp_path / "helped", "x", jobs=2).parent / "figures"
+    names = sorted(path.name for path in alone.iterdir())
+    assert len(names) == 6 and names == sorted(path.name for path in helped.iterdir())
+    assert all((alone / name).read_bytes() == (helped / name).read_bytes() for name in names)
+    with FigureDrawer(tmp_path / "bad", helper=True) as drawer:  # a figure's error reaches here
+        drawer.submit([FigureJob("map", plot_stability_map, (pd.DataFrame(),))])
+        with pytest.raises(KeyError):
+            drawer.finish()
 
 
 def test_report_skips_plots_that_do_not_apply(suite_dir: Path, tmp_path: Path) -> None:

@@ -39,51 +39,52 @@ def loss_series(steps: pd.DataFrame) -> pd.Series:
     return pd.Series(dtype=float)
 
 
+def _values(steps: pd.DataFrame, columns: tuple[str, ...]) -> np.ndarray:
+    """The first of `columns` that `steps` has, as float64 (None read as NaN); empty when
+    it has none. Plain arrays: a sweep's table asks this of every run."""
+    column = next((name for name in columns if name in steps.columns), None)
+    return np.empty(0) if column is None else steps[column].to_numpy(dtype=float, na_value=np.nan)
+
+
 def final_loss(steps: pd.DataFrame) -> float:
-    losses = loss_series(steps)
-    if losses.empty:
+    losses = _values(steps, LOSS_COLUMNS)
+    if not len(losses):
         return math.nan
-    tail = losses.iloc[-max(1, int(len(losses) * FINAL_FRACTION)):]
+    tail = losses[-max(1, int(len(losses) * FINAL_FRACTION)):]
     return float(tail.mean()) if np.isfinite(tail).all() else math.nan
 
 
 def best_loss(steps: pd.DataFrame) -> float:
-    losses = loss_series(steps)
+    losses = _values(steps, LOSS_COLUMNS)
     finite = losses[np.isfinite(losses)]
     return float(finite.min()) if len(finite) else math.nan
 
 
 def final_val_loss(steps: pd.DataFrame) -> float:
-    if "val_loss" not in steps.columns:
-        return math.nan
-    evaluated = steps["val_loss"].dropna()
-    return float(evaluated.iloc[-1]) if len(evaluated) else math.nan
+    evaluated = _values(steps, ("val_loss",))
+    evaluated = evaluated[~np.isnan(evaluated)]
+    return float(evaluated[-1]) if len(evaluated) else math.nan
 
 
 def oscillation_index(steps: pd.DataFrame) -> float:
-    if "grad_cos" not in steps.columns or steps.empty:
-        return math.nan
-    second_half = steps["grad_cos"].iloc[len(steps) // 2:].astype(float).dropna()
+    cosines = _values(steps, ("grad_cos",))
+    second_half = cosines[len(cosines) // 2:]
+    second_half = second_half[~np.isnan(second_half)]
     return float(np.maximum(0.0, -second_half).mean()) if len(second_half) else math.nan
 
 
-def residual_norms(loops: pd.DataFrame) -> pd.DataFrame:
-    """`resid_norm` as a (step × loop) table, steps where every loop is finite only."""
-    resid = loops[loops["stat"] == "resid_norm"]
-    table = resid.pivot_table(index="step", columns="loop", values="value", aggfunc="first")
-    return table[np.isfinite(table).all(axis=1)]
-
-
 def residual_endpoints(run: RunData) -> tuple[pd.DataFrame, int, int] | None:
-    """(`residual_norms` table, its first step after the warm-up (else its first step),
-    its last step); None when the run recorded no finite residual norms."""
+    """(`resid_norm` as a (step × loop) table, steps where every loop is finite only; its
+    first step after the warm-up (else its first step); its last step); None when the run
+    recorded no finite residual norms."""
     table = run.loop_table("resid_norm")
-    table = table[np.isfinite(table).all(axis=1)]
+    table = table[np.isfinite(table.to_numpy()).all(axis=1)]
     if table.empty:
         return None
-    after_warmup = table.index[table.index > warmup_steps(run.config)]
-    start = after_warmup[0] if len(after_warmup) else table.index[0]
-    return table, int(start), int(table.index[-1])
+    steps = table.index.to_numpy()
+    after_warmup = steps[steps > warmup_steps(run.config)]
+    start = after_warmup[0] if len(after_warmup) else steps[0]
+    return table, int(start), int(steps[-1])
 
 
 def residual_growth(run: RunData) -> tuple[float, float]:
@@ -91,9 +92,10 @@ def residual_growth(run: RunData) -> tuple[float, float]:
     endpoints = residual_endpoints(run)
     if endpoints is None:
         return math.nan, math.nan
-    table, start, end = endpoints
-    last_loop = table.iloc[:, -1]
-    return float(last_loop[end] / last_loop[start]), float(last_loop[end] / table.iloc[-1, 0])
+    table, start, _ = endpoints
+    norms = table.to_numpy()
+    first = np.searchsorted(table.index.to_numpy(), start)
+    return float(norms[-1, -1] / norms[first, -1]), float(norms[-1, -1] / norms[-1, 0])
 
 
 def warmup_steps(config: dict[str, Any]) -> int:

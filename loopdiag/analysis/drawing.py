@@ -1,10 +1,15 @@
 """Drawing helpers shared by the plots: a pyplot-free figure on an Agg canvas, saving as
-PNG (and SVG on request), long curves thinned to their per-pixel envelope, direct line
-labels instead of legends, plain-number log axes, colours."""
+PNG (and SVG on request), a report's figures drawn in two processes at once, long curves
+thinned to their per-pixel envelope, direct line labels instead of legends, plain-number log
+axes, colours."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import multiprocessing
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +75,81 @@ def save_figure(figure: Figure, path_stem: str | Path, *, svg: bool = False) -> 
     return [png, vector]
 
 
+@dataclass(frozen=True)
+class FigureJob:
+    """A figure to draw: `plot(*args)` (a module-level function, so another process can
+    run it), saved as `<name>.png` under the figures folder."""
+
+    name: str
+    plot: Callable[..., Figure]
+    args: tuple[Any, ...]
+
+
+def _draw(job: FigureJob, folder: Path, svg: bool) -> None:
+    save_figure(job.plot(*job.args), folder / job.name, svg=svg)
+
+
+def _import_plots() -> None:
+    import loopdiag.analysis.plots  # noqa: F401 - the helper's imports, before any figure
+
+
+class FigureDrawer:
+    """Draws a report's figures here and, with `helper`, in one spawned process beside this
+    one. The helper starts at once, so its imports (matplotlib, pandas) overlap the
+    caller's reading of the store; it draws figures as they are `submit`ted, and `finish`
+    draws here, from the back, those it has not taken. Without a helper, or where none can
+    start (one core, a daemon process), every figure is drawn here. The files are the same
+    either way. Like any spawned process, the helper needs a script's
+    `if __name__ == "__main__":` guard."""
+
+    def __init__(self, folder: Path, *, svg: bool = False, helper: bool = False) -> None:
+        self.folder, self.svg = folder, svg
+        self._pool: ProcessPoolExecutor | None = None
+        self._submitted: list[tuple[FigureJob, Future | None]] = []
+        if helper:
+            try:
+                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_import_plots)
+                self._pool.submit(int)  # start the helper now, not at the first figure
+            except (OSError, RuntimeError, AssertionError):  # daemonic processes cannot fork
+                self.close()
+
+    def submit(self, jobs: Sequence[FigureJob]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for job in jobs:
+            future = None
+            if self._pool is not None:
+                try:
+                    future = self._pool.submit(_draw, job, self.folder, self.svg)
+                except (BrokenProcessPool, RuntimeError):
+                    self.close()
+            self._submitted.append((job, future))
+
+    def finish(self) -> None:
+        """Every submitted figure drawn and saved (a figure's error raised here)."""
+        submitted, self._submitted = self._submitted, []
+        for job, future in reversed(submitted):
+            if future is None or future.cancel():  # not taken by the helper
+                _draw(job, self.folder, self.svg)
+        for job, future in submitted:
+            if future is not None and not future.cancelled():
+                try:
+                    future.result()
+                except BrokenProcessPool:  # the helper died: its figure is drawn here
+                    _draw(job, self.folder, self.svg)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> FigureDrawer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
 def pixel_columns(ax: Axes) -> int:
     """How many pixel columns the axes spans in the PNG (before the layout shrinks it)."""
     return max(1, int(ax.get_position().width * ax.figure.get_figwidth() * PNG_DPI))
@@ -90,10 +170,15 @@ def envelope_indices(x: np.ndarray, y: np.ndarray, buckets: int = ENVELOPE_BUCKE
               if span > 0 else np.zeros(count, dtype=np.int64))
     keep = [np.array([0, count - 1])]
     finite = np.flatnonzero(np.isfinite(y))
-    if len(finite):
-        order = finite[np.lexsort((y[finite], slices[finite]))]  # by slice, then by y
-        changes = slices[order][1:] != slices[order][:-1]
-        keep += [order[np.r_[True, changes]], order[np.r_[changes, True]], finite[-1:]]
+    if len(finite):  # x ascending: each slice is one stretch of `finite`, reduced at once
+        values, owners = y[finite], slices[finite]
+        starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+        sizes, positions = np.diff(np.r_[starts, len(finite)]), np.arange(len(finite))
+        at_low = values == np.repeat(np.minimum.reduceat(values, starts), sizes)
+        at_high = values == np.repeat(np.maximum.reduceat(values, starts), sizes)
+        first_low = np.minimum.reduceat(np.where(at_low, positions, len(finite)), starts)
+        last_high = np.maximum.reduceat(np.where(at_high, positions, -1), starts)
+        keep += [finite[first_low], finite[last_high], finite[-1:]]
     gaps = np.flatnonzero(~np.isfinite(y))
     if len(gaps):
         keep.append(gaps[np.r_[True, slices[gaps][1:] != slices[gaps][:-1]]])

@@ -12,9 +12,7 @@ metric, value).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,7 +38,7 @@ from loopdiag.analysis.document import (
     to_html,
     to_markdown,
 )
-from loopdiag.analysis.drawing import envelope_indices
+from loopdiag.analysis.drawing import FigureDrawer, FigureJob, envelope_indices
 from loopdiag.analysis.findings import findings
 from loopdiag.analysis.tables import (
     stability_summary,
@@ -74,15 +72,22 @@ DEFINITIONS = [
 
 def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
                  loop_scaling: pd.DataFrame | None = None,
-                 reference_lr: float | None = None, svg: bool = False) -> Path:
+                 reference_lr: float | None = None, svg: bool = False, jobs: int = 1) -> Path:
     """Analyse the suite in `suite_dir` and write the report into `out_dir`; returns the
     path of `report.md`. Figures drawn per (arch, K) use one learning rate: `reference_lr`,
     by default the lower middle of the learning rates tried. Figures are PNG, each also as
-    SVG with `svg`."""
+    SVG with `svg`; with `jobs` > 1 a second process draws some of them (`FigureDrawer`)."""
+    out_dir = Path(out_dir)
+    with FigureDrawer(out_dir / "figures", svg=svg, helper=jobs > 1) as drawer:
+        return _write_report(suite_dir, out_dir, command, loop_scaling, reference_lr, drawer)
+
+
+def _write_report(suite_dir: str | Path, out_dir: Path, command: str,
+                  loop_scaling: pd.DataFrame | None, reference_lr: float | None,
+                  drawer: FigureDrawer) -> Path:
     suite = load_suite(suite_dir)
     loop_scaling = _loop_scaling(suite, loop_scaling)
     table = suite_table(suite)
-    out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "table.csv", index=False)
 
@@ -93,6 +98,8 @@ def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
         raise ValueError(f"reference_lr={lr:g} is none of the suite's learning rates "
                          f"({', '.join(f'{x:g}' for x in lrs)})")
     depth = _depth(suite, table, loop_scaling)
+    figures = _figures(suite, table, at_lr, loop_scaling, depth, drawer)  # drawn meanwhile
+    explanations = _explanations(suite, table, drawer)
     run_command = (suite.spec or {}).get("command")
     description = (suite.spec or {}).get("description")
     blocks: list[Block] = [Heading(f"loopdiag report: {suite.name}", 1)]
@@ -112,12 +119,11 @@ def write_report(suite_dir: str | Path, out_dir: str | Path, command: str, *,
     ]
     if len(lrs) > 1:
         blocks += [Heading("Stable learning-rate range"), Table(stable_lr_range(table))]
-    blocks += [Heading("Figures")]
-    blocks += _figures(suite, table, at_lr, loop_scaling, depth, out_dir, svg)
-    blocks += [Heading("Failed runs")] + _explanations(suite, table, out_dir, svg)
+    blocks += [Heading("Figures"), *figures, Heading("Failed runs"), *explanations]
     shown = table[list(REPORT_COLUMNS)].dropna(axis=1, how="all")
     blocks += [Heading("All runs"), Table(shown), Heading("Definitions"), Bullets(DEFINITIONS)]
 
+    drawer.finish()
     markdown = out_dir / "report.md"
     markdown.write_text(to_markdown(blocks), encoding="utf-8")
     (out_dir / "report.html").write_text(
@@ -161,37 +167,39 @@ def _missing(suite: SuiteData) -> str:
 
 def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
              loop_scaling: pd.DataFrame | None, depth: tuple[pd.DataFrame, LoopStates] | None,
-             out_dir: Path, svg: bool) -> list[Block]:
-    """Figures over every run, and per (arch, K) figures over the runs of one LR (`at_lr`).
-    A figure whose data no run holds (a store of summaries only) is skipped with a note."""
+             drawer: FigureDrawer) -> list[Block]:
+    """Figures over every run, and per (arch, K) figures over the runs of one LR (`at_lr`),
+    each given to `drawer` as soon as its data are read; returns their blocks. A figure
+    whose data no run holds (a store of summaries only) is skipped with a note."""
     several_lrs = table["lr"].nunique() > 1
     note = f" (lr {at_lr['lr'].iloc[0]:g})" if several_lrs else ""
     no_records = "no run of the store has per-step records (metrics.jsonl or metrics.parquet)"
-    losses, ends = _loss_frame(suite, at_lr), _residual_ends(suite, at_lr)
-    drawn: list[tuple[str, Callable[[], Any], str]] = [
-        ("stability_map", lambda: plots.plot_stability_map(table),
+    drawn: list[tuple[FigureJob, str]] = [
+        (FigureJob("stability_map", plots.plot_stability_map, (table,)),
          "Verdict per architecture and loop count; text is the mean final train loss."),
     ]
+    drawer.submit([drawn[0][0]])  # from the table alone: drawn while the curves are read
+    losses, ends = _loss_frame(suite, at_lr), _residual_ends(suite, at_lr)
     skipped = []
     if len(losses):
-        drawn.append(("loss_curves", lambda: plots.plot_loss_curves(losses),
+        drawn.append((FigureJob("loss_curves", plots.plot_loss_curves, (losses,)),
                       f"Train loss vs step per architecture and loop count, seeds overlaid{note}."))
     else:
         skipped.append(f"Train loss curves: skipped, {no_records}.")
     if len(ends):
-        drawn.append(("loop_residuals", lambda: plots.plot_loop_residuals(ends),
+        drawn.append((FigureJob("loop_residuals", plots.plot_loop_residuals, (ends,)),
                       f"Residual norm at the end of each loop, last logged step{note}."))
     else:
         skipped.append("Residual norm per loop: skipped, no run recorded per-loop residual "
                        "norms.")
     if at_lr["oscillation"].notna().any():
-        drawn.append(("oscillation_vs_loops", lambda: plots.plot_oscillation_vs_loops(at_lr),
+        drawn.append((FigureJob("oscillation_vs_loops", plots.plot_oscillation_vs_loops, (at_lr,)),
                       f"Gradient oscillation index vs loop count{note}."))
     else:
         skipped.append("Gradient oscillation vs loops: skipped, no run recorded the cosine "
                        "between consecutive gradients (grad_cos).")
     if several_lrs:
-        drawn.append(("lr_sensitivity", lambda: plots.plot_lr_sensitivity(table),
+        drawn.append((FigureJob("lr_sensitivity", plots.plot_lr_sensitivity, (table,)),
                       "Final train loss vs learning rate per loop count."))
     else:
         skipped.append("Learning-rate sensitivity: skipped, the suite tried a single "
@@ -199,7 +207,7 @@ def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
     if loop_scaling is not None and "run_id" in loop_scaling.columns:
         loop_scaling = loop_scaling[loop_scaling["run_id"].isin(at_lr["run_id"])]
     if loop_scaling is not None and len(loop_scaling):
-        drawn.append(("loop_scaling", lambda: plots.plot_loop_scaling(loop_scaling),
+        drawn.append((FigureJob("loop_scaling", plots.plot_loop_scaling, (loop_scaling,)),
                       f"Test-time loop scaling: metric vs inference loop count, mean over "
                       f"seeds{note}."))
     else:
@@ -207,17 +215,15 @@ def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
                        "counts (`loopdiag eval`, or an [eval] table in the suite file).")
     if depth is not None:
         accuracy, states = depth
-        drawn.append(("depth_accuracy", lambda: plots.plot_depth_accuracy(accuracy),
+        drawn.append((FigureJob("depth_accuracy", plots.plot_depth_accuracy, (accuracy,)),
                       "Accuracy per depth (hops) × trained loop count K, each model at its own "
                       "K, mean over seeds."))
-        drawn.append(("loop_usefulness",
-                      lambda: plots.plot_loop_usefulness(states.updates, accuracy, IDLE_UPDATE),
+        drawn.append((FigureJob("loop_usefulness", plots.plot_loop_usefulness,
+                                (states.updates, accuracy, IDLE_UPDATE)),
                       "Per architecture at its largest K: each loop's relative update at the end "
                       "of training (dashed: 1 %) above the accuracy at K' = that loop."))
-    blocks: list[Block] = []
-    for name, draw, caption in drawn:
-        plots.save_figure(draw(), out_dir / "figures" / name, svg=svg)
-        blocks.append(Image(f"figures/{name}.png", caption))
+    drawer.submit([job for job, _ in drawn[1:]])
+    blocks: list[Block] = [Image(f"figures/{job.name}.png", caption) for job, caption in drawn]
     if skipped:
         blocks.append(Bullets(skipped))
     return blocks
@@ -278,10 +284,10 @@ def _residual_ends(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:
 MAX_MECHANISM_FIGURES = 12
 
 
-def _explanations(suite: SuiteData, table: pd.DataFrame, out_dir: Path, svg: bool) -> list[Block]:
+def _explanations(suite: SuiteData, table: pd.DataFrame, drawer: FigureDrawer) -> list[Block]:
     """A paragraph per failed run; collapsed runs also get their per-loop token correlation,
     relative update and gradient over steps (one run per cell, at most
-    `MAX_MECHANISM_FIGURES`)."""
+    `MAX_MECHANISM_FIGURES`, given to `drawer`)."""
     failed = table[table["status"].isin(FAILED)]
     if failed.empty:
         return [Paragraph("No run collapsed, diverged or failed to train.")]
@@ -297,9 +303,8 @@ def _explanations(suite: SuiteData, table: pd.DataFrame, out_dir: Path, svg: boo
         if any(len(table) for table in tables.values()):
             drawn.add(cell)
             name = f"loops_{row.run_id}"
-            plots.save_figure(plots.plot_loop_mechanism(tables, f"{row.run_id}: its loops over "
-                                                                f"training"),
-                              out_dir / "figures" / name, svg=svg)
+            drawer.submit([FigureJob(name, plots.plot_loop_mechanism,
+                                     (tables, f"{row.run_id}: its loops over training"))])
             blocks.append(Image(f"figures/{name}.png", "1 − token correlation, relative update and "
                                                        "gradient norm per loop over steps."))
     return blocks

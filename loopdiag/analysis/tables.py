@@ -63,6 +63,7 @@ STEP_COLUMNS = (*LOSS_COLUMNS, "val_loss", "grad_cos")  # what a row reads from 
 
 def _row(run_id: str, run: RunData, cell: dict[str, object]) -> dict[str, object]:
     judged = run_verdict(run)
+    run.read_ahead([*STEP_COLUMNS, "resid_norm"])
     steps = run.steps_of(STEP_COLUMNS)
     failed = judged.get("status") in FAILED
     failure_step = (float(judged["step"]) if failed and judged.get("step") is not None

@@ -426,13 +426,14 @@ def run_dirs(suite_dir: str | Path) -> list[Path]:
     return [path for path in listed if (path / CONFIG_FILE).is_file()]
 
 
-def _build(run_dir: Path) -> str:
-    state = columnar_state(run_dir)
-    if state in ("missing", "stale", "corrupt") and (run_dir / METRICS_FILE).is_file():
+REBUILT = ("missing", "stale", "corrupt")  # the states `build_columnar` builds a copy in
+
+
+def _build(run_dir: Path) -> None:
+    if (run_dir / METRICS_FILE).is_file():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RunStoreWarning)  # the caller reports the state
             write_columnar(run_dir)
-    return state
 
 
 def build_columnar(suite_dir: str | Path, *, jobs: int = 1,
@@ -452,11 +453,17 @@ def build_columnar(suite_dir: str | Path, *, jobs: int = 1,
         if on_run is not None:
             on_run(path, state)
 
-    if jobs <= 1 or len(paths) <= 1:
-        for path in paths:
-            done(path, _build(path))
+    states = {path: columnar_state(path) for path in paths}  # cheap: a current store
+    todo = [path for path in paths if states[path] in REBUILT]  # starts no process
+    for path in paths:
+        if path not in todo:
+            done(path, states[path])
+    if jobs <= 1 or len(todo) <= 1:
+        for path in todo:
+            _build(path)
+            done(path, states[path])
         return counts
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        for path, state in zip(paths, pool.map(_build, paths, chunksize=1)):
-            done(path, state)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo))) as pool:
+        for path, _ in zip(todo, pool.map(_build, todo, chunksize=1)):
+            done(path, states[path])
     return counts

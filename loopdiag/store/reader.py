@@ -91,10 +91,7 @@ class RunData:
             return self.steps[[name for name in wanted if name in self.steps.columns]]
         scalars = set(_scalar_keys(self._columns))
         present = [name for name in wanted if name in scalars]
-        unread = [name for name in present if name not in self._step_series]
-        if unread:
-            read = _to_frame(self._columns.read(unread))
-            self._step_series.update((name, read[name]) for name in unread)
+        self.read_ahead(present)
         return pd.DataFrame({name: self._step_series[name] for name in present})
 
     def loop_table(self, stat: str) -> pd.DataFrame:
@@ -103,17 +100,37 @@ class RunData:
         if stat not in self._loop_tables:
             if self._loops is not None or self._columns is None:
                 rows = self.loops[self.loops["stat"] == stat]
-                table = rows.pivot_table(index="step", columns="loop", values="value",
-                                         aggfunc="first", dropna=False)
+                self._loop_tables[stat] = rows.pivot_table(
+                    index="step", columns="loop", values="value", aggfunc="first", dropna=False)
             else:
-                arrays = table_columns(self._columns.read(["step", stat]), ["step", stat])
-                steps = arrays["step"] if stat in arrays else arrays["step"][:0]
-                grid = arrays.get(stat, np.empty((0, 0)))
-                table = pd.DataFrame(grid, index=pd.Index(steps, name="step"),
-                                     columns=pd.RangeIndex(1, grid.shape[1] + 1, name="loop"))
-                table = table[~np.isnan(grid).all(axis=1)] if grid.size else table.iloc[:0]
-            self._loop_tables[stat] = table
+                self.read_ahead([stat])
         return self._loop_tables[stat]
+
+    def read_ahead(self, names: Sequence[str]) -> None:
+        """Read the scalar columns and per-loop statistics among `names` that `steps_of`
+        and `loop_table` have not read yet, in one pass over the columnar copy (a sweep's
+        table asks both of every run: one file read each instead of two). A name the run
+        never logged reads as an empty per-loop table."""
+        if self._columns is None or self._steps is not None or self._loops is not None:
+            return
+        scalars = set(_scalar_keys(self._columns))
+        unread = [name for name in dict.fromkeys(names)
+                  if name not in self._step_series and name not in self._loop_tables]
+        if not unread:
+            return
+        table = self._columns.read(dict.fromkeys(["step", *unread]))
+        stats = [name for name in unread if name not in scalars]
+        listed = [name for name in stats if name in table.column_names]
+        frame = _to_frame(table.drop_columns(listed))
+        self._step_series.update((name, frame[name]) for name in frame.columns if name in scalars)
+        arrays = table_columns(table, listed)
+        steps = table.column("step").to_numpy() if "step" in table.column_names else np.empty(0)
+        for stat in stats:
+            grid = arrays.get(stat, np.empty((0, 0)))
+            loop_table = pd.DataFrame(grid, index=pd.Index(steps[:len(grid)], name="step"),
+                                      columns=pd.RangeIndex(1, grid.shape[1] + 1, name="loop"))
+            self._loop_tables[stat] = (loop_table[~np.isnan(grid).all(axis=1)] if grid.size
+                                       else loop_table.iloc[:0])
 
 
 def is_run_dir(path: Path) -> bool:
