@@ -167,7 +167,8 @@ def run(
         accepts = cell_filter(only or [], spec.train.lr)
     except ValueError as error:
         raise bad_input(str(error)) from None
-    cells = [cell for cell in shard_cells(spec.cells(), shard_of) if accepts(cell)]
+    planned = shard_cells(spec.cells(), shard_of)
+    cells = [cell for cell in planned if accepts(cell)]
     if not cells:
         raise bad_input(f"--only {' '.join(only or [])} matches none of the suite's runs")
     if distributed.is_main():
@@ -178,7 +179,8 @@ def run(
     jobs = 1 if ranks > 1 else jobs or min(8, cpu_count())
     spec = spec.with_(command=_command_line(context))
     console.print(
-        f"[bold]loopdiag run[/] {spec.name}{f' shard {shard}' if shard else ''}: {len(cells)} runs "
+        f"[bold]loopdiag run[/] {spec.name}{f' shard {shard}' if shard else ''}: {len(cells)} "
+        f"{'' if len(cells) == len(planned) else f'of {len(planned)} '}runs "
         f"({', '.join(spec.archs)} x loops "
         f"{list(spec.loops)}{_plural(len(spec.lrs), 'lr')}{_plural(len(spec.seeds), 'seed')}), "
         f"{spec.train.steps} steps each, d_model={spec.model.d_model}, L={spec.model.n_layers}, "

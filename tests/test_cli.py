@@ -400,6 +400,7 @@ def test_only_trains_part_of_a_suite_and_resume_finishes_it(tmp_path):
     common = ["run", str(suite), "--jobs", "1", "--wandb", "off", "--out", str(tmp_path / "out")]
     result = runner.invoke(app, [*common, "--only", "arch=flt", "--only", "loops=2"])
     assert result.exit_code == 0, result.output
+    assert "part: 1 of 4 runs (" in result.output
     assert [p.name for p in (tmp_path / "out" / "runs").iterdir() if p.is_dir()] == ["flt-k02-s0"]
     assert len(load_suite(tmp_path / "out" / "runs").manifest["runs"]) == 4  # the whole suite, planned
     assert "planned 4 runs; 3 are not in this report" in (tmp_path / "out" / "report.md").read_text()
