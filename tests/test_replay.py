@@ -22,7 +22,7 @@ STUDY = Path(__file__).resolve().parents[1] / "reports" / "flt-stability" / "run
 FIRING_RUNS = ("flt-res-k02-s0-lr0.03", "flt-res-k02-s1-lr0.03", "flt-ai1-k04-s0-lr0.003",
                "flt-ai1-k01-s0-lr0.003", "looped-inject-k02-s0-lr0.003", "flt-ai1-k01-s0-lr0.1",
                "flt-ai1-k02-s1-lr0.1", "flt-ai1-k01-s0-lr0.03", "flt-ai1-k09-s0-lr0.03",
-               "flt-ai1-k12-s1-lr0.1")
+               "flt-ai1-k12-s1-lr0.1", "recurrent-depth-k02-s0-lr0.1")
 # Thresholds moved so that every detector fires often, latches and fires again.
 EAGER = {
     "loss_spike": {"z": 3.0, "rel_floor": 0.05, "window": 10, "warmup": 5},
