@@ -51,6 +51,8 @@ def test_useful_loops_is_where_accuracy_stops_improving():
     assert useful_loops(accuracy, "looped", 8) == 4  # the deepest task needs 4 loops
     assert useful_loops(accuracy, "flt", 8) == 1
     assert useful_loops(accuracy, "flt", 12) is None  # never trained at 12
+    control = depth_accuracy(depth_rows(scaling_rows("standard", 8, deepening).query("eval_loops == 8")))
+    assert useful_loops(control, "standard", 8) is None  # run at its own depth only
 
 
 def test_idle_from_reads_the_end_of_training():

@@ -54,12 +54,13 @@ def depth_accuracy(rows: pd.DataFrame) -> pd.DataFrame:
 def useful_loops(accuracy: pd.DataFrame, arch: str, train_loops: int) -> int | None:
     """The smallest K' ≤ K after which no further loop (up to K) raises the mean accuracy
     over depths by `USEFUL_GAIN`: the loop where the model trained at K stops improving.
-    None when the model was not evaluated at K' ≤ K."""
+    None when the model was evaluated at fewer than two K' ≤ K (a fixed-depth model, such
+    as the depth-matched control, runs at its own depth only: nothing to compare)."""
     rows = accuracy[(accuracy["arch"] == arch) & (accuracy["train_loops"] == train_loops)
                     & (accuracy["eval_loops"] <= train_loops)]
-    if rows.empty:
-        return None
     curve = rows.groupby("eval_loops")["accuracy"].mean().sort_index()
+    if len(curve) < 2:
+        return None
     best = curve.max()
     return int(curve[curve >= best - USEFUL_GAIN].index[0])
 
