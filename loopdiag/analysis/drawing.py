@@ -97,9 +97,9 @@ class FigureDrawer:
     """Draws a report's figures here and, with `helper`, in one spawned process beside this
     one. The helper starts at once, so its imports (matplotlib, pandas) overlap the
     caller's reading of the store; it draws figures as they are `submit`ted, and `finish`
-    draws here, from the back, those it has not taken. Without a helper, or where none can
-    start (one core, a daemon process), every figure is drawn here. The files are the same
-    either way. Like any spawned process, the helper needs a script's
+    draws here, from the back, those it has not taken. Without a helper (`loopdiag report`
+    asks for one on two cores or more), or where none can start (in a daemon process), every
+    figure is drawn here. The files are the same either way. Like any spawned process, the helper needs a script's
     `if __name__ == "__main__":` guard."""
 
     def __init__(self, folder: Path, *, svg: bool = False, helper: bool = False) -> None:

@@ -104,6 +104,8 @@ class RunData:
                     index="step", columns="loop", values="value", aggfunc="first", dropna=False)
             else:
                 self.read_ahead([stat])
+                if stat not in self._loop_tables:  # a scalar column has no per-loop table
+                    self._loop_tables[stat] = _loop_frame(np.empty(0), np.empty((0, 0)))
         return self._loop_tables[stat]
 
     def read_ahead(self, names: Sequence[str]) -> None:
@@ -126,11 +128,15 @@ class RunData:
         arrays = table_columns(table, listed)
         steps = table.column("step").to_numpy() if "step" in table.column_names else np.empty(0)
         for stat in stats:
-            grid = arrays.get(stat, np.empty((0, 0)))
-            loop_table = pd.DataFrame(grid, index=pd.Index(steps[:len(grid)], name="step"),
-                                      columns=pd.RangeIndex(1, grid.shape[1] + 1, name="loop"))
-            self._loop_tables[stat] = (loop_table[~np.isnan(grid).all(axis=1)] if grid.size
-                                       else loop_table.iloc[:0])
+            self._loop_tables[stat] = _loop_frame(steps, arrays.get(stat, np.empty((0, 0))))
+
+
+def _loop_frame(steps: np.ndarray, grid: np.ndarray) -> pd.DataFrame:
+    """A (step × loop) grid as `RunData.loop_table` gives it: loops from 1, steps where
+    every loop is NaN left out."""
+    frame = pd.DataFrame(grid, index=pd.Index(steps[:len(grid)], name="step"),
+                         columns=pd.RangeIndex(1, grid.shape[1] + 1, name="loop"))
+    return frame[~np.isnan(grid).all(axis=1)] if grid.size else frame.iloc[:0]
 
 
 def is_run_dir(path: Path) -> bool:
