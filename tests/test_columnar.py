@@ -83,7 +83,7 @@ def test_loop_tables_from_the_copy_match_the_long_frame(tmp_path):
     assert table.loc[2].tolist()[1:] == [math.inf, -math.inf, 4.0]
     assert data.loop_table("token_corr").empty  # never logged: empty, not an error
     assert data.loop_table("loss").empty  # a scalar: no per-loop table
-    data.read_ahead(["resid_norm", "loss", "token_corr"])  # one read for the table and the steps
+    data.read_ahead(["resid_norm", "loss", "token_corr"])  # what it reads, the two readers give
     assert data.loop_table("resid_norm").equals(table) and data.steps_of(["loss"])["loss"].notna().any()
     steps, loops = data.steps_of(["loss", "val_loss"]), data.loops  # a second read is the first
     assert data.steps_of(["val_loss", "loss"])["val_loss"].equals(steps["val_loss"])
