@@ -3,7 +3,7 @@ before a looped model visibly fails while staying quiet on runs that train well?
 fresh seeds and on a stored study, side by side with the loss-spike rules of four widely
 used training stacks (`anchor_detectors`), replayed over the same records.
 
-    python benchmarks/detection.py [--seeds 11 12 13 14 15 16 17] [--steps 300] [--workers 2]
+    python benchmarks/detection.py [--seeds 11 12 13 14 15 16 17 18 19] [--steps 300] [--workers 2]
         [--cache benchmarks/.cache/detection] [--reuse] [--study reports/flt-stability/runs]
         [--out reports/detection]
 
@@ -55,7 +55,18 @@ warnings left, 3 of them `gradient_oscillation` at a mean autocorrelation of −
 −0.83: its threshold is now set by the white-noise null alone (simulated, no run: 5
 records in a row at or below −0.8 happen 0.28 times per 10k records of pure noise, at
 −0.85 0.005 times), −0.85. The study is in-sample for it; no corpus seed tests it, as
-`gradient_oscillation` raises no warning on the corpus at either threshold.
+`gradient_oscillation` raises no warning on the corpus at either threshold. A seventh change
+came from the study's 38 failed runs judged stable without a reference, 31 of them warned
+by `update_size` at step 1 and converged 15–25 % above the healthy model: without a
+reference, `failed_to_train` judges a run that took such a step (≥ 0.5× the weights' norm,
+`update_size`'s seed-0 threshold) failed at its end. The study is in-sample for it; seeds
+18 and 19 were trained only after it and are its held-out check (`--seeds 18 19`). An
+eighth came from the study's 3 false warnings left, all `residual_blowup` on healthy
+lr-3e-2 runs whose loss stalled at steps 42–58, on the plateau healthy models cross
+between the data's unigram and bigram statistics: a stall that early is no symptom, so
+growth with a stalled loss is information, as growth with a falling loss already was. It
+also took one failed study run's first warning (step 25); on seeds 11–19 of the corpus
+it changes no verdict and no first warning. The study is in-sample for it.
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
@@ -73,7 +84,10 @@ Per detector set (loopdiag's defaults together, each alone, each anchor):
   runs with at least one.
 Targets: ≤ 1 false warning per 10k healthy steps for the defaults together, and against
 every anchor: better on at least one of recall before onset, median lead and false-alarm
-rate, worse on none.
+rate, worse on none. Lead is compared on the failures both caught before onset, and not at
+all where there are none: a median over different runs compares the runs, not the
+detectors. (Until the eighth change it compared the two medians as they stand, which on
+the study set loopdiag's median over 96 runs against the |z| > 3 rule's over its 1.)
 """
 
 from __future__ import annotations
@@ -121,6 +135,7 @@ TARGET_FALSE_ALARMS = 1.0  # per PER_STEPS healthy steps
 HELD_OUT_FROM_SEED = 11  # seed 0: thresholds and development; seeds 1-10 scored earlier versions
 REFERENCE_SEED = 0  # the corpus reference's expected loss comes from this (dev) seed
 ALL_DEFAULTS = "loopdiag (all defaults)"
+LEAD_AXIS = "median lead on the failures both caught before onset"
 
 
 @dataclass(frozen=True)
@@ -305,11 +320,16 @@ class Score:
     caught_before: int
     caught_within: int
     caught_by_end: int
-    median_lead: float | None  # steps; None when no collapse was caught before onset
+    leads: Mapping[str, int]  # onset − first alarm step, by failed run caught before onset
     healthy_runs: int
     healthy_steps: int
     false_alarms: int
     alarmed_healthy_runs: int
+
+    @property
+    def median_lead(self) -> float | None:
+        """Steps; None when no failure was caught before onset."""
+        return statistics.median(self.leads.values()) if self.leads else None
 
     @property
     def recall_before(self) -> float:
@@ -327,35 +347,35 @@ class Score:
 def score(name: str, runs: Sequence[ScoredRun], detectors: Collection[str]) -> Score:
     collapses = [run for run in runs if run.label.collapsed]
     healthy = [run for run in runs if not run.label.collapsed]
-    leads, within, by_end = [], 0, 0
+    leads, within, by_end = {}, 0, 0
     for run in collapses:
         alarm = first_alarm(run, detectors)
         if alarm is None:
             continue
         by_end += 1
         if alarm["step"] <= run.label.onset:
-            leads.append(run.label.onset - alarm["step"])
+            leads[run.name] = run.label.onset - alarm["step"]
         if alarm["step"] <= run.label.onset + ONSET_SLACK:
             within += 1
     alarms_per_run = [sum(a["detector"] in detectors for a in run.alarms) for run in healthy]
     return Score(name=name, collapses=len(collapses), caught_before=len(leads),
-                 caught_within=within, caught_by_end=by_end,
-                 median_lead=statistics.median(leads) if leads else None,
+                 caught_within=within, caught_by_end=by_end, leads=leads,
                  healthy_runs=len(healthy), healthy_steps=sum(run.steps for run in healthy),
                  false_alarms=sum(alarms_per_run),
                  alarmed_healthy_runs=sum(count > 0 for count in alarms_per_run))
 
 
-def axes(result: Score) -> dict[str, float]:
-    """The compared axes, each oriented so that higher is better."""
-    return {"recall before onset": result.recall_before,
-            "median lead": -math.inf if result.median_lead is None else result.median_lead,
-            "false-alarm rate": -result.false_alarm_rate}
-
-
 def compare(ours: Score, anchor: Score) -> tuple[list[str], list[str]]:
-    """(axes where ours is better, axes where it is worse)."""
-    mine, theirs = axes(ours), axes(anchor)
+    """(axes where ours is better, axes where it is worse). Lead is compared on the failures
+    both caught before onset (a median over different runs compares the runs, not the
+    detectors); with none in common it is not compared."""
+    mine = {"recall before onset": ours.recall_before, "false-alarm rate": -ours.false_alarm_rate}
+    theirs = {"recall before onset": anchor.recall_before,
+              "false-alarm rate": -anchor.false_alarm_rate}
+    common = ours.leads.keys() & anchor.leads.keys()
+    if common:
+        mine[LEAD_AXIS] = statistics.median(ours.leads[name] for name in common)
+        theirs[LEAD_AXIS] = statistics.median(anchor.leads[name] for name in common)
     return ([axis for axis in mine if mine[axis] > theirs[axis]],
             [axis for axis in mine if mine[axis] < theirs[axis]])
 
@@ -808,7 +828,7 @@ of each anchor.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13, 14, 15, 16, 17])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13, 14, 15, 16, 17, 18, 19])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/detection"))

@@ -632,13 +632,19 @@ def test_a_stream_growing_while_the_loss_falls_is_information():
     assert "while the loss still falls" in events[0].message
 
 
-def test_a_stream_growing_while_the_loss_stalls_warns():
+def test_a_stream_growing_while_the_loss_stalls_is_information_until_a_symptom():
     from loopdiag.detect import ResidualBlowup
 
     # a flat loss: growth passes 100x at step 18, a stall is known once 25 losses exist
     events = replay(blowup_records(1.3), [ResidualBlowup()])
-    assert [event.severity for event in events] == ["warn"]
-    assert events[0].step == 25 and "stopped falling" in events[0].message
+    assert [(event.step, event.severity) for event in events] == [(25, "info")]
+    assert "stopped falling" in events[0].message
+    # the same growth, then the loss rises 20 % above its best: a symptom, so it warns
+    rising = [{**record, "loss": 3.6 if record["step"] > 40 else 3.0}
+              for record in blowup_records(1.3)]
+    events = replay(rising, [ResidualBlowup()])
+    assert [event.severity for event in events] == ["info", "critical"]
+    assert "above its best" in events[1].message
 
 
 def test_residual_blowup_stops_judging_after_its_horizon():

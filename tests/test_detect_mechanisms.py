@@ -130,6 +130,31 @@ def test_failed_to_train_without_a_reference_uses_the_high_loss_rule():
     assert replay(flat, [FailedToTrain()]) == []  # the rule sees only a loss above its start
 
 
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_without_a_reference_an_oversized_step_means_the_run_failed_to_train(vectorised):
+    """A learning rate that rewrote the weights at step 2, then a loss that converges at
+    2.75: without a reference only the step tells that run from a healthy one."""
+    def run(first_ratios: list[float]) -> list[dict]:
+        ratios = [*first_ratios, *[0.01] * (199 - len(first_ratios))]
+        return [{"step": s, "loss": 2.75 + 2.0 * math.exp(-s / 10), "update_ratio": ratio}
+                for s, ratio in zip(range(1, 200), ratios)]
+
+    too_high = run([0.3, 5.0, 1.2])
+    assert replay(too_high, [FailedToTrain()], vectorised=vectorised) == []  # judged at the end
+    (event,) = replay(too_high, [FailedToTrain()], finished=True, vectorised=vectorised)
+    assert (event.step, event.severity) == (199, "critical")
+    assert "At step 2 one step moved the shared weights by 5×" in event.message
+    assert event.evidence["update_step"] == 2 and event.evidence["update_ratio"] == 5.0
+    assert verdict(too_high, [event], finished=True)["status"] == "failed_to_train"
+    # a healthy high learning rate's first steps (0.16 at most in the development runs)
+    assert replay(run([0.16, 0.1]), [FailedToTrain()], finished=True, vectorised=vectorised) == []
+    # with a reference the loss judges: this run ends within 10 % of 2.6
+    assert replay(too_high, [FailedToTrain(expected_loss=2.6)], finished=True,
+                  vectorised=vectorised) == []
+    with pytest.raises(ValueError, match="oversized_update must be > 0"):
+        FailedToTrain(oversized_update=0)
+
+
 def test_foundry_high_loss_anchor_follows_its_source():
     events = replay(worse_than_at_start(), [FoundryHighLoss()])
     assert events and events[0].step == 201 and events[0].severity == "warn"

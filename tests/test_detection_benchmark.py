@@ -97,20 +97,36 @@ def test_score_counts_recall_lead_and_false_alarms(bench):
     result = bench.score("plateau", runs, {"collapse_plateau"})
     assert (result.collapses, result.caught_before, result.caught_within, result.caught_by_end) == (
         4, 2, 3, 3)
-    assert result.median_lead == 20
+    assert result.median_lead == 20 and result.leads == {"early": 40, "on-time": 0}
     assert (result.healthy_runs, result.healthy_steps) == (3, 3 * STEPS)
     assert (result.false_alarms, result.alarmed_healthy_runs) == (2, 1)
     assert result.false_alarm_rate == pytest.approx(2 * 10_000 / (3 * STEPS))
 
 
 def test_compare_needs_a_better_axis_and_no_worse_one(bench):
-    def result(caught, lead, false_alarms):
+    def result(caught, leads, false_alarms):
         return bench.Score("x", collapses=10, caught_before=caught, caught_within=caught,
-                           caught_by_end=caught, median_lead=lead, healthy_runs=5, healthy_steps=10_000,
+                           caught_by_end=caught, leads=leads, healthy_runs=5, healthy_steps=10_000,
                            false_alarms=false_alarms, alarmed_healthy_runs=min(false_alarms, 5))
 
-    assert bench.compare(result(9, 30, 0), result(2, 5, 40)) == (
-        ["recall before onset", "median lead", "false-alarm rate"], [])
-    assert bench.compare(result(9, 30, 1), result(2, None, 0)) == (
-        ["recall before onset", "median lead"], ["false-alarm rate"])
-    assert bench.compare(result(0, None, 0), result(0, None, 0)) == ([], [])
+    lead = bench.LEAD_AXIS
+    assert bench.compare(result(9, {"a": 30, "b": 10}, 0), result(2, {"a": 5}, 40)) == (
+        ["recall before onset", "false-alarm rate", lead], [])
+    assert bench.compare(result(9, {"a": 30}, 1), result(2, {}, 0)) == (
+        ["recall before onset"], ["false-alarm rate"])
+    assert bench.compare(result(0, {}, 0), result(0, {}, 0)) == ([], [])
+
+
+def test_lead_is_compared_on_the_failures_both_caught(bench):
+    def result(leads):
+        return bench.Score("x", collapses=10, caught_before=len(leads), caught_within=len(leads),
+                           caught_by_end=len(leads), leads=leads, healthy_runs=5,
+                           healthy_steps=10_000, false_alarms=0, alarmed_healthy_runs=0)
+
+    ours = result({"a": 0, "b": 0, "c": 50})
+    # their median (93) beats ours (0), but on the one failure both caught ours leads
+    assert result({"c": 93}).median_lead == 93 and ours.median_lead == 0
+    assert bench.compare(ours, result({"c": 20})) == (["recall before onset", bench.LEAD_AXIS], [])
+    assert bench.compare(ours, result({"c": 93})) == (["recall before onset"], [bench.LEAD_AXIS])
+    # a failure only they caught: no lead to compare, the recall axis counts it
+    assert bench.compare(ours, result({"d": 93})) == (["recall before onset"], [])

@@ -6,12 +6,13 @@ detector compares with the very first record instead (initialisation), where eve
 reference model starts at ‖N(e)‖ = √d, and needs only a few records.
 
 A growing stream alone is not a collapse: the non-looped model at a high learning rate
-grows its stream 1,000–8,000× and trains as well as at a low one. So past
-`growth_critical` it is critical only with a loss or representation symptom
-(`loopdiag.detect.symptoms.Symptoms`). Without one it warns once the loss has stalled;
-growth the loss still falls through is one `info` event, and that growth is not judged
-again (on the reference study, 57 of the 60 warnings this detector gave healthy high-lr
-runs were such growth).
+grows its stream 1,000–8,000× and trains as well as at a low one. So it warns, and past
+`growth_critical` goes critical, only with a loss or representation symptom
+(`loopdiag.detect.symptoms.Symptoms`). Without one the growth is one `info` event, saying
+whether the loss still falls or has stalled, and that growth is not judged again. A stall
+this early is no symptom: healthy models cross a plateau in their first hundred steps (on
+the reference study, warning on growth with a stalled loss gave 3 healthy runs a warning
+and 1 failed run its first).
 """
 
 from __future__ import annotations
@@ -48,9 +49,8 @@ class ResidualBlowupConfig(DetectorConfig):
     # The symptom that makes a blow-up a collapse (see `Symptoms`).
     gap: float = 0.10
     min_progress: float = 0.02
-    # Records over which a loss that fell < min_progress has stalled: the window of
-    # `representation_collapse`'s stall rule. A 10-record one read batch noise as stalls
-    # (19 healthy runs of the reference study warned, which that study scores: in-sample).
+    # Records over which a loss that fell < min_progress has stalled (the info event says
+    # which): the window of `representation_collapse`'s stall rule.
     stall_window: int = 20
 
     def _validate(self) -> None:
@@ -64,9 +64,9 @@ class ResidualBlowupConfig(DetectorConfig):
 
 class ResidualBlowup(Detector):
     """Last-loop residual norm r_K over its value at the first record, as a rolling median
-    over `smooth` records, during the first `horizon` records, ≥ `growth_warn` → info while
-    the loss still falls, warn once it stalls (or with a symptom); critical ≥
-    `growth_critical` with a loss or representation symptom."""
+    over `smooth` records, during the first `horizon` records, ≥ `growth_warn` → warn with a
+    loss or representation symptom, critical ≥ `growth_critical` with one; without one, a
+    single info event once the loss history tells a falling loss from a stalled one."""
 
     name = "residual_blowup"
     mechanism = "residual"
@@ -77,7 +77,7 @@ class ResidualBlowup(Detector):
     def _reset_state(self) -> None:
         self._initial: tuple[int, float] | None = None  # (step, r_K) of the first record
         self._recent: deque[float] = deque(maxlen=self.config.smooth)
-        self._learned_through_growth = False
+        self._growth_noted = False
         self._symptoms = Symptoms(self.config.gap, self.config.min_progress, self.config.stall_window)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
@@ -100,16 +100,15 @@ class ResidualBlowup(Detector):
         if symptom is not None:
             message += f", and {symptom}"
             severity = "critical" if growth >= self.config.growth_critical else "warn"
-        elif self._learned_through_growth:
-            return None
-        elif self._symptoms.stalled():
-            message += f", and the loss stopped falling (median {self._symptoms.loss.current_median():.4g})"
-            severity = "warn"
-        elif self._symptoms.loss.progress() is None:
-            return None  # too early to tell a stalled loss from a falling one
+        elif self._growth_noted or self._symptoms.loss.progress() is None:
+            return None  # noted already, or too early to tell a stalled loss from a falling one
         else:
-            self._learned_through_growth = True
-            message += ", while the loss still falls"
+            self._growth_noted = True
+            if self._symptoms.stalled():
+                message += (f"; the loss stopped falling (median "
+                            f"{self._symptoms.loss.current_median():.4g}), no symptom yet")
+            else:
+                message += ", while the loss still falls"
             severity = "info"
         return Finding(severity, message + ".",
                        {"resid_norm_last": current, "initial": initial, "initial_step": initial_step,

@@ -6,9 +6,15 @@ run, when the run and the reference have had the same training: its smoothed los
 above the reference. Mid-run the comparison is unfair: a reference's final loss is below
 what any run has half-way through its schedule, and a constant-then-decay schedule keeps a
 healthy run on a plateau until the decay (a mid-run stall rule called healthy runs failed on
-the development runs, and on two of the reference study's at lr 1e-2, which is why it went). Without a reference, llm-foundry's
-persistent-high-loss rule judges online: from twice its window on, half the window above
-the first window's maximum means the loss went back above where it started.
+the development runs, and on two of the reference study's at lr 1e-2, which is why it went).
+
+Without a reference, two rules. Online, llm-foundry's persistent-high-loss rule: from
+twice its window on, half the window above the first window's maximum means the loss went
+back above where it started. At the end, the mechanism the loss cannot show without a
+reference: a step that moved the shared weights by `oversized_update` × their norm or more
+(`update_size`'s threshold) threw away what they held, and the learning rate that did it
+keeps the model above the loss it could reach. A converged loss looks the same at any
+height, so without this rule such a run was judged stable.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, require
+from loopdiag.detect.base import (
+    UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, finite_scalar, require,
+)
 from loopdiag.detect.columns import RecordColumns, codes, expand
 from loopdiag.detect.symptoms import LossTrack, validate_expected_loss
+from loopdiag.detect.update import OVERSIZED_UPDATE
 
 
 @dataclass(frozen=True)
@@ -32,10 +41,14 @@ class FailedToTrainConfig(DetectorConfig):
     # 10 %: the gap the loss-only outcome labels use, and ground_truth_onset's.
     gap: float = 0.10
     high_loss_window: int = 100  # llm-foundry's minimum window, used without a reference
+    # Without a reference: a step this large (‖ΔW‖ / ‖W‖) means the run failed to train.
+    oversized_update: float = OVERSIZED_UPDATE
 
     def _validate(self) -> None:
         validate_expected_loss(self.expected_loss)
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
+        require(self.oversized_update > 0,
+                f"oversized_update must be > 0, got {self.oversized_update}")
         require(self.high_loss_window >= 2,
                 f"high_loss_window must be >= 2, got {self.high_loss_window}")
 
@@ -43,7 +56,8 @@ class FailedToTrainConfig(DetectorConfig):
 class FailedToTrain(Detector):
     """With `expected_loss`: critical when the run ended (`finish`) with its smoothed loss
     (EMA, span 20 records) ≥ `gap` above it. Without: critical when half of the last
-    `high_loss_window` losses exceed the first window's maximum (after two windows)."""
+    `high_loss_window` losses exceed the first window's maximum (after two windows), or
+    at the end when a step's `update_ratio` reached `oversized_update`."""
 
     name = "failed_to_train"
     config_class = FailedToTrainConfig
@@ -51,12 +65,13 @@ class FailedToTrain(Detector):
 
     def _reset_state(self) -> None:
         self._loss = LossTrack()
-        self._first_window_max: float | None = None
         self._first: list[float] = []
         self._recent: deque[float] = deque(maxlen=self.config.high_loss_window)
         self._records = 0
+        self._oversized: tuple[int, float] | None = None  # (step, ratio) of the largest step
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        self._note_update(finite_scalar(record, "update_ratio"), self._last_step)
         loss = self._loss.update(record)
         if loss is None:
             return UNJUDGED
@@ -64,6 +79,11 @@ class FailedToTrain(Detector):
         if self.config.expected_loss is not None:
             return None  # judged at the end (`_check_end`)
         return self._high_loss(loss)
+
+    def _note_update(self, ratio: float | None, step: int) -> None:
+        if (ratio is not None and ratio >= self.config.oversized_update
+                and (self._oversized is None or ratio > self._oversized[1])):
+            self._oversized = (step, ratio)
 
     def _high_loss(self, loss: float) -> Finding | None:
         window = self.config.high_loss_window
@@ -88,6 +108,10 @@ class FailedToTrain(Detector):
 
     def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
         self._loss = columns.loss_track_at(len(columns) - 1, window=20)  # what `finish` reads
+        ratio = columns.finite("update_ratio")
+        if np.any(ratio >= self.config.oversized_update):
+            largest = int(np.nanargmax(ratio))
+            self._note_update(float(ratio[largest]), columns.last_step(largest))
         loss = columns.finite("loss")
         judged = np.isfinite(loss)
         window = self.config.high_loss_window
@@ -106,7 +130,9 @@ class FailedToTrain(Detector):
 
     def _check_end(self) -> Finding | None:
         expected, smoothed = self.config.expected_loss, self._loss.smoothed
-        if expected is None or smoothed is None or smoothed < (1 + self.config.gap) * expected:
+        if expected is None:
+            return self._oversized_end()
+        if smoothed is None or smoothed < (1 + self.config.gap) * expected:
             return None
         return Finding("critical", (
             f"The run ended with its smoothed loss at {smoothed:.4g}, "
@@ -115,6 +141,18 @@ class FailedToTrain(Detector):
             {"smoothed_loss": smoothed, "expected_loss": expected,
              "thresholds": self._thresholds()})
 
+    def _oversized_end(self) -> Finding | None:
+        if self._oversized is None:
+            return None
+        step, ratio = self._oversized
+        ended = "" if self._loss.smoothed is None else f" at {self._loss.smoothed:.4g}"
+        return Finding("critical", (
+            f"At step {step} one step moved the shared weights by {ratio:.2g}× their norm: the "
+            f"learning rate threw away what they held, and the run ended{ended} with no "
+            f"expected loss to show it recovered (give one to judge by the loss)."),
+            {"update_ratio": ratio, "update_step": step, "smoothed_loss": self._loss.smoothed,
+             "thresholds": self._thresholds()})
+
     def _thresholds(self) -> dict[str, Any]:
-        names = ("expected_loss", "gap", "high_loss_window")
+        names = ("expected_loss", "gap", "high_loss_window", "oversized_update")
         return {"thresholds": {name: getattr(self.config, name) for name in names}}
