@@ -302,6 +302,9 @@ class ScoredRun:
     label: Label
     steps: int  # records with a loss: the training steps the detectors judged
     final_smoothed_loss: float
+    # At the last record within EARLY_FRACTION of the steps: where a run that never trains
+    # must have been warned.
+    early_smoothed_loss: float
     # Last-loop residual norm at the end of residual_explosion's warm-up over its value at
     # step 1: how much of an explosion happens before that detector may judge.
     warmup_resid_growth: float | None
@@ -397,15 +400,16 @@ class VerdictScore:
     rose_before_onset: int
 
 
+def warned_by(run: ScoredRun, mode: str, step: float) -> bool:
+    warning = run.verdicts[mode].get("first_warning_step")
+    return warning is not None and warning <= step
+
+
 def score_verdicts(runs: Sequence[ScoredRun], mode: str) -> VerdictScore:
     failed = [run for run in runs if run.label.collapsed]
     healthy = [run for run in runs if not run.label.collapsed]
     never = [run for run in failed if run.label.kind == "failed to train"]
     rose = [run for run in failed if run.label.kind == "rose"]
-
-    def warned_by(run: ScoredRun, step: float) -> bool:
-        warning = run.verdicts[mode].get("first_warning_step")
-        return warning is not None and warning <= step
 
     return VerdictScore(
         mode=mode, failed=len(failed),
@@ -415,8 +419,8 @@ def score_verdicts(runs: Sequence[ScoredRun], mode: str) -> VerdictScore:
         healthy_collapsed=sum(run.verdicts[mode]["status"] == "collapsed" for run in healthy),
         healthy_not_stable=sum(run.verdicts[mode]["status"] != "stable" for run in healthy),
         never_trained=len(never),
-        never_trained_early=sum(warned_by(run, EARLY_FRACTION * run.steps) for run in never),
-        rose=len(rose), rose_before_onset=sum(warned_by(run, run.label.onset) for run in rose))
+        never_trained_early=sum(warned_by(run, mode, EARLY_FRACTION * run.steps) for run in never),
+        rose=len(rose), rose_before_onset=sum(warned_by(run, mode, run.label.onset) for run in rose))
 
 
 def judged_run(name: str, group: str, expected: str, seed: int, records: list[dict[str, Any]],
@@ -433,9 +437,12 @@ def judged_run(name: str, group: str, expected: str, seed: int, records: list[di
     anchor_events = replay(records, anchor_detectors())
     alarms = sorted([*alarms, *(e for e in anchor_events if e.severity in ALARM_SEVERITIES)],
                     key=lambda event: event.step)
-    _, losses = loss_series(records)
+    steps, losses = loss_series(records)
+    smoothed = smoothed_losses(losses)
+    early = [value for step, value in zip(steps, smoothed) if step <= EARLY_FRACTION * len(losses)]
     return ScoredRun(name=name, group=group, expected=expected, seed=seed, label=label,
-                     steps=len(losses), final_smoothed_loss=smoothed_losses(losses)[-1],
+                     steps=len(losses), final_smoothed_loss=smoothed[-1],
+                     early_smoothed_loss=early[-1] if early else math.nan,
                      warmup_resid_growth=warmup_resid_growth(records),
                      alarms=tuple(event.to_dict() for event in alarms), verdicts=verdicts)
 
@@ -643,6 +650,17 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
                 f"`{run.name}` ({run.verdicts[mode]['status']} by {run.verdicts[mode]['signal']} at "
                 f"step {run.verdicts[mode]['step']})" for run in wrong[:12])
                 + (" and more" if len(wrong) > 12 else "") + ".")
+    healthy = [run.early_smoothed_loss for run in runs if not run.label.collapsed]
+    late = [run for run in runs if run.label.kind == "failed to train"
+            and not warned_by(run, MODES[1], EARLY_FRACTION * run.steps)]
+    if late:
+        lines.append(
+            f"- {len(late)} runs that never trained were not warned within {EARLY_FRACTION:.0%} of "
+            f"their steps (with reference). Their smoothed loss there, and how many of the "
+            f"{len(healthy)} healthy runs were as high or higher at the same point: " + ", ".join(
+                f"`{run.name}` ({run.early_smoothed_loss:.3g}; "
+                f"{sum(value >= run.early_smoothed_loss for value in healthy)})"
+                for run in late[:12]) + (" and more" if len(late) > 12 else "") + ".")
     return lines
 
 

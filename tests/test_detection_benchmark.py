@@ -47,12 +47,12 @@ def test_non_finite_tail_fails_against_the_reference(bench):
 
 
 def scored_run(bench, name, kind, onset, alarm_steps, detector="collapse_plateau", steps=STEPS,
-               status="stable", first_warning=None):
+               status="stable", first_warning=None, early_loss=3.0):
     judged = {"status": status, "first_warning_step": first_warning, "step": None,
               "signal": None, "mechanism": None}
     return bench.ScoredRun(
         name=name, group="g", expected="–", seed=1, label=bench.Label(kind, onset), steps=steps,
-        final_smoothed_loss=2.0, warmup_resid_growth=1.0,
+        final_smoothed_loss=2.0, early_smoothed_loss=early_loss, warmup_resid_growth=1.0,
         alarms=tuple({"step": s, "detector": detector, "severity": "warn", "message": ""}
                      for s in alarm_steps),
         verdicts={mode: judged for mode in bench.MODES})
@@ -130,3 +130,17 @@ def test_lead_is_compared_on_the_failures_both_caught(bench):
     assert bench.compare(ours, result({"c": 93})) == (["recall before onset"], [bench.LEAD_AXIS])
     # a failure only they caught: no lead to compare, the recall axis counts it
     assert bench.compare(ours, result({"d": 93})) == (["recall before onset"], [])
+
+
+def test_misses_say_how_many_healthy_runs_were_as_high_where_the_warning_was_due(bench):
+    runs = [
+        scored_run(bench, "late", "failed to train", 1, [], status="failed_to_train",
+                   first_warning=200, early_loss=3.5),  # due by step 45 of 300
+        scored_run(bench, "early", "failed to train", 1, [], status="collapsed",
+                   first_warning=40, early_loss=3.9),
+        scored_run(bench, "slow", "healthy", None, [], early_loss=3.6),
+        scored_run(bench, "fast", "healthy", None, [], early_loss=3.4),
+    ]
+    (line,) = bench.miss_lines(runs)
+    assert line.startswith("- 1 runs that never trained were not warned within 15% of their steps")
+    assert "`late` (3.5; 1)" in line and "`early`" not in line
