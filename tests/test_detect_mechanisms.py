@@ -202,5 +202,8 @@ def test_a_model_without_loop_statistics_is_told_what_is_not_judged():
     assert (note.detector, note.severity, note.step) == ("monitor", "info", 10)
     assert "token_corr" in note.message and "representation_collapse" in note.message
     assert "failed_to_train" not in monitor.not_judged()  # it reads the loss
+    # without `update_ratio` neither an oversized step nor, without a reference, the
+    # failure it implies can be judged: the note says so
+    assert "update_ratio" in note.message and "update_size" in note.message
     judged = verdict([{"step": s, "loss": 3.0} for s in range(1, 30)], monitor.events, finished=True)
     assert judged["status"] == "stable"

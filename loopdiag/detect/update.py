@@ -42,6 +42,7 @@ class UpdateSize(Detector):
     """`update_ratio` (‖ΔW‖ / ‖W‖ of the shared weights over one step) → warn ≥ `ratio_warn`."""
 
     name = "update_size"
+    reads = ("update_ratio",)
     config_class = UpdateSizeConfig
     config: UpdateSizeConfig
 
