@@ -57,7 +57,7 @@ records in a row at or below −0.8 happen 0.28 times per 10k records of pure no
 −0.85 0.005 times), −0.85. The study is in-sample for it; no corpus seed tests it, as
 `gradient_oscillation` raises no warning on the corpus at either threshold. A seventh change
 came from the study's 38 failed runs judged stable without a reference, 31 of them warned
-by `update_size` at step 1 and converged 15–25 % above the healthy model: without a
+by `update_size` at step 1 and converged 13–29 % above the healthy model: without a
 reference, `failed_to_train` judges a run that took such a step (≥ 0.5× the weights' norm,
 `update_size`'s seed-0 threshold) failed at its end. The study is in-sample for it; seeds
 18 and 19 were trained only after it and are its held-out check (`--seeds 18 19`). An
