@@ -103,11 +103,16 @@ def test_score_counts_recall_lead_and_false_alarms(bench):
     assert result.false_alarm_rate == pytest.approx(2 * 10_000 / (3 * STEPS))
 
 
+def detector_score(bench, caught, leads, false_alarms=0):
+    """A detector set's score over 10 failures and 5 healthy runs (10k steps)."""
+    return bench.Score("x", collapses=10, caught_before=caught, caught_within=caught,
+                       caught_by_end=caught, leads=leads, healthy_runs=5, healthy_steps=10_000,
+                       false_alarms=false_alarms, alarmed_healthy_runs=min(false_alarms, 5))
+
+
 def test_compare_needs_a_better_axis_and_no_worse_one(bench):
     def result(caught, leads, false_alarms):
-        return bench.Score("x", collapses=10, caught_before=caught, caught_within=caught,
-                           caught_by_end=caught, leads=leads, healthy_runs=5, healthy_steps=10_000,
-                           false_alarms=false_alarms, alarmed_healthy_runs=min(false_alarms, 5))
+        return detector_score(bench, caught, leads, false_alarms)
 
     lead = bench.LEAD_AXIS
     assert bench.compare(result(9, {"a": 30, "b": 10}, 0), result(2, {"a": 5}, 40)) == (
@@ -119,9 +124,7 @@ def test_compare_needs_a_better_axis_and_no_worse_one(bench):
 
 def test_lead_is_compared_on_the_failures_both_caught(bench):
     def result(leads):
-        return bench.Score("x", collapses=10, caught_before=len(leads), caught_within=len(leads),
-                           caught_by_end=len(leads), leads=leads, healthy_runs=5,
-                           healthy_steps=10_000, false_alarms=0, alarmed_healthy_runs=0)
+        return detector_score(bench, len(leads), leads)
 
     ours = result({"a": 0, "b": 0, "c": 50})
     # their median (93) beats ours (0), but on the one failure both caught ours leads
