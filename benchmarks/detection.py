@@ -66,7 +66,12 @@ lr-3e-2 runs whose loss stalled at steps 42–58, on the plateau healthy models 
 between the data's unigram and bigram statistics: a stall that early is no symptom, so
 growth with a stalled loss is information, as growth with a falling loss already was. It
 also took one failed study run's first warning (step 25); on seeds 11–19 of the corpus
-it changes no verdict and no first warning. The study is in-sample for it.
+it changes no verdict and no first warning. The study is in-sample for it. Late collapses
+joined the corpus after the eighth change, with no detector changed: three settings whose
+learning rate ramps linearly from 0 over the whole run, past what the model survives
+(`standard` and `flt` to 3, `looped` to 2; no clip, no logit soft-cap, which otherwise
+bounds the loss into a plateau). They were chosen on seed 0 alone, where they rose at
+steps 116, 86 and 141; seeds 11–19 of them were never seen before scoring.
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
@@ -147,6 +152,12 @@ class Setting:
     grad_clip: float | None
     expected: str  # what the setting was chosen to show; the label comes from the loss
     model_overrides: tuple[tuple[str, Any], ...] = ()
+    lr_ramp: bool = False  # the lr rises linearly from 0 to `lr` over the whole run
+
+    def train_config(self, steps: int) -> dict[str, Any]:
+        # A cosine schedule whose warm-up never ends and whose floor is its peak: a pure ramp.
+        ramp = dict(schedule="cosine", warmup_steps=steps - 1, min_lr_ratio=1.0) if self.lr_ramp else {}
+        return dict(steps=steps, grad_clip=self.grad_clip, **ramp)
 
 
 REFERENCE = "standard-k04-lr3e-3"
@@ -166,6 +177,15 @@ SETTINGS = (
     # The main job's failure at a modest lr: many loops wash the positions together.
     Setting("looped-k12-lr3e-3", "looped", 12, 3e-3, 1.0, "collapse"),
     Setting("flt-k12-lr3e-3", "flt", 12, 3e-3, 1.0, "healthy"),
+    # Late collapses: the lr ramps up past what the model survives (without the soft-cap,
+    # which otherwise bounds the loss into a plateau); the loss rises from its best and
+    # does not come back.
+    Setting("standard-k04-ramp3-noclip-nocap", "standard", 4, 3.0, None, "late collapse",
+            (("logit_softcap", None),), lr_ramp=True),
+    Setting("flt-k04-ramp3-noclip-nocap", "flt", 4, 3.0, None, "late collapse",
+            (("logit_softcap", None),), lr_ramp=True),
+    Setting("looped-k04-ramp2-noclip-nocap", "looped", 4, 2.0, None, "late collapse",
+            (("logit_softcap", None),), lr_ramp=True),
 )
 
 
@@ -189,7 +209,7 @@ def train_run(setting: Setting, seed: int, steps: int, run_dir: Path) -> float:
     start = time.perf_counter()
     run_one(RunSpec(setting.arch, setting.n_loops, seed, setting.lr),
             preset("tiny", **dict(setting.model_overrides)),
-            TrainConfig(steps=steps, grad_clip=setting.grad_clip), load_corpus(), run_dir)
+            TrainConfig(**setting.train_config(steps)), load_corpus(), run_dir)
     return time.perf_counter() - start
 
 
@@ -661,6 +681,14 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
                 f"`{run.name}` ({run.early_smoothed_loss:.3g}; "
                 f"{sum(value >= run.early_smoothed_loss for value in healthy)})"
                 for run in late[:12]) + (" and more" if len(late) > 12 else "") + ".")
+    rose = [run for run in runs if run.label.kind == "rose"]
+    no_lead = [run for run in rose if run.verdicts[MODES[1]].get("first_warning_step") == run.label.onset]
+    if no_lead:
+        lines.append(
+            f"- {len(no_lead)} of the {len(rose)} late collapses were first warned at their onset "
+            f"step itself (counted as before onset, with no lead): " + ", ".join(
+                f"`{run.name}` (step {run.label.onset})" for run in no_lead[:12])
+            + (" and more" if len(no_lead) > 12 else "") + ".")
     return lines
 
 
@@ -703,7 +731,8 @@ def setting_rows(runs: Sequence[ScoredRun]) -> list[list[Any]]:
     for setting in SETTINGS:
         labels = Counter(run.label.kind for run in runs if run.group == setting.name)
         overrides = ", ".join(f"{k}={v}" for k, v in setting.model_overrides) or "–"
-        rows.append([setting.name, setting.arch, setting.n_loops, f"{setting.lr:g}",
+        lr = f"0 → {setting.lr:g} (ramp)" if setting.lr_ramp else f"{setting.lr:g}"
+        rows.append([setting.name, setting.arch, setting.n_loops, lr,
                      "none" if setting.grad_clip is None else f"{setting.grad_clip:g}",
                      overrides, setting.expected,
                      ", ".join(f"{n} {kind}" for kind, n in sorted(labels.items()))])
@@ -796,7 +825,8 @@ Produced by `{command}`; {trained}, the whole invocation {total_seconds:.0f} s.
 {len(runs)} runs: {len(SETTINGS)} settings × seeds {', '.join(map(str, seeds))}, tiny preset
 (`preset("tiny")`: d_model {model["d_model"]}, {model["n_heads"]} heads, {model["n_layers"]}
 layers, seq_len {model["seq_len"]}), {steps} steps each, {train["optimizer"]}, batch
-{train["batch_size"]}, schedule {train["schedule"]}, every step logged, corpus
+{train["batch_size"]}, schedule {train["schedule"]} (the ramp settings: the learning rate rising
+linearly from 0 over the whole run), every step logged, corpus
 `{data["source"]}`. Each run sees the same batches as every other run of its seed.
 Labelled from the loss: {len(collapses)} failed runs and {len(runs) - len(collapses)}
 healthy runs ({healthy_steps} healthy steps).

@@ -147,3 +147,17 @@ def test_misses_say_how_many_healthy_runs_were_as_high_where_the_warning_was_due
     (line,) = bench.miss_lines(runs)
     assert line.startswith("- 1 runs that never trained were not warned within 15% of their steps")
     assert "`late` (3.5; 1)" in line and "`early`" not in line
+
+
+def test_a_ramp_setting_raises_the_learning_rate_over_the_whole_run(bench):
+    from loopdiag.train import TrainConfig
+    from loopdiag.train.optim import lr_multiplier
+
+    ramp = next(setting for setting in bench.SETTINGS if setting.lr_ramp)
+    config = TrainConfig(**ramp.train_config(STEPS))
+    multipliers = [lr_multiplier(step, config) for step in range(STEPS)]
+    assert multipliers[0] < 0.01 and multipliers[-1] == pytest.approx(1.0)
+    assert all(later >= earlier for earlier, later in zip(multipliers, multipliers[1:]))
+    assert multipliers[STEPS // 2] == pytest.approx(0.5, abs=0.01)
+    plain = next(setting for setting in bench.SETTINGS if not setting.lr_ramp)
+    assert lr_multiplier(0, TrainConfig(**plain.train_config(STEPS))) == 1.0
