@@ -3,15 +3,17 @@ before a looped model visibly fails while staying quiet on runs that train well?
 fresh seeds and on a stored study, side by side with the loss-spike rules of four widely
 used training stacks (`anchor_detectors`), replayed over the same records.
 
-    python benchmarks/detection.py [--seeds 11 12 13 14 15 16 17 18 19] [--steps 300] [--workers 2]
-        [--cache benchmarks/.cache/detection] [--reuse] [--study reports/flt-stability/runs]
-        [--out reports/detection]
+    python benchmarks/detection.py [--seeds 11 12 13 14 15 16 17 18 19] [--steps 300]
+        [--data FILE ...] [--model KEY=VALUE ...] [--workers 2]
+        [--cache benchmarks/.cache/detection] [--reuse]
+        [--study reports/flt-stability/runs reports/loops-compute/runs] [--out reports/detection]
 
-Corpus: every setting in `SETTINGS` × seed, tiny preset, `--steps` steps, every step
-logged, each trained once by `run_one` into `<cache>/<setting>-s<seed>/` (one torch thread
-per process, `--workers` processes). `--reuse` keeps finished run folders of the same step
-count. Scoring is offline: the detectors are replayed over `read_records(run_dir)`, so it
-is cheap and repeatable and cannot depend on what fired live. The study (`--study`, a
+Corpus: every setting in `SETTINGS` × seed, the tiny preset (`--model` overrides it), on
+the embedded text (`--data`: other text files), `--steps` steps, every step logged, each
+trained once by `run_one` into `<cache>/<setting>-s<seed>/` (one torch thread per process,
+`--workers` processes). `--reuse` keeps finished run folders of the same steps, text and
+model. Scoring is offline: the detectors are replayed over `read_records(run_dir)`, so it
+is cheap and repeatable and cannot depend on what fired live. Each study (`--study`, a
 suite's run store; skipped when absent) is replayed the same way.
 
 Labels come from the training loss alone, never from a detector output, and were written
@@ -23,7 +25,7 @@ records, non-finite losses left out of it.
   ≥ 10 % above the reference's. Corpus: the reference is `standard` (the compute-matched
   non-looped model, lr 3e-3, grad clip 1) trained with the same seed, hence on the same
   batches, compared at the same step; onset: the first step from which the run stays
-  ≥ 10 % above it (or non-finite) to the end. Study: the reference is the healthy one-loop
+  ≥ 10 % above it (or non-finite) to the end. A study: the reference is the healthy one-loop
   model, the median final smoothed loss of its `standard` K=1 runs at lr 3e-3; onset: the
   first step from which the run's smoothed loss stays ≥ 10 % above that number. This is
   the FLT paper's collapse, a model that never learns, which has no best to rise from.
@@ -71,12 +73,19 @@ joined the corpus after the eighth change, with no detector changed: three setti
 learning rate ramps linearly from 0 over the whole run, past what the model survives
 (`standard` and `flt` to 3, `looped` to 2; no clip, no logit soft-cap, which otherwise
 bounds the loss into a plateau). They were chosen on seed 0 alone, where they rose at
-steps 116, 86 and 141; seeds 11–19 of them were never seen before scoring.
+steps 116, 86 and 141; seeds 11–19 of them were never seen before scoring. The
+loops-compute study (other data: pointer chasing; 3,000 steps, every 20th logged) joined
+this benchmark after the eighth change, and no threshold was set or changed on it: it is
+held out whole. So is the transfer corpus, the same settings on seeds 11–13 but on other
+text (ten modules of CPython's standard library: code, not prose) at twice the width and
+context (d_model 64, 4 heads, seq_len 64), trained and scored once, after the late
+collapses joined, with no detector changed (`reports/detection/transfer/`).
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
-`standard` reference's final smoothed loss, a dev run; study, the best final smoothed loss
-of the other one-loop runs of the same architecture and seed, as `loopdiag run` sets it). Targets: ≥ 99 % of failed
+`standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
+loss of the other one-loop runs of the same architecture and seed, as `loopdiag run` sets
+it). Targets: ≥ 99 % of failed
 runs judged not stable; zero healthy runs judged collapsed; runs that never train
 ("failed to train") warned within the first 15 % of their steps; late collapses ("rose")
 warned before onset on ≥ 95 %.
@@ -98,6 +107,7 @@ the study set loopdiag's median over 96 runs against the |z| > 3 rule's over its
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import math
@@ -118,7 +128,6 @@ import numpy as np
 
 from loopdiag.detect import (
     DETECTORS,
-    ResidualExplosionConfig,
     anchor_detectors,
     default_detectors,
     ground_truth_onset,
@@ -195,12 +204,27 @@ def run_name(setting: Setting, seed: int) -> str:
 
 # --- the corpus ------------------------------------------------------------------------
 
-def train_run(setting: Setting, seed: int, steps: int, run_dir: Path) -> float:
+@dataclass(frozen=True)
+class CorpusSpec:
+    """What every corpus run shares beyond its setting: the text and the model size."""
+
+    steps: int
+    data: tuple[str, ...] = ()  # text files; none: the embedded corpus
+    model: tuple[tuple[str, Any], ...] = ()  # overrides of the tiny preset
+
+    def model_config(self, setting: Setting) -> dict[str, Any]:
+        from loopdiag.models.config import preset
+
+        return vars(preset("tiny", **{**dict(self.model), **dict(setting.model_overrides),
+                                      "n_loops": setting.n_loops}))
+
+
+def train_run(setting: Setting, seed: int, spec: CorpusSpec, run_dir: Path) -> float:
     """Train one corpus run into `run_dir`; its wall time in seconds."""
     import torch  # heavy imports only where training happens: scoring needs none of them
 
     from loopdiag.data import load_corpus
-    from loopdiag.models.config import preset
+    from loopdiag.models.config import ModelConfig
     from loopdiag.run.runner import RunSpec, run_one
     from loopdiag.train import TrainConfig
 
@@ -208,21 +232,26 @@ def train_run(setting: Setting, seed: int, steps: int, run_dir: Path) -> float:
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
     run_one(RunSpec(setting.arch, setting.n_loops, seed, setting.lr),
-            preset("tiny", **dict(setting.model_overrides)),
-            TrainConfig(**setting.train_config(steps)), load_corpus(), run_dir)
+            ModelConfig(**spec.model_config(setting)),
+            TrainConfig(**setting.train_config(spec.steps)), load_corpus(spec.data or None), run_dir)
     return time.perf_counter() - start
 
 
-def is_finished(run_dir: Path, steps: int) -> bool:
-    """A run folder that closed with a verdict after training for `steps` steps."""
+def is_finished(run_dir: Path, setting: Setting, spec: CorpusSpec) -> bool:
+    """A run folder that closed with a verdict after training `setting` as `spec` asks: the
+    same steps, text and model (a cache of other data or size is retrained, not reused)."""
     try:
         config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return False
-    return (run_dir / "summary.json").is_file() and config["train"]["steps"] == steps
+    source = ", ".join(str(Path(path)) for path in spec.data) or "cpython-docs"
+    model = spec.model_config(setting)
+    return ((run_dir / "summary.json").is_file() and config["train"]["steps"] == spec.steps
+            and config["data"]["source"] == source
+            and {key: config["model"].get(key) for key in model} == model)
 
 
-def build_corpus(seeds: Sequence[int], steps: int, cache: Path, reuse: bool,
+def build_corpus(seeds: Sequence[int], spec: CorpusSpec, cache: Path, reuse: bool,
                  workers: int) -> float | None:
     """Train the runs the cache lacks; the wall time, or None when all were reused."""
     # Most loops first, so the longest runs do not end up alone at the tail.
@@ -232,7 +261,7 @@ def build_corpus(seeds: Sequence[int], steps: int, cache: Path, reuse: bool,
     if REFERENCE_SEED not in seeds:  # the dev run the reference's expected loss comes from
         jobs.append((reference, REFERENCE_SEED))
     todo = [(setting, seed) for setting, seed in jobs
-            if not (reuse and is_finished(cache / run_name(setting, seed), steps))]
+            if not (reuse and is_finished(cache / run_name(setting, seed), setting, spec))]
     print(f"corpus: {len(jobs)} runs, {len(jobs) - len(todo)} reused from {cache}, "
           f"{len(todo)} to train with {workers} process(es)", flush=True)
     if not todo:
@@ -241,7 +270,7 @@ def build_corpus(seeds: Sequence[int], steps: int, cache: Path, reuse: bool,
     # spawn: a fresh interpreter per worker, no torch state inherited through fork.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(train_run, setting, seed, steps, cache / run_name(setting, seed)):
+        futures = {pool.submit(train_run, setting, seed, spec, cache / run_name(setting, seed)):
                    run_name(setting, seed) for setting, seed in todo}
         for done, future in enumerate(as_completed(futures), 1):
             print(f"  [{done:>2}/{len(todo)}] {futures[future]:<40} {future.result():5.1f} s "
@@ -320,14 +349,14 @@ class ScoredRun:
     expected: str  # what the run was chosen to show ("–" for the study)
     seed: int
     label: Label
-    steps: int  # records with a loss: the training steps the detectors judged
+    steps: int  # the training steps the detectors judged: the last step with a loss
+    first_step: int  # the first step with a loss
     final_smoothed_loss: float
     # At the last record within EARLY_FRACTION of the steps: where a run that never trains
     # must have been warned.
     early_smoothed_loss: float
     # Last-loop residual norm at the end of residual_explosion's warm-up over its value at
     # step 1: how much of an explosion happens before that detector may judge.
-    warmup_resid_growth: float | None
     alarms: tuple[dict[str, Any], ...]  # replayed warn/critical events (no reference), in step order
     verdicts: Mapping[str, Mapping[str, Any]]  # by mode
 
@@ -459,11 +488,10 @@ def judged_run(name: str, group: str, expected: str, seed: int, records: list[di
                     key=lambda event: event.step)
     steps, losses = loss_series(records)
     smoothed = smoothed_losses(losses)
-    early = [value for step, value in zip(steps, smoothed) if step <= EARLY_FRACTION * len(losses)]
+    early = [value for step, value in zip(steps, smoothed) if step <= EARLY_FRACTION * steps[-1]]
     return ScoredRun(name=name, group=group, expected=expected, seed=seed, label=label,
-                     steps=len(losses), final_smoothed_loss=smoothed[-1],
+                     steps=steps[-1], first_step=steps[0], final_smoothed_loss=smoothed[-1],
                      early_smoothed_loss=early[-1] if early else math.nan,
-                     warmup_resid_growth=warmup_resid_growth(records),
                      alarms=tuple(event.to_dict() for event in alarms), verdicts=verdicts)
 
 
@@ -489,14 +517,6 @@ def score_corpus(seeds: Sequence[int], cache: Path) -> list[ScoredRun]:
     return runs
 
 
-def warmup_resid_growth(records: Sequence[Mapping[str, Any]]) -> float | None:
-    warmup = ResidualExplosionConfig().warmup
-    norms = [r["resid_norm"][-1] for r in records if r.get("resid_norm")]
-    if len(norms) < warmup or not norms[0] > 0:
-        return None
-    return norms[warmup - 1] / norms[0]
-
-
 def score_all(runs: Sequence[ScoredRun]) -> list[Score]:
     anchors = [detector.name for detector in anchor_detectors()]
     return ([score(ALL_DEFAULTS, runs, set(DETECTORS))]
@@ -507,6 +527,15 @@ def score_all(runs: Sequence[ScoredRun]) -> list[Score]:
 # --- the study ---------------------------------------------------------------------------
 
 STUDY_REFERENCE = ("standard", 1, 3e-3)  # the healthy one-loop model: arch, K, lr
+# The reference study (the thresholds' in-sample set, see "Held-out seeds") and a study on
+# other data and length that no threshold was set or changed on.
+STUDIES = {Path("reports/flt-stability/runs"): "the FLT stability study",
+           Path("reports/loops-compute/runs"): "the loops-compute study"}
+
+
+def study_name(path: Path) -> str:
+    """The suite's name, from its manifest."""
+    return json.loads((path / SUITE_FILE).read_text(encoding="utf-8"))["name"]
 
 
 def study_label(records: Sequence[Mapping[str, Any]], healthy_loss: float) -> Label:
@@ -757,12 +786,54 @@ def doc_paragraph(prefix: str) -> str:
     return next(p for p in __doc__.split("\n\n") if p.startswith(prefix))
 
 
+def data_text(config: Mapping[str, Any]) -> str:
+    """What a run trained on, from its stored config."""
+    data = config["data"]
+    if "task" in data:
+        return f"the synthetic task `{data['name']}`"
+    return f"text `{data['source']}` ({data['n_bytes']:,} bytes, sha256 {data['sha256'][:12]}…)"
+
+
+def study_section(path: Path, runs: Sequence[ScoredRun], healthy_loss: float,
+                  scores: Sequence[Score]) -> str:
+    config = json.loads(next(path.glob(f"{runs[0].name}/config.json")).read_text(encoding="utf-8"))
+    model, log_every = config["model"], config["probes"]["log_every"]
+    kinds = Counter(run.label.kind for run in runs)
+    misses = miss_lines(runs)
+    failed = [run for run in runs if run.label.collapsed]
+    if failed and all(run.label.onset == run.first_step for run in failed):
+        misses.insert(0, "- Every failed run's onset is its first record: it never came within "
+                         "10 % of the healthy loss, so no detector can warn before onset here; "
+                         "compare the detectors by the end of the run.")
+    arch, n_loops, lr = STUDY_REFERENCE
+    return f"""## The study `{study_name(path)}`
+
+{len(runs)} runs of `{path}` replayed from their records: {data_text(config)}, d_model
+{model["d_model"]}, {model["n_layers"]} layers per loop, {config["train"]["steps"]} steps,
+{"every step" if log_every == 1 else f"every {log_every}th step"} logged. The healthy
+one-loop model (`{arch}`, K={n_loops}, lr {lr:g}) ends at a median smoothed loss of
+{healthy_loss:.3f}; {sum(r.label.collapsed for r in runs)} runs are labelled failed
+({kinds['rose']} rose, {kinds['failed to train']} failed to train).
+
+{markdown_table(("architecture", "runs", "labels (from the loss)", "verdicts (with reference)"),
+                study_group_rows(runs))}
+
+### Detectors on `{study_name(path)}`
+
+{markdown_table(COLUMNS, table_rows(scores))}
+
+### Where the verdicts and the labels disagree
+
+{chr(10).join(misses) if misses else "Nowhere."}
+"""
+
+
 def write_report(out: Path, runs: Sequence[ScoredRun], scores: Sequence[Score],
                  seeds: Sequence[int], steps: int, command: str, train_seconds: float | None,
                  total_seconds: float, run_config: Mapping[str, Any],
-                 study: tuple[Path, list[ScoredRun], float] | None) -> None:
+                 studies: Sequence[tuple[Path, list[ScoredRun], float]]) -> None:
     """`run_config`: one run's stored config, for the settings all runs share."""
-    model, train, data = run_config["model"], run_config["train"], run_config["data"]
+    model, train = run_config["model"], run_config["train"]
     collapses = [run for run in runs if run.label.collapsed]
     healthy_steps = sum(run.steps for run in runs if not run.label.collapsed)
     trained = ("the corpus was reused from the cache (no training in this invocation)"
@@ -770,32 +841,13 @@ def write_report(out: Path, runs: Sequence[ScoredRun], scores: Sequence[Score],
     corpus_verdicts = [score_verdicts(runs, mode) for mode in MODES]
     verdict_table_rows = verdict_rows("corpus", corpus_verdicts)
     targets = [*verdict_target_lines("corpus", corpus_verdicts), *target_lines("corpus", scores)]
-    study_text = "No study was scored (no `--study` store)."
-    if study is not None:
-        study_dir, study_runs, healthy_loss = study
+    study_texts = []
+    for path, study_runs, healthy_loss in studies:
+        name, study_scores = study_name(path), score_all(study_runs)
         study_verdicts = [score_verdicts(study_runs, mode) for mode in MODES]
-        study_scores = score_all(study_runs)
-        verdict_table_rows += verdict_rows("study", study_verdicts)
-        targets += [*verdict_target_lines("study", study_verdicts),
-                    *target_lines("study", study_scores)]
-        study_misses = miss_lines(study_runs)
-        kinds = Counter(run.label.kind for run in study_runs)
-        study_text = f"""{len(study_runs)} runs of `{study_dir}` replayed from their records. The healthy
-one-loop model (`standard`, K=1, lr 3e-3) ends at a median smoothed loss of {healthy_loss:.3f};
-{sum(r.label.collapsed for r in study_runs)} runs are labelled failed
-({kinds['rose']} rose, {kinds['failed to train']} failed to train).
-
-{markdown_table(("architecture", "runs", "labels (from the loss)", "verdicts (with reference)"),
-                study_group_rows(study_runs))}
-
-### Detectors on the study
-
-{markdown_table(COLUMNS, table_rows(study_scores))}
-
-### Where the verdicts and the labels disagree
-
-{chr(10).join(study_misses) if study_misses else "Nowhere."}
-"""
+        verdict_table_rows += verdict_rows(name, study_verdicts)
+        targets += [*verdict_target_lines(name, study_verdicts), *target_lines(name, study_scores)]
+        study_texts.append(study_section(path, study_runs, healthy_loss, study_scores))
     misses = miss_lines(runs)
     false_alarms = false_alarm_rows(runs)
     text = f"""# Detection quality of loopdiag's collapse detectors and verdicts
@@ -822,12 +874,12 @@ Produced by `{command}`; {trained}, the whole invocation {total_seconds:.0f} s.
 
 ## The corpus
 
-{len(runs)} runs: {len(SETTINGS)} settings × seeds {', '.join(map(str, seeds))}, tiny preset
-(`preset("tiny")`: d_model {model["d_model"]}, {model["n_heads"]} heads, {model["n_layers"]}
-layers, seq_len {model["seq_len"]}), {steps} steps each, {train["optimizer"]}, batch
-{train["batch_size"]}, schedule {train["schedule"]} (the ramp settings: the learning rate rising
-linearly from 0 over the whole run), every step logged, corpus
-`{data["source"]}`. Each run sees the same batches as every other run of its seed.
+{len(runs)} runs: {len(SETTINGS)} settings × seeds {', '.join(map(str, seeds))}, d_model
+{model["d_model"]}, {model["n_heads"]} heads, {model["n_layers"]} layers, seq_len
+{model["seq_len"]}, {steps} steps each, {train["optimizer"]}, batch {train["batch_size"]},
+schedule {train["schedule"]} (the ramp settings: the learning rate rising linearly from 0
+over the whole run), every step logged, {data_text(run_config)}. Each run sees the same
+batches as every other run of its seed.
 Labelled from the loss: {len(collapses)} failed runs and {len(runs) - len(collapses)}
 healthy runs ({healthy_steps} healthy steps).
 
@@ -865,48 +917,78 @@ of each anchor.
 {markdown_table(("run", "detector", "events", "first step", "first message"),
                 false_alarms) if false_alarms else "None."}
 
-## The study
-
-{study_text}"""
+{chr(10).join(study_texts) if studies else "No study was scored."}"""
     out.mkdir(parents=True, exist_ok=True)
     (out / "README.md").write_text(text, encoding="utf-8")
     write_csv(out / "table.csv", scores)
 
 
-def main() -> None:
+def model_overrides(pairs: Sequence[str]) -> list[tuple[str, Any]]:
+    """`KEY=VALUE` pairs, each value a Python literal (64, 1e-2, None) or else a string."""
+    overrides = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            overrides.append((key, ast.literal_eval(value)))
+        except (ValueError, SyntaxError):
+            overrides.append((key, value))
+    return overrides
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[int], CorpusSpec]:
+    """(arguments, seeds, corpus spec); exits with a usage error on bad input, before any
+    training."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13, 14, 15, 16, 17, 18, 19])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--data", nargs="+", default=[], metavar="FILE",
+                        help="train the corpus on these text files (default: the embedded corpus)")
+    parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides of the tiny preset, e.g. d_model=64 n_heads=4 seq_len=64")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/detection"))
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished run folders in the cache instead of retraining")
-    parser.add_argument("--study", type=Path, default=Path("reports/flt-stability/runs"),
-                        help="a suite's run store to replay and score too (skipped if absent)")
+    parser.add_argument("--study", type=Path, nargs="*", default=list(STUDIES),
+                        help="suites' run stores to replay and score too (each skipped if absent; "
+                             "none given: no study)")
     parser.add_argument("--out", type=Path, default=Path("reports/detection"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if min(args.seeds) < HELD_OUT_FROM_SEED:
         parser.error(f"only seeds >= {HELD_OUT_FROM_SEED} are scored: seed 0 set the thresholds "
                      f"and seeds 1-10 scored earlier versions of the detectors")
     seeds = sorted(set(args.seeds))
+    try:
+        spec = CorpusSpec(args.steps, tuple(args.data), tuple(model_overrides(args.model)))
+        for setting in SETTINGS:
+            spec.model_config(setting)
+    except (TypeError, ValueError) as err:
+        parser.error(f"--model: {err}")
+    missing = [path for path in args.data if not Path(path).is_file()]
+    if missing:
+        parser.error(f"--data: no such file: {', '.join(missing)}")
+    return args, seeds, spec
+
+
+def main() -> None:
+    args, seeds, spec = parse_args()
     command = shlex.join(["python", "benchmarks/detection.py", *sys.argv[1:]])
 
     start = time.perf_counter()
     args.cache.mkdir(parents=True, exist_ok=True)
-    train_seconds = build_corpus(seeds, args.steps, args.cache, args.reuse, args.workers)
+    train_seconds = build_corpus(seeds, spec, args.cache, args.reuse, args.workers)
     runs = score_corpus(seeds, args.cache)
     scores = score_all(runs)
-    study = None
-    if (args.study / SUITE_FILE).is_file():
-        study_runs, healthy_loss = score_study(args.study)
-        study = (args.study, study_runs, healthy_loss)
+    studies = [(path, *score_study(path)) for path in args.study if (path / SUITE_FILE).is_file()]
     total_seconds = time.perf_counter() - start
 
     print()
     print(text_table(VERDICT_COLUMNS, verdict_rows("corpus", [score_verdicts(runs, m) for m in MODES])
-                     + (verdict_rows("study", [score_verdicts(study[1], m) for m in MODES])
-                        if study else [])))
+                     + [row for path, study_runs, _ in studies for row in verdict_rows(
+                         study_name(path), [score_verdicts(study_runs, m) for m in MODES])]))
     print()
     print(text_table(COLUMNS, table_rows(scores)))
     print()
@@ -916,7 +998,7 @@ def main() -> None:
         print(f"\ncorpus trained in {train_seconds:.0f} s; total {total_seconds:.0f} s")
     reference_config = args.cache / run_name(SETTINGS[0], seeds[0]) / "config.json"
     write_report(args.out, runs, scores, seeds, args.steps, command, train_seconds,
-                 total_seconds, json.loads(reference_config.read_text(encoding="utf-8")), study)
+                 total_seconds, json.loads(reference_config.read_text(encoding="utf-8")), studies)
     print(f"wrote {args.out / 'README.md'} and {args.out / 'table.csv'}")
 
 

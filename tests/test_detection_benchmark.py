@@ -52,7 +52,8 @@ def scored_run(bench, name, kind, onset, alarm_steps, detector="collapse_plateau
               "signal": None, "mechanism": None}
     return bench.ScoredRun(
         name=name, group="g", expected="–", seed=1, label=bench.Label(kind, onset), steps=steps,
-        final_smoothed_loss=2.0, early_smoothed_loss=early_loss, warmup_resid_growth=1.0,
+        first_step=1,
+        final_smoothed_loss=2.0, early_smoothed_loss=early_loss,
         alarms=tuple({"step": s, "detector": detector, "severity": "warn", "message": ""}
                      for s in alarm_steps),
         verdicts={mode: judged for mode in bench.MODES})
@@ -161,3 +162,58 @@ def test_a_ramp_setting_raises_the_learning_rate_over_the_whole_run(bench):
     assert multipliers[STEPS // 2] == pytest.approx(0.5, abs=0.01)
     plain = next(setting for setting in bench.SETTINGS if not setting.lr_ramp)
     assert lr_multiplier(0, TrainConfig(**plain.train_config(STEPS))) == 1.0
+
+
+def test_model_overrides_parse_literals_and_refuse_malformed_pairs(bench):
+    assert bench.model_overrides(["d_model=64", "logit_softcap=None", "loss_on=last"]) == [
+        ("d_model", 64), ("logit_softcap", None), ("loss_on", "last")]
+    for bad in ("d_model", "=64"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            bench.model_overrides([bad])
+
+
+def test_a_cached_run_of_other_data_or_size_is_not_reused(bench, tmp_path):
+    import json
+
+    setting = bench.SETTINGS[0]
+    tiny = bench.CorpusSpec(300)
+    config = {"train": {"steps": 300}, "data": {"source": "cpython-docs"},
+              "model": tiny.model_config(setting)}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert not bench.is_finished(tmp_path, setting, tiny)  # no summary: it did not finish
+    (tmp_path / "summary.json").write_text("{}")
+    assert bench.is_finished(tmp_path, setting, tiny)
+    assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(200))
+    assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(300, model=(("d_model", 64),)))
+    assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(300, data=("notes.txt",)))
+
+
+def test_steps_are_training_steps_when_only_every_nth_is_logged(bench):
+    every_20th = [{"step": 20 * i, "loss": float(loss)} for i, loss in
+                  enumerate(np.linspace(5.0, 2.0, 150), 1)]  # steps 20..3000
+    run = bench.judged_run("sparse", "g", "–", 1, every_20th, bench.Label("healthy", None), None)
+    assert (run.first_step, run.steps) == (20, 3000)
+    # the early loss is read at 15 % of the 3,000 steps (step 440), not of the 150 records
+    smoothed = bench.smoothed_losses([r["loss"] for r in every_20th])
+    assert run.early_smoothed_loss == smoothed[21]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "d_model=30", "n_heads=4"], "--model: ModelConfig.d_model (30) must be divisible"),
+    (["--model", "depth=3"], "--model: ModelConfig.__init__() got an unexpected keyword"),
+    (["--data", "no-such-notes.txt"], "--data: no such file: no-such-notes.txt"),
+    (["--seeds", "3"], "only seeds >= 11 are scored"),
+])
+def test_bad_arguments_are_refused_with_a_usage_error(bench, args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_arguments_make_the_corpus_spec(bench, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("some text")
+    _, seeds, spec = bench.parse_args(["--seeds", "13", "11", "13", "--data", str(notes),
+                                       "--model", "d_model=64", "n_heads=4"])
+    assert seeds == [11, 13]
+    assert spec == bench.CorpusSpec(300, (str(notes),), (("d_model", 64), ("n_heads", 4)))
