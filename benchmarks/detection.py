@@ -1,6 +1,6 @@
 """Detection quality: do loopdiag's verdicts match what happened, and do its detectors warn
 before a looped model visibly fails while staying quiet on runs that train well? Scored on
-fresh seeds and on a stored study, side by side with the loss-spike rules of four widely
+fresh seeds and on stored studies, side by side with the loss-spike rules of four widely
 used training stacks (`anchor_detectors`), replayed over the same records.
 
     python benchmarks/detection.py [--seeds 11 12 13 14 15 16 17 18 19] [--steps 300]
@@ -355,8 +355,6 @@ class ScoredRun:
     # At the last record within EARLY_FRACTION of the steps: where a run that never trains
     # must have been warned.
     early_smoothed_loss: float
-    # Last-loop residual norm at the end of residual_explosion's warm-up over its value at
-    # step 1: how much of an explosion happens before that detector may judge.
     alarms: tuple[dict[str, Any], ...]  # replayed warn/critical events (no reference), in step order
     verdicts: Mapping[str, Mapping[str, Any]]  # by mode
 
@@ -529,8 +527,7 @@ def score_all(runs: Sequence[ScoredRun]) -> list[Score]:
 STUDY_REFERENCE = ("standard", 1, 3e-3)  # the healthy one-loop model: arch, K, lr
 # The reference study (the thresholds' in-sample set, see "Held-out seeds") and a study on
 # other data and length that no threshold was set or changed on.
-STUDIES = {Path("reports/flt-stability/runs"): "the FLT stability study",
-           Path("reports/loops-compute/runs"): "the loops-compute study"}
+STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"))
 
 
 def study_name(path: Path) -> str:
@@ -796,7 +793,7 @@ def data_text(config: Mapping[str, Any]) -> str:
 
 def study_section(path: Path, runs: Sequence[ScoredRun], healthy_loss: float,
                   scores: Sequence[Score]) -> str:
-    config = json.loads(next(path.glob(f"{runs[0].name}/config.json")).read_text(encoding="utf-8"))
+    config = json.loads((path / runs[0].name / "config.json").read_text(encoding="utf-8"))
     model, log_every = config["model"], config["probes"]["log_every"]
     kinds = Counter(run.label.kind for run in runs)
     misses = miss_lines(runs)
@@ -810,7 +807,7 @@ def study_section(path: Path, runs: Sequence[ScoredRun], healthy_loss: float,
 
 {len(runs)} runs of `{path}` replayed from their records: {data_text(config)}, d_model
 {model["d_model"]}, {model["n_layers"]} layers per loop, {config["train"]["steps"]} steps,
-{"every step" if log_every == 1 else f"every {log_every}th step"} logged. The healthy
+{"every step logged" if log_every == 1 else f"a record every {log_every} steps"}. The healthy
 one-loop model (`{arch}`, K={n_loops}, lr {lr:g}) ends at a median smoothed loss of
 {healthy_loss:.3f}; {sum(r.label.collapsed for r in runs)} runs are labelled failed
 ({kinds['rose']} rose, {kinds['failed to train']} failed to train).

@@ -1,5 +1,6 @@
 """The detection benchmark's labelling and scoring, on synthetic records (no training)."""
 
+import json
 import math
 
 import numpy as np
@@ -173,8 +174,6 @@ def test_model_overrides_parse_literals_and_refuse_malformed_pairs(bench):
 
 
 def test_a_cached_run_of_other_data_or_size_is_not_reused(bench, tmp_path):
-    import json
-
     setting = bench.SETTINGS[0]
     tiny = bench.CorpusSpec(300)
     config = {"train": {"steps": 300}, "data": {"source": "cpython-docs"},
