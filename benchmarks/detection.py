@@ -26,9 +26,13 @@ records, non-finite losses left out of it.
   non-looped model, lr 3e-3, grad clip 1) trained with the same seed, hence on the same
   batches, compared at the same step; onset: the first step from which the run stays
   ≥ 10 % above it (or non-finite) to the end. A study: the reference is the healthy one-loop
-  model, the median final smoothed loss of its `standard` K=1 runs at lr 3e-3; onset: the
-  first step from which the run's smoothed loss stays ≥ 10 % above that number. This is
-  the FLT paper's collapse, a model that never learns, which has no best to rise from.
+  model of the same seed, the final smoothed loss of its `standard` K=1 run at lr 3e-3
+  (the median if several); onset: the first step from which the run's smoothed loss stays
+  ≥ 10 % above that number. This is the FLT paper's collapse, a model that never learns,
+  which has no best to rise from. (Until the loops-compute study's third seed the study
+  reference was the median over all seeds. That seed's one-loop model ended at 0.845
+  against 1.238 and 1.427, and the median labelled the seed-1 one-loop runs themselves
+  failed. On the FLT stability study both give the same 384 labels.)
 - "healthy": neither. Both other labels are failures.
 
 Held-out seeds: the corpus is scored on seeds ≥ 11 only. Seed 0 set the thresholds of the
@@ -547,10 +551,11 @@ def study_label(records: Sequence[Mapping[str, Any]], healthy_loss: float) -> La
     return Label("healthy", None) if onset is None else Label("failed to train", onset)
 
 
-def score_study(study: Path) -> tuple[list[ScoredRun], float]:
-    """Every finished run of the study replayed; (runs, the healthy one-loop loss). Each
-    run's expected loss is `loopdiag.store.reference`'s: the lowest final smoothed loss of
-    the other one-loop runs of its architecture and seed."""
+def score_study(study: Path) -> tuple[list[ScoredRun], dict[int, float]]:
+    """Every finished run of the study whose seed has a healthy one-loop run, replayed;
+    (runs, the healthy one-loop loss by seed). Each run's expected loss is
+    `loopdiag.store.reference`'s: the lowest final smoothed loss of the other one-loop runs
+    of its architecture and seed."""
     manifest = json.loads((study / SUITE_FILE).read_text(encoding="utf-8"))
     cells = {entry["run_id"]: entry["cell"] for entry in manifest["runs"]}
     finished = {run_id: read_records(study / run_id) for run_id in cells
@@ -558,12 +563,14 @@ def score_study(study: Path) -> tuple[list[ScoredRun], float]:
     finished = {run_id: records for run_id, records in finished.items() if records}
     finals = {run_id: final_smoothed(records) for run_id, records in finished.items()}
     arch, n_loops, lr = STUDY_REFERENCE
-    healthy = [finals[run_id] for run_id in finished
-               if (cells[run_id]["arch"], cells[run_id]["n_loops"]) == (arch, n_loops)
-               and math.isclose(cells[run_id]["lr"], lr)]
-    if not healthy:
+    by_seed: dict[int, list[float]] = {}
+    for run_id in finished:
+        cell = cells[run_id]
+        if (cell["arch"], cell["n_loops"]) == (arch, n_loops) and math.isclose(cell["lr"], lr):
+            by_seed.setdefault(cell["seed"], []).append(finals[run_id])
+    if not by_seed:
         raise ValueError(f"{study} has no {arch} K={n_loops} lr {lr:g} run to label against")
-    healthy_loss = statistics.median(healthy)
+    healthy = {seed: statistics.median(losses) for seed, losses in sorted(by_seed.items())}
 
     def reference(run_id: str) -> float | None:
         cell = cells[run_id]
@@ -573,9 +580,9 @@ def score_study(study: Path) -> tuple[list[ScoredRun], float]:
         return min(losses) if losses else None
 
     runs = [judged_run(run_id, cells[run_id]["arch"], "–", cells[run_id]["seed"], records,
-                       study_label(records, healthy_loss), reference(run_id))
-            for run_id, records in finished.items()]
-    return runs, healthy_loss
+                       study_label(records, healthy[cells[run_id]["seed"]]), reference(run_id))
+            for run_id, records in finished.items() if cells[run_id]["seed"] in healthy]
+    return runs, healthy
 
 
 # --- output ----------------------------------------------------------------------------
@@ -791,7 +798,7 @@ def data_text(config: Mapping[str, Any]) -> str:
     return f"text `{data['source']}` ({data['n_bytes']:,} bytes, sha256 {data['sha256'][:12]}…)"
 
 
-def study_section(path: Path, runs: Sequence[ScoredRun], healthy_loss: float,
+def study_section(path: Path, runs: Sequence[ScoredRun], healthy: Mapping[int, float],
                   scores: Sequence[Score]) -> str:
     config = json.loads((path / runs[0].name / "config.json").read_text(encoding="utf-8"))
     model, log_every = config["model"], config["probes"]["log_every"]
@@ -808,8 +815,9 @@ def study_section(path: Path, runs: Sequence[ScoredRun], healthy_loss: float,
 {len(runs)} runs of `{path}` replayed from their records: {data_text(config)}, d_model
 {model["d_model"]}, {model["n_layers"]} layers per loop, {config["train"]["steps"]} steps,
 {"every step logged" if log_every == 1 else f"a record every {log_every} steps"}. The healthy
-one-loop model (`{arch}`, K={n_loops}, lr {lr:g}) ends at a median smoothed loss of
-{healthy_loss:.3f}; {sum(r.label.collapsed for r in runs)} runs are labelled failed
+one-loop model (`{arch}`, K={n_loops}, lr {lr:g}) ends at a smoothed loss of
+{", ".join(f"{loss:.3f} (seed {seed})" for seed, loss in healthy.items())};
+{sum(r.label.collapsed for r in runs)} runs are labelled failed
 ({kinds['rose']} rose, {kinds['failed to train']} failed to train).
 
 {markdown_table(("architecture", "runs", "labels (from the loss)", "verdicts (with reference)"),
@@ -828,7 +836,7 @@ one-loop model (`{arch}`, K={n_loops}, lr {lr:g}) ends at a median smoothed loss
 def write_report(out: Path, runs: Sequence[ScoredRun], scores: Sequence[Score],
                  seeds: Sequence[int], steps: int, command: str, train_seconds: float | None,
                  total_seconds: float, run_config: Mapping[str, Any],
-                 studies: Sequence[tuple[Path, list[ScoredRun], float]]) -> None:
+                 studies: Sequence[tuple[Path, list[ScoredRun], Mapping[int, float]]]) -> None:
     """`run_config`: one run's stored config, for the settings all runs share."""
     model, train = run_config["model"], run_config["train"]
     collapses = [run for run in runs if run.label.collapsed]
@@ -839,12 +847,12 @@ def write_report(out: Path, runs: Sequence[ScoredRun], scores: Sequence[Score],
     verdict_table_rows = verdict_rows("corpus", corpus_verdicts)
     targets = [*verdict_target_lines("corpus", corpus_verdicts), *target_lines("corpus", scores)]
     study_texts = []
-    for path, study_runs, healthy_loss in studies:
+    for path, study_runs, healthy in studies:
         name, study_scores = study_name(path), score_all(study_runs)
         study_verdicts = [score_verdicts(study_runs, mode) for mode in MODES]
         verdict_table_rows += verdict_rows(name, study_verdicts)
         targets += [*verdict_target_lines(name, study_verdicts), *target_lines(name, study_scores)]
-        study_texts.append(study_section(path, study_runs, healthy_loss, study_scores))
+        study_texts.append(study_section(path, study_runs, healthy, study_scores))
     misses = miss_lines(runs)
     false_alarms = false_alarm_rows(runs)
     text = f"""# Detection quality of loopdiag's collapse detectors and verdicts

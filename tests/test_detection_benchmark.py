@@ -216,3 +216,34 @@ def test_arguments_make_the_corpus_spec(bench, tmp_path):
                                        "--model", "d_model=64", "n_heads=4"])
     assert seeds == [11, 13]
     assert spec == bench.CorpusSpec(300, (str(notes),), (("d_model", 64), ("n_heads", 4)))
+
+
+def write_study(root, finals_by_run):
+    """A suite's run store of loss-only runs, each falling to its final loss."""
+    runs = []
+    for run_id, (arch, n_loops, seed, final) in finals_by_run.items():
+        run_dir = root / run_id
+        run_dir.mkdir(parents=True)
+        losses = final + 3.0 * np.exp(-np.arange(STEPS) / 20)
+        (run_dir / "config.json").write_text(json.dumps({}))
+        (run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps(r) + "\n" for r in records(losses)))
+        (run_dir / "summary.json").write_text(json.dumps({"status": "stable"}))
+        runs.append({"run_id": run_id, "cell": {"arch": arch, "n_loops": n_loops, "seed": seed,
+                                                "lr": 3e-3}})
+    (root / "suite.json").write_text(json.dumps({"name": "s", "runs": runs}))
+
+
+def test_study_runs_are_labelled_against_the_one_loop_model_of_their_seed(bench, tmp_path):
+    # seed 1's one-loop model ends far below seed 0's: a cross-seed median would call seed
+    # 0's runs, its one-loop model included, failed
+    write_study(tmp_path, {"standard-k01-s0": ("standard", 1, 0, 1.4),
+                           "looped-k04-s0": ("looped", 4, 0, 1.45),
+                           "standard-k01-s1": ("standard", 1, 1, 0.8),
+                           "looped-k04-s1": ("looped", 4, 1, 1.45),
+                           "looped-k04-s2": ("looped", 4, 2, 1.0)})  # no reference: left out
+    runs, healthy = bench.score_study(tmp_path)
+    assert healthy == pytest.approx({0: 1.4, 1: 0.8}, abs=1e-3)
+    labels = {run.name: run.label.kind for run in runs}
+    assert labels == {"standard-k01-s0": "healthy", "looped-k04-s0": "healthy",
+                      "standard-k01-s1": "healthy", "looped-k04-s1": "failed to train"}
