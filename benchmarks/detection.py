@@ -579,6 +579,10 @@ def score_study(study: Path) -> tuple[list[ScoredRun], dict[int, float]]:
                   and (cells[other]["arch"], cells[other]["seed"]) == (cell["arch"], cell["seed"])]
         return min(losses) if losses else None
 
+    unlabelled = sorted({cells[run_id]["seed"] for run_id in finished} - healthy.keys())
+    if unlabelled:
+        print(f"{study}: the runs of seed(s) {', '.join(map(str, unlabelled))} are left out: "
+              f"no finished {arch} K={n_loops} lr {lr:g} run of their seed to label against")
     runs = [judged_run(run_id, cells[run_id]["arch"], "–", cells[run_id]["seed"], records,
                        study_label(records, healthy[cells[run_id]["seed"]]), reference(run_id))
             for run_id, records in finished.items() if cells[run_id]["seed"] in healthy]

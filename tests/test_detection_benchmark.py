@@ -234,7 +234,7 @@ def write_study(root, finals_by_run):
     (root / "suite.json").write_text(json.dumps({"name": "s", "runs": runs}))
 
 
-def test_study_runs_are_labelled_against_the_one_loop_model_of_their_seed(bench, tmp_path):
+def test_study_runs_are_labelled_against_the_one_loop_model_of_their_seed(bench, tmp_path, capsys):
     # seed 1's one-loop model ends far below seed 0's: a cross-seed median would call seed
     # 0's runs, its one-loop model included, failed
     write_study(tmp_path, {"standard-k01-s0": ("standard", 1, 0, 1.4),
@@ -247,3 +247,4 @@ def test_study_runs_are_labelled_against_the_one_loop_model_of_their_seed(bench,
     labels = {run.name: run.label.kind for run in runs}
     assert labels == {"standard-k01-s0": "healthy", "looped-k04-s0": "healthy",
                       "standard-k01-s1": "healthy", "looped-k04-s1": "failed to train"}
+    assert "the runs of seed(s) 2 are left out" in capsys.readouterr().out
