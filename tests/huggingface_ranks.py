@@ -55,6 +55,10 @@ def main(out: Path, devices: int) -> None:
     logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
     (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(
         json.dumps({"records": callback.recorder.records, "trainer_grad_norms": logged}))
+    # the Trainer leaves its process group up; left to interpreter exit, gloo's threads can
+    # abort the rank (SIGABRT, "terminate called without an active exception")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ def main(out: Path, devices: int) -> None:
                          enable_model_summary=False, use_distributed_sampler=False)
     trainer.fit(ShardedLooped(), DataLoader(data, batch_size=BATCH // devices, sampler=sampler))
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(callback.recorder.records))
+    # the Trainer leaves its process group up; left to interpreter exit, gloo's threads can
+    # abort the rank (SIGABRT, "terminate called without an active exception")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
