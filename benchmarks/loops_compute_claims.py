@@ -25,6 +25,7 @@ from loopdiag.analysis.depth import (
     USEFUL_GAIN,
     depth_accuracy,
     depth_rows,
+    matched_seeds,
     loop_states,
     useful_loops,
 )
@@ -55,7 +56,9 @@ DEFINITIONS = [
     "A shard (some of the suite's runs) is judged on the runs found, and a rule never reads "
     "absence as failure: (a) judges an architecture only with runs at K = 1 and at a K ≥ the "
     "deepest hop count, and contradicts only if at least 3 are judged; (b) says flt FAILS "
-    "a depth only if flt was trained at a K ≥ the baselines' min_K for it.",
+    "a depth only if flt was trained at a K ≥ the baselines' min_K for it. Its means over seeds "
+    "take, per architecture, only the seeds trained at every K it was trained at (those left "
+    "out are named), so that they compare loop counts rather than seeds.",
 ]
 RULES = {
     "a": ("A looped model with enough loops solves depths that fewer loops cannot",
@@ -96,12 +99,15 @@ def verdict_of(supported: bool, contradicted: bool) -> str:
     return SUPPORTED if supported else CONTRADICTED if contradicted else CANNOT_TELL
 
 
-def read_accuracy(suite: SuiteData) -> pd.DataFrame:
+def read_accuracy(suite: SuiteData) -> tuple[pd.DataFrame, list[str]]:
+    """acc over the seeds each architecture was trained with at every K, and a line per set
+    of seeds left out (`matched_seeds`)."""
     files = [run.run_dir / LOOP_SCALING_FILE for run in suite.runs.values()]
     frames = [pd.read_csv(f) for f in files if f.is_file()]
     if not frames:
-        return pd.DataFrame(columns=["arch", "train_loops", "hops", "eval_loops", "accuracy"])
-    return depth_accuracy(depth_rows(pd.concat(frames, ignore_index=True)))
+        return pd.DataFrame(columns=["arch", "train_loops", "hops", "eval_loops", "accuracy"]), []
+    matched, left_out = matched_seeds(depth_rows(pd.concat(frames, ignore_index=True)))
+    return depth_accuracy(matched), left_out
 
 
 def acc(accuracy: pd.DataFrame, arch: str, k: int, hops: int, eval_loops: int | None = None
@@ -234,7 +240,7 @@ def judge_d(accuracy: pd.DataFrame, idle: dict[tuple[str, int], int | None],
 
 def judge_claims(suite: SuiteData) -> tuple[dict[str, Judgement], str]:
     table = suite_table(suite)
-    accuracy = read_accuracy(suite)
+    accuracy, left_out = read_accuracy(suite)
     hops = sorted(accuracy["hops"].unique().tolist())
     states = loop_states(suite, table)
     idle, stable = states.idle, states.stable
@@ -244,6 +250,7 @@ def judge_claims(suite: SuiteData) -> tuple[dict[str, Judgement], str]:
               f"{sum(one_hop) / len(one_hop):.2f}" if one_hop else
               "Precondition: no one-loop looped model was evaluated")
     status += " (met)." if precondition else f" (not met: < {SOLVES}); every claim is cannot tell."
+    status += "".join(f" {line}" for line in left_out)
     judgements = {"a": judge_a(accuracy, hops), "b": judge_b(accuracy, hops, idle),
                   "c": judge_c(accuracy, hops), "d": judge_d(accuracy, idle, stable)}
     if not precondition:

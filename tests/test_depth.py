@@ -9,6 +9,7 @@ from loopdiag.analysis.depth import (
     depth_findings,
     depth_rows,
     idle_from,
+    matched_seeds,
     useful_loops,
 )
 
@@ -53,6 +54,25 @@ def test_useful_loops_is_where_accuracy_stops_improving():
     assert useful_loops(accuracy, "flt", 12) is None  # never trained at 12
     control = depth_accuracy(depth_rows(scaling_rows("standard", 8, deepening).query("eval_loops == 8")))
     assert useful_loops(control, "standard", 8) is None  # run at its own depth only
+
+
+def test_accuracy_means_take_only_the_seeds_trained_at_every_k():
+    strong = lambda hops, k: 1.0  # noqa: E731 (a seed that solves everything)
+    rows = depth_rows(pd.concat([scaling_rows("looped", 1, deepening),
+                                 scaling_rows("looped", 1, strong, seeds=(2,)),  # under way
+                                 scaling_rows("looped", 4, deepening),
+                                 scaling_rows("flt", 1, settled, seeds=(0,)),
+                                 scaling_rows("flt", 4, settled, seeds=(1,))]))
+    matched, left_out = matched_seeds(rows)
+    assert set(matched.loc[matched["arch"] == "looped", "seed"]) == {0, 1}
+    accuracy = depth_accuracy(matched)
+    one_loop = accuracy.query("arch == 'looped' and train_loops == 1 and eval_loops == 1")
+    assert one_loop.set_index("hops")["accuracy"].to_dict() == {1: 1.0, 2: 0.1, 4: 0.1}
+    assert left_out == ["Seed 2 of looped left out of the accuracy means: not yet trained at K = 4.",
+                        "flt: no seed trained at every K, so its accuracy means mix seeds."]
+    assert set(matched.loc[matched["arch"] == "flt", "seed"]) == {0, 1}
+    whole = depth_rows(scaling_rows("looped", 4, deepening))
+    assert matched_seeds(whole)[0].equals(whole) and matched_seeds(whole)[1] == []
 
 
 def test_idle_from_reads_the_end_of_training():

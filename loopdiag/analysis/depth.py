@@ -44,6 +44,34 @@ def depth_rows(loop_scaling: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
+def matched_seeds(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """`rows` (from `depth_rows`) cut, per architecture, to the seeds it was trained with at
+    every loop count it was trained at, and a line per set of seeds left out. A mean over
+    seeds then compares loop counts, not seeds: a suite trained part of the way (a shard,
+    a study under way) would otherwise average K = 1 over three seeds and K = 12 over
+    two. An architecture no seed has whole keeps all its seeds, and its line says so."""
+    if "seed" not in rows.columns or rows.empty:
+        return rows, []
+    kept, missing_by_seed, mixed = [], {}, []
+    for arch, runs in rows.groupby("arch", sort=False):
+        every_k = set(runs["train_loops"])
+        trained = runs.groupby("seed")["train_loops"].agg(set)
+        whole = [seed for seed, ks in trained.items() if ks == every_k]
+        if not whole:
+            mixed.append(arch)
+            kept.append(runs)
+            continue
+        kept.append(runs[runs["seed"].isin(whole)])
+        for seed, ks in trained.items():
+            if ks != every_k:
+                missing = ", ".join(str(k) for k in sorted(every_k - ks))
+                missing_by_seed.setdefault((seed, missing), []).append(str(arch))
+    lines = [f"Seed {seed} of {', '.join(archs)} left out of the accuracy means: not yet trained "
+             f"at K = {missing}." for (seed, missing), archs in missing_by_seed.items()]
+    lines += [f"{arch}: no seed trained at every K, so its accuracy means mix seeds." for arch in mixed]
+    return pd.concat(kept).sort_index(), lines
+
+
 def depth_accuracy(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean accuracy over seeds per (arch, train_loops, hops, eval_loops), from
     `depth_rows`."""

@@ -12,6 +12,7 @@ metric, value).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from loopdiag.analysis.depth import (
     depth_accuracy,
     depth_findings,
     depth_rows,
+    matched_seeds,
     loop_states,
 )
 from loopdiag.analysis.document import (
@@ -113,7 +115,8 @@ def _write_report(suite_dir: str | Path, out_dir: Path, command: str,
         Paragraph(_scope(table) + _missing(suite)),
         Heading("Findings"),
         Bullets(findings(table) + ([] if depth is None else
-                                   depth_findings(depth[0], depth[1].idle, depth[1].stable))),
+                                   depth_findings(depth.accuracy, depth.states.idle, depth.states.stable)
+                                   + depth.left_out)),
         Heading("Stability per cell"),
         Table(stability_summary(table)),
     ]
@@ -166,7 +169,7 @@ def _missing(suite: SuiteData) -> str:
 
 
 def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
-             loop_scaling: pd.DataFrame | None, depth: tuple[pd.DataFrame, LoopStates] | None,
+             loop_scaling: pd.DataFrame | None, depth: Depth | None,
              drawer: FigureDrawer) -> list[Block]:
     """Figures over every run, and per (arch, K) figures over the runs of one LR (`at_lr`),
     each given to `drawer` as soon as its data are read; returns their blocks. A figure
@@ -214,10 +217,10 @@ def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
         skipped.append("Test-time loop scaling: skipped, no run was evaluated at other loop "
                        "counts (`loopdiag eval`, or an [eval] table in the suite file).")
     if depth is not None:
-        accuracy, states = depth
+        accuracy, states = depth.accuracy, depth.states
         drawn.append((FigureJob("depth_accuracy", plots.plot_depth_accuracy, (accuracy,)),
                       "Accuracy per depth (hops) × trained loop count K, each model at its own "
-                      "K, mean over seeds."))
+                      "K, mean over the seeds trained at every K."))
         drawn.append((FigureJob("loop_usefulness", plots.plot_loop_usefulness,
                                 (states.updates, accuracy, IDLE_UPDATE)),
                       "Per architecture at its largest K: each loop's relative update at the end "
@@ -229,14 +232,23 @@ def _figures(suite: SuiteData, table: pd.DataFrame, at_lr: pd.DataFrame,
     return blocks
 
 
-def _depth(suite: SuiteData, table: pd.DataFrame, loop_scaling: pd.DataFrame | None
-           ) -> tuple[pd.DataFrame, LoopStates] | None:
-    """(depth accuracy, the cells' loop states) when the runs were evaluated per task
-    depth, else None."""
+@dataclass
+class Depth:
+    """Accuracy per task depth (mean over the seeds trained at every K, `matched_seeds`),
+    the cells' loop states, and a line per set of seeds the means leave out."""
+
+    accuracy: pd.DataFrame
+    states: LoopStates
+    left_out: list[str]
+
+
+def _depth(suite: SuiteData, table: pd.DataFrame, loop_scaling: pd.DataFrame | None) -> Depth | None:
+    """`Depth` when the runs were evaluated per task depth, else None."""
     rows = None if loop_scaling is None else depth_rows(loop_scaling)
     if rows is None or rows.empty:
         return None
-    return depth_accuracy(rows), loop_states(suite, table)
+    matched, left_out = matched_seeds(rows)
+    return Depth(depth_accuracy(matched), loop_states(suite, table), left_out)
 
 
 def _loss_frame(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:
