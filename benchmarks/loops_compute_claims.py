@@ -25,8 +25,8 @@ from loopdiag.analysis.depth import (
     USEFUL_GAIN,
     depth_accuracy,
     depth_rows,
-    matched_seeds,
     loop_states,
+    matched_seeds,
     useful_loops,
 )
 from loopdiag.analysis.document import Block, Bullets, Heading, Paragraph, Table, to_markdown

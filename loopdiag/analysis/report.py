@@ -26,8 +26,8 @@ from loopdiag.analysis.depth import (
     depth_accuracy,
     depth_findings,
     depth_rows,
-    matched_seeds,
     loop_states,
+    matched_seeds,
 )
 from loopdiag.analysis.document import (
     Block,
