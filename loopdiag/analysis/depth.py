@@ -167,8 +167,8 @@ def depth_findings(accuracy: pd.DataFrame, idle: dict[tuple[str, int], int | Non
         line += ("; every loop still moves the stream by ≥ 1 %" if idle_loop is None
                  else f"; loops {idle_loop}–{largest} move the stream by < 1 % each")
         if stable.get((arch, largest)) and useful is not None and useful < largest:
-            quiet = (f"loops {useful + 1}–{largest}" if useful + 1 < largest
-                     else f"loop {largest}")
-            line += f". It is stable, but {quiet} add no accuracy: its loops beyond {useful} do not compute"
+            quiet = (f"loops {useful + 1}–{largest} add" if useful + 1 < largest
+                     else f"loop {largest} adds")
+            line += f". It is stable, but {quiet} no accuracy: its loops beyond {useful} do not compute"
         lines.append(line + ".")
     return lines
