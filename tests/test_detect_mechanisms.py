@@ -87,6 +87,8 @@ def test_idle_loops_name_where_the_fixed_point_sets_in_after_the_early_phase():
     assert event.severity == "info" and event.evidence["dead_from_loop"] == 5
     assert event.step == 51  # the first record after its 50-record warm-up (held >= 20)
     assert event.message.startswith("Loops 5–12 move the stream by < 1% each")
+    only_last = [{**record, "rel_update": [float("nan"), *[0.3] * 10, 0.003]} for record in records]
+    assert replay(only_last, [IdleLoops()])[0].message.startswith("Loop 12 moves the stream by < 1% for")
     for record in records:
         record["rel_update"][-1] = 0.05  # the last loop still moves it: not idle
     assert replay(records, [IdleLoops()]) == []
@@ -115,6 +117,19 @@ def test_failed_to_train_is_judged_at_the_end_against_a_known_reference():
     # a run still well above its reference half-way, that ends within 10 % of it
     catching_up = [{"step": s, "loss": 2.45 + 3.0 * math.exp(-s / 30)} for s in range(1, 200)]
     assert replay(catching_up, [FailedToTrain(expected_loss=2.4)], finished=True) == []
+
+
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_failed_to_train_says_whether_the_loss_was_still_falling(vectorised):
+    """A slow learner cut off by the budget and a stuck run both end above the reference;
+    the verdict is the same, the advice is not."""
+    late = [{"step": s, "loss": 3.0 if s < 150 else 3.0 - 0.012 * (s - 150)} for s in range(1, 200)]
+    (event,) = replay(late, [FailedToTrain(expected_loss=2.0)], finished=True, vectorised=vectorised)
+    assert "still falling" in event.message and "more steps may reach it" in event.message
+    assert event.evidence["still_falling"] is True
+    stuck = [{"step": s, "loss": 3.0 + 0.01 * math.sin(s)} for s in range(1, 200)]
+    (event,) = replay(stuck, [FailedToTrain(expected_loss=2.0)], finished=True, vectorised=vectorised)
+    assert "still falling" not in event.message and event.evidence["still_falling"] is False
 
 
 def worse_than_at_start(steps: int = 260) -> list[dict]:

@@ -30,8 +30,10 @@ from loopdiag.detect.base import (
     UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, finite_scalar, require,
 )
 from loopdiag.detect.columns import RecordColumns, codes, expand
-from loopdiag.detect.symptoms import LossTrack, validate_expected_loss
+from loopdiag.detect.symptoms import MIN_PROGRESS, LossTrack, validate_expected_loss
 from loopdiag.detect.update import OVERSIZED_UPDATE
+
+LOSS_WINDOW = 20  # records over which the end judgement reads whether the loss still falls
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class FailedToTrain(Detector):
     config: FailedToTrainConfig
 
     def _reset_state(self) -> None:
-        self._loss = LossTrack()
+        self._loss = LossTrack(window=LOSS_WINDOW)
         self._first: list[float] = []
         self._recent: deque[float] = deque(maxlen=self.config.high_loss_window)
         self._records = 0
@@ -107,7 +109,7 @@ class FailedToTrain(Detector):
             {"high_losses": high, "loss_cap": cap, "thresholds": self._thresholds()})
 
     def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
-        self._loss = columns.loss_track_at(len(columns) - 1, window=20)  # what `finish` reads
+        self._loss = columns.loss_track_at(len(columns) - 1, window=LOSS_WINDOW)  # what `finish` reads
         ratio = columns.finite("update_ratio")
         if np.any(ratio >= self.config.oversized_update):
             largest = int(np.nanargmax(ratio))
@@ -134,11 +136,17 @@ class FailedToTrain(Detector):
             return self._oversized_end()
         if smoothed is None or smoothed < (1 + self.config.gap) * expected:
             return None
+        # A loss still falling at the end is a slow learner cut off by the budget, not a
+        # stuck one: the verdict stands (the run did not reach it), the advice differs.
+        fall = self._loss.progress()
+        falling = fall is not None and fall >= MIN_PROGRESS
+        still = (f" It was still falling ({100 * fall:.0f}% over its last {LOSS_WINDOW} "
+                 f"records): more steps may reach it." if falling else "")
         return Finding("critical", (
             f"The run ended with its smoothed loss at {smoothed:.4g}, "
             f"{100 * (smoothed / expected - 1):.0f}% above the {expected:.4g} this model "
-            f"should reach."),
-            {"smoothed_loss": smoothed, "expected_loss": expected,
+            f"should reach.{still}"),
+            {"smoothed_loss": smoothed, "expected_loss": expected, "still_falling": falling,
              "thresholds": self._thresholds()})
 
     def _oversized_end(self) -> Finding | None:

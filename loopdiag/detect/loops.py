@@ -42,13 +42,18 @@ IDLE_UPDATE = 0.01
 VANISHED_RATIO = 1e-6
 
 
+def loops_from(first: int, last: int, verb: str) -> str:
+    """'loops 3–12 change', or 'loop 12 changes' when only the last loop is meant."""
+    return f"loops {first}–{last} {verb}" if first < last else f"loop {last} {verb}s"
+
+
 def loop_story(record: Mapping[str, Any], since: int | None = None) -> list[str]:
     """Clauses that say what the loops of this record do, for an event's message."""
     clauses = []
     updates = loop_values(record, "rel_update")
     dead = dead_from(record, DEAD_UPDATE)
     if dead is not None and updates is not None:
-        clauses.append(f"loops {dead}–{len(updates)} change nothing (relative update "
+        clauses.append(f"{loops_from(dead, len(updates), 'change')} nothing (relative update "
                        f"< {DEAD_UPDATE:.0e})")
     collapsed = collapsed_from(record)
     corr = loop_values(record, "token_corr")
@@ -197,7 +202,7 @@ class DeadLoops(Detector):
 
     def _dead(self, updates: np.ndarray, first: int) -> Finding:
         loops = len(updates)
-        return Finding("info", f"Loops {first}–{loops} change nothing (relative update < "
+        return Finding("info", f"{loops_from(first, loops, 'change').capitalize()} nothing (relative update < "
                                f"{self.config.max_update:.0e}) for {self._streak} records: "
                                f"the recurrence past loop {first - 1} is ignored.",
                        {"dead_from_loop": first, "loops": loops, "records": self._streak,
@@ -241,8 +246,9 @@ class IdleLoops(DeadLoops):
     def _dead(self, updates: np.ndarray, first: int) -> Finding:
         finding = super()._dead(updates, first)
         first, loops = finding.evidence["dead_from_loop"], finding.evidence["loops"]
-        return Finding("info", f"Loops {first}–{loops} move the stream by < "
-                               f"{self.config.max_update:.0%} each for {self._streak} records "
+        each = " each" if first < loops else ""
+        return Finding("info", f"{loops_from(first, loops, 'move').capitalize()} the stream by < "
+                               f"{self.config.max_update:.0%}{each} for {self._streak} records "
                                f"(largest {finding.evidence['max_relative_update']:.2g}): the "
                                f"model may be stable because loops past {first - 1} repeat a "
                                f"fixed point; test-time loop scaling tells whether they add "
