@@ -387,3 +387,20 @@ def test_findings_name_a_model_its_loops_made_worse() -> None:
     lines = findings(pd.DataFrame(rows, columns=list(TABLE_COLUMNS)))
     (worse,) = [line for line in lines if line.startswith("Worse with 12 loops")]
     assert "looped (3.26 vs 2.4, +36%)" in worse and "flt (" not in worse  # flt: +8%, under 10%
+
+
+def test_findings_count_runs_that_failed_to_train_apart_from_collapses() -> None:
+    from loopdiag.analysis.findings import findings
+    from loopdiag.analysis.tables import TABLE_COLUMNS
+
+    runs = [("looped", 12, "collapsed", 300.0), ("flt", 12, "failed_to_train", 0.0),
+            ("standard", 12, "failed_to_train", 0.0), ("flt", 1, "stable", math.nan)]
+    rows = [{"run_id": f"{arch}-k{k}", "arch": arch, "n_loops": k, "lr": 3e-3, "seed": 0, "status": status,
+             "final_loss": 2.4, "oscillation": 0.01, "warning_lead": lead, "recomputed": False}
+            for arch, k, status, lead in runs]
+    lines = findings(pd.DataFrame(rows, columns=list(TABLE_COLUMNS)))
+    (line,) = [line for line in lines if "collapsed or diverged" in line]
+    assert line.startswith("1 run(s) collapsed or diverged (1 collapsed).")
+    assert "median of 300 steps" in line and "2 run(s) failed to train (judged at their end)." in line
+    none = findings(pd.DataFrame(rows[1:], columns=list(TABLE_COLUMNS)))
+    assert "No run collapsed or diverged. 2 run(s) failed to train (judged at their end)." in none

@@ -122,15 +122,18 @@ def _stable_lrs(table: pd.DataFrame, n_loops: int) -> str:
 
 def _warnings(table: pd.DataFrame) -> list[str]:
     failed = table[table["status"].isin(["collapsed", "diverged"])]
+    n_not_trained = int((table["status"] == "failed_to_train").sum())
+    # failed_to_train is judged at the end of a run, so it has no lead to report
+    not_trained = f" {n_not_trained} run(s) failed to train (judged at their end)." if n_not_trained else ""
     if failed.empty:
-        return ["No run collapsed or diverged."]
+        return ["No run collapsed or diverged." + not_trained]
     leads = failed["warning_lead"].dropna()
     counts = ", ".join(f"{n} {status}" for status, n in failed["status"].value_counts().items())
-    line = f"{len(failed)} run(s) failed ({counts})."
+    line = f"{len(failed)} run(s) collapsed or diverged ({counts})."
     if len(leads):
         line += (f" The first detector event came a median of {leads.median():.0f} steps before "
                  f"the verdict (range {leads.min():.0f} to {leads.max():.0f}, {len(leads)} runs).")
     silent = len(failed) - len(leads)
     if silent:
-        line += f" {silent} failed run(s) had no detector event before the verdict was recorded."
-    return [line]
+        line += f" {silent} of them had no detector event before the verdict was recorded."
+    return [line + not_trained]
