@@ -1,12 +1,13 @@
 """Judge the loops-compute study's claims from its run store: do the loops compute?
 
     python benchmarks/loops_compute_claims.py [--suite reports/loops-compute/runs]
-        [--out reports/loops-compute/claims.md]
+        [--out reports/loops-compute/claims.md] [--corpus reports/flt-stability/runs]
 
 The rules (`RULES`) were written and committed before the study's runs; each claim gets
 "supported", "contradicted" or "cannot tell", with the numbers that decided and every cell
 the rule reads. Accuracy is the mean over seeds of the per-depth exact-match accuracy
-(`accuracy_<h>hop` loop-scaling rows) on held-out examples.
+(`accuracy_<h>hop` loop-scaling rows) on held-out examples. `--corpus` adds the corpus
+control: the same question on text, read from a corpus study's store (evidence, not a claim).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from loopdiag.analysis.depth import (
@@ -37,6 +39,7 @@ from loopdiag.store import RunStoreWarning, SuiteData, load_suite
 SOLVES = 0.8  # mean accuracy at which a model solves a depth
 FAILS = 0.5  # ... and below which it does not (between the two: neither)
 HOLDS = 0.05  # accuracy change at K' > K within which a model holds its accuracy
+CORPUS_GAIN = 0.01  # on text, more loops that lower the validation loss by < 1 % buy nothing
 LOOPED = ("looped", "looped-inject", "flt-res", "flt-ai1", "flt")
 BASELINES = ("looped", "looped-inject")
 SUPPORTED, CONTRADICTED, CANNOT_TELL = "supported", "contradicted", "cannot tell"
@@ -99,14 +102,20 @@ def verdict_of(supported: bool, contradicted: bool) -> str:
     return SUPPORTED if supported else CONTRADICTED if contradicted else CANNOT_TELL
 
 
+def read_loop_scaling(suite: SuiteData) -> pd.DataFrame:
+    files = [run.run_dir / LOOP_SCALING_FILE for run in suite.runs.values()]
+    frames = [pd.read_csv(f) for f in files if f.is_file()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["arch", "train_loops", "eval_loops", "lr", "metric", "value"])
+
+
 def read_accuracy(suite: SuiteData) -> tuple[pd.DataFrame, list[str]]:
     """acc over the seeds each architecture was trained with at every K, and a line per set
     of seeds left out (`matched_seeds`)."""
-    files = [run.run_dir / LOOP_SCALING_FILE for run in suite.runs.values()]
-    frames = [pd.read_csv(f) for f in files if f.is_file()]
-    if not frames:
+    rows = read_loop_scaling(suite)
+    if rows.empty:
         return pd.DataFrame(columns=["arch", "train_loops", "hops", "eval_loops", "accuracy"]), []
-    matched, left_out = matched_seeds(depth_rows(pd.concat(frames, ignore_index=True)))
+    matched, left_out = matched_seeds(depth_rows(rows))
     return depth_accuracy(matched), left_out
 
 
@@ -259,7 +268,34 @@ def judge_claims(suite: SuiteData) -> tuple[dict[str, Judgement], str]:
     return judgements, status
 
 
-def claims_markdown(judgements: dict[str, Judgement], scale: str, status: str, command: str) -> str:
+def corpus_control(loop_scaling: pd.DataFrame, lr: float) -> list[Block]:
+    """The same question on text, from a corpus study's loop-scaling rows: validation loss at
+    K′ = K per architecture and trained K (mean over seeds, at `lr`), and the largest K whose
+    loss is ≥ `CORPUS_GAIN` below every smaller K's: past it, loops buy nothing on text."""
+    rows = loop_scaling[(loop_scaling["metric"] == "val_loss")
+                        & (loop_scaling["eval_loops"] == loop_scaling["train_loops"])
+                        & np.isclose(loop_scaling["lr"].astype(float), lr)]
+    if rows.empty:
+        return [Paragraph(f"The corpus store has no validation loss at K′ = K for lr {lr:g}.")]
+    loss = rows.groupby(["arch", "train_loops"])["value"].mean().unstack()
+    table = []
+    for arch, by_k in loss.iterrows():
+        by_k = by_k.dropna()
+        best, gains_to = by_k.iloc[0], by_k.index[0]
+        for k, value in by_k.iloc[1:].items():
+            if value <= best * (1 - CORPUS_GAIN):
+                gains_to = k
+            best = min(best, value)
+        table.append({"arch": arch, **{f"K={k}": f"{v:.3f}" for k, v in by_k.items()},
+                      "gains up to K": int(gains_to)})
+    return [Paragraph(f"Validation loss at K′ = K (mean over seeds, lr {lr:g}); \"gains up to "
+                      f"K\": the largest K whose loss is ≥ {CORPUS_GAIN:.0%} below every smaller "
+                      f"K's. Evidence beside the claims, not a claim: it was added after the runs."),
+            Table(pd.DataFrame(table).fillna("–"))]
+
+
+def claims_markdown(judgements: dict[str, Judgement], scale: str, status: str, command: str,
+                    corpus: list[Block] | None = None) -> str:
     blocks: list[Block] = [Heading("Do the loops compute? The loops-compute study's claims", 1),
                            Paragraph(scale), Paragraph(status),
                            Paragraph(f"Judged by `{command}`."),
@@ -269,6 +305,8 @@ def claims_markdown(judgements: dict[str, Judgement], scale: str, status: str, c
         blocks += [Heading(f"({key}) {claim}"), Paragraph(f"Rule (fixed before the runs): {rule}"),
                    Paragraph(f"**Verdict: {judgement.verdict}.** {judgement.reason}."),
                    *judgement.evidence]
+    if corpus:
+        blocks += [Heading("Corpus control: do the loops compute on text?"), *corpus]
     return to_markdown(blocks)
 
 
@@ -277,6 +315,11 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", type=Path, default=Path("reports/loops-compute/runs"))
     parser.add_argument("--out", type=Path, default=Path("reports/loops-compute/claims.md"))
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="a corpus study's run store, for the corpus control "
+                             "(e.g. reports/flt-stability/runs)")
+    parser.add_argument("--corpus-lr", type=float, default=3e-3,
+                        help="the corpus runs' learning rate to read (the study's is 3e-3)")
     args = parser.parse_args()
     try:
         with warnings.catch_warnings():  # a shard: runs not trained yet are counted, not fatal
@@ -288,12 +331,18 @@ def main() -> None:
     scale = (f"Runs found: {len(suite.runs)} of the {planned} the suite plans"
              + (" (a shard: claims read only the runs found)." if len(suite.runs) < planned else "."))
     judgements, status = judge_claims(suite)
+    corpus = None
+    if args.corpus is not None:
+        try:
+            corpus = corpus_control(read_loop_scaling(load_suite(args.corpus)), args.corpus_lr)
+        except FileNotFoundError as error:
+            parser.error(str(error))
     command = shlex.join(["python", "benchmarks/loops_compute_claims.py", *sys.argv[1:]])
     print(scale, status)
     for key, judgement in judgements.items():
         print(f"({key}) {judgement.verdict}: {RULES[key][0]} — {judgement.reason}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(claims_markdown(judgements, scale, status, command), encoding="utf-8")
+    args.out.write_text(claims_markdown(judgements, scale, status, command, corpus), encoding="utf-8")
     print(f"wrote {args.out}")
 
 
