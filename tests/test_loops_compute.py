@@ -158,7 +158,7 @@ def test_the_corpus_control_reads_where_more_loops_stop_lowering_the_loss(claims
                           "metric": "val_loss", "value": loss + (0.5 if e != k or lr != 3e-3 else 0.0)}
                          for arch, by_k in losses.items() for k, loss in by_k.items()
                          for e in (k, 16) for lr in (3e-3, 1e-2) for seed in (0, 1)])
-    (note, table) = claims.corpus_control(rows, 3e-3)
+    (_, table) = claims.corpus_control(rows, 3e-3)
     frame = table.frame.set_index("arch")
     assert frame.loc["flt", "gains up to K"] == 2  # 2.19 at K = 4 is not 1 % below 2.19
     assert frame.loc["flt-res", "gains up to K"] == 4  # 2.04 at K = 12 is 0.5 % below 2.05

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from loopdiag.detect.loops import IDLE_UPDATE
+from loopdiag.detect.loops import IDLE_UPDATE, loops_from
 from loopdiag.store import SuiteData
 
 HOP_METRIC = re.compile(r"^accuracy_(\d+)hop$")  # see `hop_accuracy_metric`
@@ -165,10 +165,10 @@ def depth_findings(accuracy: pd.DataFrame, idle: dict[tuple[str, int], int | Non
         if useful is not None:
             line += f"; accuracy stops improving after loop {useful}"
         line += ("; every loop still moves the stream by ≥ 1 %" if idle_loop is None
-                 else f"; loops {idle_loop}–{largest} move the stream by < 1 % each")
+                 else f"; {loops_from(idle_loop, largest, 'move')} the stream by < 1 %"
+                      + (" each" if idle_loop < largest else ""))
         if stable.get((arch, largest)) and useful is not None and useful < largest:
-            quiet = (f"loops {useful + 1}–{largest} add" if useful + 1 < largest
-                     else f"loop {largest} adds")
-            line += f". It is stable, but {quiet} no accuracy: its loops beyond {useful} do not compute"
+            line += (f". It is stable, but {loops_from(useful + 1, largest, 'add')} no accuracy: "
+                     f"its loops beyond {useful} do not compute")
         lines.append(line + ".")
     return lines
