@@ -25,8 +25,7 @@ import pandas as pd
 from scipy import stats
 
 from loopdiag.analysis.document import Block, Bullets, Heading, Paragraph, Table, to_markdown
-from loopdiag.store._files import LOOP_SCALING_FILE
-from loopdiag.analysis.tables import suite_table
+from loopdiag.analysis.tables import loop_scaling_table, suite_table
 from loopdiag.store import RunStoreWarning, SuiteData, load_suite
 
 DEFAULT_LR = 3e-3  # the suites' default learning rate
@@ -335,12 +334,6 @@ def scale_text(spec: dict | None, table: pd.DataFrame) -> str:
             f"{planned} runs. {found}")
 
 
-def read_loop_scaling(suite: SuiteData) -> pd.DataFrame:
-    files = [run.run_dir / LOOP_SCALING_FILE for run in suite.runs.values()]
-    frames = [pd.read_csv(file) for file in files if file.is_file()]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
 def claims_markdown(judgements: dict[str, Judgement], judged: pd.DataFrame, scale: str, command: str) -> str:
     blocks: list[Block] = [Heading("The FLT paper's stability claims, judged at CPU scale", 1), Paragraph(scale),
                            Heading("Definitions"), Bullets(DEFINITIONS)]
@@ -365,12 +358,12 @@ def main() -> None:
         with warnings.catch_warnings():  # runs not started yet: the scale line counts what was found
             warnings.simplefilter("ignore", RunStoreWarning)
             suite = load_suite(args.suite)
-            task_scaling = None if task_dir is None else read_loop_scaling(load_suite(task_dir))
+            task_scaling = None if task_dir is None else loop_scaling_table(load_suite(task_dir))
     except FileNotFoundError as error:
         parser.error(str(error))
     table = suite_table(suite)
     judged = judge_runs(table)
-    judgements = judge_claims(judged, suite.events, read_loop_scaling(suite), task_scaling)
+    judgements = judge_claims(judged, suite.events, loop_scaling_table(suite), task_scaling)
     command = shlex.join(["python", "benchmarks/flt_claims.py", *sys.argv[1:]])
     scale = scale_text(suite.spec, table)
     print(scale)

@@ -32,8 +32,7 @@ from loopdiag.analysis.depth import (
     useful_loops,
 )
 from loopdiag.analysis.document import Block, Bullets, Heading, Paragraph, Table, to_markdown
-from loopdiag.analysis.report import LOOP_SCALING_FILE
-from loopdiag.analysis.tables import suite_table
+from loopdiag.analysis.tables import loop_scaling_table, suite_table
 from loopdiag.store import RunStoreWarning, SuiteData, load_suite
 
 SOLVES = 0.8  # mean accuracy at which a model solves a depth
@@ -104,17 +103,10 @@ def verdict_of(supported: bool, contradicted: bool) -> str:
     return SUPPORTED if supported else CONTRADICTED if contradicted else CANNOT_TELL
 
 
-def read_loop_scaling(suite: SuiteData) -> pd.DataFrame:
-    files = [run.run_dir / LOOP_SCALING_FILE for run in suite.runs.values()]
-    frames = [pd.read_csv(f) for f in files if f.is_file()]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["arch", "train_loops", "eval_loops", "lr", "metric", "value"])
-
-
 def read_accuracy(suite: SuiteData) -> tuple[pd.DataFrame, list[str]]:
     """acc over the seeds each architecture was trained with at every K, and a line per set
     of seeds left out (`matched_seeds`)."""
-    rows = read_loop_scaling(suite)
+    rows = loop_scaling_table(suite)
     if rows.empty:
         return pd.DataFrame(columns=["arch", "train_loops", "hops", "eval_loops", "accuracy"]), []
     matched, left_out = matched_seeds(depth_rows(rows))
@@ -274,9 +266,10 @@ def corpus_control(loop_scaling: pd.DataFrame, lr: float) -> list[Block]:
     """The same question on text, from a corpus study's loop-scaling rows: validation loss at
     K′ = K per architecture and trained K (mean over seeds, at `lr`), and the largest K whose
     loss is ≥ `CORPUS_GAIN` below every smaller K's: past it, loops buy nothing on text."""
-    rows = loop_scaling[(loop_scaling["metric"] == "val_loss")
-                        & (loop_scaling["eval_loops"] == loop_scaling["train_loops"])
-                        & np.isclose(loop_scaling["lr"].astype(float), lr)]
+    rows = loop_scaling if loop_scaling.empty else loop_scaling[
+        (loop_scaling["metric"] == "val_loss")
+        & (loop_scaling["eval_loops"] == loop_scaling["train_loops"])
+        & np.isclose(loop_scaling["lr"].astype(float), lr)]
     if rows.empty:
         return [Paragraph(f"The corpus store has no validation loss at K′ = K for lr {lr:g}.")]
     loss = rows.groupby(["arch", "train_loops"])["value"].mean().unstack()
@@ -336,7 +329,7 @@ def main() -> None:
     corpus = None
     if args.corpus is not None:
         try:
-            corpus = corpus_control(read_loop_scaling(load_suite(args.corpus)), args.corpus_lr)
+            corpus = corpus_control(loop_scaling_table(load_suite(args.corpus)), args.corpus_lr)
         except FileNotFoundError as error:
             parser.error(str(error))
     command = shlex.join(["python", "benchmarks/loops_compute_claims.py", *sys.argv[1:]])

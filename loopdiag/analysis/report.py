@@ -43,13 +43,13 @@ from loopdiag.analysis.document import (
 from loopdiag.analysis.drawing import FigureDrawer, FigureJob, envelope_indices
 from loopdiag.analysis.findings import findings
 from loopdiag.analysis.tables import (
+    loop_scaling_table,
     stability_summary,
     stable_lr_range,
     suite_table,
     with_cells,
 )
 from loopdiag.store import SuiteData, load_suite
-from loopdiag.store._files import LOOP_SCALING_FILE
 
 LOOP_SCALING_COLUMNS = ("arch", "train_loops", "eval_loops", "metric", "value")
 REPORT_COLUMNS = ("run_id", "arch", "n_loops", "lr", "seed", "status", "mechanism", "failure_step",
@@ -137,10 +137,9 @@ def _write_report(suite_dir: str | Path, out_dir: Path, command: str,
 def _loop_scaling(suite: SuiteData, given: pd.DataFrame | None) -> pd.DataFrame | None:
     """The given loop-scaling frame, else every run's `loop_scaling.csv`, else None."""
     frame = given
-    files = [run.run_dir / LOOP_SCALING_FILE for run in suite.runs.values()]
-    files = [f for f in files if f.is_file()]
-    if frame is None and files:
-        frame = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    if frame is None:
+        stored = loop_scaling_table(suite)
+        frame = None if stored.empty else stored
     missing = [] if frame is None else [c for c in LOOP_SCALING_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"the loop-scaling frame lacks column(s) {', '.join(missing)}; it "

@@ -24,6 +24,7 @@ from loopdiag.analysis.analyzer import (
     run_verdict,
 )
 from loopdiag.store import RunData, SuiteData, load_run
+from loopdiag.store._files import LOOP_SCALING_FILE
 
 TABLE_COLUMNS = (
     "run_id", "arch", "n_loops", "lr", "seed", "status", "mechanism", "failure_step", "signal",
@@ -48,6 +49,13 @@ def suite_table(suite: SuiteData) -> pd.DataFrame:
     table = table.sort_values(["arch", "n_loops", "lr", "seed"], kind="stable",
                               key=lambda c: c.map(arch_order) if c.name == "arch" else c)
     return table.reset_index(drop=True)
+
+
+def loop_scaling_table(suite: SuiteData) -> pd.DataFrame:
+    """Every run's `loop_scaling.csv` (`loopdiag eval`) in one frame; empty when none has one."""
+    frames = [pd.read_csv(path) for run in suite.runs.values()
+              if (path := run.run_dir / LOOP_SCALING_FILE).is_file()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def run_table(run_dir: str | Path) -> pd.DataFrame:
