@@ -33,7 +33,9 @@ from loopdiag.detect.columns import RecordColumns, codes, expand
 from loopdiag.detect.symptoms import MIN_PROGRESS, LossTrack, validate_expected_loss
 from loopdiag.detect.update import OVERSIZED_UPDATE
 
-LOSS_WINDOW = 20  # records over which the end judgement reads whether the loss still falls
+# Records over which the end judgement reads whether the loss still falls: the stall rule's
+# window, with its `MIN_PROGRESS`, reused as is. It changes the message, never the verdict.
+LOSS_WINDOW = 20
 
 
 @dataclass(frozen=True)
