@@ -120,6 +120,7 @@ import shlex
 import shutil
 import statistics
 import sys
+import sysconfig
 import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -794,12 +795,38 @@ def doc_paragraph(prefix: str) -> str:
     return next(p for p in __doc__.split("\n\n") if p.startswith(prefix))
 
 
+STDLIB_VARIABLE = "$STDLIB"
+STDLIB_SETTER = """STDLIB=$(python -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')"""
+
+
+def shared_path(path: str) -> str:
+    """`path` as a reader elsewhere can use it: relative to the working directory, or under
+    `$STDLIB` for Python's standard library, whose place differs from machine to machine."""
+    resolved = Path(path).resolve()
+    for root, shown in ((Path.cwd(), None), (Path(sysconfig.get_path("stdlib")), STDLIB_VARIABLE)):
+        if resolved.is_relative_to(root.resolve()):
+            relative = resolved.relative_to(root.resolve()).as_posix()
+            return relative if shown is None else f"{shown}/{relative}"
+    return path
+
+
+def shared_command(argv: Sequence[str]) -> str:
+    """The invocation as a shell line another machine can run: data paths made shareable, the
+    standard library's place set first when a path needs it."""
+    words = [shared_path(word) if Path(word).is_file() else word for word in argv]
+    # Double quotes: the shell expands $STDLIB in them, and keeps a path with spaces whole.
+    line = " ".join(f'"{word}"' if word.startswith(STDLIB_VARIABLE) else shlex.quote(word)
+                    for word in words)
+    return f"{STDLIB_SETTER}; {line}" if STDLIB_VARIABLE in line else line
+
+
 def data_text(config: Mapping[str, Any]) -> str:
     """What a run trained on, from its stored config."""
     data = config["data"]
     if "task" in data:
         return f"the synthetic task `{data['name']}`"
-    return f"text `{data['source']}` ({data['n_bytes']:,} bytes, sha256 {data['sha256'][:12]}…)"
+    source = ", ".join(shared_path(path) for path in data["source"].split(", "))
+    return f"text `{source}` ({data['n_bytes']:,} bytes, sha256 {data['sha256'][:12]}…)"
 
 
 def study_section(path: Path, runs: Sequence[ScoredRun], healthy: Mapping[int, float],
@@ -984,7 +1011,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
 
 def main() -> None:
     args, seeds, spec = parse_args()
-    command = shlex.join(["python", "benchmarks/detection.py", *sys.argv[1:]])
+    command = shared_command(["python", "benchmarks/detection.py", *sys.argv[1:]])
 
     start = time.perf_counter()
     args.cache.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,11 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +253,14 @@ def test_study_runs_are_labelled_against_the_one_loop_model_of_their_seed(bench,
     assert labels == {"standard-k01-s0": "healthy", "looped-k04-s0": "healthy",
                       "standard-k01-s1": "healthy", "looped-k04-s1": "failed to train"}
     assert "the runs of seed(s) 2 are left out" in capsys.readouterr().out
+
+
+def test_the_reported_command_runs_elsewhere_with_standard_library_data(bench, tmp_path):
+    """A report names the data as another machine can find it: the standard library by a
+    variable the command sets, never this machine's path to it."""
+    stdlib_file = str(Path(sysconfig.get_path("stdlib")) / "argparse.py")
+    line = bench.shared_command(["test", "-f", stdlib_file])
+    assert stdlib_file not in line and '"$STDLIB/argparse.py"' in line
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    assert subprocess.run(["bash", "-c", line], env=env).returncode == 0
+    assert bench.shared_path(str(tmp_path / "mine.txt")) == str(tmp_path / "mine.txt")
