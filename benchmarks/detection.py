@@ -358,8 +358,9 @@ class ScoredRun:
     first_step: int  # the first step with a loss
     final_smoothed_loss: float
     # At the last record within EARLY_FRACTION of the steps: where a run that never trains
-    # must have been warned.
+    # must have been warned. The healthy model its label compares it with, at the same step.
     early_smoothed_loss: float
+    reference_early_smoothed_loss: float
     alarms: tuple[dict[str, Any], ...]  # replayed warn/critical events (no reference), in step order
     verdicts: Mapping[str, Mapping[str, Any]]  # by mode
 
@@ -475,9 +476,22 @@ def score_verdicts(runs: Sequence[ScoredRun], mode: str) -> VerdictScore:
         rose=len(rose), rose_before_onset=sum(warned_by(run, mode, run.label.onset) for run in rose))
 
 
+def smoothed_at(records: Sequence[Mapping[str, Any]], step: float) -> float:
+    """The smoothed loss at the last record at or before `step` (NaN if none)."""
+    steps, losses = loss_series(records)
+    return value_at(steps, smoothed_losses(losses), step)
+
+
+def value_at(steps: Sequence[int], values: Sequence[float], step: float) -> float:
+    before = [value for at, value in zip(steps, values) if at <= step]
+    return before[-1] if before else math.nan
+
+
 def judged_run(name: str, group: str, expected: str, seed: int, records: list[dict[str, Any]],
-               label: Label, expected_loss: float | None) -> ScoredRun:
-    """Replay the defaults (both modes) and the anchors over one run's records."""
+               label: Label, expected_loss: float | None,
+               label_references: Sequence[Sequence[Mapping[str, Any]]] = ()) -> ScoredRun:
+    """Replay the defaults (both modes) and the anchors over one run's records.
+    `label_references`: the records of the healthy run(s) its label compares it with."""
     from loopdiag.analysis.rejudge import judge
 
     verdicts = {}
@@ -491,10 +505,13 @@ def judged_run(name: str, group: str, expected: str, seed: int, records: list[di
                     key=lambda event: event.step)
     steps, losses = loss_series(records)
     smoothed = smoothed_losses(losses)
-    early = [value for step, value in zip(steps, smoothed) if step <= EARLY_FRACTION * steps[-1]]
+    early_step = EARLY_FRACTION * steps[-1]
+    reference_early = [smoothed_at(reference, early_step) for reference in label_references]
     return ScoredRun(name=name, group=group, expected=expected, seed=seed, label=label,
                      steps=steps[-1], first_step=steps[0], final_smoothed_loss=smoothed[-1],
-                     early_smoothed_loss=early[-1] if early else math.nan,
+                     early_smoothed_loss=value_at(steps, smoothed, early_step),
+                     reference_early_smoothed_loss=(statistics.median(reference_early)
+                                                    if reference_early else math.nan),
                      alarms=tuple(event.to_dict() for event in alarms), verdicts=verdicts)
 
 
@@ -516,7 +533,8 @@ def score_corpus(seeds: Sequence[int], cache: Path) -> list[ScoredRun]:
         for setting in SETTINGS:
             records = read_records(cache / run_name(setting, seed))
             runs.append(judged_run(run_name(setting, seed), setting.name, setting.expected, seed,
-                                   records, label_run(records, reference_records), expected_loss))
+                                   records, label_run(records, reference_records), expected_loss,
+                                   [reference_records]))
     return runs
 
 
@@ -564,14 +582,15 @@ def score_study(study: Path) -> tuple[list[ScoredRun], dict[int, float]]:
     finished = {run_id: records for run_id, records in finished.items() if records}
     finals = {run_id: final_smoothed(records) for run_id, records in finished.items()}
     arch, n_loops, lr = STUDY_REFERENCE
-    by_seed: dict[int, list[float]] = {}
+    by_seed: dict[int, list[str]] = {}
     for run_id in finished:
         cell = cells[run_id]
         if (cell["arch"], cell["n_loops"]) == (arch, n_loops) and math.isclose(cell["lr"], lr):
-            by_seed.setdefault(cell["seed"], []).append(finals[run_id])
+            by_seed.setdefault(cell["seed"], []).append(run_id)
     if not by_seed:
         raise ValueError(f"{study} has no {arch} K={n_loops} lr {lr:g} run to label against")
-    healthy = {seed: statistics.median(losses) for seed, losses in sorted(by_seed.items())}
+    healthy = {seed: statistics.median(finals[run_id] for run_id in run_ids)
+               for seed, run_ids in sorted(by_seed.items())}
 
     def reference(run_id: str) -> float | None:
         cell = cells[run_id]
@@ -585,7 +604,8 @@ def score_study(study: Path) -> tuple[list[ScoredRun], dict[int, float]]:
         print(f"{study}: the runs of seed(s) {', '.join(map(str, unlabelled))} are left out: "
               f"no finished {arch} K={n_loops} lr {lr:g} run of their seed to label against")
     runs = [judged_run(run_id, cells[run_id]["arch"], "–", cells[run_id]["seed"], records,
-                       study_label(records, healthy[cells[run_id]["seed"]]), reference(run_id))
+                       study_label(records, healthy[cells[run_id]["seed"]]), reference(run_id),
+                       [finished[healthy_id] for healthy_id in by_seed[cells[run_id]["seed"]]])
             for run_id, records in finished.items() if cells[run_id]["seed"] in healthy]
     return runs, healthy
 
@@ -712,13 +732,18 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
     late = [run for run in runs if run.label.kind == "failed to train"
             and not warned_by(run, MODES[1], EARLY_FRACTION * run.steps)]
     if late:
+        apart = sum(run.early_smoothed_loss >= (1 + ONSET_GAP) * run.reference_early_smoothed_loss
+                    for run in late)
         lines.append(
             f"- {len(late)} runs that never trained were not warned within {EARLY_FRACTION:.0%} of "
-            f"their steps (with reference). Their smoothed loss there, and how many of the "
-            f"{len(healthy)} healthy runs were as high or higher at the same point: " + ", ".join(
-                f"`{run.name}` ({run.early_smoothed_loss:.3g}; "
+            f"their steps (with reference). Their smoothed loss there, the healthy model's their "
+            f"label compares them with at the same step, and how many of the {len(healthy)} "
+            f"healthy runs were as high or higher at that point: " + ", ".join(
+                f"`{run.name}` ({run.early_smoothed_loss:.3g}; {run.reference_early_smoothed_loss:.3g}; "
                 f"{sum(value >= run.early_smoothed_loss for value in healthy)})"
-                for run in late[:12]) + (" and more" if len(late) > 12 else "") + ".")
+                for run in late[:12]) + (" and more" if len(late) > 12 else "")
+            + f". {apart} of the {len(late)} were {ONSET_GAP:.0%} (the labels' gap) or more above "
+              f"that healthy model there.")
     rose = [run for run in runs if run.label.kind == "rose"]
     no_lead = [run for run in rose if run.verdicts[MODES[1]].get("first_warning_step") == run.label.onset]
     if no_lead:

@@ -53,13 +53,14 @@ def test_non_finite_tail_fails_against_the_reference(bench):
 
 
 def scored_run(bench, name, kind, onset, alarm_steps, detector="collapse_plateau", steps=STEPS,
-               status="stable", first_warning=None, early_loss=3.0):
+               status="stable", first_warning=None, early_loss=3.0, reference_early_loss=3.0):
     judged = {"status": status, "first_warning_step": first_warning, "step": None,
               "signal": None, "mechanism": None}
     return bench.ScoredRun(
         name=name, group="g", expected="–", seed=1, label=bench.Label(kind, onset), steps=steps,
         first_step=1,
         final_smoothed_loss=2.0, early_smoothed_loss=early_loss,
+        reference_early_smoothed_loss=reference_early_loss,
         alarms=tuple({"step": s, "detector": detector, "severity": "warn", "message": ""}
                      for s in alarm_steps),
         verdicts={mode: judged for mode in bench.MODES})
@@ -145,15 +146,20 @@ def test_lead_is_compared_on_the_failures_both_caught(bench):
 def test_misses_say_how_many_healthy_runs_were_as_high_where_the_warning_was_due(bench):
     runs = [
         scored_run(bench, "late", "failed to train", 1, [], status="failed_to_train",
-                   first_warning=200, early_loss=3.5),  # due by step 45 of 300
+                   first_warning=200, early_loss=3.5, reference_early_loss=3.4),  # due by step 45
+        scored_run(bench, "behind", "failed to train", 1, [], status="failed_to_train",
+                   first_warning=200, early_loss=3.5, reference_early_loss=3.0),
         scored_run(bench, "early", "failed to train", 1, [], status="collapsed",
                    first_warning=40, early_loss=3.9),
         scored_run(bench, "slow", "healthy", None, [], early_loss=3.6),
         scored_run(bench, "fast", "healthy", None, [], early_loss=3.4),
     ]
     (line,) = bench.miss_lines(runs)
-    assert line.startswith("- 1 runs that never trained were not warned within 15% of their steps")
-    assert "`late` (3.5; 1)" in line and "`early`" not in line
+    assert line.startswith("- 2 runs that never trained were not warned within 15% of their steps")
+    assert "`late` (3.5; 3.4; 1)" in line and "`behind` (3.5; 3; 1)" in line
+    assert "`early`" not in line
+    # 3.5 is 3 % above 3.4 and 17 % above 3.0
+    assert line.endswith("1 of the 2 were 10% (the labels' gap) or more above that healthy model there.")
 
 
 def test_a_ramp_setting_raises_the_learning_rate_over_the_whole_run(bench):
@@ -195,11 +201,16 @@ def test_a_cached_run_of_other_data_or_size_is_not_reused(bench, tmp_path):
 def test_steps_are_training_steps_when_only_every_nth_is_logged(bench):
     every_20th = [{"step": 20 * i, "loss": float(loss)} for i, loss in
                   enumerate(np.linspace(5.0, 2.0, 150), 1)]  # steps 20..3000
-    run = bench.judged_run("sparse", "g", "–", 1, every_20th, bench.Label("healthy", None), None)
+    reference = [{"step": 20 * i, "loss": float(loss)} for i, loss in
+                 enumerate(np.linspace(4.0, 1.0, 150), 1)]
+    run = bench.judged_run("sparse", "g", "–", 1, every_20th, bench.Label("healthy", None), None,
+                           [reference])
     assert (run.first_step, run.steps) == (20, 3000)
-    # the early loss is read at 15 % of the 3,000 steps (step 440), not of the 150 records
+    # the early loss is read at 15 % of the 3,000 steps (step 440), not of the 150 records,
+    # and the healthy reference's at the same step
     smoothed = bench.smoothed_losses([r["loss"] for r in every_20th])
     assert run.early_smoothed_loss == smoothed[21]
+    assert run.reference_early_smoothed_loss == bench.smoothed_losses([r["loss"] for r in reference])[21]
 
 
 @pytest.mark.parametrize("args, message", [
