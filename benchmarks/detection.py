@@ -83,7 +83,11 @@ this benchmark after the eighth change, and no threshold was set or changed on i
 held out whole. So is the transfer corpus, the same settings on seeds 11–13 but on other
 text (ten modules of CPython's standard library: code, not prose) at twice the width and
 context (d_model 64, 4 heads, seq_len 64), trained and scored once, after the late
-collapses joined, with no detector changed (`reports/detection/transfer/`).
+collapses joined, with no detector changed (`reports/detection/transfer/`). So is the size
+corpus, the same settings on seeds 11–13 and the embedded text at four times the width and
+twice the context (d_model 128, 4 heads, seq_len 64: 16× the tiny model's block weights),
+trained and scored once, after the loops-compute study was complete, with no detector
+changed (`reports/detection/size/`).
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
