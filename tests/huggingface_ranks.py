@@ -12,6 +12,7 @@ on their halves of the same rows.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -55,8 +56,13 @@ def main(out: Path, devices: int) -> None:
     logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
     (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(
         json.dumps({"records": callback.recorder.records, "trainer_grad_norms": logged}))
-    # the Trainer leaves its process group up; left to interpreter exit, gloo's threads can
-    # abort the rank (SIGABRT, "terminate called without an active exception")
+    # The DDP wrapper goes while the group is still registered: freed later, its reducer drops
+    # the group's last reference, and the group's destructor then joins gloo's threads under
+    # the GIL, which a thread freeing a finished collective's tensors waits for (a deadlock,
+    # pytorch/pytorch#56297). Left up to interpreter exit, the group can abort the rank.
+    del trainer
+    gc.collect()
+    assert not any(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
