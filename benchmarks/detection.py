@@ -109,7 +109,11 @@ every anchor: better on at least one of recall before onset, median lead and fal
 rate, worse on none. Lead is compared on the failures both caught before onset, and not at
 all where there are none: a median over different runs compares the runs, not the
 detectors. (Until the eighth change it compared the two medians as they stand, which on
-the study set loopdiag's median over 96 runs against the |z| > 3 rule's over its 1.)
+the study set loopdiag's median over 96 runs against the |z| > 3 rule's over its 1.) Where
+no failure can be warned before onset, every onset at the run's first record (the
+loops-compute study), recall before onset is zero for every detector by construction and
+recall by the end of the run takes its place. (Earlier versions counted such a set a tie
+on recall.)
 """
 
 from __future__ import annotations
@@ -380,6 +384,9 @@ class Score:
     caught_before: int
     caught_within: int
     caught_by_end: int
+    # failures whose onset is after their first record: the only ones a detector can warn
+    # before onset
+    warnable: int
     leads: Mapping[str, int]  # onset − first alarm step, by failed run caught before onset
     healthy_runs: int
     healthy_steps: int
@@ -398,6 +405,10 @@ class Score:
     @property
     def recall_within(self) -> float:
         return self.caught_within / self.collapses if self.collapses else math.nan
+
+    @property
+    def recall_by_end(self) -> float:
+        return self.caught_by_end / self.collapses if self.collapses else math.nan
 
     @property
     def false_alarm_rate(self) -> float:
@@ -419,7 +430,8 @@ def score(name: str, runs: Sequence[ScoredRun], detectors: Collection[str]) -> S
             within += 1
     alarms_per_run = [sum(a["detector"] in detectors for a in run.alarms) for run in healthy]
     return Score(name=name, collapses=len(collapses), caught_before=len(leads),
-                 caught_within=within, caught_by_end=by_end, leads=leads,
+                 caught_within=within, caught_by_end=by_end,
+                 warnable=sum(run.label.onset > run.first_step for run in collapses), leads=leads,
                  healthy_runs=len(healthy), healthy_steps=sum(run.steps for run in healthy),
                  false_alarms=sum(alarms_per_run),
                  alarmed_healthy_runs=sum(count > 0 for count in alarms_per_run))
@@ -428,10 +440,15 @@ def score(name: str, runs: Sequence[ScoredRun], detectors: Collection[str]) -> S
 def compare(ours: Score, anchor: Score) -> tuple[list[str], list[str]]:
     """(axes where ours is better, axes where it is worse). Lead is compared on the failures
     both caught before onset (a median over different runs compares the runs, not the
-    detectors); with none in common it is not compared."""
-    mine = {"recall before onset": ours.recall_before, "false-alarm rate": -ours.false_alarm_rate}
-    theirs = {"recall before onset": anchor.recall_before,
-              "false-alarm rate": -anchor.false_alarm_rate}
+    detectors); with none in common it is not compared. Where no failure can be warned
+    before onset (every onset at the run's first record), recall before onset is zero for
+    every detector by construction, and recall is compared by the end of the run."""
+    if ours.warnable:
+        recall = ("recall before onset", ours.recall_before, anchor.recall_before)
+    else:
+        recall = ("recall by the end of the run", ours.recall_by_end, anchor.recall_by_end)
+    mine = {recall[0]: recall[1], "false-alarm rate": -ours.false_alarm_rate}
+    theirs = {recall[0]: recall[2], "false-alarm rate": -anchor.false_alarm_rate}
     common = ours.leads.keys() & anchor.leads.keys()
     if common:
         mine[LEAD_AXIS] = statistics.median(ours.leads[name] for name in common)

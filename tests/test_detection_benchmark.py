@@ -111,10 +111,11 @@ def test_score_counts_recall_lead_and_false_alarms(bench):
     assert result.false_alarm_rate == pytest.approx(2 * 10_000 / (3 * STEPS))
 
 
-def detector_score(bench, caught, leads, false_alarms=0):
+def detector_score(bench, caught, leads, false_alarms=0, caught_by_end=None, warnable=10):
     """A detector set's score over 10 failures and 5 healthy runs (10k steps)."""
     return bench.Score("x", collapses=10, caught_before=caught, caught_within=caught,
-                       caught_by_end=caught, leads=leads, healthy_runs=5, healthy_steps=10_000,
+                       caught_by_end=caught if caught_by_end is None else caught_by_end,
+                       warnable=warnable, leads=leads, healthy_runs=5, healthy_steps=10_000,
                        false_alarms=false_alarms, alarmed_healthy_runs=min(false_alarms, 5))
 
 
@@ -128,6 +129,25 @@ def test_compare_needs_a_better_axis_and_no_worse_one(bench):
     assert bench.compare(result(9, {"a": 30}, 1), result(2, {}, 0)) == (
         ["recall before onset"], ["false-alarm rate"])
     assert bench.compare(result(0, {}, 0), result(0, {}, 0)) == ([], [])
+
+
+def test_where_no_failure_can_be_warned_before_onset_recall_is_compared_by_the_end(bench):
+    def result(by_end, false_alarms=0):
+        return detector_score(bench, 0, {}, false_alarms, caught_by_end=by_end, warnable=0)
+
+    by_end = "recall by the end of the run"
+    assert bench.compare(result(8), result(0)) == ([by_end], [])
+    # a rule that alarms on every run catches more failures too: worse recall, better rate
+    assert bench.compare(result(8), result(10, false_alarms=40)) == (["false-alarm rate"], [by_end])
+    assert bench.compare(result(0), result(0)) == ([], [])
+
+
+def test_score_counts_the_failures_that_can_be_warned_before_onset(bench):
+    runs = [scored_run(bench, "stuck", "failed to train", 1, [50]),
+            scored_run(bench, "rose", "rose", 150, [140]),
+            scored_run(bench, "healthy", "healthy", None, [])]
+    result = bench.score("plateau", runs, {"collapse_plateau"})
+    assert (result.warnable, result.caught_before, result.caught_by_end) == (1, 1, 2)
 
 
 def test_lead_is_compared_on_the_failures_both_caught(bench):
