@@ -15,6 +15,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from loopdiag.detect.monitor import SEVERITY_STYLE
 
@@ -82,21 +83,30 @@ def _fmt(value: Any) -> str:
 def stability_table(table: pd.DataFrame) -> Table:
     """The suite table (`loopdiag.analysis.suite_table`) as a rich table, one row per run."""
     swept = table["lr"].nunique() > 1
+    verdicts = [_verdict(row) for row in table.itertuples()]
+    # the verdict column wraps between words, never inside one ("(representation)"); no outer
+    # edge, so that fits beside the other columns in 80 characters
+    longest_word = max((len(word) for text in verdicts for word in Text.from_markup(text).plain.split()),
+                       default=0)
     out = Table(title="final train / val loss, residual growth (last loop, end / start), "
-                      "gradient oscillation, verdict", title_justify="left")
+                      "gradient oscillation, verdict", title_justify="left", show_edge=False)
     columns = ["arch", "K", *(["lr"] if swept else []), "seed", "loss", "val", "growth", "osc", "verdict"]
     for column in columns:
         out.add_column(column, justify="left" if column in ("arch", "verdict") else "right",
-                       no_wrap=column != "verdict", min_width=len(column))
-    for row in table.itertuples():
-        failed = row.status in ("collapsed", "diverged", "failed_to_train")
-        mechanism = getattr(row, "mechanism", None)
-        what = row.status.replace("_", " ") + (f" ({mechanism})" if isinstance(mechanism, str) else "")
-        # a collapse's mechanism names what broke; other failures name their signal
-        signal = "" if isinstance(mechanism, str) else f" {row.signal}"
-        verdict = (f"[red]{what} @{int(row.failure_step)}{signal}[/]"
-                   if failed and not pd.isna(row.failure_step) else what)
+                       no_wrap=column != "verdict",
+                       min_width=max(len(column), longest_word if column == "verdict" else 0))
+    for row, verdict in zip(table.itertuples(), verdicts):
         out.add_row(row.arch, str(row.n_loops), *([f"{row.lr:g}"] if swept else []), str(row.seed),
                     _fmt(row.final_loss), _fmt(row.final_val_loss), _fmt(row.resid_growth_steps),
                     _fmt(row.oscillation), verdict)
     return out
+
+
+def _verdict(row: Any) -> str:
+    failed = row.status in ("collapsed", "diverged", "failed_to_train")
+    mechanism = getattr(row, "mechanism", None)
+    what = row.status.replace("_", " ") + (f" ({mechanism})" if isinstance(mechanism, str) else "")
+    # a collapse's mechanism names what broke; other failures name their signal
+    signal = "" if isinstance(mechanism, str) else f" {row.signal}"
+    return (f"[red]{what} @{int(row.failure_step)}{signal}[/]"
+            if failed and not pd.isna(row.failure_step) else what)

@@ -414,3 +414,26 @@ def test_only_trains_part_of_a_suite_and_resume_finishes_it(tmp_path):
 def test_bad_only_is_refused(tmp_path, only, message):
     result = runner.invoke(app, ["run", "--only", only, "--out", str(tmp_path)])
     assert result.exit_code == 2 and message in result.output.replace("\n", "")
+
+
+def test_the_stability_table_keeps_each_verdict_word_whole_in_80_columns():
+    from rich.console import Console
+
+    from loopdiag.analysis.tables import TABLE_COLUMNS
+    from loopdiag.console import stability_table
+
+    def row(arch, status, mechanism=None, failure_step=None, signal=None):
+        return dict.fromkeys(TABLE_COLUMNS) | dict(
+            run_id=f"{arch}-k12-s0", arch=arch, n_loops=12, lr=3e-3, seed=0, status=status,
+            mechanism=mechanism, failure_step=failure_step, signal=signal, final_loss=3.256,
+            final_val_loss=3.249, resid_growth_steps=35.95, oscillation=0.127)
+
+    table = pd.DataFrame([row("looped-inject", "collapsed", "representation", 44),
+                          row("recurrent-depth", "failed_to_train", None, 150, "failed_to_train"),
+                          row("flt", "stable")], columns=list(TABLE_COLUMNS))
+    console = Console(width=80, record=True)
+    console.print(stability_table(table))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    words = " ".join(lines).split()
+    assert "(representation)" in words and "failed_to_train" in words and "recurrent-depth" in words
