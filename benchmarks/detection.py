@@ -444,11 +444,12 @@ def compare(ours: Score, anchor: Score) -> tuple[list[str], list[str]]:
     before onset (every onset at the run's first record), recall before onset is zero for
     every detector by construction, and recall is compared by the end of the run."""
     if ours.warnable:
-        recall = ("recall before onset", ours.recall_before, anchor.recall_before)
+        mine = {"recall before onset": ours.recall_before}
+        theirs = {"recall before onset": anchor.recall_before}
     else:
-        recall = ("recall by the end of the run", ours.recall_by_end, anchor.recall_by_end)
-    mine = {recall[0]: recall[1], "false-alarm rate": -ours.false_alarm_rate}
-    theirs = {recall[0]: recall[2], "false-alarm rate": -anchor.false_alarm_rate}
+        mine = {"recall by the end of the run": ours.recall_by_end}
+        theirs = {"recall by the end of the run": anchor.recall_by_end}
+    mine["false-alarm rate"], theirs["false-alarm rate"] = -ours.false_alarm_rate, -anchor.false_alarm_rate
     common = ours.leads.keys() & anchor.leads.keys()
     if common:
         mine[LEAD_AXIS] = statistics.median(ours.leads[name] for name in common)
