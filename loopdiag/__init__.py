@@ -20,6 +20,7 @@ _EXPORTS = {
     "AdditionTask": "loopdiag.data",
     "PointerChasingTask": "loopdiag.data",
     "exact_match_accuracy": "loopdiag.data",
+    "unigram_loss": "loopdiag.data",
     "TrainConfig": "loopdiag.train",
     "train": "loopdiag.train",
     "attach": "loopdiag.probes",

@@ -12,7 +12,8 @@ PUBLIC = {
     "Monitor", "PointerChasingTask", "RecorderCallback", "RunSession", "RunSpec", "RunWriter", "TrainConfig",
     "WandbRun", "attach",
     "build_model", "default_detectors", "exact_match_accuracy", "load_corpus", "load_run", "load_suite",
-    "preset", "replay", "run_one", "suite_table", "train", "verdict", "write_report", "__version__",
+    "preset", "replay", "run_one", "suite_table", "train", "unigram_loss", "verdict", "write_report",
+    "__version__",
 }
 
 

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from loopdiag.data import (
     fixed_batches,
     get_batch,
     load_corpus,
+    unigram_loss,
 )
+from loopdiag.store.reference import context_free_loss
 
 
 def numbered_lines(n_lines: int) -> bytes:
@@ -90,6 +93,30 @@ def test_describe_is_plain_json():
     described = load_corpus().describe()
     assert json.loads(json.dumps(described)) == described
     assert described["n_train"] + described["n_val"] == described["n_bytes"]
+
+
+def test_context_free_loss_is_the_training_texts_unigram_entropy(tmp_path):
+    assert unigram_loss(torch.tensor([1, 2, 3, 4] * 10, dtype=torch.uint8)) == pytest.approx(math.log(4))
+    assert unigram_loss(torch.tensor([7] * 5)) == 0.0
+    assert unigram_loss([[3, 3, -100], [4, -100, 4]]) == pytest.approx(math.log(2))  # ignore index
+    with pytest.raises(ValueError, match="at least one token"):
+        unigram_loss(torch.full((4,), -100))
+    corpus = load_corpus(write(tmp_path, "ab.txt", b"ab" * 5000))
+    assert corpus.context_free_loss == pytest.approx(math.log(2), abs=1e-4)
+    assert corpus.describe()["context_free_loss"] == corpus.context_free_loss
+    # English prose: well below the 8 bits of a byte, above what context brings
+    assert 3.0 < load_corpus().context_free_loss < 3.5
+
+
+def test_a_config_recorded_without_the_context_free_loss_gets_it_rebuilt_where_it_can():
+    embedded = load_corpus()
+    recorded = embedded.describe()
+    assert context_free_loss({"data": recorded}) == recorded["context_free_loss"]
+    older = {key: value for key, value in recorded.items() if key != "context_free_loss"}
+    assert context_free_loss({"data": older}) == pytest.approx(embedded.context_free_loss)
+    assert context_free_loss({"data": {**older, "sha256": "0" * 64}}) is None  # other text
+    assert context_free_loss({"data": {"source": "/gone/notes.txt"}}) is None
+    assert context_free_loss({}) is None
 
 
 @pytest.mark.parametrize(

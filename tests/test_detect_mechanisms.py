@@ -170,6 +170,43 @@ def test_without_a_reference_an_oversized_step_means_the_run_failed_to_train(vec
         FailedToTrain(oversized_update=0)
 
 
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_a_loss_stalled_at_the_context_free_loss_failed_to_train_with_or_without_reference(vectorised):
+    """The FLT paper's collapse without a reference to show it: a run whose loss settles at
+    what token frequencies alone give (3.26 nats on the embedded text)."""
+    floor = 3.26
+    stuck = [{"step": s, "loss": 3.22 + 2.0 * math.exp(-s / 5)} for s in range(1, 200)]
+    assert replay(stuck, [FailedToTrain()], finished=True, vectorised=vectorised) == []
+    for detector in (FailedToTrain(context_free_loss=floor),
+                     FailedToTrain(context_free_loss=floor, expected_loss=2.4)):
+        (event,) = replay(stuck, [detector], finished=True, vectorised=vectorised)
+        assert (event.step, event.severity) == (199, "critical")
+        assert "stalled at 3.22, within 1% of 3.26" in event.message
+        assert "token frequencies alone" in event.message
+        assert event.evidence["context_free_loss"] == floor
+    assert replay(stuck, [FailedToTrain(context_free_loss=floor)], vectorised=vectorised) == []
+
+    # a short run still on its way down, above the floor: cut off by its budget, not stuck
+    falling = [{"step": s, "loss": 5.5 - 0.05 * s} for s in range(1, 41)]
+    assert replay(falling, [FailedToTrain(context_free_loss=floor)], finished=True,
+                  vectorised=vectorised) == []
+    # a run that settled more than 10 % below the floor learned from its input
+    learned = [{"step": s, "loss": 2.9 + 2.0 * math.exp(-s / 5)} for s in range(1, 200)]
+    assert replay(learned, [FailedToTrain(context_free_loss=floor)], finished=True,
+                  vectorised=vectorised) == []
+
+
+def test_context_free_loss_reaches_failed_to_train_and_is_checked():
+    detectors = {d.name: d for d in default_detectors(context_free_loss=3.26)}
+    assert detectors["failed_to_train"].config.context_free_loss == 3.26
+    with pytest.raises(ValueError, match="context_free_loss must be a positive number"):
+        default_detectors(context_free_loss=0.0)
+    with pytest.raises(ValueError, match="context_free_margin must be in"):
+        FailedToTrain(context_free_margin=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        loopdiag.Monitor(detectors=[FailedToTrain()], context_free_loss=3.26)
+
+
 def test_foundry_high_loss_anchor_follows_its_source():
     events = replay(worse_than_at_start(), [FoundryHighLoss()])
     assert events and events[0].step == 201 and events[0].severity == "warn"

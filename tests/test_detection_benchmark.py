@@ -223,7 +223,7 @@ def test_steps_are_training_steps_when_only_every_nth_is_logged(bench):
                   enumerate(np.linspace(5.0, 2.0, 150), 1)]  # steps 20..3000
     reference = [{"step": 20 * i, "loss": float(loss)} for i, loss in
                  enumerate(np.linspace(4.0, 1.0, 150), 1)]
-    run = bench.judged_run("sparse", "g", "–", 1, every_20th, bench.Label("healthy", None), None,
+    run = bench.judged_run("sparse", "g", "–", 1, every_20th, bench.Label("healthy", None), None, None,
                            [reference])
     assert (run.first_step, run.steps) == (20, 3000)
     # the early loss is read at 15 % of the 3,000 steps (step 440), not of the 150 records,

@@ -66,6 +66,23 @@ def test_rejudge_rewrites_verdicts_with_the_one_loop_reference(tmp_path: Path):
     assert events[0]["detector"] == "representation_collapse" and events[0]["step"] == 7
 
 
+def test_rejudge_reads_the_context_free_loss_the_config_records(tmp_path: Path):
+    """A one-loop run, no reference to judge it by, that settled at what the data's token
+    frequencies alone give: failed to train once its config says what that is."""
+    plateau = [{"step": s, "loss": (3.25 + 2.0 * math.exp(-s / 5)) * (1 + 0.01 * math.sin(s))}
+               for s in range(1, STEPS + 1)]
+    for name, data in (("told", {"context_free_loss": 3.26}), ("untold", {})):
+        cell = {"arch": "looped", "n_loops": 1, "seed": 0, "lr": 3e-3}
+        with RunWriter(tmp_path / name / "run", {"cell": cell, "train": {"steps": STEPS},
+                                                 "detectors": {}, "data": data}) as run:
+            for record in plateau:
+                run.log(record)
+            run.close({"status": "stable", "step": None, "signal": None})
+        write_suite_manifest(tmp_path / name, {"name": name}, {"run": cell})
+    assert rejudge_suite(tmp_path / "told") == {"run": "failed_to_train"}
+    assert rejudge_suite(tmp_path / "untold") == {"run": "stable"}
+
+
 def test_report_rejudge_prints_what_changed_and_reports_it(tmp_path: Path):
     write_suite(tmp_path / "runs")
     result = CliRunner().invoke(app, ["report", str(tmp_path), "--rejudge", "--jobs", "1"])

@@ -36,6 +36,7 @@ def test_run_folder_holds_every_logged_step(tmp_path, corpus):
     run = load_run(tmp_path / "run")
     assert run.config["cell"] == {"arch": "flt", "n_loops": 3, "seed": 0, "lr": config.lr}
     assert run.config["data"]["sha256"] == corpus.sha256
+    assert run.config["data"]["context_free_loss"] == corpus.context_free_loss
     # logged every 2nd step, plus the evaluated steps 5 (val loss only) and 10, 12
     assert run.steps["step"].tolist() == [2, 4, 5, 6, 8, 10, 12]
     assert run.steps["val_loss"].notna().tolist() == [False, False, True, False, False, True, True]
@@ -43,6 +44,18 @@ def test_run_folder_holds_every_logged_step(tmp_path, corpus):
     assert resid.groupby("step")["loop"].max().eq(3).all()
     assert run.summary["status"] == outcome.status == "stable"
     assert run.checkpoint_path is not None
+
+
+def test_a_model_that_cannot_learn_is_judged_failed_to_train_without_a_reference(tmp_path, corpus):
+    """A learning rate too small to move the weights: the loss stays where it started, above
+    what the text's byte frequencies alone give, and the run, with no reference to compare
+    it with, ends failed to train."""
+    config = TrainConfig(steps=30, batch_size=4, lr=1e-9, eval_every=0)
+    outcome = run_one(RunSpec("looped", 2), TINY, config, corpus, tmp_path / "run", log_every=1)
+    run = load_run(tmp_path / "run")
+    assert outcome.status == run.summary["status"] == "failed_to_train"
+    assert "token frequencies alone" in run.summary["message"]
+    assert run.summary["final_smoothed_loss"] > corpus.context_free_loss
 
 
 def test_run_made_to_collapse_raises_an_alert_and_stops(tmp_path, corpus):

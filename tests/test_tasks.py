@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from loopdiag.data import (
     PointerChasingTask,
     exact_match_accuracy,
 )
+from loopdiag.store.reference import context_free_loss
 
 TASKS = [
     AdditionTask(1),
@@ -86,6 +88,19 @@ def test_addition_answers_are_correct(n_digits):
         assert len(a) == len(b) == n_digits and len(reversed_sum) == n_digits + 1
         assert int(reversed_sum[::-1]) == int(a) + int(b)
         assert decode(row_y[row_y != IGNORE_INDEX]) == reversed_sum
+
+
+def test_context_free_loss_is_the_answers_entropy_per_position():
+    # 1-digit sums, reversed: the ones digit is uniform, the tens digit a carry in 45 of 100
+    carry = -(0.45 * math.log(0.45) + 0.55 * math.log(0.55))
+    assert AdditionTask(1).context_free_loss == pytest.approx((math.log(10) + carry) / 2, abs=0.01)
+    # every node is as likely an answer as another, for each of several queries
+    pointer = PointerChasingTask(8, [1, 2, 4], queries=8)
+    assert pointer.context_free_loss == pytest.approx(math.log(8), abs=0.01)
+    described = json.loads(json.dumps(pointer.describe()))
+    assert described["context_free_loss"] == pointer.context_free_loss
+    older = {key: value for key, value in described.items() if key != "context_free_loss"}
+    assert context_free_loss({"data": older}) == pointer.context_free_loss
 
 
 def test_addition_covers_carries():

@@ -23,6 +23,7 @@ import pandas as pd
 from loopdiag.detect import default_detectors, replay, verdict
 from loopdiag.store import RunData
 from loopdiag.store import event_frame, read_records
+from loopdiag.store.reference import context_free_loss
 
 LOSS_COLUMNS = ("loss", "train_loss")  # the recorder's name first, the trainer's second
 FINAL_FRACTION = 0.1
@@ -129,6 +130,7 @@ def run_verdict(run: RunData) -> dict[str, Any]:
     finished = planned is None or last >= planned
     reference = run.config.get("reference") if isinstance(run.config.get("reference"), dict) else {}
     events = replay(records, default_detectors(reference.get("expected_loss"),
+                                               context_free_loss=context_free_loss(run.config),
                                                **(overrides if isinstance(overrides, dict) else {})),
                     finished=finished)
     return {**verdict(records, events, finished=finished), "recomputed": True,

@@ -16,7 +16,7 @@ from typing import Any
 from loopdiag.detect import Event, default_detectors, replay, verdict
 from loopdiag.store import is_run_dir, read_records
 from loopdiag.store._files import EVENTS_FILE, SUITE_FILE, SUMMARY_FILE, replace_atomically, write_json_atomic
-from loopdiag.store.reference import reference_run
+from loopdiag.store.reference import context_free_loss, reference_run
 
 
 def rejudge_suite(suite_dir: str | Path,
@@ -56,7 +56,7 @@ def rejudge_run(run_dir: Path, cell: dict[str, Any]) -> tuple[dict[str, Any], di
     reference = reference_run(run_dir.parent, cell)
     finished = old.get("status") != "interrupted"
     events, judged = judge(records, thresholds, None if reference is None else reference[1],
-                           finished=finished)
+                           finished=finished, context_free_loss=context_free_loss(config))
     new = {**old, **judged,
            "reference": None if reference is None else {"run": reference[0], "expected_loss": reference[1]},
            "rejudged_from": old.get("status")}
@@ -67,11 +67,12 @@ def rejudge_run(run_dir: Path, cell: dict[str, Any]) -> tuple[dict[str, Any], di
 
 
 def judge(records: list[dict[str, Any]], thresholds: dict[str, Any], expected_loss: float | None,
-          *, finished: bool) -> tuple[list[Event], dict[str, Any]]:
-    """(events, verdict) of the default detectors (with `thresholds` and `expected_loss`)
-    replayed over `records`, as a live run would have ended: the verdict carries
-    `not_judged`, and an unfinished run is "interrupted"."""
-    detectors = default_detectors(expected_loss, **thresholds)
+          *, finished: bool, context_free_loss: float | None = None
+          ) -> tuple[list[Event], dict[str, Any]]:
+    """(events, verdict) of the default detectors (with `thresholds`, `expected_loss` and
+    `context_free_loss`) replayed over `records`, as a live run would have ended: the
+    verdict carries `not_judged`, and an unfinished run is "interrupted"."""
+    detectors = default_detectors(expected_loss, context_free_loss=context_free_loss, **thresholds)
     events = replay(records, detectors, finished=finished)
     judged = verdict(records, events, finished=finished)
     if not finished:

@@ -65,8 +65,9 @@ DEFINITIONS = [
     "oscillation: mean of max(0, -cos) between consecutive gradients of the shared weights, "
     "second half of training (0: never reverses, 1: reverses every step).",
     "status: stable, collapsed (mechanism: representation, gradient, residual, plateau or "
-    "loss), diverged, failed_to_train (a loss stalled or ended ≥ 10% above what the same "
-    "architecture reaches with one loop) or interrupted.",
+    "loss), diverged, failed_to_train (a loss that ended ≥ 10% above what the same "
+    "architecture reaches with one loop, or stalled at what the data's token frequencies "
+    "alone give) or interrupted.",
     "failure_step: the verdict's step for a failed run; warning_lead: steps from the first "
     "detector event to it.",
 ]

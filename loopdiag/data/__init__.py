@@ -9,6 +9,7 @@ from loopdiag.data.corpus import (
     fixed_batches,
     get_batch,
     load_corpus,
+    unigram_loss,
 )
 from loopdiag.data.tasks import (
     IGNORE_INDEX,
@@ -36,4 +37,5 @@ __all__ = [
     "get_batch",
     "load_corpus",
     "task_from_description",
+    "unigram_loss",
 ]

@@ -43,7 +43,27 @@ class TokenCorpus:
             "n_train": len(self.train),
             "n_val": len(self.val),
             "vocab_size": VOCAB_SIZE,
+            "context_free_loss": self.context_free_loss,
         }
+
+    @property
+    def context_free_loss(self) -> float:
+        """The loss of predicting every byte from the training text's byte frequencies
+        alone (the unigram entropy, in nats): what a model reaches that reads no context."""
+        return unigram_loss(self.train)
+
+
+def unigram_loss(tokens: torch.Tensor) -> float:
+    """The entropy (nats) of the tokens' empirical distribution: the cross-entropy of the
+    best prediction that ignores every other token. Any shape; negative ids (an ignore
+    index such as -100) are not tokens and are left out."""
+    tokens = torch.as_tensor(tokens).reshape(-1).long()
+    tokens = tokens[tokens >= 0]
+    if len(tokens) == 0:
+        raise ValueError("unigram_loss needs at least one token id >= 0")
+    counts = torch.bincount(tokens).double()
+    probabilities = counts[counts > 0] / counts.sum()
+    return float(-(probabilities * probabilities.log()).sum())
 
 
 def embedded_corpus_bytes() -> bytes:

@@ -10,12 +10,18 @@ from __future__ import annotations
 import string
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 
 import torch
 from torch import nn
 
+from loopdiag.data.corpus import unigram_loss
+
 IGNORE_INDEX = -1
 NODE_LETTERS = string.ascii_lowercase
+# Examples behind a task's context-free loss: the plug-in entropy is low by about
+# (answers − 1) / (2 × examples) per position, 1e-3 nats for 10 answers.
+CONTEXT_FREE_EXAMPLES = 4096
 
 
 class SyntheticTask(ABC):
@@ -57,8 +63,18 @@ class SyntheticTask(ABC):
         interleaves several answers with its prompt."""
         return list(range(self.prompt_len, self.prompt_len + self.answer_len))
 
+    @cached_property
+    def context_free_loss(self) -> float:
+        """The loss of the best prediction that reads no input: at each scored position the
+        entropy (nats) of the answer byte there, averaged over positions; estimated from
+        `CONTEXT_FREE_EXAMPLES` examples of a fixed seed."""
+        _, y = self.batch(CONTEXT_FREE_EXAMPLES, torch.Generator().manual_seed(0))
+        scored = y[:, y[0] != IGNORE_INDEX]  # every example scores the same positions
+        return sum(unigram_loss(column) for column in scored.T) / scored.shape[1]
+
     def describe(self) -> dict:
-        return {"task": self.kind, "name": self.name, "seq_len": self.seq_len, **asdict(self)}
+        return {"task": self.kind, "name": self.name, "seq_len": self.seq_len, **asdict(self),
+                "context_free_loss": self.context_free_loss}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,14 @@ reference: a step that moved the shared weights by `oversized_update` × their n
 (`update_size`'s threshold) threw away what they held, and the learning rate that did it
 keeps the model above the loss it could reach. A converged loss looks the same at any
 height, so without this rule such a run was judged stable.
+
+With or without a reference, when the data's context-free loss is known (`context_free_loss`:
+what predicting each token from the data's token frequencies alone reaches, the unigram
+entropy of a text), a run that ended with its loss stalled within `context_free_margin`
+(the labels' 10 %) of it, or above it, learned nothing a model needs its input for: the
+collapse the FLT paper describes, a looped model that never gets past token statistics.
+Every model passes through that plateau early, so only the end is judged, and only a loss
+that stopped falling: a short run still on its way down is cut off by its budget, not stuck.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from loopdiag.detect.base import (
     UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, finite_scalar, require,
 )
 from loopdiag.detect.columns import RecordColumns, codes, expand
-from loopdiag.detect.symptoms import MIN_PROGRESS, LossTrack, validate_expected_loss
+from loopdiag.detect.symptoms import MIN_PROGRESS, LossTrack, validate_loss
 from loopdiag.detect.update import OVERSIZED_UPDATE
 
 # Records over which the end judgement reads whether the loss still falls: the stall rule's
@@ -47,9 +55,16 @@ class FailedToTrainConfig(DetectorConfig):
     high_loss_window: int = 100  # llm-foundry's minimum window, used without a reference
     # Without a reference: a step this large (‖ΔW‖ / ‖W‖) means the run failed to train.
     oversized_update: float = OVERSIZED_UPDATE
+    context_free_loss: float | None = None
+    # A loss within this fraction below the context-free loss has learned next to nothing
+    # beyond token frequencies: the labels' 10 % gap, measured down from that floor.
+    context_free_margin: float = 0.10
 
     def _validate(self) -> None:
-        validate_expected_loss(self.expected_loss)
+        validate_loss(self.expected_loss)
+        validate_loss(self.context_free_loss, "context_free_loss")
+        require(0 <= self.context_free_margin < 1,
+                f"context_free_margin must be in [0, 1), got {self.context_free_margin}")
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
         require(self.oversized_update > 0,
                 f"oversized_update must be > 0, got {self.oversized_update}")
@@ -61,7 +76,9 @@ class FailedToTrain(Detector):
     """With `expected_loss`: critical when the run ended (`finish`) with its smoothed loss
     (EMA, span 20 records) ≥ `gap` above it. Without: critical when half of the last
     `high_loss_window` losses exceed the first window's maximum (after two windows), or
-    at the end when a step's `update_ratio` reached `oversized_update`."""
+    at the end when a step's `update_ratio` reached `oversized_update`. With
+    `context_free_loss`, in either case: critical at the end when the loss stalled at or
+    within `context_free_margin` below it."""
 
     name = "failed_to_train"
     config_class = FailedToTrainConfig
@@ -133,6 +150,9 @@ class FailedToTrain(Detector):
                 lambda index: self._high(int(high[order[index]]), cap))
 
     def _check_end(self) -> Finding | None:
+        floor = self._context_free_end()
+        if floor is not None:
+            return floor
         expected, smoothed = self.config.expected_loss, self._loss.smoothed
         if expected is None:
             return self._oversized_end()
@@ -151,6 +171,22 @@ class FailedToTrain(Detector):
             {"smoothed_loss": smoothed, "expected_loss": expected, "still_falling": falling,
              "thresholds": self._thresholds()})
 
+    def _context_free_end(self) -> Finding | None:
+        floor, smoothed = self.config.context_free_loss, self._loss.smoothed
+        if floor is None or smoothed is None or smoothed < (1 - self.config.context_free_margin) * floor:
+            return None
+        fall = self._loss.progress()
+        if fall is None or fall >= MIN_PROGRESS:
+            return None  # too short to tell, or still learning
+        where = ("above" if smoothed >= floor
+                 else f"within {max(1, round(100 * (1 - smoothed / floor)))}% of")
+        return Finding("critical", (
+            f"The run ended with its smoothed loss stalled at {smoothed:.4g}, {where} "
+            f"{floor:.4g}, what predicting each token from the data's token frequencies alone "
+            f"reaches: it learned next to nothing that needs its input."),
+            {"smoothed_loss": smoothed, "context_free_loss": floor,
+             "thresholds": self._thresholds()})
+
     def _oversized_end(self) -> Finding | None:
         if self._oversized is None:
             return None
@@ -164,5 +200,6 @@ class FailedToTrain(Detector):
              "thresholds": self._thresholds()})
 
     def _thresholds(self) -> dict[str, Any]:
-        names = ("expected_loss", "gap", "high_loss_window", "oversized_update")
+        names = ("expected_loss", "gap", "high_loss_window", "oversized_update",
+                 "context_free_loss", "context_free_margin")
         return {"thresholds": {name: getattr(self.config, name) for name in names}}

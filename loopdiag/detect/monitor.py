@@ -73,14 +73,17 @@ class Monitor:
         stop_on: str | None = None,
         thresholds: Mapping[str, Mapping[str, Any]] | None = None,
         expected_loss: float | None = None,
+        context_free_loss: float | None = None,
     ):
         if stop_on is not None and stop_on not in SEVERITIES:
             raise ValueError(f"stop_on must be one of {', '.join(SEVERITIES)} or None, got {stop_on!r}")
-        if detectors is not None and (thresholds or expected_loss is not None):
-            raise ValueError("pass either detectors or thresholds / expected_loss for the default "
-                             "detectors, not both")
+        if detectors is not None and (thresholds or expected_loss is not None
+                                      or context_free_loss is not None):
+            raise ValueError("pass either detectors or thresholds / expected_loss / "
+                             "context_free_loss for the default detectors, not both")
         self.detectors = (list(detectors) if detectors is not None
-                          else default_detectors(expected_loss, **(thresholds or {})))
+                          else default_detectors(expected_loss, context_free_loss=context_free_loss,
+                                                 **(thresholds or {})))
         self.sinks = list(sinks)
         self.stop_on = stop_on
         self.events: list[Event] = []

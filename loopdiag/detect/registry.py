@@ -14,7 +14,7 @@ from loopdiag.detect.gradient import GradientOscillation
 from loopdiag.detect.loops import DeadLoops, IdleLoops, RepresentationCollapse, VanishingGradient
 from loopdiag.detect.loss import LossSpike, NonFinite, SlowDivergence
 from loopdiag.detect.residual import ResidualExplosion
-from loopdiag.detect.symptoms import validate_expected_loss
+from loopdiag.detect.symptoms import validate_loss
 from loopdiag.detect.update import UpdateSize
 
 DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
@@ -24,12 +24,15 @@ DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
     FailedToTrain)}
 
 
-def default_detectors(expected_loss: float | None = None,
+def default_detectors(expected_loss: float | None = None, *,
+                      context_free_loss: float | None = None,
                       **overrides: Mapping[str, Any]) -> list[Detector]:
     """One of each detector in `DETECTORS`, with `overrides` applied, e.g.
     `default_detectors(loss_spike={"z": 8})` or `default_detectors(**suite["detectors"])`.
     `expected_loss` (the loss this model should reach, e.g. the same architecture's with
-    one loop) goes to every detector that takes one, unless its overrides set it.
+    one loop) and `context_free_loss` (what the data's token frequencies alone give, e.g.
+    `loopdiag.data.unigram_loss` of the training tokens) go to every detector that takes
+    them, unless its overrides set them.
 
     Raises ValueError naming the detector and threshold for an unknown detector, an
     unknown threshold, or a value of the wrong type or range.
@@ -38,14 +41,20 @@ def default_detectors(expected_loss: float | None = None,
     if unknown:
         raise ValueError(f"unknown detector(s) {', '.join(map(repr, unknown))}; "
                          f"choose from {', '.join(DETECTORS)}")
-    validate_expected_loss(expected_loss)
+    validate_loss(expected_loss)
+    validate_loss(context_free_loss, "context_free_loss")
+    given = {key: value for key, value in (("expected_loss", expected_loss),
+                                           ("context_free_loss", context_free_loss))
+             if value is not None}
     detectors = []
     for name, cls in DETECTORS.items():
         thresholds = dict(overrides.get(name, {})) if isinstance(overrides.get(name, {}), Mapping) \
             else overrides[name]
-        if expected_loss is not None and isinstance(thresholds, dict) and "expected_loss" in {
-                field.name for field in dataclasses.fields(cls.config_class)}:
-            thresholds.setdefault("expected_loss", expected_loss)
+        if isinstance(thresholds, dict):
+            fields = {field.name for field in dataclasses.fields(cls.config_class)}
+            for key, value in given.items():
+                if key in fields:
+                    thresholds.setdefault(key, value)
         detectors.append(_build(name, cls, thresholds))
     return detectors
 

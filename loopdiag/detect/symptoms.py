@@ -155,10 +155,11 @@ class Symptoms:
         return progress is not None and progress < self.min_progress
 
 
-def validate_expected_loss(value: float | None) -> None:
-    """The check every detector with an `expected_loss` threshold shares: None or > 0."""
+def validate_loss(value: float | None, name: str = "expected_loss") -> None:
+    """The check every loss-valued threshold (`expected_loss`, `context_free_loss`) shares:
+    None or > 0."""
     if value is None:
         return
     require(isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and value > 0,
-            f"expected_loss must be a positive number, got {value!r}")
+            f"{name} must be a positive number, got {value!r}")

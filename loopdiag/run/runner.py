@@ -175,7 +175,8 @@ def run_one(
     if wandb_mode is not None and main:
         wandb_run = WandbRun(spec.run_id, config, group=wandb_group, mode=wandb_mode, dir=run_dir.parent)
     monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=thresholds,
-                      expected_loss=None if reference is None else reference[1])
+                      expected_loss=None if reference is None else reference[1],
+                      context_free_loss=config["data"]["context_free_loss"])
     torch.manual_seed(spec.seed)  # the same seed gives the same initial weights
     model = build_model(spec.arch, model_config)
     if isinstance(data, SyntheticTask):

@@ -12,12 +12,17 @@ trusted (a broken run is never the lowest), so references never depend on the or
 are judged. The loss is the EMA of the train
 loss at the last record (`final_smoothed_loss`, recomputed from the records for runs judged
 before that field existed).
+
+The loss no run should stall at is the data's context-free loss (what its token frequencies
+alone give), which a run's config records under `data`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +73,27 @@ def finished_final_loss(run_dir: Path) -> float | None:
                 ema.update(value)
         loss = ema.value
     return float(loss) if loss is not None and math.isfinite(loss) and loss > 0 else None
+
+
+def context_free_loss(config: Mapping[str, Any]) -> float | None:
+    """The context-free loss a run's config records under `data`. For a run recorded before
+    configs carried it, rebuilt where the data can be (and torch is installed): a synthetic
+    task from its description, the embedded corpus when this interpreter's is the text the
+    run trained on (same sha256). None otherwise."""
+    data = config.get("data")
+    if not isinstance(data, Mapping):
+        return None
+    recorded = data.get("context_free_loss")
+    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
+        return float(recorded) if math.isfinite(recorded) and recorded > 0 else None
+    try:
+        from loopdiag.data import EMBEDDED_CORPUS, TASKS, embedded_corpus_bytes, load_corpus
+        from loopdiag.data import task_from_description
+    except ImportError:  # the torch-free install judges without it
+        return None
+    if data.get("task") in TASKS:
+        return task_from_description(dict(data)).context_free_loss
+    if (data.get("source") == EMBEDDED_CORPUS
+            and hashlib.sha256(embedded_corpus_bytes()).hexdigest() == data.get("sha256")):
+        return load_corpus().context_free_loss
+    return None
