@@ -184,6 +184,8 @@ def test_a_loss_stalled_at_the_context_free_loss_failed_to_train_with_or_without
         assert "stalled at 3.22, within 1% of 3.26" in event.message
         assert "token frequencies alone" in event.message
         assert event.evidence["context_free_loss"] == floor
+        # with a reference the event also says how far behind it the run ended
+        assert ("34% above the 2.4" in event.message) == (detector.config.expected_loss == 2.4)
     assert replay(stuck, [FailedToTrain(context_free_loss=floor)], vectorised=vectorised) == []
 
     # a short run still on its way down, above the floor: cut off by its budget, not stuck

@@ -180,11 +180,15 @@ class FailedToTrain(Detector):
             return None  # too short to tell, or still learning
         where = ("above" if smoothed >= floor
                  else f"within {max(1, round(100 * (1 - smoothed / floor)))}% of")
+        expected = self.config.expected_loss
+        behind = ("" if expected is None or smoothed < (1 + self.config.gap) * expected
+                  else f" It is {100 * (smoothed / expected - 1):.0f}% above the {expected:.4g} "
+                       f"this model should reach.")
         return Finding("critical", (
             f"The run ended with its smoothed loss stalled at {smoothed:.4g}, {where} "
             f"{floor:.4g}, what predicting each token from the data's token frequencies alone "
-            f"reaches: it learned next to nothing that needs its input."),
-            {"smoothed_loss": smoothed, "context_free_loss": floor,
+            f"reaches: it learned next to nothing that needs its input.{behind}"),
+            {"smoothed_loss": smoothed, "context_free_loss": floor, "expected_loss": expected,
              "thresholds": self._thresholds()})
 
     def _oversized_end(self) -> Finding | None:

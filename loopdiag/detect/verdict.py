@@ -32,8 +32,9 @@ def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mappi
     - "collapsed": a critical event from a collapse detector, whose mechanism
       (`MECHANISMS`: representation, gradient, residual, plateau, loss) the verdict names;
     - "failed_to_train": a critical `failed_to_train` event (a loss that ended far above
-      what the model should reach or went back above where it started; without a
-      reference, a step that rewrote the weights) and no collapse;
+      what the model should reach, stalled at what the data's token frequencies alone
+      give, or went back above where it started; without a reference, a step that
+      rewrote the weights) and no collapse;
     - "interrupted": no critical event and `finished` is False (the run did not end);
     - "stable": otherwise.
     A run stopped because it collapsed is "collapsed", not "interrupted": the failure is
