@@ -156,7 +156,8 @@ class FailedToTrain(Detector):
         expected, smoothed = self.config.expected_loss, self._loss.smoothed
         if expected is None:
             return self._oversized_end()
-        if smoothed is None or smoothed < (1 + self.config.gap) * expected:
+        above = self._above_expected(smoothed)
+        if above is None:
             return None
         # A loss still falling at the end is a slow learner cut off by the budget, not a
         # stuck one: the verdict stands (the run did not reach it), the advice differs.
@@ -165,11 +166,17 @@ class FailedToTrain(Detector):
         still = (f" It was still falling ({100 * fall:.0f}% over its last {LOSS_WINDOW} "
                  f"records): more steps may reach it." if falling else "")
         return Finding("critical", (
-            f"The run ended with its smoothed loss at {smoothed:.4g}, "
-            f"{100 * (smoothed / expected - 1):.0f}% above the {expected:.4g} this model "
-            f"should reach.{still}"),
+            f"The run ended with its smoothed loss at {smoothed:.4g}, {above}.{still}"),
             {"smoothed_loss": smoothed, "expected_loss": expected, "still_falling": falling,
              "thresholds": self._thresholds()})
+
+    def _above_expected(self, smoothed: float | None) -> str | None:
+        """"N% above the X this model should reach" when the run ended ≥ `gap` above its
+        expected loss; None below that or without one."""
+        expected = self.config.expected_loss
+        if expected is None or smoothed is None or smoothed < (1 + self.config.gap) * expected:
+            return None
+        return f"{100 * (smoothed / expected - 1):.0f}% above the {expected:.4g} this model should reach"
 
     def _context_free_end(self) -> Finding | None:
         floor, smoothed = self.config.context_free_loss, self._loss.smoothed
@@ -180,16 +187,14 @@ class FailedToTrain(Detector):
             return None  # too short to tell, or still learning
         where = ("above" if smoothed >= floor
                  else f"within {max(1, round(100 * (1 - smoothed / floor)))}% of")
-        expected = self.config.expected_loss
-        behind = ("" if expected is None or smoothed < (1 + self.config.gap) * expected
-                  else f" It is {100 * (smoothed / expected - 1):.0f}% above the {expected:.4g} "
-                       f"this model should reach.")
+        above = self._above_expected(smoothed)
         return Finding("critical", (
             f"The run ended with its smoothed loss stalled at {smoothed:.4g}, {where} "
             f"{floor:.4g}, what predicting each token from the data's token frequencies alone "
-            f"reaches: it learned next to nothing that needs its input.{behind}"),
-            {"smoothed_loss": smoothed, "context_free_loss": floor, "expected_loss": expected,
-             "thresholds": self._thresholds()})
+            f"reaches: it learned next to nothing that needs its input."
+            f"{'' if above is None else f' It is {above}.'}"),
+            {"smoothed_loss": smoothed, "context_free_loss": floor,
+             "expected_loss": self.config.expected_loss, "thresholds": self._thresholds()})
 
     def _oversized_end(self) -> Finding | None:
         if self._oversized is None:
