@@ -19,6 +19,7 @@ alone give), which a run's config records under `data`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -87,13 +88,21 @@ def context_free_loss(config: Mapping[str, Any]) -> float | None:
     if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
         return float(recorded) if math.isfinite(recorded) and recorded > 0 else None
     try:
-        from loopdiag.data import EMBEDDED_CORPUS, TASKS, embedded_corpus_bytes, load_corpus
-        from loopdiag.data import task_from_description
+        from loopdiag.data import EMBEDDED_CORPUS, TASKS, task_from_description
     except ImportError:  # the torch-free install judges without it
         return None
     if data.get("task") in TASKS:
         return task_from_description(dict(data)).context_free_loss
-    if (data.get("source") == EMBEDDED_CORPUS
-            and hashlib.sha256(embedded_corpus_bytes()).hexdigest() == data.get("sha256")):
-        return load_corpus().context_free_loss
+    if data.get("source") == EMBEDDED_CORPUS and isinstance(data.get("sha256"), str):
+        return _embedded_context_free_loss(data["sha256"])
     return None
+
+
+@functools.cache
+def _embedded_context_free_loss(sha256: str) -> float | None:
+    # Once per process: a suite's runs all replay against the same text.
+    from loopdiag.data import embedded_corpus_bytes, load_corpus
+
+    if hashlib.sha256(embedded_corpus_bytes()).hexdigest() != sha256:
+        return None
+    return load_corpus().context_free_loss
