@@ -90,6 +90,18 @@ def test_loop_tables_from_the_copy_match_the_long_frame(tmp_path):
     assert len(loops[loops["stat"] == "resid_norm"]) == table.notna().sum().sum()
 
 
+
+def test_a_table_read_whole_leaves_the_other_readers_working(tmp_path):
+    run_dir = write_records(tmp_path / "run")
+    expected = load_run(run_dir).loop_table("resid_norm")
+    after_steps = load_run(run_dir)
+    assert not after_steps.steps.empty
+    assert after_steps.loop_table("resid_norm").equals(expected)
+    after_loops = load_run(run_dir)
+    assert not after_loops.loops.empty
+    assert after_loops.steps_of(["loss"])["loss"].tolist()[::2] == [2.5, 2.0]
+
+
 NUMERIC_RECORDS = [  # what a recorder writes: numbers, NaN and ±Inf, keys missing or late
     {"step": 1, "loss": 2.5, "lr": 1e-3, "n_loops": 3, "resid_norm": [1.0, 2.0, 3.0],
      "rel_update": [math.nan, 0.25, 0.5], "grad_norm": 1e-45, "flag": True, "count": 3},

@@ -113,11 +113,14 @@ class RunData:
         and `loop_table` have not read yet, in one pass over the columnar copy (a sweep's
         table asks both of every run: one file read each instead of two). A name the run
         never logged reads as an empty per-loop table."""
-        if self._columns is None or self._steps is not None or self._loops is not None:
+        if self._columns is None:
             return
         scalars = set(_scalar_keys(self._columns))
+        # A table already read whole answers its own names.
         unread = [name for name in dict.fromkeys(names)
-                  if name not in self._step_series and name not in self._loop_tables]
+                  if name not in self._step_series and name not in self._loop_tables
+                  and not (self._steps is not None and name in scalars)
+                  and not (self._loops is not None and name not in scalars)]
         if not unread:
             return
         table = self._columns.read(dict.fromkeys(["step", *unread]))
