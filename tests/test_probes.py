@@ -313,6 +313,26 @@ def test_window_stats_match_numpy(log_every):
         assert rec.latest["gnorm_cv"] == pytest.approx(numpy_window(recorded[-4:])[0], rel=1e-6)
 
 
+
+@pytest.mark.parametrize("seq_len", [64, 8192])
+def test_token_corr_reads_identical_tokens_as_identical_at_any_context(seq_len):
+    from loopdiag.probes.stats import finish_loop, reduce_loop_output
+
+    def corr(x):
+        sums = {k: v.item() if torch.is_tensor(v) else v for k, v in reduce_loop_output(x, None).items()}
+        return finish_loop(sums)["token_corr"]
+
+    g = torch.Generator().manual_seed(0)
+    common = 7 * torch.randn(64, generator=g)
+    identical = common.expand(2, seq_len, 64).contiguous()
+    assert abs(1 - corr(identical)) < 1e-7  # the collapse threshold is 1e-5
+    # 1 − token_corr ≈ 1e-6: below what a sum of 8k unit vectors resolves in float32
+    nearly = identical + 7e-3 * torch.randn(2, seq_len, 64, generator=g)
+    unit = F.normalize(nearly.double(), dim=-1)
+    exact = 1 - (unit.sum(1).square().sum(-1) - seq_len).mean() / (seq_len * (seq_len - 1))
+    assert 1 - corr(nearly) == pytest.approx(exact.item(), rel=0.01)
+
+
 def test_window_autocorr_sign():
     assert window_stats([1.0, 2.0] * 8)[1] < -0.9  # zig-zag
     assert window_stats([float(i * i) for i in range(16)])[1] > 0.5  # smooth growth

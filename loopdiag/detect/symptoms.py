@@ -4,10 +4,12 @@ collapse by itself, a model that stopped learning because of it is.
 
 The thresholds here are mechanisms, not fits:
 - `COLLAPSED_DECORRELATION`: 1 − token correlation at the last loop. When every position
-  carries the same vector the statistic is float32 rounding, ±7e-7 at 64 tokens (seen:
-  −4.9e-7 … 1.9e-6 in collapsed runs); a model that keeps any per-token information sits
-  above 2e-5 (the closest healthy approach seen, a tiny looped model's unigram phase on the
-  development seed 0, was 2.3e-5; larger models keep more). 1e-5 is between the two.
+  carries the same vector the statistic is float32 rounding: under 1e-7 as recorded now
+  (the unit vectors' spread about their mean), ±7e-7 at 64 tokens in records taken from
+  their sum before that (seen: −4.9e-7 … 1.9e-6 in collapsed runs); a model that keeps any
+  per-token information sits above 2e-5 (the closest healthy approach seen, a tiny looped
+  model's unigram phase on the development seed 0, was 2.3e-5; larger models keep more).
+  1e-5 is between the two.
 - A loss "rose" when its EMA is ≥ (1 + gap) × its running best, the definition of a
   visible failure that `ground_truth_onset` uses too.
 - A loss has "stalled" when the median of its last 5 values is less than `min_progress`

@@ -19,7 +19,9 @@ Per loop:
   rel_update      mean over tokens of |x^(k) - x^(k-1)| / |x^(k)|; NaN at loop 1, which
                   has no previous loop output to compare with
   token_corr      mean cosine between distinct tokens of a sequence, averaged over the
-                  batch (1 = every token points the same way: representation collapse)
+                  batch (1 = every token points the same way: representation collapse);
+                  read from the unit vectors' spread about their mean, so identical
+                  tokens read 1 to float32 precision at any sequence length
   act_grad_norm   |dloss/dx^(k)|_F over the whole output tensor; present when the step's
                   forwards ran with gradients, NaN for a loop whose output got none (a
                   truncated-backprop loop under no_grad, or no backward before end_step);

@@ -24,7 +24,8 @@ ranks' forward statistics are combined into those of the global batch, so each r
 the same record, equal to one process's over the global batch (the detectors then agree
 everywhere). How each combines:
   resid_norm, rel_update  token sums and token counts add up: the mean over all tokens
-  token_corr              per-sequence unit-vector sums add in squares (sequences stay whole)
+  token_corr              unit vectors' deviations from their sequence's mean add in squares
+                          (sequences stay whole)
   act_grad_norm           sqrt of the ranks' summed squares / world size: DDP averages the
                           ranks' losses, so each rank's part of dloss/dx is its own / n
   attn_entropy, resid_norm/layer_NN   means over equal slices: averaged
