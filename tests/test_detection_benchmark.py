@@ -162,6 +162,19 @@ def test_lead_is_compared_on_the_failures_both_caught(bench):
     # a failure only they caught: no lead to compare, the recall axis counts it
     assert bench.compare(ours, result({"d": 93})) == (["recall before onset"], [])
 
+    assert bench.common_leads(ours, result({"c": 93})) == (1, 50, 93)
+    assert bench.common_leads(ours, result({"d": 93})) is None
+
+
+def test_target_lines_give_the_leads_they_compared(bench):
+    anchors = len(bench.anchor_detectors())
+    ours = detector_score(bench, 3, {"a": 0, "b": 4, "c": 50})
+    lines = bench.target_lines("set", [ours] + [detector_score(bench, 2, {"b": 30, "c": 40})] * anchors)
+    assert lines[1].endswith("Median lead on the 2 failures both caught before onset: 27 steps "
+                             "against 35.") and "worse: median lead" in lines[1]
+    lines = bench.target_lines("set", [ours] + [detector_score(bench, 1, {"d": 9})] * anchors)
+    assert "Median lead" not in lines[1] and "**met**" in lines[1]
+
 
 def test_misses_say_how_many_healthy_runs_were_as_high_where_the_warning_was_due(bench):
     runs = [
@@ -180,6 +193,18 @@ def test_misses_say_how_many_healthy_runs_were_as_high_where_the_warning_was_due
     assert "`early`" not in line
     # 3.5 is 3 % above 3.4 and 17 % above 3.0
     assert line.endswith("1 of the 2 were 10% (the labels' gap) or more above that healthy model there.")
+
+
+
+def test_misses_name_the_late_collapses_warned_at_or_after_their_onset(bench):
+    runs = [scored_run(bench, "ahead", "rose", 100, [], status="collapsed", first_warning=80),
+            scored_run(bench, "at", "rose", 100, [], status="collapsed", first_warning=100),
+            scored_run(bench, "after", "rose", 100, [], status="collapsed", first_warning=107),
+            scored_run(bench, "silent", "rose", 100, [], status="stable")]
+    at, after = bench.miss_lines(runs)[-2:]
+    assert at.startswith("- 1 of the 4 late collapses were first warned at their onset step") and "`at`" in at
+    assert after == ("- 2 of the 4 late collapses were not warned by their onset: `after` (onset 100, "
+                     "first warning 107), `silent` (onset 100, first warning none).")
 
 
 def test_a_ramp_setting_raises_the_learning_rate_over_the_whole_run(bench):
