@@ -671,6 +671,11 @@ VERDICT_COLUMNS = ("runs", "mode", "failed runs judged not stable", "failed runs
                    "rose: warned before onset")
 
 
+def counted(count: int, one: str, many: str) -> str:
+    """'1 run was', '3 runs were': the count with the words that agree with it."""
+    return f"{count} {one if count == 1 else many}"
+
+
 def fraction(count: int, total: int) -> str:
     return f"{count}/{total} ({100 * count / total:.0f}%)" if total else "–"
 
@@ -773,12 +778,14 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
     for mode in MODES:
         missed = [run for run in runs if run.label.collapsed and run.verdicts[mode]["status"] == "stable"]
         if missed:
-            lines.append(f"- {mode}: {len(missed)} failed runs judged stable: " + ", ".join(
+            lines.append(f"- {mode}: {counted(len(missed), 'failed run', 'failed runs')} "
+                         f"judged stable: " + ", ".join(
                 f"`{run.name}` ({run.label.kind}, final smoothed loss {run.final_smoothed_loss:.3g})"
                 for run in missed[:12]) + (" and more" if len(missed) > 12 else "") + ".")
         wrong = [run for run in runs if not run.label.collapsed and run.verdicts[mode]["status"] != "stable"]
         if wrong:
-            lines.append(f"- {mode}: {len(wrong)} healthy runs judged not stable: " + ", ".join(
+            lines.append(f"- {mode}: {counted(len(wrong), 'healthy run', 'healthy runs')} "
+                         f"judged not stable: " + ", ".join(
                 f"`{run.name}` ({run.verdicts[mode]['status']} by {run.verdicts[mode]['signal']} at "
                 f"step {run.verdicts[mode]['step']})" for run in wrong[:12])
                 + (" and more" if len(wrong) > 12 else "") + ".")
@@ -789,27 +796,30 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
         apart = sum(run.early_smoothed_loss >= (1 + ONSET_GAP) * run.reference_early_smoothed_loss
                     for run in late)
         lines.append(
-            f"- {len(late)} runs that never trained were not warned within {EARLY_FRACTION:.0%} of "
+            f"- {counted(len(late), 'run that never trained was', 'runs that never trained were')} "
+            f"not warned within {EARLY_FRACTION:.0%} of "
             f"their steps (with reference). Their smoothed loss there, the healthy model's their "
             f"label compares them with at the same step, and how many of the {len(healthy)} "
             f"healthy runs were as high or higher at that point: " + ", ".join(
                 f"`{run.name}` ({run.early_smoothed_loss:.3g}; {run.reference_early_smoothed_loss:.3g}; "
                 f"{sum(value >= run.early_smoothed_loss for value in healthy)})"
                 for run in late[:12]) + (" and more" if len(late) > 12 else "")
-            + f". {apart} of the {len(late)} were {ONSET_GAP:.0%} (the labels' gap) or more above "
-              f"that healthy model there.")
+            + f". {apart} of the {counted(len(late), 'was', 'were')} {ONSET_GAP:.0%} (the labels' "
+              f"gap) or more above that healthy model there.")
     rose = [run for run in runs if run.label.kind == "rose"]
     no_lead = [run for run in rose if run.verdicts[MODES[1]].get("first_warning_step") == run.label.onset]
     if no_lead:
         lines.append(
-            f"- {len(no_lead)} of the {len(rose)} late collapses were first warned at their onset "
+            f"- {len(no_lead)} of the {counted(len(rose), 'late collapse', 'late collapses')} "
+            f"{'was' if len(no_lead) == 1 else 'were'} first warned at their onset "
             f"step itself (counted as before onset, with no lead): " + ", ".join(
                 f"`{run.name}` (step {run.label.onset})" for run in no_lead[:12])
             + (" and more" if len(no_lead) > 12 else "") + ".")
     after = [run for run in rose if not warned_by(run, MODES[1], run.label.onset)]
     if after:
         lines.append(
-            f"- {len(after)} of the {len(rose)} late collapses were not warned by their onset: "
+            f"- {len(after)} of the {counted(len(rose), 'late collapse', 'late collapses')} "
+            f"{'was' if len(after) == 1 else 'were'} not warned by their onset: "
             + ", ".join(f"`{run.name}` (onset {run.label.onset}, first warning "
                         f"{run.verdicts[MODES[1]].get('first_warning_step') or 'none'})"
                         for run in after[:12])

@@ -202,7 +202,7 @@ def test_misses_name_the_late_collapses_warned_at_or_after_their_onset(bench):
             scored_run(bench, "after", "rose", 100, [], status="collapsed", first_warning=107),
             scored_run(bench, "silent", "rose", 100, [], status="stable")]
     at, after = bench.miss_lines(runs)[-2:]
-    assert at.startswith("- 1 of the 4 late collapses were first warned at their onset step") and "`at`" in at
+    assert at.startswith("- 1 of the 4 late collapses was first warned at their onset step") and "`at`" in at
     assert after == ("- 2 of the 4 late collapses were not warned by their onset: `after` (onset 100, "
                      "first warning 107), `silent` (onset 100, first warning none).")
 
