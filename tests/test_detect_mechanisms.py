@@ -127,6 +127,16 @@ def test_failed_to_train_says_whether_the_loss_was_still_falling(vectorised):
     (event,) = replay(late, [FailedToTrain(expected_loss=2.0)], finished=True, vectorised=vectorised)
     assert "still falling" in event.message and "more steps may reach it" in event.message
     assert event.evidence["still_falling"] is True
+    # the same loss with every position one vector at the end: more steps cannot help
+    identical = [{**record, "token_corr": [0.5, 1.0]} for record in late]
+    identical[-1]["token_corr"] = [0.5, 0.9]  # the last record has it, and decides
+    (event,) = replay(identical, [FailedToTrain(expected_loss=2.0)], finished=True, vectorised=vectorised)
+    assert "more steps may reach it" in event.message and not event.evidence["identical_positions"]
+    identical[-1]["token_corr"] = [1.0, math.nan]  # not recorded: the one before decides
+    identical[-2]["token_corr"] = [0.5, 1.0]
+    (event,) = replay(identical, [FailedToTrain(expected_loss=2.0)], finished=True, vectorised=vectorised)
+    assert "every position carries the same vector: no more steps take it below" in event.message
+    assert "more steps may reach it" not in event.message and event.evidence["identical_positions"]
     stuck = [{"step": s, "loss": 3.0 + 0.01 * math.sin(s)} for s in range(1, 200)]
     (event,) = replay(stuck, [FailedToTrain(expected_loss=2.0)], finished=True, vectorised=vectorised)
     assert "still falling" not in event.message and event.evidence["still_falling"] is False

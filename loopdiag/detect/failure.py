@@ -27,6 +27,7 @@ that stopped falling: a short run still on its way down is cut off by its budget
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,10 +36,12 @@ from typing import Any
 import numpy as np
 
 from loopdiag.detect.base import (
-    UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, finite_scalar, require,
+    UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, finite_scalar, loop_values, require,
 )
 from loopdiag.detect.columns import RecordColumns, codes, expand
-from loopdiag.detect.symptoms import MIN_PROGRESS, LossTrack, validate_loss
+from loopdiag.detect.symptoms import (
+    COLLAPSED_DECORRELATION, MIN_PROGRESS, LossTrack, validate_loss,
+)
 from loopdiag.detect.update import OVERSIZED_UPDATE
 
 # Records over which the end judgement reads whether the loss still falls: the stall rule's
@@ -90,9 +93,15 @@ class FailedToTrain(Detector):
         self._recent: deque[float] = deque(maxlen=self.config.high_loss_window)
         self._records = 0
         self._oversized: tuple[int, float] | None = None  # (step, ratio) of the largest step
+        # At the last record with a token correlation: every position one vector, so no
+        # more steps take the loss below the token frequencies' (it changes the advice only).
+        self._identical = False
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         self._note_update(finite_scalar(record, "update_ratio"), self._last_step)
+        corr = loop_values(record, "token_corr")
+        if corr is not None and math.isfinite(corr[-1]):
+            self._identical = 1 - corr[-1] < COLLAPSED_DECORRELATION
         loss = self._loss.update(record)
         if loss is None:
             return UNJUDGED
@@ -129,6 +138,9 @@ class FailedToTrain(Detector):
 
     def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
         self._loss = columns.loss_track_at(len(columns) - 1, window=LOSS_WINDOW)  # what `finish` reads
+        corr = columns.last_loop("token_corr")
+        recorded = np.flatnonzero(np.isfinite(corr))
+        self._identical = bool(len(recorded) and 1 - corr[recorded[-1]] < COLLAPSED_DECORRELATION)
         ratio = columns.finite("update_ratio")
         if np.any(ratio >= self.config.oversized_update):
             largest = int(np.nanargmax(ratio))
@@ -163,12 +175,16 @@ class FailedToTrain(Detector):
         # stuck one: the verdict stands (the run did not reach it), the advice differs.
         fall = self._loss.progress()
         falling = fall is not None and fall >= MIN_PROGRESS
-        still = (f" It was still falling ({100 * fall:.0f}% over its last {LOSS_WINDOW} "
-                 f"records): more steps may reach it." if falling else "")
+        still = ""
+        if falling:
+            still = (f" It was still falling ({100 * fall:.0f}% over its last {LOSS_WINDOW} "
+                     f"records), " + ("but every position carries the same vector: no more steps "
+                                      "take it below what token frequencies alone give."
+                                      if self._identical else "and more steps may reach it."))
         return Finding("critical", (
             f"The run ended with its smoothed loss at {smoothed:.4g}, {above}.{still}"),
             {"smoothed_loss": smoothed, "expected_loss": expected, "still_falling": falling,
-             "thresholds": self._thresholds()})
+             "identical_positions": self._identical, "thresholds": self._thresholds()})
 
     def _above_expected(self, smoothed: float | None) -> str | None:
         """"N% above the X this model should reach" when the run ended ≥ `gap` above its
