@@ -5,14 +5,17 @@ used training stacks (`anchor_detectors`), replayed over the same records.
 
     python benchmarks/detection.py [--seeds 11 12 13 14 15 16 17 18 19 20 21] [--steps 300]
         [--data FILE ...] [--model KEY=VALUE ...] [--workers 2]
-        [--cache benchmarks/.cache/detection] [--reuse]
+        [--cache <out>/runs] [--reuse]
         [--study reports/flt-stability/runs reports/loops-compute/runs] [--out reports/detection]
 
 Corpus: every setting in `SETTINGS` × seed, the tiny preset (`--model` overrides it), on
 the embedded text (`--data`: other text files), `--steps` steps, every step logged, each
 trained once by `run_one` into `<cache>/<setting>-s<seed>/` (one torch thread per process,
 `--workers` processes). `--reuse` keeps finished run folders of the same steps, text and
-model. Scoring is offline: the detectors are replayed over `read_records(run_dir)`, so it
+model. The cache defaults to `<out>/runs`: each report's corpus is committed beside it as
+the studies' records are (config, events, verdict and `metrics.parquet`; the JSONL and the
+checkpoints stay with whoever trained it), so `--reuse` scores it again from a fresh clone
+without training. Scoring is offline: the detectors are replayed over `read_records(run_dir)`, so it
 is cheap and repeatable and cannot depend on what fired live. Each study (`--study`, a
 suite's run store; skipped when absent) is replayed the same way.
 
@@ -118,15 +121,23 @@ Per detector set (loopdiag's defaults together, each alone, each anchor):
 - false alarms: warn/critical events on healthy runs per 10k healthy steps, and healthy
   runs with at least one.
 Targets: ≤ 1 false warning per 10k healthy steps for the defaults together, and against
-every anchor: better on at least one of recall before onset, median lead and false-alarm
-rate, worse on none. Lead is compared on the failures both caught before onset, and not at
-all where there are none: a median over different runs compares the runs, not the
-detectors. (Until the eighth change it compared the two medians as they stand, which on
-the study set loopdiag's median over 96 runs against the |z| > 3 rule's over its 1.) Where
-no failure can be warned before onset, every onset at the run's first record (the
-loops-compute study), recall before onset is zero for every detector by construction and
-recall by the end of the run takes its place. (Earlier versions counted such a set a tie
-on recall.)
+every anchor: better on at least one of recall before onset, lead and false-alarm rate,
+worse on none. Each axis is compared run by run, on the same runs: recall on the failures
+one set caught and the other did not (exact McNemar), false alarms on the healthy runs
+where one set alarmed fewer times than the other, lead on the failures both caught before
+onset where one warned earlier (sign tests); one set is better or worse on an axis only
+where that two-sided test gives p < 0.05, and otherwise neither. Lead is not compared
+where no failure was caught by both before onset: a median over different runs compares
+the runs, not the detectors. (Until the eighth change it compared the two medians as they
+stand, which on the study set loopdiag's median over 96 runs against the |z| > 3 rule's
+over its 1. Until the corpora's records were committed it compared totals and medians
+without a test: the depth corpus, retrained from scratch on another machine's CPU, whose
+rounding moves these chaotic runs' onsets by tens of steps, gave a median lead against
+|z| > 3 of 69 steps against 47 where the first training gave 69 against 72, over the same
+13 settings and seeds, and the comparison flipped from worse to better.) Where no failure
+can be warned before onset, every onset at the run's first record (the loops-compute
+study), recall before onset is zero for every detector by construction and recall by the
+end of the run takes its place. (Earlier versions counted such a set a tie on recall.)
 """
 
 from __future__ import annotations
@@ -146,11 +157,13 @@ import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 
 from loopdiag.detect import (
     DETECTORS,
@@ -176,7 +189,10 @@ TARGET_FALSE_ALARMS = 1.0  # per PER_STEPS healthy steps
 HELD_OUT_FROM_SEED = 11  # seed 0: thresholds and development; seeds 1-10 scored earlier versions
 REFERENCE_SEED = 0  # the corpus reference's expected loss comes from this (dev) seed
 ALL_DEFAULTS = "loopdiag (all defaults)"
-LEAD_AXIS = "median lead on the failures both caught before onset"
+# Two detector sets differ on an axis only where the runs say so: a two-sided paired test
+# below this p (see `compare`).
+SIGNIFICANCE = 0.05
+LEAD_AXIS = "lead on the failures both caught before onset"
 
 
 @dataclass(frozen=True)
@@ -264,22 +280,22 @@ def train_run(setting: Setting, seed: int, spec: CorpusSpec, run_dir: Path) -> f
     return time.perf_counter() - start
 
 
-def is_finished(run_dir: Path, setting: Setting, spec: CorpusSpec) -> bool:
+def is_finished(run_dir: Path, setting: Setting, spec: CorpusSpec, data_sha256: str) -> bool:
     """A run folder that closed with a verdict after training `setting` as `spec` asks: the
-    same steps, text and model (a cache of other data or size is retrained, not reused)."""
+    same steps, model and text, the text told by its hash (where its files lie differs from
+    machine to machine); a run of other data or size is retrained, not reused."""
     try:
         config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return False
-    source = ", ".join(str(Path(path)) for path in spec.data) or "cpython-docs"
     model = spec.model_config(setting)
     return ((run_dir / "summary.json").is_file() and config["train"]["steps"] == spec.steps
-            and config["data"]["source"] == source
+            and config["data"].get("sha256") == data_sha256
             and {key: config["model"].get(key) for key in model} == model)
 
 
-def build_corpus(seeds: Sequence[int], spec: CorpusSpec, cache: Path, reuse: bool,
-                 workers: int) -> float | None:
+def build_corpus(seeds: Sequence[int], spec: CorpusSpec, data_sha256: str, cache: Path,
+                 reuse: bool, workers: int) -> float | None:
     """Train the runs the cache lacks; the wall time, or None when all were reused."""
     # Most loops first, so the longest runs do not end up alone at the tail.
     jobs = [(setting, seed) for setting in sorted(SETTINGS, key=lambda s: -s.n_loops)
@@ -288,7 +304,7 @@ def build_corpus(seeds: Sequence[int], spec: CorpusSpec, cache: Path, reuse: boo
     if REFERENCE_SEED not in seeds:  # the dev run the reference's expected loss comes from
         jobs.append((reference, REFERENCE_SEED))
     todo = [(setting, seed) for setting, seed in jobs
-            if not (reuse and is_finished(cache / run_name(setting, seed), setting, spec))]
+            if not (reuse and is_finished(cache / run_name(setting, seed), setting, spec, data_sha256))]
     print(f"corpus: {len(jobs)} runs, {len(jobs) - len(todo)} reused from {cache}, "
           f"{len(todo)} to train with {workers} process(es)", flush=True)
     if not todo:
@@ -406,6 +422,8 @@ class Score:
     healthy_steps: int
     false_alarms: int
     alarmed_healthy_runs: int
+    caught_runs: frozenset[str] = frozenset()  # failed runs alarmed at any step
+    alarms_by_healthy_run: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def median_lead(self) -> float | None:
@@ -432,23 +450,24 @@ class Score:
 def score(name: str, runs: Sequence[ScoredRun], detectors: Collection[str]) -> Score:
     collapses = [run for run in runs if run.label.collapsed]
     healthy = [run for run in runs if not run.label.collapsed]
-    leads, within, by_end = {}, 0, 0
+    leads, within, caught = {}, 0, set()
     for run in collapses:
         alarm = first_alarm(run, detectors)
         if alarm is None:
             continue
-        by_end += 1
+        caught.add(run.name)
         if alarm["step"] <= run.label.onset:
             leads[run.name] = run.label.onset - alarm["step"]
         if alarm["step"] <= run.label.onset + ONSET_SLACK:
             within += 1
-    alarms_per_run = [sum(a["detector"] in detectors for a in run.alarms) for run in healthy]
+    alarms_per_run = {run.name: sum(a["detector"] in detectors for a in run.alarms) for run in healthy}
     return Score(name=name, collapses=len(collapses), caught_before=len(leads),
-                 caught_within=within, caught_by_end=by_end,
+                 caught_within=within, caught_by_end=len(caught),
                  warnable=sum(run.label.onset > run.first_step for run in collapses), leads=leads,
                  healthy_runs=len(healthy), healthy_steps=sum(run.steps for run in healthy),
-                 false_alarms=sum(alarms_per_run),
-                 alarmed_healthy_runs=sum(count > 0 for count in alarms_per_run))
+                 false_alarms=sum(alarms_per_run.values()),
+                 alarmed_healthy_runs=sum(count > 0 for count in alarms_per_run.values()),
+                 caught_runs=frozenset(caught), alarms_by_healthy_run=alarms_per_run)
 
 
 def common_leads(ours: Score, anchor: Score) -> tuple[int, float, float] | None:
@@ -461,24 +480,64 @@ def common_leads(ours: Score, anchor: Score) -> tuple[int, float, float] | None:
             statistics.median(anchor.leads[name] for name in common))
 
 
-def compare(ours: Score, anchor: Score) -> tuple[list[str], list[str]]:
-    """(axes where ours is better, axes where it is worse). Lead is compared on the failures
-    both caught before onset (a median over different runs compares the runs, not the
-    detectors); with none in common it is not compared. Where no failure can be warned
-    before onset (every onset at the run's first record), recall before onset is zero for
-    every detector by construction, and recall is compared by the end of the run."""
+@dataclass(frozen=True)
+class Paired:
+    """One axis compared run by run: on how many runs ours did better, on how many worse
+    (ties left out), and the two-sided sign test's p (exact McNemar for caught or not)."""
+
+    axis: str
+    wins: int
+    losses: int
+
+    @property
+    def p(self) -> float:
+        trials = self.wins + self.losses
+        return binomtest(self.wins, trials).pvalue if trials else 1.0
+
+    @property
+    def outcome(self) -> str:
+        """"better", "worse" or "no difference"."""
+        if self.p >= SIGNIFICANCE:
+            return "no difference"
+        return "better" if self.wins > self.losses else "worse"
+
+    def text(self, unit: str) -> str:
+        return f"{self.axis} ({unit}: ours on {self.wins}, theirs on {self.losses}, p = {self.p:.2g})"
+
+
+def paired_axes(ours: Score, anchor: Score) -> list[tuple[Paired, str]]:
+    """Each axis as (counts, what a win is), on the same runs. Recall: the failures one set
+    alarmed on and the other did not. False alarms: the healthy runs where one set alarmed
+    fewer times. Lead: the failures both caught before onset, where one set warned earlier.
+    Where no failure can be warned before onset (every onset at the run's first record),
+    recall before onset is zero for every detector by construction, and recall is compared
+    by the end of the run."""
     if ours.warnable:
-        mine = {"recall before onset": ours.recall_before}
-        theirs = {"recall before onset": anchor.recall_before}
+        axis, mine, theirs = "recall before onset", set(ours.leads), set(anchor.leads)
     else:
-        mine = {"recall by the end of the run": ours.recall_by_end}
-        theirs = {"recall by the end of the run": anchor.recall_by_end}
-    mine["false-alarm rate"], theirs["false-alarm rate"] = -ours.false_alarm_rate, -anchor.false_alarm_rate
-    leads = common_leads(ours, anchor)
-    if leads is not None:
-        _, mine[LEAD_AXIS], theirs[LEAD_AXIS] = leads
-    return ([axis for axis in mine if mine[axis] > theirs[axis]],
-            [axis for axis in mine if mine[axis] < theirs[axis]])
+        axis, mine, theirs = "recall by the end of the run", ours.caught_runs, anchor.caught_runs
+    axes = [(Paired(axis, len(mine - theirs), len(theirs - mine)), "failures caught by one only")]
+    healthy = ours.alarms_by_healthy_run.keys() & anchor.alarms_by_healthy_run.keys()
+    fewer = [ours.alarms_by_healthy_run[name] - anchor.alarms_by_healthy_run[name] for name in healthy]
+    axes.append((Paired("false-alarm rate", sum(d < 0 for d in fewer), sum(d > 0 for d in fewer)),
+                 "healthy runs with fewer alarms"))
+    common = ours.leads.keys() & anchor.leads.keys()
+    if common:
+        earlier = [ours.leads[name] - anchor.leads[name] for name in common]
+        axes.append((Paired(LEAD_AXIS, sum(d > 0 for d in earlier), sum(d < 0 for d in earlier)),
+                     "failures warned earlier"))
+    return axes
+
+
+def compare(ours: Score, anchor: Score) -> tuple[list[str], list[str]]:
+    """(axes where ours is better, axes where it is worse): each axis compared run by run on
+    the same runs (`paired_axes`), better or worse only where a two-sided paired test gives
+    p < `SIGNIFICANCE`. Lead is compared on the failures both caught before onset (a median
+    over different runs compares the runs, not the detectors); with none in common it is
+    not compared."""
+    axes = [paired for paired, _ in paired_axes(ours, anchor)]
+    return ([paired.axis for paired in axes if paired.outcome == "better"],
+            [paired.axis for paired in axes if paired.outcome == "worse"])
 
 
 @dataclass(frozen=True)
@@ -766,15 +825,17 @@ def target_lines(name: str, scores: Sequence[Score]) -> list[str]:
         lead_text = ("" if leads is None else
                      f" Median lead on the {leads[0]} failures both caught before onset: "
                      f"{leads[1]:g} steps against {leads[2]:g}.")
+        run_by_run = "; ".join(paired.text(unit) for paired, unit in paired_axes(ours, anchor))
         lines.append(f"- {name}: better than `{anchor.name}` on at least one axis, worse on none: "
                      f"{MET[not (better and not worse)]} (better: {', '.join(better) or 'none'}; "
-                     f"worse: {', '.join(worse) or 'none'}).{lead_text}")
+                     f"worse: {', '.join(worse) or 'none'}). Run by run: {run_by_run}.{lead_text}")
     return lines
 
 
 def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
     """Facts behind the failures the verdicts (with reference) called stable."""
     lines = []
+    healthy_finals = [run.final_smoothed_loss for run in runs if not run.label.collapsed]
     for mode in MODES:
         missed = [run for run in runs if run.label.collapsed and run.verdicts[mode]["status"] == "stable"]
         if missed:
@@ -782,6 +843,16 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
                          f"judged stable: " + ", ".join(
                 f"`{run.name}` ({run.label.kind}, final smoothed loss {run.final_smoothed_loss:.3g})"
                 for run in missed[:12]) + (" and more" if len(missed) > 12 else "") + ".")
+            if mode == MODES[0]:
+                # A failure told only by a reference the mode lacks: a healthy run of the
+                # set ended as high, so no threshold on the final loss separates the two.
+                hidden = sum(any(final >= run.final_smoothed_loss for final in healthy_finals)
+                             for run in missed)
+                lines.append(f"  {hidden} of the {len(missed)} ended no higher than one of the "
+                             f"set's {len(healthy_finals)} healthy runs (the highest of those ended "
+                             f"at {max(healthy_finals, default=math.nan):.3g}): on the final loss "
+                             f"alone, no rule without a reference calls such a run failed and "
+                             f"that healthy run stable.")
         wrong = [run for run in runs if not run.label.collapsed and run.verdicts[mode]["status"] != "stable"]
         if wrong:
             lines.append(f"- {mode}: {counted(len(wrong), 'healthy run', 'healthy runs')} "
@@ -961,7 +1032,7 @@ one-loop model (`{arch}`, K={n_loops}, lr {lr:g}) ends at a smoothed loss of
 """
 
 
-def write_report(out: Path, runs: Sequence[ScoredRun], scores: Sequence[Score],
+def write_report(out: Path, cache: Path, runs: Sequence[ScoredRun], scores: Sequence[Score],
                  seeds: Sequence[int], steps: int, command: str, train_seconds: float | None,
                  total_seconds: float, run_config: Mapping[str, Any],
                  studies: Sequence[tuple[Path, list[ScoredRun], Mapping[int, float]]]) -> None:
@@ -969,7 +1040,8 @@ def write_report(out: Path, runs: Sequence[ScoredRun], scores: Sequence[Score],
     model, train = run_config["model"], run_config["train"]
     collapses = [run for run in runs if run.label.collapsed]
     healthy_steps = sum(run.steps for run in runs if not run.label.collapsed)
-    trained = ("the corpus was reused from the cache (no training in this invocation)"
+    trained = (f"the corpus was scored from its records in `{shared_path(str(cache))}/` "
+               f"(no training in this invocation)"
                if train_seconds is None else f"training the corpus took {train_seconds:.0f} s")
     corpus_verdicts = [score_verdicts(runs, mode) for mode in MODES]
     verdict_table_rows = verdict_rows("corpus", corpus_verdicts)
@@ -1082,7 +1154,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides of the tiny preset, e.g. d_model=64 n_heads=4 seq_len=64")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/detection"))
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="the corpus's run folders (default: <out>/runs, committed with the "
+                             "report as records without checkpoints)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished run folders in the cache instead of retraining")
     parser.add_argument("--study", type=Path, nargs="*", default=list(STUDIES),
@@ -1090,6 +1164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
                              "none given: no study)")
     parser.add_argument("--out", type=Path, default=Path("reports/detection"))
     args = parser.parse_args(argv)
+    args.cache = args.cache or args.out / "runs"
     if min(args.seeds) < HELD_OUT_FROM_SEED:
         parser.error(f"only seeds >= {HELD_OUT_FROM_SEED} are scored: seed 0 set the thresholds "
                      f"and seeds 1-10 scored earlier versions of the detectors")
@@ -1111,11 +1186,12 @@ def main() -> None:
     command = shared_command(["python", "benchmarks/detection.py", *sys.argv[1:]])
 
     start = time.perf_counter()
-    args.cache.mkdir(parents=True, exist_ok=True)
-    train_seconds = build_corpus(seeds, spec, args.cache, args.reuse, args.workers)
     from loopdiag.data import load_corpus
 
-    runs = score_corpus(seeds, args.cache, load_corpus(spec.data or None).context_free_loss)
+    corpus = load_corpus(spec.data or None)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    train_seconds = build_corpus(seeds, spec, corpus.sha256, args.cache, args.reuse, args.workers)
+    runs = score_corpus(seeds, args.cache, corpus.context_free_loss)
     scores = score_all(runs)
     studies = [(path, *score_study(path)) for path in args.study if (path / SUITE_FILE).is_file()]
     total_seconds = time.perf_counter() - start
@@ -1132,7 +1208,7 @@ def main() -> None:
     if train_seconds is not None:
         print(f"\ncorpus trained in {train_seconds:.0f} s; total {total_seconds:.0f} s")
     reference_config = args.cache / run_name(SETTINGS[0], seeds[0]) / "config.json"
-    write_report(args.out, runs, scores, seeds, args.steps, command, train_seconds,
+    write_report(args.out, args.cache, runs, scores, seeds, args.steps, command, train_seconds,
                  total_seconds, json.loads(reference_config.read_text(encoding="utf-8")), studies)
     print(f"wrote {args.out / 'README.md'} and {args.out / 'table.csv'}")
 

@@ -53,13 +53,14 @@ def test_non_finite_tail_fails_against_the_reference(bench):
 
 
 def scored_run(bench, name, kind, onset, alarm_steps, detector="collapse_plateau", steps=STEPS,
-               status="stable", first_warning=None, early_loss=3.0, reference_early_loss=3.0):
+               status="stable", first_warning=None, early_loss=3.0, reference_early_loss=3.0,
+               final_loss=2.0):
     judged = {"status": status, "first_warning_step": first_warning, "step": None,
               "signal": None, "mechanism": None}
     return bench.ScoredRun(
         name=name, group="g", expected="–", seed=1, label=bench.Label(kind, onset), steps=steps,
         first_step=1,
-        final_smoothed_loss=2.0, early_smoothed_loss=early_loss,
+        final_smoothed_loss=final_loss, early_smoothed_loss=early_loss,
         reference_early_smoothed_loss=reference_early_loss,
         alarms=tuple({"step": s, "detector": detector, "severity": "warn", "message": ""}
                      for s in alarm_steps),
@@ -111,35 +112,56 @@ def test_score_counts_recall_lead_and_false_alarms(bench):
     assert result.false_alarm_rate == pytest.approx(2 * 10_000 / (3 * STEPS))
 
 
-def detector_score(bench, caught, leads, false_alarms=0, caught_by_end=None, warnable=10):
-    """A detector set's score over 10 failures and 5 healthy runs (10k steps)."""
-    return bench.Score("x", collapses=10, caught_before=caught, caught_within=caught,
-                       caught_by_end=caught if caught_by_end is None else caught_by_end,
-                       warnable=warnable, leads=leads, healthy_runs=5, healthy_steps=10_000,
-                       false_alarms=false_alarms, alarmed_healthy_runs=min(false_alarms, 5))
+def detector_score(bench, leads, alarms=(), caught=None, warnable=10, healthy=8):
+    """A detector set's score over 10 failures and `healthy` healthy runs (10k steps):
+    `leads` by failure caught before onset, `alarms` on healthy runs h0, h1, ... (the rest
+    none), `caught` the failures alarmed at any step (default: those of `leads`)."""
+    per_run = {f"h{i}": (list(alarms) + [0] * healthy)[i] for i in range(healthy)}
+    caught = frozenset(leads if caught is None else caught)
+    return bench.Score("x", collapses=10, caught_before=len(leads), caught_within=len(leads),
+                       caught_by_end=len(caught), warnable=warnable, leads=leads,
+                       healthy_runs=healthy, healthy_steps=10_000,
+                       false_alarms=sum(per_run.values()),
+                       alarmed_healthy_runs=sum(count > 0 for count in per_run.values()),
+                       caught_runs=caught, alarms_by_healthy_run=per_run)
+
+
+NINE = "abcdefghi"
 
 
 def test_compare_needs_a_better_axis_and_no_worse_one(bench):
-    def result(caught, leads, false_alarms):
-        return detector_score(bench, caught, leads, false_alarms)
+    ours = detector_score(bench, {name: 30 for name in NINE})
+    noisy = detector_score(bench, {"a": 5}, alarms=[3] * 8)
+    # 8 failures only ours caught, 8 healthy runs only theirs alarmed on: both p = 0.008;
+    # the one failure both caught says nothing about lead
+    assert bench.compare(ours, noisy) == (["recall before onset", "false-alarm rate"], [])
+    assert bench.compare(detector_score(bench, {name: 30 for name in NINE}, alarms=[1] * 8),
+                         detector_score(bench, {"a": 5})) == (["recall before onset"], ["false-alarm rate"])
+    assert bench.compare(detector_score(bench, {}), detector_score(bench, {})) == ([], [])
 
-    lead = bench.LEAD_AXIS
-    assert bench.compare(result(9, {"a": 30, "b": 10}, 0), result(2, {"a": 5}, 40)) == (
-        ["recall before onset", "false-alarm rate", lead], [])
-    assert bench.compare(result(9, {"a": 30}, 1), result(2, {}, 0)) == (
-        ["recall before onset"], ["false-alarm rate"])
-    assert bench.compare(result(0, {}, 0), result(0, {}, 0)) == ([], [])
+
+def test_a_difference_on_a_few_runs_is_no_difference(bench):
+    # 5 failures caught by ours only (p = 0.06), one healthy run alarmed by theirs only
+    ours = detector_score(bench, {name: 30 for name in "abcde"})
+    theirs = detector_score(bench, {}, alarms=[7])
+    assert bench.compare(ours, theirs) == ([], [])
+    (recall, unit), (alarms, _) = bench.paired_axes(ours, theirs)
+    assert (recall.wins, recall.losses, alarms.wins, alarms.losses) == (5, 0, 1, 0)
+    assert recall.p == pytest.approx(0.0625) and recall.outcome == "no difference"
+    assert recall.text(unit) == ("recall before onset (failures caught by one only: ours on 5, "
+                                 "theirs on 0, p = 0.062)")
 
 
 def test_where_no_failure_can_be_warned_before_onset_recall_is_compared_by_the_end(bench):
-    def result(by_end, false_alarms=0):
-        return detector_score(bench, 0, {}, false_alarms, caught_by_end=by_end, warnable=0)
+    def result(caught, alarms=()):
+        return detector_score(bench, {}, alarms, caught=caught, warnable=0)
 
     by_end = "recall by the end of the run"
-    assert bench.compare(result(8), result(0)) == ([by_end], [])
+    assert bench.compare(result("abcdefgh"), result("")) == ([by_end], [])
     # a rule that alarms on every run catches more failures too: worse recall, better rate
-    assert bench.compare(result(8), result(10, false_alarms=40)) == (["false-alarm rate"], [by_end])
-    assert bench.compare(result(0), result(0)) == ([], [])
+    assert bench.compare(result("a"), result("abcdefghij", alarms=[5] * 8)) == (
+        ["false-alarm rate"], [by_end])
+    assert bench.compare(result(""), result("")) == ([], [])
 
 
 def test_score_counts_the_failures_that_can_be_warned_before_onset(bench):
@@ -150,30 +172,36 @@ def test_score_counts_the_failures_that_can_be_warned_before_onset(bench):
     assert (result.warnable, result.caught_before, result.caught_by_end) == (1, 1, 2)
 
 
-def test_lead_is_compared_on_the_failures_both_caught(bench):
-    def result(leads):
-        return detector_score(bench, len(leads), leads)
-
-    ours = result({"a": 0, "b": 0, "c": 50})
-    # their median (93) beats ours (0), but on the one failure both caught ours leads
-    assert result({"c": 93}).median_lead == 93 and ours.median_lead == 0
-    assert bench.compare(ours, result({"c": 20})) == (["recall before onset", bench.LEAD_AXIS], [])
-    assert bench.compare(ours, result({"c": 93})) == (["recall before onset"], [bench.LEAD_AXIS])
+def test_lead_is_compared_run_by_run_on_the_failures_both_caught(bench):
+    ours = detector_score(bench, {"a": 0, "b": 0, **{name: 50 for name in "cdefghi"}})
+    # their median (93) beats ours (50), over other runs: compared on the 7 both caught
+    assert detector_score(bench, {"c": 93}).median_lead == 93 and ours.median_lead == 50
+    # ours earlier on 7 of the 9 both caught, later on 2: p = 0.18, no difference
+    assert bench.compare(ours, detector_score(bench, {name: 20 for name in "abcdefghi"})) == ([], [])
+    later = detector_score(bench, {name: 93 for name in "cdefghi"})  # later on all 7: p = 0.016
+    assert bench.compare(ours, later) == ([], [bench.LEAD_AXIS])
+    assert bench.compare(later, ours) == ([bench.LEAD_AXIS], [])
     # a failure only they caught: no lead to compare, the recall axis counts it
-    assert bench.compare(ours, result({"d": 93})) == (["recall before onset"], [])
+    assert [paired.axis for paired, _ in bench.paired_axes(ours, detector_score(bench, {"j": 93}))] == [
+        "recall before onset", "false-alarm rate"]
 
-    assert bench.common_leads(ours, result({"c": 93})) == (1, 50, 93)
-    assert bench.common_leads(ours, result({"d": 93})) is None
+    assert bench.common_leads(ours, detector_score(bench, {"c": 93})) == (1, 50, 93)
+    assert bench.common_leads(ours, detector_score(bench, {"j": 93})) is None
 
 
-def test_target_lines_give_the_leads_they_compared(bench):
+def test_target_lines_give_the_leads_they_compared_and_the_runs_behind_each_axis(bench):
     anchors = len(bench.anchor_detectors())
-    ours = detector_score(bench, 3, {"a": 0, "b": 4, "c": 50})
-    lines = bench.target_lines("set", [ours] + [detector_score(bench, 2, {"b": 30, "c": 40})] * anchors)
+    ours = detector_score(bench, {"a": 0, "b": 4, "c": 50})
+    lines = bench.target_lines("set", [ours] + [detector_score(bench, {"b": 30, "c": 40})] * anchors)
     assert lines[1].endswith("Median lead on the 2 failures both caught before onset: 27 steps "
-                             "against 35.") and "worse: median lead" in lines[1]
-    lines = bench.target_lines("set", [ours] + [detector_score(bench, 1, {"d": 9})] * anchors)
-    assert "Median lead" not in lines[1] and "**met**" in lines[1]
+                             "against 35.")
+    assert "**not met** (better: none; worse: none)" in lines[1]
+    assert ("Run by run: recall before onset (failures caught by one only: ours on 1, theirs on 0, "
+            "p = 1); false-alarm rate (healthy runs with fewer alarms: ours on 0, theirs on 0, p = 1); "
+            "lead on the failures both caught before onset (failures warned earlier: ours on 1, "
+            "theirs on 1, p = 1).") in lines[1]
+    lines = bench.target_lines("set", [ours] + [detector_score(bench, {"d": 9})] * anchors)
+    assert "Median lead" not in lines[1]
 
 
 def test_misses_say_how_many_healthy_runs_were_as_high_where_the_warning_was_due(bench):
@@ -194,6 +222,18 @@ def test_misses_say_how_many_healthy_runs_were_as_high_where_the_warning_was_due
     # 3.5 is 3 % above 3.4 and 17 % above 3.0
     assert line.endswith("1 of the 2 were 10% (the labels' gap) or more above that healthy model there.")
 
+
+
+def test_misses_without_a_reference_say_how_many_a_healthy_run_ended_as_high_as(bench):
+    runs = [scored_run(bench, "hidden", "failed to train", 1, [], final_loss=2.4),
+            scored_run(bench, "plain", "failed to train", 1, [], final_loss=3.1),
+            scored_run(bench, "caught", "failed to train", 1, [], status="collapsed", final_loss=3.2),
+            scored_run(bench, "slow", "healthy", None, [], final_loss=2.5),
+            scored_run(bench, "fast", "healthy", None, [], final_loss=2.1)]
+    listed, bound, _ = bench.miss_lines(runs)[:3]
+    assert listed.startswith("- no reference: 2 failed runs judged stable: `hidden`")
+    assert bound.startswith("  1 of the 2 ended no higher than one of the set's 2 healthy runs "
+                            "(the highest of those ended at 2.5)")
 
 
 def test_misses_name_the_late_collapses_warned_at_or_after_their_onset(bench):
@@ -232,15 +272,16 @@ def test_model_overrides_parse_literals_and_refuse_malformed_pairs(bench):
 def test_a_cached_run_of_other_data_or_size_is_not_reused(bench, tmp_path):
     setting = bench.SETTINGS[0]
     tiny = bench.CorpusSpec(300)
-    config = {"train": {"steps": 300}, "data": {"source": "cpython-docs"},
+    config = {"train": {"steps": 300}, "data": {"source": "/elsewhere/argparse.py", "sha256": "ab12"},
               "model": tiny.model_config(setting)}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert not bench.is_finished(tmp_path, setting, tiny)  # no summary: it did not finish
+    assert not bench.is_finished(tmp_path, setting, tiny, "ab12")  # no summary: it did not finish
     (tmp_path / "summary.json").write_text("{}")
-    assert bench.is_finished(tmp_path, setting, tiny)
-    assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(200))
-    assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(300, model=(("d_model", 64),)))
-    assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(300, data=("notes.txt",)))
+    # the same text read from another path (another machine's standard library) is reused
+    assert bench.is_finished(tmp_path, setting, tiny, "ab12")
+    assert not bench.is_finished(tmp_path, setting, tiny, "cd34")  # other text
+    assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(200), "ab12")
+    assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(300, model=(("d_model", 64),)), "ab12")
 
 
 def test_steps_are_training_steps_when_only_every_nth_is_logged(bench):
@@ -273,10 +314,11 @@ def test_bad_arguments_are_refused_with_a_usage_error(bench, args, message, caps
 def test_arguments_make_the_corpus_spec(bench, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("some text")
-    _, seeds, spec = bench.parse_args(["--seeds", "13", "11", "13", "--data", str(notes),
-                                       "--model", "d_model=64", "n_heads=4"])
+    args, seeds, spec = bench.parse_args(["--seeds", "13", "11", "13", "--data", str(notes),
+                                          "--model", "d_model=64", "n_heads=4", "--out", "r/x"])
     assert seeds == [11, 13]
     assert spec == bench.CorpusSpec(300, (str(notes),), (("d_model", 64), ("n_heads", 4)))
+    assert args.cache == Path("r/x/runs")  # the records live beside the report that scores them
 
 
 def write_study(root, finals_by_run):
