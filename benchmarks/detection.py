@@ -164,7 +164,6 @@ import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -429,8 +428,8 @@ class Score:
     healthy_steps: int
     false_alarms: int
     alarmed_healthy_runs: int
-    caught_runs: frozenset[str] = frozenset()  # failed runs alarmed at any step
-    alarms_by_healthy_run: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    caught_runs: frozenset[str]  # failed runs alarmed at any step
+    alarms_by_healthy_run: Mapping[str, int]
 
     @property
     def median_lead(self) -> float | None:
