@@ -108,7 +108,7 @@ committed beside their reports, every corpus was trained again from scratch, on 
 machine, with no detector changed: its CPU rounds differently, which moves the chaotic runs
 (the ramps, the highest learning rates without clipping) by up to tens of steps and some
 labels with them (shifted: 12 rose and 14 never trained at first, 9 and 17 again); every
-verdict count of the corpus and the depth corpus came out the same, while on the transfer
+verdict count of the corpus, the depth and the size corpus came out the same, while on the transfer
 corpus one of the 12 late collapses, whose onset moved, was now warned 8 steps after it.
 The reports score the committed records.
 
