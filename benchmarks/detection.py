@@ -110,7 +110,11 @@ machine, with no detector changed: its CPU rounds differently, which moves the c
 labels with them (shifted: 12 rose and 14 never trained at first, 9 and 17 again); every
 verdict count of the corpus, the depth and the size corpus came out the same, while on the transfer
 corpus one of the 12 late collapses, whose onset moved, was now warned 8 steps after it.
-The reports score the committed records.
+The reports score the committed records. Later still, with no detector changed, one more
+set was trained and scored once on seeds no run had used, its data, width and length all
+new: the prose corpus, seeds 28–30, Perl's diagnostics manual (`perldiag.pod`, English prose
+about error messages), d_model 96, 4 heads, seq_len 32, 400 steps
+(`reports/detection/prose/`).
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
@@ -405,6 +409,10 @@ class ScoredRun:
     # must have been warned. The healthy model its label compares it with, at the same step.
     early_smoothed_loss: float
     reference_early_smoothed_loss: float
+    # The lowest smoothed loss of the run, and what its data's token frequencies alone give
+    # (None when unknown): a run that went well below the latter trained, whatever its label.
+    lowest_smoothed_loss: float
+    context_free_loss: float | None
     alarms: tuple[dict[str, Any], ...]  # replayed warn/critical events (no reference), in step order
     verdicts: Mapping[str, Mapping[str, Any]]  # by mode
 
@@ -624,6 +632,9 @@ def judged_run(name: str, group: str, expected: str, seed: int, records: list[di
                      early_smoothed_loss=value_at(steps, smoothed, early_step),
                      reference_early_smoothed_loss=(statistics.median(reference_early)
                                                     if reference_early else math.nan),
+                     lowest_smoothed_loss=min((value for value in smoothed if math.isfinite(value)),
+                                              default=math.nan),
+                     context_free_loss=context_free_loss,
                      alarms=tuple(event.to_dict() for event in alarms), verdicts=verdicts)
 
 
@@ -872,9 +883,10 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
     if late:
         apart = sum(run.early_smoothed_loss >= (1 + ONSET_GAP) * run.reference_early_smoothed_loss
                     for run in late)
+        runs_were = counted(len(late), "run labelled failed to train was",
+                            "runs labelled failed to train were")
         lines.append(
-            f"- {counted(len(late), 'run that never trained was', 'runs that never trained were')} "
-            f"not warned within {EARLY_FRACTION:.0%} of "
+            f"- {runs_were} not warned within {EARLY_FRACTION:.0%} of "
             f"their steps (with reference). Their smoothed loss there, the healthy model's their "
             f"label compares them with at the same step, and how many of the {len(healthy)} "
             f"healthy runs were as high or higher at that point: " + ", ".join(
@@ -882,7 +894,7 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
                 f"{sum(value >= run.early_smoothed_loss for value in healthy)})"
                 for run in late[:12]) + (" and more" if len(late) > 12 else "")
             + f". {apart} of the {counted(len(late), 'was', 'were')} {ONSET_GAP:.0%} (the labels' "
-              f"gap) or more above that healthy model there.")
+              f"gap) or more above that healthy model there." + trained_text(late))
     rose = [run for run in runs if run.label.kind == "rose"]
     no_lead = [run for run in rose if run.verdicts[MODES[1]].get("first_warning_step") == run.label.onset]
     if no_lead:
@@ -902,6 +914,24 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
                         for run in after[:12])
             + (" and more" if len(after) > 12 else "") + ".")
     return lines
+
+
+def trained_text(runs: Sequence[ScoredRun]) -> str:
+    """How many of `runs` (failed to train) trained all the same: their smoothed loss went
+    the labels' gap or more below their data's context-free loss. Empty when none has one."""
+    known = [run for run in runs if run.context_free_loss is not None]
+    if not known:
+        return ""
+    trained = [run.lowest_smoothed_loss / run.context_free_loss for run in known
+               if run.lowest_smoothed_loss <= (1 - ONSET_GAP) * run.context_free_loss]
+    if not trained:
+        return (f" None of them got {ONSET_GAP:.0%} below the context-free loss (what the data's "
+                f"token frequencies alone give): they never trained.")
+    low, high = f"{min(trained):.2f}", f"{max(trained):.2f}"
+    return (f" {len(trained)} of the {len(known)} got {ONSET_GAP:.0%} or more below the context-free "
+            f"loss (what the data's token frequencies alone give; at their lowest "
+            f"{low if low == high else f'{low}–{high}'} of it): they trained, less far than that "
+            f"healthy model.")
 
 
 def alarm_text(alarm: dict[str, Any] | None) -> str:

@@ -54,7 +54,7 @@ def test_non_finite_tail_fails_against_the_reference(bench):
 
 def scored_run(bench, name, kind, onset, alarm_steps, detector="collapse_plateau", steps=STEPS,
                status="stable", first_warning=None, early_loss=3.0, reference_early_loss=3.0,
-               final_loss=2.0):
+               final_loss=2.0, lowest_loss=None, context_free_loss=None):
     judged = {"status": status, "first_warning_step": first_warning, "step": None,
               "signal": None, "mechanism": None}
     return bench.ScoredRun(
@@ -62,6 +62,8 @@ def scored_run(bench, name, kind, onset, alarm_steps, detector="collapse_plateau
         first_step=1,
         final_smoothed_loss=final_loss, early_smoothed_loss=early_loss,
         reference_early_smoothed_loss=reference_early_loss,
+        lowest_smoothed_loss=final_loss if lowest_loss is None else lowest_loss,
+        context_free_loss=context_free_loss,
         alarms=tuple({"step": s, "detector": detector, "severity": "warn", "message": ""}
                      for s in alarm_steps),
         verdicts={mode: judged for mode in bench.MODES})
@@ -216,12 +218,28 @@ def test_misses_say_how_many_healthy_runs_were_as_high_where_the_warning_was_due
         scored_run(bench, "fast", "healthy", None, [], early_loss=3.4),
     ]
     (line,) = bench.miss_lines(runs)
-    assert line.startswith("- 2 runs that never trained were not warned within 15% of their steps")
+    assert line.startswith("- 2 runs labelled failed to train were not warned within 15% of their steps")
     assert "`late` (3.5; 3.4; 1)" in line and "`behind` (3.5; 3; 1)" in line
     assert "`early`" not in line
     # 3.5 is 3 % above 3.4 and 17 % above 3.0
     assert line.endswith("1 of the 2 were 10% (the labels' gap) or more above that healthy model there.")
 
+
+def test_misses_say_which_of_the_runs_not_warned_early_trained_all_the_same(bench):
+    def late(name, lowest, floor=3.2):
+        return scored_run(bench, name, "failed to train", 1, [], status="failed_to_train",
+                          first_warning=200, lowest_loss=lowest, context_free_loss=floor)
+    (line,) = bench.miss_lines([late("learned", 1.6), late("learned-less", 2.56),
+                                late("stuck", 3.1), late("unknown-data", 1.0, floor=None)])
+    # 1.6 and 2.56 are 0.50 and 0.80 of 3.2; 3.1 is within 10 % of it
+    assert line.endswith(" 2 of the 3 got 10% or more below the context-free loss (what the data's "
+                         "token frequencies alone give; at their lowest 0.50–0.80 of it): they "
+                         "trained, less far than that healthy model.")
+    (line,) = bench.miss_lines([late("stuck", 3.1)])
+    assert line.endswith("None of them got 10% below the context-free loss (what the data's token "
+                         "frequencies alone give): they never trained.")
+    (line,) = bench.miss_lines([late("unknown-data", 1.0, floor=None)])
+    assert line.endswith("above that healthy model there.")
 
 
 def test_misses_without_a_reference_say_how_many_a_healthy_run_ended_as_high_as(bench):
