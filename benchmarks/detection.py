@@ -5,7 +5,7 @@ used training stacks (`anchor_detectors`), replayed over the same records.
 
     python benchmarks/detection.py [--seeds 11 12 13 14 15 16 17 18 19 20 21] [--steps 300]
         [--data FILE ...] [--model KEY=VALUE ...] [--workers 2]
-        [--cache <out>/runs] [--reuse]
+        [--cache <out>/runs] [--reuse | --rescore]
         [--study reports/flt-stability/runs reports/loops-compute/runs] [--out reports/detection]
 
 Corpus: every setting in `SETTINGS` × seed, the tiny preset (`--model` overrides it), on
@@ -14,10 +14,14 @@ trained once by `run_one` into `<cache>/<setting>-s<seed>/` (one torch thread pe
 `--workers` processes). `--reuse` keeps finished run folders of the same steps, text and
 model. The cache defaults to `<out>/runs`: each report's corpus is committed beside it as
 the studies' records are (config, events, verdict and `metrics.parquet`; the JSONL and the
-checkpoints stay with whoever trained it), so `--reuse` scores it again from a fresh clone
-without training. Scoring is offline: the detectors are replayed over `read_records(run_dir)`, so it
-is cheap and repeatable and cannot depend on what fired live. Each study (`--study`, a
-suite's run store; skipped when absent) is replayed the same way.
+checkpoints stay with whoever trained it). `--rescore` scores those records as they were
+recorded, from a fresh clone, without training and without the text (its hash, length and
+context-free loss are in each run's config), so a set trained on files another machine
+lacks, or holds in another version, is scored all the same; the report names the command
+that trained them, which the cache keeps (`corpus.json`). Scoring is offline: the
+detectors are replayed over `read_records(run_dir)`, so it is cheap and repeatable and
+cannot depend on what fired live. Each study (`--study`, a suite's run store; skipped when
+absent) is replayed the same way.
 
 Labels come from the training loss alone, never from a detector output, and were written
 down before any scoring. Smoothing is that of `ground_truth_onset`: an EMA of span 20
@@ -190,6 +194,8 @@ from loopdiag.store._files import SUITE_FILE
 from loopdiag.store.reference import context_free_loss
 
 ALARM_SEVERITIES = ("warn", "critical")
+DEFAULT_STEPS = 300
+CORPUS_FILE = "corpus.json"  # in the cache: the command that last trained runs into it
 ONSET_SLACK = 20  # steps after onset that still count for the "within" recall
 PER_STEPS = 10_000
 TARGET_RECALL = 0.95  # late collapses ("rose") warned before onset
@@ -302,6 +308,27 @@ def is_finished(run_dir: Path, setting: Setting, spec: CorpusSpec, data_sha256: 
     return ((run_dir / "summary.json").is_file() and config["train"]["steps"] == spec.steps
             and config["data"].get("sha256") == data_sha256
             and {key: config["model"].get(key) for key in model} == model)
+
+
+def recorded_corpus(seeds: Sequence[int], cache: Path) -> dict[str, Any]:
+    """The stored config of the reference's seed-0 run, for scoring a corpus as it was
+    recorded (`--rescore`): every run the seeds need has finished, all on one text and one
+    length. ValueError otherwise, naming what is not so."""
+    reference = next(setting for setting in SETTINGS if setting.name == REFERENCE)
+    names = [run_name(setting, seed) for setting in SETTINGS for seed in seeds]
+    names.append(run_name(reference, REFERENCE_SEED))
+    missing = [name for name in names if not (cache / name / "summary.json").is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"{cache} holds no finished run {', '.join(missing[:3])}{more}: "
+                         f"train them first (without --rescore)")
+    configs = [json.loads((cache / name / "config.json").read_text(encoding="utf-8"))
+               for name in names]
+    recorded = {(config["data"].get("sha256"), config["train"]["steps"]) for config in configs}
+    if len(recorded) > 1:
+        raise ValueError(f"the runs in {cache} were trained on {len(recorded)} different texts "
+                         f"or lengths: one corpus is scored at a time")
+    return configs[-1]
 
 
 def build_corpus(seeds: Sequence[int], spec: CorpusSpec, data_sha256: str, cache: Path,
@@ -1068,6 +1095,14 @@ one-loop model (`{arch}`, K={n_loops}, lr {lr:g}) ends at a smoothed loss of
 """
 
 
+def trained_by_command(cache: Path) -> str | None:
+    """The command that last trained runs into `cache`, as its manifest keeps it."""
+    try:
+        return json.loads((cache / CORPUS_FILE).read_text(encoding="utf-8"))["trained_by"]
+    except FileNotFoundError:
+        return None
+
+
 def write_report(out: Path, cache: Path, runs: Sequence[ScoredRun], scores: Sequence[Score],
                  seeds: Sequence[int], steps: int, command: str, train_seconds: float | None,
                  total_seconds: float, run_config: Mapping[str, Any],
@@ -1076,8 +1111,10 @@ def write_report(out: Path, cache: Path, runs: Sequence[ScoredRun], scores: Sequ
     model, train = run_config["model"], run_config["train"]
     collapses = [run for run in runs if run.label.collapsed]
     healthy_steps = sum(run.steps for run in runs if not run.label.collapsed)
+    trained_by = trained_by_command(cache)
     trained = (f"the corpus was scored from its records in `{shared_path(str(cache))}/` "
-               f"(no training in this invocation)"
+               f"(no training in this invocation"
+               + ("" if trained_by is None else f"; trained by `{trained_by}`") + ")"
                if train_seconds is None else f"training the corpus took {train_seconds:.0f} s")
     corpus_verdicts = [score_verdicts(runs, mode) for mode in MODES]
     verdict_table_rows = verdict_rows("corpus", corpus_verdicts)
@@ -1178,13 +1215,15 @@ def model_overrides(pairs: Sequence[str]) -> list[tuple[str, Any]]:
     return overrides
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[int], CorpusSpec]:
-    """(arguments, seeds, corpus spec); exits with a usage error on bad input, before any
-    training."""
+def parse_args(argv: Sequence[str] | None = None
+               ) -> tuple[argparse.Namespace, list[int], CorpusSpec | None]:
+    """(arguments, seeds, corpus spec: None with `--rescore`, which trains nothing); exits
+    with a usage error on bad input, before any training."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps per run (default {DEFAULT_STEPS})")
     parser.add_argument("--data", nargs="+", default=[], metavar="FILE",
                         help="train the corpus on these text files (default: the embedded corpus)")
     parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
@@ -1195,6 +1234,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
                              "report as records without checkpoints)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished run folders in the cache instead of retraining")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the finished runs in the cache as they were recorded: no "
+                             "training, no text read")
     parser.add_argument("--study", type=Path, nargs="*", default=list(STUDIES),
                         help="suites' run stores to replay and score too (each skipped if absent; "
                              "none given: no study)")
@@ -1205,6 +1247,17 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         parser.error(f"only seeds >= {HELD_OUT_FROM_SEED} are scored: seed 0 set the thresholds "
                      f"and seeds 1-10 scored earlier versions of the detectors")
     seeds = sorted(set(args.seeds))
+    if args.rescore:
+        training = [flag for flag, given in (("--steps", args.steps is not None),
+                                             ("--data", args.data), ("--model", args.model),
+                                             ("--reuse", args.reuse)) if given]
+        if training:
+            parser.error(f"--rescore scores the runs as they were recorded: "
+                         f"{', '.join(training)} describe(s) training")
+        return args, seeds, None
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     try:
         spec = CorpusSpec(args.steps, tuple(args.data), tuple(model_overrides(args.model)))
         for setting in SETTINGS:
@@ -1222,12 +1275,24 @@ def main() -> None:
     command = shared_command(["python", "benchmarks/detection.py", *sys.argv[1:]])
 
     start = time.perf_counter()
-    from loopdiag.data import load_corpus
+    if spec is None:
+        try:
+            recorded = recorded_corpus(seeds, args.cache)
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        train_seconds, steps = None, recorded["train"]["steps"]
+        context_free = context_free_loss(recorded)
+    else:
+        from loopdiag.data import load_corpus
 
-    corpus = load_corpus(spec.data or None)
-    args.cache.mkdir(parents=True, exist_ok=True)
-    train_seconds = build_corpus(seeds, spec, corpus.sha256, args.cache, args.reuse, args.workers)
-    runs = score_corpus(seeds, args.cache, corpus.context_free_loss)
+        corpus = load_corpus(spec.data or None)
+        args.cache.mkdir(parents=True, exist_ok=True)
+        train_seconds = build_corpus(seeds, spec, corpus.sha256, args.cache, args.reuse, args.workers)
+        if train_seconds is not None:
+            (args.cache / CORPUS_FILE).write_text(json.dumps({"trained_by": command}, indent=1) + "\n",
+                                                  encoding="utf-8")
+        steps, context_free = spec.steps, corpus.context_free_loss
+    runs = score_corpus(seeds, args.cache, context_free)
     scores = score_all(runs)
     studies = [(path, *score_study(path)) for path in args.study if (path / SUITE_FILE).is_file()]
     total_seconds = time.perf_counter() - start
@@ -1244,7 +1309,7 @@ def main() -> None:
     if train_seconds is not None:
         print(f"\ncorpus trained in {train_seconds:.0f} s; total {total_seconds:.0f} s")
     reference_config = args.cache / run_name(SETTINGS[0], seeds[0]) / "config.json"
-    write_report(args.out, args.cache, runs, scores, seeds, args.steps, command, train_seconds,
+    write_report(args.out, args.cache, runs, scores, seeds, steps, command, train_seconds,
                  total_seconds, json.loads(reference_config.read_text(encoding="utf-8")), studies)
     print(f"wrote {args.out / 'README.md'} and {args.out / 'table.csv'}")
 

@@ -322,6 +322,9 @@ def test_steps_are_training_steps_when_only_every_nth_is_logged(bench):
     (["--model", "depth=3"], "--model: ModelConfig.__init__() got an unexpected keyword"),
     (["--data", "no-such-notes.txt"], "--data: no such file: no-such-notes.txt"),
     (["--seeds", "3"], "only seeds >= 11 are scored"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--rescore", "--steps", "300", "--reuse"], "--rescore scores the runs as they were recorded: "
+                                                 "--steps, --reuse describe(s) training"),
 ])
 def test_bad_arguments_are_refused_with_a_usage_error(bench, args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -337,6 +340,43 @@ def test_arguments_make_the_corpus_spec(bench, tmp_path):
     assert seeds == [11, 13]
     assert spec == bench.CorpusSpec(300, (str(notes),), (("d_model", 64), ("n_heads", 4)))
     assert args.cache == Path("r/x/runs")  # the records live beside the report that scores them
+
+
+def test_rescoring_needs_every_run_finished_on_one_text(bench, tmp_path):
+    def finish(name, sha="ab12", steps=300):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"train": {"steps": steps}, "data": {"sha256": sha, "context_free_loss": 3.2}}))
+        (tmp_path / name / "summary.json").write_text("{}")
+    names = [bench.run_name(setting, 11) for setting in bench.SETTINGS]
+    for name in names[1:]:
+        finish(name)
+    with pytest.raises(ValueError, match=f"holds no finished run {names[0]}, "
+                                         f"{bench.REFERENCE}-s0: train them first"):
+        bench.recorded_corpus([11], tmp_path)
+    finish(names[0])
+    finish(f"{bench.REFERENCE}-s0", steps=400)
+    with pytest.raises(ValueError, match="trained on 2 different texts or lengths"):
+        bench.recorded_corpus([11], tmp_path)
+    (tmp_path / f"{bench.REFERENCE}-s0" / "config.json").write_text(json.dumps(
+        {"train": {"steps": 300}, "data": {"sha256": "ab12", "context_free_loss": 3.2}}))
+    assert bench.recorded_corpus([11], tmp_path)["data"]["context_free_loss"] == 3.2
+
+
+def test_a_committed_corpus_is_rescored_without_its_text(tmp_path):
+    """The prose corpus was trained on a file this machine need not have: its records alone
+    give the report."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/detection.py", "--seeds", "28", "--rescore", "--study",
+         "--cache", "reports/detection/prose/runs", "--out", str(tmp_path)],
+        cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    report = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert "(no training in this invocation; trained by `python benchmarks/detection.py --seeds 28 29 30 " \
+           "--steps 400 --data" in report  # the command the cache's manifest keeps
+    assert "13 runs: 13 settings × seeds 28" in report and "400 steps each" in report
+    assert "| corpus | with reference |" in report
 
 
 def write_study(root, finals_by_run):
