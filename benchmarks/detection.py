@@ -1252,8 +1252,8 @@ def parse_args(argv: Sequence[str] | None = None
                                              ("--data", args.data), ("--model", args.model),
                                              ("--reuse", args.reuse)) if given]
         if training:
-            parser.error(f"--rescore scores the runs as they were recorded: "
-                         f"{', '.join(training)} describe(s) training")
+            parser.error(f"--rescore scores the runs as they were recorded, without "
+                         f"training: drop {', '.join(training)}")
         return args, seeds, None
     args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     if args.steps < 1:

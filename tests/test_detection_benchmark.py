@@ -323,8 +323,8 @@ def test_steps_are_training_steps_when_only_every_nth_is_logged(bench):
     (["--data", "no-such-notes.txt"], "--data: no such file: no-such-notes.txt"),
     (["--seeds", "3"], "only seeds >= 11 are scored"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--rescore", "--steps", "300", "--reuse"], "--rescore scores the runs as they were recorded: "
-                                                 "--steps, --reuse describe(s) training"),
+    (["--rescore", "--steps", "300", "--reuse"], "--rescore scores the runs as they were recorded, "
+                                                 "without training: drop --steps, --reuse"),
 ])
 def test_bad_arguments_are_refused_with_a_usage_error(bench, args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
