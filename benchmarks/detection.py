@@ -118,7 +118,9 @@ The reports score the committed records. Later still, with no detector changed, 
 set was trained and scored once on seeds no run had used, its data, width and length all
 new: the prose corpus, seeds 28–30, Perl's diagnostics manual (`perldiag.pod`, English prose
 about error messages), d_model 96, 4 heads, seq_len 32, 400 steps
-(`reports/detection/prose/`).
+(`reports/detection/prose/`); and after it the wide corpus, seeds 31–33, the embedded text
+at d_model 192 and 4 heads (36× the tiny model's block weights;
+`reports/detection/wide/`).
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
