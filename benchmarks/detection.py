@@ -120,7 +120,13 @@ new: the prose corpus, seeds 28–30, Perl's diagnostics manual (`perldiag.pod`,
 about error messages), d_model 96, 4 heads, seq_len 32, 400 steps
 (`reports/detection/prose/`); and after it the wide corpus, seeds 31–33, the embedded text
 at d_model 192 and 4 heads (36× the tiny model's block weights;
-`reports/detection/wide/`).
+`reports/detection/wide/`). A tenth change followed, from a mechanism and no miss:
+`residual_blowup` lost its 5-record warm-up, left from when growth alone warned; with a
+symptom required it only delayed a run that diverges in its first records, and at d_model
+192 the ramps diverge by steps 8–10, near enough to it. Every set is in-sample for it; on
+every one it changes no target count, only when explosive runs are first judged collapsed
+(e.g. `looped-k04-lr1-noclip-nocap`, step 6 → 4) and, for a few runs judged at their end
+before, that they now are collapsed (residual) at once.
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0

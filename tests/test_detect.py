@@ -622,6 +622,16 @@ def test_residual_blowup_fires_in_the_first_steps_and_escalates_with_a_symptom()
     assert "above its best" in critical.message
 
 
+def test_residual_blowup_warns_a_run_that_diverges_in_its_first_records():
+    from loopdiag.detect import ResidualBlowup
+
+    # the stream ×30 and the loss ×2 a step from the first record: diverged by step 3
+    records = [{"step": step, "loss": 5.5 * 2.0 ** (step - 1), "resid_norm": [11.0 * 30.0 ** (step - 1)]}
+               for step in range(1, 8)]
+    first = replay(records, [ResidualBlowup()])[0]
+    assert first.step <= 4 and first.severity == "warn" and "above its best" in first.message
+
+
 def test_a_stream_growing_while_the_loss_falls_is_information():
     from loopdiag.detect import ResidualBlowup
 

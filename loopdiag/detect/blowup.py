@@ -33,7 +33,11 @@ from loopdiag.detect.symptoms import Symptoms
 
 @dataclass(frozen=True)
 class ResidualBlowupConfig(DetectorConfig):
-    warmup: int = 5
+    # No warm-up: it compares with the first record, and goes beyond information only with
+    # a loss or representation symptom, which a healthy start never shows. (It had 5
+    # records from when growth alone warned; they only delayed a run that diverges in its
+    # first steps, as the learning-rate ramps do by steps 8-10 at d_model 192.)
+    warmup: int = 0
     cooldown: int = 20
     smooth: int = 5  # rolling median over this many records, so one odd batch never fires
     # Records it judges: the start of a run, until `residual_explosion` has its baseline
