@@ -460,19 +460,34 @@ def first_alarm(run: ScoredRun, detectors: Collection[str]) -> dict[str, Any] | 
 class Score:
     name: str
     collapses: int
-    caught_before: int
     caught_within: int
-    caught_by_end: int
     # failures whose onset is after their first record: the only ones a detector can warn
     # before onset
     warnable: int
     leads: Mapping[str, int]  # onset − first alarm step, by failed run caught before onset
-    healthy_runs: int
     healthy_steps: int
-    false_alarms: int
-    alarmed_healthy_runs: int
     caught_runs: frozenset[str]  # failed runs alarmed at any step
-    alarms_by_healthy_run: Mapping[str, int]
+    alarms_by_healthy_run: Mapping[str, int]  # warn/critical events, by healthy run
+
+    @property
+    def caught_before(self) -> int:
+        return len(self.leads)
+
+    @property
+    def caught_by_end(self) -> int:
+        return len(self.caught_runs)
+
+    @property
+    def healthy_runs(self) -> int:
+        return len(self.alarms_by_healthy_run)
+
+    @property
+    def false_alarms(self) -> int:
+        return sum(self.alarms_by_healthy_run.values())
+
+    @property
+    def alarmed_healthy_runs(self) -> int:
+        return sum(count > 0 for count in self.alarms_by_healthy_run.values())
 
     @property
     def median_lead(self) -> float | None:
@@ -510,12 +525,9 @@ def score(name: str, runs: Sequence[ScoredRun], detectors: Collection[str]) -> S
         if alarm["step"] <= run.label.onset + ONSET_SLACK:
             within += 1
     alarms_per_run = {run.name: sum(a["detector"] in detectors for a in run.alarms) for run in healthy}
-    return Score(name=name, collapses=len(collapses), caught_before=len(leads),
-                 caught_within=within, caught_by_end=len(caught),
+    return Score(name=name, collapses=len(collapses), caught_within=within,
                  warnable=sum(run.label.onset > run.first_step for run in collapses), leads=leads,
-                 healthy_runs=len(healthy), healthy_steps=sum(run.steps for run in healthy),
-                 false_alarms=sum(alarms_per_run.values()),
-                 alarmed_healthy_runs=sum(count > 0 for count in alarms_per_run.values()),
+                 healthy_steps=sum(run.steps for run in healthy),
                  caught_runs=frozenset(caught), alarms_by_healthy_run=alarms_per_run)
 
 
