@@ -126,7 +126,23 @@ symptom required it only delayed a run that diverges in its first records, and a
 192 the ramps diverge by steps 8–10, near enough to it. Every set is in-sample for it; on
 every one it changes no target count, only when explosive runs are first judged collapsed
 (e.g. `looped-k04-lr1-noclip-nocap`, step 6 → 4) and, for a few runs judged at their end
-before, that they now are collapsed (residual) at once.
+before, that they now are collapsed (residual) at once. An eleventh change came from the
+two late collapses then warned after onset (transfer, shifted: each 8 steps after), whose
+loss had risen the labels' 10 % above its best before their stream had grown 3×: no
+detector warned on the loss symptom alone. `loss_rise` does: it warns when the smoothed
+loss (the labels' own EMA) stands ≥ 10 % above its best, with one batch counted at most
+1.5× the smoothed loss so that a lone spike cannot make a rise (half the gap at most).
+Nothing in it is fitted: the span and the gap are the labels', the cap a bound on one
+batch. Every set above is in-sample for it; on all of them it warns no healthy run (without
+the cap it warned one loops-compute run whose loss rose 11 % and recovered) and every late
+collapse by onset. The header corpus was trained before the change and scored once after it
+(`reports/detection/header/`): seeds 34–36, SQLite's C header (`sqlite3.h`, code and its
+comments), d_model 64, 4 heads, seq_len 96, 400 steps. Every late collapse warned by onset,
+no healthy run warned or judged collapsed; with a reference 30 of 31 failed runs judged not
+stable (`looped-scaled` K = 4 at lr 3e-2, seed 34, ends 1.108× its seed's `standard`, its
+onset two steps before the end, and within 10 % of the seed-0 reference the verdict is
+given); without one 24 of 31: on this text `flt` at lr 3e-3 (K = 4 and 12) ends 1.66–1.73
+against `standard`'s 1.39–1.45, labelled failed to train on every seed, and converged.
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0

@@ -20,6 +20,7 @@ from loopdiag.detect import (
     DetectorConfig,
     Event,
     GradientOscillation,
+    LossRise,
     LossSpike,
     MegatronSpike,
     NonFinite,
@@ -252,6 +253,41 @@ def test_slow_divergence_ignores_a_lone_spike():
     assert replay(with_spikes(make_run(), 3.0, {300}), [SlowDivergence()]) == []
 
 
+def test_loss_rise_warns_at_the_step_the_run_visibly_failed():
+    records = slow_rise_run()
+    onset = ground_truth_onset(*losses_and_steps(records))
+    events = replay(records, [LossRise()])
+    # the onset's rule, on the first record it holds: at the onset, or before it when the
+    # smoothed loss dips back under the line once more (a brief dip stays within the cooldown)
+    assert [e.severity for e in events] == ["warn"]
+    assert 400 < events[0].step <= onset
+    assert ground_truth_onset(*losses_and_steps(records[:events[0].step - 1])) is None
+    evidence = events[0].evidence
+    assert evidence["smoothed_loss"] >= 1.1 * evidence["best"]
+    assert evidence["best_step"] < onset
+    assert f"{evidence['best']:.4g} (step {evidence['best_step']})" in events[0].message
+
+
+def test_loss_rise_quiet_on_noisy_healthy_runs():
+    # 7 % per-record noise: the noisiest of the detection sets' healthy runs
+    for seed in range(3):
+        assert replay(make_run(seed=seed, noise=0.07), [LossRise()]) == []
+
+
+def test_a_loss_rise_that_recovers_warns_once_and_is_no_collapse():
+    bump = lambda s: 1 + 0.4 * ((s > 300) & (s <= 340))  # noqa: E731
+    records = make_run(loss_factor=bump)
+    events = replay(records, [LossRise()], finished=True)
+    assert [(e.step, e.severity) for e in events] == [(302, "warn")]
+    assert ground_truth_onset(*losses_and_steps(records)) is None
+    assert verdict(records, events, finished=True)["status"] == "stable"
+
+
+def test_one_bad_batch_never_makes_a_rise():
+    # 10× one batch: uncapped, it would lift the smoothed loss 86 % above its best
+    assert replay(with_spikes(make_run(), 10.0, {300}), [LossRise()]) == []
+
+
 def test_collapse_plateau_critical_when_stuck_while_residual_rises(collapse):
     records, events = collapse
     plateau = fired(events, "collapse_plateau")
@@ -460,10 +496,13 @@ def test_default_detectors_overrides():
     ({"loss_spike": {"window": 2.5}}, r"loss_spike: window must be an integer"),
     ({"loss_spike": {"window": True}}, r"loss_spike: window must be an integer"),
     ({"slow_divergence": {"warn_rise": 0.2}}, r"warn_rise <= critical_rise"),
+    ({"loss_rise": {"gap": 0.0}}, r"loss_rise: gap must be > 0"),
+    ({"loss_rise": {"ema_span": 0}}, r"loss_rise: ema_span must be >= 1"),
+    ({"loss_rise": {"batch_cap": 1.0}}, r"loss_rise: batch_cap must be > 1"),
     ({"gradient_oscillation": {"autocorr_threshold": -0.4}}, r"white noise"),
     ({"non_finite": 3}, r"non_finite: thresholds must be a mapping"),
-], ids=["detector", "threshold", "range", "string", "float-int", "bool", "order", "autocorr",
-        "mapping"])
+], ids=["detector", "threshold", "range", "string", "float-int", "bool", "order", "gap",
+        "span", "cap", "autocorr", "mapping"])
 def test_default_detectors_bad_overrides(overrides, match):
     with pytest.raises(ValueError, match=match):
         default_detectors(**overrides)
@@ -717,7 +756,7 @@ def test_public_api():
         "RepresentationCollapseConfig", "VanishingGradient", "VanishingGradientConfig",
         "ResidualBlowup", "ResidualBlowupConfig",
         "Detector", "DetectorConfig", "Event", "GradientOscillation",
-        "GradientOscillationConfig", "LossSpike", "LossSpikeConfig", "MegatronSpike",
+        "GradientOscillationConfig", "LossRise", "LossRiseConfig", "LossSpike", "LossSpikeConfig", "MegatronSpike",
         "NonFinite", "NonFiniteConfig", "OlmoSpike", "ResidualExplosion",
         "ResidualExplosionConfig", "SlowDivergence", "SlowDivergenceConfig", "UpdateSize",
         "UpdateSizeConfig", "ZScore30",
@@ -726,7 +765,7 @@ def test_public_api():
     assert list(DETECTORS) == ["non_finite", "update_size", "representation_collapse",
                                "vanishing_gradient", "dead_loops", "idle_loops", "residual_blowup",
                                "residual_explosion", "gradient_oscillation", "loss_spike",
-                               "slow_divergence", "collapse_plateau", "failed_to_train"]
+                               "loss_rise", "slow_divergence", "collapse_plateau", "failed_to_train"]
 
 
 def test_detectors_import_neither_torch_nor_the_rest_of_loopdiag():

@@ -18,6 +18,9 @@ from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p
 pytestmark = pytest.mark.torchless
 
 STUDY = Path(__file__).resolve().parents[1] / "reports" / "flt-stability" / "runs"
+# A learning-rate ramp of the transfer corpus whose loss rises before its stream has grown 3×.
+LATE_COLLAPSE = (STUDY.parents[1] / "detection" / "transfer" / "runs"
+                 / "flt-k04-ramp3-noclip-nocap-s12")
 # Runs of the reference study on which each default detector fires at least once.
 FIRING_RUNS = ("flt-res-k02-s0-lr0.03", "flt-res-k02-s1-lr0.03", "flt-ai1-k04-s0-lr0.003",
                "flt-ai1-k01-s0-lr0.003", "looped-inject-k02-s0-lr0.003", "flt-ai1-k01-s0-lr0.1",
@@ -26,6 +29,7 @@ FIRING_RUNS = ("flt-res-k02-s0-lr0.03", "flt-res-k02-s1-lr0.03", "flt-ai1-k04-s0
 # Thresholds moved so that every detector fires often, latches and fires again.
 EAGER = {
     "loss_spike": {"z": 3.0, "rel_floor": 0.05, "window": 10, "warmup": 5},
+    "loss_rise": {"gap": 0.02, "ema_span": 5, "cooldown": 3},
     "slow_divergence": {"window": 20, "alpha": 0.05, "warn_rise": 0.01, "critical_rise": 0.05,
                         "patience": 2, "warmup": 10, "cooldown": 3},
     "gradient_oscillation": {"window": 3, "patience": 2, "cos_threshold": -0.3, "warmup": 5},
@@ -167,8 +171,16 @@ def test_offline_equals_online_on_runs_where_each_detector_fires():
         records = read_records(STUDY / run)
         for expected_loss in (None, 2.0):
             fired |= {e.detector for e in assert_same(records, lambda: default_detectors(expected_loss))}
-    # Not fired on the study: non-finite values, slow divergence (the synthetic runs have both).
-    assert fired == set(DETECTORS) - {"non_finite", "slow_divergence"}
+    # Not on the study: non-finite values, a loss that rose (the synthetic runs have them,
+    # and a late collapse of the transfer corpus the rise, below).
+    assert fired == set(DETECTORS) - {"non_finite", "slow_divergence", "loss_rise"}
+
+
+def test_offline_equals_online_on_a_late_collapse():
+    records = read_records(LATE_COLLAPSE)
+    for expected_loss in (None, 2.0):
+        fired = {e.detector for e in assert_same(records, lambda: default_detectors(expected_loss))}
+        assert {"loss_rise", "slow_divergence", "residual_explosion"} <= fired
 
 
 @pytest.mark.slow

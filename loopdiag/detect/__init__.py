@@ -24,6 +24,8 @@ from loopdiag.detect.loops import (
     VanishingGradientConfig,
 )
 from loopdiag.detect.loss import (
+    LossRise,
+    LossRiseConfig,
     LossSpike,
     LossSpikeConfig,
     NonFinite,
@@ -55,6 +57,8 @@ __all__ = [
     "Event",
     "GradientOscillation",
     "GradientOscillationConfig",
+    "LossRise",
+    "LossRiseConfig",
     "LossSpike",
     "LossSpikeConfig",
     "MegatronSpike",

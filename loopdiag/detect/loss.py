@@ -15,6 +15,7 @@ from loopdiag.detect.base import (
     UNJUDGED,
     Detector,
     DetectorConfig,
+    Ema,
     Finding,
     Unjudged,
     finite_scalar,
@@ -220,6 +221,91 @@ def _middle(rows: np.ndarray) -> np.ndarray:
     """`statistics.median` of each sorted row."""
     half = rows.shape[1] // 2
     return rows[:, half] if rows.shape[1] % 2 else (rows[:, half - 1] + rows[:, half]) / 2
+
+
+@dataclass(frozen=True)
+class LossRiseConfig(DetectorConfig):
+    cooldown: int = 20  # clear records before a new rise warns again
+    ema_span: int = 20  # records; the smoothing of `ground_truth_onset`
+    # The labels' gap: a smoothed loss this far above its best is a visibly failed run
+    # (`ground_truth_onset`), and the symptom that lets the residual detectors warn.
+    gap: float = 0.10
+    # One batch enters the smoothed loss at no more than this × it, so a lone spike moves
+    # it by at most α·0.5 ≈ 5 % (span 20), half the gap: one bad batch is `loss_spike`'s,
+    # a run that keeps getting worse crosses all the same.
+    batch_cap: float = 1.5
+
+    def _validate(self) -> None:
+        require(self.ema_span >= 1, f"ema_span must be >= 1, got {self.ema_span}")
+        require(self.gap > 0, f"gap must be > 0, got {self.gap}")
+        require(self.batch_cap > 1, f"batch_cap must be > 1, got {self.batch_cap}")
+
+
+class LossRise(Detector):
+    """The smoothed loss risen ≥ `gap` above its running best: the run is now visibly worse
+    than it was. The smoothing and the gap are `ground_truth_onset`'s (an EMA of span
+    `ema_span`, non-finite losses skipped), except that a batch counts at most `batch_cap`
+    × the smoothed loss before it; so a rise warns on about the first record that rule
+    counts as failed, whatever the mechanism behind it (the residual detectors name one
+    when they see it). Never critical: a rise that recovers is no collapse
+    (`slow_divergence` and `collapse_plateau` judge one that stays).
+    """
+
+    name = "loss_rise"
+    config_class = LossRiseConfig
+    config: LossRiseConfig
+
+    def _reset_state(self) -> None:
+        self._ema = Ema(self.config.ema_span)
+        self._best, self._best_step = math.inf, None
+
+    def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
+        loss = finite_scalar(record, "loss")
+        if loss is None:
+            return UNJUDGED
+        smoothed = self._ema.update(self._capped(loss, self._ema.value))
+        if smoothed < self._best:
+            self._best, self._best_step = smoothed, record.get("step")
+        return self._rise(smoothed, self._best, self._best_step)
+
+    def _capped(self, loss: float, smoothed: float | None) -> float:
+        if smoothed is None or not smoothed > 0:
+            return loss
+        return min(loss, self.config.batch_cap * smoothed)
+
+    def _rise(self, smoothed: float, best: float, best_step: Any) -> Finding | None:
+        above = smoothed - best
+        if not above >= self.config.gap * abs(best):
+            return None
+        message = (f"The smoothed loss {smoothed:.4g} is {100 * above / abs(best):.0f}% above its "
+                   f"best {best:.4g} (step {best_step}): the run is worse than it was.")
+        return Finding("warn", message, {
+            "smoothed_loss": smoothed, "best": best, "best_step": best_step,
+            "thresholds": {"gap": self.config.gap, "ema_span": self.config.ema_span,
+                           "batch_cap": self.config.batch_cap}})
+
+    def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
+        loss = columns.finite("loss")
+        positions = np.flatnonzero(np.isfinite(loss))
+        ema = Ema(self.config.ema_span)
+        smoothed, bests, best_at = [], [], []
+        best, best_index = math.inf, -1
+        for index, value in zip(positions.tolist(), loss[positions].tolist()):
+            current = ema.update(self._capped(value, ema.value))
+            if current < best:
+                best, best_index = current, index
+            smoothed.append(current)
+            bests.append(best)
+            best_at.append(best_index)
+        risen = np.array(smoothed) - np.array(bests) >= self.config.gap * np.abs(bests)
+        order = {index: j for j, index in enumerate(positions.tolist())}
+
+        def judge(index: int) -> Finding | None:
+            j = order[index]
+            return self._rise(smoothed[j], bests[j], columns.step(best_at[j]))
+        return (codes(expand(positions, np.ones(len(positions), dtype=bool), len(loss), False),
+                      expand(positions, risen.astype(bool), len(loss), False), certain=True),
+                judge)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from loopdiag.detect.collapse import CollapsePlateau
 from loopdiag.detect.failure import FailedToTrain
 from loopdiag.detect.gradient import GradientOscillation
 from loopdiag.detect.loops import DeadLoops, IdleLoops, RepresentationCollapse, VanishingGradient
-from loopdiag.detect.loss import LossSpike, NonFinite, SlowDivergence
+from loopdiag.detect.loss import LossRise, LossSpike, NonFinite, SlowDivergence
 from loopdiag.detect.residual import ResidualExplosion
 from loopdiag.detect.symptoms import validate_loss
 from loopdiag.detect.update import UpdateSize
@@ -20,7 +20,7 @@ from loopdiag.detect.update import UpdateSize
 DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
     NonFinite, UpdateSize, RepresentationCollapse, VanishingGradient, DeadLoops, IdleLoops,
     ResidualBlowup,
-    ResidualExplosion, GradientOscillation, LossSpike, SlowDivergence, CollapsePlateau,
+    ResidualExplosion, GradientOscillation, LossSpike, LossRise, SlowDivergence, CollapsePlateau,
     FailedToTrain)}
 
 
