@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from loopdiag.detect.base import is_int, loop_values, raw_scalar
-from loopdiag.detect.symptoms import MEDIAN_OF, MIN_PROGRESS, LossTrack, Symptoms
+from loopdiag.detect.base import Ema, is_int, loop_values, raw_scalar
+from loopdiag.detect.symptoms import MEDIAN_OF, MIN_PROGRESS, LossTrack, Symptoms, capped
 
 # Judgement of one record by a vectorised pass: `_check` returns UNJUDGED there, None
 # there, something the detector must judge exactly (`OPEN`), or certainly a Finding whose
@@ -117,12 +117,15 @@ class RecordColumns:
 
     # --- the loss as `LossTrack` follows it ----------------------------------------------
 
-    def loss_history(self, ema_span: int = 20) -> LossHistory:
-        return self.cached(("loss_history", ema_span), lambda: LossHistory(self, ema_span))
+    def loss_history(self, ema_span: int = 20, batch_cap: float | None = None) -> LossHistory:
+        return self.cached(("loss_history", ema_span, batch_cap),
+                           lambda: LossHistory(self, ema_span, batch_cap))
 
-    def loss_track_at(self, index: int, window: int, ema_span: int = 20) -> LossTrack:
-        """The `LossTrack(ema_span, window)` a detector holds after the record at `index`."""
-        return self.loss_history(ema_span).track_at(index, window)
+    def loss_track_at(self, index: int, window: int, ema_span: int = 20,
+                      batch_cap: float | None = None) -> LossTrack:
+        """The `LossTrack(ema_span, window, batch_cap)` a detector holds after the record at
+        `index`."""
+        return self.loss_history(ema_span, batch_cap).track_at(index, window)
 
     def symptoms_at(self, index: int, gap: float, min_progress: float = MIN_PROGRESS,
                     window: int = 20) -> Symptoms:
@@ -134,32 +137,38 @@ class RecordColumns:
 
 
 class LossHistory:
-    """The finite losses of a run in order, with `LossTrack`'s EMA and running best after
-    each, computed by the same float operations in the same order."""
+    """The finite losses of a run in order, with `LossTrack`'s EMA, running best and the
+    record it was reached at after each, computed by the same float operations in the same
+    order."""
 
-    def __init__(self, columns: RecordColumns, ema_span: int) -> None:
+    def __init__(self, columns: RecordColumns, ema_span: int, batch_cap: float | None = None) -> None:
         loss = columns.finite("loss")
+        self.columns = columns
         self.positions = np.flatnonzero(np.isfinite(loss))
         self.losses: list[float] = loss[self.positions].tolist()
         # finite losses among the records up to and including each record
         self.counts = np.cumsum(np.isfinite(loss))
-        self.ema_span = ema_span
-        alpha = 2.0 / (ema_span + 1.0)
+        self.ema_span, self.batch_cap = ema_span, batch_cap
+        ema = Ema(ema_span)
         self.smoothed: list[float] = []
         self.bests: list[float] = []
-        value, best = None, math.inf
-        for loss_value in self.losses:
-            value = loss_value if value is None else value + alpha * (loss_value - value)
-            best = min(best, value)
+        self.best_positions: list[int] = []
+        best, best_position = math.inf, -1
+        for position, loss_value in zip(self.positions.tolist(), self.losses):
+            value = ema.update(capped(loss_value, ema.value, batch_cap))
+            if value < best:
+                best, best_position = value, position
             self.smoothed.append(value)
             self.bests.append(best)
+            self.best_positions.append(best_position)
 
     def track_at(self, index: int, window: int) -> LossTrack:
-        track = LossTrack(self.ema_span, window)
+        track = LossTrack(self.ema_span, window, self.batch_cap)
         seen = int(self.counts[index]) if index >= 0 else 0
         if seen:
             track._ema.value = self.smoothed[seen - 1]
             track.best = self.bests[seen - 1]
+            track.best_step = self.columns.step(self.best_positions[seen - 1])
             track._recent.extend(self.losses[max(0, seen - window - MEDIAN_OF):seen])
         return track
 

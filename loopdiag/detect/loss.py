@@ -15,7 +15,6 @@ from loopdiag.detect.base import (
     UNJUDGED,
     Detector,
     DetectorConfig,
-    Ema,
     Finding,
     Unjudged,
     finite_scalar,
@@ -25,6 +24,7 @@ from loopdiag.detect.base import (
     window_span,
 )
 from loopdiag.detect.columns import MARGIN, RecordColumns, codes, expand, streaks, trailing_medians
+from loopdiag.detect.symptoms import LossTrack
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
 # MAD × 1.4826 estimates σ for Gaussian noise, so the robust z reads like a plain z-score.
@@ -256,56 +256,34 @@ class LossRise(Detector):
     config: LossRiseConfig
 
     def _reset_state(self) -> None:
-        self._ema = Ema(self.config.ema_span)
-        self._best, self._best_step = math.inf, None
+        self._loss = LossTrack(self.config.ema_span, 0, self.config.batch_cap)  # no stall test
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
-        loss = finite_scalar(record, "loss")
-        if loss is None:
+        if self._loss.update(record) is None:
             return UNJUDGED
-        smoothed = self._ema.update(self._capped(loss, self._ema.value))
-        if smoothed < self._best:
-            self._best, self._best_step = smoothed, record.get("step")
-        return self._rise(smoothed, self._best, self._best_step)
+        return self._rise(self._loss)
 
-    def _capped(self, loss: float, smoothed: float | None) -> float:
-        if smoothed is None or not smoothed > 0:
-            return loss
-        return min(loss, self.config.batch_cap * smoothed)
-
-    def _rise(self, smoothed: float, best: float, best_step: Any) -> Finding | None:
-        above = smoothed - best
-        if not above >= self.config.gap * abs(best):
+    def _rise(self, track: LossTrack) -> Finding | None:
+        above = track.above_best()
+        if above is None or not above >= self.config.gap:
             return None
-        message = (f"The smoothed loss {smoothed:.4g} is {100 * above / abs(best):.0f}% above its "
-                   f"best {best:.4g} (step {best_step}): the run is worse than it was.")
+        message = (f"The smoothed loss {track.smoothed:.4g} is {100 * above:.0f}% above its "
+                   f"best {track.best:.4g} (step {track.best_step}): the run is worse than it was.")
         return Finding("warn", message, {
-            "smoothed_loss": smoothed, "best": best, "best_step": best_step,
+            "smoothed_loss": track.smoothed, "best": track.best, "best_step": track.best_step,
             "thresholds": {"gap": self.config.gap, "ema_span": self.config.ema_span,
                            "batch_cap": self.config.batch_cap}})
 
     def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
-        loss = columns.finite("loss")
-        positions = np.flatnonzero(np.isfinite(loss))
-        ema = Ema(self.config.ema_span)
-        smoothed, bests, best_at = [], [], []
-        best, best_index = math.inf, -1
-        for index, value in zip(positions.tolist(), loss[positions].tolist()):
-            current = ema.update(self._capped(value, ema.value))
-            if current < best:
-                best, best_index = current, index
-            smoothed.append(current)
-            bests.append(best)
-            best_at.append(best_index)
-        risen = np.array(smoothed) - np.array(bests) >= self.config.gap * np.abs(bests)
-        order = {index: j for j, index in enumerate(positions.tolist())}
-
-        def judge(index: int) -> Finding | None:
-            j = order[index]
-            return self._rise(smoothed[j], bests[j], columns.step(best_at[j]))
-        return (codes(expand(positions, np.ones(len(positions), dtype=bool), len(loss), False),
-                      expand(positions, risen.astype(bool), len(loss), False), certain=True),
-                judge)
+        history = columns.loss_history(self.config.ema_span, self.config.batch_cap)
+        smoothed, bests = np.array(history.smoothed), np.array(history.bests)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            risen = (bests > 0) & (smoothed / bests - 1 >= self.config.gap)
+        size = len(columns)
+        return (codes(expand(history.positions, np.ones(len(bests), dtype=bool), size, False),
+                      expand(history.positions, risen, size, False), certain=True),
+                lambda index: self._rise(columns.loss_track_at(index, 0, self.config.ema_span,
+                                                               self.config.batch_cap)))
 
 
 @dataclass(frozen=True)

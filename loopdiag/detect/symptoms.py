@@ -81,13 +81,24 @@ def embedding_gradient(record: Mapping[str, Any]) -> float | None:
     return None
 
 
+def capped(loss: float, smoothed: float | None, batch_cap: float | None) -> float:
+    """What one loss adds to an EMA that counts a batch at most `batch_cap` × the EMA before
+    it (None: uncapped; nothing is capped before a positive EMA exists)."""
+    if batch_cap is None or smoothed is None or not smoothed > 0:
+        return loss
+    return min(loss, batch_cap * smoothed)
+
+
 class LossTrack:
-    """The loss's EMA (span `ema_span`), its running best, and rolling medians to tell a
+    """The loss's EMA (span `ema_span`, each batch counted at most `batch_cap` × it when
+    given), its running best and the step it was reached at, and rolling medians to tell a
     stall from learning over `window` records."""
 
-    def __init__(self, ema_span: int = 20, window: int = 20) -> None:
+    def __init__(self, ema_span: int = 20, window: int = 20, batch_cap: float | None = None) -> None:
         self._ema = Ema(ema_span)
+        self.batch_cap = batch_cap
         self.best = math.inf
+        self.best_step: Any = None
         self._recent: deque[float] = deque(maxlen=window + MEDIAN_OF)
 
     @property
@@ -97,7 +108,9 @@ class LossTrack:
     def update(self, record: Mapping[str, Any]) -> float | None:
         loss = finite_scalar(record, "loss")
         if loss is not None:
-            self.best = min(self.best, self._ema.update(loss))
+            smoothed = self._ema.update(capped(loss, self._ema.value, self.batch_cap))
+            if smoothed < self.best:
+                self.best, self.best_step = smoothed, record.get("step")
             self._recent.append(loss)
         return loss
 
