@@ -287,19 +287,30 @@ def run_name(setting: Setting, seed: int) -> str:
 
 # --- the corpus ------------------------------------------------------------------------
 
+# What a setting decides about its training; `--train` may not override it.
+SETTING_TRAIN_KEYS = ("steps", "lr", "grad_clip", "seed", "n_loops")
+
+
 @dataclass(frozen=True)
 class CorpusSpec:
-    """What every corpus run shares beyond its setting: the text and the model size."""
+    """What every corpus run shares beyond its setting: the text, the model size and the
+    training recipe."""
 
     steps: int
     data: tuple[str, ...] = ()  # text files; none: the embedded corpus
     model: tuple[tuple[str, Any], ...] = ()  # overrides of the tiny preset
+    train: tuple[tuple[str, Any], ...] = ()  # overrides of TrainConfig's defaults
 
     def model_config(self, setting: Setting) -> dict[str, Any]:
         from loopdiag.models.config import preset
 
         return vars(preset("tiny", **{**dict(self.model), **dict(setting.model_overrides),
                                       "n_loops": setting.n_loops}))
+
+    def train_config(self, setting: Setting) -> dict[str, Any]:
+        """The TrainConfig fields the run sets: the recipe, then the setting's own (a ramp's
+        schedule is what makes it a late collapse, so it wins over the recipe's)."""
+        return {**dict(self.train), **setting.train_config(self.steps)}
 
 
 def train_run(setting: Setting, seed: int, spec: CorpusSpec, run_dir: Path) -> float:
@@ -316,20 +327,24 @@ def train_run(setting: Setting, seed: int, spec: CorpusSpec, run_dir: Path) -> f
     start = time.perf_counter()
     run_one(RunSpec(setting.arch, setting.n_loops, seed, setting.lr),
             ModelConfig(**spec.model_config(setting)),
-            TrainConfig(**setting.train_config(spec.steps)), load_corpus(spec.data or None), run_dir)
+            TrainConfig(**spec.train_config(setting)), load_corpus(spec.data or None), run_dir)
     return time.perf_counter() - start
 
 
 def is_finished(run_dir: Path, setting: Setting, spec: CorpusSpec, data_sha256: str) -> bool:
     """A run folder that closed with a verdict after training `setting` as `spec` asks: the
-    same steps, model and text, the text told by its hash (where its files lie differs from
-    machine to machine); a run of other data or size is retrained, not reused."""
+    same steps and recipe, model and text, the text told by its hash (where its files lie
+    differs from machine to machine); a run of other data, size or recipe is retrained, not
+    reused."""
     try:
         config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return False
     model = spec.model_config(setting)
-    return ((run_dir / "summary.json").is_file() and config["train"]["steps"] == spec.steps
+    # Through TrainConfig, as the run recorded it: a list where a tuple was given.
+    train = json.loads(json.dumps(spec.train_config(setting)))
+    return ((run_dir / "summary.json").is_file()
+            and {key: config["train"].get(key) for key in train} == train
             and config["data"].get("sha256") == data_sha256
             and {key: config["model"].get(key) for key in model} == model)
 
@@ -1087,6 +1102,17 @@ def shared_command(argv: Sequence[str]) -> str:
     return f"{STDLIB_SETTER}; {line}" if STDLIB_VARIABLE in line else line
 
 
+def recipe_text(train: Mapping[str, Any]) -> str:
+    """The optimizer, batch and schedule a run trained with, from its stored config."""
+    schedule = train["schedule"]
+    if schedule == "cosine":
+        schedule += f" to {train['min_lr_ratio']:g}× the peak"
+    if train.get("warmup_steps"):
+        schedule += f" after a {train['warmup_steps']}-step linear warm-up"
+    decay = f", weight decay {train['weight_decay']:g}" if train.get("weight_decay") else ""
+    return f"{train['optimizer']}{decay}, batch {train['batch_size']}, schedule {schedule}"
+
+
 def data_text(config: Mapping[str, Any]) -> str:
     """What a run trained on, from its stored config."""
     data = config["data"]
@@ -1190,8 +1216,7 @@ Produced by `{command}`; {trained}, the whole invocation {total_seconds:.0f} s.
 
 {len(runs)} runs: {len(SETTINGS)} settings × seeds {', '.join(map(str, seeds))}, d_model
 {model["d_model"]}, {model["n_heads"]} heads, {model["n_layers"]} layers, seq_len
-{model["seq_len"]}, {steps} steps each, {train["optimizer"]}, batch {train["batch_size"]},
-schedule {train["schedule"]} (the ramp settings: the learning rate rising linearly from 0
+{model["seq_len"]}, {steps} steps each, {recipe_text(train)} (the ramp settings: the learning rate rising linearly from 0
 over the whole run), every step logged, {data_text(run_config)}. Each run sees the same
 batches as every other run of its seed.
 Labelled from the loss: {len(collapses)} failed runs and {len(runs) - len(collapses)}
@@ -1264,6 +1289,10 @@ def parse_args(argv: Sequence[str] | None = None
                         help="train the corpus on these text files (default: the embedded corpus)")
     parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides of the tiny preset, e.g. d_model=64 n_heads=4 seq_len=64")
+    parser.add_argument("--train", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="the training recipe, overrides of TrainConfig, e.g. schedule=cosine "
+                             "warmup_steps=40 batch_size=8 (not the settings' own: "
+                             f"{', '.join(SETTING_TRAIN_KEYS)})")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=None,
                         help="the corpus's run folders (default: <out>/runs, committed with the "
@@ -1286,7 +1315,8 @@ def parse_args(argv: Sequence[str] | None = None
     if args.rescore:
         training = [flag for flag, given in (("--steps", args.steps is not None),
                                              ("--data", args.data), ("--model", args.model),
-                                             ("--reuse", args.reuse)) if given]
+                                             ("--train", args.train), ("--reuse", args.reuse))
+                    if given]
         if training:
             parser.error(f"--rescore scores the runs as they were recorded, without "
                          f"training: drop {', '.join(training)}")
@@ -1295,11 +1325,24 @@ def parse_args(argv: Sequence[str] | None = None
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     try:
-        spec = CorpusSpec(args.steps, tuple(args.data), tuple(model_overrides(args.model)))
+        model = tuple(model_overrides(args.model))
+        spec = CorpusSpec(args.steps, tuple(args.data), model)
         for setting in SETTINGS:
             spec.model_config(setting)
     except (TypeError, ValueError) as err:
         parser.error(f"--model: {err}")
+    try:
+        recipe = tuple(model_overrides(args.train))
+        owned = [key for key, _ in recipe if key in SETTING_TRAIN_KEYS]
+        if owned:
+            raise ValueError(f"{', '.join(owned)} belong to each setting, not to the recipe")
+        spec = CorpusSpec(args.steps, tuple(args.data), model, recipe)
+        from loopdiag.train import TrainConfig
+
+        for setting in SETTINGS:
+            TrainConfig(**spec.train_config(setting))
+    except (TypeError, ValueError) as err:
+        parser.error(f"--train: {err}")
     missing = [path for path in args.data if not Path(path).is_file()]
     if missing:
         parser.error(f"--data: no such file: {', '.join(missing)}")

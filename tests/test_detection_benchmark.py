@@ -286,7 +286,7 @@ def test_model_overrides_parse_literals_and_refuse_malformed_pairs(bench):
 def test_a_cached_run_of_other_data_or_size_is_not_reused(bench, tmp_path):
     setting = bench.SETTINGS[0]
     tiny = bench.CorpusSpec(300)
-    config = {"train": {"steps": 300}, "data": {"source": "/elsewhere/argparse.py", "sha256": "ab12"},
+    config = {"train": tiny.train_config(setting), "data": {"source": "/elsewhere/argparse.py", "sha256": "ab12"},
               "model": tiny.model_config(setting)}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert not bench.is_finished(tmp_path, setting, tiny, "ab12")  # no summary: it did not finish
@@ -296,6 +296,19 @@ def test_a_cached_run_of_other_data_or_size_is_not_reused(bench, tmp_path):
     assert not bench.is_finished(tmp_path, setting, tiny, "cd34")  # other text
     assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(200), "ab12")
     assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(300, model=(("d_model", 64),)), "ab12")
+    assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(300, train=(("batch_size", 8),)), "ab12")
+
+
+def test_a_recipe_trains_every_setting_but_leaves_a_ramp_its_schedule(bench):
+    recipe = bench.CorpusSpec(400, train=(("schedule", "cosine"), ("warmup_steps", 40),
+                                          ("min_lr_ratio", 0.1), ("batch_size", 8)))
+    plain = next(s for s in bench.SETTINGS if not s.lr_ramp)
+    ramp = next(s for s in bench.SETTINGS if s.lr_ramp)
+    assert recipe.train_config(plain) == {"schedule": "cosine", "warmup_steps": 40, "min_lr_ratio": 0.1,
+                                          "batch_size": 8, "steps": 400, "grad_clip": plain.grad_clip}
+    ramped = recipe.train_config(ramp)
+    assert (ramped["schedule"], ramped["warmup_steps"], ramped["min_lr_ratio"]) == ("cosine", 399, 1.0)
+    assert ramped["batch_size"] == 8
 
 
 def test_steps_are_training_steps_when_only_every_nth_is_logged(bench):
@@ -321,6 +334,11 @@ def test_steps_are_training_steps_when_only_every_nth_is_logged(bench):
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--rescore", "--steps", "300", "--reuse"], "--rescore scores the runs as they were recorded, "
                                                  "without training: drop --steps, --reuse"),
+    (["--rescore", "--train", "batch_size=8"], "without training: drop --train"),
+    (["--train", "lr=0.1", "batch_size=8"], "--train: lr belong to each setting, not to the recipe"),
+    (["--train", "schedule=linear"], "--train: TrainConfig.schedule must be one of"),
+    (["--train", "warmup_steps=300"], "--train: TrainConfig.warmup_steps must be an int in [0, steps=300)"),
+    (["--train", "momentum=0.9"], "--train: TrainConfig.__init__() got an unexpected keyword"),
 ])
 def test_bad_arguments_are_refused_with_a_usage_error(bench, args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -335,6 +353,8 @@ def test_arguments_make_the_corpus_spec(bench, tmp_path):
                                           "--model", "d_model=64", "n_heads=4", "--out", "r/x"])
     assert seeds == [11, 13]
     assert spec == bench.CorpusSpec(300, (str(notes),), (("d_model", 64), ("n_heads", 4)))
+    _, _, spec = bench.parse_args(["--seeds", "11", "--train", "schedule=cosine", "warmup_steps=40"])
+    assert spec.train == (("schedule", "cosine"), ("warmup_steps", 40))
     assert args.cache == Path("r/x/runs")  # the records live beside the report that scores them
 
 
