@@ -34,7 +34,7 @@ MOST_LOOPS = 12
 # The verdicts the rules below were written against, fixed before the runs; a
 # failed_to_train verdict is judged by the rules' own failed-to-train test instead.
 FAILED = ("collapsed", "diverged")
-FINISHED = ("stable", *FAILED, "failed_to_train")
+FINISHED = ("stable", "recovered", *FAILED, "failed_to_train")
 SUPPORTED, CONTRADICTED, CANNOT_TELL = "supported", "contradicted", "cannot tell"
 DEFAULT_TASK_SUITE = Path("reports/flt-stability-task/runs")
 

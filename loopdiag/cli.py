@@ -340,7 +340,7 @@ def analyze(
             judged = run_verdict(run)
             console.print(f"[bold]{run.run_id}[/]: {judged['status']}"
                           f"{' (recomputed from the store)' if judged.get('recomputed') else ''}")
-            if judged["status"] in ("collapsed", "diverged", "failed_to_train"):
+            if judged["status"] in ("collapsed", "recovered", "diverged", "failed_to_train"):
                 console.print(explain(run, judged), soft_wrap=True)
             return
         table = suite_table(load_suite(path))

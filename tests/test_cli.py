@@ -430,6 +430,7 @@ def test_the_stability_table_keeps_each_verdict_word_whole_in_80_columns():
 
     table = pd.DataFrame([row("looped-inject", "collapsed", "representation", 44),
                           row("recurrent-depth", "failed_to_train", None, 150, "failed_to_train"),
+                          row("looped", "recovered", "residual", 46, "residual_blowup"),
                           row("flt", "stable")], columns=list(TABLE_COLUMNS))
     console = Console(width=80, record=True)
     console.print(stability_table(table))
@@ -437,3 +438,4 @@ def test_the_stability_table_keeps_each_verdict_word_whole_in_80_columns():
     assert max(len(line) for line in lines) <= 80
     words = " ".join(lines).split()
     assert "(representation)" in words and "failed_to_train" in words and "recurrent-depth" in words
+    assert "recovered" in words and "@46" in words  # the collapse it trained out of, and when

@@ -577,6 +577,55 @@ def test_verdict_collapsed(collapse):
     assert verdict(records, [e.to_dict() for e in events], finished=True) == result
 
 
+def transient_collapse(final_loss=2.5, context_free=3.3, n=300):
+    """A run whose positions are identical (token correlation 1) while its loss sits at the
+    context-free level for 80 steps, which then trains out of it to `final_loss`."""
+    records = make_run(n=n)
+    for record in records:
+        step = record["step"]
+        stuck = step <= 80
+        record["loss"] = (context_free if stuck else
+                          final_loss + (context_free - final_loss) * math.exp(-(step - 80) / 30)
+                          ) * record["loss"] / (2.0 + 3.5 * math.exp(-step / 60))
+        record["token_corr"] = [0.3] * (LOOPS - 1) + [1.0 if stuck else 0.3]
+    return records
+
+
+def test_a_run_that_trains_out_of_a_collapse_is_recovered_not_collapsed():
+    records = transient_collapse()
+    events = replay(records, default_detectors(context_free_loss=3.3), finished=True)
+    first = fired(events, severity="critical")[0]
+    assert first.detector == "representation_collapse" and first.step <= 80
+    result = verdict(records, events, finished=True, context_free_loss=3.3)
+    assert (result["status"], result["mechanism"], result["step"], result["signal"]) == (
+        "recovered", "representation", first.step, "representation_collapse")
+    # the identical positions and stalled loss are what it recovered from, in its own words
+    assert result["message"] == first.message
+    # nothing to measure a recovery against: the collapse stands
+    assert verdict(records, events, finished=True)["status"] == "collapsed"
+    # a run stopped (or cut off) after collapsing never showed that it recovered
+    assert verdict(records, events, finished=False, context_free_loss=3.3)["status"] == "collapsed"
+
+
+def test_a_collapse_is_not_recovered_short_of_the_context_free_loss_or_behind_the_reference():
+    # 5 % below what token frequencies give: identical positions could come that close
+    records = transient_collapse(final_loss=0.95 * 3.3)
+    events = replay(records, default_detectors(context_free_loss=3.3), finished=True)
+    assert verdict(records, events, finished=True, context_free_loss=3.3)["status"] == "collapsed"
+    # trained out of it, but ended far behind what the model should reach: the collapse is why
+    records = transient_collapse()
+    events = replay(records, default_detectors(expected_loss=1.5, context_free_loss=3.3), finished=True)
+    assert "failed_to_train" in {e.detector for e in fired(events, severity="critical")}
+    result = verdict(records, events, finished=True, context_free_loss=3.3)
+    assert (result["status"], result["signal"]) == ("collapsed", "representation_collapse")
+    # it trained out of it and then rose 10 % above its best again: not a recovery
+    records = transient_collapse()
+    for record in records[-60:]:
+        record["loss"] *= 1.3
+    events = replay(records, default_detectors(context_free_loss=3.3), finished=True)
+    assert verdict(records, events, finished=True, context_free_loss=3.3)["status"] == "collapsed"
+
+
 def test_verdict_diverged():
     records = make_run(n=300)
     for r in records[250:]:

@@ -129,11 +129,11 @@ def run_verdict(run: RunData) -> dict[str, Any]:
     last = records[-1]["step"] if records else 0
     finished = planned is None or last >= planned
     reference = run.config.get("reference") if isinstance(run.config.get("reference"), dict) else {}
-    events = replay(records, default_detectors(reference.get("expected_loss"),
-                                               context_free_loss=context_free_loss(run.config),
+    floor = context_free_loss(run.config)
+    events = replay(records, default_detectors(reference.get("expected_loss"), context_free_loss=floor,
                                                **(overrides if isinstance(overrides, dict) else {})),
                     finished=finished)
-    return {**verdict(records, events, finished=finished), "recomputed": True,
+    return {**verdict(records, events, finished=finished, context_free_loss=floor), "recomputed": True,
             "events": [event.to_dict() for event in events]}
 
 
@@ -162,6 +162,13 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
     lr = "" if cell["lr"] is None else f", lr {cell['lr']:g}"
     who = f"{run.run_id} ({cell['arch']}, K={cell['n_loops']}, seed {cell['seed']}{lr})"
     status = judged.get("status")
+    if status == "recovered":
+        return " ".join(sentence for sentence in (
+            f"{who} collapsed ({judged.get('mechanism')}) at step {judged.get('step')} "
+            f"(signal: {judged.get('signal') or 'unnamed'}) and recovered: it trained on to a "
+            f"final train loss of {_fmt(final_loss(steps))} (best {_fmt(best_loss(steps))}), "
+            f"below what the data's token frequencies alone give.",
+            _verdict_message(judged), _residual_story(run)) if sentence)
     if status not in FAILED:
         last = int(steps["step"].iloc[-1]) if len(steps) else None
         return (f"{who} ended {status} at step {last}; final train loss "

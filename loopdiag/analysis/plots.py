@@ -42,8 +42,10 @@ __all__ = ["plot_depth_accuracy", "plot_loop_mechanism", "plot_loop_residuals", 
            "plot_lr_sensitivity", "plot_oscillation_vs_loops", "plot_stability_map", "save_figure"]
 
 # Failures named inside a stability-map cell, short enough to fit it.
-SHORT_STATUS = {"collapsed": "coll.", "diverged": "div.", "failed_to_train": "no train",
-                "interrupted": "intr."}
+SHORT_STATUS = {"collapsed": "coll.", "recovered": "recov.", "diverged": "div.",
+                "failed_to_train": "no train", "interrupted": "intr."}
+# Statuses the legend names only where a run has them.
+RARE_STATUSES = ("recovered", "interrupted")
 
 # What each panel of `plot_loop_mechanism` shows: (stat, transform, y label).
 MECHANISM_PANELS = (
@@ -111,7 +113,7 @@ def plot_stability_map(table: pd.DataFrame) -> Figure:
         ax.set_yticks(range(len(archs)), archs)
         ax.set_xlabel("loops K")
         ax.set_title(f"lr {lr:g}" if len(by_lr) > 1 else "")
-    shown = [s for s in STATUS_COLOURS if s != "interrupted" or s in set(table["status"])]
+    shown = [s for s in STATUS_COLOURS if s not in RARE_STATUSES or s in set(table["status"])]
     figure.legend(handles=[Patch(color=STATUS_COLOURS[s], label=s.replace("_", " ")) for s in shown],
                   loc="outside lower center", ncol=5, frameon=False, fontsize=8)
     several_runs = table.groupby(["arch", "n_loops", "lr"], dropna=False).size().max() > 1
@@ -133,8 +135,8 @@ def _stability_cell(cell: pd.DataFrame) -> tuple[Any, str]:
     status = "stable" if failures.empty else failures.mode().iloc[0]
     losses = cell["final_loss"][np.isfinite(cell["final_loss"])]
     text = f"{losses.mean():.3g}" if len(losses) else "NaN"
-    if status == "collapsed" and "mechanism" in cell.columns:  # what broke, in short
-        mechanisms = cell.loc[cell["status"] == "collapsed", "mechanism"].dropna()
+    if status in ("collapsed", "recovered") and "mechanism" in cell.columns:  # what broke, in short
+        mechanisms = cell.loc[cell["status"] == status, "mechanism"].dropna()
         if len(mechanisms):
             text += f"\n{MECHANISM_LABELS.get(mechanisms.mode().iloc[0], mechanisms.mode().iloc[0])}"
     if len(cell) > 1:

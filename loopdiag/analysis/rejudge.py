@@ -74,7 +74,7 @@ def judge(records: list[dict[str, Any]], thresholds: dict[str, Any], expected_lo
     verdict carries `not_judged`, and an unfinished run is "interrupted"."""
     detectors = default_detectors(expected_loss, context_free_loss=context_free_loss, **thresholds)
     events = replay(records, detectors, finished=finished)
-    judged = verdict(records, events, finished=finished)
+    judged = verdict(records, events, finished=finished, context_free_loss=context_free_loss)
     if not finished:
         judged["status"] = "interrupted"
     keys = {key for record in records for key in record}

@@ -36,7 +36,8 @@ TABLE_COLUMNS = (
 def suite_table(suite: SuiteData) -> pd.DataFrame:
     """One row per run (columns `TABLE_COLUMNS`, defined in `loopdiag.analysis.analyzer`).
 
-    `failure_step` is the verdict's step for a collapsed or diverged run; `warning_lead`
+    `failure_step` is the verdict's step for a failed run, and for a recovered one the
+    step of the collapse it recovered from; `warning_lead`
     is how many steps the first detector event came before it.
     """
     if not suite.runs:
@@ -73,7 +74,8 @@ def _row(run_id: str, run: RunData, cell: dict[str, object]) -> dict[str, object
     judged = run_verdict(run)
     run.read_ahead([*STEP_COLUMNS, "resid_norm"])
     steps = run.steps_of(STEP_COLUMNS)
-    failed = judged.get("status") in FAILED
+    # A recovered run keeps the step and signal of the collapse it trained out of.
+    failed = judged.get("status") in (*FAILED, "recovered")
     failure_step = (float(judged["step"]) if failed and judged.get("step") is not None
                     else math.nan)
     warning = first_warning_step(run, judged)

@@ -84,6 +84,7 @@ class Monitor:
         self.detectors = (list(detectors) if detectors is not None
                           else default_detectors(expected_loss, context_free_loss=context_free_loss,
                                                  **(thresholds or {})))
+        self.context_free_loss = context_free_loss  # the verdict's test of a recovery
         self.sinks = list(sinks)
         self.stop_on = stop_on
         self.events: list[Event] = []

@@ -17,18 +17,23 @@ from loopdiag.detect.registry import DETECTORS
 # collapse detector with a mechanism.
 DETECTOR_MECHANISMS = {name: cls.mechanism for name, cls in DETECTORS.items() if cls.mechanism}
 
-STATUSES = ("stable", "collapsed", "diverged", "failed_to_train", "interrupted")
+STATUSES = ("stable", "collapsed", "recovered", "diverged", "failed_to_train", "interrupted")
 MECHANISMS = ("representation", "gradient", "residual", "plateau", "loss")
 ONSET_EMA_SPAN = 20
 ONSET_GAP = 0.10
 
 
 def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mapping[str, Any]],
-            *, finished: bool) -> dict[str, Any]:
+            *, finished: bool, context_free_loss: float | None = None) -> dict[str, Any]:
     """Judge a run from its records and the events its detectors fired.
 
     Rule, first match wins:
     - "diverged": a non-finite loss in the records, or a `non_finite` critical event;
+    - "recovered": a critical event from a collapse detector, and then the run trained out
+      of it: it finished with its smoothed loss ≥ `ONSET_GAP` below the data's
+      `context_free_loss` (what identical positions, or a model that ignores its context,
+      cannot beat) and less than `ONSET_GAP` above its best, and no `failed_to_train`
+      critical event (with a reference: it reached the loss it should);
     - "collapsed": a critical event from a collapse detector, whose mechanism
       (`MECHANISMS`: representation, gradient, residual, plateau, loss) the verdict names;
     - "failed_to_train": a critical `failed_to_train` event (a loss that ended far above
@@ -41,7 +46,8 @@ def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mappi
     the finding. `step`, `signal`, `mechanism` and `evidence` describe the earliest failure
     signal of the chosen kind (the first critical event, or the first non-finite loss if
     that came first), so a run that collapsed and later diverged reports where it first
-    failed; they are None for stable and interrupted runs. `first_warning_step` is the
+    failed, and a recovered one the collapse it recovered from; they are None for stable
+    and interrupted runs. `first_warning_step` is the
     first warn or critical event, `last_loss` the last logged loss, `final_smoothed_loss`
     the loss's EMA (span 20 records, as `ground_truth_onset` smooths it) at the last record.
     """
@@ -53,6 +59,13 @@ def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mappi
               if is_int(record.get("step"))]
     losses = [(step, loss) for step, loss in losses if loss is not None]
     non_finite = next(((step, loss) for step, loss in losses if not math.isfinite(loss)), None)
+    finite = [loss for _, loss in losses if math.isfinite(loss)]
+    ema, best = Ema(ONSET_EMA_SPAN), math.inf
+    for loss in finite:
+        best = min(best, ema.update(loss))
+    trained_past = (finished and context_free_loss is not None and ema.value is not None
+                    and ema.value <= (1 - ONSET_GAP) * context_free_loss
+                    and ema.value - best < ONSET_GAP * best)
 
     failure = critical[0] if critical else None
     if non_finite is not None and (failure is None or non_finite[0] < failure["step"]):
@@ -60,6 +73,8 @@ def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mappi
                    "evidence": {"loss": non_finite[1]}}
     if non_finite is not None or any(e["detector"] == NonFinite.name for e in critical):
         status = "diverged"
+    elif collapses and trained_past and len(collapses) == len(critical):
+        status, failure = "recovered", collapses[0]
     elif collapses:
         status, failure = "collapsed", collapses[0]
     elif critical:
@@ -67,14 +82,11 @@ def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mappi
     else:
         status = "stable" if finished else "interrupted"
 
-    finite = [loss for _, loss in losses if math.isfinite(loss)]
     warned = [e["step"] for e in fired if e.get("severity") in ("warn", "critical")]
-    ema = Ema(ONSET_EMA_SPAN)
-    for loss in finite:
-        ema.update(loss)
     return {
         "status": status,
-        "mechanism": DETECTOR_MECHANISMS.get(failure["detector"]) if status == "collapsed" else None,
+        "mechanism": (DETECTOR_MECHANISMS.get(failure["detector"])
+                      if status in ("collapsed", "recovered") else None),
         "step": failure["step"] if failure else None,
         "signal": failure["detector"] if failure else None,
         "evidence": plain(failure["evidence"]) if failure else None,

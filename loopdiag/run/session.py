@@ -180,7 +180,8 @@ class RunSession:
             self.recorder.detach()
         if finished and stopped_by is None and self.judges:
             self.monitor.finish()  # the end-of-run judgements (a run stopped early has none)
-        summary = verdict(self.records, self.monitor.events, finished=finished)
+        summary = verdict(self.records, self.monitor.events, finished=finished,
+                          context_free_loss=self.monitor.context_free_loss)
         if steps_done is not None:
             summary["steps_done"] = steps_done
         summary["stopped_by"] = stopped_by
