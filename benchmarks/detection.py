@@ -143,6 +143,28 @@ stable (`looped-scaled` K = 4 at lr 3e-2, seed 34, ends 1.108× its seed's `stan
 onset two steps before the end, and within 10 % of the seed-0 reference the verdict is
 given); without one 24 of 31: on this text `flt` at lr 3e-3 (K = 4 and 12) ends 1.66–1.73
 against `standard`'s 1.39–1.45, labelled failed to train on every seed, and converged.
+Every corpus so far had trained at a constant learning rate with its decay at the end; the
+recipe corpus (`reports/detection/recipe/`: seeds 37–39, the embedded text, the tiny model,
+400 steps, a 40-step warm-up, cosine decay to 0.1×, batch 8, weight decay 0.1; `--train`),
+trained with no detector changed, judged 2 of its 16 healthy runs collapsed. Both trained
+out of a collapse: plain `looped` K = 4 at lr 3e-3, seed 39, sat with its last loop's
+positions nearly identical and its loss at the context-free level from step 28 to 80
+(critical at step 73), then ended 5 % above `standard`; `looped-scaled` K = 8 at lr 3e-1,
+seed 37, the same after a residual collapse at step 46. The same settings on the other
+seeds never left that state. The twelfth change is the verdict `recovered`: a collapse
+after which the run finished ≥ 10 % below the data's context-free loss (what identical
+positions cannot beat) and not 10 % above its best, with `failed_to_train` silent; with a
+reference, a run that recovered but ended behind it stays collapsed. The numbers are the
+labels' gap and the context-free loss, nothing fitted; the recipe corpus is in-sample for
+it. Over the other sets it changes no verdict with a reference; without one, 5 failed runs
+that trained out of a collapse but ended behind (depth 2, prose 2, `flt-stability` 1) are
+`recovered` instead of `collapsed`, not stable either way. Held out for it, the warmup
+corpus (`reports/detection/warmup/`: seeds 40–42, Vim's `options.txt`, d_model 48, 4 heads,
+seq_len 48, 400 steps, a 60-step warm-up, cosine decay to 0, batch 8, weight decay 0.05) was
+trained after the change and scored once: no healthy run judged collapsed; every failed
+run judged not stable with a reference, 22 of 23 without; one false warning in 6,400
+healthy steps (plain `looped` K = 4 at lr 3e-3, seed 41, warned at step 33 for nearly
+identical positions, which it left before they were judged critical).
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
