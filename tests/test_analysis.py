@@ -194,6 +194,20 @@ def test_explain_collapsed_and_diverged(suite_dir: Path) -> None:
     assert f"diverged at step {DIVERGE_AT}" in diverged and "last finite train loss" in diverged
 
 
+def test_explain_a_recovered_run_names_the_collapse_and_where_it_trained_to(tmp_path: Path) -> None:
+    run_id = "looped-k4-s1-lr0.001"
+    records = [record(run_id, "looped", 4, 1, 1e-3, step) for step in range(1, STEPS + 1)]
+    summary = {"status": "recovered", "mechanism": "representation", "step": 30,
+               "signal": "representation_collapse", "first_warning_step": 25,
+               "message": "All positions identical from loop 4 on since step 20."}
+    write_run(tmp_path / run_id, records, {"cell": {"arch": "looped", "n_loops": 4, "seed": 1, "lr": 1e-3},
+                                            "train": {"steps": STEPS}}, summary=summary)
+    text = explain(load_run(tmp_path / run_id))
+    assert "collapsed (representation) at step 30" in text and "recovered" in text
+    assert "representation_collapse" in text and "All positions identical from loop 4" in text
+    assert "final train loss of" in text and "below what the data's token frequencies" in text
+
+
 def loop_scaling_frame() -> pd.DataFrame:
     rows = [{"arch": arch, "train_loops": k, "eval_loops": e, "metric": "val_loss",
              "value": 2.0 + abs(e - k) * 0.1}

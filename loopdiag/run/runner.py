@@ -53,7 +53,7 @@ class RunOutcome:
     n_loops: int
     seed: int
     lr: float
-    status: str  # stable | collapsed | diverged | failed_to_train | interrupted
+    status: str  # stable | collapsed | recovered | diverged | failed_to_train | interrupted
     failure_step: int | None
     signal: str | None
     steps_done: int
