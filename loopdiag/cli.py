@@ -331,6 +331,7 @@ def analyze(
 ) -> None:
     """Verdicts from a run store: one run explained, or a suite's table."""
     from loopdiag.analysis import explain, run_verdict, suite_table
+    from loopdiag.analysis.analyzer import EXPLAINED
     from loopdiag.store import is_run_dir, load_run, load_suite
 
     path = _store(path)
@@ -340,7 +341,7 @@ def analyze(
             judged = run_verdict(run)
             console.print(f"[bold]{run.run_id}[/]: {judged['status']}"
                           f"{' (recomputed from the store)' if judged.get('recomputed') else ''}")
-            if judged["status"] in ("collapsed", "recovered", "diverged", "failed_to_train"):
+            if judged["status"] in EXPLAINED:
                 console.print(explain(run, judged), soft_wrap=True)
             return
         table = suite_table(load_suite(path))

@@ -29,6 +29,7 @@ LOSS_COLUMNS = ("loss", "train_loss")  # the recorder's name first, the trainer'
 FINAL_FRACTION = 0.1
 CELL_KEYS = ("arch", "n_loops", "seed", "lr")
 FAILED = ("collapsed", "diverged", "failed_to_train")
+EXPLAINED = (*FAILED, "recovered")  # runs a report explains: failures, and collapses trained out of
 WARNING_SEVERITIES = ("warn", "critical")
 
 

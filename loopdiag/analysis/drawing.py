@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-STATUS_COLOURS = {"stable": "#8fd18f", "recovered": "#d4e157", "collapsed": "#f5b041", "diverged": "#e5533d",
-                  "failed_to_train": "#b39ddb", "interrupted": "#c8c8c8"}
+STATUS_COLOURS = {"stable": "#8fd18f", "recovered": "#d4e157", "collapsed": "#f5b041",
+                  "diverged": "#e5533d", "failed_to_train": "#b39ddb", "interrupted": "#c8c8c8"}
 MECHANISM_LABELS = {"representation": "repr.", "gradient": "grad.", "residual": "resid.",
                     "plateau": "plateau", "loss": "loss"}
 NO_RUN_COLOUR = "#ffffff"

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from loopdiag.analysis import plots
-from loopdiag.analysis.analyzer import FAILED, LOSS_COLUMNS, explain, run_verdict
+from loopdiag.analysis.analyzer import EXPLAINED, LOSS_COLUMNS, explain, run_verdict
 from loopdiag.analysis.depth import (
     IDLE_UPDATE,
     LoopStates,
@@ -300,7 +300,7 @@ def _explanations(suite: SuiteData, table: pd.DataFrame, drawer: FigureDrawer) -
     """A paragraph per failed or recovered run; collapsed and recovered runs also get their
     per-loop token correlation, relative update and gradient over steps (one run per cell,
     at most `MAX_MECHANISM_FIGURES`, given to `drawer`)."""
-    failed = table[table["status"].isin((*FAILED, "recovered"))]
+    failed = table[table["status"].isin(EXPLAINED)]
     if failed.empty:
         return [Paragraph("No run collapsed, diverged or failed to train.")]
     blocks: list[Block] = []
@@ -309,7 +309,8 @@ def _explanations(suite: SuiteData, table: pd.DataFrame, drawer: FigureDrawer) -
         run = suite.runs[row.run_id]
         blocks += [Heading(row.run_id, 3), Paragraph(explain(run, run_verdict(run)))]
         cell = (row.arch, row.n_loops, row.lr)
-        if row.status not in ("collapsed", "recovered") or cell in drawn or len(drawn) >= MAX_MECHANISM_FIGURES:
+        if (row.status not in ("collapsed", "recovered") or cell in drawn
+                or len(drawn) >= MAX_MECHANISM_FIGURES):
             continue
         tables = {stat: run.loop_table(stat) for stat in plots.MECHANISM_STATS}
         if any(len(table) for table in tables.values()):

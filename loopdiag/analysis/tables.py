@@ -12,7 +12,7 @@ import pandas as pd
 
 from loopdiag.analysis.analyzer import (
     CELL_KEYS,
-    FAILED,
+    EXPLAINED,
     LOSS_COLUMNS,
     best_loss,
     final_loss,
@@ -75,7 +75,7 @@ def _row(run_id: str, run: RunData, cell: dict[str, object]) -> dict[str, object
     run.read_ahead([*STEP_COLUMNS, "resid_norm"])
     steps = run.steps_of(STEP_COLUMNS)
     # A recovered run keeps the step and signal of the collapse it trained out of.
-    failed = judged.get("status") in (*FAILED, "recovered")
+    failed = judged.get("status") in EXPLAINED
     failure_step = (float(judged["step"]) if failed and judged.get("step") is not None
                     else math.nan)
     warning = first_warning_step(run, judged)

@@ -73,7 +73,7 @@ def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mappi
                    "evidence": {"loss": non_finite[1]}}
     if non_finite is not None or any(e["detector"] == NonFinite.name for e in critical):
         status = "diverged"
-    elif collapses and trained_past and len(collapses) == len(critical):
+    elif collapses and trained_past and not any(e["detector"] == FailedToTrain.name for e in critical):
         status, failure = "recovered", collapses[0]
     elif collapses:
         status, failure = "collapsed", collapses[0]
