@@ -164,7 +164,13 @@ seq_len 48, 400 steps, a 60-step warm-up, cosine decay to 0, batch 8, weight dec
 trained after the change and scored once: no healthy run judged collapsed; every failed
 run judged not stable with a reference, 22 of 23 without; one false warning in 6,400
 healthy steps (plain `looped` K = 4 at lr 3e-3, seed 41, warned at step 33 for nearly
-identical positions, which it left before they were judged critical).
+identical positions, which it left before they were judged critical). Last, with nothing
+changed, the muon corpus (`reports/detection/muon/`: seeds 43–45, the embedded text, the
+tiny model, `--train optimizer=muon`: Muon for the hidden matrices, AdamW at the setting's
+lr for the rest) was trained and scored once: no healthy run judged collapsed or warned,
+every late collapse warned by onset, and with a reference 18 of 21 failed runs judged not
+stable: plain `looped` K = 4 at lr 3e-3 ends 1.11–1.13× its own seed's `standard` on every
+seed but within 10 % of the seed-0 reference (2.106, where seeds 43–45 ended 1.98–2.05).
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
