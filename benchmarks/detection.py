@@ -171,6 +171,11 @@ lr for the rest) was trained and scored once: no healthy run judged collapsed or
 every late collapse warned by onset, and with a reference 18 of 21 failed runs judged not
 stable: plain `looped` K = 4 at lr 3e-3 ends 1.11–1.13× its own seed's `standard` on every
 seed but within 10 % of the seed-0 reference (2.106, where seeds 43–45 ended 1.98–2.05).
+So was a third warm-up set, warmup-wide (`reports/detection/warmup-wide/`: seeds 46–48,
+Vim's `builtin.txt`, d_model 64, 4 heads, seq_len 64, 300 steps, a 30-step warm-up, cosine
+decay to 0.1×, weight decay 0.1): every target met but one never-trained run warned within
+15 % (`looped-k04-lr3e-2-noclip-s47`, judged only at its end: its stream grew 100× while
+its positions stayed distinct and its loss stalled at the context-free level).
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
