@@ -1295,7 +1295,7 @@ of each anchor.
     write_csv(out / "table.csv", scores)
 
 
-def model_overrides(pairs: Sequence[str]) -> list[tuple[str, Any]]:
+def key_value_overrides(pairs: Sequence[str]) -> list[tuple[str, Any]]:
     """`KEY=VALUE` pairs, each value a Python literal (64, 1e-2, None) or else a string."""
     overrides = []
     for pair in pairs:
@@ -1358,14 +1358,14 @@ def parse_args(argv: Sequence[str] | None = None
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     try:
-        model = tuple(model_overrides(args.model))
+        model = tuple(key_value_overrides(args.model))
         spec = CorpusSpec(args.steps, tuple(args.data), model)
         for setting in SETTINGS:
             spec.model_config(setting)
     except (TypeError, ValueError) as err:
         parser.error(f"--model: {err}")
     try:
-        recipe = tuple(model_overrides(args.train))
+        recipe = tuple(key_value_overrides(args.train))
         owned = [key for key, _ in recipe if key in SETTING_TRAIN_KEYS]
         if owned:
             raise ValueError(f"{', '.join(owned)} belong to each setting, not to the recipe")

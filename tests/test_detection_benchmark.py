@@ -275,12 +275,12 @@ def test_a_ramp_setting_raises_the_learning_rate_over_the_whole_run(bench):
     assert lr_multiplier(0, TrainConfig(**plain.train_config(STEPS))) == 1.0
 
 
-def test_model_overrides_parse_literals_and_refuse_malformed_pairs(bench):
-    assert bench.model_overrides(["d_model=64", "logit_softcap=None", "loss_on=last"]) == [
+def test_key_value_overrides_parse_literals_and_refuse_malformed_pairs(bench):
+    assert bench.key_value_overrides(["d_model=64", "logit_softcap=None", "loss_on=last"]) == [
         ("d_model", 64), ("logit_softcap", None), ("loss_on", "last")]
     for bad in ("d_model", "=64"):
         with pytest.raises(ValueError, match="KEY=VALUE"):
-            bench.model_overrides([bad])
+            bench.key_value_overrides([bad])
 
 
 def test_a_cached_run_of_other_data_or_size_is_not_reused(bench, tmp_path):
