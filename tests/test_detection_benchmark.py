@@ -214,28 +214,51 @@ def test_misses_say_how_many_healthy_runs_were_as_high_where_the_warning_was_due
         scored_run(bench, "fast", "healthy", None, [], early_loss=3.4),
     ]
     (line,) = bench.miss_lines(runs)
-    assert line.startswith("- 2 runs labelled failed to train were not warned within 15% of their steps")
+    assert line.startswith("- 2 runs that never trained were not warned within 15% of their steps")
     assert "`late` (3.5; 3.4; 1)" in line and "`behind` (3.5; 3; 1)" in line
     assert "`early`" not in line
     # 3.5 is 3 % above 3.4 and 17 % above 3.0
-    assert line.endswith("1 of the 2 were 10% (the labels' gap) or more above that healthy model there.")
+    assert line.endswith("1 of the 2 were 10% (the labels' gap) or more above that healthy model "
+                         "there. 2 of them trained on data whose context-free loss is unknown, "
+                         "so whether they trained at all is unknown too.")
 
 
-def test_misses_say_which_of_the_runs_not_warned_early_trained_all_the_same(bench):
+def test_runs_not_warned_early_are_told_apart_by_whether_they_trained(bench):
     def late(name, lowest, floor=3.2):
         return scored_run(bench, name, "failed to train", 1, [], status="failed_to_train",
                           first_warning=200, lowest_loss=lowest, context_free_loss=floor)
-    (line,) = bench.miss_lines([late("learned", 1.6), late("learned-less", 2.56),
-                                late("stuck", 3.1), late("unknown-data", 1.0, floor=None)])
-    # 1.6 and 2.56 are 0.50 and 0.80 of 3.2; 3.1 is within 10 % of it
-    assert line.endswith(" 2 of the 3 got 10% or more below the context-free loss (what the data's "
-                         "token frequencies alone give; at their lowest 0.50–0.80 of it): they "
-                         "trained, less far than that healthy model.")
+    never, behind = bench.miss_lines([late("learned", 1.6), late("learned-less", 2.56),
+                                      late("stuck", 3.1), late("unknown-data", 1.0, floor=None)])
+    # 3.1 is within 10 % of 3.2; with the floor unknown, whether a run trained is too
+    assert never.startswith("- 2 runs that never trained were not warned")
+    assert "`stuck`" in never and "`unknown-data`" in never and "`learned`" not in never
+    assert never.endswith(" 1 of them trained on data whose context-free loss is unknown, so "
+                          "whether they trained at all is unknown too.")
+    # 1.6 and 2.56 are 0.50 and 0.80 of 3.2
+    assert behind.startswith("- 2 runs that trained but ended behind were not warned")
+    assert behind.endswith(" At their lowest they were 0.50–0.80 of the context-free loss (what "
+                           "the data's token frequencies alone give): they trained, less far "
+                           "than that healthy model.")
     (line,) = bench.miss_lines([late("stuck", 3.1)])
+    assert line.startswith("- 1 run that never trained was not warned")
     assert line.endswith("None of them got 10% below the context-free loss (what the data's token "
                          "frequencies alone give): they never trained.")
-    (line,) = bench.miss_lines([late("unknown-data", 1.0, floor=None)])
-    assert line.endswith("above that healthy model there.")
+
+
+def test_only_runs_that_never_trained_have_the_early_warning_target(bench):
+    def failed(name, lowest, first_warning):
+        return scored_run(bench, name, "failed to train", 1, [], status="failed_to_train",
+                          first_warning=first_warning, lowest_loss=lowest, context_free_loss=3.2)
+    runs = [failed("stuck-warned", 3.2, 30), failed("stuck-late", 3.0, 200),
+            failed("behind-warned", 2.0, 10), failed("behind-late", 2.0, 200),
+            failed("behind-late-2", 2.85, 290)]  # 2.85 is 11 % below 3.2
+    v = bench.score_verdicts(runs, bench.MODES[1])
+    assert (v.never_trained, v.never_trained_early, v.fell_behind, v.fell_behind_early) == (2, 1, 3, 1)
+    (line,) = bench.verdict_target_lines("set", [v])
+    assert "never trained warned within 15% of their steps: **not met** (1/2 (50%); of those " \
+           "that trained but ended behind, no target, 1/3 (33%))" in line
+    assert ("judged not stable ≥ 99%: **met** (5/5 (100%): never trained 2/2, trained but ended "
+            "behind 3/3)") in line
 
 
 def test_misses_without_a_reference_say_how_many_a_healthy_run_ended_as_high_as(bench):
