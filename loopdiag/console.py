@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from loopdiag.detect.monitor import SEVERITY_STYLE
+from loopdiag.detect.verdict import FAILED_STATUSES
 
 if TYPE_CHECKING:  # the runner imports torch; `analyze` and `report` print tables without it
     from loopdiag.run.runner import RunSpec
@@ -103,7 +104,7 @@ def stability_table(table: pd.DataFrame) -> Table:
 
 
 def _verdict(row: Any) -> str:
-    failed = row.status in ("collapsed", "diverged", "failed_to_train")
+    failed = row.status in FAILED_STATUSES
     mechanism = getattr(row, "mechanism", None)
     what = row.status.replace("_", " ") + (f" ({mechanism})" if isinstance(mechanism, str) else "")
     # a collapse's mechanism names what broke; other failures name their signal

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from loopdiag.detect import default_detectors, replay, verdict
+from loopdiag.detect.verdict import FAILED_STATUSES
 from loopdiag.store import RunData
 from loopdiag.store import event_frame, read_records
 from loopdiag.store.reference import context_free_loss
@@ -28,8 +29,7 @@ from loopdiag.store.reference import context_free_loss
 LOSS_COLUMNS = ("loss", "train_loss")  # the recorder's name first, the trainer's second
 FINAL_FRACTION = 0.1
 CELL_KEYS = ("arch", "n_loops", "seed", "lr")
-FAILED = ("collapsed", "diverged", "failed_to_train")
-EXPLAINED = (*FAILED, "recovered")  # runs a report explains: failures, and collapses trained out of
+EXPLAINED = (*FAILED_STATUSES, "recovered")  # runs a report explains: failures, and collapses trained out of
 WARNING_SEVERITIES = ("warn", "critical")
 
 
@@ -170,7 +170,7 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
             f"final train loss of {_fmt(final_loss(steps))} (best {_fmt(best_loss(steps))}), "
             f"below what the data's token frequencies alone give.",
             _verdict_message(judged), _residual_story(run)) if sentence)
-    if status not in FAILED:
+    if status not in FAILED_STATUSES:
         last = int(steps["step"].iloc[-1]) if len(steps) else None
         return (f"{who} ended {status} at step {last}; final train loss "
                 f"{_fmt(final_loss(steps))}, best {_fmt(best_loss(steps))}.")

@@ -18,6 +18,7 @@ from loopdiag.detect.registry import DETECTORS
 DETECTOR_MECHANISMS = {name: cls.mechanism for name, cls in DETECTORS.items() if cls.mechanism}
 
 STATUSES = ("stable", "collapsed", "recovered", "diverged", "failed_to_train", "interrupted")
+FAILED_STATUSES = ("collapsed", "diverged", "failed_to_train")
 MECHANISMS = ("representation", "gradient", "residual", "plateau", "loss")
 ONSET_EMA_SPAN = 20
 ONSET_GAP = 0.10
