@@ -175,7 +175,21 @@ So was a third warm-up set, warmup-wide (`reports/detection/warmup-wide/`: seeds
 Vim's `builtin.txt`, d_model 64, 4 heads, seq_len 64, 300 steps, a 30-step warm-up, cosine
 decay to 0.1×, weight decay 0.1): every target met but one never-trained run warned within
 15 % (`looped-k04-lr3e-2-noclip-s47`, judged only at its end: its stream grew 100× while
-its positions stayed distinct and its loss stalled at the context-free level).
+its positions stayed distinct and its loss stalled at the context-free level). After the
+early-warning target was split (see Verdicts), with no detector changed, the nodejs corpus
+(`reports/detection/nodejs/`: seeds 49–51, Node.js's `fs` API reference, Markdown with
+JavaScript examples; d_model 80, 5 heads, seq_len 80, an MLP twice the width rather than
+four times) was trained and scored once: every run that never trained warned within 15 %,
+every late collapse warned by onset, no healthy run judged collapsed or warned. With a
+reference 32 of 34 failed runs were judged not stable and 1 of its 5 healthy runs failed to
+train: each of the three lies on one side of the 10 % line from its own seed's `standard`
+and on the other from the seed-0 reference (1.182; seeds 49–51 ended 1.13–1.29). Against
+|z| > 3 neither is better on any axis: recall before onset 17 failures caught by loopdiag
+only against 10 by it only (p = 0.25; those 10 all trained but ended behind, alarmed at
+steps 45–101), and all 5 healthy runs alarmed by it and none by loopdiag, where with 5
+runs a sign test cannot reach p < 0.05.
+On this text, as on the header corpus, `flt` at lr 3e-3 (K = 4 and 12) ends 1.45–1.62
+against `standard`'s 1.13–1.29 on every seed.
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
