@@ -331,7 +331,7 @@ def analyze(
 ) -> None:
     """Verdicts from a run store: one run explained, or a suite's table."""
     from loopdiag.analysis import explain, run_verdict, suite_table
-    from loopdiag.analysis.analyzer import EXPLAINED
+    from loopdiag.analysis.analyzer import EXPLAINED, reference_text
     from loopdiag.store import is_run_dir, load_run, load_suite
 
     path = _store(path)
@@ -343,6 +343,8 @@ def analyze(
                           f"{' (recomputed from the store)' if judged.get('recomputed') else ''}")
             if judged["status"] in EXPLAINED:
                 console.print(explain(run, judged), soft_wrap=True)
+            if judged["status"] in ("stable", "recovered"):  # the verdicts a reference can change
+                console.print(reference_text(run, judged), soft_wrap=True)
             return
         table = suite_table(load_suite(path))
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:

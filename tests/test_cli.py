@@ -20,6 +20,7 @@ from loopdiag.store import load_suite
 
 runner = CliRunner()
 COMMITTED_REPORT = Path(__file__).resolve().parents[1] / "reports" / "flt-stability-task"  # runs/ has metrics
+STUDY = Path(__file__).resolve().parents[1] / "reports" / "flt-stability" / "runs"
 
 
 QUICK = ["run", "--quick", "--jobs", "1", "--steps", "6"]
@@ -107,6 +108,12 @@ def test_analysis_commands_on_a_committed_run_store(tmp_path):
     assert "flt-res" in result.output and "looped" in result.output
     result = runner.invoke(app, ["analyze", str(COMMITTED_REPORT / "runs" / "flt-k04-s0")])
     assert result.exit_code == 0 and "flt-k04-s0: stable" in result.output
+    # its suite has no one-loop run: the verdict says what it could not judge
+    assert "Judged without an expected loss" in result.output
+    result = runner.invoke(app, ["analyze", str(STUDY / "flt-k04-s0-lr0.003")])
+    assert result.exit_code == 0, result.output
+    assert ("Judged against an expected loss of 2.29 (the final smoothed loss of run "
+            "flt-k01-s0-lr0.01); its smoothed loss ended at 2.35, +2.9 %.") in " ".join(result.output.split())
     result = runner.invoke(app, ["compare", "looped", "flt", "--suite", str(COMMITTED_REPORT)])
     assert result.exit_code == 0 and "K=4" in result.output, result.output
     result = runner.invoke(app, ["report", str(COMMITTED_REPORT), "--out", str(tmp_path / "again")])

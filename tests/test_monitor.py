@@ -101,6 +101,26 @@ def test_a_session_left_by_an_exception_is_interrupted(tmp_path):
     assert loopdiag.load_run(tmp_path / "run").summary["status"] == "interrupted"
 
 
+def test_a_session_summary_names_the_reference_it_was_judged_against(tmp_path):
+    model = TiedEncoder()
+    x = torch.randint(0, 32, (4, 8))
+
+    def summary(monitor, config=None):
+        with loopdiag.RunSession(model, loop_module="shared_block", monitor=monitor,
+                                 config=config) as run:
+            for step in range(1, 4):
+                model(x).sum().backward()
+                run.after_backward()
+                run.step(step, loss=1.0, lr=0.1)
+        return run.summary
+
+    assert summary(loopdiag.Monitor())["reference"] is None
+    assert summary(loopdiag.Monitor(expected_loss=2.5))["reference"] == {"expected_loss": 2.5}
+    suite_reference = {"run": "flt-k01-s0", "expected_loss": 2.5}
+    assert summary(loopdiag.Monitor(expected_loss=2.5),
+                   {"reference": suite_reference})["reference"] == suite_reference
+
+
 def test_an_unknown_attach_option_is_refused_before_training():
     with pytest.raises(TypeError, match="unknown option.*log_evry"):
         loopdiag.RunSession(TiedEncoder(), log_evry=2)
@@ -142,3 +162,12 @@ def test_without_stop_on_nothing_stops():
 def test_bad_monitor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         loopdiag.Monitor(**kwargs)
+
+
+def test_the_monitor_names_the_loss_it_judges_against():
+    from loopdiag.detect import FailedToTrain, FailedToTrainConfig, LossSpike
+
+    assert loopdiag.Monitor().expected_loss is None
+    assert loopdiag.Monitor(expected_loss=2.5).expected_loss == 2.5
+    assert loopdiag.Monitor([FailedToTrain(FailedToTrainConfig(expected_loss=1.5))]).expected_loss == 1.5
+    assert loopdiag.Monitor([LossSpike()]).expected_loss is None  # no detector judges it

@@ -135,7 +135,31 @@ def run_verdict(run: RunData) -> dict[str, Any]:
                                                **(overrides if isinstance(overrides, dict) else {})),
                     finished=finished)
     return {**verdict(records, events, finished=finished, context_free_loss=floor), "recomputed": True,
-            "events": [event.to_dict() for event in events]}
+            "reference": reference or None, "events": [event.to_dict() for event in events]}
+
+
+def judged_against(run: RunData, judged: dict[str, Any]) -> dict[str, Any] | None:
+    """The reference (`expected_loss`, and the `run` it came from when known) a verdict was
+    judged against, or None: the verdict's own record of it, else (a summary written before
+    verdicts kept one) the run config's."""
+    reference = judged["reference"] if "reference" in judged else run.config.get("reference")
+    return reference if isinstance(reference, dict) and reference.get("expected_loss") is not None else None
+
+
+def reference_text(run: RunData, judged: dict[str, Any]) -> str:
+    """What a verdict that found no failure to train was judged against, in one or two
+    sentences: without a reference, a run that trained but ended behind reads as stable."""
+    reference = judged_against(run, judged)
+    if reference is None:
+        return ("Judged without an expected loss, so a run that trained but ended 10 % or more "
+                "above what its model should reach reads as stable. To judge that, train the "
+                "one-loop model of the same architecture in the same suite, or give the loss it "
+                "should reach (`Monitor(expected_loss=...)`).")
+    expected, final = float(reference["expected_loss"]), judged.get("final_smoothed_loss")
+    source = f" (the final smoothed loss of run {reference['run']})" if reference.get("run") else ""
+    ended = ("" if not isinstance(final, (int, float)) or not math.isfinite(final) or expected <= 0
+             else f"; its smoothed loss ended at {_fmt(final)}, {100 * (final / expected - 1):+.1f} %")
+    return f"Judged against an expected loss of {_fmt(expected)}{source}{ended}."
 
 
 def verdict_events(run: RunData, judged: dict[str, Any]) -> pd.DataFrame:

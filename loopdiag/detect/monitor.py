@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from loopdiag.detect import SEVERITIES, Detector, Event, default_detectors
+from loopdiag.detect import SEVERITIES, Detector, Event, FailedToTrain, default_detectors
 
 SEVERITY_STYLE = {"info": "cyan", "warn": "yellow", "critical": "bold red"}
 # Records after which a detector that judged none says so (its statistic is not recorded).
@@ -96,6 +96,13 @@ class Monitor:
     @property
     def should_stop(self) -> bool:
         return self.stop_event is not None
+
+    @property
+    def expected_loss(self) -> float | None:
+        """The loss the run is judged against (`failed_to_train`'s reference); None when
+        it is judged without one."""
+        return next((detector.config.expected_loss for detector in self.detectors
+                     if isinstance(detector, FailedToTrain)), None)
 
     def update(self, record: Mapping[str, Any]) -> list[Event]:
         fired = [event for detector in self.detectors for event in detector.update(record)]

@@ -186,6 +186,7 @@ class RunSession:
             summary["steps_done"] = steps_done
         summary["stopped_by"] = stopped_by
         summary["not_judged"] = sorted(self.monitor.not_judged())
+        summary["reference"] = self._reference()
         if not finished:
             summary["status"] = "interrupted"
         writer, self.writer = self.writer, None
@@ -210,6 +211,17 @@ class RunSession:
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: Any) -> None:
         self.close(finished=exc_type is None, stopped_by=self.stop_reason)
+
+    def _reference(self) -> dict[str, Any] | None:
+        """What the verdict was judged against: the monitor's expected loss, with the run it
+        came from when the config names one (a suite's one-loop run); None without one."""
+        loss = self.monitor.expected_loss
+        if loss is None:
+            return None
+        recorded = self.config.get("reference")
+        if isinstance(recorded, Mapping) and recorded.get("expected_loss") == loss:
+            return dict(recorded)
+        return {"expected_loss": loss}
 
     def _add_sink(self, sink: AlertSink, first: bool = False) -> None:
         self.monitor.sinks.insert(0 if first else len(self.monitor.sinks), sink)
