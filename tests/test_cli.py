@@ -21,6 +21,7 @@ from loopdiag.store import load_suite
 runner = CliRunner()
 COMMITTED_REPORT = Path(__file__).resolve().parents[1] / "reports" / "flt-stability-task"  # runs/ has metrics
 STUDY = Path(__file__).resolve().parents[1] / "reports" / "flt-stability" / "runs"
+LOOPS_STUDY = Path(__file__).resolve().parents[1] / "reports" / "loops-compute" / "runs"
 
 
 QUICK = ["run", "--quick", "--jobs", "1", "--steps", "6"]
@@ -108,8 +109,12 @@ def test_analysis_commands_on_a_committed_run_store(tmp_path):
     assert "flt-res" in result.output and "looped" in result.output
     result = runner.invoke(app, ["analyze", str(COMMITTED_REPORT / "runs" / "flt-k04-s0")])
     assert result.exit_code == 0 and "flt-k04-s0: stable" in result.output
-    # its suite has no one-loop run: the verdict says what it could not judge
+    # its suite has no one-loop run: the verdict says what it could not judge, and how to
     assert "Judged without an expected loss" in result.output
+    assert "train the one-loop model of the same architecture" in " ".join(result.output.split())
+    result = runner.invoke(app, ["analyze", str(LOOPS_STUDY / "flt-k01-s0")])  # one lr per cell
+    assert result.exit_code == 0, result.output
+    assert "with one loop at another learning rate" in " ".join(result.output.split())
     result = runner.invoke(app, ["analyze", str(STUDY / "flt-k04-s0-lr0.003")])
     assert result.exit_code == 0, result.output
     assert ("Judged against an expected loss of 2.29 (the final smoothed loss of run "

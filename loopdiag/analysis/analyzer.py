@@ -151,10 +151,13 @@ def reference_text(run: RunData, judged: dict[str, Any]) -> str:
     sentences: without a reference, a run that trained but ended behind reads as stable."""
     reference = judged_against(run, judged)
     if reference is None:
+        # A suite judges a one-loop run against its architecture's other one-loop runs.
+        how = ("train its architecture with one loop at another learning rate in the same suite"
+               if run_cell(run)["n_loops"] == 1 else
+               "train the one-loop model of the same architecture in the same suite")
         return ("Judged without an expected loss, so a run that trained but ended 10 % or more "
-                "above what its model should reach reads as stable. To judge that, train the "
-                "one-loop model of the same architecture in the same suite, or give the loss it "
-                "should reach (`Monitor(expected_loss=...)`).")
+                f"above what its model should reach reads as stable. To judge that, {how}, or "
+                "give the loss it should reach (`Monitor(expected_loss=...)`).")
     expected, final = float(reference["expected_loss"]), judged.get("final_smoothed_loss")
     source = f" (the final smoothed loss of run {reference['run']})" if reference.get("run") else ""
     ended = ("" if not isinstance(final, (int, float)) or not math.isfinite(final) or expected <= 0
