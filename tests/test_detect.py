@@ -278,9 +278,45 @@ def test_a_loss_rise_that_recovers_warns_once_and_is_no_collapse():
     bump = lambda s: 1 + 0.4 * ((s > 300) & (s <= 340))  # noqa: E731
     records = make_run(loss_factor=bump)
     events = replay(records, [LossRise()], finished=True)
-    assert [(e.step, e.severity) for e in events] == [(302, "warn")]
+    assert [e.severity for e in events] == ["warn"]
+    assert 301 < events[0].step <= 305  # within the bump's first records
     assert ground_truth_onset(*losses_and_steps(records)) is None
     assert verdict(records, events, finished=True)["status"] == "stable"
+
+
+def flat_noisy_run(n=3000, noise=0.10, seed=0, rise_from=None, rise=0.0):
+    """A loss flat at 2 with `noise` per batch (log-normal), optionally stepping up by
+    `rise` from step `rise_from` on."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(1, n + 1)
+    loss = 2.0 * np.exp(rng.normal(0, noise, n))
+    if rise_from is not None:
+        loss = loss * np.where(steps >= rise_from, 1 + rise, 1.0)
+    return [{"step": int(step), "loss": float(value)} for step, value in zip(steps, loss)]
+
+
+def test_loss_rise_reads_a_noisy_loss_against_its_noise():
+    records = flat_noisy_run()
+    # the fixed gap over the run's deepest dip: a flat loss this noisy rises 10 % above it
+    assert replay(records, [LossRise(noise_z=0, best_window=len(records))])
+    assert replay(records, [LossRise()]) == []
+    events = replay(flat_noisy_run(rise_from=2000, rise=0.4), [LossRise()])
+    assert [e.severity for e in events] == ["warn"]
+    assert 2000 < events[0].step <= 2020
+    evidence = events[0].evidence
+    assert evidence["needed_rise"] > evidence["thresholds"]["gap"]  # the noise set the bar
+    assert 0.015 < evidence["noise"] < 0.03  # 10 % per batch, × √(α / (2 − α)) ≈ 0.22
+    assert "σ of its noise" in events[0].message
+
+
+def test_loss_rise_without_noise_to_read_judges_the_gap_alone():
+    # a user's loss with no log scale (≤ 0), and one with no noise: no crash
+    assert replay([{"step": step, "loss": -2.0 + 0.01 * step} for step in range(1, 80)], [LossRise()]) == []
+    records = [{"step": step, "loss": value} for step, value in enumerate([1.0] * 60 + [2.0] * 30, start=1)]
+    events = replay(records, [LossRise()])
+    assert [(e.step, e.severity) for e in events] == [(63, "warn")]  # 2× capped at 1.5×
+    assert events[0].evidence["needed_rise"] == 0.10
+    assert "σ" not in events[0].message
 
 
 def test_one_bad_batch_never_makes_a_rise():
@@ -499,10 +535,12 @@ def test_default_detectors_overrides():
     ({"loss_rise": {"gap": 0.0}}, r"loss_rise: gap must be > 0"),
     ({"loss_rise": {"ema_span": 0}}, r"loss_rise: ema_span must be >= 1"),
     ({"loss_rise": {"batch_cap": 1.0}}, r"loss_rise: batch_cap must be > 1"),
+    ({"loss_rise": {"best_window": 10}}, r"loss_rise: best_window must be >= 20"),
+    ({"loss_rise": {"noise_z": -1}}, r"loss_rise: noise_z must be >= 0"),
     ({"gradient_oscillation": {"autocorr_threshold": -0.4}}, r"white noise"),
     ({"non_finite": 3}, r"non_finite: thresholds must be a mapping"),
 ], ids=["detector", "threshold", "range", "string", "float-int", "bool", "order", "gap",
-        "span", "cap", "autocorr", "mapping"])
+        "span", "cap", "window", "noise-z", "autocorr", "mapping"])
 def test_default_detectors_bad_overrides(overrides, match):
     with pytest.raises(ValueError, match=match):
         default_detectors(**overrides)

@@ -25,6 +25,7 @@ from loopdiag.detect.base import (
     window_span,
 )
 from loopdiag.detect.columns import FOUND_WARN_CODE, RecordColumns, codes, expand, streaks
+from loopdiag.detect.symptoms import RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, RiseState, validate_rise
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
 
@@ -33,7 +34,11 @@ class CollapsePlateauConfig(DetectorConfig):
     warmup: int = 50
     cooldown: int = 20
     ema_span: int = 20  # records; the same smoothing as `ground_truth_onset`
-    gap: float = 0.10  # smoothed loss this far above its running best counts as stuck
+    # Stuck: the smoothed loss risen as `loss_rise` reads a rise (`RecentRise`): ≥ `gap`
+    # and ≥ `noise_z` σ of its noise above its best of the last `best_window` records.
+    gap: float = 0.10
+    best_window: int = RISE_BEST_WINDOW
+    noise_z: float = RISE_NOISE_Z
     window: int = 30  # records it must stay stuck; also the residual-trend window
     alpha: float = 0.01  # one-sided Mann–Kendall p-value the residual rise must beat
     # ... and the fitted rise over the window must reach this. The norm is smooth, so
@@ -66,13 +71,15 @@ class CollapsePlateauConfig(DetectorConfig):
             require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         require(self.min_resid_growth >= 0,
                 f"min_resid_growth must be >= 0, got {self.min_resid_growth}")
+        validate_rise(self.best_window, self.noise_z)
 
 
 class CollapsePlateau(Detector):
     """The loss stuck while the last-loop residual norm r_K keeps rising.
 
-    Stuck above its best: the EMA of the loss (span `ema_span`) stays ≥ (1 + `gap`) × its
-    running best for `window` records → warn; critical if over those records log r_K
+    Stuck above its best: the EMA of the loss (span `ema_span`) stays risen above its
+    recent best (`RecentRise`: ≥ `gap`, and ≥ `noise_z` σ of its noise, above the best of
+    the last `best_window` records) for `window` records → warn; critical if over those records log r_K
     rises (one-sided Mann–Kendall p < `alpha`) by at least `min_resid_growth` (Theil–Sen
     line). Without recorded residual norms it can only warn.
 
@@ -88,6 +95,7 @@ class CollapsePlateau(Detector):
 
     def _reset_state(self) -> None:
         self._ema = Ema(self.config.ema_span)
+        self._rise = self._recent_rise()
         self._bests: deque[float] = deque(maxlen=self.config.stall_window + 1)
         self._stuck = 0
         self._log_resid: deque[tuple[int, float]] = deque(
@@ -104,18 +112,25 @@ class CollapsePlateau(Detector):
         smoothed = self._ema.update(loss)
         best = min(self._bests[-1], smoothed) if self._bests else smoothed
         self._bests.append(best)
+        state = self._rise.update(loss, step)
         if best <= 0:
             return UNJUDGED  # relative gaps need a positive loss
-        above = smoothed / best - 1
-        self._stuck = self._stuck + 1 if above >= self.config.gap else 0
+        self._stuck = self._stuck + 1 if state.risen else 0
         if self._stuck >= self.config.window:
-            return self._plateau(smoothed, best, above)
+            return self._plateau(state)
         return self._stall(best)
 
-    def _plateau(self, smoothed: float, best: float, above: float) -> Finding:
-        stuck = (f"Smoothed loss {smoothed:.4g} has stayed ≥ {100 * self.config.gap:.0f}% above "
-                 f"its best {best:.4g} for {self._stuck} records (now +{100 * above:.1f}%)")
-        evidence: dict[str, Any] = {"smoothed_loss": smoothed, "best": best, "above_best": above,
+    def _recent_rise(self) -> RecentRise:
+        config = self.config
+        return RecentRise(config.ema_span, config.gap, config.best_window, config.noise_z)
+
+    def _plateau(self, state: RiseState) -> Finding:
+        stuck = (f"Smoothed loss {state.smoothed:.4g} has stayed ≥ {100 * state.needed:.0f}% above "
+                 f"its recent best {state.best:.4g} (step {state.best_step}) for {self._stuck} "
+                 f"records (now +{100 * state.above:.1f}%)")
+        evidence: dict[str, Any] = {"smoothed_loss": state.smoothed, "best": state.best,
+                                    "best_step": state.best_step, "above_best": state.above,
+                                    "needed_rise": state.needed, "noise": state.noise,
                                     "stuck_records": self._stuck}
         rise = self._resid_rise(self.config.window)
         if rise is None:
@@ -177,13 +192,14 @@ class CollapsePlateau(Detector):
         loss = columns.finite("loss")
         positions = np.flatnonzero(np.isfinite(loss))
         ema, smoothed, bests = Ema(config.ema_span), [], []
-        for value in loss[positions].tolist():
+        rise, states = self._recent_rise(), []
+        for position, value in zip(positions.tolist(), loss[positions].tolist()):
             smoothed.append(ema.update(value))
             bests.append(min(bests[-1], smoothed[-1]) if bests else smoothed[-1])
+            states.append(rise.update(value, columns.step(position)))
         best = np.array(bests)
         judged = ~(best <= 0)  # `_check`'s test: a NaN best is judged
-        with np.errstate(divide="ignore", invalid="ignore"):
-            stuck = streaks(judged & (np.array(smoothed) / best - 1 >= config.gap))
+        stuck = streaks(judged & np.array([state.risen for state in states], dtype=bool))
         plateau = judged & (stuck >= config.window)
         # A stall needs progress < min_progress over `stall_window` and a significant rise
         # of the last `stall_window` log norms; the growth itself is checked exactly.
@@ -213,7 +229,7 @@ class CollapsePlateau(Detector):
             self._log_resid = deque(log_resid[:int(resid_seen[index])][-self._log_resid.maxlen:],
                                     maxlen=self._log_resid.maxlen)
             if plateau[j]:
-                return self._plateau(smoothed[j], bests[j], smoothed[j] / bests[j] - 1)
+                return self._plateau(states[j])
             return self._stall(bests[j])
         found = codes(expand(positions, judged, len(loss), False),
                       expand(positions, plateau | stall, len(loss), False),
@@ -222,6 +238,6 @@ class CollapsePlateau(Detector):
         return found, judge
 
     def _thresholds(self) -> dict[str, Any]:
-        names = ("gap", "window", "alpha", "min_resid_growth", "stall_window", "min_progress",
+        names = ("gap", "best_window", "noise_z", "window", "alpha", "min_resid_growth", "stall_window", "min_progress",
                  "stall_resid_growth")
         return {"thresholds": {name: getattr(self.config, name) for name in names}}

@@ -24,7 +24,13 @@ from loopdiag.detect.base import (
     window_span,
 )
 from loopdiag.detect.columns import MARGIN, RecordColumns, codes, expand, streaks, trailing_medians
-from loopdiag.detect.symptoms import LossTrack
+from loopdiag.detect.symptoms import (
+    RISE_BEST_WINDOW,
+    RISE_NOISE_Z,
+    RecentRise,
+    RiseState,
+    validate_rise,
+)
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
 # MAD × 1.4826 estimates σ for Gaussian noise, so the robust z reads like a plain z-score.
@@ -236,20 +242,26 @@ class LossRiseConfig(DetectorConfig):
     # warned one healthy loops-compute run (a recovering 11 % rise), so that study is
     # in-sample for it; 1.25× and 2× score the same on every detection set.
     batch_cap: float = 1.5
+    best_window: int = RISE_BEST_WINDOW  # records the best and the noise are read over
+    noise_z: float = RISE_NOISE_Z  # σ of the smoothed loss's noise the rise must also reach
 
     def _validate(self) -> None:
         require(self.ema_span >= 1, f"ema_span must be >= 1, got {self.ema_span}")
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
         require(self.batch_cap > 1, f"batch_cap must be > 1, got {self.batch_cap}")
+        validate_rise(self.best_window, self.noise_z)
 
 
 class LossRise(Detector):
-    """The smoothed loss risen ≥ `gap` above its running best: the run is now visibly worse
+    """The smoothed loss risen clearly above its recent best: the run is now visibly worse
     than it was. The smoothing and the gap are `ground_truth_onset`'s (an EMA of span
-    `ema_span`, non-finite losses skipped), except that a batch counts at most `batch_cap`
-    × the smoothed loss before it; so a rise warns on about the first record that rule
-    counts as failed, whatever the mechanism behind it (the residual detectors name one
-    when they see it). Never critical: a rise that recovers is no collapse
+    `ema_span`, non-finite losses skipped; a batch counts at most `batch_cap` × the
+    smoothed loss before it); the best is the lowest smoothed loss of the last `window`
+    records, and the rise must also reach `noise_z` × the smoothed loss's noise there. On
+    a loss whose batches scatter less than about 5.6 % that is the gap itself, so a rise
+    warns on about the first record the labels count as failed, whatever the mechanism
+    behind it (the residual detectors name one when they see it); on a noisier loss, the
+    rise noise alone would reach. Never critical: a rise that recovers is no collapse
     (`slow_divergence` and `collapse_plateau` judge one that stays).
     """
 
@@ -258,34 +270,44 @@ class LossRise(Detector):
     config: LossRiseConfig
 
     def _reset_state(self) -> None:
-        self._loss = LossTrack(self.config.ema_span, 0, self.config.batch_cap)  # no stall test
+        self._rise = self._recent_rise()
+
+    def _recent_rise(self) -> RecentRise:
+        config = self.config
+        return RecentRise(config.ema_span, config.gap, config.best_window, config.noise_z, config.batch_cap)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
-        if self._loss.update(record) is None:
+        loss = finite_scalar(record, "loss")
+        if loss is None:
             return UNJUDGED
-        return self._rise(self._loss)
+        return self._finding(self._rise.update(loss, record.get("step")))
 
-    def _rise(self, track: LossTrack) -> Finding | None:
-        above = track.above_best()
-        if above is None or not above >= self.config.gap:
+    def _finding(self, state: RiseState) -> Finding | None:
+        if not state.risen:
             return None
-        message = (f"The smoothed loss {track.smoothed:.4g} is {100 * above:.0f}% above its "
-                   f"best {track.best:.4g} (step {track.best_step}): the run is worse than it was.")
+        noise = f", {state.above / state.noise:.0f}σ of its noise" if state.noise else ""
+        message = (f"The smoothed loss {state.smoothed:.4g} is {100 * state.above:.0f}% above "
+                   f"its best {state.best:.4g} (step {state.best_step}) in the last "
+                   f"{self.config.best_window} records{noise}: the run is worse than it was.")
         return Finding("warn", message, {
-            "smoothed_loss": track.smoothed, "best": track.best, "best_step": track.best_step,
+            "smoothed_loss": state.smoothed, "best": state.best, "best_step": state.best_step,
+            "noise": state.noise, "needed_rise": state.needed,
             "thresholds": {"gap": self.config.gap, "ema_span": self.config.ema_span,
-                           "batch_cap": self.config.batch_cap}})
+                           "batch_cap": self.config.batch_cap, "best_window": self.config.best_window,
+                           "noise_z": self.config.noise_z}})
 
     def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
-        history = columns.loss_history(self.config.ema_span, self.config.batch_cap)
-        smoothed, bests = np.array(history.smoothed), np.array(history.bests)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            risen = (bests > 0) & (smoothed / bests - 1 >= self.config.gap)
+        # The same `RecentRise` over the finite losses, so both paths compute alike.
+        loss = columns.finite("loss")
+        positions = np.flatnonzero(np.isfinite(loss))
+        rise = self._recent_rise()
+        states = {position: rise.update(float(loss[position]), columns.step(position))
+                  for position in positions.tolist()}
+        risen = np.array([states[position].risen for position in positions.tolist()], dtype=bool)
         size = len(columns)
-        return (codes(expand(history.positions, np.ones(len(bests), dtype=bool), size, False),
-                      expand(history.positions, risen, size, False), certain=True),
-                lambda index: self._rise(columns.loss_track_at(index, 0, self.config.ema_span,
-                                                               self.config.batch_cap)))
+        return (codes(expand(positions, np.ones(len(positions), dtype=bool), size, False),
+                      expand(positions, risen, size, False), certain=True),
+                lambda index: self._finding(states[index]))
 
 
 @dataclass(frozen=True)

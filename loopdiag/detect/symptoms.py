@@ -11,7 +11,9 @@ The thresholds here are mechanisms, not fits:
   model's unigram phase on the development seed 0, was 2.3e-5; larger models keep more).
   1e-5 is between the two.
 - A loss "rose" when its EMA is ≥ (1 + gap) × its running best, the definition of a
-  visible failure that `ground_truth_onset` uses too.
+  visible failure that `ground_truth_onset` uses too. `RecentRise` reads a rise on a noisy
+  loss: against the best of the last 100 records, and by at least 8 σ of the EMA's noise
+  (a flat noisy loss stands ever further above its deepest dip; see its docstring).
 - A loss has "stalled" when the median of its last 5 values is less than `min_progress`
   (2 %) below the median of 5 values `window` records earlier, the stall rule of
   `representation_collapse`, `residual_blowup` and `gradient_oscillation`: a median of 5
@@ -24,6 +26,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from loopdiag.detect.base import Ema, finite_scalar, loop_values, require
@@ -134,6 +137,86 @@ class LossTrack:
         if len(self._recent) < MEDIAN_OF:
             return None
         return statistics.median(list(self._recent)[-MEDIAN_OF:])
+
+
+# Records a rise is read over (`RecentRise`): a rise slower than this is a trend,
+# `slow_divergence`'s (over the same window).
+RISE_BEST_WINDOW = 100
+# σ of the smoothed loss's noise a rise must also reach. On a flat loss with Gaussian noise
+# (simulated, no run: `benchmarks/loss_rise_null.py`), 8 σ gives 0.3 warnings per 10k
+# records and 7 σ 1.6: the false-warning target is ≤ 1.
+RISE_NOISE_Z = 8.0
+# Fewer second differences than this say nothing about the noise: the gap alone applies.
+MIN_NOISE_DIFFERENCES = 10
+# For white noise of σ, a second difference x[t+1] − 2x[t] + x[t−1] has σ·√6, and the
+# median of its size is 0.6745 × that. Second differences cancel a linear trend, so a
+# loss falling (or rising) steadily does not read as noise.
+SECOND_DIFFERENCE_MAD = 0.6745 * math.sqrt(6)
+
+
+@dataclass(frozen=True)
+class RiseState:
+    """Where the smoothed loss stands against the best of its recent window."""
+    smoothed: float
+    best: float
+    best_step: Any
+    noise: float | None  # σ of the smoothed loss at the best (relative); None: unknown
+    needed: float  # the rise that counts: max(gap, noise_z × noise)
+
+    @property
+    def above(self) -> float | None:
+        return self.smoothed / self.best - 1 if self.best > 0 else None
+
+    @property
+    def risen(self) -> bool:
+        above = self.above
+        return above is not None and above >= self.needed
+
+
+class RecentRise:
+    """A loss that has risen: its EMA (span `ema_span`, each batch counted at most
+    `batch_cap` × it when given) at least `gap`, and at least `noise_z` σ of its own noise,
+    above the lowest EMA of its last `best_window` records. The noise is read at that best:
+    the robust σ of the log loss over the `best_window` losses up to it (the median size of
+    second differences), times the EMA's noise factor √(α / (2 − α)).
+
+    Why not the running best over the whole run: on a flat noisy loss that best is the
+    deepest noise dip so far, and the EMA stands ever further above it. Why the noise at the
+    best: a rise read against the noise it rose from, not the noise of the rise itself."""
+
+    def __init__(self, ema_span: int, gap: float, best_window: int = RISE_BEST_WINDOW,
+                 noise_z: float = RISE_NOISE_Z, batch_cap: float | None = None) -> None:
+        self.gap, self.noise_z, self.batch_cap = gap, noise_z, batch_cap
+        self._ema = Ema(ema_span)
+        self._factor = math.sqrt(self._ema.alpha / (2 - self._ema.alpha))
+        self._logs: deque[float] = deque(maxlen=best_window)
+        self._recent: deque[tuple[float, Any, float | None]] = deque(maxlen=best_window)
+
+    def update(self, loss: float, step: Any) -> RiseState:
+        smoothed = self._ema.update(capped(loss, self._ema.value, self.batch_cap))
+        if loss > 0:
+            self._logs.append(math.log(loss))
+        else:  # no log scale to read noise on
+            self._logs.clear()
+        self._recent.append((smoothed, step, self._noise()))
+        best, best_step, noise = min(self._recent, key=lambda entry: entry[0])
+        needed = self.gap if noise is None else max(self.gap, self.noise_z * noise)
+        return RiseState(smoothed, best, best_step, noise, needed)
+
+    def _noise(self) -> float | None:
+        if len(self._logs) < MIN_NOISE_DIFFERENCES + 2:
+            return None
+        logs = list(self._logs)
+        sizes = [abs(after - 2 * now + before) for before, now, after in zip(logs, logs[1:], logs[2:])]
+        return statistics.median(sizes) / SECOND_DIFFERENCE_MAD * self._factor
+
+
+
+
+def validate_rise(best_window: int, noise_z: float) -> None:
+    require(best_window >= 2 * MIN_NOISE_DIFFERENCES,
+            f"best_window must be >= {2 * MIN_NOISE_DIFFERENCES}, got {best_window}")
+    require(noise_z >= 0, f"noise_z must be >= 0, got {noise_z}")
 
 
 class Symptoms:
