@@ -200,10 +200,29 @@ loss noise is 10.4 % of the loss (4.2–5.4 % on the embedded text, recipe and p
 and the smoothed loss (span 20) of healthy runs wanders 11–13 % above its best; the labels,
 smoothed alike, call 3 runs "rose" at step 999. Over 10k records of a flat loss with white
 noise, the rise of that EMA above its running minimum reaches a median 7.9× its own noise
-(0.22× the per-batch noise): 18 % at this noise, against the fixed 10 % gap. The change it
-calls for, a gap scaled by the measured noise, is not made. With the seed-0 reference
-(1.578, where seeds 52–54's `standard` ended 1.68–1.74) 4 of the 8 healthy runs are judged
-failed to train.
+(0.22× the per-batch noise): 18 % at this noise, against the fixed 10 % gap. With the
+seed-0 reference (1.578, where seeds 52–54's `standard` ended 1.68–1.74) 4 of the 8 healthy
+runs are judged failed to train. The thirteenth change came from those false warnings and
+that null, no threshold drawn from a scored run: a rise (`loss_rise`, `RecentRise`) is read
+against the lowest smoothed loss of the last 100 records, not of the whole run (on a flat
+noisy loss that is the deepest dip so far), and must also reach 8 σ of the smoothed loss's
+noise read at that best (robustly, from second differences of the log loss); 8 σ is where
+a flat loss with Gaussian noise warns under once per 10k records (0.6;
+`benchmarks/loss_rise_null.py`). Below 5.6 % batch noise the 10 % gap binds as before. On
+every set above it takes long's 33 false warnings to 0 and changes no other false-warning
+count; 4 ramps warned at their onset step before are warned one step after it (shifted,
+recipe, warmup, muon), and long's 3 "rose" labels at step 999 go unwarned. Every set
+above is in-sample for it. The changelog corpus (`reports/detection/changelog/`: Node.js
+14's changelog, commit hashes and links, the tiny model for 1,000 steps at batch 8, a
+50-step warm-up, weight decay 0.1; seeds 55–56) was trained before the change and first
+scored after it: `loss_rise` warned none of its healthy runs (78 times before the
+change), but `collapse_plateau`'s stuck rule, the same 10 % over the running best for 30
+records, warned all 12 and judged 8 collapsed and then recovered. It took the same rise,
+so the changelog corpus is in-sample for that half; with both, no false warning in 12,000
+healthy steps (112 before), and no verdict on any other set changed but one late
+collapse's mechanism (muon `flt` seed 43, plateau at step 96 → loss at step 102). Its
+seed 57 was trained but is not scored: its `standard` reference, which labels the seed,
+is itself labelled "rose" at step 998, 10 % above its best on noise.
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0

@@ -25,6 +25,7 @@ from loopdiag.detect.base import (
 )
 from loopdiag.detect.columns import MARGIN, RecordColumns, codes, expand, streaks, trailing_medians
 from loopdiag.detect.symptoms import (
+    MIN_NOISE_DIFFERENCES,
     RISE_BEST_WINDOW,
     RISE_NOISE_Z,
     RecentRise,
@@ -231,6 +232,8 @@ def _middle(rows: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LossRiseConfig(DetectorConfig):
+    # Until the noise can be read, a noisy start rises 10 % above its first batches.
+    warmup: int = MIN_NOISE_DIFFERENCES + 2
     cooldown: int = 20  # clear records before a new rise warns again
     ema_span: int = 20  # records; the smoothing of `ground_truth_onset`
     # The labels' gap: a smoothed loss this far above its best is a visibly failed run
@@ -256,13 +259,14 @@ class LossRise(Detector):
     """The smoothed loss risen clearly above its recent best: the run is now visibly worse
     than it was. The smoothing and the gap are `ground_truth_onset`'s (an EMA of span
     `ema_span`, non-finite losses skipped; a batch counts at most `batch_cap` × the
-    smoothed loss before it); the best is the lowest smoothed loss of the last `window`
-    records, and the rise must also reach `noise_z` × the smoothed loss's noise there. On
-    a loss whose batches scatter less than about 5.6 % that is the gap itself, so a rise
-    warns on about the first record the labels count as failed, whatever the mechanism
-    behind it (the residual detectors name one when they see it); on a noisier loss, the
-    rise noise alone would reach. Never critical: a rise that recovers is no collapse
-    (`slow_divergence` and `collapse_plateau` judge one that stays).
+    smoothed loss before it); the best is the lowest smoothed loss of the last
+    `best_window` records, and the rise must also reach `noise_z` × the smoothed loss's
+    noise there (`RecentRise`). On a loss whose batches scatter less than about 5.6 % that
+    is the gap itself, so a rise warns on about the first record the labels count as
+    failed, whatever the mechanism behind it (the residual detectors name one when they
+    see it); on a noisier loss, only a rise that noise alone would not reach warns. Never
+    critical: a rise that recovers is no collapse (`slow_divergence` and
+    `collapse_plateau` judge one that stays).
     """
 
     name = "loss_rise"

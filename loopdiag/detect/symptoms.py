@@ -143,8 +143,8 @@ class LossTrack:
 # `slow_divergence`'s (over the same window).
 RISE_BEST_WINDOW = 100
 # σ of the smoothed loss's noise a rise must also reach. On a flat loss with Gaussian noise
-# (simulated, no run: `benchmarks/loss_rise_null.py`), 8 σ gives 0.3 warnings per 10k
-# records and 7 σ 1.6: the false-warning target is ≤ 1.
+# (simulated, no run: `benchmarks/loss_rise_null.py`), 8 σ gives 0.6 warnings per 10k
+# records and 7 σ 1.8: the false-warning target is ≤ 1.
 RISE_NOISE_Z = 8.0
 # Fewer second differences than this say nothing about the noise: the gap alone applies.
 MIN_NOISE_DIFFERENCES = 10
@@ -178,7 +178,8 @@ class RecentRise:
     `batch_cap` × it when given) at least `gap`, and at least `noise_z` σ of its own noise,
     above the lowest EMA of its last `best_window` records. The noise is read at that best:
     the robust σ of the log loss over the `best_window` losses up to it (the median size of
-    second differences), times the EMA's noise factor √(α / (2 − α)).
+    second differences; for a best among the first records, before there is enough to read
+    it, the noise now), times the EMA's noise factor √(α / (2 − α)).
 
     Why not the running best over the whole run: on a flat noisy loss that best is the
     deepest noise dip so far, and the EMA stands ever further above it. Why the noise at the
@@ -198,8 +199,11 @@ class RecentRise:
             self._logs.append(math.log(loss))
         else:  # no log scale to read noise on
             self._logs.clear()
-        self._recent.append((smoothed, step, self._noise()))
+        noise_now = self._noise()
+        self._recent.append((smoothed, step, noise_now))
         best, best_step, noise = min(self._recent, key=lambda entry: entry[0])
+        if noise is None:  # a best from before the noise could be read: read it now
+            noise = noise_now
         needed = self.gap if noise is None else max(self.gap, self.noise_z * noise)
         return RiseState(smoothed, best, best_step, noise, needed)
 
