@@ -79,9 +79,9 @@ class CollapsePlateau(Detector):
 
     Stuck above its best: the EMA of the loss (span `ema_span`) stays risen above its
     recent best (`RecentRise`: ≥ `gap`, and ≥ `noise_z` σ of its noise, above the best of
-    the last `best_window` records) for `window` records → warn; critical if over those records log r_K
-    rises (one-sided Mann–Kendall p < `alpha`) by at least `min_resid_growth` (Theil–Sen
-    line). Without recorded residual norms it can only warn.
+    the last `best_window` records) for `window` records → warn; critical if over those
+    records log r_K rises (one-sided Mann–Kendall p < `alpha`) by at least
+    `min_resid_growth` (Theil–Sen line). Without recorded residual norms it can only warn.
 
     Stalled: the best EMA improved by under `min_progress` over the last `stall_window`
     records while r_K rose significantly by at least `stall_resid_growth` → critical. A
@@ -238,6 +238,6 @@ class CollapsePlateau(Detector):
         return found, judge
 
     def _thresholds(self) -> dict[str, Any]:
-        names = ("gap", "best_window", "noise_z", "window", "alpha", "min_resid_growth", "stall_window", "min_progress",
-                 "stall_resid_growth")
+        names = ("gap", "best_window", "noise_z", "window", "alpha", "min_resid_growth",
+                 "stall_window", "min_progress", "stall_resid_growth")
         return {"thresholds": {name: getattr(self.config, name) for name in names}}

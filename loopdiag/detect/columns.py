@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from loopdiag.detect.base import Ema, is_int, loop_values, raw_scalar
-from loopdiag.detect.symptoms import MEDIAN_OF, MIN_PROGRESS, LossTrack, Symptoms, capped
+from loopdiag.detect.symptoms import MEDIAN_OF, MIN_PROGRESS, LossTrack, Symptoms
 
 # Judgement of one record by a vectorised pass: `_check` returns UNJUDGED there, None
 # there, something the detector must judge exactly (`OPEN`), or certainly a Finding whose
@@ -117,15 +117,12 @@ class RecordColumns:
 
     # --- the loss as `LossTrack` follows it ----------------------------------------------
 
-    def loss_history(self, ema_span: int = 20, batch_cap: float | None = None) -> LossHistory:
-        return self.cached(("loss_history", ema_span, batch_cap),
-                           lambda: LossHistory(self, ema_span, batch_cap))
+    def loss_history(self, ema_span: int = 20) -> LossHistory:
+        return self.cached(("loss_history", ema_span), lambda: LossHistory(self, ema_span))
 
-    def loss_track_at(self, index: int, window: int, ema_span: int = 20,
-                      batch_cap: float | None = None) -> LossTrack:
-        """The `LossTrack(ema_span, window, batch_cap)` a detector holds after the record at
-        `index`."""
-        return self.loss_history(ema_span, batch_cap).track_at(index, window)
+    def loss_track_at(self, index: int, window: int, ema_span: int = 20) -> LossTrack:
+        """The `LossTrack(ema_span, window)` a detector holds after the record at `index`."""
+        return self.loss_history(ema_span).track_at(index, window)
 
     def symptoms_at(self, index: int, gap: float, min_progress: float = MIN_PROGRESS,
                     window: int = 20) -> Symptoms:
@@ -141,21 +138,21 @@ class LossHistory:
     record it was reached at after each, computed by the same float operations in the same
     order."""
 
-    def __init__(self, columns: RecordColumns, ema_span: int, batch_cap: float | None = None) -> None:
+    def __init__(self, columns: RecordColumns, ema_span: int) -> None:
         loss = columns.finite("loss")
         self.columns = columns
         self.positions = np.flatnonzero(np.isfinite(loss))
         self.losses: list[float] = loss[self.positions].tolist()
         # finite losses among the records up to and including each record
         self.counts = np.cumsum(np.isfinite(loss))
-        self.ema_span, self.batch_cap = ema_span, batch_cap
+        self.ema_span = ema_span
         ema = Ema(ema_span)
         self.smoothed: list[float] = []
         self.bests: list[float] = []
         self.best_positions: list[int] = []
         best, best_position = math.inf, -1
         for position, loss_value in zip(self.positions.tolist(), self.losses):
-            value = ema.update(capped(loss_value, ema.value, batch_cap))
+            value = ema.update(loss_value)
             if value < best:
                 best, best_position = value, position
             self.smoothed.append(value)
@@ -163,7 +160,7 @@ class LossHistory:
             self.best_positions.append(best_position)
 
     def track_at(self, index: int, window: int) -> LossTrack:
-        track = LossTrack(self.ema_span, window, self.batch_cap)
+        track = LossTrack(self.ema_span, window)
         seen = int(self.counts[index]) if index >= 0 else 0
         if seen:
             track._ema.value = self.smoothed[seen - 1]

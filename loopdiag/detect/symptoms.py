@@ -93,13 +93,11 @@ def capped(loss: float, smoothed: float | None, batch_cap: float | None) -> floa
 
 
 class LossTrack:
-    """The loss's EMA (span `ema_span`, each batch counted at most `batch_cap` × it when
-    given), its running best and the step it was reached at, and rolling medians to tell a
-    stall from learning over `window` records."""
+    """The loss's EMA (span `ema_span`), its running best and the step it was reached at,
+    and rolling medians to tell a stall from learning over `window` records."""
 
-    def __init__(self, ema_span: int = 20, window: int = 20, batch_cap: float | None = None) -> None:
+    def __init__(self, ema_span: int = 20, window: int = 20) -> None:
         self._ema = Ema(ema_span)
-        self.batch_cap = batch_cap
         self.best = math.inf
         self.best_step: Any = None
         self._recent: deque[float] = deque(maxlen=window + MEDIAN_OF)
@@ -111,7 +109,7 @@ class LossTrack:
     def update(self, record: Mapping[str, Any]) -> float | None:
         loss = finite_scalar(record, "loss")
         if loss is not None:
-            smoothed = self._ema.update(capped(loss, self._ema.value, self.batch_cap))
+            smoothed = self._ema.update(loss)
             if smoothed < self.best:
                 self.best, self.best_step = smoothed, record.get("step")
             self._recent.append(loss)
