@@ -309,6 +309,18 @@ def test_loss_rise_reads_a_noisy_loss_against_its_noise():
     assert "σ of its noise" in events[0].message
 
 
+def test_collapse_plateau_does_not_call_a_noisy_flat_loss_stuck():
+    # a flat loss at 20 % batch noise, a stream that drifts up 6 % per 30 records (21 % per
+    # 100: under the stall rule's 25 %)
+    records = flat_noisy_run(noise=0.20)
+    for index, record in enumerate(records):
+        record["resid_norm"] = [10.0 * 1.06 ** (index / 30)] * LOOPS
+    # 10 % over the run's deepest dip: stuck, and critical with the drifting stream
+    old_rule = CollapsePlateau(noise_z=0, best_window=len(records))
+    assert "critical" in {e.severity for e in replay(records, [old_rule])}
+    assert replay(records, [CollapsePlateau()]) == []
+
+
 def test_loss_rise_without_noise_to_read_judges_the_gap_alone():
     # a user's loss with no log scale (≤ 0), and one with no noise: no crash
     assert replay([{"step": step, "loss": -2.0 + 0.01 * step} for step in range(1, 80)], [LossRise()]) == []

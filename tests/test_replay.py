@@ -141,6 +141,19 @@ def test_synthetic_runs_make_every_detector_fire_and_fire_again():
     assert {name for name, count in counts.items() if count >= 2} == set(DETECTORS)
 
 
+def test_offline_equals_online_where_the_noise_sets_the_rise():
+    # 20 % batch noise: a rise must clear 8 σ of the smoothed loss's noise, not the 10 % gap
+    rng = np.random.default_rng(7)
+    records = eventful_run(3)
+    for record in records:
+        if isinstance(record.get("loss"), float) and math.isfinite(record["loss"]):
+            record["loss"] *= float(np.exp(rng.normal(0, 0.2)))
+    events = assert_same(records, default_detectors)
+    rises = [e for e in events if e.detector in ("loss_rise", "collapse_plateau")
+             and "needed_rise" in e.evidence]
+    assert rises and any(e.evidence["needed_rise"] > 0.10 for e in rises)
+
+
 def test_unfinished_and_empty_runs():
     records = eventful_run(0)
     assert_same(records[:300], lambda: default_detectors(2.0), finished=False)
