@@ -15,7 +15,6 @@ from loopdiag.detect.base import (
     UNJUDGED,
     Detector,
     DetectorConfig,
-    Ema,
     Finding,
     Unjudged,
     finite_scalar,
@@ -94,8 +93,7 @@ class CollapsePlateau(Detector):
     config: CollapsePlateauConfig
 
     def _reset_state(self) -> None:
-        self._ema = Ema(self.config.ema_span)
-        self._rise = self._recent_rise()
+        self._rise = self._recent_rise()  # also the loss's EMA the stall reads
         self._bests: deque[float] = deque(maxlen=self.config.stall_window + 1)
         self._stuck = 0
         self._log_resid: deque[tuple[int, float]] = deque(
@@ -109,10 +107,9 @@ class CollapsePlateau(Detector):
         loss = finite_scalar(record, "loss")
         if loss is None:
             return UNJUDGED
-        smoothed = self._ema.update(loss)
-        best = min(self._bests[-1], smoothed) if self._bests else smoothed
-        self._bests.append(best)
         state = self._rise.update(loss, step)
+        best = min(self._bests[-1], state.smoothed) if self._bests else state.smoothed
+        self._bests.append(best)
         if best <= 0:
             return UNJUDGED  # relative gaps need a positive loss
         self._stuck = self._stuck + 1 if state.risen else 0
@@ -191,12 +188,10 @@ class CollapsePlateau(Detector):
         # The EMA and running best of the finite losses, as `_check` computes them.
         loss = columns.finite("loss")
         positions = np.flatnonzero(np.isfinite(loss))
-        ema, smoothed, bests = Ema(config.ema_span), [], []
-        rise, states = self._recent_rise(), []
+        rise, states, bests = self._recent_rise(), [], []
         for position, value in zip(positions.tolist(), loss[positions].tolist()):
-            smoothed.append(ema.update(value))
-            bests.append(min(bests[-1], smoothed[-1]) if bests else smoothed[-1])
             states.append(rise.update(value, columns.step(position)))
+            bests.append(min(bests[-1], states[-1].smoothed) if bests else states[-1].smoothed)
         best = np.array(bests)
         judged = ~(best <= 0)  # `_check`'s test: a NaN best is judged
         stuck = streaks(judged & np.array([state.risen for state in states], dtype=bool))
