@@ -4,12 +4,14 @@ fresh seeds and on stored studies, side by side with the loss-spike rules of fou
 used training stacks (`anchor_detectors`), replayed over the same records.
 
     python benchmarks/detection.py [--seeds 11 12 13 14 15 16 17 18 19 20 21] [--steps 300]
-        [--data FILE ...] [--model KEY=VALUE ...] [--workers 2]
+        [--data FILE ...] [--model KEY=VALUE ...] [--train KEY=VALUE ...] [--log-every 1]
+        [--workers 2]
         [--cache <out>/runs] [--reuse | --rescore]
         [--study reports/flt-stability/runs reports/loops-compute/runs] [--out reports/detection]
 
 Corpus: every setting in `SETTINGS` × seed, the tiny preset (`--model` overrides it), on
-the embedded text (`--data`: other text files), `--steps` steps, every step logged, each
+the embedded text (`--data`: other text files), `--steps` steps, a record every
+`--log-every` steps (default: every step), each
 trained once by `run_one` into `<cache>/<setting>-s<seed>/` (one torch thread per process,
 `--workers` processes). `--reuse` keeps finished run folders of the same steps, text and
 model. The cache defaults to `<out>/runs`: each report's corpus is committed beside it as
@@ -397,6 +399,7 @@ class CorpusSpec:
     data: tuple[str, ...] = ()  # text files; none: the embedded corpus
     model: tuple[tuple[str, Any], ...] = ()  # overrides of the tiny preset
     train: tuple[tuple[str, Any], ...] = ()  # overrides of TrainConfig's defaults
+    log_every: int = 1  # steps per record of the probes (and of the loss the labels read)
 
     def model_config(self, setting: Setting) -> dict[str, Any]:
         from loopdiag.models.config import preset
@@ -424,7 +427,8 @@ def train_run(setting: Setting, seed: int, spec: CorpusSpec, run_dir: Path) -> f
     start = time.perf_counter()
     run_one(RunSpec(setting.arch, setting.n_loops, seed, setting.lr),
             ModelConfig(**spec.model_config(setting)),
-            TrainConfig(**spec.train_config(setting)), load_corpus(spec.data or None), run_dir)
+            TrainConfig(**spec.train_config(setting)), load_corpus(spec.data or None), run_dir,
+            log_every=spec.log_every)
     return time.perf_counter() - start
 
 
@@ -443,6 +447,7 @@ def is_finished(run_dir: Path, setting: Setting, spec: CorpusSpec, data_sha256: 
     return ((run_dir / "summary.json").is_file()
             and {key: config["train"].get(key) for key in train} == train
             and config["data"].get("sha256") == data_sha256
+            and config["probes"].get("log_every") == spec.log_every
             and {key: config["model"].get(key) for key in model} == model)
 
 
@@ -1267,6 +1272,10 @@ def recipe_text(train: Mapping[str, Any]) -> str:
     return f"{train['optimizer']}{decay}, batch {train['batch_size']}, schedule {schedule}"
 
 
+def records_text(log_every: int) -> str:
+    return "every step logged" if log_every == 1 else f"a record every {log_every} steps"
+
+
 def data_text(config: Mapping[str, Any]) -> str:
     """What a run trained on, from its stored config."""
     data = config["data"]
@@ -1292,7 +1301,7 @@ def study_section(path: Path, runs: Sequence[ScoredRun], healthy: Mapping[int, f
 
 {len(runs)} runs of `{path}` replayed from their records: {data_text(config)}, d_model
 {model["d_model"]}, {model["n_layers"]} layers per loop, {config["train"]["steps"]} steps,
-{"every step logged" if log_every == 1 else f"a record every {log_every} steps"}. The healthy
+{records_text(log_every)}. The healthy
 one-loop model (`{arch}`, K={n_loops}, lr {lr:g}) ends at a smoothed loss of
 {", ".join(f"{loss:.3f} (seed {seed})" for seed, loss in healthy.items())};
 {sum(r.label.collapsed for r in runs)} runs are labelled failed
@@ -1372,7 +1381,7 @@ Produced by `{command}`; {trained}, the whole invocation {total_seconds:.0f} s.
 {len(runs)} runs: {len(SETTINGS)} settings × seeds {', '.join(map(str, seeds))}, d_model
 {model["d_model"]}, {model["n_heads"]} heads, {model["n_layers"]} layers, seq_len
 {model["seq_len"]}, {steps} steps each, {recipe_text(train)} (the ramp settings: the learning rate rising linearly from 0
-over the whole run), every step logged, {data_text(run_config)}. Each run sees the same
+over the whole run), {records_text(run_config["probes"]["log_every"])}, {data_text(run_config)}. Each run sees the same
 batches as every other run of its seed.
 Labelled from the loss: {len(collapses)} failed runs and {len(runs) - len(collapses)}
 healthy runs ({healthy_steps} healthy steps): {kinds['rose']} rose, {kinds['failed to train']}
@@ -1449,6 +1458,8 @@ def parse_args(argv: Sequence[str] | None = None
                         help="the training recipe, overrides of TrainConfig, e.g. schedule=cosine "
                              "warmup_steps=40 batch_size=8 (not the settings' own: "
                              f"{', '.join(SETTING_TRAIN_KEYS)})")
+    parser.add_argument("--log-every", type=int, default=None, metavar="N",
+                        help="record the probes (and the loss) every N steps (default 1)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=None,
                         help="the corpus's run folders (default: <out>/runs, committed with the "
@@ -1471,7 +1482,8 @@ def parse_args(argv: Sequence[str] | None = None
     if args.rescore:
         training = [flag for flag, given in (("--steps", args.steps is not None),
                                              ("--data", args.data), ("--model", args.model),
-                                             ("--train", args.train), ("--reuse", args.reuse))
+                                             ("--train", args.train), ("--reuse", args.reuse),
+                                             ("--log-every", args.log_every is not None))
                     if given]
         if training:
             parser.error(f"--rescore scores the runs as they were recorded, without "
@@ -1480,6 +1492,9 @@ def parse_args(argv: Sequence[str] | None = None
     args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    args.log_every = 1 if args.log_every is None else args.log_every
+    if args.log_every < 1:
+        parser.error(f"--log-every must be >= 1, got {args.log_every}")
     try:
         model = tuple(key_value_overrides(args.model))
         spec = CorpusSpec(args.steps, tuple(args.data), model)
@@ -1492,7 +1507,7 @@ def parse_args(argv: Sequence[str] | None = None
         owned = [key for key, _ in recipe if key in SETTING_TRAIN_KEYS]
         if owned:
             raise ValueError(f"{', '.join(owned)} belong to each setting, not to the recipe")
-        spec = CorpusSpec(args.steps, tuple(args.data), model, recipe)
+        spec = CorpusSpec(args.steps, tuple(args.data), model, recipe, args.log_every)
         from loopdiag.train import TrainConfig
 
         for setting in SETTINGS:

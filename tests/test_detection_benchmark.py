@@ -310,7 +310,7 @@ def test_a_cached_run_of_other_data_or_size_is_not_reused(bench, tmp_path):
     setting = bench.SETTINGS[0]
     tiny = bench.CorpusSpec(300)
     config = {"train": tiny.train_config(setting), "data": {"source": "/elsewhere/argparse.py", "sha256": "ab12"},
-              "model": tiny.model_config(setting)}
+              "model": tiny.model_config(setting), "probes": {"log_every": 1}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert not bench.is_finished(tmp_path, setting, tiny, "ab12")  # no summary: it did not finish
     (tmp_path / "summary.json").write_text("{}")
@@ -320,6 +320,7 @@ def test_a_cached_run_of_other_data_or_size_is_not_reused(bench, tmp_path):
     assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(200), "ab12")
     assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(300, model=(("d_model", 64),)), "ab12")
     assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(300, train=(("batch_size", 8),)), "ab12")
+    assert not bench.is_finished(tmp_path, setting, bench.CorpusSpec(300, log_every=4), "ab12")
 
 
 def test_a_recipe_trains_every_setting_but_leaves_a_ramp_its_schedule(bench):
@@ -355,6 +356,8 @@ def test_steps_are_training_steps_when_only_every_nth_is_logged(bench):
     (["--data", "no-such-notes.txt"], "--data: no such file: no-such-notes.txt"),
     (["--seeds", "3"], "only seeds >= 11 are scored"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--log-every", "0"], "--log-every must be >= 1, got 0"),
+    (["--rescore", "--log-every", "4"], "without training: drop --log-every"),
     (["--rescore", "--steps", "300", "--reuse"], "--rescore scores the runs as they were recorded, "
                                                  "without training: drop --steps, --reuse"),
     (["--rescore", "--train", "batch_size=8"], "without training: drop --train"),
@@ -378,6 +381,9 @@ def test_arguments_make_the_corpus_spec(bench, tmp_path):
     assert spec == bench.CorpusSpec(300, (str(notes),), (("d_model", 64), ("n_heads", 4)))
     _, _, spec = bench.parse_args(["--seeds", "11", "--train", "schedule=cosine", "warmup_steps=40"])
     assert spec.train == (("schedule", "cosine"), ("warmup_steps", 40))
+    assert spec.log_every == 1
+    _, _, spec = bench.parse_args(["--seeds", "11", "--log-every", "4"])
+    assert spec.log_every == 4
     assert args.cache == Path("r/x/runs")  # the records live beside the report that scores them
 
 
