@@ -375,12 +375,38 @@ def test_recorder_callback_in_train():
     source = lambda g: (lambda idx: (idx, idx.roll(-1, dims=1)))(torch.randint(0, 256, (B, T), generator=g))
     result = train(model, source, [batch(7)], cfg,
                    callbacks=[probes.RecorderCallback(rec, on_record=records.append)])
-    assert records == rec.records and [r["step"] for r in records] == [5, 10, 15, 20]
+    # every 5th step, and the first: its update is where a learning rate too large shows
+    assert records == rec.records and [r["step"] for r in records] == [1, 5, 10, 15, 20]
     for record in records:
         row = result.history[record["step"] - 1]
         assert record["loss"] == row["train_loss"] and record["grad_norm"] == row["grad_norm"]
         assert record["lr"] == row["lr"] and record["n_loops"] == 3
-        assert "update_ratio" in record and "grad_cos" in record
+        assert "update_ratio" in record
+    assert "grad_cos" not in records[0] and all("grad_cos" in record for record in records[1:])
+
+
+def test_a_resumed_recorder_logs_only_every_nth_step():
+    model = tiny("looped", 2)
+    first = probes.attach(model, log_every=4)
+    for step in (1, 2):
+        _, loss = model(*batch(step))
+        loss.backward()
+        first.after_backward()
+        first.end_step(step, loss=loss)
+        model.zero_grad()
+    state = first.state_dict()
+    first.detach()
+    resumed = probes.attach(model, log_every=4)
+    resumed.load_state_dict(state)
+    for step in (3, 4, 5):
+        resumed.begin_step(step)
+        _, loss = model(*batch(step))
+        loss.backward()
+        resumed.after_backward()
+        resumed.end_step(step, loss=loss)
+        model.zero_grad()
+    assert [r["step"] for r in first.records] == [1]
+    assert [r["step"] for r in resumed.records] == [4]
 
 
 def attention_by_hand(attn: Attention, x, query_source):

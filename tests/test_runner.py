@@ -37,9 +37,9 @@ def test_run_folder_holds_every_logged_step(tmp_path, corpus):
     assert run.config["cell"] == {"arch": "flt", "n_loops": 3, "seed": 0, "lr": config.lr}
     assert run.config["data"]["sha256"] == corpus.sha256
     assert run.config["data"]["context_free_loss"] == corpus.context_free_loss
-    # logged every 2nd step, plus the evaluated steps 5 (val loss only) and 10, 12
-    assert run.steps["step"].tolist() == [2, 4, 5, 6, 8, 10, 12]
-    assert run.steps["val_loss"].notna().tolist() == [False, False, True, False, False, True, True]
+    # logged at the first step and every 2nd, plus the evaluated steps 5 (val loss only), 10, 12
+    assert run.steps["step"].tolist() == [1, 2, 4, 5, 6, 8, 10, 12]
+    assert run.steps["val_loss"].notna().tolist() == [False, False, False, True, False, False, True, True]
     resid = run.loops[run.loops["stat"] == "resid_norm"]
     assert resid.groupby("step")["loop"].max().eq(3).all()
     assert run.summary["status"] == outcome.status == "stable"

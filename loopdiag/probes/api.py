@@ -16,7 +16,7 @@ STAT_TIERS = ("cheap", "full")
 def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stats: str = "cheap",
            log_every: int = 1, costly_every: int = 50, window: int = 32,
            shared_params: Iterable[nn.Parameter] | None = None) -> LoopRecorder:
-    """Record per-loop statistics of `model` every `log_every` steps.
+    """Record per-loop statistics of `model` every `log_every` steps, and at its first step.
 
     loop_module: the module that runs once per loop: a dotted attribute path
         ("encoder.layer_group"), the module itself, or None for `model.loop_out`.
