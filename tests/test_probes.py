@@ -385,6 +385,24 @@ def test_recorder_callback_in_train():
     assert "grad_cos" not in records[0] and all("grad_cos" in record for record in records[1:])
 
 
+def test_a_run_that_diverges_between_logged_steps_records_the_step_it_diverged_at():
+    model = tiny("looped", 2)
+    forward, calls = model.forward, []
+
+    def nan_at_step_7(*args, **kwargs):
+        logits, loss = forward(*args, **kwargs)
+        calls.append(1)
+        return logits, loss * math.nan if len(calls) == 7 else loss
+    model.forward = nan_at_step_7
+    rec = probes.attach(model, log_every=5)
+    source = lambda g: (lambda idx: (idx, idx.roll(-1, dims=1)))(torch.randint(0, 256, (B, T), generator=g))
+    result = train(model, source, [], TrainConfig(steps=20, batch_size=B, eval_every=0),
+                   callbacks=[probes.RecorderCallback(rec)])
+    assert result.diverged_step == 7
+    # the non-finite loss is in the records, where the detectors and the verdict read it
+    assert [r["step"] for r in rec.records] == [1, 5, 7] and math.isnan(rec.records[-1]["loss"])
+
+
 def test_a_resumed_recorder_logs_only_every_nth_step():
     model = tiny("looped", 2)
     first = probes.attach(model, log_every=4)

@@ -19,8 +19,8 @@ class RecorderCallback(TrainCallback):
     Loss, learning rate and the pre-clip global grad norm come from the trainer's own
     host-side history, so they cost no extra sync (under torchrun the loss there is
     already the mean over ranks). A step that diverges (non-finite loss
-    or grad norm) stops the trainer before `after_step`; when that step is a logged one its
-    record is still finished at the end of training, since it is the one that matters most.
+    or grad norm) stops the trainer before `after_step`; its record is still finished at the
+    end of training, logged step or not, since it is the one that matters most.
     """
 
     def __init__(self, recorder: LoopRecorder, on_record: Callable[[Record], None] | None = None):
@@ -47,11 +47,11 @@ class RecorderCallback(TrainCallback):
 
     def on_train_end(self, state: TrainState) -> None:
         if state.diverged_step is not None and state.diverged_step == state.step:
-            self._finish(state)
+            self._finish(state, force=True)
 
-    def _finish(self, state: TrainState) -> None:
+    def _finish(self, state: TrainState, force: bool = False) -> None:
         row = state.history[-1]
         record = self.recorder.end_step(state.step, loss=row["train_loss"], lr=row["lr"],
-                                        grad_norm=row["grad_norm"])
+                                        grad_norm=row["grad_norm"], force=force)
         if record is not None and self.on_record is not None:
             self.on_record(record)

@@ -136,14 +136,16 @@ class LoopRecorder:
         self._grads.after_backward(self._step, self._collecting, self.logs_step(self._step + 1))
 
     def end_step(self, step: int, *, loss: Tensor | float | None = None, lr: float | None = None,
-                 grad_norm: Tensor | float | None = None) -> Record | None:
+                 grad_norm: Tensor | float | None = None, force: bool = False) -> Record | None:
         """Close `step` (after the optimizer step). On a logged step: sync once, store and
         return the record; otherwise return None at no cost. `grad_norm` (pre-clip, when
-        the caller has it) replaces the one computed in `after_backward`."""
+        the caller has it) replaces the one computed in `after_backward`. `force` records
+        an unlogged step with what it has (the scalars given): the step a run diverged at,
+        whose non-finite loss is the verdict."""
         self._check_attached()
         forwards, self._forwards = self._forwards, []
         self._remove_tensor_hooks()
-        logged = self.logs_step(step)
+        logged = self.logs_step(step) or force
         self._closed_a_step = True
         self._step, self._collecting = step + 1, self.logs_step(step + 1)
         if not logged:
