@@ -232,7 +232,29 @@ heads, 800 steps, batch 4, a 40-step warm-up, cosine decay to 0.1×; batch noise
 trained and scored once: every target met with a reference, 26 of 27 failed runs judged
 not stable without one (a run that trained but ended behind), no false warning in 9,600
 healthy steps (4, all `loss_rise`, with the rules before the change), every late collapse
-warned by onset, every anchor target met.
+warned by onset, every anchor target met. Then, with nothing changed, the html corpus
+(`reports/detection/html/`: seeds 61–63, the Rustonomicon as one HTML page, markup around
+English prose and Rust code; d_model 64, 4 heads, 800 steps; the first trained under bf16
+autocast and the first with a record every 4th step, `--log-every 4`; batch noise 8–10 %)
+was trained and scored once: no healthy run judged collapsed or warned, every run that
+never trained warned within 15 %, every late collapse by onset, every anchor target met,
+every failed run judged not stable with a reference, but 21 of 24 without one: the three
+`looped-scaled` K = 8 runs at lr 3e-1, which took a step of 1.4–2× the weights' norm at
+step 1 on the dense sets, had no record of it (their first at step 4, 0.3×), so neither
+`update_size` nor `failed_to_train`'s rule for such a step could see it, and they ended
+45 % behind the healthy runs judged stable. The fourteenth change is in the recorder, not
+a detector: it records the first step of a run at any log interval (and the step a run
+diverged at, which a sparse log also skipped, so that a run diverging between records was
+judged on the finite records before it). The html corpus, trained again with it (the same
+weights and losses, bit for bit: recording does not touch training; its labels move, as
+they read the recorded losses, now from step 1: 3 runs that exploded in their first steps
+are "rose" from step 1's loss where they were "failed to train"), is in-sample for it:
+every failed run judged not stable in both modes, every target met. The other sets were
+recorded every step (the loops-compute study every 20th, its records kept as trained), so
+the change moves nothing there. With the seed-0 reference (1.473; seeds 61–63's `standard`
+ended 1.49–1.52), 7 of the html corpus's 15 healthy runs are judged failed to train: `flt`
+at lr 3e-3 and `looped-scaled` K = 4 at lr 3e-2 end 1.60–1.65 on this text, 7–10 % behind
+their own seed's `standard`.
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
