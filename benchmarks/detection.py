@@ -242,7 +242,7 @@ every failed run judged not stable with a reference, but 21 of 24 without one: t
 `looped-scaled` K = 8 runs at lr 3e-1, which took a step of 1.4–2× the weights' norm at
 step 1 on the dense sets, had no record of it (their first at step 4, 0.3×), so neither
 `update_size` nor `failed_to_train`'s rule for such a step could see it, and they ended
-45 % behind the healthy runs judged stable. The fourteenth change is in the recorder, not
+at 2.24–2.37, where no healthy run ended above 1.66. The fourteenth change is in the recorder, not
 a detector: it records the first step of a run at any log interval (and the step a run
 diverged at, which a sparse log also skipped, so that a run diverging between records was
 judged on the finite records before it). The html corpus, trained again with it (the same
