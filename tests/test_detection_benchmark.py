@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -465,3 +466,71 @@ def test_the_reported_command_runs_elsewhere_with_standard_library_data(bench, t
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     assert subprocess.run(["bash", "-c", line], env=env).returncode == 0
     assert bench.shared_path(str(tmp_path / "mine.txt")) == str(tmp_path / "mine.txt")
+
+
+# --- the README's summary of the committed reports ------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+FRACTION = r"(\d+)/(\d+)"
+
+
+def fractions(cell):
+    """The a/b counts in a table cell, in order (commas in counts dropped)."""
+    return [(int(a), int(b)) for a, b in re.findall(FRACTION, cell.replace(",", ""))]
+
+
+def table_rows(text, header_start):
+    """The cells of each body row of the markdown table whose header row starts so."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def report_claims(report, runs):
+    """What a committed detection report says of one set of runs: its verdict rows by mode
+    and its false warnings (count, healthy steps)."""
+    text = report.read_text(encoding="utf-8")
+    verdicts = {row[1]: row for row in table_rows(text, "| runs | mode |") if row[0] == runs}
+    warnings = re.search(rf"^- {re.escape(runs)}: ≤ 1 false warning per 10k healthy steps: "
+                         rf"\*\*(?:not )?met\*\* \((\d+) in (\d+) steps", text, re.MULTILINE)
+    return verdicts, (int(warnings[1]), int(warnings[2]))
+
+
+def test_the_readme_summarises_the_committed_detection_reports_as_they_stand():
+    """Each row of the README's trust table against the report it links (a study's, in the
+    corpus report): the counts a reader is given are the counts the records give."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = table_rows(readme, "| set (runs) |")
+    assert len(rows) >= 3
+    for name, not_stable, never, behind, rose, collapsed, warnings in rows:
+        link = re.match(r"\[[^]]+\]\(([^)]+)\)", name)
+        study = re.match(r"study `([^`]+)`", name)
+        report = REPO / (link[1] if link else "reports/detection/README.md")
+        verdicts, (false_warnings, healthy_steps) = report_claims(report, study[1] if study else "corpus")
+        no_ref, with_ref = verdicts["no reference"], verdicts["with reference"]
+        failed, healthy = fractions(with_ref[2])[0][1], fractions(with_ref[4])[0][1]
+        assert f"({failed + healthy})" in name, name
+        assert fractions(not_stable)[:2] == [fractions(with_ref[2])[0], fractions(no_ref[2])[0]], name
+        for cell, column in ((never, 6), (behind, 7), (rose, 8)):
+            expected = fractions(no_ref[column])[:1]
+            assert fractions(cell)[:1] == expected, (name, cell, no_ref[column])
+        assert fractions(collapsed)[0] == fractions(no_ref[4])[0] == fractions(with_ref[4])[0], name
+        given = re.match(r"(\d+) in ([\d,]+) steps", warnings)
+        assert given, warnings
+        assert (int(given[1]), int(given[2].replace(",", ""))) == (false_warnings, healthy_steps), name
+
+
+def test_the_readmes_late_collapse_total_is_the_sum_of_its_corpora():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    warned = total = 0
+    for row in table_rows(readme, "| set (runs) |"):
+        if not row[0].startswith("study") and fractions(row[4]):
+            (count, of), = fractions(row[4])[:1]
+            warned, total = warned + count, total + of
+    claim = re.search(r"\*\*Late collapses\*\*: (\d+) of (\d+) warned by onset", readme)
+    assert claim and (int(claim[1]), int(claim[2])) == (warned, total)
