@@ -254,7 +254,32 @@ recorded every step (the loops-compute study every 20th, its records kept as tra
 the change moves nothing there. With the seed-0 reference (1.473; seeds 61–63's `standard`
 ended 1.49–1.52), 7 of the html corpus's 15 healthy runs are judged failed to train: `flt`
 at lr 3e-3 and `looped-scaled` K = 4 at lr 3e-2 end 1.60–1.65 on this text, 7–10 % behind
-their own seed's `standard`.
+their own seed's `standard`. Then, with nothing changed, the json corpus
+(`reports/detection/json/`: seeds 64–66, ISO 639-3's table of languages as JSON; d_model
+96, 6 heads, seq_len 128, the longest context yet; healthy runs end at 0.40–0.44 nats, a
+sixth of the data's context-free loss, with a batch noise of 10–13 % of that) was trained
+and scored once: every failed run judged not stable in both modes, every run that never
+trained warned within 15 %, no healthy run judged collapsed, every anchor target met, but
+11 of 12 late collapses warned by onset (`standard` ramp seed 65: onset 73, `loss_rise` at
+75) and 2 false warnings in 4,500 healthy steps (4.4 per 10k): `standard` seed 64
+(`loss_rise`, 19 % and 8 σ above its best at step 223) and `looped-scaled` K = 4 at lr 3e-2
+seed 65 (`loss_spike`, one batch at 2.08× the median, robust z 6.0, at step 217). Both are
+transient instabilities the runs trained out of: the gradient norm 10× its median for a
+few steps (1.2–1.5 against 0.13–0.15), the smoothed loss back at its best 35–36 steps
+after it. Trained at the same time and scored once after it, with nothing changed, the tz
+corpus (`reports/detection/tz/`: seeds 67–69, the time-zone database's compact source
+`tzdata.zi`; the smallest model yet, d_model 24, 2 heads, one block per loop, seq_len 48,
+400 steps; batch noise 6–7 %): every failed run judged not stable with a reference, every
+run that never trained warned within 15 %, every late collapse by onset, no healthy run
+judged collapsed or warned, every anchor target met; without a reference 18 of 27, the 9
+misses all trained and ended behind: with one block per loop, `flt` at lr 3e-3 (K = 4 and
+12) ends at 1.56–1.61 and plain `looped` K = 4 at 1.46–1.51 against `standard`'s
+(four blocks) 1.31–1.34, with no mechanism threshold crossed. Here FLT trails plain
+`looped` at the same lr and loop count (K = 12: 1.57–1.61 against 1.44–1.45), and plain
+`looped` K = 12 at lr 3e-3, the main job's collapse, trains. With the seed-0 reference
+(1.298), 4 of the 12 healthy runs are judged failed to train (plain `looped` K = 12 on
+all three seeds and K = 4 on seed 69, 1.44–1.46: 11–12 % behind it and 8–10 % behind their
+own seed's `standard`).
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
