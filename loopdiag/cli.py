@@ -328,28 +328,68 @@ def _store(path: Path) -> Path:
 @app.command()
 def analyze(
     path: Annotated[Path, typer.Argument(help="A run folder, a suite folder or a report folder.")],
+    expected_loss: Annotated[float | None, typer.Option(
+        help="Judge one run again against this loss, what its model should reach (a run judged "
+             "without one reads as stable when it trained but ended behind). The stored verdict "
+             "is not changed.")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        help="Judge one run again against another run's final smoothed loss (a finished run "
+             "folder: the same model with one loop, a baseline). The stored verdict is not "
+             "changed.")] = None,
 ) -> None:
     """Verdicts from a run store: one run explained, or a suite's table."""
     from loopdiag.analysis import explain, run_verdict, suite_table
-    from loopdiag.analysis.analyzer import EXPLAINED, reference_text
+    from loopdiag.analysis.analyzer import EXPLAINED, reference_text, replayed_verdict
     from loopdiag.store import is_run_dir, load_run, load_suite
 
+    given = _given_reference(expected_loss, reference)
     path = _store(path)
     try:
         if is_run_dir(path):
             run = load_run(path)
-            judged = run_verdict(run)
-            console.print(f"[bold]{run.run_id}[/]: {judged['status']}"
-                          f"{' (recomputed from the store)' if judged.get('recomputed') else ''}")
+            judged = run_verdict(run) if given is None else replayed_verdict(run, given)
+            note = (" (judged again from the store; the stored verdict is unchanged)" if given
+                    else " (recomputed from the store)" if judged.get("recomputed") else "")
+            console.print(f"[bold]{run.run_id}[/]: {judged['status']}{note}")
             if judged["status"] in EXPLAINED:
                 console.print(explain(run, judged), soft_wrap=True)
-            if judged["status"] in ("stable", "recovered"):  # the verdicts a reference can change
+            # what the verdict was judged against, where a reference could change it
+            if given or judged["status"] in ("stable", "recovered"):
                 console.print(reference_text(run, judged), soft_wrap=True)
             return
+        if given is not None:
+            raise bad_input(f"--expected-loss and --reference judge one run, and {path} is no run "
+                            "folder (a suite judges its runs against its one-loop runs: "
+                            "`loopdiag report --rejudge`)")
         table = suite_table(load_suite(path))
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise bad_input(str(error)) from None
     console.print(stability_table(table))
+
+
+def _given_reference(expected_loss: float | None, reference: Path | None) -> dict[str, object] | None:
+    """The reference `analyze` was given (`{"expected_loss": ..., "run": ...}`), checked;
+    None when neither option was."""
+    import math
+
+    from loopdiag.store import is_run_dir
+    from loopdiag.store.reference import finished_final_loss
+
+    if expected_loss is not None and reference is not None:
+        raise bad_input("give --expected-loss or --reference, not both")
+    if expected_loss is not None:
+        if not (math.isfinite(expected_loss) and expected_loss > 0):
+            raise bad_input(f"--expected-loss must be a finite loss > 0, got {expected_loss}")
+        return {"expected_loss": expected_loss}
+    if reference is None:
+        return None
+    if not is_run_dir(reference):
+        raise bad_input(f"--reference {reference} is not a run folder")
+    loss = finished_final_loss(reference)
+    if loss is None:
+        raise bad_input(f"--reference {reference} has no final loss to judge against: it did not "
+                        "finish, or its loss is not finite")
+    return {"expected_loss": loss, "run": reference.name}
 
 
 @app.command()

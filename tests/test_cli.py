@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,6 +126,57 @@ def test_analysis_commands_on_a_committed_run_store(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "again" / "table.csv").read_text() == (COMMITTED_REPORT / "table.csv").read_text()
     assert (tmp_path / "again" / "figures" / "loop_scaling.png").is_file()
+
+
+DETECTION_RUNS = Path(__file__).resolve().parents[1] / "reports" / "detection" / "tz" / "runs"
+
+
+@pytest.mark.torchless
+def test_analyze_judges_a_stored_run_again_against_a_reference_given_after_training():
+    # Trained with one block per loop, it ended 22 % above the four-block model of its
+    # seed: stable without a reference, failed to train against that model's final loss.
+    behind, baseline = DETECTION_RUNS / "flt-k04-lr3e-3-s67", DETECTION_RUNS / "standard-k04-lr3e-3-s67"
+    stored = (behind / "summary.json").read_text()
+    result = runner.invoke(app, ["analyze", str(behind)])
+    assert result.exit_code == 0 and "flt-k04-lr3e-3-s67: stable" in result.output
+    assert "--expected-loss LOSS` or `--reference RUN`" in " ".join(result.output.split())
+
+    result = runner.invoke(app, ["analyze", str(behind), "--reference", str(baseline)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "flt-k04-lr3e-3-s67: failed_to_train (judged again from the store" in text
+    assert "the final smoothed loss of run standard-k04-lr3e-3-s67" in text and "+21.9 %" in text
+    result = runner.invoke(app, ["analyze", str(behind), "--expected-loss", "1.55"])
+    assert result.exit_code == 0 and "stable (judged again" in result.output
+    assert "Judged against an expected loss of 1.55" in " ".join(result.output.split())
+    assert (behind / "summary.json").read_text() == stored
+
+
+@pytest.mark.torchless
+@pytest.mark.parametrize(("options", "message"), [
+    (["--expected-loss", "0"], "must be a finite loss > 0"),
+    (["--expected-loss", "nan"], "must be a finite loss > 0"),
+    (["--expected-loss", "2", "--reference", "RUN"], "not both"),
+    (["--reference", "NOT_A_RUN"], "is not a run folder"),
+    (["--reference", "UNFINISHED"], "did not finish"),
+])
+def test_analyze_refuses_a_reference_it_cannot_judge_by(tmp_path, options, message):
+    unfinished = tmp_path / "unfinished"  # records, but no summary: still training, or killed
+    shutil.copytree(DETECTION_RUNS / "standard-k04-lr3e-3-s67", unfinished,
+                    ignore=shutil.ignore_patterns("summary.json"))
+    paths = {"RUN": DETECTION_RUNS / "standard-k04-lr3e-3-s67", "NOT_A_RUN": tmp_path / "empty",
+             "UNFINISHED": unfinished}
+    (tmp_path / "empty").mkdir()
+    options = [str(paths.get(option, option)) for option in options]
+    result = runner.invoke(app, ["analyze", str(DETECTION_RUNS / "flt-k04-lr3e-3-s67"), *options])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.torchless
+def test_analyze_gives_a_reference_to_one_run_only():
+    result = runner.invoke(app, ["analyze", str(COMMITTED_REPORT), "--expected-loss", "2"])
+    assert result.exit_code == 2 and "judge one run" in result.output
 
 
 @pytest.mark.torchless

@@ -116,20 +116,30 @@ def run_cell(run: RunData) -> dict[str, Any]:
 
 
 def run_verdict(run: RunData) -> dict[str, Any]:
-    """The stored summary when there is one; else the default detectors (with the
-    threshold overrides of the run config's `detectors` mapping, as the run used them)
-    replayed over the store, marked `recomputed: True` and carrying the replayed `events`.
-    A run that logged fewer steps than its config planned and left no summary is judged
-    unfinished: it can read as interrupted."""
+    """The stored summary when there is one; else `replayed_verdict` against the run
+    config's reference."""
     if run.summary is not None and run.summary.get("status"):
         return {**run.summary, "recomputed": False}
+    return replayed_verdict(run)
+
+
+def replayed_verdict(run: RunData, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The default detectors (with the threshold overrides of the run config's `detectors`
+    mapping, as the run used them) replayed over the store, judged against `reference`
+    (`{"expected_loss": ..., "run": ...}`; None: the run config's), marked `recomputed:
+    True` and carrying the replayed `events`. Nothing stored changes. A run whose summary
+    says it was interrupted, or that logged fewer steps than its config planned and left no
+    summary, is judged unfinished: it can read as interrupted."""
     records = read_records(run.run_dir)
     overrides = run.config.get("detectors")
-    train = run.config.get("train") if isinstance(run.config.get("train"), dict) else {}
-    planned = train.get("steps")
-    last = records[-1]["step"] if records else 0
-    finished = planned is None or last >= planned
-    reference = run.config.get("reference") if isinstance(run.config.get("reference"), dict) else {}
+    if run.summary is not None and run.summary.get("status"):
+        finished = run.summary["status"] != "interrupted"
+    else:
+        train = run.config.get("train") if isinstance(run.config.get("train"), dict) else {}
+        planned = train.get("steps")
+        finished = planned is None or (records[-1]["step"] if records else 0) >= planned
+    if reference is None:
+        reference = run.config.get("reference") if isinstance(run.config.get("reference"), dict) else {}
     floor = context_free_loss(run.config)
     events = replay(records, default_detectors(reference.get("expected_loss"), context_free_loss=floor,
                                                **(overrides if isinstance(overrides, dict) else {})),
@@ -157,7 +167,8 @@ def reference_text(run: RunData, judged: dict[str, Any]) -> str:
                "train the one-loop model of the same architecture in the same suite")
         return ("Judged without an expected loss, so a run that trained but ended 10 % or more "
                 f"above what its model should reach reads as stable. To judge that, {how}, or "
-                "give the loss it should reach (`Monitor(expected_loss=...)`).")
+                "give the loss it should reach (`Monitor(expected_loss=...)`); for this run, now: "
+                f"`loopdiag analyze {run.run_dir} --expected-loss LOSS` or `--reference RUN`.")
     expected, final = float(reference["expected_loss"]), judged.get("final_smoothed_loss")
     source = f" (the final smoothed loss of run {reference['run']})" if reference.get("run") else ""
     ended = ("" if not isinstance(final, (int, float)) or not math.isfinite(final) or expected <= 0
