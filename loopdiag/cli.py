@@ -370,16 +370,17 @@ def analyze(
 def _given_reference(expected_loss: float | None, reference: Path | None) -> dict[str, object] | None:
     """The reference `analyze` was given (`{"expected_loss": ..., "run": ...}`), checked;
     None when neither option was."""
-    import math
-
+    from loopdiag.detect.symptoms import validate_loss
     from loopdiag.store import is_run_dir
     from loopdiag.store.reference import finished_final_loss
 
     if expected_loss is not None and reference is not None:
         raise bad_input("give --expected-loss or --reference, not both")
     if expected_loss is not None:
-        if not (math.isfinite(expected_loss) and expected_loss > 0):
-            raise bad_input(f"--expected-loss must be a finite loss > 0, got {expected_loss}")
+        try:
+            validate_loss(expected_loss, "--expected-loss")
+        except ValueError as error:
+            raise bad_input(str(error)) from None
         return {"expected_loss": expected_loss}
     if reference is None:
         return None

@@ -154,8 +154,8 @@ def test_analyze_judges_a_stored_run_again_against_a_reference_given_after_train
 
 @pytest.mark.torchless
 @pytest.mark.parametrize(("options", "message"), [
-    (["--expected-loss", "0"], "must be a finite loss > 0"),
-    (["--expected-loss", "nan"], "must be a finite loss > 0"),
+    (["--expected-loss", "0"], "must be a positive number"),
+    (["--expected-loss", "nan"], "must be a positive number"),
     (["--expected-loss", "2", "--reference", "RUN"], "not both"),
     (["--reference", "NOT_A_RUN"], "is not a run folder"),
     (["--reference", "UNFINISHED"], "did not finish"),

@@ -129,7 +129,11 @@ def test_killed_run_loads_and_resumes_without_duplicate_steps(tmp_path):
     resumed, reference = load_run(killed), load_run(straight)
     assert resumed.steps["step"].tolist() == list(range(1, total + 1))
     assert resumed.steps["loss"].tolist() == reference.steps["loss"].tolist()
-    assert resumed.summary["status"] == "stable"
+    # Judged as the same run trained without a break. Which verdict depends on how far the
+    # killed run got: at 60 or 90 steps this tiny model ends stalled at the token-frequency
+    # loss (failed to train); at 40 or fewer it is too short to be judged stalled (stable).
+    assert resumed.summary["status"] == reference.summary["status"] != "interrupted"
+    assert resumed.summary["final_smoothed_loss"] == reference.summary["final_smoothed_loss"]
     assert len(resumed.config["run_info"]["resumes"]) == 1
 
 
