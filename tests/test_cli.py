@@ -161,12 +161,10 @@ def test_analyze_judges_a_stored_run_again_against_a_reference_given_after_train
     (["--reference", "UNFINISHED"], "did not finish"),
 ])
 def test_analyze_refuses_a_reference_it_cannot_judge_by(tmp_path, options, message):
-    unfinished = tmp_path / "unfinished"  # records, but no summary: still training, or killed
-    shutil.copytree(DETECTION_RUNS / "standard-k04-lr3e-3-s67", unfinished,
-                    ignore=shutil.ignore_patterns("summary.json"))
-    paths = {"RUN": DETECTION_RUNS / "standard-k04-lr3e-3-s67", "NOT_A_RUN": tmp_path / "empty",
-             "UNFINISHED": unfinished}
-    (tmp_path / "empty").mkdir()
+    baseline = DETECTION_RUNS / "standard-k04-lr3e-3-s67"
+    if "UNFINISHED" in options:  # records, but no summary: still training, or killed
+        shutil.copytree(baseline, tmp_path / "unfinished", ignore=shutil.ignore_patterns("summary.json"))
+    paths = {"RUN": baseline, "NOT_A_RUN": tmp_path, "UNFINISHED": tmp_path / "unfinished"}
     options = [str(paths.get(option, option)) for option in options]
     result = runner.invoke(app, ["analyze", str(DETECTION_RUNS / "flt-k04-lr3e-3-s67"), *options])
     assert result.exit_code == 2 and message in result.output, result.output

@@ -530,7 +530,7 @@ def test_the_readmes_late_collapse_total_is_the_sum_of_its_corpora():
     warned = total = 0
     for row in table_rows(readme, "| set (runs) |"):
         if not row[0].startswith("study") and fractions(row[4]):
-            (count, of), = fractions(row[4])[:1]
+            count, of = fractions(row[4])[0]
             warned, total = warned + count, total + of
     claim = re.search(r"\*\*Late collapses\*\*: (\d+) of (\d+) warned by onset", readme)
     assert claim and (int(claim[1]), int(claim[2])) == (warned, total)
