@@ -296,8 +296,8 @@ K = 12 at lr 3e-3 on seed 72 (1.14×).
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
-loss of the other one-loop runs of the same architecture and seed, as `loopdiag run` sets
-it). Targets: ≥ 99 % of failed
+loss of the other one-loop runs of the same architecture and seed at the run's learning rate
+or a lower one, as `loopdiag run` sets it). Targets: ≥ 99 % of failed
 runs judged not stable; zero healthy runs judged collapsed; runs that never train warned
 within the first 15 % of their steps; late collapses ("rose") warned before onset on ≥ 95 %.
 A run that never trained is one labelled "failed to train" whose smoothed loss never got
@@ -373,7 +373,7 @@ from loopdiag.detect.base import Ema
 from loopdiag.detect.verdict import ONSET_EMA_SPAN, ONSET_GAP
 from loopdiag.store import read_records
 from loopdiag.store._files import SUITE_FILE
-from loopdiag.store.reference import context_free_loss
+from loopdiag.store.reference import context_free_loss, reference_candidate
 
 ALARM_SEVERITIES = ("warn", "critical")
 DEFAULT_STEPS = 300
@@ -964,7 +964,7 @@ def score_study(study: Path) -> tuple[list[ScoredRun], dict[int, float]]:
     """Every finished run of the study whose seed has a healthy one-loop run, replayed;
     (runs, the healthy one-loop loss by seed). Each run's expected loss is
     `loopdiag.store.reference`'s: the lowest final smoothed loss of the other one-loop runs
-    of its architecture and seed."""
+    of its architecture and seed at its learning rate or a lower one."""
     manifest = json.loads((study / SUITE_FILE).read_text(encoding="utf-8"))
     cells = {entry["run_id"]: entry["cell"] for entry in manifest["runs"]}
     finished = {run_id: read_records(study / run_id) for run_id in cells
@@ -985,10 +985,8 @@ def score_study(study: Path) -> tuple[list[ScoredRun], dict[int, float]]:
                for seed, run_ids in sorted(by_seed.items())}
 
     def reference(run_id: str) -> float | None:
-        cell = cells[run_id]
         losses = [finals[other] for other in finished if other != run_id
-                  and cells[other]["n_loops"] == 1 and math.isfinite(finals[other])
-                  and (cells[other]["arch"], cells[other]["seed"]) == (cell["arch"], cell["seed"])]
+                  and math.isfinite(finals[other]) and reference_candidate(cells[other], cells[run_id])]
         return min(losses) if losses else None
 
     unlabelled = sorted({cells[run_id]["seed"] for run_id in finished} - healthy.keys())

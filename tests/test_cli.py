@@ -66,14 +66,21 @@ def test_run_trains_every_cell_and_writes_the_report(tmp_path):
 
 
 @pytest.mark.processes
-def test_worker_processes_train_the_same_runs(tmp_path):
+def test_worker_processes_train_the_same_runs_each_after_its_reference(tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["run", "--quick", "--jobs", "2", "--steps", "3", "--loops", "2", "--arch", "flt",
-                                 "--wandb", "off", "--out", str(out)])
+                                 "--lr", "3e-3", "--lr", "1e-2", "--wandb", "off", "--out", str(out)])
     assert result.exit_code == 0, result.output
     suite = load_suite(out / "runs")
-    assert sorted(suite.runs) == ["flt-k01-s0", "flt-k02-s0"]
+    assert sorted(suite.runs) == ["flt-k01-s0-lr0.003", "flt-k01-s0-lr0.01", "flt-k02-s0-lr0.003",
+                                  "flt-k02-s0-lr0.01"]
     assert all(run.summary["steps_done"] == 3 for run in suite.runs.values())
+    # Two workers start two runs at once; a run whose reference is still training waits for it.
+    one_loop = {lr: suite.runs[f"flt-k01-s0-lr{lr}"].summary["final_smoothed_loss"] for lr in ("0.003", "0.01")}
+    references = {run_id: (run.config.get("reference") or {}).get("run") for run_id, run in suite.runs.items()}
+    assert references == {"flt-k01-s0-lr0.003": None, "flt-k01-s0-lr0.01": "flt-k01-s0-lr0.003",
+                          "flt-k02-s0-lr0.003": "flt-k01-s0-lr0.003",
+                          "flt-k02-s0-lr0.01": f"flt-k01-s0-lr{min(one_loop, key=one_loop.get)}"}
 
 
 def test_an_existing_suite_is_kept_resumed_or_replaced(tmp_path):
@@ -115,11 +122,12 @@ def test_analysis_commands_on_a_committed_run_store(tmp_path):
     assert "train the one-loop model of the same architecture" in " ".join(result.output.split())
     result = runner.invoke(app, ["analyze", str(LOOPS_STUDY / "flt-k01-s0")])  # one lr per cell
     assert result.exit_code == 0, result.output
-    assert "with one loop at another learning rate" in " ".join(result.output.split())
+    assert "with one loop at a lower learning rate" in " ".join(result.output.split())
     result = runner.invoke(app, ["analyze", str(STUDY / "flt-k04-s0-lr0.003")])
     assert result.exit_code == 0, result.output
-    assert ("Judged against an expected loss of 2.29 (the final smoothed loss of run "
-            "flt-k01-s0-lr0.01); its smoothed loss ended at 2.35, +2.9 %.") in " ".join(result.output.split())
+    # judged against the one-loop model at its own learning rate, not the better one at 1e-2
+    assert ("Judged against an expected loss of 2.4 (the final smoothed loss of run "
+            "flt-k01-s0-lr0.003); its smoothed loss ended at 2.35, -1.8 %.") in " ".join(result.output.split())
     result = runner.invoke(app, ["compare", "looped", "flt", "--suite", str(COMMITTED_REPORT)])
     assert result.exit_code == 0 and "K=4" in result.output, result.output
     result = runner.invoke(app, ["report", str(COMMITTED_REPORT), "--out", str(tmp_path / "again")])

@@ -161,8 +161,9 @@ def reference_text(run: RunData, judged: dict[str, Any]) -> str:
     sentences: without a reference, a run that trained but ended behind reads as stable."""
     reference = judged_against(run, judged)
     if reference is None:
-        # A suite judges a one-loop run against its architecture's other one-loop runs.
-        how = ("train its architecture with one loop at another learning rate in the same suite"
+        # A suite judges a one-loop run against its architecture's one-loop runs at lower
+        # learning rates (`reference_run`).
+        how = ("train its architecture with one loop at a lower learning rate in the same suite"
                if run_cell(run)["n_loops"] == 1 else
                "train the one-loop model of the same architecture in the same suite")
         return ("Judged without an expected loss, so a run that trained but ended 10 % or more "

@@ -2,8 +2,9 @@
 and rewrite its verdict and events, as training would have written them. Nothing about the
 training changes, so replaying is enough when only the detectors did.
 
-One-loop runs are judged first: they are the references (`expected_loss`) of the looped
-runs of the same architecture, seed and learning rate.
+Each run is judged against its reference (`expected_loss`, `reference_run`): the final loss
+of a one-loop run of its architecture and seed at its learning rate or a lower one, which
+replaying does not change, so the order runs are judged in does not matter.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ def rejudge_suite(suite_dir: str | Path,
         manifest = json.loads((suite_dir / SUITE_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{suite_dir} is not a suite folder: it has no {SUITE_FILE}") from None
-    runs = sorted(manifest.get("runs", []), key=lambda run: run.get("cell", {}).get("n_loops") != 1)
     statuses = {}
-    for entry in runs:
+    for entry in manifest.get("runs", []):
         run_dir = suite_dir / entry["run_id"]
         if not is_run_dir(run_dir) or not (run_dir / SUMMARY_FILE).is_file():
             continue

@@ -3,7 +3,11 @@
 Every cell trains into `<suite_dir>/<run_id>/` through `run_one`; with `[eval]` loops the
 trained checkpoint is then evaluated at each K'. Workers send what the terminal shows
 (progress, detector events) as messages; the run store is written by the worker that
-trains the run, so nothing depends on the parent staying alive.
+trains the run, so nothing depends on the parent staying alive. A cell starts only once the
+cells of this invocation it may take its reference from (`reference_candidate`: one-loop
+runs of its architecture and seed at its learning rate or a lower one) have finished, so its
+verdict does not depend on how many train at once; cells of another shard or left out by
+`--only` are not waited for.
 
 Under torchrun all ranks train each cell together, one cell after another (no workers);
 rank 0 writes the suite manifest and runs the loop-scaling evaluation, and a cell that
@@ -36,7 +40,7 @@ from loopdiag.models import ARCHITECTURES
 from loopdiag.run.runner import RunOutcome, RunSpec, run_one
 from loopdiag.store import write_suite_manifest
 from loopdiag.store._files import CHECKPOINT_FILE, LOOP_SCALING_FILE, SUMMARY_FILE
-from loopdiag.store.reference import reference_run
+from loopdiag.store.reference import reference_candidate, reference_run
 from loopdiag.run.probe_suite import ProbeSuite
 from loopdiag.run.wandb_logging import forget_outage
 from loopdiag.store.writer import write_failure
@@ -118,9 +122,7 @@ def run_suite(suite: ProbeSuite, suite_dir: Path, *, jobs: int = 1, resume: bool
     specs = [spec for spec in shard_cells(every_cell, shard) if only is None or only(spec)]
     if distributed.is_main():
         write_suite_manifest(suite_dir, suite.to_dict(), {
-            spec.run_id: {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed,
-                          "lr": suite.train.lr if spec.lr is None else spec.lr}
-            for spec in every_cell})
+            spec.run_id: _spec_cell(spec, suite) for spec in every_cell})
         if wandb_mode == "online":
             forget_outage(suite_dir)  # an outage learned by an earlier invocation may be over
     send = on_message or (lambda message: None)
@@ -163,14 +165,12 @@ def _run_cell(job: CellJob, send: Send) -> CellResult:
         outcome = None
         if job.train:
             send(("start", run_id, {}))
-            cell = {"arch": job.spec.arch, "n_loops": job.spec.n_loops, "seed": job.spec.seed,
-                    "lr": suite.train.lr if job.spec.lr is None else job.spec.lr}
             outcome = run_one(
                 job.spec, suite.model, suite.train, suite.data.load(), job.run_dir,
                 log_every=suite.log_every, thresholds=suite.thresholds,
                 sinks=[_MessageSink(send, run_id)],
                 stop_on="critical" if suite.stop_on_collapse else None, resume=job.resume,
-                reference=reference_run(job.run_dir.parent, cell),
+                reference=reference_run(job.run_dir.parent, _spec_cell(job.spec, suite)),
                 wandb_mode=job.wandb_mode, wandb_group=suite.name,
                 on_progress=lambda step, total, metrics: send(
                     ("progress", run_id, {"step": step, "total": total,
@@ -243,9 +243,23 @@ def _run_in_workers(cells: list[CellJob], jobs: int, send: Send) -> list[CellRes
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     results: dict[str, CellResult] = {}
+    waiting = list(cells)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
                              initargs=(messages,)) as pool:
-        pending = {pool.submit(_run_cell_in_worker, cell): cell for cell in cells}
+        pending: dict[Any, CellJob] = {}
+
+        def start_ready() -> None:
+            # In suite order, each free worker takes the first cell whose possible references
+            # have all finished, so a run is judged against the same one however many train.
+            while waiting and len(pending) < jobs:
+                unfinished = [*waiting, *pending.values()]
+                ready = next((cell for cell in waiting if not _waits_for(cell, unfinished)), None)
+                if ready is None:
+                    return
+                waiting.remove(ready)
+                pending[pool.submit(_run_cell_in_worker, ready)] = ready
+
+        start_ready()
         try:
             while pending:
                 _drain(messages, send, timeout=0.2)
@@ -257,16 +271,32 @@ def _run_in_workers(cells: list[CellJob], jobs: int, send: Send) -> list[CellRes
                     try:
                         results[cell.spec.run_id] = future.result()
                         if results[cell.spec.run_id].write_failure:  # the next runs would meet the same disk
+                            waiting.clear()
                             for queued in pending:
                                 queued.cancel()
                     except Exception as error:  # noqa: BLE001 - a worker died (killed, out of memory)
                         results[cell.spec.run_id] = CellResult(
                             cell.spec.run_id, trained=cell.train, error=f"worker process failed: {error!r}")
+                start_ready()
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)  # workers record "interrupted"
             raise
         _drain(messages, send, timeout=0.2)
     return [results[cell.spec.run_id] for cell in cells if cell.spec.run_id in results]
+
+
+def _waits_for(job: CellJob, unfinished: list[CellJob]) -> bool:
+    """Whether a cell still to train or running could be `job`'s reference (`reference_run`)."""
+    cell = _spec_cell(job.spec, job.suite)
+    return job.train and any(other is not job and other.train
+                             and reference_candidate(_spec_cell(other.spec, other.suite), cell)
+                             for other in unfinished)
+
+
+def _spec_cell(spec: RunSpec, suite: ProbeSuite) -> dict[str, Any]:
+    """The cell as the suite manifest records it."""
+    return {"arch": spec.arch, "n_loops": spec.n_loops, "seed": spec.seed,
+            "lr": suite.train.lr if spec.lr is None else spec.lr}
 
 
 def _drain(messages: Any, send: Send, timeout: float) -> None:
