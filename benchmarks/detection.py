@@ -294,7 +294,7 @@ header, muon, nodejs and changelog; without one also plain `looped` K = 4 at lr 
 K = 12 at lr 3e-3 on seed 72 (1.14×).
 
 A size held out whole (`reports/detection/vimscript/`: seeds 76–78, Vim's `netrw.vim`, d_model
-128, seq_len 64, 300 steps, 3,200 s on 2 cores), trained and scored once with nothing
+128, seq_len 64, 300 steps, about 2,950 s on 2 cores), trained and scored once with nothing
 changed: with a reference 28/28 failed runs judged not stable, without 24/28 (4 trained and
 ended behind, as on the size corpus), never trained 12/12, late collapses 12/12, 0/11
 healthy runs judged collapsed, 0 false warnings in 3,300 steps; against the seed-0
