@@ -305,7 +305,7 @@ Two learning-rate sweeps of the default suite as `loopdiag run` trains them (stu
 the Google Cloud SDK release notes, `standard`, `looped` and `flt` at lr 3e-3, 1e-2 and
 3e-2, seeds 79–80, 54 runs). The first showed a suite's reference at fault: the best
 one-loop run at any learning rate judged 18 of its 81 healthy runs failed to train (the
-one-loop models at 3e-3 among them, 11–14 % behind the same models at 1e-2), and runs
+one-loop models at 3e-3 among them, 14 % behind the same models at 1e-2 (seeds 74–75)), and runs
 trained in parallel were judged against whichever one-loop run had finished first (8 of
 its stored verdicts changed on rejudging). The reference is now the best one-loop run at
 the run's learning rate or a lower one, and a run starts after those: `default-vim` is

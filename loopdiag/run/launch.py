@@ -288,7 +288,7 @@ def _run_in_workers(cells: list[CellJob], jobs: int, send: Send) -> list[CellRes
 def _waits_for(job: CellJob, unfinished: list[CellJob]) -> bool:
     """Whether a cell still to train or running could be `job`'s reference (`reference_run`)."""
     cell = _spec_cell(job.spec, job.suite)
-    return job.train and any(other is not job and other.train
+    return job.train and any(other.train
                              and reference_candidate(_spec_cell(other.spec, other.suite), cell)
                              for other in unfinished)
 
