@@ -534,3 +534,20 @@ def test_the_readmes_late_collapse_total_is_the_sum_of_its_corpora():
             warned, total = warned + count, total + of
     claim = re.search(r"\*\*Late collapses\*\*: (\d+) of (\d+) warned by onset", readme)
     assert claim and (int(claim[1]), int(claim[2])) == (warned, total)
+
+
+def test_the_reference_studys_readme_gives_the_counts_its_records_give():
+    text = (REPO / "reports/flt-stability/README.md").read_text(encoding="utf-8")
+    verdicts, (false_warnings, healthy_steps) = report_claims(
+        REPO / "reports/detection/README.md", "flt-stability")
+    no_ref, with_ref = verdicts["no reference"], verdicts["with reference"]
+
+    def claimed(pattern):
+        found = re.search(pattern, text)
+        assert found, pattern
+        return int(found[1]), int(found[2].replace(",", ""))
+
+    assert claimed(r"judged not stable\*\* \((\d+)/(\d+)\)") == fractions(with_ref[2])[0]
+    assert claimed(r"Without that reference (\d+)/(\d+)") == fractions(no_ref[2])[0]
+    assert claimed(r"judged collapsed\*\* \((\d+)/(\d+)\)") == fractions(with_ref[4])[0]
+    assert claimed(r"\((\d+) in ([\d,]+) healthy steps") == (false_warnings, healthy_steps)
