@@ -373,7 +373,7 @@ import sys
 import sysconfig
 import time
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -931,7 +931,20 @@ def final_smoothed(records: Sequence[Mapping[str, Any]]) -> float:
     return smoothed_losses(losses)[-1]
 
 
-def score_corpus(seeds: Sequence[int], cache: Path, context_free_loss: float) -> list[ScoredRun]:
+def recorded_statistics(run_dir: Path, kept: Callable[[str], bool] | None = None
+                        ) -> list[dict[str, Any]]:
+    """The run's records; with `kept`, only the statistics it keeps (the step and the loss
+    always): what a model that records less gives the detectors (`missing_statistics.py`)."""
+    records = read_records(run_dir)
+    if kept is None:
+        return records
+    return [{key: value for key, value in record.items() if key in ("step", "loss") or kept(key)}
+            for record in records]
+
+
+def score_corpus(seeds: Sequence[int], cache: Path, context_free_loss: float,
+                 kept: Callable[[str], bool] | None = None) -> list[ScoredRun]:
+    """Every setting × seed replayed (with `kept`: from those statistics only)."""
     by_name = {setting.name: setting for setting in SETTINGS}
     expected_loss = final_smoothed(read_records(cache / run_name(by_name[REFERENCE], REFERENCE_SEED)))
     runs = []
@@ -942,7 +955,7 @@ def score_corpus(seeds: Sequence[int], cache: Path, context_free_loss: float) ->
             raise ValueError(f"reference run {run_name(by_name[REFERENCE], seed)} is not healthy "
                              f"(onset at step {reference_label.onset}): cannot label seed {seed}")
         for setting in SETTINGS:
-            records = read_records(cache / run_name(setting, seed))
+            records = recorded_statistics(cache / run_name(setting, seed), kept)
             runs.append(judged_run(run_name(setting, seed), setting.name, setting.expected, seed,
                                    records, label_run(records, reference_records), expected_loss,
                                    context_free_loss, [reference_records]))
@@ -983,14 +996,16 @@ def study_label(records: Sequence[Mapping[str, Any]], healthy_loss: float) -> La
     return Label("healthy", None) if onset is None else Label("failed to train", onset)
 
 
-def score_study(study: Path) -> tuple[list[ScoredRun], dict[int, float]]:
-    """Every finished run of the study whose seed has a healthy one-loop run, replayed;
-    (runs, the healthy one-loop loss by seed). Each run's expected loss is
+def score_study(study: Path, kept: Callable[[str], bool] | None = None
+                ) -> tuple[list[ScoredRun], dict[int, float]]:
+    """Every finished run of the study whose seed has a healthy one-loop run, replayed (with
+    `kept`: from those statistics only); (runs, the healthy one-loop loss by seed). Each
+    run's expected loss is
     `loopdiag.store.reference`'s: the lowest final smoothed loss of the other one-loop runs
     of its architecture and seed at its learning rate or a lower one."""
     manifest = json.loads((study / SUITE_FILE).read_text(encoding="utf-8"))
     cells = {entry["run_id"]: entry["cell"] for entry in manifest["runs"]}
-    finished = {run_id: read_records(study / run_id) for run_id in cells
+    finished = {run_id: recorded_statistics(study / run_id, kept) for run_id in cells
                 if (study / run_id / "summary.json").is_file()}
     finished = {run_id: records for run_id, records in finished.items() if records}
     configs = {run_id: json.loads((study / run_id / "config.json").read_text(encoding="utf-8"))

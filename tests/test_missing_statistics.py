@@ -1,0 +1,55 @@
+"""The missing-statistics benchmark: detection sets replayed from fewer statistics, on the
+committed records (no training)."""
+
+import pytest
+from benchmark_scripts import BENCHMARKS, loaded
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))  # it imports the detection benchmark
+        yield from loaded("missing_statistics.py", "missing_statistics")
+
+
+def test_every_committed_report_is_found_with_the_seeds_its_command_scored(ablation):
+    sets = {s.name: s for s in ablation.committed_sets()}
+    assert sets["corpus"].seeds == tuple(range(11, 22))
+    assert sets["changelog"].seeds == (55, 56)  # trained on 55-57, scored on two
+    assert sets["changelog"].path == ablation.ROOT / "reports/detection/changelog/runs"
+    assert sets["flt-stability"].seeds is None  # a study
+
+
+def test_records_keep_the_step_and_the_loss_whatever_else_is_dropped(ablation):
+    run = ablation.ROOT / "reports/detection/tz/runs/looped-k04-lr3e-3-s67"
+    full = ablation.detection.recorded_statistics(run)
+    bare = ablation.detection.recorded_statistics(run, ablation.loss_alone)
+    assert len(bare) == len(full) and "token_corr" in full[-1]
+    assert all(set(record) <= {"step", "loss"} for record in bare)
+    assert [record["loss"] for record in bare] == [record.get("loss") for record in full if "loss" in record]
+
+
+def test_without_token_correlation_the_representation_detector_is_not_judged(ablation):
+    """A model without token correlations gets the detectors that apply, each run saying what
+    was not judged, and loses early warnings rather than verdicts."""
+    tz = ablation.DetectionSet("tz", ablation.ROOT / "reports/detection/tz/runs", (67,))
+    full = ablation.scored("every statistic", tz)
+    bare = ablation.scored("no token correlation", tz)
+    for result in (full, bare):
+        assert result.verdicts["no reference"].failed == 9
+        assert result.verdicts["no reference"].healthy_collapsed == 0
+    assert bare.verdicts["no reference"].never_trained_early < full.verdicts["no reference"].never_trained_early
+    context_free = ablation.context_free_loss(ablation.recorded_corpus((67,), tz.path))
+    runs = ablation.score_corpus((67,), tz.path, context_free, ablation.no_token_correlation)
+    assert all("representation_collapse" in run.verdicts["no reference"]["not_judged"] for run in runs)
+    assert not any(run.verdicts["no reference"]["mechanism"] == "representation" for run in runs)
+
+
+def test_an_unknown_set_or_bad_worker_count_is_refused(ablation, capsys):
+    sets = ablation.committed_sets()
+    with pytest.raises(ValueError, match="no committed detection set nosuch; there are: corpus"):
+        ablation.chosen(sets, ["tz", "nosuch"])
+    assert [s.name for s in ablation.chosen(sets, ["tz"])] == ["tz"]
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--workers", "0"])
+    assert "--workers must be >= 1" in capsys.readouterr().err
