@@ -314,6 +314,18 @@ nothing changed (10/10 failed runs judged not stable, 0/44 healthy collapsed, 0 
 warnings; 1 healthy run, `standard` K = 12 at lr 3e-2, judged failed to train, 16 % behind
 its one-loop model at 1e-2 and below the labels' 3e-3 reference).
 
+A long horizon held out whole (study `sweep-long`: `standard`, `looped` and `flt` at K = 1,
+4 and 12 as `loopdiag run` trains them, 3,000 steps each, a 100-step warm-up, cosine decay
+to 0.1×, weight decay 0.1, on CPython's changelog (`/usr/share/doc/python3.11/NEWS.gz`,
+decompressed), seeds 81–82, 18 runs, 67 min on 2 cores), trained and scored once with
+nothing changed: plain `looped` K = 12 never trained
+on either seed, warned at steps 20–21 and judged collapsed (representation); no healthy
+run judged collapsed or not stable; 2 false warnings in 48,000 healthy steps, both
+`representation_collapse` at step 38 on plain `looped` K = 4, which sat with its last
+loop's positions nearly identical in the warm-up (1 − token correlation down to 4e-6,
+steps 34–59) while its loss still fell, then left that state and ended 6.5–8.5 % below
+its one-loop model.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
@@ -973,10 +985,11 @@ def score_all(runs: Sequence[ScoredRun]) -> list[Score]:
 
 STUDY_REFERENCE = ("standard", 1, 3e-3)  # the healthy one-loop model: arch, K, lr
 # The reference study (the thresholds' in-sample set, see "Held-out seeds"), a study on
-# other data and length that no threshold was set or changed on, and two learning-rate
-# sweeps of the default suite on other text and seeds (see "sweep").
+# other data and length that no threshold was set or changed on, two learning-rate sweeps
+# of the default suite on other text and seeds (see "sweep") and a long horizon.
 STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"),
-           Path("reports/detection/sweep-vim/runs"), Path("reports/detection/sweep-notes/runs"))
+           Path("reports/detection/sweep-vim/runs"), Path("reports/detection/sweep-notes/runs"),
+           Path("reports/detection/sweep-long/runs"))
 
 
 def study_name(path: Path) -> str:

@@ -551,3 +551,14 @@ def test_the_reference_studys_readme_gives_the_counts_its_records_give():
     assert claimed(r"Without that reference (\d+)/(\d+)") == fractions(no_ref[2])[0]
     assert claimed(r"judged collapsed\*\* \((\d+)/(\d+)\)") == fractions(with_ref[4])[0]
     assert claimed(r"\((\d+) in ([\d,]+) healthy steps") == (false_warnings, healthy_steps)
+
+
+def test_the_readmes_count_of_healthy_runs_the_z_score_rule_alarms_is_every_reports():
+    alarmed = healthy = 0
+    for report in [REPO / "reports/detection/README.md", *(REPO / "reports/detection").glob("*/README.md")]:
+        for row in re.finditer(r"^\| zscore_3sigma_30 \|.*\| (\d+)/(\d+) \|$",
+                               report.read_text(encoding="utf-8"), re.MULTILINE):
+            alarmed, healthy = alarmed + int(row[1]), healthy + int(row[2])
+    claim = re.search(r"it alarms on (\d+) of the (\d+) healthy runs",
+                      (REPO / "README.md").read_text(encoding="utf-8"))
+    assert claim and (int(claim[1]), int(claim[2])) == (alarmed, healthy)
