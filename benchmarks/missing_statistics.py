@@ -35,6 +35,7 @@ from detection import (
     PER_STEPS,
     STUDIES,
     VerdictScore,
+    fraction,
     markdown_table,
     recorded_corpus,
     score,
@@ -130,10 +131,6 @@ def scored(ablation: str, detection_set: DetectionSet) -> Result:
                   everything.false_alarms, everything.healthy_steps)
 
 
-def fraction(count: int, total: int) -> str:
-    return f"{count}/{total} ({count / total:.0%})" if total else "–"
-
-
 def pooled_rows(results: Sequence[Result]) -> list[list[str]]:
     rows = []
     for ablation in ABLATIONS:
@@ -176,8 +173,8 @@ def report(results: Sequence[Result], sets: Sequence[DetectionSet], command: str
                      f"never trained, warned within {EARLY_FRACTION:.0%} of steps",
                      "late collapses warned by onset", "healthy runs judged collapsed",
                      f"false warnings per {PER_STEPS // 1000}k healthy steps"]
-    runs = sum(v.failed + v.healthy for result in results if result.ablation == "every statistic"
-               for v in [result.verdicts[MODES[0]]])
+    runs = sum(result.verdicts[MODES[0]].failed + result.verdicts[MODES[0]].healthy
+               for result in results if result.ablation == next(iter(ABLATIONS)))
     return "\n".join([
         "# What each recorded statistic buys",
         "",
