@@ -326,6 +326,14 @@ loop's positions nearly identical in the warm-up (1 − token correlation down t
 steps 34–59) while its loss still fell, then left that state and ended 6.5–8.5 % below
 its one-loop model.
 
+An architecture held out whole (`reports/detection/noqknorm/`: seeds 83–85, the tiny model
+without QK-norm and with the output projections initialised as GPT-2's are instead of at
+zero, on Perl code, the debugger `perl5db.pl`; 300 steps, 487 s on 2 cores), trained and
+scored once with nothing changed: with a reference 27/27 failed runs judged not stable,
+without 26/27 (plain `looped` K = 4 at lr 3e-3, seed 84, trained and ended behind), never
+trained 16/16 warned within 15 %, late collapses 10/10 by onset, 0/12 healthy runs judged
+collapsed or warned, and every anchor target met.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed

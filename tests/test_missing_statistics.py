@@ -1,6 +1,8 @@
 """The missing-statistics benchmark: detection sets replayed from fewer statistics, on the
 committed records (no training)."""
 
+import re
+
 import pytest
 from benchmark_scripts import BENCHMARKS, loaded
 
@@ -53,3 +55,13 @@ def test_an_unknown_set_or_bad_worker_count_is_refused(ablation, capsys):
     with pytest.raises(SystemExit):
         ablation.parse_args(["--workers", "0"])
     assert "--workers must be >= 1" in capsys.readouterr().err
+
+
+def test_the_readme_gives_the_pooled_counts_the_committed_report_gives(ablation):
+    report = (ablation.ROOT / "reports/detection/statistics.md").read_text(encoding="utf-8")
+    readme = (ablation.ROOT / "README.md").read_text(encoding="utf-8")
+    bullet = re.search(r"^- \*\*A model that records less\*\*.*?(?=\n(?!  )|\Z)", readme,
+                       re.MULTILINE | re.DOTALL)
+    claimed = set(re.findall(r"\b(\d+)/(\d+)\b", bullet[0]))
+    pooled = set(re.findall(r"\b(\d+)/(\d+) \(", report.split("By set")[0]))
+    assert len(claimed) >= 6 and claimed <= pooled, sorted(claimed - pooled)
