@@ -318,17 +318,17 @@ A long horizon held out whole (study `sweep-long`: `standard`, `looped` and `flt
 4 and 12 as `loopdiag run` trains them, 3,000 steps each, a 100-step warm-up, cosine decay
 to 0.1×, weight decay 0.1, on CPython's changelog (`/usr/share/doc/python3.11/NEWS.gz`,
 decompressed), seeds 81–82, 18 runs, 67 min on 2 cores), trained and scored once with
-nothing changed: plain `looped` K = 12 never trained
-on either seed, warned at steps 20–21 and judged collapsed (representation); no healthy
-run judged collapsed or not stable; 2 false warnings in 48,000 healthy steps, both
+nothing changed: plain `looped` K = 12 never trained on either seed, warned at steps
+20–21 and judged collapsed (representation); no healthy run judged collapsed or not
+stable; 2 false warnings in 48,000 healthy steps, both
 `representation_collapse` at step 38 on plain `looped` K = 4, which sat with its last
 loop's positions nearly identical in the warm-up (1 − token correlation down to 4e-6,
 steps 34–59) while its loss still fell, then left that state and ended 6.5–8.5 % below
 its one-loop model.
 
 An architecture held out whole (`reports/detection/noqknorm/`: seeds 83–85, the tiny model
-without QK-norm and with the output projections initialised as GPT-2's are instead of at
-zero, on Perl code, the debugger `perl5db.pl`; 300 steps, 487 s on 2 cores), trained and
+without QK-norm and with GPT-2's random initialisation of the output projections instead
+of zeros, on Perl code, the debugger `perl5db.pl`; 300 steps, 487 s on 2 cores), trained and
 scored once with nothing changed: with a reference 27/27 failed runs judged not stable,
 without 26/27 (plain `looped` K = 4 at lr 3e-3, seed 84, trained and ended behind), never
 trained 16/16 warned within 15 %, late collapses 10/10 by onset, 0/12 healthy runs judged
