@@ -26,7 +26,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import detection
 from detection import (
     ALL_DEFAULTS,
     DETECTORS,
@@ -34,9 +33,11 @@ from detection import (
     MODES,
     PER_STEPS,
     STUDIES,
+    SUITE_FILE,
     VerdictScore,
     fraction,
     markdown_table,
+    parse_args as corpus_args,
     recorded_corpus,
     score,
     score_corpus,
@@ -52,10 +53,6 @@ REPORTS = Path("reports/detection")
 TRAINING_LOOP_LOGS = ("lr", "n_loops", "grad_norm")
 
 
-def every_statistic(key: str) -> bool:
-    return True
-
-
 def no_token_correlation(key: str) -> bool:
     return key != "token_corr"
 
@@ -68,8 +65,9 @@ def loss_alone(key: str) -> bool:
     return False  # the step and the loss are always kept
 
 
-ABLATIONS: dict[str, Callable[[str], bool]] = {
-    "every statistic": every_statistic,
+# None keeps the records as they are.
+ABLATIONS: dict[str, Callable[[str], bool] | None] = {
+    "every statistic": None,
     "no token correlation": no_token_correlation,
     "loss, learning rate, gradient norm": training_loop_logs,
     "loss alone": loss_alone,
@@ -101,11 +99,11 @@ def committed_sets(root: Path = ROOT) -> list[DetectionSet]:
                             report.read_text(encoding="utf-8"))
         if command is None:
             continue
-        args, seeds, _ = detection.parse_args(shlex.split(command[1]))
+        args, seeds, _ = corpus_args(shlex.split(command[1]))
         name = "corpus" if report.parent == root / REPORTS else report.parent.name
         sets.append(DetectionSet(name, root / args.cache, tuple(seeds)))
     sets += [DetectionSet(study_name(root / path), root / path, None)
-             for path in STUDIES if (root / path / detection.SUITE_FILE).is_file()]
+             for path in STUDIES if (root / path / SUITE_FILE).is_file()]
     return sets
 
 

@@ -23,9 +23,11 @@ def test_every_committed_report_is_found_with_the_seeds_its_command_scored(ablat
 
 
 def test_records_keep_the_step_and_the_loss_whatever_else_is_dropped(ablation):
+    from detection import recorded_statistics  # the module missing_statistics reads through
+
     run = ablation.ROOT / "reports/detection/tz/runs/looped-k04-lr3e-3-s67"
-    full = ablation.detection.recorded_statistics(run)
-    bare = ablation.detection.recorded_statistics(run, ablation.loss_alone)
+    full = recorded_statistics(run)
+    bare = recorded_statistics(run, ablation.loss_alone)
     assert len(bare) == len(full) and "token_corr" in full[-1]
     assert all(set(record) <= {"step", "loss"} for record in bare)
     assert [record["loss"] for record in bare] == [record.get("loss") for record in full if "loss" in record]
