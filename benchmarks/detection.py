@@ -334,6 +334,16 @@ without 26/27 (plain `looped` K = 4 at lr 3e-3, seed 84, trained and ended behin
 trained 16/16 warned within 15 %, late collapses 10/10 by onset, 0/12 healthy runs judged
 collapsed or warned, and every anchor target met.
 
+A training recipe held out whole (`reports/detection/compose/`: seeds 86–88, AdamW with
+β₂ 0.999 and weight decay 0.1 at batch 32, d_model 64 and 4 heads, on the X11 compose
+sequences `Compose`, a table of key sequences, characters and Unicode names; 300 steps,
+660 s on 2 cores), trained and scored once with nothing changed: with a reference 26/27
+failed runs judged not stable (`flt` K = 12 at lr 3e-3, seed 86, 1.11× its seed's
+`standard` and 1.09× the seed-0 run), without 24/27 (that run and `flt` K = 4 and 12 on
+seed 88, which trained and ended behind), never trained 9/9 warned within 15 %, late
+collapses 12/12 by onset (4 at the onset step), 0/12 healthy runs judged collapsed or
+warned, and every anchor target met.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed

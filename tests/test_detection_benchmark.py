@@ -562,3 +562,17 @@ def test_the_readmes_count_of_healthy_runs_the_z_score_rule_alarms_is_every_repo
     claim = re.search(r"it alarms on (\d+) of the (\d+) healthy runs",
                       (REPO / "README.md").read_text(encoding="utf-8"))
     assert claim and (int(claim[1]), int(claim[2])) == (alarmed, healthy)
+
+
+def test_the_readmes_count_of_runs_that_fell_behind_unwarned_is_every_reports():
+    """The README's count of runs that trained, ended behind and were not warned within 15 %,
+    and of those already 10 % behind there, summed from every report's miss line."""
+    late = ahead = 0
+    for report in [REPO / "reports/detection/README.md", *(REPO / "reports/detection").glob("*/README.md")]:
+        for line in re.finditer(r"(\d+) of the (\d+) (?:was|were) 10% \(the labels' gap\) or more above "
+                                r"that healthy model there\. At their lowest",
+                                report.read_text(encoding="utf-8")):
+            ahead, late = ahead + int(line[1]), late + int(line[2])
+    claim = re.search(r"at 15 % of their steps (\d+) of the (\d+) were less than 10 % above",
+                      (REPO / "README.md").read_text(encoding="utf-8"))
+    assert claim and (int(claim[1]), int(claim[2])) == (late - ahead, late)
