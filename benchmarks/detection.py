@@ -344,6 +344,13 @@ seed 88, which trained and ended behind), never trained 9/9 warned within 15 %, 
 collapses 12/12 by onset (4 at the onset step), 0/12 healthy runs judged collapsed or
 warned, and every anchor target met.
 
+A context held out whole (`reports/detection/longctx/`: seeds 89–91, the tiny model at 256
+positions, eight times its own, batch 4, on bash's manual page in roff, `zcat
+/usr/share/man/man1/bash.1.gz`; 300 steps, 705 s on 2 cores), trained and scored once
+with nothing changed: 24/24 failed runs judged not stable with and without a reference,
+never trained 12/12 warned within 15 %, late collapses 9/9 by onset (4 at the onset step),
+0/15 healthy runs judged collapsed or warned, and every anchor target met.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
