@@ -291,7 +291,23 @@ without. The misses all trained and ended behind: with a reference, plain `loope
 at lr 3e-3 on seeds 70 and 71 and `flt` K = 4 and 12 at lr 3e-3 on seed 71, 1.10–1.12× their
 own seed's `standard` (1.120–1.124) and 1.07–1.08× the seed-0 run (1.162), the boundary of
 header, muon, nodejs and changelog; without one also plain `looped` K = 4 at lr 3e-2 and
-K = 12 at lr 3e-3 on seed 72 (1.14×).
+K = 12 at lr 3e-3 on seed 72 (1.14×). A twelfth change came from the late collapses warned at their
+onset step itself, 89 of the 265 warned by onset on the twenty-four corpora then
+committed: their first warning was the residual detectors' with the labels' own symptom
+(the smoothed loss 10 % above its best), on the step the labels call the onset. The
+residual detectors now also warn, never more, once their growth threshold is passed and
+the loss has begun to rise, read against its noise (8 σ above the best of its last 100
+records, the rise `loss_rise` reads without its 10 %, the median of the last 5 losses above
+that best too): the null's number, the stall rule's median, no fit. It moved 32 of the 89
+earlier and changed no false warning, verdict or other target count on any set, all of
+which are in-sample for it. Its held-out check is the minjs corpus, trained only after it
+(`reports/detection/minjs/`: seeds 92–94, minified JavaScript, the Ace editor that Rust's
+documentation ships; d_model 80, 4 heads, three blocks per loop, seq_len 48, a 20-step
+warm-up and cosine decay, weight decay 0.05): late collapses 8 of 9 by onset, 5 of them
+before it (2 by the new warning, 2 and 20 steps ahead), 3 at it, `standard` seed 92 a step
+after it; every run that never trained warned within 15 %, no healthy run judged collapsed
+or warned, every anchor target met; failed runs judged not stable 27 of 30 with the seed-0
+reference and 24 without (all trained and ended behind).
 
 A size held out whole (`reports/detection/vimscript/`: seeds 76–78, Vim's `netrw.vim`, d_model
 128, seq_len 64, 300 steps, about 2,950 s on 2 cores), trained and scored once with nothing

@@ -753,11 +753,56 @@ def test_residual_blowup_fires_in_the_first_steps_and_escalates_with_a_symptom()
     warn, critical = replay(records, [ResidualBlowup()])
     assert (warn.severity, critical.severity) == ("warn", "critical")
     # 1.3^s passes 100x at s = 18 (the 5-record median lags 2 records), too early to tell a
-    # stall; the smoothed loss is 10 % above its best from about step 23; 1000x at s = 27
-    assert 21 <= warn.step <= 25 and 27 <= critical.step <= 30
-    assert "above its best" in warn.message
+    # stall; the loss has begun to rise by then, far past its (zero) noise, and the smoothed
+    # loss is 10 % above its best from about step 23; 1000x at s = 27
+    assert 18 <= warn.step <= 25 and 27 <= critical.step <= 30
+    assert "begun to rise" in warn.message and warn.evidence["symptom"] is None
     assert critical.evidence["initial_step"] == 1 and critical.evidence["growth"] >= 1000
     assert "above its best" in critical.message
+
+
+def noisy_losses(seed: int, steps: int, level: float = 3.0, noise: float = 0.05) -> list[float]:
+    """A flat loss with Gaussian batch noise of `noise` × `level`."""
+    rng = np.random.default_rng(seed)
+    return (level * (1 + noise * rng.standard_normal(steps))).tolist()
+
+
+def test_a_blown_up_stream_warns_once_the_loss_begins_to_rise_before_the_labels_gap():
+    from loopdiag.detect import ResidualBlowup
+
+    # the stream 150x its first record throughout; the noisy loss flat for 40 records, then
+    # climbing 0.4 % a record: 10 % above its best only after ~25 records of the climb
+    losses = noisy_losses(0, 70)
+    losses = [loss * (1 + 0.004 * max(0, step - 40)) for step, loss in enumerate(losses, 1)]
+    records = [{"step": step, "loss": loss, "resid_norm": [10.0 if step == 1 else 1500.0]}
+               for step, loss in enumerate(losses, 1)]
+    events = [e for e in replay(records, [ResidualBlowup()]) if e.severity != "info"]
+    assert events and events[0].severity == "warn" and "begun to rise" in events[0].message
+    assert 41 < events[0].step < 65
+    assert events[0].evidence["rising"] and events[0].evidence["symptom"] is None
+    # nothing critical without the labels' 10 % or identical positions
+    assert all(e.severity == "warn" for e in events)
+
+
+def test_a_flat_noisy_loss_has_rarely_begun_to_rise():
+    from loopdiag.detect.symptoms import Symptoms
+
+    symptoms, episodes, last = Symptoms(0.10), 0, -20
+    for step, loss in enumerate(noisy_losses(2, 20_000, level=2.0, noise=0.08), 1):
+        symptoms.update({"step": step, "loss": loss})
+        if symptoms.rising() and step - last >= 20:  # one episode per detector cooldown
+            episodes, last = episodes + 1, step
+    assert episodes <= 4  # 8 σ of the noise: well under one per 10k records
+
+
+def test_a_lone_spike_on_a_blown_up_stream_is_no_rise():
+    from loopdiag.detect import ResidualBlowup
+
+    losses = noisy_losses(1, 70)
+    losses[40] *= 1.5  # one batch at the cap
+    records = [{"step": step, "loss": loss, "resid_norm": [10.0 if step == 1 else 1500.0]}
+               for step, loss in enumerate(losses, 1)]
+    assert [e.severity for e in replay(records, [ResidualBlowup()])] in ([], ["info"])
 
 
 def test_residual_blowup_warns_a_run_that_diverges_in_its_first_records():
@@ -787,12 +832,15 @@ def test_a_stream_growing_while_the_loss_stalls_is_information_until_a_symptom()
     events = replay(blowup_records(1.3), [ResidualBlowup()])
     assert [(event.step, event.severity) for event in events] == [(25, "info")]
     assert "stopped falling" in events[0].message
-    # the same growth, then the loss rises 20 % above its best: a symptom, so it warns
+    # the same growth, then the loss steps 20 % up at step 41: it has begun to rise once 3 of
+    # its last 5 losses are up (a loss without noise), a warning; a symptom once the
+    # smoothed loss is 10 % above its best
     rising = [{**record, "loss": 3.6 if record["step"] > 40 else 3.0}
               for record in blowup_records(1.3)]
     events = replay(rising, [ResidualBlowup()])
-    assert [event.severity for event in events] == ["info", "critical"]
-    assert "above its best" in events[1].message
+    assert [(event.step, event.severity) for event in events][:2] == [(25, "info"), (43, "warn")]
+    assert "begun to rise" in events[1].message and "no noise" in events[1].message
+    assert events[-1].severity == "critical" and "above its best" in events[-1].message
 
 
 def test_residual_blowup_stops_judging_after_its_horizon():

@@ -8,7 +8,9 @@ reference model starts at ‖N(e)‖ = √d, and needs only a few records.
 A growing stream alone is not a collapse: the non-looped model at a high learning rate
 grows its stream 1,000–8,000× and trains as well as at a low one. So it warns, and past
 `growth_critical` goes critical, only with a loss or representation symptom
-(`loopdiag.detect.symptoms.Symptoms`). Without one the growth is one `info` event, saying
+(`loopdiag.detect.symptoms.Symptoms`); it also warns, never more, once the loss has begun
+to rise, read against its noise (`Symptoms.rising`), before it stands the labels' 10 %
+above its best. Without either the growth is one `info` event, saying
 whether the loss still falls or has stalled, and that growth is not judged again. A stall
 this early is no symptom: healthy models cross a plateau in their first hundred steps (on
 the reference study, warning on growth with a stalled loss gave 3 healthy runs a warning
@@ -69,8 +71,9 @@ class ResidualBlowupConfig(DetectorConfig):
 class ResidualBlowup(Detector):
     """Last-loop residual norm r_K over its value at the first record, as a rolling median
     over `smooth` records, during the first `horizon` records, ≥ `growth_warn` → warn with a
-    loss or representation symptom, critical ≥ `growth_critical` with one; without one, a
-    single info event once the loss history tells a falling loss from a stalled one."""
+    loss or representation symptom or a loss that has begun to rise, critical ≥
+    `growth_critical` with a symptom; without either, a single info event once the loss
+    history tells a falling loss from a stalled one."""
 
     name = "residual_blowup"
     mechanism = "residual"
@@ -101,9 +104,13 @@ class ResidualBlowup(Detector):
         symptom = self._symptoms.current()
         message = (f"Last-loop residual norm {current:.4g} is {growth:.0f}× its value {initial:.4g} "
                    f"at step {initial_step}")
+        rising = None if symptom is not None else self._symptoms.rising()
         if symptom is not None:
             message += f", and {symptom}"
             severity = "critical" if growth >= self.config.growth_critical else "warn"
+        elif rising is not None:
+            message += f", and {rising}"
+            severity = "warn"
         elif self._growth_noted or self._symptoms.loss.progress() is None:
             return None  # noted already, or too early to tell a stalled loss from a falling one
         else:
@@ -116,7 +123,7 @@ class ResidualBlowup(Detector):
             severity = "info"
         return Finding(severity, message + ".",
                        {"resid_norm_last": current, "initial": initial, "initial_step": initial_step,
-                        "growth": growth, "symptom": symptom,
+                        "growth": growth, "symptom": symptom, "rising": rising,
                         "thresholds": {"growth_warn": self.config.growth_warn,
                                        "growth_critical": self.config.growth_critical}})
 

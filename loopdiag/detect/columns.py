@@ -15,7 +15,16 @@ from typing import Any
 import numpy as np
 
 from loopdiag.detect.base import Ema, is_int, loop_values, raw_scalar
-from loopdiag.detect.symptoms import MEDIAN_OF, MIN_PROGRESS, LossTrack, Symptoms
+from loopdiag.detect.symptoms import (
+    EMA_SPAN,
+    MEDIAN_OF,
+    MIN_PROGRESS,
+    RISE_BATCH_CAP,
+    LossTrack,
+    RecentRise,
+    RiseState,
+    Symptoms,
+)
 
 # Judgement of one record by a vectorised pass: `_check` returns UNJUDGED there, None
 # there, something the detector must judge exactly (`OPEN`), or certainly a Finding whose
@@ -129,8 +138,24 @@ class RecordColumns:
         """The `Symptoms` a detector holds after the record at `index`."""
         symptoms = Symptoms(gap, min_progress, window)
         symptoms.loss = self.loss_track_at(index, window)
+        symptoms.rise_state = self.rise_states()[index]
         symptoms._record = self.records[index]
         return symptoms
+
+    def rise_states(self) -> list[RiseState | None]:
+        """`Symptoms.rise_state` after each record: the same `RecentRise` over the finite
+        losses, held through records without one."""
+        def compute() -> list[RiseState | None]:
+            rise = RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP)
+            loss = self.finite("loss")
+            states: list[RiseState | None] = []
+            state = None
+            for index, value in enumerate(loss.tolist()):
+                if math.isfinite(value):
+                    state = rise.update(value, self.step(index))
+                states.append(state)
+            return states
+        return self.cached("rise_states", compute)
 
 
 class LossHistory:

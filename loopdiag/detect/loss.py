@@ -26,6 +26,7 @@ from loopdiag.detect.base import (
 from loopdiag.detect.columns import MARGIN, RecordColumns, codes, expand, streaks, trailing_medians
 from loopdiag.detect.symptoms import (
     MIN_NOISE_DIFFERENCES,
+    RISE_BATCH_CAP,
     RISE_BEST_WINDOW,
     RISE_NOISE_Z,
     RecentRise,
@@ -244,7 +245,7 @@ class LossRiseConfig(DetectorConfig):
     # a run that keeps getting worse crosses all the same. Added after the uncapped rule
     # warned one healthy loops-compute run (a recovering 11 % rise), so that study is
     # in-sample for it; 1.25× and 2× score the same on every detection set.
-    batch_cap: float = 1.5
+    batch_cap: float = RISE_BATCH_CAP
     best_window: int = RISE_BEST_WINDOW  # records the best and the noise are read over
     noise_z: float = RISE_NOISE_Z  # σ of the smoothed loss's noise the rise must also reach
 

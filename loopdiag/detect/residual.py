@@ -1,7 +1,8 @@
 """Residual explosion: the residual stream growing beyond what a healthy run shows. It is
 an alarm only with a loss or representation symptom (`loopdiag.detect.symptoms.Symptoms`):
-warn past the warning thresholds, critical past the critical ones. Growth without a symptom
-is one `info` event per episode."""
+warn past the warning thresholds, critical past the critical ones; with a loss that has
+begun to rise, read against its noise (`Symptoms.rising`), a warning at most. Growth
+without either is one `info` event per episode."""
 
 from __future__ import annotations
 
@@ -70,8 +71,9 @@ class ResidualExplosion(Detector):
       records after warm-up) → warn ≥ `growth_warn`, critical ≥ `growth_critical`;
     - over loops (K ≥ 2): per-loop growth (r_K / r_1)^(1/(K-1)) → warn ≥
       `loop_growth_warn`, critical ≥ `loop_growth_critical`;
-    with a loss or representation symptom (`Symptoms`) that grade is the event's; without
-    one the event is `info`.
+    with a loss or representation symptom (`Symptoms`) that grade is the event's, with a
+    loss that has begun to rise (`Symptoms.rising`) a warning; without either the event is
+    `info`.
     """
 
     name = "residual_explosion"
@@ -136,6 +138,9 @@ class ResidualExplosion(Detector):
         symptom = evidence["symptom"] = self._symptoms.current()
         if symptom is not None:
             return Finding(severity, f"{message[:-1]}, and {symptom}.", evidence)
+        rising = evidence["rising"] = self._symptoms.rising()
+        if rising is not None:  # the loss has begun to rise: a warning, not yet a collapse
+            return Finding("warn", f"{message[:-1]}, and {rising}.", evidence)
         # Growth alone is information: the weights grow as a model learns, and a loss that
         # flattens late in training is a converging run as often as a stalled one.
         return Finding("info", f"{message[:-1]}, with the loss within {100 * self.config.gap:.0f}% "

@@ -92,11 +92,14 @@ def capped(loss: float, smoothed: float | None, batch_cap: float | None) -> floa
     return min(loss, batch_cap * smoothed)
 
 
+EMA_SPAN = 20  # records: the smoothing of the labels (`ground_truth_onset`)
+
+
 class LossTrack:
     """The loss's EMA (span `ema_span`), its running best and the step it was reached at,
     and rolling medians to tell a stall from learning over `window` records."""
 
-    def __init__(self, ema_span: int = 20, window: int = 20) -> None:
+    def __init__(self, ema_span: int = EMA_SPAN, window: int = 20) -> None:
         self._ema = Ema(ema_span)
         self.best = math.inf
         self.best_step: Any = None
@@ -137,6 +140,9 @@ class LossTrack:
         return statistics.median(list(self._recent)[-MEDIAN_OF:])
 
 
+# A batch counts at most this many times the smoothed loss in a rise (`loss_rise`,
+# `Symptoms.rising`): one odd batch moves the EMA by a bounded amount.
+RISE_BATCH_CAP = 1.5
 # Records a rise is read over (`RecentRise`): a rise slower than this is a trend,
 # `slow_divergence`'s (over the same window).
 RISE_BEST_WINDOW = 100
@@ -221,20 +227,47 @@ def validate_rise(best_window: int, noise_z: float) -> None:
     require(noise_z >= 0, f"noise_z must be >= 0, got {noise_z}")
 
 
+
+
 class Symptoms:
     """The loss or representation symptom that turns a warning into a collapse: the loss
     rose ≥ `gap` above its best, or all positions became identical. (An expected loss is
     what a model reaches at the end of its training; a run in mid-course is not behind it
-    in any sense that tells a collapse, so it is judged at the end, by `failed_to_train`.)"""
+    in any sense that tells a collapse, so it is judged at the end, by `failed_to_train`.)
+
+    `rising` is the earlier sign a mechanism may warn on, never a collapse by itself: the
+    loss has begun to rise, read against its own noise rather than the labels' 10 %."""
 
     def __init__(self, gap: float, min_progress: float = MIN_PROGRESS, window: int = 20) -> None:
         self.gap, self.min_progress = gap, min_progress
         self.loss = LossTrack(window=window)
+        self._rise = RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP)
+        self.rise_state: RiseState | None = None
         self._record: Mapping[str, Any] = {}
 
     def update(self, record: Mapping[str, Any]) -> None:
-        self.loss.update(record)
+        loss = self.loss.update(record)
+        if loss is not None:
+            self.rise_state = self._rise.update(loss, record.get("step"))
         self._record = record
+
+    def rising(self) -> str | None:
+        """One clause when the loss has begun to rise, or None: its EMA (one batch counted
+        at most `RISE_BATCH_CAP` × it) `RISE_NOISE_Z` σ of its noise or more above the best
+        of its last `RISE_BEST_WINDOW` records, and the median of its last 5 losses above
+        that best too, so that one odd batch cannot make it. On a flat loss with Gaussian
+        batch noise of 2–10 % that happens 0.4–0.8 times per 10k records (simulated; the
+        8 σ is `loss_rise`'s, from `benchmarks/loss_rise_null.py`). Unknown (None) until the
+        noise can be read."""
+        state, median = self.rise_state, self.loss.current_median()
+        if (state is None or state.noise is None or median is None or not state.best > 0
+                or state.above < RISE_NOISE_Z * state.noise or not median > state.best):
+            return None
+        significance = (f"{state.above / state.noise:.0f}σ of its noise" if state.noise > 0
+                        else "it had no noise")
+        return (f"the loss has begun to rise: smoothed {state.smoothed:.4g}, "
+                f"{100 * state.above:.1f}% ({significance}) above its recent best "
+                f"{state.best:.4g} (step {state.best_step})")
 
     def current(self, representation: bool = True) -> str | None:
         """One clause naming the symptom present now, or None; `representation=False`
