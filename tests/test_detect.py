@@ -787,7 +787,7 @@ def test_a_blown_up_stream_warns_once_the_loss_begins_to_rise_before_the_labels_
 def test_a_flat_noisy_loss_has_rarely_begun_to_rise():
     from loopdiag.detect.symptoms import Symptoms
 
-    symptoms, episodes, last = Symptoms(0.10), 0, -20
+    symptoms, episodes, last = Symptoms(0.10, reads_rise=True), 0, -20
     for step, loss in enumerate(noisy_losses(2, 20_000, level=2.0, noise=0.08), 1):
         symptoms.update({"step": step, "loss": loss})
         if symptoms.rising() and step - last >= 20:  # one episode per detector cooldown

@@ -196,6 +196,15 @@ def test_offline_equals_online_on_a_late_collapse():
         assert {"loss_rise", "slow_divergence", "residual_explosion"} <= fired
 
 
+def test_offline_equals_online_where_a_blown_up_stream_warns_on_a_loss_begun_to_rise():
+    # a ramp of the minjs corpus warned 20 steps before its onset so
+    records = read_records(STUDY.parents[1] / "detection" / "minjs" / "runs"
+                           / "flt-k04-ramp3-noclip-nocap-s94")
+    for expected_loss in (None, 2.0):
+        events = assert_same(records, lambda: default_detectors(expected_loss))
+        assert any(e.detector == "residual_blowup" and "begun to rise" in e.message for e in events)
+
+
 @pytest.mark.slow
 def test_offline_equals_online_on_the_whole_reference_study():
     runs = sorted(path for path in STUDY.iterdir() if path.is_dir())

@@ -85,7 +85,8 @@ class ResidualBlowup(Detector):
         self._initial: tuple[int, float] | None = None  # (step, r_K) of the first record
         self._recent: deque[float] = deque(maxlen=self.config.smooth)
         self._growth_noted = False
-        self._symptoms = Symptoms(self.config.gap, self.config.min_progress, self.config.stall_window)
+        self._symptoms = Symptoms(self.config.gap, self.config.min_progress, self.config.stall_window,
+                                  reads_rise=True)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         self._symptoms.update(record)

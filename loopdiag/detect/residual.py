@@ -87,7 +87,7 @@ class ResidualExplosion(Detector):
         self._recent_per_loop: deque[float] = deque(maxlen=self.config.smooth)
         self._baseline: list[tuple[int, float]] = []  # (step, r_K)
         self._baseline_median: float | None = None
-        self._symptoms = Symptoms(self.config.gap)
+        self._symptoms = Symptoms(self.config.gap, reads_rise=True)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         self._symptoms.update(record)

@@ -236,18 +236,20 @@ class Symptoms:
     in any sense that tells a collapse, so it is judged at the end, by `failed_to_train`.)
 
     `rising` is the earlier sign a mechanism may warn on, never a collapse by itself: the
-    loss has begun to rise, read against its own noise rather than the labels' 10 %."""
+    loss has begun to rise, read against its own noise rather than the labels' 10 %. Only a
+    detector that asks for it (`reads_rise`) pays for reading that noise every record."""
 
-    def __init__(self, gap: float, min_progress: float = MIN_PROGRESS, window: int = 20) -> None:
+    def __init__(self, gap: float, min_progress: float = MIN_PROGRESS, window: int = 20,
+                 reads_rise: bool = False) -> None:
         self.gap, self.min_progress = gap, min_progress
         self.loss = LossTrack(window=window)
-        self._rise = RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP)
+        self._rise = RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP) if reads_rise else None
         self.rise_state: RiseState | None = None
         self._record: Mapping[str, Any] = {}
 
     def update(self, record: Mapping[str, Any]) -> None:
         loss = self.loss.update(record)
-        if loss is not None:
+        if loss is not None and self._rise is not None:
             self.rise_state = self._rise.update(loss, record.get("step"))
         self._record = record
 
