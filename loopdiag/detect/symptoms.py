@@ -219,14 +219,10 @@ class RecentRise:
         return statistics.median(sizes) / SECOND_DIFFERENCE_MAD * self._factor
 
 
-
-
 def validate_rise(best_window: int, noise_z: float) -> None:
     require(best_window >= 2 * MIN_NOISE_DIFFERENCES,
             f"best_window must be >= {2 * MIN_NOISE_DIFFERENCES}, got {best_window}")
     require(noise_z >= 0, f"noise_z must be >= 0, got {noise_z}")
-
-
 
 
 class Symptoms:
