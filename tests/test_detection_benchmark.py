@@ -576,3 +576,14 @@ def test_the_readmes_count_of_runs_that_fell_behind_unwarned_is_every_reports():
     claim = re.search(r"at 15 % of their steps (\d+) of the (\d+) were less than 10 % above",
                       (REPO / "README.md").read_text(encoding="utf-8"))
     assert claim and (int(claim[1]), int(claim[2])) == (late - ahead, late)
+
+
+def test_the_readmes_count_of_late_collapses_warned_at_onset_is_every_reports():
+    at_onset = 0
+    for report in [REPO / "reports/detection/README.md", *(REPO / "reports/detection").glob("*/README.md")]:
+        for line in re.finditer(r"^- (\d+) of the \d+ late collapses w(?:as|ere) first warned at their "
+                                r"onset step itself", report.read_text(encoding="utf-8"), re.MULTILINE):
+            at_onset += int(line[1])
+    claim = re.search(r"\*\*Late collapses\*\*: \d+ of \d+ warned by onset across the [a-z-]+ "
+                      r"corpora, (\d+) of them at", (REPO / "README.md").read_text(encoding="utf-8"))
+    assert claim and int(claim[1]) == at_onset
