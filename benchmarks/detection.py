@@ -367,6 +367,13 @@ with nothing changed: 24/24 failed runs judged not stable with and without a ref
 never trained 12/12 warned within 15 %, late collapses 9/9 by onset (4 at the onset step),
 0/15 healthy runs judged collapsed or warned, and every anchor target met.
 
+A text held out whole after the twelfth change (`reports/detection/pydoc/`: seeds 95–97,
+the tiny model on Python's help topics, `pydoc_data/topics.py` of the standard library;
+300 steps, 221 s on 2 cores), trained and scored once: every target met with and without a
+reference, 0/15 healthy runs judged collapsed or warned, late collapses 9/9 before onset
+(the `standard` and `flt` ramps 11–67 steps ahead, plain `looped` 135–199), none first
+warned by the new rise.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
