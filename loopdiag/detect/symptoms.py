@@ -257,9 +257,10 @@ class Symptoms:
         batch noise of 2–10 % that happens 0.4–0.8 times per 10k records (simulated; the
         8 σ is `loss_rise`'s, from `benchmarks/loss_rise_null.py`). Unknown (None) until the
         noise can be read."""
+        # The rise is read with no gap, so `risen` is the noise rule alone once it is known.
         state, median = self.rise_state, self.loss.current_median()
-        if (state is None or state.noise is None or median is None or not state.best > 0
-                or state.above < RISE_NOISE_Z * state.noise or not median > state.best):
+        if (state is None or state.noise is None or not state.risen
+                or median is None or not median > state.best):
             return None
         significance = (f"{state.above / state.noise:.0f}σ of its noise" if state.noise > 0
                         else "it had no noise")
