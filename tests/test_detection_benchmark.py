@@ -587,3 +587,14 @@ def test_the_readmes_count_of_late_collapses_warned_at_onset_is_every_reports():
     claim = re.search(r"\*\*Late collapses\*\*: \d+ of \d+ warned by onset across the [a-z-]+ "
                       r"corpora, (\d+) of them at", (REPO / "README.md").read_text(encoding="utf-8"))
     assert claim and int(claim[1]) == at_onset
+
+
+def test_the_readmes_count_of_healthy_runs_judged_failed_to_train_with_a_reference_is_every_reports():
+    judged = 0
+    for report in [REPO / "reports/detection/README.md", *(REPO / "reports/detection").glob("*/README.md")]:
+        for line in re.finditer(r"^- with reference: \d+ healthy runs? judged not stable: (.*)$",
+                                report.read_text(encoding="utf-8"), re.MULTILINE):
+            judged += line[1].count("(failed_to_train by ")
+    claim = re.search(r"with a reference, (\d+) healthy runs are judged failed to train",
+                      " ".join((REPO / "README.md").read_text(encoding="utf-8").split()))
+    assert claim and int(claim[1]) == judged
