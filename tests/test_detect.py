@@ -394,6 +394,24 @@ def test_collapse_plateau_silent_on_convergence_with_a_steady_stream():
     assert replay(stopped_learning_run(resid_per_100=1.02), [CollapsePlateau()]) == []
 
 
+def test_collapse_plateau_reads_a_stall_against_what_token_frequencies_give():
+    # the run sits at 3.3 with its stream doubling per 100 records: at that data's
+    # context-free loss (or within 10 % of it) the stall is the collapse, far below it the
+    # model learned from its input and converged
+    run = stopped_learning_run(resid_per_100=2.0)
+    for context_free in (3.3, 3.5):
+        events = replay(run, [CollapsePlateau(context_free_loss=context_free)])
+        assert [e.severity for e in events] == ["critical"]
+    assert replay(run, [CollapsePlateau(context_free_loss=3.75)]) == []
+    assert replay(run, [CollapsePlateau(context_free_loss=6.6)]) == []
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.inf, "3.3"])
+def test_collapse_plateau_rejects_a_context_free_loss_that_is_no_loss(bad):
+    with pytest.raises(ValueError, match="context_free_loss"):
+        CollapsePlateau(context_free_loss=bad)
+
+
 # --- severity and hysteresis --------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,7 @@ records one by one, as training does (`update`, then `finish`)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from loopdiag.detect import DETECTORS, Event, default_detectors, replay, verdict
 from loopdiag.store import read_records
+from loopdiag.store.reference import context_free_loss
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p
 
 pytestmark = pytest.mark.torchless
@@ -203,6 +205,19 @@ def test_offline_equals_online_where_a_blown_up_stream_warns_on_a_loss_begun_to_
     for expected_loss in (None, 2.0):
         events = assert_same(records, lambda: default_detectors(expected_loss))
         assert any(e.detector == "residual_blowup" and "begun to rise" in e.message for e in events)
+
+
+def test_offline_equals_online_where_a_converged_model_stalls_with_a_growing_stream():
+    # d_model 256 on a table of numbers: healthy, stalled at half the context-free loss while
+    # its stream doubled; the stall rule fires without that loss and is silent with it
+    run = STUDY.parents[1] / "detection" / "numeric" / "runs" / "standard-k04-lr3e-3-s98"
+    records = read_records(run)
+    context_free = context_free_loss(json.loads((run / "config.json").read_text()))
+    blind = assert_same(records, lambda: default_detectors())
+    assert any(e.detector == "collapse_plateau" and e.severity == "critical" for e in blind)
+    for expected_loss in (None, 1.3):
+        events = assert_same(records, lambda: default_detectors(expected_loss, context_free_loss=context_free))
+        assert not any(e.detector == "collapse_plateau" for e in events)
 
 
 @pytest.mark.slow

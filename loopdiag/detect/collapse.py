@@ -24,7 +24,9 @@ from loopdiag.detect.base import (
     window_span,
 )
 from loopdiag.detect.columns import FOUND_WARN_CODE, RecordColumns, codes, expand, streaks
-from loopdiag.detect.symptoms import RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, RiseState, validate_rise
+from loopdiag.detect.symptoms import (
+    RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, RiseState, validate_loss, validate_rise,
+)
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
 
@@ -60,6 +62,14 @@ class CollapsePlateauConfig(DetectorConfig):
     stall_window: int = 100
     min_progress: float = 0.01
     stall_resid_growth: float = 0.25
+    # The stall is that collapse only where the stalled model never got past what the data's
+    # token frequencies alone give (`context_free_loss`, when known; within
+    # `context_free_margin`, the labels' 10 %, `failed_to_train`'s line). One that did uses
+    # its input and has converged, wherever its reference may be: at d_model 256 on a table
+    # of numbers healthy models sat at half the context-free loss while their streams
+    # doubled per 100 records.
+    context_free_loss: float | None = None
+    context_free_margin: float = 0.10
 
     def _validate(self) -> None:
         require(self.ema_span >= 1, f"ema_span must be >= 1, got {self.ema_span}")
@@ -71,6 +81,9 @@ class CollapsePlateauConfig(DetectorConfig):
         require(self.min_resid_growth >= 0,
                 f"min_resid_growth must be >= 0, got {self.min_resid_growth}")
         validate_rise(self.best_window, self.noise_z)
+        validate_loss(self.context_free_loss, "context_free_loss")
+        require(0 <= self.context_free_margin < 1,
+                f"context_free_margin must be in [0, 1), got {self.context_free_margin}")
 
 
 class CollapsePlateau(Detector):
@@ -84,7 +97,10 @@ class CollapsePlateau(Detector):
 
     Stalled: the best EMA improved by under `min_progress` over the last `stall_window`
     records while r_K rose significantly by at least `stall_resid_growth` → critical. A
-    stall alone is what convergence looks like, so it never fires without the rise.
+    stall alone is what convergence looks like, so it never fires without the rise, nor
+    once the best EMA got `context_free_margin` below `context_free_loss` (when known): a
+    model that learned past token frequencies and stalled has converged, and whether it
+    converged too high is `failed_to_train`'s question, with a reference.
     """
 
     name = "collapse_plateau"
@@ -145,8 +161,12 @@ class CollapsePlateau(Detector):
                                f"({growth:.2f}× over the last {self.config.window} records).",
                        evidence | self._thresholds())
 
+    def _past_token_frequencies(self, best: float) -> bool:
+        floor = self.config.context_free_loss
+        return floor is not None and best < (1 - self.config.context_free_margin) * floor
+
     def _stall(self, best: float) -> Finding | None:
-        if len(self._bests) <= self.config.stall_window:
+        if len(self._bests) <= self.config.stall_window or self._past_token_frequencies(best):
             return None
         progress = 1 - best / self._bests[0]
         if progress >= self.config.min_progress:
@@ -206,7 +226,10 @@ class CollapsePlateau(Detector):
         rise_p = np.full(len(resid_positions) + 1, math.nan)  # by log norms seen
         rise_p[config.stall_window:] = rolling_rising_p(
             np.array([value for _, value in log_resid]), config.stall_window)
-        stall = (judged & ~plateau & (seen > config.stall_window)
+        floor = config.context_free_loss
+        past = (best < (1 - config.context_free_margin) * floor if floor is not None
+                else np.zeros(len(best), dtype=bool))
+        stall = (judged & ~plateau & ~past & (seen > config.stall_window)
                  & (progress < config.min_progress) & (rise_p[resid_count] < config.alpha))
         # A plateau is critical only with a significant rise of the last `window` log norms;
         # without one (or with too few norms) it is certainly a warning.
@@ -234,5 +257,6 @@ class CollapsePlateau(Detector):
 
     def _thresholds(self) -> dict[str, Any]:
         names = ("gap", "best_window", "noise_z", "window", "alpha", "min_resid_growth",
-                 "stall_window", "min_progress", "stall_resid_growth")
+                 "stall_window", "min_progress", "stall_resid_growth", "context_free_loss",
+                 "context_free_margin")
         return {"thresholds": {name: getattr(self.config, name) for name in names}}
