@@ -25,7 +25,8 @@ from loopdiag.detect.base import (
 )
 from loopdiag.detect.columns import FOUND_WARN_CODE, RecordColumns, codes, expand, streaks
 from loopdiag.detect.symptoms import (
-    RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, RiseState, validate_loss, validate_rise,
+    RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, RiseState, learned_past_token_frequencies,
+    validate_loss, validate_rise,
 )
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
@@ -161,12 +162,9 @@ class CollapsePlateau(Detector):
                                f"({growth:.2f}× over the last {self.config.window} records).",
                        evidence | self._thresholds())
 
-    def _past_token_frequencies(self, best: float) -> bool:
-        floor = self.config.context_free_loss
-        return floor is not None and best < (1 - self.config.context_free_margin) * floor
-
     def _stall(self, best: float) -> Finding | None:
-        if len(self._bests) <= self.config.stall_window or self._past_token_frequencies(best):
+        if len(self._bests) <= self.config.stall_window or learned_past_token_frequencies(
+                best, self.config.context_free_loss, self.config.context_free_margin):
             return None
         progress = 1 - best / self._bests[0]
         if progress >= self.config.min_progress:
@@ -226,9 +224,8 @@ class CollapsePlateau(Detector):
         rise_p = np.full(len(resid_positions) + 1, math.nan)  # by log norms seen
         rise_p[config.stall_window:] = rolling_rising_p(
             np.array([value for _, value in log_resid]), config.stall_window)
-        floor = config.context_free_loss
-        past = (best < (1 - config.context_free_margin) * floor if floor is not None
-                else np.zeros(len(best), dtype=bool))
+        past = np.asarray(learned_past_token_frequencies(best, config.context_free_loss,
+                                                         config.context_free_margin), dtype=bool)
         stall = (judged & ~plateau & ~past & (seen > config.stall_window)
                  & (progress < config.min_progress) & (rise_p[resid_count] < config.alpha))
         # A plateau is critical only with a significant rise of the last `window` log norms;

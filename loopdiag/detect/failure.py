@@ -40,7 +40,7 @@ from loopdiag.detect.base import (
 )
 from loopdiag.detect.columns import RecordColumns, codes, expand
 from loopdiag.detect.symptoms import (
-    COLLAPSED_DECORRELATION, MIN_PROGRESS, LossTrack, validate_loss,
+    COLLAPSED_DECORRELATION, MIN_PROGRESS, LossTrack, learned_past_token_frequencies, validate_loss,
 )
 from loopdiag.detect.update import OVERSIZED_UPDATE
 
@@ -196,7 +196,8 @@ class FailedToTrain(Detector):
 
     def _context_free_end(self) -> Finding | None:
         floor, smoothed = self.config.context_free_loss, self._loss.smoothed
-        if floor is None or smoothed is None or smoothed < (1 - self.config.context_free_margin) * floor:
+        if smoothed is None or floor is None or learned_past_token_frequencies(
+                smoothed, floor, self.config.context_free_margin):
             return None
         fall = self._loss.progress()
         if fall is None or fall >= MIN_PROGRESS:

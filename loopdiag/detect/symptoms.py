@@ -287,6 +287,13 @@ class Symptoms:
         return progress is not None and progress < self.min_progress
 
 
+def learned_past_token_frequencies(loss: Any, context_free_loss: float | None, margin: float) -> Any:
+    """Whether a loss (a float, or an array of them) is `margin` or more below what the
+    data's token frequencies alone give: a model there reads its input. False while the
+    context-free loss is unknown."""
+    return context_free_loss is not None and loss < (1 - margin) * context_free_loss
+
+
 def validate_loss(value: float | None, name: str = "expected_loss") -> None:
     """The check every loss-valued threshold (`expected_loss`, `context_free_loss`) shares:
     None or > 0."""
