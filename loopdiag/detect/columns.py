@@ -134,11 +134,13 @@ class RecordColumns:
         return self.loss_history(ema_span).track_at(index, window)
 
     def symptoms_at(self, index: int, gap: float, min_progress: float = MIN_PROGRESS,
-                    window: int = 20) -> Symptoms:
-        """The `Symptoms` a detector holds after the record at `index`."""
+                    window: int = 20, reads_rise: bool = False) -> Symptoms:
+        """The `Symptoms` a detector holds after the record at `index` (constructed with
+        the same `reads_rise`: only then is the rise read, once per run)."""
         symptoms = Symptoms(gap, min_progress, window)
         symptoms.loss = self.loss_track_at(index, window)
-        symptoms.rise_state = self.rise_states()[index]
+        if reads_rise:
+            symptoms.rise_state = self.rise_states()[index]
         symptoms._record = self.records[index]
         return symptoms
 

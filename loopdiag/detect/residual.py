@@ -192,7 +192,7 @@ class ResidualExplosion(Detector):
             self._baseline = [entry for entry, at in zip(baseline, baseline_positions) if at <= index]
             self._baseline_median = (statistics.median(r for _, r in self._baseline)
                                      if len(self._baseline) == self.config.baseline_window else None)
-            self._symptoms = columns.symptoms_at(index, self.config.gap)
+            self._symptoms = columns.symptoms_at(index, self.config.gap, reads_rise=True)
             evidence: dict[str, Any] = {"loops": int(lengths[index])}
             if with_loops[index]:
                 evidence["loop_ratio"] = float(loop_ratios[index])

@@ -288,7 +288,7 @@ class Symptoms:
 
 
 def learned_past_token_frequencies(loss: Any, context_free_loss: float | None, margin: float) -> Any:
-    """Whether a loss (a float, or an array of them) is `margin` or more below what the
+    """Whether a loss (a float, or an array of them) is more than `margin` below what the
     data's token frequencies alone give: a model there reads its input. False while the
     context-free loss is unknown."""
     return context_free_loss is not None and loss < (1 - margin) * context_free_loss
