@@ -413,6 +413,33 @@ cores), trained and scored once: every target met with and without a reference, 
 healthy runs judged collapsed or warned, late collapses 9/9 by onset (2 at the onset
 step), every anchor target met.
 
+A training objective held out whole (`reports/detection/deepsup/`: seeds 107–109, the tiny
+model with the loss on every loop, `--model loss_on=all`, on CMake's `ExternalProject.cmake`;
+300 steps, 290 s on 2 cores), trained and scored once with nothing changed: with a
+reference 21/21 failed runs judged not stable, without 20/21 (plain `looped` K = 12 at lr
+3e-3, seed 108, which trained to 0.76 of the context-free loss and ended 1.19× its seed's
+`standard`), never trained 3/3 warned within 15 %, late collapses 9/9 before onset (none at
+it), 0/18 healthy runs judged collapsed or not stable, every anchor target met. Supervised
+at every loop, plain `looped` K = 4 at lr 3e-2 trains (healthy on all 3 seeds), and on 5
+healthy runs (that setting on seeds 107 and 109, K = 4 at lr 3e-3 on all three) the last
+loop's positions were identical to float32 rounding (1 − token correlation 0 … 9e-7) for
+4–36 records between steps 3 and 46 while the loss still fell towards the context-free
+level, then parted: `representation_collapse` warned each once, at steps 7–17, 5 false
+warnings in 5,400 healthy steps. The state was real, as on the warm-up sets and
+`sweep-long`; the loss had not stalled, so none was judged critical.
+
+A size held out whole (`reports/detection/legal/`: seeds 110–112, d_model 160, 5 heads, an
+MLP three times the width, seq_len 48, batch 24, on six software licences from
+`/usr/share/common-licenses`; 300 steps, 2,215 s on 2 cores), trained and scored once with
+nothing changed: with a reference 27/27 failed runs judged not stable, without 24/27:
+`looped-scaled` K = 4 at lr 3e-2 on every seed, whose stream grew 1,200–1,500× by step 10
+and whose last loop's token correlation ended at 0.78–0.79 (the healthy runs' 0.19–0.24),
+trained to 0.58–0.65 of the context-free loss but ended 1.43–1.63× `standard`, as on the
+wide corpus; never trained 12/12 warned within 15 %, late collapses 12/12 by onset (5 at
+the onset step), 0/12 healthy runs judged collapsed, no false warning, every anchor target
+met; against the seed-0 reference 1 healthy run is judged failed to train (plain `looped`
+K = 4 at lr 3e-3 seed 111, 1.07× its seed's `standard` and 1.11× the seed-0 run).
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed

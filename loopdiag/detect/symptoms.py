@@ -7,9 +7,10 @@ The thresholds here are mechanisms, not fits:
   carries the same vector the statistic is float32 rounding: under 1e-7 as recorded now
   (the unit vectors' spread about their mean), ±7e-7 at 64 tokens in records taken from
   their sum before that (seen: −4.9e-7 … 1.9e-6 in collapsed runs); a model that keeps any
-  per-token information sits above 2e-5 (the closest healthy approach seen, a tiny looped
-  model's unigram phase on the development seed 0, was 2.3e-5; larger models keep more).
-  1e-5 is between the two.
+  per-token information sits above 2e-5 (the closest healthy approach on the development
+  seed 0, a tiny looped model's unigram phase, was 2.3e-5; larger models keep more).
+  1e-5 is between the two. A healthy model may still pass through the state itself (plain
+  `looped` under a warm-up or with the loss on every loop, for up to 36 records) and leave it.
 - A loss "rose" when its EMA is ≥ (1 + gap) × its running best, the definition of a
   visible failure that `ground_truth_onset` uses too. `RecentRise` reads a rise on a noisy
   loss: against the best of the last 100 records, and by at least 8 σ of the EMA's noise
