@@ -440,6 +440,25 @@ the onset step), 0/12 healthy runs judged collapsed, no false warning, every anc
 met; against the seed-0 reference 1 healthy run is judged failed to train (plain `looped`
 K = 4 at lr 3e-3 seed 111, 1.07× its seed's `standard` and 1.11× the seed-0 run).
 
+A head width held out whole (`reports/detection/heads/`: seeds 113–115, d_model 96 in 12
+heads of width 8, seq_len 64, on the MIME types table `/etc/mime.types`; 300 steps, 1,668 s
+on 2 cores), trained and scored once with nothing changed: with a reference 25/26 failed
+runs judged not stable (`looped-scaled` K = 4 at lr 3e-2 seed 115, 1.11× its seed's
+`standard` and 1.09× the seed-0 run: the seed-0 boundary), without 24/26 (that run and
+seed 113's, which trained to 0.46 of the context-free loss), never trained 11/11 warned
+within 15 %, late collapses 12/12 by onset (6 at the onset step: the `standard` and `flt`
+ramps), 0/13 healthy runs judged collapsed, no false warning, every anchor target met.
+
+A batch noise held out whole (`reports/detection/collate/`: seeds 116–118, d_model 48, 4
+heads, batch 8, 500 steps, on glibc's collation table `/usr/share/i18n/locales/
+iso14651_t1_common`: code points and their weights; 339 s on 2 cores), trained and scored
+once with nothing changed: every verdict target met with and without a reference (24/24,
+never trained 12/12, trained but ended behind 3/3 warned within 15 %), late collapses 9/9
+by onset (2 at the onset step), 0/15 healthy runs judged collapsed or not stable, every
+anchor target met; 2 false warnings in 7,500 healthy steps, `residual_explosion` on
+`looped-scaled` K = 4 at lr 3e-2 seeds 116 and 118 (the stream 4.9–5.4× its baseline while
+the smoothed loss stood 11 % above the run's lowest), which ended within 3 % of `standard`.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
