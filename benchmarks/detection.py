@@ -423,7 +423,7 @@ it), 0/18 healthy runs judged collapsed or not stable, every anchor target met. 
 at every loop, plain `looped` K = 4 at lr 3e-2 trains (healthy on all 3 seeds), and on 5
 healthy runs (that setting on seeds 107 and 109, K = 4 at lr 3e-3 on all three) the last
 loop's positions were identical to float32 rounding (1 − token correlation 0 … 9e-7) for
-4–36 records between steps 3 and 46 while the loss still fell towards the context-free
+14–36 records between steps 3 and 46 while the loss still fell towards the context-free
 level, then parted: `representation_collapse` warned each once, at steps 7–17, 5 false
 warnings in 5,400 healthy steps. The state was real, as on the warm-up sets and
 `sweep-long`; the loss had not stalled, so none was judged critical.
