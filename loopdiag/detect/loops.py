@@ -82,7 +82,7 @@ class RepresentationCollapseConfig(DetectorConfig):
     # Records the condition must hold before a warning: a collapsed model shows it from its
     # first steps; most healthy ones never (their unigram phase stays above 2e-5), but some
     # enter it while their loss still falls and leave it (a warm-up, or the loss on every
-    # loop): warned, never critical, as nothing at the time tells them from a collapse.
+    # loop): they are warned, as nothing at the time tells them from a collapse.
     patience: int = 5
     # Critical once it has held this many records while the loss stalled (rolling median
     # improved by under `min_progress` over them): identical positions can only predict

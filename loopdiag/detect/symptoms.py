@@ -10,7 +10,7 @@ The thresholds here are mechanisms, not fits:
   per-token information sits above 2e-5 (the closest healthy approach on the development
   seed 0, a tiny looped model's unigram phase, was 2.3e-5; larger models keep more).
   1e-5 is between the two. A healthy model may still pass through the state itself (plain
-  `looped` under a warm-up or with the loss on every loop, for up to 36 records) and leave it.
+  `looped` under a warm-up or with the loss on every loop, for tens of records) and leave it.
 - A loss "rose" when its EMA is ≥ (1 + gap) × its running best, the definition of a
   visible failure that `ground_truth_onset` uses too. `RecentRise` reads a rise on a noisy
   loss: against the best of the last 100 records, and by at least 8 σ of the EMA's noise
