@@ -459,6 +459,19 @@ anchor target met; 2 false warnings in 7,500 healthy steps, `residual_explosion`
 `looped-scaled` K = 4 at lr 3e-2 seeds 116 and 118 (the stream 4.9–5.4× its baseline while
 the smoothed loss stood 11 % above the run's lowest), which ended within 3 % of `standard`.
 
+An architecture and optimiser held out whole (`reports/detection/boost/`: seeds 119–121,
+d_model 56 in 7 heads, three blocks per loop, an MLP twice the width, seq_len 40, batch 12,
+Adam's β₂ 0.98, the last 40 % of steps decayed, on Boost's Debian copyright file
+`/usr/share/doc/libboost-regex1.74.0/copyright`: file lists and licence text, context-free
+loss 3.24; 300 steps, 762 s on 2 cores), trained and scored once with nothing changed:
+never trained 12/12 warned within 15 %, late collapses 9/9 by onset (5 at the onset step),
+0/12 healthy runs judged collapsed or not stable, no false warning in 3,600 healthy steps,
+every anchor target met; 24/27 failed runs judged not stable with and without a reference.
+The 3 are `flt` at lr 3e-3 (K = 12 on seeds 119 and 121, K = 4 on 121), which trained to
+0.50–0.51 of the context-free loss and ended 1.11× their seed's `standard` but 1.08–1.09×
+the seed-0 run (1.532): the seed-0 boundary, with FLT here 9–11 % behind the non-looped
+model at lr 3e-3 on every seed.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
