@@ -1526,6 +1526,28 @@ def recipe_text(train: Mapping[str, Any]) -> str:
     return f"{train['optimizer']}{decay}, batch {train['batch_size']}, schedule {schedule}"
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def model_text(model: Mapping[str, Any]) -> str:
+    """The model a corpus trained, from its stored config: its size and the choices a
+    `--model` override may change besides it (each named only where the config records it)."""
+    parts = [f"d_model {model['d_model']}", plural(model["n_heads"], "head"),
+             plural(model["n_layers"], "layer"), f"seq_len {model['seq_len']}"]
+    if "mlp_ratio" in model:
+        parts.append(f"an MLP {model['mlp_ratio']:g}× the width")
+    if "qk_norm" in model:
+        parts.append("QK-norm" if model["qk_norm"] else "no QK-norm")
+    if "zero_init_out" in model:
+        parts.append("output projections zero-initialised" if model["zero_init_out"]
+                     else "output projections initialised as GPT-2's")
+    if "loss_on" in model:
+        parts.append("the loss on the last loop" if model["loss_on"] == "last"
+                     else "the loss on every loop")
+    return ", ".join(parts)
+
+
 def records_text(log_every: int) -> str:
     return "every step logged" if log_every == 1 else f"a record every {log_every} steps"
 
@@ -1632,9 +1654,8 @@ Produced by `{command}`; {trained}, the whole invocation {total_seconds:.0f} s.
 
 ## The corpus
 
-{len(runs)} runs: {len(SETTINGS)} settings × seeds {', '.join(map(str, seeds))}, d_model
-{model["d_model"]}, {model["n_heads"]} heads, {model["n_layers"]} layers, seq_len
-{model["seq_len"]}, {steps} steps each, {recipe_text(train)} (the ramp settings: the learning rate rising linearly from 0
+{len(runs)} runs: {len(SETTINGS)} settings × seeds {', '.join(map(str, seeds))}, {model_text(model)},
+{steps} steps each, {recipe_text(train)} (the ramp settings: the learning rate rising linearly from 0
 over the whole run), {records_text(run_config["probes"]["log_every"])}, {data_text(run_config)}. Each run sees the same
 batches as every other run of its seed.
 Labelled from the loss: {len(collapses)} failed runs and {len(runs) - len(collapses)}

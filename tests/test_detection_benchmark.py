@@ -468,6 +468,17 @@ def test_the_reported_command_runs_elsewhere_with_standard_library_data(bench, t
     assert bench.shared_path(str(tmp_path / "mine.txt")) == str(tmp_path / "mine.txt")
 
 
+def test_a_corpus_report_names_the_model_choices_its_runs_were_trained_with():
+    """The corpus line reads the stored config, so an override such as the loss on every
+    loop or no QK-norm is there to read, not only in the training command."""
+    for name, choices in (("deepsup", "the loss on every loop"),
+                          ("noqknorm", "no QK-norm, output projections initialised as GPT-2's"),
+                          ("tz", "d_model 24, 2 heads, 1 layer, seq_len 48, an MLP 4× the width")):
+        text = (REPO / "reports/detection" / name / "README.md").read_text(encoding="utf-8")
+        corpus = text.split("## The corpus", 1)[1].split("\n\n", 2)[1]
+        assert choices in " ".join(corpus.split()), name
+
+
 # --- the README's summary of the committed reports ------------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent
