@@ -472,6 +472,18 @@ The 3 are `flt` at lr 3e-3 (K = 12 on seeds 119 and 121, K = 4 on 121), which tr
 the seed-0 run (1.532): the seed-0 boundary, with FLT here 9–11 % behind the non-looped
 model at lr 3e-3 on every seed.
 
+A width and a code held out whole (`reports/detection/intrin/`: seeds 122–124, d_model 112
+in 8 heads of width 14, seq_len 48, 400 steps, a 20-step warm-up and cosine decay to 0.05×,
+weight decay 0.05, on GCC's AVX-512 intrinsics header `/usr/lib/gcc/x86_64-linux-gnu/12/
+include/avx512fintrin.h`, context-free loss 3.35; 2,026 s on 2 cores), trained and scored
+once with nothing changed: with a reference 30/30 failed runs judged not stable, never
+trained 11/11 warned within 15 %, late collapses 9/9 by onset (4 at the onset step), 0/9
+healthy runs judged collapsed or not stable, no false warning in 3,600 healthy steps, every
+anchor target met. Without a reference 21/30: the 9 trained but ended behind, each above
+every healthy run of the set (`flt` at lr 3e-3, K = 4 and 12 on every seed, 1.12–1.17×
+`standard`: on this header FLT does not reach the non-looped model; `looped-scaled` K = 8
+at lr 3e-1 on every seed, 1.5–1.6×).
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
