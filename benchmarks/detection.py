@@ -484,6 +484,17 @@ every healthy run of the set (`flt` at lr 3e-3, K = 4 and 12 on every seed, 1.12
 `standard`: on this header FLT does not reach the non-looped model; `looped-scaled` K = 8
 at lr 3e-1 on every seed, 1.5–1.6×).
 
+A batch and a code held out whole (`reports/detection/typing/`: seeds 125–127, d_model 40 in
+5 heads, seq_len 56, batch 24, 500 steps, the last 10 % decayed, betas (0.85, 0.95), on
+CPython's `test_typing.py`, context-free loss 3.17; 1,243 s on 2 cores), trained and scored
+once with nothing changed: never trained 12/12 warned within 15 %, late collapses 9/9 by
+onset (none at the onset step), 0/6 healthy runs judged collapsed or not stable, no false
+warning in 3,000 healthy steps, every anchor target met. With a reference 32/33 failed runs
+judged not stable: plain `looped` K = 4 at lr 3e-3 seed 125, 1.12× its seed's `standard`
+and 1.10× the seed-0 run, the seed-0 boundary. Without one 24/33: plain `looped` K = 4
+(1.12×) and `flt` K = 4 and 12 (1.18–1.20×) at lr 3e-3 on every seed, trained to 0.36–0.40
+of the context-free loss and ended behind, each above every healthy run of the set.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
