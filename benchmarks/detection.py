@@ -1555,20 +1555,15 @@ def plural(count: int, noun: str) -> str:
 
 def model_text(model: Mapping[str, Any]) -> str:
     """The model a corpus trained, from its stored config: its size and the choices a
-    `--model` override may change besides it (each named only where the config records it)."""
-    parts = [f"d_model {model['d_model']}", plural(model["n_heads"], "head"),
-             plural(model["n_layers"], "layer"), f"seq_len {model['seq_len']}"]
-    if "mlp_ratio" in model:
-        parts.append(f"an MLP {model['mlp_ratio']:g}× the width")
-    if "qk_norm" in model:
-        parts.append("QK-norm" if model["qk_norm"] else "no QK-norm")
-    if "zero_init_out" in model:
-        parts.append("output projections zero-initialised" if model["zero_init_out"]
-                     else "output projections initialised as GPT-2's")
-    if "loss_on" in model:
-        parts.append("the loss on the last loop" if model["loss_on"] == "last"
-                     else "the loss on every loop")
-    return ", ".join(parts)
+    `--model` override may change besides it."""
+    return ", ".join((
+        f"d_model {model['d_model']}", plural(model["n_heads"], "head"),
+        plural(model["n_layers"], "layer"), f"seq_len {model['seq_len']}",
+        f"an MLP {model['mlp_ratio']:g}× the width",
+        "QK-norm" if model["qk_norm"] else "no QK-norm",
+        "output projections zero-initialised" if model["zero_init_out"]
+        else "output projections initialised as GPT-2's",
+        "the loss on the last loop" if model["loss_on"] == "last" else "the loss on every loop"))
 
 
 def records_text(log_every: int) -> str:
