@@ -403,6 +403,25 @@ def test_findings_name_a_model_its_loops_made_worse() -> None:
     assert "looped (3.26 vs 2.4, +36%)" in worse and "flt (" not in worse  # flt: +8%, under 10%
 
 
+def test_findings_hold_a_model_that_solved_its_task_to_a_tenth_of_the_context_free_loss() -> None:
+    """Two-digit addition (context-free loss 1.765): the one-loop model at 0.0018 nats, looped
+    models that solved it too at 3x that, one that did not at 0.51."""
+    from loopdiag.analysis.findings import findings
+    from loopdiag.analysis.tables import TABLE_COLUMNS
+
+    rows = [{"run_id": f"{arch}-k{k}", "arch": arch, "n_loops": k, "lr": 1e-2, "seed": 0, "status": "stable",
+             "final_loss": loss, "oscillation": 0.01, "warning_lead": math.nan, "recomputed": False}
+            for arch, k, loss in [("looped", 1, 0.0018), ("looped", 4, 0.0055),
+                                  ("flt", 1, 0.0018), ("flt", 4, 0.51)]]
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    (worse,) = [line for line in findings(table, context_free_loss=1.765) if line.startswith("Worse with")]
+    assert "flt (0.51 vs 0.0018, 283×)" in worse and "looped (" not in worse
+    assert "under 10% of the data's context-free loss 1.765" in worse
+    # without the context-free loss nothing says how little was left to learn
+    (worse,) = [line for line in findings(table) if line.startswith("Worse with")]
+    assert "looped (0.0055 vs 0.0018, 3.06×)" in worse and "context-free" not in worse
+
+
 def test_findings_count_runs_that_failed_to_train_apart_from_collapses() -> None:
     from loopdiag.analysis.findings import findings
     from loopdiag.analysis.tables import TABLE_COLUMNS

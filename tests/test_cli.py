@@ -160,6 +160,21 @@ def test_analyze_judges_a_stored_run_again_against_a_reference_given_after_train
     assert (behind / "summary.json").read_text() == stored
 
 
+def test_a_run_that_solved_the_task_is_not_behind_a_reference_that_solved_it_too():
+    # Two-digit addition, final smoothed losses: flt-res seed 0 solved it (0.0135 nats), and
+    # so did flt-res seed 1 (0.0297, 2.2x that); flt seed 1 stayed on a plateau at 1.53
+    # (the context-free loss: 1.77).
+    runs = COMMITTED_REPORT / "runs"
+    solved = str(runs / "flt-res-k04-s0")
+    result = runner.invoke(app, ["analyze", str(runs / "flt-res-k04-s1"), "--reference", solved])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "flt-res-k04-s1: stable (judged again" in text, result.output
+    assert "+119.5 %" in text
+    assert "the reference learned nearly all the data holds, and a run is behind it from 0.194 on" in text
+    result = runner.invoke(app, ["analyze", str(runs / "flt-k04-s1"), "--reference", solved])
+    assert result.exit_code == 0 and "flt-k04-s1: failed_to_train (judged again" in result.output
+
+
 @pytest.mark.torchless
 @pytest.mark.parametrize(("options", "message"), [
     (["--expected-loss", "0"], "must be a positive number"),
@@ -246,7 +261,7 @@ def binary_file(tmp_path):
         (["--resume", "--overwrite"], "contradict"),
         (["--data", "/no/such/file.txt"], "no such file"),
         (["no/such/suite.toml"], "no such suite file"),
-        (["nosuchsuite"], "no suite named 'nosuchsuite': give a .toml path, or one of default, "),
+        (["nosuchsuite"], "no suite named 'nosuchsuite': give a .toml path, or one of addition-references, default, "),
     ],
     ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "log-every", "grad-accum-steps",
          "precision", "parallel", "wandb", "jobs",

@@ -120,6 +120,31 @@ def test_failed_to_train_is_judged_at_the_end_against_a_known_reference():
 
 
 @pytest.mark.parametrize("vectorised", [False, True])
+def test_a_reference_that_learned_nearly_everything_is_not_a_relative_target(vectorised):
+    """Two-digit addition: the one-loop model ended at 0.0056 nats, looped models that
+    solved the task too at 0.013-0.03. Against a reference under a tenth of the
+    context-free loss (1.765) a run is behind from 10 % above that tenth on."""
+    def settled(end: float) -> list[dict]:
+        return [{"step": s, "loss": end + 1.5 * math.exp(-s / 10)} for s in range(1, 150)]
+
+    floor, reference = 1.765, 0.0056
+    solved = FailedToTrain(expected_loss=reference, context_free_loss=floor)
+    assert replay(settled(0.03), [solved], finished=True, vectorised=vectorised) == []
+    assert replay(settled(0.19), [solved], finished=True, vectorised=vectorised) == []
+    # a run that did not learn the carries is still behind, and says by how much
+    (event,) = replay(settled(0.2), [solved], finished=True, vectorised=vectorised)
+    assert event.severity == "critical" and "35.7× the 0.0056 this model should reach" in event.message
+    # without the context-free loss nothing says what is left to learn: relative, as before
+    (event,) = replay(settled(0.019), [FailedToTrain(expected_loss=reference)], finished=True,
+                      vectorised=vectorised)
+    assert "3.39× the 0.0056" in event.message
+    # a reference above a tenth of the context-free loss keeps the relative 10 %
+    text = FailedToTrain(expected_loss=0.4, context_free_loss=3.3)
+    assert len(replay(settled(0.45), [text], finished=True, vectorised=vectorised)) == 1
+    assert replay(settled(0.43), [text], finished=True, vectorised=vectorised) == []
+
+
+@pytest.mark.parametrize("vectorised", [False, True])
 def test_failed_to_train_says_whether_the_loss_was_still_falling(vectorised):
     """A slow learner cut off by the budget and a stuck run both end above the reference;
     the verdict is the same, the advice is not."""

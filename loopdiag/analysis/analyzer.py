@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 from loopdiag.detect import default_detectors, replay, verdict
+from loopdiag.detect.failure import FailedToTrainConfig
+from loopdiag.detect.symptoms import behind_from
 from loopdiag.detect.verdict import FAILED_STATUSES
 from loopdiag.store import RunData
 from loopdiag.store import event_frame, read_records
@@ -174,7 +176,18 @@ def reference_text(run: RunData, judged: dict[str, Any]) -> str:
     source = f" (the final smoothed loss of run {reference['run']})" if reference.get("run") else ""
     ended = ("" if not isinstance(final, (int, float)) or not math.isfinite(final) or expected <= 0
              else f"; its smoothed loss ended at {_fmt(final)}, {100 * (final / expected - 1):+.1f} %")
-    return f"Judged against an expected loss of {_fmt(expected)}{source}{ended}."
+    text = f"Judged against an expected loss of {_fmt(expected)}{source}{ended}."
+    floor = context_free_loss(run.config)
+    overrides = run.config.get("detectors")
+    thresholds = overrides.get("failed_to_train") if isinstance(overrides, dict) else None
+    config = FailedToTrainConfig(**{key: value for key, value in (thresholds or {}).items()
+                                    if key in ("gap", "context_free_margin")})
+    if floor is not None and expected < config.context_free_margin * floor:
+        behind = behind_from(expected, floor, config.gap, config.context_free_margin)
+        text += (f" That is under {100 * config.context_free_margin:.0f} % of the data's context-free "
+                 f"loss ({_fmt(floor)}): the reference learned nearly all the data holds, and a run "
+                 f"is behind it from {_fmt(behind)} on.")
+    return text
 
 
 def verdict_events(run: RunData, judged: dict[str, Any]) -> pd.DataFrame:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from loopdiag.analysis.tables import compare, stable_lr_range
+from loopdiag.detect.symptoms import CONTEXT_FREE_MARGIN, behind_from, times
 
 SIGNIFICANCE = 0.05  # a "beats" claim needs a lower mean final loss and p below this
 # A looped model whose loss ends this much above the same model run with one loop was made
@@ -15,11 +16,13 @@ SIGNIFICANCE = 0.05  # a "beats" claim needs a lower mean final loss and p below
 WORSE_WITH_LOOPS = 0.10
 
 
-def findings(table: pd.DataFrame) -> list[str]:
+def findings(table: pd.DataFrame, context_free_loss: float | None = None) -> list[str]:
+    """The report's findings; `context_free_loss` (the data's, when known) draws the line a
+    loss is worse from when the one-loop model got under a tenth of it (`behind_from`)."""
     largest = int(table["n_loops"].max())
     at_largest = table[table["n_loops"] == largest]
     lines = [_stability_at(at_largest, largest)]
-    lines += _worse_with_loops(table, largest)
+    lines += _worse_with_loops(table, largest, context_free_loss)
     lines += _flt_vs_baselines(at_largest, largest)
     lines += _oscillation(at_largest, largest)
     if table["lr"].nunique() > 1:
@@ -45,23 +48,31 @@ def _stability_at(runs: pd.DataFrame, n_loops: int) -> str:
             f"{', '.join(held) or 'no architecture'}; not stable: {', '.join(failed) or 'none'}.")
 
 
-def _worse_with_loops(table: pd.DataFrame, n_loops: int) -> list[str]:
+def _worse_with_loops(table: pd.DataFrame, n_loops: int, context_free_loss: float | None) -> list[str]:
     """Architectures whose mean final loss at `n_loops` is ≥ 10% above their own at K=1
-    (same learning rate), however the detectors judged the runs."""
+    (same learning rate; `behind_from`), however the detectors judged the runs."""
     if n_loops == 1 or 1 not in set(table["n_loops"]):
         return []
     means = table.groupby(["arch", "lr", "n_loops"], sort=False, dropna=False)["final_loss"].mean()
-    worse = []
+    worse, floored = [], False
     for (arch, lr, k), loss in means.items():
         one_loop = means.get((arch, lr, 1))
-        if k == n_loops and one_loop is not None and np.isfinite(one_loop) and np.isfinite(loss) \
-                and loss >= (1 + WORSE_WITH_LOOPS) * one_loop:
+        if k != n_loops or one_loop is None or not (np.isfinite(one_loop) and np.isfinite(loss)):
+            continue
+        line = behind_from(one_loop, context_free_loss, WORSE_WITH_LOOPS, CONTEXT_FREE_MARGIN)
+        if loss >= line:
+            floored |= line > (1 + WORSE_WITH_LOOPS) * one_loop
             at_lr = f" at lr {lr:g}" if table["lr"].nunique() > 1 else ""
-            worse.append(f"{arch}{at_lr} ({loss:.4g} vs {one_loop:.4g}, +{loss / one_loop - 1:.0%})")
+            ratio = loss / one_loop
+            worse.append(f"{arch}{at_lr} ({loss:.4g} vs {one_loop:.4g}, "
+                         f"{f'+{ratio - 1:.0%}' if ratio < 2 else times(ratio)})")
     if not worse:
         return [f"No architecture ended K={n_loops} ≥ {WORSE_WITH_LOOPS:.0%} above its own K=1 loss."]
+    tenth = (f" (or, where that is under {CONTEXT_FREE_MARGIN:.0%} of the data's context-free loss "
+             f"{context_free_loss:.4g}, ≥ {WORSE_WITH_LOOPS:.0%} above that {CONTEXT_FREE_MARGIN:.0%})"
+             if floored else "")
     return [f"Worse with {n_loops} loops than with one, final train loss ≥ {WORSE_WITH_LOOPS:.0%} above "
-            f"the same model at K=1: {'; '.join(worse)}. A model its loops made worse failed to "
+            f"the same model at K=1{tenth}: {'; '.join(worse)}. A model its loops made worse failed to "
             f"train, whatever its verdict says."]
 
 

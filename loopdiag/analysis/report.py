@@ -50,6 +50,7 @@ from loopdiag.analysis.tables import (
     with_cells,
 )
 from loopdiag.store import SuiteData, load_suite
+from loopdiag.store.reference import context_free_loss
 
 LOOP_SCALING_COLUMNS = ("arch", "train_loops", "eval_loops", "metric", "value")
 REPORT_COLUMNS = ("run_id", "arch", "n_loops", "lr", "seed", "status", "mechanism", "failure_step",
@@ -66,8 +67,9 @@ DEFINITIONS = [
     "second half of training (0: never reverses, 1: reverses every step).",
     "status: stable, collapsed (mechanism: representation, gradient, residual, plateau or "
     "loss), diverged, failed_to_train (a loss that ended ≥ 10% above what the same "
-    "architecture reaches with one loop, or stalled at what the data's token frequencies "
-    "alone give) or interrupted.",
+    "architecture reaches with one loop, or above a tenth of the data's context-free loss "
+    "where that is lower, or stalled at what the data's token frequencies alone give) or "
+    "interrupted.",
     "failure_step: the verdict's step for a failed run; warning_lead: steps from the first "
     "detector event to it.",
 ]
@@ -115,7 +117,7 @@ def _write_report(suite_dir: str | Path, out_dir: Path, command: str,
         Code(command),
         Paragraph(_scope(table) + _missing(suite)),
         Heading("Findings"),
-        Bullets(findings(table) + ([] if depth is None else
+        Bullets(findings(table, _context_free_loss(suite)) + ([] if depth is None else
                                    depth_findings(depth.accuracy, depth.states.idle, depth.states.stable)
                                    + depth.left_out)),
         Heading("Stability per cell"),
@@ -146,6 +148,12 @@ def _loop_scaling(suite: SuiteData, given: pd.DataFrame | None) -> pd.DataFrame 
         raise ValueError(f"the loop-scaling frame lacks column(s) {', '.join(missing)}; it "
                          f"needs {', '.join(LOOP_SCALING_COLUMNS)}")
     return frame
+
+
+def _context_free_loss(suite: SuiteData) -> float | None:
+    """The data's context-free loss, as the suite's runs (all on the same data) record it."""
+    return next((loss for run in suite.runs.values()
+                 if (loss := context_free_loss(run.config)) is not None), None)
 
 
 def _scope(table: pd.DataFrame) -> str:

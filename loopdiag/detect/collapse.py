@@ -25,8 +25,8 @@ from loopdiag.detect.base import (
 )
 from loopdiag.detect.columns import FOUND_WARN_CODE, RecordColumns, codes, expand, streaks
 from loopdiag.detect.symptoms import (
-    RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, RiseState, learned_past_token_frequencies,
-    validate_loss, validate_rise,
+    CONTEXT_FREE_MARGIN, RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, RiseState,
+    learned_past_token_frequencies, validate_loss, validate_rise,
 )
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
@@ -70,7 +70,7 @@ class CollapsePlateauConfig(DetectorConfig):
     # of numbers healthy models sat at half the context-free loss while their streams
     # doubled per 100 records.
     context_free_loss: float | None = None
-    context_free_margin: float = 0.10
+    context_free_margin: float = CONTEXT_FREE_MARGIN
 
     def _validate(self) -> None:
         require(self.ema_span >= 1, f"ema_span must be >= 1, got {self.ema_span}")

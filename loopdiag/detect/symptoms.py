@@ -33,6 +33,10 @@ from typing import Any
 from loopdiag.detect.base import Ema, finite_scalar, loop_values, require
 
 COLLAPSED_DECORRELATION = 1e-5
+# The labels' 10 % gap measured from the context-free loss: a loss within it (below) learned
+# next to nothing beyond token frequencies; a reference under this fraction of it learned
+# nearly everything (`behind_from`).
+CONTEXT_FREE_MARGIN = 0.10
 MIN_PROGRESS = 0.02  # the stall rule: a rolling-median loss < 2 % better over the window
 MEDIAN_OF = 5  # losses per rolling median: one odd batch never moves it
 
@@ -293,6 +297,21 @@ def learned_past_token_frequencies(loss: Any, context_free_loss: float | None, m
     data's token frequencies alone give: a model there reads its input. False while the
     context-free loss is unknown."""
     return context_free_loss is not None and loss < (1 - margin) * context_free_loss
+
+
+def behind_from(expected: float, context_free_loss: float | None, gap: float, margin: float) -> float:
+    """The loss from which a run is behind `expected`: `gap` above it, or, for a reference
+    under `margin` × the context-free loss (when that is known), `gap` above that line. Such
+    a reference learned nearly all the data holds (the loss of a task whose answer follows
+    from its prompt heads to 0); a gap relative to what little is left measures how sure its
+    right answers are, so a run is behind it only if it did not get near that regime too."""
+    base = expected if context_free_loss is None else max(expected, margin * context_free_loss)
+    return (1 + gap) * base
+
+
+def times(ratio: float) -> str:
+    """A large ratio as a reader takes it in: "280×", "1,160×"."""
+    return f"{ratio:.3g}×" if ratio < 1000 else f"{ratio:,.0f}×"
 
 
 def validate_loss(value: float | None, name: str = "expected_loss") -> None:
