@@ -422,6 +422,27 @@ def test_findings_hold_a_model_that_solved_its_task_to_a_tenth_of_the_context_fr
     assert "looped (0.0055 vs 0.0018, 3.06×)" in worse and "context-free" not in worse
 
 
+def test_findings_say_when_runs_were_judged_without_a_reference() -> None:
+    """The committed addition suite trains K = 4 only: flt seed 1 stayed on the task's
+    plateau (1.52) where seed 0 solved it (0.004), and without a one-loop run both are stable."""
+    from loopdiag.analysis.findings import findings
+    from loopdiag.analysis.tables import TABLE_COLUMNS
+
+    def table(runs: list[tuple[str, int, int, float]]) -> pd.DataFrame:
+        rows = [{"run_id": f"{arch}-k{k}-s{seed}", "arch": arch, "n_loops": k, "lr": 1e-2, "seed": seed,
+                 "status": "stable", "final_loss": loss, "oscillation": 0.01, "warning_lead": math.nan,
+                 "recomputed": False} for arch, k, seed, loss in runs]
+        return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+    solved = [("flt", 4, 0, 0.004), ("flt", 4, 1, 1.52), ("flt-res", 4, 0, 0.0135), ("flt-res", 4, 1, 0.0297)]
+    (line,) = [line for line in findings(table(solved), context_free_loss=1.765) if "without a reference" in line]
+    assert "no one-loop run of flt, flt-res" in line and "flt K=4 seed 1 (1.52, 380× seed 0's 0.004)" in line
+    assert "flt-res K=4" not in line  # 2.2x its other seed, both far under a tenth of 1.765
+    # with a one-loop run the suite judged against it: nothing to add
+    referenced = [*solved, ("flt", 1, 0, 0.005), ("flt-res", 1, 0, 0.005)]
+    assert not [line for line in findings(table(referenced), context_free_loss=1.765) if "without a reference" in line]
+
+
 def test_findings_count_runs_that_failed_to_train_apart_from_collapses() -> None:
     from loopdiag.analysis.findings import findings
     from loopdiag.analysis.tables import TABLE_COLUMNS

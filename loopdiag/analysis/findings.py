@@ -23,6 +23,7 @@ def findings(table: pd.DataFrame, context_free_loss: float | None = None) -> lis
     at_largest = table[table["n_loops"] == largest]
     lines = [_stability_at(at_largest, largest)]
     lines += _worse_with_loops(table, largest, context_free_loss)
+    lines += _without_reference(table, context_free_loss)
     lines += _flt_vs_baselines(at_largest, largest)
     lines += _oscillation(at_largest, largest)
     if table["lr"].nunique() > 1:
@@ -63,9 +64,7 @@ def _worse_with_loops(table: pd.DataFrame, n_loops: int, context_free_loss: floa
         if loss >= line:
             floored |= line > (1 + WORSE_WITH_LOOPS) * one_loop
             at_lr = f" at lr {lr:g}" if table["lr"].nunique() > 1 else ""
-            ratio = loss / one_loop
-            worse.append(f"{arch}{at_lr} ({loss:.4g} vs {one_loop:.4g}, "
-                         f"{f'+{ratio - 1:.0%}' if ratio < 2 else times(ratio)})")
+            worse.append(f"{arch}{at_lr} ({loss:.4g} vs {one_loop:.4g}, {_above(loss / one_loop)})")
     if not worse:
         return [f"No architecture ended K={n_loops} ≥ {WORSE_WITH_LOOPS:.0%} above its own K=1 loss."]
     tenth = (f" (or, where that is under {CONTEXT_FREE_MARGIN:.0%} of the data's context-free loss "
@@ -74,6 +73,33 @@ def _worse_with_loops(table: pd.DataFrame, n_loops: int, context_free_loss: floa
     return [f"Worse with {n_loops} loops than with one, final train loss ≥ {WORSE_WITH_LOOPS:.0%} above "
             f"the same model at K=1{tenth}: {'; '.join(worse)}. A model its loops made worse failed to "
             f"train, whatever its verdict says."]
+
+
+def _without_reference(table: pd.DataFrame, context_free_loss: float | None) -> list[str]:
+    """For architectures the suite has no one-loop run of (their runs were judged without an
+    expected loss): say so, and name the stable runs that ended behind the best seed of
+    their cell (`behind_from` it, as `_worse_with_loops` reads K=1)."""
+    unreferenced = [arch for arch, runs in table.groupby("arch", sort=False) if not (runs["n_loops"] == 1).any()]
+    if not unreferenced:
+        return []
+    behind = []
+    cells = table[table["arch"].isin(unreferenced) & np.isfinite(table["final_loss"])]
+    for (arch, n_loops, _), cell in cells.groupby(["arch", "n_loops", "lr"], sort=False, dropna=False):
+        best = cell.loc[cell["final_loss"].idxmin()]
+        line = behind_from(best["final_loss"], context_free_loss, WORSE_WITH_LOOPS, CONTEXT_FREE_MARGIN)
+        behind += [f"{arch} K={n_loops} seed {run.seed} ({run.final_loss:.4g}, "
+                   f"{_above(run.final_loss / best['final_loss'])} seed {best['seed']}'s {best['final_loss']:.4g})"
+                   for run in cell.itertuples() if run.status == "stable" and run.final_loss >= line]
+    text = (f"Judged without a reference (the suite has no one-loop run of {', '.join(unreferenced)}): "
+            f"a run that trained but ended behind what its model reaches reads as stable")
+    if not behind:
+        return [text + "."]
+    return [text + f". Stable, but behind the best seed of the same cell (≥ {WORSE_WITH_LOOPS:.0%} above it, "
+                   f"or above a tenth of the data's context-free loss where that is lower): {'; '.join(behind)}."]
+
+
+def _above(ratio: float) -> str:
+    return f"+{ratio - 1:.0%}" if ratio < 2 else times(ratio)
 
 
 def _flt_vs_baselines(runs: pd.DataFrame, n_loops: int) -> list[str]:
