@@ -495,6 +495,21 @@ and 1.10× the seed-0 run, the seed-0 boundary. Without one 24/33: plain `looped
 (1.12×) and `flt` K = 4 and 12 (1.18–1.20×) at lr 3e-3 on every seed, trained to 0.36–0.40
 of the context-free loss and ended behind, each above every healthy run of the set.
 
+A training regime held out whole (study `sweep-huginn`: `standard` and `recurrent-depth` at
+K = 1, 4 and 8 as `loopdiag run` trains them, Huginn-style: each step draws its loop count
+from a log-normal Poisson around K and backpropagates through the last 4 loops only, so
+the earlier loops record no gradient; lr 3e-3, 1e-2 and 3e-2, 200 steps, batch 16, on
+Python's `decimal` module, `/usr/lib/python3.11/_pydecimal.py`, seeds 128–129, 36 runs, 470
+s on 2 cores), trained and scored once with nothing changed: the 6 failed runs
+(`recurrent-depth` at lr 3e-2) judged not stable with a reference, 5 without (one trained
+to 0.89 of the context-free loss and stalled, above every healthy run); never trained 3/4
+warned within 15 % (the fourth 1.8 % above its healthy model there); 0/30 healthy runs
+judged collapsed, no false warning in 6,000 steps; with a reference 3 healthy runs
+(`standard` K = 4 and 8 at lr 3e-2) judged failed to train, 16–25 % behind the same model
+at K = 1 and lr 1e-2, within 10 % of the labels' 3e-3 reference. Six failed runs are too
+few for the anchors' run-by-run tests to separate either way (5 caught by us only, p =
+0.06).
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
@@ -1158,7 +1173,7 @@ STUDY_REFERENCE = ("standard", 1, 3e-3)  # the healthy one-loop model: arch, K, 
 # of the default suite on other text and seeds (see "sweep") and a long horizon.
 STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"),
            Path("reports/detection/sweep-vim/runs"), Path("reports/detection/sweep-notes/runs"),
-           Path("reports/detection/sweep-long/runs"))
+           Path("reports/detection/sweep-long/runs"), Path("reports/detection/sweep-huginn/runs"))
 
 
 def study_name(path: Path) -> str:
