@@ -416,7 +416,7 @@ def test_findings_hold_a_model_that_solved_its_task_to_a_tenth_of_the_context_fr
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     (worse,) = [line for line in findings(table, context_free_loss=1.765) if line.startswith("Worse with")]
     assert "flt (0.51 vs 0.0018, 283×)" in worse and "looped (" not in worse
-    assert "under 10% of the data's context-free loss 1.765" in worse
+    assert "under 10% of the data's context-free loss, 1.765" in worse
     # without the context-free loss nothing says how little was left to learn
     (worse,) = [line for line in findings(table) if line.startswith("Worse with")]
     assert "looped (0.0055 vs 0.0018, 3.06×)" in worse and "context-free" not in worse

@@ -67,7 +67,7 @@ def _worse_with_loops(table: pd.DataFrame, n_loops: int, context_free_loss: floa
             worse.append(f"{arch}{at_lr} ({loss:.4g} vs {one_loop:.4g}, {_above(loss / one_loop)})")
     if not worse:
         return [f"No architecture ended K={n_loops} ≥ {WORSE_WITH_LOOPS:.0%} above its own K=1 loss."]
-    tenth = (f" (or, where that is under {CONTEXT_FREE_MARGIN:.0%} of the data's context-free loss "
+    tenth = (f" (or, where that is under {CONTEXT_FREE_MARGIN:.0%} of the data's context-free loss, "
              f"{context_free_loss:.4g}, ≥ {WORSE_WITH_LOOPS:.0%} above that {CONTEXT_FREE_MARGIN:.0%})"
              if floored else "")
     return [f"Worse with {n_loops} loops than with one, final train loss ≥ {WORSE_WITH_LOOPS:.0%} above "
@@ -95,7 +95,8 @@ def _without_reference(table: pd.DataFrame, context_free_loss: float | None) -> 
     if not behind:
         return [text + "."]
     return [text + f". Stable, but behind the best seed of the same cell (≥ {WORSE_WITH_LOOPS:.0%} above it, "
-                   f"or above a tenth of the data's context-free loss where that is lower): {'; '.join(behind)}."]
+                   f"or, where it is under {CONTEXT_FREE_MARGIN:.0%} of the data's context-free loss, "
+                   f"≥ {WORSE_WITH_LOOPS:.0%} above that {CONTEXT_FREE_MARGIN:.0%}): {'; '.join(behind)}."]
 
 
 def _above(ratio: float) -> str:
