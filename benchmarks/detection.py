@@ -495,6 +495,16 @@ and 1.10× the seed-0 run, the seed-0 boundary. Without one 24/33: plain `looped
 (1.12×) and `flt` K = 4 and 12 (1.18–1.20×) at lr 3e-3 on every seed, trained to 0.36–0.40
 of the context-free loss and ended behind, each above every healthy run of the set.
 
+Gradient accumulation held out whole (`reports/detection/accum/`: seeds 130–132, d_model 48,
+batch 32 in 4 micro-batches of 8, on Perl's `CPAN.pm`, context-free loss 3.31; 300 steps,
+815 s on 2 cores), trained and scored once with nothing changed: never trained 10/10 warned
+within 15 %, late collapses 11/11 by onset (1 at the onset step), 0/13 healthy runs judged
+collapsed, no false warning in 3,900 healthy steps, every anchor target met. With and
+without a reference 24/26 failed runs judged not stable: `flt` K = 4 and 12 at lr 3e-3,
+seed 131, 1.11× its seed's `standard` (1.842) and 1.07× the seed-0 run (1.917), the
+seed-0 boundary, which also judges the same two runs of seed 130 (1.09× their seed's,
+1.11× the seed-0 run) failed to train with a reference.
+
 A training regime held out whole (study `sweep-huginn`: `standard` and `recurrent-depth` at
 K = 1, 4 and 8 as `loopdiag run` trains them, Huginn-style: each step draws its loop count
 from a log-normal Poisson around K and backpropagates through the last 4 loops only, so
