@@ -108,6 +108,21 @@ def test_context_free_loss_is_the_training_texts_unigram_entropy(tmp_path):
     assert 3.0 < load_corpus().context_free_loss < 3.5
 
 
+def test_context_free_loss_by_position_is_what_a_model_that_knows_only_the_position_reaches():
+    # Position 0 is always 5, position 1 is 6 or 7: pooled, three tokens; by position, one
+    # bit at position 1 only. Position 2 is never scored.
+    answers = torch.tensor([[5, 6, -100], [5, 7, -100]] * 4)
+    assert unigram_loss(answers, by_position=True) == pytest.approx(math.log(2) / 2)
+    assert unigram_loss(answers) > unigram_loss(answers, by_position=True)
+    # Positions weigh by the tokens scored there: 4 certain at 0, 2 even ones at 1.
+    uneven = torch.tensor([[1, 2], [1, 3], [1, -100], [1, -100]])
+    assert unigram_loss(uneven, by_position=True) == pytest.approx(2 * math.log(2) / 6)
+    with pytest.raises(ValueError, match="examples, positions"):
+        unigram_loss(torch.tensor([1, 2, 3]), by_position=True)
+    with pytest.raises(ValueError, match="at least one token"):
+        unigram_loss(torch.full((2, 3), -100), by_position=True)
+
+
 def test_a_config_recorded_without_the_context_free_loss_gets_it_rebuilt_where_it_can():
     embedded = load_corpus()
     recorded = embedded.describe()

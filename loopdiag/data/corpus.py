@@ -53,11 +53,30 @@ class TokenCorpus:
         return unigram_loss(self.train)
 
 
-def unigram_loss(tokens: torch.Tensor) -> float:
+def unigram_loss(tokens: torch.Tensor, *, by_position: bool = False) -> float:
     """The entropy (nats) of the tokens' empirical distribution: the cross-entropy of the
     best prediction that ignores every other token. Any shape; negative ids (an ignore
-    index such as -100) are not tokens and are left out."""
-    tokens = torch.as_tensor(tokens).reshape(-1).long()
+    index such as -100) are not tokens and are left out.
+
+    ``by_position``: ``tokens`` is (examples, positions), and the prediction may know the
+    position, as a model with position embeddings does that reads no input: the entropy at
+    each position, weighted by its tokens (H(token | position)). That is the context-free
+    loss of a task scored at fixed positions, an answer after a prompt; on text, where a
+    window starts anywhere, the two agree."""
+    tokens = torch.as_tensor(tokens).long()
+    if not by_position:
+        return _entropy(tokens.reshape(-1))
+    if tokens.dim() != 2:
+        raise ValueError(f"unigram_loss(by_position=True) needs (examples, positions) token ids; "
+                         f"got shape {tuple(tokens.shape)}")
+    columns = [column[column >= 0] for column in tokens.T]
+    total = sum(len(column) for column in columns)
+    if total == 0:
+        raise ValueError("unigram_loss needs at least one token id >= 0")
+    return sum(len(column) * _entropy(column) for column in columns if len(column)) / total
+
+
+def _entropy(tokens: torch.Tensor) -> float:
     tokens = tokens[tokens >= 0]
     if len(tokens) == 0:
         raise ValueError("unigram_loss needs at least one token id >= 0")

@@ -69,8 +69,7 @@ class SyntheticTask(ABC):
         entropy (nats) of the answer byte there, averaged over positions; estimated from
         `CONTEXT_FREE_EXAMPLES` examples of a fixed seed."""
         _, y = self.batch(CONTEXT_FREE_EXAMPLES, torch.Generator().manual_seed(0))
-        scored = y[:, y[0] != IGNORE_INDEX]  # every example scores the same positions
-        return sum(unigram_loss(column) for column in scored.T) / scored.shape[1]
+        return unigram_loss(y, by_position=True)
 
     def describe(self) -> dict:
         return {"task": self.kind, "name": self.name, "seq_len": self.seq_len, **asdict(self),
