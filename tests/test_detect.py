@@ -309,6 +309,31 @@ def test_loss_rise_reads_a_noisy_loss_against_its_noise():
     assert "σ of its noise" in events[0].message
 
 
+def test_loss_rise_reads_a_solved_model_from_a_tenth_of_the_context_free_loss():
+    # A model that solved its data (context-free loss 2.0, line 0.2) at 0.02 nats: its loss
+    # rising by half to 0.03 is a few more confident misses, still far under the line.
+    solved = flat_noisy_run(n=1000, noise=0.02, rise_from=500, rise=0.5)
+    for record in solved:
+        record["loss"] /= 100
+    assert [e.step for e in replay(solved, [LossRise()])]  # read from its best: a rise
+    for vectorised in (True, False):
+        assert replay(solved, [LossRise(context_free_loss=2.0)], vectorised=vectorised) == []
+    # Back to 0.4, above the line: warned, read from the line, once the smoothed loss (a
+    # batch counted at most 1.5× it: ~4.8 % a record) has climbed past it
+    relapsed = flat_noisy_run(n=1000, noise=0.02, rise_from=500, rise=19.0)
+    for record in relapsed:
+        record["loss"] /= 100
+    events = replay(relapsed, [LossRise(context_free_loss=2.0)])
+    assert [e.severity for e in events] == ["warn"] and 540 < events[0].step <= 560
+    assert events[0].evidence["rise_from"] == pytest.approx(0.2)
+    assert events[0].evidence["smoothed_loss"] >= 1.1 * 0.2
+    assert "10% of the context-free loss" in events[0].message
+    # A model that has not solved its data is read from its best, as without it
+    unsolved = flat_noisy_run(rise_from=2000, rise=0.4)
+    assert ([e.step for e in replay(unsolved, [LossRise(context_free_loss=3.0)])]
+            == [e.step for e in replay(unsolved, [LossRise()])])
+
+
 def test_collapse_plateau_does_not_call_a_noisy_flat_loss_stuck():
     # a flat loss at 20 % batch noise, a stream that drifts up 6 % per 30 records (21 % per
     # 100: under the stall rule's 25 %)
@@ -567,10 +592,12 @@ def test_default_detectors_overrides():
     ({"loss_rise": {"batch_cap": 1.0}}, r"loss_rise: batch_cap must be > 1"),
     ({"loss_rise": {"best_window": 10}}, r"loss_rise: best_window must be >= 20"),
     ({"loss_rise": {"noise_z": -1}}, r"loss_rise: noise_z must be >= 0"),
+    ({"loss_rise": {"context_free_margin": 1.0}}, r"loss_rise: context_free_margin must be in \[0, 1\)"),
+    ({"loss_rise": {"context_free_loss": 0.0}}, r"loss_rise: context_free_loss"),
     ({"gradient_oscillation": {"autocorr_threshold": -0.4}}, r"white noise"),
     ({"non_finite": 3}, r"non_finite: thresholds must be a mapping"),
 ], ids=["detector", "threshold", "range", "string", "float-int", "bool", "order", "gap",
-        "span", "cap", "window", "noise-z", "autocorr", "mapping"])
+        "span", "cap", "window", "noise-z", "margin", "context-free", "autocorr", "mapping"])
 def test_default_detectors_bad_overrides(overrides, match):
     with pytest.raises(ValueError, match=match):
         default_detectors(**overrides)

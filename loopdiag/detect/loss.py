@@ -25,12 +25,14 @@ from loopdiag.detect.base import (
 )
 from loopdiag.detect.columns import MARGIN, RecordColumns, codes, expand, streaks, trailing_medians
 from loopdiag.detect.symptoms import (
+    CONTEXT_FREE_MARGIN,
     MIN_NOISE_DIFFERENCES,
     RISE_BATCH_CAP,
     RISE_BEST_WINDOW,
     RISE_NOISE_Z,
     RecentRise,
     RiseState,
+    validate_loss,
     validate_rise,
 )
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
@@ -248,12 +250,19 @@ class LossRiseConfig(DetectorConfig):
     batch_cap: float = RISE_BATCH_CAP
     best_window: int = RISE_BEST_WINDOW  # records the best and the noise are read over
     noise_z: float = RISE_NOISE_Z  # σ of the smoothed loss's noise the rise must also reach
+    # A model under this fraction of the context-free loss (when known) has solved its data
+    # (`behind_from`'s line): a rise is read from that line, not from its best.
+    context_free_loss: float | None = None
+    context_free_margin: float = CONTEXT_FREE_MARGIN
 
     def _validate(self) -> None:
         require(self.ema_span >= 1, f"ema_span must be >= 1, got {self.ema_span}")
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
         require(self.batch_cap > 1, f"batch_cap must be > 1, got {self.batch_cap}")
         validate_rise(self.best_window, self.noise_z)
+        validate_loss(self.context_free_loss, "context_free_loss")
+        require(0 <= self.context_free_margin < 1,
+                f"context_free_margin must be in [0, 1), got {self.context_free_margin}")
 
 
 class LossRise(Detector):
@@ -268,6 +277,12 @@ class LossRise(Detector):
     see it); on a noisier loss, only a rise that noise alone would not reach warns. Never
     critical: a rise that recovers is no collapse (`slow_divergence` and
     `collapse_plateau` judge one that stays).
+
+    With `context_free_loss`, a best under `context_free_margin` × it counts as that line:
+    a model there has solved its data, and its loss, near 0, is set by its rare confident
+    misses (one wrong digit in a batch of addition moves it by ~0.02 nats), so a relative
+    rise measures how sure its right answers are. The rise that warns is the gap above the
+    line, as `failed_to_train` judges a run behind a reference that solved its task.
     """
 
     name = "loss_rise"
@@ -279,7 +294,10 @@ class LossRise(Detector):
 
     def _recent_rise(self) -> RecentRise:
         config = self.config
-        return RecentRise(config.ema_span, config.gap, config.best_window, config.noise_z, config.batch_cap)
+        floor = (0.0 if config.context_free_loss is None
+                 else config.context_free_margin * config.context_free_loss)
+        return RecentRise(config.ema_span, config.gap, config.best_window, config.noise_z,
+                          config.batch_cap, floor)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         loss = finite_scalar(record, "loss")
@@ -291,15 +309,24 @@ class LossRise(Detector):
         if not state.risen:
             return None
         noise = f", {state.above / state.noise:.0f}σ of its noise" if state.noise else ""
+        if state.floor > state.best:
+            above = (f"{state.floor:.4g}, {self.config.context_free_margin:.0%} of the "
+                     f"context-free loss (its best in the last {self.config.best_window} "
+                     f"records, {state.best:.4g} at step {state.best_step}, was under that "
+                     f"line: it had solved its data)")
+        else:
+            above = (f"its best {state.best:.4g} (step {state.best_step}) in the last "
+                     f"{self.config.best_window} records")
         message = (f"The smoothed loss {state.smoothed:.4g} is {100 * state.above:.0f}% above "
-                   f"its best {state.best:.4g} (step {state.best_step}) in the last "
-                   f"{self.config.best_window} records{noise}: the run is worse than it was.")
+                   f"{above}{noise}: the run is worse than it was.")
         return Finding("warn", message, {
             "smoothed_loss": state.smoothed, "best": state.best, "best_step": state.best_step,
-            "noise": state.noise, "needed_rise": state.needed,
+            "rise_from": state.base, "noise": state.noise, "needed_rise": state.needed,
             "thresholds": {"gap": self.config.gap, "ema_span": self.config.ema_span,
                            "batch_cap": self.config.batch_cap, "best_window": self.config.best_window,
-                           "noise_z": self.config.noise_z}})
+                           "noise_z": self.config.noise_z,
+                           "context_free_loss": self.config.context_free_loss,
+                           "context_free_margin": self.config.context_free_margin}})
 
     def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
         # The same `RecentRise` over the finite losses, so both paths compute alike.

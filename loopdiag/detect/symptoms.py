@@ -171,10 +171,15 @@ class RiseState:
     best_step: Any
     noise: float | None  # σ of the smoothed loss at the best (relative); None: unknown
     needed: float  # the rise that counts: max(gap, noise_z × noise)
+    floor: float = 0.0  # a rise is read from max(best, floor) (`RecentRise`)
+
+    @property
+    def base(self) -> float:
+        return max(self.best, self.floor)
 
     @property
     def above(self) -> float | None:
-        return self.smoothed / self.best - 1 if self.best > 0 else None
+        return self.smoothed / self.base - 1 if self.base > 0 else None
 
     @property
     def risen(self) -> bool:
@@ -192,11 +197,14 @@ class RecentRise:
 
     Why not the running best over the whole run: on a flat noisy loss that best is the
     deepest noise dip so far, and the EMA stands ever further above it. Why the noise at the
-    best: a rise read against the noise it rose from, not the noise of the rise itself."""
+    best: a rise read against the noise it rose from, not the noise of the rise itself.
+
+    A best under `floor` is read as the floor: the rise is measured from there."""
 
     def __init__(self, ema_span: int, gap: float, best_window: int = RISE_BEST_WINDOW,
-                 noise_z: float = RISE_NOISE_Z, batch_cap: float | None = None) -> None:
-        self.gap, self.noise_z, self.batch_cap = gap, noise_z, batch_cap
+                 noise_z: float = RISE_NOISE_Z, batch_cap: float | None = None,
+                 floor: float = 0.0) -> None:
+        self.gap, self.noise_z, self.batch_cap, self.floor = gap, noise_z, batch_cap, floor
         self._ema = Ema(ema_span)
         self._factor = math.sqrt(self._ema.alpha / (2 - self._ema.alpha))
         self._logs: deque[float] = deque(maxlen=best_window)
@@ -214,7 +222,7 @@ class RecentRise:
         if noise is None:  # a best from before the noise could be read: read it now
             noise = noise_now
         needed = self.gap if noise is None else max(self.gap, self.noise_z * noise)
-        return RiseState(smoothed, best, best_step, noise, needed)
+        return RiseState(smoothed, best, best_step, noise, needed, self.floor)
 
     def _noise(self) -> float | None:
         if len(self._logs) < MIN_NOISE_DIFFERENCES + 2:
