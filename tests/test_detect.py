@@ -594,10 +594,11 @@ def test_default_detectors_overrides():
     ({"loss_rise": {"noise_z": -1}}, r"loss_rise: noise_z must be >= 0"),
     ({"loss_rise": {"context_free_margin": 1.0}}, r"loss_rise: context_free_margin must be in \[0, 1\)"),
     ({"loss_rise": {"context_free_loss": 0.0}}, r"loss_rise: context_free_loss"),
+    ({"vanishing_gradient": {"context_free_margin": -0.1}}, r"vanishing_gradient: context_free_margin"),
     ({"gradient_oscillation": {"autocorr_threshold": -0.4}}, r"white noise"),
     ({"non_finite": 3}, r"non_finite: thresholds must be a mapping"),
 ], ids=["detector", "threshold", "range", "string", "float-int", "bool", "order", "gap",
-        "span", "cap", "window", "noise-z", "margin", "context-free", "autocorr", "mapping"])
+        "span", "cap", "window", "noise-z", "margin", "context-free", "symptom-margin", "autocorr", "mapping"])
 def test_default_detectors_bad_overrides(overrides, match):
     with pytest.raises(ValueError, match=match):
         default_detectors(**overrides)
@@ -858,6 +859,25 @@ def test_residual_blowup_warns_a_run_that_diverges_in_its_first_records():
                for step in range(1, 8)]
     first = replay(records, [ResidualBlowup()])[0]
     assert first.step <= 4 and first.severity == "warn" and "above its best" in first.message
+
+
+def test_a_solved_models_loss_moving_under_the_solved_line_is_no_symptom():
+    from loopdiag.detect import ResidualBlowup
+
+    # A model that solved its data (context-free loss 2.0, line 0.2) at 0.02 nats, at 0.03
+    # from step 15: 50 % above its best, still far under the line; its stream grows 1.3× a
+    # step (1000× by step 27).
+    solved = [{**record, "loss": 0.02 if record["step"] < 15 else 0.03} for record in blowup_records(1.3)]
+    assert "critical" in {event.severity for event in replay(solved, [ResidualBlowup()])}
+    for vectorised in (True, False):
+        events = replay(solved, [ResidualBlowup(context_free_loss=2.0), ResidualExplosion(context_free_loss=2.0)],
+                        vectorised=vectorised)
+        assert {event.severity for event in events} <= {"info"}
+    # Relapsed to 0.6, above the line: the symptom, read from the line
+    relapsed = [{**record, "loss": 0.02 if record["step"] < 15 else 0.6} for record in blowup_records(1.3)]
+    critical = replay(relapsed, [ResidualBlowup(context_free_loss=2.0)])[-1]
+    assert critical.severity == "critical"
+    assert "above 0.2, the line its best 0.02 got under" in critical.message
 
 
 def test_a_stream_growing_while_the_loss_falls_is_information():

@@ -132,6 +132,21 @@ def test_offline_equals_online_on_synthetic_runs(seed, thresholds, expected_loss
     assert_same(eventful_run(seed), lambda: default_detectors(expected_loss, **thresholds))
 
 
+def test_evaluations_between_logged_steps_are_not_replayed():
+    # A validation loss at a step the probes did not log is stored as a record of its own,
+    # which training never showed the monitor: windows counted in records must not shift.
+    records = eventful_run(0)
+    with_evaluations = []
+    for record in records:
+        with_evaluations.append(record)
+        if isinstance(record.get("step"), int) and record["step"] % 37 == 0:
+            with_evaluations.append({"step": record["step"] + 0.5, "val_loss": 2.5})
+    expected = replay(records, default_detectors(), finished=True)
+    assert len(expected) > 10
+    for vectorised in (True, False):
+        assert replay(with_evaluations, default_detectors(), finished=True, vectorised=vectorised) == expected
+
+
 def test_synthetic_runs_make_every_detector_fire_and_fire_again():
     """Guards the test above: it compares runs where each detector fires, clears and
     fires again after its cooldown."""

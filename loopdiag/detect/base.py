@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
@@ -266,13 +266,15 @@ def replay(records: Iterable[Mapping[str, Any]], detectors: Iterable[Detector], 
 
     `vectorised` judges each detector over whole columns (`Detector.replay_columns`), which
     gives the same events as feeding the records one by one (`vectorised=False`, the path
-    training takes) in a fraction of the time."""
+    training takes) in a fraction of the time. Records training never judged
+    (`judged_in_training`) are left out, so windows counted in records line up as they did."""
     from loopdiag.detect.columns import RecordColumns
 
     detectors = list(detectors)
+    records = [record for record in records if judged_in_training(record)]
     events: list[Event] = []
     if vectorised:
-        columns = RecordColumns(records if isinstance(records, Sequence) else list(records))
+        columns = RecordColumns(records)
         fired = [(index, position, event) for position, detector in enumerate(detectors)
                  for index, event in detector.replay_columns(columns)]
         fired.sort(key=lambda item: item[:2])
@@ -287,6 +289,13 @@ def replay(records: Iterable[Mapping[str, Any]], detectors: Iterable[Detector], 
         for detector in detectors:
             events.extend(detector.finish())
     return events
+
+
+def judged_in_training(record: Mapping[str, Any]) -> bool:
+    """Whether the monitor judged this record while the run trained. A validation loss taken
+    at a step the probes did not log is stored as a record of its own (a step and `val_*`
+    values), which training never showed the detectors."""
+    return any(key != "step" and not key.startswith("val_") for key in record)
 
 
 # --- reading records -------------------------------------------------------------------

@@ -30,7 +30,12 @@ import numpy as np
 
 from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, loop_values, require
 from loopdiag.detect.columns import RecordColumns, codes
-from loopdiag.detect.symptoms import Symptoms
+from loopdiag.detect.symptoms import (
+    CONTEXT_FREE_MARGIN,
+    Symptoms,
+    solved_line,
+    validate_context_free,
+)
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,13 @@ class ResidualBlowupConfig(DetectorConfig):
     # which): the window of `representation_collapse`'s stall rule.
     stall_window: int = 20
 
+    # A model under `context_free_margin` × the context-free loss (when known) has solved its
+    # data: the loss symptom reads a rise from that line (`solved_line`).
+    context_free_loss: float | None = None
+    context_free_margin: float = CONTEXT_FREE_MARGIN
+
     def _validate(self) -> None:
+        validate_context_free(self.context_free_loss, self.context_free_margin)
         require(self.gap > 0 and self.min_progress > 0,
                 f"gap and min_progress must be > 0, got {self.gap}, {self.min_progress}")
         require(self.smooth >= 1, f"smooth must be >= 1, got {self.smooth}")
@@ -86,7 +97,7 @@ class ResidualBlowup(Detector):
         self._recent: deque[float] = deque(maxlen=self.config.smooth)
         self._growth_noted = False
         self._symptoms = Symptoms(self.config.gap, self.config.min_progress, self.config.stall_window,
-                                  reads_rise=True)
+                                  reads_rise=True, floor=solved_line(self.config))
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         self._symptoms.update(record)

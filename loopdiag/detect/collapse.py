@@ -26,7 +26,7 @@ from loopdiag.detect.base import (
 from loopdiag.detect.columns import FOUND_WARN_CODE, RecordColumns, codes, expand, streaks
 from loopdiag.detect.symptoms import (
     CONTEXT_FREE_MARGIN, RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, RiseState,
-    learned_past_token_frequencies, validate_loss, validate_rise,
+    learned_past_token_frequencies, solved_line, validate_loss, validate_rise,
 )
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
@@ -136,12 +136,16 @@ class CollapsePlateau(Detector):
 
     def _recent_rise(self) -> RecentRise:
         config = self.config
-        return RecentRise(config.ema_span, config.gap, config.best_window, config.noise_z)
+        return RecentRise(config.ema_span, config.gap, config.best_window, config.noise_z,
+                          floor=solved_line(config))
 
     def _plateau(self, state: RiseState) -> Finding:
+        above = (f"{state.floor:.4g}, the line its recent best {state.best:.4g} (step "
+                 f"{state.best_step}) got under (it had solved its data),"
+                 if state.floor > state.best else
+                 f"its recent best {state.best:.4g} (step {state.best_step})")
         stuck = (f"Smoothed loss {state.smoothed:.4g} has stayed ≥ {100 * state.needed:.0f}% above "
-                 f"its recent best {state.best:.4g} (step {state.best_step}) for {self._stuck} "
-                 f"records (now +{100 * state.above:.1f}%)")
+                 f"{above} for {self._stuck} records (now +{100 * state.above:.1f}%)")
         evidence: dict[str, Any] = {"smoothed_loss": state.smoothed, "best": state.best,
                                     "best_step": state.best_step, "above_best": state.above,
                                     "needed_rise": state.needed, "noise": state.noise,

@@ -134,21 +134,21 @@ class RecordColumns:
         return self.loss_history(ema_span).track_at(index, window)
 
     def symptoms_at(self, index: int, gap: float, min_progress: float = MIN_PROGRESS,
-                    window: int = 20, reads_rise: bool = False) -> Symptoms:
+                    window: int = 20, reads_rise: bool = False, floor: float = 0.0) -> Symptoms:
         """The `Symptoms` a detector holds after the record at `index` (constructed with
-        the same `reads_rise`: only then is the rise read, once per run)."""
-        symptoms = Symptoms(gap, min_progress, window)
+        the same `reads_rise` and `floor`: only then is the rise read, once per run)."""
+        symptoms = Symptoms(gap, min_progress, window, floor=floor)
         symptoms.loss = self.loss_track_at(index, window)
         if reads_rise:
-            symptoms.rise_state = self.rise_states()[index]
+            symptoms.rise_state = self.rise_states(floor)[index]
         symptoms._record = self.records[index]
         return symptoms
 
-    def rise_states(self) -> list[RiseState | None]:
+    def rise_states(self, floor: float = 0.0) -> list[RiseState | None]:
         """`Symptoms.rise_state` after each record: the same `RecentRise` over the finite
         losses, held through records without one."""
         def compute() -> list[RiseState | None]:
-            rise = RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP)
+            rise = RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP, floor=floor)
             loss = self.finite("loss")
             states: list[RiseState | None] = []
             state = None
@@ -157,7 +157,7 @@ class RecordColumns:
                     state = rise.update(value, self.step(index))
                 states.append(state)
             return states
-        return self.cached("rise_states", compute)
+        return self.cached(("rise_states", floor), compute)
 
 
 class LossHistory:

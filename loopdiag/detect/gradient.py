@@ -26,7 +26,12 @@ from loopdiag.detect.base import (
     window_span,
 )
 from loopdiag.detect.columns import RecordColumns, codes, judged_streaks, near, trailing_means
-from loopdiag.detect.symptoms import Symptoms
+from loopdiag.detect.symptoms import (
+    CONTEXT_FREE_MARGIN,
+    Symptoms,
+    solved_line,
+    validate_context_free,
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,13 @@ class GradientOscillationConfig(DetectorConfig):
     min_progress: float = 0.02
     stall_window: int = 20
 
+    # A model under `context_free_margin` × the context-free loss (when known) has solved its
+    # data: the loss symptom reads a rise from that line (`solved_line`).
+    context_free_loss: float | None = None
+    context_free_margin: float = CONTEXT_FREE_MARGIN
+
     def _validate(self) -> None:
+        validate_context_free(self.context_free_loss, self.context_free_margin)
         require(self.gap > 0 and self.min_progress > 0,
                 f"gap and min_progress must be > 0, got {self.gap}, {self.min_progress}")
         require(self.stall_window >= 1, f"stall_window must be >= 1, got {self.stall_window}")
@@ -88,7 +99,8 @@ class GradientOscillation(Detector):
         self._cos: deque[tuple[int, float]] = deque(maxlen=self.config.window)
         self._autocorr: deque[tuple[int, float]] = deque(maxlen=self.config.window)
         self._streak = 0
-        self._symptoms = Symptoms(self.config.gap, self.config.min_progress, self.config.stall_window)
+        self._symptoms = Symptoms(self.config.gap, self.config.min_progress, self.config.stall_window,
+                                  floor=solved_line(self.config))
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         self._symptoms.update(record)
@@ -158,7 +170,8 @@ class GradientOscillation(Detector):
             self._streak = int(streak[index])
             self._cos, self._autocorr = cos.deque_at(index), autocorr.deque_at(index)
             self._symptoms = columns.symptoms_at(index, self.config.gap, self.config.min_progress,
-                                                 self.config.stall_window)
+                                                 self.config.stall_window,
+                                                 floor=solved_line(self.config))
             return self._oscillation(columns.records[index], cos.mean_at(index),
                                      autocorr.mean_at(index), bool(cos_low[index]),
                                      bool(autocorr_low[index]))

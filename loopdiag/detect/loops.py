@@ -23,12 +23,15 @@ from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Un
 from loopdiag.detect.columns import RecordColumns, codes, judged_streaks
 from loopdiag.detect.symptoms import (
     COLLAPSED_DECORRELATION,
+    CONTEXT_FREE_MARGIN,
     LossTrack,
     Symptoms,
     collapsed_from,
     dead_from,
     embedding_gradient,
     gradient_ratio,
+    solved_line,
+    validate_context_free,
 )
 
 # A loop whose output moves by under a millionth of its norm is, in float32 (7 digits), a
@@ -266,7 +269,13 @@ class VanishingGradientConfig(DetectorConfig):
     gap: float = 0.10
     min_progress: float = 0.02
 
+    # A model under `context_free_margin` × the context-free loss (when known) has solved its
+    # data: the loss symptom reads a rise from that line (`solved_line`).
+    context_free_loss: float | None = None
+    context_free_margin: float = CONTEXT_FREE_MARGIN
+
     def _validate(self) -> None:
+        validate_context_free(self.context_free_loss, self.context_free_margin)
         require(0 < self.max_ratio < 1, f"max_ratio must be in (0, 1), got {self.max_ratio}")
         require(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
         require(self.window >= self.patience, f"window must be >= patience, got {self.window}")
@@ -288,7 +297,8 @@ class VanishingGradient(Detector):
     config: VanishingGradientConfig
 
     def _reset_state(self) -> None:
-        self._symptoms = Symptoms(self.config.gap, self.config.min_progress, self.config.window)
+        self._symptoms = Symptoms(self.config.gap, self.config.min_progress, self.config.window,
+                                  floor=solved_line(self.config))
         self._streak = 0
         self._since: int | None = None
 
@@ -341,7 +351,7 @@ class VanishingGradient(Detector):
             record = columns.records[index]
             self._streak, self._since = int(streak[index]), columns.last_step(int(first[index]))
             symptoms = (columns.symptoms_at(index, self.config.gap, self.config.min_progress,
-                                            self.config.window)
+                                            self.config.window, floor=solved_line(self.config))
                         if self._streak >= self.config.window else None)
             return self._vanished(record, gradient_ratio(record), symptoms)
         return codes(judged, streak >= self.config.patience, certain=True), judge

@@ -32,7 +32,8 @@ from loopdiag.detect.symptoms import (
     RISE_NOISE_Z,
     RecentRise,
     RiseState,
-    validate_loss,
+    solved_line,
+    validate_context_free,
     validate_rise,
 )
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
@@ -260,9 +261,7 @@ class LossRiseConfig(DetectorConfig):
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
         require(self.batch_cap > 1, f"batch_cap must be > 1, got {self.batch_cap}")
         validate_rise(self.best_window, self.noise_z)
-        validate_loss(self.context_free_loss, "context_free_loss")
-        require(0 <= self.context_free_margin < 1,
-                f"context_free_margin must be in [0, 1), got {self.context_free_margin}")
+        validate_context_free(self.context_free_loss, self.context_free_margin)
 
 
 class LossRise(Detector):
@@ -294,10 +293,8 @@ class LossRise(Detector):
 
     def _recent_rise(self) -> RecentRise:
         config = self.config
-        floor = (0.0 if config.context_free_loss is None
-                 else config.context_free_margin * config.context_free_loss)
         return RecentRise(config.ema_span, config.gap, config.best_window, config.noise_z,
-                          config.batch_cap, floor)
+                          config.batch_cap, solved_line(config))
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         loss = finite_scalar(record, "loss")

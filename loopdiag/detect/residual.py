@@ -26,7 +26,12 @@ from loopdiag.detect.base import (
     window_span,
 )
 from loopdiag.detect.columns import RecordColumns, codes, expand, near, trailing_medians
-from loopdiag.detect.symptoms import Symptoms
+from loopdiag.detect.symptoms import (
+    CONTEXT_FREE_MARGIN,
+    Symptoms,
+    solved_line,
+    validate_context_free,
+)
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,13 @@ class ResidualExplosionConfig(DetectorConfig):
     # The loss symptom that makes growth an alarm (see `Symptoms`).
     gap: float = 0.10
 
+    # A model under `context_free_margin` × the context-free loss (when known) has solved its
+    # data: the loss symptom reads a rise from that line (`solved_line`).
+    context_free_loss: float | None = None
+    context_free_margin: float = CONTEXT_FREE_MARGIN
+
     def _validate(self) -> None:
+        validate_context_free(self.context_free_loss, self.context_free_margin)
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
         require(self.baseline_window >= 1,
                 f"baseline_window must be >= 1, got {self.baseline_window}")
@@ -87,7 +98,7 @@ class ResidualExplosion(Detector):
         self._recent_per_loop: deque[float] = deque(maxlen=self.config.smooth)
         self._baseline: list[tuple[int, float]] = []  # (step, r_K)
         self._baseline_median: float | None = None
-        self._symptoms = Symptoms(self.config.gap, reads_rise=True)
+        self._symptoms = Symptoms(self.config.gap, reads_rise=True, floor=solved_line(self.config))
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         self._symptoms.update(record)
@@ -192,7 +203,8 @@ class ResidualExplosion(Detector):
             self._baseline = [entry for entry, at in zip(baseline, baseline_positions) if at <= index]
             self._baseline_median = (statistics.median(r for _, r in self._baseline)
                                      if len(self._baseline) == self.config.baseline_window else None)
-            self._symptoms = columns.symptoms_at(index, self.config.gap, reads_rise=True)
+            self._symptoms = columns.symptoms_at(index, self.config.gap, reads_rise=True,
+                                                 floor=solved_line(self.config))
             evidence: dict[str, Any] = {"loops": int(lengths[index])}
             if with_loops[index]:
                 evidence["loop_ratio"] = float(loop_ratios[index])

@@ -123,11 +123,13 @@ class LossTrack:
             self._recent.append(loss)
         return loss
 
-    def above_best(self) -> float | None:
-        """Smoothed loss over its running best, minus one; None before any loss."""
-        if self.smoothed is None or not self.best > 0:
+    def above_best(self, floor: float = 0.0) -> float | None:
+        """Smoothed loss over its running best (or `floor`, when the best is under it),
+        minus one; None before any loss."""
+        base = max(self.best, floor)
+        if self.smoothed is None or not base > 0 or math.isinf(base):
             return None
-        return self.smoothed / self.best - 1
+        return self.smoothed / base - 1
 
     def progress(self) -> float | None:
         """Relative fall of the rolling median over the last `window` records (positive:
@@ -240,19 +242,22 @@ def validate_rise(best_window: int, noise_z: float) -> None:
 
 class Symptoms:
     """The loss or representation symptom that turns a warning into a collapse: the loss
-    rose ≥ `gap` above its best, or all positions became identical. (An expected loss is
-    what a model reaches at the end of its training; a run in mid-course is not behind it
-    in any sense that tells a collapse, so it is judged at the end, by `failed_to_train`.)
+    rose ≥ `gap` above its best (a best under `floor`, the line under which a model has
+    solved its data, read as that line: `solved_line`), or all positions became
+    identical. (An expected loss is what a model reaches at the end of its training; a run
+    in mid-course is not behind it in any sense that tells a collapse, so it is judged at
+    the end, by `failed_to_train`.)
 
     `rising` is the earlier sign a mechanism may warn on, never a collapse by itself: the
     loss has begun to rise, read against its own noise rather than the labels' 10 %. Only a
     detector that asks for it (`reads_rise`) pays for reading that noise every record."""
 
     def __init__(self, gap: float, min_progress: float = MIN_PROGRESS, window: int = 20,
-                 reads_rise: bool = False) -> None:
-        self.gap, self.min_progress = gap, min_progress
+                 reads_rise: bool = False, floor: float = 0.0) -> None:
+        self.gap, self.min_progress, self.floor = gap, min_progress, floor
         self.loss = LossTrack(window=window)
-        self._rise = RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP) if reads_rise else None
+        self._rise = (RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP, floor=floor)
+                      if reads_rise else None)
         self.rise_state: RiseState | None = None
         self._record: Mapping[str, Any] = {}
 
@@ -278,16 +283,21 @@ class Symptoms:
         significance = (f"{state.above / state.noise:.0f}σ of its noise" if state.noise > 0
                         else "it had no noise")
         return (f"the loss has begun to rise: smoothed {state.smoothed:.4g}, "
-                f"{100 * state.above:.1f}% ({significance}) above its recent best "
-                f"{state.best:.4g} (step {state.best_step})")
+                f"{100 * state.above:.1f}% ({significance}) above "
+                + (self._solved_clause(state.best) if state.floor > state.best else
+                   f"its recent best {state.best:.4g} (step {state.best_step})"))
+
+    def _solved_clause(self, best: float) -> str:
+        return f"{self.floor:.4g}, the line its best {best:.4g} got under (it had solved its data)"
 
     def current(self, representation: bool = True) -> str | None:
         """One clause naming the symptom present now, or None; `representation=False`
         leaves identical positions out (for a detector that is itself a consequence)."""
-        above = self.loss.above_best()
+        above = self.loss.above_best(self.floor)
         if above is not None and above >= self.gap:
             return (f"the smoothed loss {self.loss.smoothed:.4g} is {100 * above:.0f}% above "
-                    f"its best {self.loss.best:.4g}")
+                    + (self._solved_clause(self.loss.best) if self.floor > self.loss.best
+                       else f"its best {self.loss.best:.4g}"))
         loop = collapsed_from(self._record) if representation else None
         if loop is not None:
             return f"all positions carry the same vector from loop {loop} on"
@@ -305,6 +315,22 @@ def learned_past_token_frequencies(loss: Any, context_free_loss: float | None, m
     data's token frequencies alone give: a model there reads its input. False while the
     context-free loss is unknown."""
     return context_free_loss is not None and loss < (1 - margin) * context_free_loss
+
+
+def solved_line(config: Any) -> float:
+    """The loss under which a model has solved its data: a detector config's
+    `context_free_margin` × its `context_free_loss` (0 while that is unknown). There its
+    loss is set by rare confident misses, and a rise or a gap is read from this line rather
+    than from the loss (`behind_from`)."""
+    if config.context_free_loss is None:
+        return 0.0
+    return config.context_free_margin * config.context_free_loss
+
+
+def validate_context_free(context_free_loss: float | None, margin: float) -> None:
+    """The checks of a config's `context_free_loss` and `context_free_margin`."""
+    validate_loss(context_free_loss, "context_free_loss")
+    require(0 <= margin < 1, f"context_free_margin must be in [0, 1), got {margin}")
 
 
 def behind_from(expected: float, context_free_loss: float | None, gap: float, margin: float) -> float:
