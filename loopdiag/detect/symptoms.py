@@ -278,7 +278,7 @@ class Symptoms:
         # The rise is read with no gap, so `risen` is the noise rule alone once it is known.
         state, median = self.rise_state, self.loss.current_median()
         if (state is None or state.noise is None or not state.risen
-                or median is None or not median > state.best):
+                or median is None or not median > state.base):
             return None
         significance = (f"{state.above / state.noise:.0f}σ of its noise" if state.noise > 0
                         else "it had no noise")

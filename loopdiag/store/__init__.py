@@ -3,8 +3,10 @@
     <run_dir>/
       config.json     the caller's resolved config + `run_info` (start time, package
                       versions, resumes); written atomically before step 1
-      metrics.jsonl   one JSON object per logged step: scalars and per-loop lists; the
-                      one source of truth for the records
+      metrics.jsonl   one JSON object per logged step: scalars and per-loop lists (a
+                      validation loss at a step not logged is an object of its own, a
+                      step and `val_*` values, which no detector judges); the one source
+                      of truth for the records
       metrics.parquet the columnar copy of metrics.jsonl (derived; see below)
       events.jsonl    one JSON object per detector firing (step, detector, severity,
                       message, evidence)
