@@ -28,18 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, loop_values, require
+from loopdiag.detect.base import UNJUDGED, Detector, Finding, Unjudged, loop_values, require
 from loopdiag.detect.columns import RecordColumns, codes
 from loopdiag.detect.symptoms import (
-    CONTEXT_FREE_MARGIN,
+    SolvedLineConfig,
     Symptoms,
     solved_line,
-    validate_context_free,
 )
 
 
 @dataclass(frozen=True)
-class ResidualBlowupConfig(DetectorConfig):
+class ResidualBlowupConfig(SolvedLineConfig):
     # No warm-up: it compares with the first record, and goes beyond information only with
     # a loss or representation symptom, which a healthy start never shows. (It had 5
     # records from when growth alone warned; they only delayed a run that diverges in its
@@ -64,13 +63,7 @@ class ResidualBlowupConfig(DetectorConfig):
     # which): the window of `representation_collapse`'s stall rule.
     stall_window: int = 20
 
-    # A model under `context_free_margin` × the context-free loss (when known) has solved its
-    # data: the loss symptom reads a rise from that line (`solved_line`).
-    context_free_loss: float | None = None
-    context_free_margin: float = CONTEXT_FREE_MARGIN
-
     def _validate(self) -> None:
-        validate_context_free(self.context_free_loss, self.context_free_margin)
         require(self.gap > 0 and self.min_progress > 0,
                 f"gap and min_progress must be > 0, got {self.gap}, {self.min_progress}")
         require(self.smooth >= 1, f"smooth must be >= 1, got {self.smooth}")

@@ -18,7 +18,6 @@ import numpy as np
 from loopdiag.detect.base import (
     UNJUDGED,
     Detector,
-    DetectorConfig,
     Finding,
     Unjudged,
     finite_scalar,
@@ -27,15 +26,14 @@ from loopdiag.detect.base import (
 )
 from loopdiag.detect.columns import RecordColumns, codes, judged_streaks, near, trailing_means
 from loopdiag.detect.symptoms import (
-    CONTEXT_FREE_MARGIN,
+    SolvedLineConfig,
     Symptoms,
     solved_line,
-    validate_context_free,
 )
 
 
 @dataclass(frozen=True)
-class GradientOscillationConfig(DetectorConfig):
+class GradientOscillationConfig(SolvedLineConfig):
     warmup: int = 20  # the first steps' statistics are NaN or dominated by initialisation
     cooldown: int = 20
     window: int = 8  # records each statistic is averaged over
@@ -61,13 +59,7 @@ class GradientOscillationConfig(DetectorConfig):
     min_progress: float = 0.02
     stall_window: int = 20
 
-    # A model under `context_free_margin` × the context-free loss (when known) has solved its
-    # data: the loss symptom reads a rise from that line (`solved_line`).
-    context_free_loss: float | None = None
-    context_free_margin: float = CONTEXT_FREE_MARGIN
-
     def _validate(self) -> None:
-        validate_context_free(self.context_free_loss, self.context_free_margin)
         require(self.gap > 0 and self.min_progress > 0,
                 f"gap and min_progress must be > 0, got {self.gap}, {self.min_progress}")
         require(self.stall_window >= 1, f"stall_window must be >= 1, got {self.stall_window}")

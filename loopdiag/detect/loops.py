@@ -23,15 +23,14 @@ from loopdiag.detect.base import UNJUDGED, Detector, DetectorConfig, Finding, Un
 from loopdiag.detect.columns import RecordColumns, codes, judged_streaks
 from loopdiag.detect.symptoms import (
     COLLAPSED_DECORRELATION,
-    CONTEXT_FREE_MARGIN,
     LossTrack,
+    SolvedLineConfig,
     Symptoms,
     collapsed_from,
     dead_from,
     embedding_gradient,
     gradient_ratio,
     solved_line,
-    validate_context_free,
 )
 
 # A loop whose output moves by under a millionth of its norm is, in float32 (7 digits), a
@@ -261,7 +260,7 @@ class IdleLoops(DeadLoops):
 
 
 @dataclass(frozen=True)
-class VanishingGradientConfig(DetectorConfig):
+class VanishingGradientConfig(SolvedLineConfig):
     cooldown: int = 20
     max_ratio: float = VANISHED_RATIO  # gradient at loop 1 over the last loop's
     patience: int = 5
@@ -269,13 +268,7 @@ class VanishingGradientConfig(DetectorConfig):
     gap: float = 0.10
     min_progress: float = 0.02
 
-    # A model under `context_free_margin` × the context-free loss (when known) has solved its
-    # data: the loss symptom reads a rise from that line (`solved_line`).
-    context_free_loss: float | None = None
-    context_free_margin: float = CONTEXT_FREE_MARGIN
-
     def _validate(self) -> None:
-        validate_context_free(self.context_free_loss, self.context_free_margin)
         require(0 < self.max_ratio < 1, f"max_ratio must be in (0, 1), got {self.max_ratio}")
         require(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
         require(self.window >= self.patience, f"window must be >= patience, got {self.window}")

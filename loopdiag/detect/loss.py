@@ -25,15 +25,14 @@ from loopdiag.detect.base import (
 )
 from loopdiag.detect.columns import MARGIN, RecordColumns, codes, expand, streaks, trailing_medians
 from loopdiag.detect.symptoms import (
-    CONTEXT_FREE_MARGIN,
     MIN_NOISE_DIFFERENCES,
     RISE_BATCH_CAP,
     RISE_BEST_WINDOW,
     RISE_NOISE_Z,
     RecentRise,
     RiseState,
+    SolvedLineConfig,
     solved_line,
-    validate_context_free,
     validate_rise,
 )
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
@@ -235,7 +234,7 @@ def _middle(rows: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class LossRiseConfig(DetectorConfig):
+class LossRiseConfig(SolvedLineConfig):
     # Until the noise can be read, a noisy start rises 10 % above its first batches.
     warmup: int = MIN_NOISE_DIFFERENCES + 2
     cooldown: int = 20  # clear records before a new rise warns again
@@ -251,17 +250,12 @@ class LossRiseConfig(DetectorConfig):
     batch_cap: float = RISE_BATCH_CAP
     best_window: int = RISE_BEST_WINDOW  # records the best and the noise are read over
     noise_z: float = RISE_NOISE_Z  # σ of the smoothed loss's noise the rise must also reach
-    # A model under this fraction of the context-free loss (when known) has solved its data
-    # (`behind_from`'s line): a rise is read from that line, not from its best.
-    context_free_loss: float | None = None
-    context_free_margin: float = CONTEXT_FREE_MARGIN
 
     def _validate(self) -> None:
         require(self.ema_span >= 1, f"ema_span must be >= 1, got {self.ema_span}")
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
         require(self.batch_cap > 1, f"batch_cap must be > 1, got {self.batch_cap}")
         validate_rise(self.best_window, self.noise_z)
-        validate_context_free(self.context_free_loss, self.context_free_margin)
 
 
 class LossRise(Detector):

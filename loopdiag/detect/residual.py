@@ -18,7 +18,6 @@ import numpy as np
 from loopdiag.detect.base import (
     UNJUDGED,
     Detector,
-    DetectorConfig,
     Finding,
     Unjudged,
     loop_values,
@@ -27,15 +26,14 @@ from loopdiag.detect.base import (
 )
 from loopdiag.detect.columns import RecordColumns, codes, expand, near, trailing_medians
 from loopdiag.detect.symptoms import (
-    CONTEXT_FREE_MARGIN,
+    SolvedLineConfig,
     Symptoms,
     solved_line,
-    validate_context_free,
 )
 
 
 @dataclass(frozen=True)
-class ResidualExplosionConfig(DetectorConfig):
+class ResidualExplosionConfig(SolvedLineConfig):
     # With zero-initialised output projections the stream starts at ‖N(e)‖ = √d and grows
     # several-fold in the first tens of steps as the residual branches switch on (a tiny
     # healthy run: 8 → 15.6 by step 25, settling near 8 by step 50). A baseline taken then
@@ -57,13 +55,7 @@ class ResidualExplosionConfig(DetectorConfig):
     # The loss symptom that makes growth an alarm (see `Symptoms`).
     gap: float = 0.10
 
-    # A model under `context_free_margin` × the context-free loss (when known) has solved its
-    # data: the loss symptom reads a rise from that line (`solved_line`).
-    context_free_loss: float | None = None
-    context_free_margin: float = CONTEXT_FREE_MARGIN
-
     def _validate(self) -> None:
-        validate_context_free(self.context_free_loss, self.context_free_margin)
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
         require(self.baseline_window >= 1,
                 f"baseline_window must be >= 1, got {self.baseline_window}")

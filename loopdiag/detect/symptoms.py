@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from loopdiag.detect.base import Ema, finite_scalar, loop_values, require
+from loopdiag.detect.base import DetectorConfig, Ema, finite_scalar, loop_values, require
 
 COLLAPSED_DECORRELATION = 1e-5
 # The labels' 10 % gap measured from the context-free loss: a loss within it (below) learned
@@ -331,6 +331,20 @@ def validate_context_free(context_free_loss: float | None, margin: float) -> Non
     """The checks of a config's `context_free_loss` and `context_free_margin`."""
     validate_loss(context_free_loss, "context_free_loss")
     require(0 <= margin < 1, f"context_free_margin must be in [0, 1), got {margin}")
+
+
+@dataclass(frozen=True)
+class SolvedLineConfig(DetectorConfig):
+    """The thresholds of a detector whose loss symptom reads a rise: with the data's
+    context-free loss known, a best under `context_free_margin` × it is read as that line
+    (`solved_line`)."""
+
+    context_free_loss: float | None = None
+    context_free_margin: float = CONTEXT_FREE_MARGIN
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_context_free(self.context_free_loss, self.context_free_margin)
 
 
 def behind_from(expected: float, context_free_loss: float | None, gap: float, margin: float) -> float:
