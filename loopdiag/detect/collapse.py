@@ -26,7 +26,7 @@ from loopdiag.detect.base import (
 from loopdiag.detect.columns import FOUND_WARN_CODE, RecordColumns, codes, expand, streaks
 from loopdiag.detect.symptoms import (
     CONTEXT_FREE_MARGIN, RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, RiseState,
-    learned_past_token_frequencies, solved_line, validate_loss, validate_rise,
+    learned_past_token_frequencies, solved_clause, solved_line, validate_loss, validate_rise,
 )
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
@@ -140,8 +140,7 @@ class CollapsePlateau(Detector):
                           floor=solved_line(config))
 
     def _plateau(self, state: RiseState) -> Finding:
-        above = (f"{state.floor:.4g}, the line its recent best {state.best:.4g} (step "
-                 f"{state.best_step}) got under (it had solved its data),"
+        above = (f"{solved_clause(state.floor, state.best)},"
                  if state.floor > state.best else
                  f"its recent best {state.best:.4g} (step {state.best_step})")
         stuck = (f"Smoothed loss {state.smoothed:.4g} has stayed ≥ {100 * state.needed:.0f}% above "

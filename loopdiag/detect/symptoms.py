@@ -127,7 +127,7 @@ class LossTrack:
         """Smoothed loss over its running best (or `floor`, when the best is under it),
         minus one; None before any loss."""
         base = max(self.best, floor)
-        if self.smoothed is None or not base > 0 or math.isinf(base):
+        if self.smoothed is None or not base > 0:
             return None
         return self.smoothed / base - 1
 
@@ -284,11 +284,8 @@ class Symptoms:
                         else "it had no noise")
         return (f"the loss has begun to rise: smoothed {state.smoothed:.4g}, "
                 f"{100 * state.above:.1f}% ({significance}) above "
-                + (self._solved_clause(state.best) if state.floor > state.best else
+                + (solved_clause(state.floor, state.best) if state.floor > state.best else
                    f"its recent best {state.best:.4g} (step {state.best_step})"))
-
-    def _solved_clause(self, best: float) -> str:
-        return f"{self.floor:.4g}, the line its best {best:.4g} got under (it had solved its data)"
 
     def current(self, representation: bool = True) -> str | None:
         """One clause naming the symptom present now, or None; `representation=False`
@@ -296,7 +293,7 @@ class Symptoms:
         above = self.loss.above_best(self.floor)
         if above is not None and above >= self.gap:
             return (f"the smoothed loss {self.loss.smoothed:.4g} is {100 * above:.0f}% above "
-                    + (self._solved_clause(self.loss.best) if self.floor > self.loss.best
+                    + (solved_clause(self.floor, self.loss.best) if self.floor > self.loss.best
                        else f"its best {self.loss.best:.4g}"))
         loop = collapsed_from(self._record) if representation else None
         if loop is not None:
@@ -325,6 +322,11 @@ def solved_line(config: Any) -> float:
     if config.context_free_loss is None:
         return 0.0
     return config.context_free_margin * config.context_free_loss
+
+
+def solved_clause(floor: float, best: float) -> str:
+    """What a rise is read from when the best got under the solved line `floor`."""
+    return f"{floor:.4g}, the line its best {best:.4g} got under (it had solved its data)"
 
 
 def validate_context_free(context_free_loss: float | None, margin: float) -> None:
