@@ -591,10 +591,8 @@ from scipy.stats import binomtest
 from loopdiag.detect import (
     DETECTORS,
     anchor_detectors,
-    default_detectors,
     ground_truth_onset,
     replay,
-    verdict,
 )
 from loopdiag.detect.base import Ema
 from loopdiag.detect.verdict import ONSET_EMA_SPAN, ONSET_GAP

@@ -26,7 +26,7 @@ from scipy import stats
 
 from loopdiag.analysis.document import Block, Bullets, Heading, Paragraph, Table, to_markdown
 from loopdiag.analysis.tables import loop_scaling_table, suite_table
-from loopdiag.store import RunStoreWarning, SuiteData, load_suite
+from loopdiag.store import RunStoreWarning, load_suite
 
 DEFAULT_LR = 3e-3  # the suites' default learning rate
 FAILED_TO_TRAIN_RATIO = 1.10
