@@ -163,8 +163,8 @@ def load_corpus(
     for split_name, split in (("training", train), ("validation", val)):
         if len(split) < min_tokens:
             raise DataError(
-                f"{source}: corpus too small: the {split_name} split has {len(split)} bytes of "
-                f"{len(raw)}, need at least {min_tokens} (min_tokens) for one training window"
+                f"{source}: corpus too small: its {split_name} split holds {len(split)} of the "
+                f"text's {len(raw)} bytes; one training window needs {min_tokens}"
             )
     return TokenCorpus(train, val, source, hashlib.sha256(raw).hexdigest(), len(raw))
 
