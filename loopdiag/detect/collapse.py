@@ -14,7 +14,6 @@ import numpy as np
 from loopdiag.detect.base import (
     UNJUDGED,
     Detector,
-    DetectorConfig,
     Finding,
     Unjudged,
     finite_scalar,
@@ -25,14 +24,14 @@ from loopdiag.detect.base import (
 )
 from loopdiag.detect.columns import FOUND_WARN_CODE, RecordColumns, codes, expand, streaks
 from loopdiag.detect.symptoms import (
-    CONTEXT_FREE_MARGIN, RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, RiseState,
-    learned_past_token_frequencies, solved_clause, solved_line, validate_loss, validate_rise,
+    RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, RiseState, SolvedLineConfig,
+    learned_past_token_frequencies, solved_clause, solved_line, validate_rise,
 )
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
 
 @dataclass(frozen=True)
-class CollapsePlateauConfig(DetectorConfig):
+class CollapsePlateauConfig(SolvedLineConfig):
     warmup: int = 50
     cooldown: int = 20
     ema_span: int = 20  # records; the same smoothing as `ground_truth_onset`
@@ -64,13 +63,11 @@ class CollapsePlateauConfig(DetectorConfig):
     min_progress: float = 0.01
     stall_resid_growth: float = 0.25
     # The stall is that collapse only where the stalled model never got past what the data's
-    # token frequencies alone give (`context_free_loss`, when known; within
+    # token frequencies alone give (the inherited `context_free_loss`, when known; within
     # `context_free_margin`, the labels' 10 %, `failed_to_train`'s line). One that did uses
     # its input and has converged, wherever its reference may be: at d_model 256 on a table
     # of numbers healthy models sat at half the context-free loss while their streams
     # doubled per 100 records.
-    context_free_loss: float | None = None
-    context_free_margin: float = CONTEXT_FREE_MARGIN
 
     def _validate(self) -> None:
         require(self.ema_span >= 1, f"ema_span must be >= 1, got {self.ema_span}")
@@ -82,9 +79,6 @@ class CollapsePlateauConfig(DetectorConfig):
         require(self.min_resid_growth >= 0,
                 f"min_resid_growth must be >= 0, got {self.min_resid_growth}")
         validate_rise(self.best_window, self.noise_z)
-        validate_loss(self.context_free_loss, "context_free_loss")
-        require(0 <= self.context_free_margin < 1,
-                f"context_free_margin must be in [0, 1), got {self.context_free_margin}")
 
 
 class CollapsePlateau(Detector):

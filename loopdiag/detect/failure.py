@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 
 from loopdiag.detect.base import (
-    UNJUDGED, Detector, DetectorConfig, Finding, Unjudged, finite_scalar, loop_values, require,
+    UNJUDGED, Detector, Finding, Unjudged, finite_scalar, loop_values, require,
 )
 from loopdiag.detect.columns import RecordColumns, codes, expand
 from loopdiag.detect.symptoms import (
-    COLLAPSED_DECORRELATION, CONTEXT_FREE_MARGIN, MIN_PROGRESS, LossTrack, behind_from,
+    COLLAPSED_DECORRELATION, MIN_PROGRESS, LossTrack, SolvedLineConfig, behind_from,
     learned_past_token_frequencies, times, validate_loss,
 )
 from loopdiag.detect.update import OVERSIZED_UPDATE
@@ -56,7 +56,7 @@ LOSS_WINDOW = 20
 
 
 @dataclass(frozen=True)
-class FailedToTrainConfig(DetectorConfig):
+class FailedToTrainConfig(SolvedLineConfig):
     cooldown: int = 20
     expected_loss: float | None = None
     # 10 %: the gap the loss-only outcome labels use, and ground_truth_onset's.
@@ -64,17 +64,9 @@ class FailedToTrainConfig(DetectorConfig):
     high_loss_window: int = 100  # llm-foundry's minimum window, used without a reference
     # Without a reference: a step this large (‖ΔW‖ / ‖W‖) means the run failed to train.
     oversized_update: float = OVERSIZED_UPDATE
-    context_free_loss: float | None = None
-    # A loss within this fraction below the context-free loss has learned next to nothing
-    # beyond token frequencies: the labels' 10 % gap, measured down from that floor. A
-    # reference below this fraction of it has learned nearly everything (`behind_from`).
-    context_free_margin: float = CONTEXT_FREE_MARGIN
 
     def _validate(self) -> None:
         validate_loss(self.expected_loss)
-        validate_loss(self.context_free_loss, "context_free_loss")
-        require(0 <= self.context_free_margin < 1,
-                f"context_free_margin must be in [0, 1), got {self.context_free_margin}")
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
         require(self.oversized_update > 0,
                 f"oversized_update must be > 0, got {self.oversized_update}")

@@ -337,9 +337,11 @@ def validate_context_free(context_free_loss: float | None, margin: float) -> Non
 
 @dataclass(frozen=True)
 class SolvedLineConfig(DetectorConfig):
-    """The thresholds of a detector whose loss symptom reads a rise: with the data's
-    context-free loss known, a best under `context_free_margin` × it is read as that line
-    (`solved_line`)."""
+    """The data's context-free loss (what its token frequencies alone give; None: unknown)
+    and the margin, the labels' 10 %, that draws two lines from it: a loss within the margin
+    below it learned next to nothing that needs the input (`learned_past_token_frequencies`),
+    and one under margin × it has solved its data, so a rise or a gap is read from that line
+    (`solved_line`, `behind_from`). Shared by every detector that reads either line."""
 
     context_free_loss: float | None = None
     context_free_margin: float = CONTEXT_FREE_MARGIN
