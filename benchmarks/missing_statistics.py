@@ -42,6 +42,7 @@ from detection import (
     score,
     score_corpus,
     score_study,
+    reference_alarms_on_healthy,
     score_verdicts,
     study_name,
 )
@@ -87,6 +88,8 @@ class Result:
     set_name: str
     verdicts: dict[str, VerdictScore]  # by mode
     false_warnings: int
+    # with a reference, the alarms only its loss curve gives besides (`REFERENCE_ONLY`)
+    reference_false_warnings: int
     healthy_steps: int
 
 
@@ -126,7 +129,7 @@ def scored(ablation: str, detection_set: DetectionSet) -> Result:
         runs = score_corpus(detection_set.seeds, detection_set.path, context_free_loss(recorded), kept)
     everything = score(ALL_DEFAULTS, runs, set(DETECTORS))
     return Result(ablation, detection_set.name, {mode: score_verdicts(runs, mode) for mode in MODES},
-                  everything.false_alarms, everything.healthy_steps)
+                  everything.false_alarms, reference_alarms_on_healthy(runs), everything.healthy_steps)
 
 
 def pooled_rows(results: Sequence[Result]) -> list[list[str]]:
@@ -138,16 +141,23 @@ def pooled_rows(results: Sequence[Result]) -> list[list[str]]:
         failed = sum(v.failed for v in no_ref)
         collapsed = sum(v.failed_statuses.get("collapsed", 0) for v in no_ref)
         warnings, steps = (sum(r.false_warnings for r in mine), sum(r.healthy_steps for r in mine))
+        with_reference = warnings + sum(r.reference_false_warnings for r in mine)
+        never = sum(v.never_trained for v in no_ref)
         rows.append([
             ablation,
             fraction(sum(v.failed_not_stable for v in with_ref), failed),
             fraction(sum(v.failed_not_stable for v in no_ref), failed),
             fraction(collapsed, failed),
-            fraction(sum(v.never_trained_early for v in no_ref), sum(v.never_trained for v in no_ref)),
+            fraction(sum(v.never_trained_early for v in no_ref), never),
+            fraction(sum(v.never_trained_early for v in with_ref), never),
             fraction(sum(v.rose_before_onset for v in no_ref), sum(v.rose for v in no_ref)),
             fraction(sum(v.healthy_collapsed for v in no_ref), sum(v.healthy for v in no_ref)),
-            f"{PER_STEPS * warnings / steps:.2f} ({warnings} in {steps:,})" if steps else "–"])
+            per_steps(warnings, steps), per_steps(with_reference, steps)])
     return rows
+
+
+def per_steps(warnings: int, steps: int) -> str:
+    return f"{PER_STEPS * warnings / steps:.2f} ({warnings} in {steps:,})" if steps else "–"
 
 
 def per_set_rows(results: Sequence[Result], sets: Sequence[DetectionSet]) -> list[list[str]]:
@@ -169,8 +179,8 @@ def report(results: Sequence[Result], sets: Sequence[DetectionSet], command: str
     pooled_header = ["records", "failed runs judged not stable, with ref.", "… no ref.",
                      "failed runs judged collapsed (a mechanism named), no ref.",
                      f"never trained, warned within {EARLY_FRACTION:.0%} of steps",
-                     "late collapses warned by onset", "healthy runs judged collapsed",
-                     f"false warnings per {PER_STEPS // 1000}k healthy steps"]
+                     "… with ref.", "late collapses warned by onset", "healthy runs judged collapsed",
+                     f"false warnings per {PER_STEPS // 1000}k healthy steps", "… with ref."]
     runs = sum(result.verdicts[MODES[0]].failed + result.verdicts[MODES[0]].healthy
                for result in results if result.ablation == next(iter(ABLATIONS)))
     return "\n".join([

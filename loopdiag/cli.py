@@ -333,9 +333,9 @@ def analyze(
              "without one reads as stable when it trained but ended behind). The stored verdict "
              "is not changed.")] = None,
     reference: Annotated[Path | None, typer.Option(
-        help="Judge one run again against another run's final smoothed loss (a finished run "
-             "folder: the same model with one loop, a baseline). The stored verdict is not "
-             "changed.")] = None,
+        help="Judge one run again against another run's final smoothed loss and loss curve (a "
+             "finished run folder: the same model with one loop, a baseline). The stored "
+             "verdict is not changed.")] = None,
 ) -> None:
     """Verdicts from a run store: one run explained, or a suite's table."""
     from loopdiag.analysis import explain, run_verdict, suite_table
@@ -347,7 +347,7 @@ def analyze(
     try:
         if is_run_dir(path):
             run = load_run(path)
-            judged = run_verdict(run) if given is None else replayed_verdict(run, given)
+            judged = run_verdict(run) if given is None else replayed_verdict(run, given, reference)
             note = (" (judged again from the store; the stored verdict is unchanged)" if given
                     else " (recomputed from the store)" if judged.get("recomputed") else "")
             console.print(f"[bold]{run.run_id}[/]: {judged['status']}{note}")

@@ -962,7 +962,8 @@ def test_public_api():
     import loopdiag.detect as detect
 
     assert sorted(detect.__all__) == sorted([
-        "DETECTORS", "MECHANISMS", "SEVERITIES", "STATUSES", "CollapsePlateau",
+        "DETECTORS", "MECHANISMS", "SEVERITIES", "STATUSES", "BehindReference",
+        "BehindReferenceConfig", "CollapsePlateau",
         "CollapsePlateauConfig", "DeadLoops", "DeadLoopsConfig", "IdleLoops", "IdleLoopsConfig", "FailedToTrain",
         "FailedToTrainConfig", "FoundryHighLoss", "RepresentationCollapse",
         "RepresentationCollapseConfig", "VanishingGradient", "VanishingGradientConfig",
@@ -977,7 +978,8 @@ def test_public_api():
     assert list(DETECTORS) == ["non_finite", "update_size", "representation_collapse",
                                "vanishing_gradient", "dead_loops", "idle_loops", "residual_blowup",
                                "residual_explosion", "gradient_oscillation", "loss_spike",
-                               "loss_rise", "slow_divergence", "collapse_plateau", "failed_to_train"]
+                               "loss_rise", "slow_divergence", "collapse_plateau", "behind_reference",
+                               "failed_to_train"]
 
 
 def test_detectors_import_neither_torch_nor_the_rest_of_loopdiag():

@@ -55,7 +55,7 @@ def test_non_finite_tail_fails_against_the_reference(bench):
 
 def scored_run(bench, name, kind, onset, alarm_steps, detector="collapse_plateau", steps=STEPS,
                status="stable", first_warning=None, early_loss=3.0, reference_early_loss=3.0,
-               final_loss=2.0, lowest_loss=None, context_free_loss=None):
+               final_loss=2.0, lowest_loss=None, context_free_loss=None, reference_alarm_steps=()):
     judged = {"status": status, "first_warning_step": first_warning, "step": None,
               "signal": None, "mechanism": None}
     return bench.ScoredRun(
@@ -67,6 +67,8 @@ def scored_run(bench, name, kind, onset, alarm_steps, detector="collapse_plateau
         context_free_loss=context_free_loss,
         alarms=tuple({"step": s, "detector": detector, "severity": "warn", "message": ""}
                      for s in alarm_steps),
+        reference_alarms=tuple({"step": s, "detector": "behind_reference", "severity": "warn",
+                                "message": ""} for s in reference_alarm_steps),
         verdicts={mode: judged for mode in bench.MODES})
 
 
@@ -191,7 +193,7 @@ def test_lead_is_compared_run_by_run_on_the_failures_both_caught(bench):
 def test_target_lines_give_the_leads_they_compared_and_the_runs_behind_each_axis(bench):
     anchors = len(bench.anchor_detectors())
     ours = detector_score(bench, {"a": 0, "b": 4, "c": 50})
-    lines = bench.target_lines("set", [ours] + [detector_score(bench, {"b": 30, "c": 40})] * anchors)
+    lines = bench.target_lines("set", [ours] + [detector_score(bench, {"b": 30, "c": 40})] * anchors, [])
     assert lines[1].endswith("Median lead on the 2 failures both caught before onset: 27 steps "
                              "against 35.")
     assert "**not met** (better: none; worse: none)" in lines[1]
@@ -199,8 +201,21 @@ def test_target_lines_give_the_leads_they_compared_and_the_runs_behind_each_axis
             "p = 1); false-alarm rate (healthy runs with fewer alarms: ours on 0, theirs on 0, p = 1); "
             "lead on the failures both caught before onset (failures warned earlier: ours on 1, "
             "theirs on 1, p = 1).") in lines[1]
-    lines = bench.target_lines("set", [ours] + [detector_score(bench, {"d": 9})] * anchors)
+    lines = bench.target_lines("set", [ours] + [detector_score(bench, {"d": 9})] * anchors, [])
     assert "Median lead" not in lines[1]
+
+
+def test_false_warnings_with_a_reference_add_what_only_its_curve_gives_on_healthy_runs(bench):
+    runs = [scored_run(bench, "healthy", "healthy", None, [10], reference_alarm_steps=[50, 90]),
+            scored_run(bench, "failed", "failed to train", 40, [], reference_alarm_steps=[45])]
+    anchors = len(bench.anchor_detectors())
+    ours = bench.score(bench.ALL_DEFAULTS, runs, {"collapse_plateau"})
+    (line, *_) = bench.target_lines("set", [ours] * (1 + anchors), runs)
+    assert f"(1 in {STEPS} steps" in line
+    assert "with a reference, **not met** (3, " in line and "2 more from `behind_reference`" in line
+    rows = bench.false_alarm_rows(runs)
+    assert [row[:4] for row in rows] == [["healthy", "behind_reference (with reference)", 2, 50],
+                                         ["healthy", "collapse_plateau", 1, 10]]
 
 
 def test_misses_say_how_many_healthy_runs_were_as_high_where_the_warning_was_due(bench):

@@ -67,3 +67,15 @@ def test_the_readme_gives_the_pooled_counts_the_committed_report_gives(ablation)
     claimed = set(re.findall(r"\b(\d+)/(\d+)\b", bullet[0]))
     pooled = set(re.findall(r"\b(\d+)/(\d+) \(", report.split("By set")[0]))
     assert len(claimed) >= 6 and claimed <= pooled, sorted(claimed - pooled)
+
+
+def test_with_a_reference_s_curve_a_model_that_logs_only_its_loss_is_warned_early(ablation):
+    """A run that never trained looks, by its loss alone, like any run in its first steps;
+    beside its reference's curve it is stuck at token statistics while the reference left
+    them, and is warned within the first 15 % of its steps."""
+    clinic = ablation.DetectionSet("clinic", ablation.ROOT / "reports/detection/clinic/runs", (133,))
+    bare = ablation.scored("loss alone", clinic)
+    alone, beside = bare.verdicts["no reference"], bare.verdicts["with reference"]
+    assert alone.never_trained == beside.never_trained == 3
+    assert (alone.never_trained_early, beside.never_trained_early) == (0, 3)
+    assert bare.reference_false_warnings == 0

@@ -119,3 +119,41 @@ def test_a_run_is_judged_against_one_loop_runs_at_its_learning_rate_or_a_lower_o
     assert reference(1, 1e-1) == ("looped-k01-s0-lr0.01", 1.9)
     assert reference(1, 3e-3) is None  # nothing gentler but itself
     assert reference(4, 1e-3) is None
+
+
+def test_a_run_stuck_at_token_statistics_is_warned_against_its_reference_s_curve(tmp_path: Path):
+    """Positions distinct, gradients alive, the loss stalled where token frequencies put it
+    while the one-loop run of the suite had left that level: warned mid-run, by the step the
+    reference had got there, in the rejudged events and in `analyze --reference`."""
+    from loopdiag.analysis.analyzer import replayed_verdict
+    from loopdiag.store import load_run
+
+    cells = {}
+    for n_loops, stalled in ((1, False), (LOOPS, True)):
+        run_id = f"looped-k{n_loops:02d}-s0"
+        cells[run_id] = {"arch": "looped", "n_loops": n_loops, "seed": 0, "lr": 3e-3}
+        with RunWriter(tmp_path / run_id, {"cell": cells[run_id], "train": {"steps": STEPS},
+                                           "detectors": {}, "data": {"context_free_loss": 3.3}}) as run:
+            for step in range(1, STEPS + 1):
+                level = 3.3 + 2.2 * math.exp(-step / 3)
+                if not stalled:
+                    level -= 1.1 * (1 - math.exp(-max(0, step - 15) / 20))
+                run.log({"step": step, "loss": level * (1 + 0.02 * math.sin(step)),
+                         "token_corr": [0.5] * n_loops})
+            run.close({"status": "stable", "step": None, "signal": None})
+    write_suite_manifest(tmp_path, {"name": "tiny"}, cells)
+    assert rejudge_suite(tmp_path)["looped-k04-s0"] == "failed_to_train"
+    events = [json.loads(line) for line in (tmp_path / "looped-k04-s0" / "events.jsonl").open()]
+    (behind,) = [event for event in events if event["detector"] == "behind_reference"]
+    assert behind["severity"] == "warn" and behind["step"] < STEPS / 2
+    assert f"by step {behind['evidence']['reference_step']}" in behind["message"]
+    summary = json.loads((tmp_path / "looped-k04-s0" / "summary.json").read_text())
+    assert summary["first_warning_step"] == behind["step"]
+
+    run = load_run(tmp_path / "looped-k04-s0")
+    reference = {"expected_loss": summary["reference"]["expected_loss"]}
+    replayed = replayed_verdict(run, reference, tmp_path / "looped-k01-s0")
+    assert [e for e in replayed["events"] if e["detector"] == "behind_reference"] == [behind]
+    # a loss alone, with no curve behind it, warns only at the end
+    replayed = replayed_verdict(run, reference)
+    assert not [e for e in replayed["events"] if e["detector"] == "behind_reference"]

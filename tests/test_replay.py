@@ -14,7 +14,7 @@ import pytest
 
 from loopdiag.detect import DETECTORS, Event, default_detectors, replay, verdict
 from loopdiag.store import read_records
-from loopdiag.store.reference import context_free_loss
+from loopdiag.store.reference import context_free_loss, recorded_losses, reference_run
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p
 
 pytestmark = pytest.mark.torchless
@@ -47,6 +47,8 @@ EAGER = {
     "vanishing_gradient": {"patience": 2, "window": 4, "gap": 0.02},
     "update_size": {"cooldown": 2},
     "non_finite": {"cooldown": 3},
+    # a reference far below a loss that sits above the line drawn from a context-free loss
+    "behind_reference": {"context_free_loss": 2.5, "reference_losses": [(1, 1.0)], "cooldown": 3},
 }
 
 
@@ -201,6 +203,16 @@ def test_offline_equals_online_on_runs_where_each_detector_fires():
         records = read_records(STUDY / run)
         for expected_loss in (None, 2.0):
             fired |= {e.detector for e in assert_same(records, lambda: default_detectors(expected_loss))}
+    # At lr 1e-1 the one-loop `standard` stalls at token statistics twice, while the same
+    # model at 3e-3 (its reference) had left them.
+    run = STUDY / "standard-k01-s0-lr0.1"
+    reference = reference_run(STUDY, {"arch": "standard", "n_loops": 1, "seed": 0, "lr": 0.1})
+    curve = recorded_losses(STUDY / reference[0])
+    events = assert_same(read_records(run), lambda: default_detectors(
+        reference[1], context_free_loss=context_free_loss(json.loads((run / "config.json").read_text())),
+        reference_losses=curve))
+    assert [e.step for e in events if e.detector == "behind_reference"] == [67, 157]
+    fired.add("behind_reference")
     # Not on the study: non-finite values, a loss that rose (the synthetic runs have them,
     # and a late collapse of the transfer corpus the rise, below).
     assert fired == set(DETECTORS) - {"non_finite", "slow_divergence", "loss_rise"}

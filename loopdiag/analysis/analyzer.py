@@ -15,6 +15,7 @@ Definitions (they are the columns of `suite_table` too):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,8 +26,8 @@ from loopdiag.detect.failure import FailedToTrainConfig
 from loopdiag.detect.symptoms import behind_from
 from loopdiag.detect.verdict import FAILED_STATUSES
 from loopdiag.store import RunData
-from loopdiag.store import event_frame, read_records
-from loopdiag.store.reference import context_free_loss
+from loopdiag.store import event_frame, is_run_dir, read_records
+from loopdiag.store.reference import context_free_loss, recorded_losses
 
 LOSS_COLUMNS = ("loss", "train_loss")  # the recorder's name first, the trainer's second
 FINAL_FRACTION = 0.1
@@ -125,11 +126,14 @@ def run_verdict(run: RunData) -> dict[str, Any]:
     return replayed_verdict(run)
 
 
-def replayed_verdict(run: RunData, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+def replayed_verdict(run: RunData, reference: dict[str, Any] | None = None,
+                     reference_dir: Path | None = None) -> dict[str, Any]:
     """The default detectors (with the threshold overrides of the run config's `detectors`
     mapping, as the run used them) replayed over the store, judged against `reference`
-    (`{"expected_loss": ..., "run": ...}`; None: the run config's), marked `recomputed:
-    True` and carrying the replayed `events`. Nothing stored changes. A run whose summary
+    (`{"expected_loss": ..., "run": ...}`; None: the run config's) and the loss curve of the
+    run in `reference_dir` (for the run config's reference: its run in the same suite folder,
+    where it is), marked `recomputed: True` and carrying the replayed `events`. Nothing
+    stored changes. A run whose summary
     says it was interrupted, or that logged fewer steps than its config planned and left no
     summary, is judged unfinished: it can read as interrupted."""
     records = read_records(run.run_dir)
@@ -142,8 +146,12 @@ def replayed_verdict(run: RunData, reference: dict[str, Any] | None = None) -> d
         finished = planned is None or (records[-1]["step"] if records else 0) >= planned
     if reference is None:
         reference = run.config.get("reference") if isinstance(run.config.get("reference"), dict) else {}
+        if isinstance(reference.get("run"), str):
+            reference_dir = run.run_dir.parent / reference["run"]
+    losses = recorded_losses(reference_dir) if reference_dir is not None and is_run_dir(reference_dir) else ()
     floor = context_free_loss(run.config)
     events = replay(records, default_detectors(reference.get("expected_loss"), context_free_loss=floor,
+                                               reference_losses=losses or None,
                                                **(overrides if isinstance(overrides, dict) else {})),
                     finished=finished)
     return {**verdict(records, events, finished=finished, context_free_loss=floor), "recomputed": True,

@@ -3,21 +3,22 @@ and rewrite its verdict and events, as training would have written them. Nothing
 training changes, so replaying is enough when only the detectors did.
 
 Each run is judged against its reference (`expected_loss`, `reference_run`): the final loss
-of a one-loop run of its architecture and seed at its learning rate or a lower one, which
-replaying does not change, so the order runs are judged in does not matter.
+of a one-loop run of its architecture and seed at its learning rate or a lower one, and
+that run's loss curve, which replaying does not change, so the order runs are judged in
+does not matter.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from loopdiag.detect import Event, default_detectors, replay, verdict
 from loopdiag.store import is_run_dir, read_records
 from loopdiag.store._files import EVENTS_FILE, SUITE_FILE, SUMMARY_FILE, replace_atomically, write_json_atomic
-from loopdiag.store.reference import context_free_loss, reference_run
+from loopdiag.store.reference import context_free_loss, recorded_losses, reference_run
 
 
 def rejudge_suite(suite_dir: str | Path,
@@ -56,7 +57,9 @@ def rejudge_run(run_dir: Path, cell: dict[str, Any]) -> tuple[dict[str, Any], di
     reference = reference_run(run_dir.parent, cell)
     finished = old.get("status") != "interrupted"
     events, judged = judge(records, thresholds, None if reference is None else reference[1],
-                           finished=finished, context_free_loss=context_free_loss(config))
+                           finished=finished, context_free_loss=context_free_loss(config),
+                           reference_losses=(None if reference is None
+                                             else recorded_losses(run_dir.parent / reference[0]) or None))
     new = {**old, **judged,
            "reference": None if reference is None else {"run": reference[0], "expected_loss": reference[1]},
            "rejudged_from": old.get("status")}
@@ -67,12 +70,14 @@ def rejudge_run(run_dir: Path, cell: dict[str, Any]) -> tuple[dict[str, Any], di
 
 
 def judge(records: list[dict[str, Any]], thresholds: dict[str, Any], expected_loss: float | None,
-          *, finished: bool, context_free_loss: float | None = None
+          *, finished: bool, context_free_loss: float | None = None,
+          reference_losses: Sequence[tuple[int, float]] | None = None
           ) -> tuple[list[Event], dict[str, Any]]:
-    """(events, verdict) of the default detectors (with `thresholds`, `expected_loss` and
-    `context_free_loss`) replayed over `records`, as a live run would have ended: the
-    verdict carries `not_judged`, and an unfinished run is "interrupted"."""
-    detectors = default_detectors(expected_loss, context_free_loss=context_free_loss, **thresholds)
+    """(events, verdict) of the default detectors (with `thresholds`, `expected_loss`,
+    `context_free_loss` and `reference_losses`) replayed over `records`, as a live run would
+    have ended: the verdict carries `not_judged`, and an unfinished run is "interrupted"."""
+    detectors = default_detectors(expected_loss, context_free_loss=context_free_loss,
+                                  reference_losses=reference_losses, **thresholds)
     events = replay(records, detectors, finished=finished)
     judged = verdict(records, events, finished=finished, context_free_loss=context_free_loss)
     if not finished:

@@ -10,6 +10,7 @@ laptop.
 from loopdiag.detect.anchors import FoundryHighLoss, MegatronSpike, OlmoSpike, ZScore30, anchor_detectors
 from loopdiag.detect.blowup import ResidualBlowup, ResidualBlowupConfig
 from loopdiag.detect.base import SEVERITIES, Detector, DetectorConfig, Event, replay
+from loopdiag.detect.behind import BehindReference, BehindReferenceConfig
 from loopdiag.detect.collapse import CollapsePlateau, CollapsePlateauConfig
 from loopdiag.detect.failure import FailedToTrain, FailedToTrainConfig
 from loopdiag.detect.gradient import GradientOscillation, GradientOscillationConfig
@@ -43,6 +44,8 @@ __all__ = [
     "MECHANISMS",
     "SEVERITIES",
     "STATUSES",
+    "BehindReference",
+    "BehindReferenceConfig",
     "CollapsePlateau",
     "CollapsePlateauConfig",
     "DeadLoops",

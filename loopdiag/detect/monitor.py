@@ -7,7 +7,7 @@ an alert channel that breaks (a network hiccup, a full disk) must never stop tra
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from loopdiag.detect import SEVERITIES, Detector, Event, FailedToTrain, default_detectors
@@ -74,15 +74,19 @@ class Monitor:
         thresholds: Mapping[str, Mapping[str, Any]] | None = None,
         expected_loss: float | None = None,
         context_free_loss: float | None = None,
+        reference_losses: Sequence[tuple[int, float]] | None = None,
     ):
         if stop_on is not None and stop_on not in SEVERITIES:
             raise ValueError(f"stop_on must be one of {', '.join(SEVERITIES)} or None, got {stop_on!r}")
         if detectors is not None and (thresholds or expected_loss is not None
-                                      or context_free_loss is not None):
+                                      or context_free_loss is not None
+                                      or reference_losses is not None):
             raise ValueError("pass either detectors or thresholds / expected_loss / "
-                             "context_free_loss for the default detectors, not both")
+                             "context_free_loss / reference_losses for the default detectors, "
+                             "not both")
         self.detectors = (list(detectors) if detectors is not None
                           else default_detectors(expected_loss, context_free_loss=context_free_loss,
+                                                 reference_losses=reference_losses,
                                                  **(thresholds or {})))
         self.context_free_loss = context_free_loss  # the verdict's test of a recovery
         self.sinks = list(sinks)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from loopdiag.detect.base import Detector
+from loopdiag.detect.behind import BehindReference
 from loopdiag.detect.blowup import ResidualBlowup
 from loopdiag.detect.collapse import CollapsePlateau
 from loopdiag.detect.failure import FailedToTrain
@@ -21,18 +22,20 @@ DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
     NonFinite, UpdateSize, RepresentationCollapse, VanishingGradient, DeadLoops, IdleLoops,
     ResidualBlowup,
     ResidualExplosion, GradientOscillation, LossSpike, LossRise, SlowDivergence, CollapsePlateau,
-    FailedToTrain)}
+    BehindReference, FailedToTrain)}
 
 
 def default_detectors(expected_loss: float | None = None, *,
                       context_free_loss: float | None = None,
+                      reference_losses: Sequence[tuple[int, float]] | None = None,
                       **overrides: Mapping[str, Any]) -> list[Detector]:
     """One of each detector in `DETECTORS`, with `overrides` applied, e.g.
     `default_detectors(loss_spike={"z": 8})` or `default_detectors(**suite["detectors"])`.
     `expected_loss` (the loss this model should reach, e.g. the same architecture's with
-    one loop) and `context_free_loss` (what the data's token frequencies alone give, e.g.
-    `loopdiag.data.unigram_loss` of the training tokens) go to every detector that takes
-    them, unless its overrides set them.
+    one loop), `context_free_loss` (what the data's token frequencies alone give, e.g.
+    `loopdiag.data.unigram_loss` of the training tokens) and `reference_losses` (the
+    (step, train loss) pairs of the run `expected_loss` came from) go to every detector that
+    takes them, unless its overrides set them.
 
     Raises ValueError naming the detector and threshold for an unknown detector, an
     unknown threshold, or a value of the wrong type or range.
@@ -44,7 +47,8 @@ def default_detectors(expected_loss: float | None = None, *,
     validate_loss(expected_loss)
     validate_loss(context_free_loss, "context_free_loss")
     given = {key: value for key, value in (("expected_loss", expected_loss),
-                                           ("context_free_loss", context_free_loss))
+                                           ("context_free_loss", context_free_loss),
+                                           ("reference_losses", reference_losses))
              if value is not None}
     detectors = []
     for name, cls in DETECTORS.items():

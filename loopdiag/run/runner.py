@@ -22,6 +22,7 @@ from loopdiag.models import ModelConfig, build_model
 from loopdiag.probes import RecorderCallback
 from loopdiag.run.session import RunSession
 from loopdiag.store._files import CHECKPOINT_FILE
+from loopdiag.store.reference import recorded_losses
 from loopdiag.train import (
     TrainCallback,
     TrainConfig,
@@ -160,8 +161,9 @@ def run_one(
     `wandb_mode` "offline" or "online" mirrors the run to W&B (one W&B run per training run,
     grouped by `wandb_group`); None keeps it local. Under torchrun every rank calls it with
     the same arguments; `sinks` and W&B are used on rank 0 only. `reference` (run id, loss)
-    names the run whose final smoothed loss this one should reach (the same architecture
-    with one loop): the detectors' `expected_loss`, recorded under `reference`."""
+    names the run of the same suite folder whose final smoothed loss this one should reach
+    (the same architecture with one loop): the detectors' `expected_loss`, recorded under
+    `reference`; its records give them its loss curve (`reference_losses`)."""
     model_config = model_config.with_(n_loops=spec.n_loops)
     train_config = replace(train_config, seed=spec.seed, n_loops=None,
                            lr=train_config.lr if spec.lr is None else spec.lr)
@@ -176,7 +178,9 @@ def run_one(
         wandb_run = WandbRun(spec.run_id, config, group=wandb_group, mode=wandb_mode, dir=run_dir.parent)
     monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=thresholds,
                       expected_loss=None if reference is None else reference[1],
-                      context_free_loss=config["data"]["context_free_loss"])
+                      context_free_loss=config["data"]["context_free_loss"],
+                      reference_losses=(None if reference is None
+                                        else recorded_losses(run_dir.parent / reference[0]) or None))
     torch.manual_seed(spec.seed)  # the same seed gives the same initial weights
     model = build_model(spec.arch, model_config)
     if isinstance(data, SyntheticTask):

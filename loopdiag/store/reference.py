@@ -18,6 +18,9 @@ from have finished (`reference_candidate`). The loss is the EMA of the train los
 last record (`final_smoothed_loss`, recomputed from the records for runs judged before that
 field existed).
 
+Its records give the reference's loss curve, which a run that stopped learning at token
+statistics is compared with step by step while it trains (`recorded_losses`).
+
 The loss no run should stall at is the data's context-free loss (what its token frequencies
 alone give), which a run's config records under `data`.
 """
@@ -89,6 +92,16 @@ def finished_final_loss(run_dir: Path) -> float | None:
                 ema.update(value)
         loss = ema.value
     return float(loss) if loss is not None and math.isfinite(loss) and loss > 0 else None
+
+
+def recorded_losses(run_dir: str | Path) -> tuple[tuple[int, float], ...]:
+    """(step, train loss) of the run's records with an integer step and a finite loss, in
+    step order (a step logged twice, as a resumed run may, counts once: its last loss): a
+    reference's loss curve (`behind_reference`). Empty when it has none."""
+    losses = {record["step"]: float(record["loss"]) for record in read_records(run_dir)
+              if isinstance(record.get("step"), int) and isinstance(record.get("loss"), (int, float))
+              and not isinstance(record["loss"], bool) and math.isfinite(record["loss"])}
+    return tuple(sorted(losses.items()))
 
 
 def context_free_loss(config: Mapping[str, Any]) -> float | None:
