@@ -10,8 +10,10 @@ run can sit 10 % behind its reference on the plateau and close the gap in the de
 this detector reads is the collapse the FLT paper describes: a loss that has stopped
 falling at the data's context-free loss (within its margin: the model predicts from token
 frequencies alone), while the reference's loss at the same step is below that line and the
-labels' gap below the run's. Every model passes through the context-free plateau early; by
-then the reference has shown that this one should have left it.
+labels' gap below the run's. Every model passes through the context-free plateau early, and
+a looped one may leave it later than its one-loop reference (on two-digit addition, a
+plateau of hundreds of steps, up to 1.75× as late in the development runs): the run is held
+to it only once it has spent `patience` times as long there as the reference did.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from loopdiag.detect.base import UNJUDGED, Detector, Ema, Finding, Unjudged, is_int, require
 from loopdiag.detect.columns import RecordColumns, codes, expand
 from loopdiag.detect.symptoms import (
-    EMA_SPAN, MIN_PROGRESS, LossTrack, SolvedLineConfig, learned_past_token_frequencies,
+    EMA_SPAN, MIN_PROGRESS, LossTrack, SolvedLineConfig, learned_past_token_frequencies, times,
 )
 
 
@@ -38,10 +40,13 @@ class BehindReferenceConfig(SolvedLineConfig):
     reference_losses: tuple[tuple[int, float], ...] | None = field(default=None, repr=False)
     gap: float = 0.10  # the labels' gap, as `failed_to_train`'s
     window: int = 20  # records over which a stall is read (`MIN_PROGRESS` over them)
+    # Judged from this many times the step at which the reference left token statistics.
+    patience: float = 2.0
 
     def _validate(self) -> None:
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
         require(self.window >= 2, f"window must be >= 2, got {self.window}")
+        require(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
         if self.reference_losses is not None:
             object.__setattr__(self, "reference_losses", checked_losses(self.reference_losses))
 
@@ -69,7 +74,8 @@ class BehindReference(Detector):
     """Warn when the smoothed loss (EMA, span 20 records) has stalled (its rolling median
     < 2 % better over `window` records) within `context_free_margin` of the context-free
     loss or above it, while the reference's smoothed loss at the latest of its steps up to
-    this one is below that line and ≥ `gap` below the run's."""
+    this one is below that line and ≥ `gap` below the run's, from `patience` × the first
+    step at which the reference's was below that line."""
 
     name = "behind_reference"
     config_class = BehindReferenceConfig
@@ -79,10 +85,18 @@ class BehindReference(Detector):
     def _reset_state(self) -> None:
         self._loss = LossTrack(window=self.config.window)
         self._steps, self._smoothed = reference_curve(self.config.reference_losses)
+        # The first step at which the reference had learned past token statistics.
+        left = np.flatnonzero(np.asarray(learned_past_token_frequencies(
+            self._smoothed, self.config.context_free_loss, self.config.context_free_margin)))
+        self._left_at = int(self._steps[left[0]]) if len(left) else None
 
     @property
     def _active(self) -> bool:
-        return self.config.context_free_loss is not None and len(self._steps) > 0
+        return self._left_at is not None
+
+    @property
+    def _judged_from(self) -> float:
+        return self.config.patience * self._left_at
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         if not self._active:
@@ -93,7 +107,8 @@ class BehindReference(Detector):
 
     def _finding(self, track: LossTrack, step: int) -> Finding | None:
         smoothed, at = track.smoothed, int(np.searchsorted(self._steps, step, side="right")) - 1
-        if smoothed is None or at < 0 or not self._behind(smoothed, self._smoothed[at]):
+        if (smoothed is None or at < 0 or step < self._judged_from
+                or not self._behind(smoothed, self._smoothed[at])):
             return None
         progress = track.progress()
         if progress is None or progress >= MIN_PROGRESS:
@@ -107,10 +122,13 @@ class BehindReference(Detector):
             f"{floor:.4g}, what the data's token "
             f"frequencies alone give, while its reference was at {reference:.4g} by step "
             f"{int(self._steps[at])}, {100 * (1 - reference / smoothed):.0f}% lower: the "
-            f"reference learned past token statistics by now and this run has not."),
+            f"reference learned past token statistics by step {self._left_at}, and this run "
+            f"has not in {times(step / self._left_at)} as many steps."),
             {"smoothed_loss": smoothed, "reference_loss": reference,
-             "reference_step": int(self._steps[at]), "progress": progress,
+             "reference_step": int(self._steps[at]), "reference_left_at": self._left_at,
+             "progress": progress,
              "thresholds": {"gap": self.config.gap, "window": self.config.window,
+                            "patience": self.config.patience,
                             "min_progress": MIN_PROGRESS,
                             "context_free_loss": floor,
                             "context_free_margin": self.config.context_free_margin}})
@@ -134,7 +152,8 @@ class BehindReference(Detector):
         at = np.searchsorted(self._steps, steps, side="right") - 1
         smoothed = np.array(history.smoothed)
         reference = self._smoothed[np.maximum(at, 0)] if len(at) else np.empty(0)
-        flagged = (at >= 0) & self._behind(smoothed, reference) if len(at) else np.zeros(0, dtype=bool)
+        flagged = ((at >= 0) & (steps >= self._judged_from) & self._behind(smoothed, reference)
+                   if len(at) else np.zeros(0, dtype=bool))
         judged = np.isfinite(columns.finite("loss"))
         return (codes(judged, expand(positions, flagged, count, False)),
                 lambda index: self._finding(columns.loss_track_at(index, self.config.window),

@@ -96,12 +96,11 @@ def finished_final_loss(run_dir: Path) -> float | None:
 
 def recorded_losses(run_dir: str | Path) -> tuple[tuple[int, float], ...]:
     """(step, train loss) of the run's records with an integer step and a finite loss, in
-    step order (a step logged twice, as a resumed run may, counts once: its last loss): a
-    reference's loss curve (`behind_reference`). Empty when it has none."""
-    losses = {record["step"]: float(record["loss"]) for record in read_records(run_dir)
-              if isinstance(record.get("step"), int) and isinstance(record.get("loss"), (int, float))
-              and not isinstance(record["loss"], bool) and math.isfinite(record["loss"])}
-    return tuple(sorted(losses.items()))
+    step order as the store keeps them: a reference's loss curve (`behind_reference`).
+    Empty when it has none."""
+    return tuple((record["step"], float(record["loss"])) for record in read_records(run_dir)
+                 if isinstance(record.get("step"), int) and isinstance(record.get("loss"), (int, float))
+                 and not isinstance(record["loss"], bool) and math.isfinite(record["loss"]))
 
 
 def context_free_loss(config: Mapping[str, Any]) -> float | None:
