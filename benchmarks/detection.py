@@ -1263,7 +1263,7 @@ def score_study(study: Path, kept: Callable[[str], bool] | None = None
             study_label(records, healthy[cells[run_id]["seed"]]),
             None if reference_id is None else finals[reference_id], context_free_loss(configs[run_id]),
             [finished[healthy_id] for healthy_id in by_seed[cells[run_id]["seed"]]],
-            None if reference_id is None else recorded_losses(study / reference_id) or None))
+            None if reference_id is None else recorded_losses(study / reference_id)))
     return runs, healthy
 
 

@@ -132,6 +132,10 @@ def test_a_reference_s_curve_is_read_from_its_records(tmp_path):
         run.close({"status": "stable"})
     assert recorded_losses(tmp_path / "ref") == ((1, 5.0), (3, 3.9), (5, 3.5))
     BehindReference(reference_losses=recorded_losses(tmp_path / "ref"))  # a valid curve
+    with RunWriter(tmp_path / "lossless", {"cell": {}, "train": {"steps": 1}}) as run:
+        run.log({"step": 1, "grad_norm": 1.0})
+        run.close({"status": "stable"})
+    assert recorded_losses(tmp_path / "lossless") is None  # no curve, not an empty one
 
 
 def test_a_patience_under_one_is_refused():

@@ -148,10 +148,10 @@ def replayed_verdict(run: RunData, reference: dict[str, Any] | None = None,
         reference = run.config.get("reference") if isinstance(run.config.get("reference"), dict) else {}
         if isinstance(reference.get("run"), str):
             reference_dir = run.run_dir.parent / reference["run"]
-    losses = recorded_losses(reference_dir) if reference_dir is not None and is_run_dir(reference_dir) else ()
+    losses = recorded_losses(reference_dir) if reference_dir is not None and is_run_dir(reference_dir) else None
     floor = context_free_loss(run.config)
     events = replay(records, default_detectors(reference.get("expected_loss"), context_free_loss=floor,
-                                               reference_losses=losses or None,
+                                               reference_losses=losses,
                                                **(overrides if isinstance(overrides, dict) else {})),
                     finished=finished)
     return {**verdict(records, events, finished=finished, context_free_loss=floor), "recomputed": True,

@@ -59,7 +59,7 @@ def rejudge_run(run_dir: Path, cell: dict[str, Any]) -> tuple[dict[str, Any], di
     events, judged = judge(records, thresholds, None if reference is None else reference[1],
                            finished=finished, context_free_loss=context_free_loss(config),
                            reference_losses=(None if reference is None
-                                             else recorded_losses(run_dir.parent / reference[0]) or None))
+                                             else recorded_losses(run_dir.parent / reference[0])))
     new = {**old, **judged,
            "reference": None if reference is None else {"run": reference[0], "expected_loss": reference[1]},
            "rejudged_from": old.get("status")}

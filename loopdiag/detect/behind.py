@@ -36,11 +36,14 @@ from loopdiag.detect.symptoms import (
 class BehindReferenceConfig(SolvedLineConfig):
     cooldown: int = 20
     # (step, train loss) of the reference run's records: the same model with one loop in a
-    # suite. Without it, or without `context_free_loss`, the detector judges nothing.
+    # suite. Without it, without `context_free_loss`, or when the reference never got below
+    # the line drawn from that loss, the detector judges nothing.
     reference_losses: tuple[tuple[int, float], ...] | None = field(default=None, repr=False)
     gap: float = 0.10  # the labels' gap, as `failed_to_train`'s
     window: int = 20  # records over which a stall is read (`MIN_PROGRESS` over them)
-    # Judged from this many times the step at which the reference left token statistics.
+    # Judged from this many times the step at which the reference left token statistics:
+    # looped runs that solved two-digit addition left its plateau up to 1.75× as late as
+    # their one-loop reference (the development runs, `probes/addition-references.toml`).
     patience: float = 2.0
 
     def _validate(self) -> None:
@@ -148,7 +151,9 @@ class BehindReference(Detector):
             return np.zeros(count, dtype=np.int8), lambda index: UNJUDGED
         history = columns.loss_history(EMA_SPAN)
         positions = history.positions
-        steps = np.array([columns.last_step(index) for index in positions.tolist()], dtype=np.int64)
+        steps, integer = columns.int_steps()
+        # `last_step`: a record whose step is not an integer counts as its position
+        steps = np.where(integer, steps, np.arange(1, count + 1))[positions]
         at = np.searchsorted(self._steps, steps, side="right") - 1
         smoothed = np.array(history.smoothed)
         reference = self._smoothed[np.maximum(at, 0)] if len(at) else np.empty(0)

@@ -180,7 +180,7 @@ def run_one(
                       expected_loss=None if reference is None else reference[1],
                       context_free_loss=config["data"]["context_free_loss"],
                       reference_losses=(None if reference is None
-                                        else recorded_losses(run_dir.parent / reference[0]) or None))
+                                        else recorded_losses(run_dir.parent / reference[0])))
     torch.manual_seed(spec.seed)  # the same seed gives the same initial weights
     model = build_model(spec.arch, model_config)
     if isinstance(data, SyntheticTask):

@@ -94,13 +94,14 @@ def finished_final_loss(run_dir: Path) -> float | None:
     return float(loss) if loss is not None and math.isfinite(loss) and loss > 0 else None
 
 
-def recorded_losses(run_dir: str | Path) -> tuple[tuple[int, float], ...]:
+def recorded_losses(run_dir: str | Path) -> tuple[tuple[int, float], ...] | None:
     """(step, train loss) of the run's records with an integer step and a finite loss, in
     step order as the store keeps them: a reference's loss curve (`behind_reference`).
-    Empty when it has none."""
-    return tuple((record["step"], float(record["loss"])) for record in read_records(run_dir)
-                 if isinstance(record.get("step"), int) and isinstance(record.get("loss"), (int, float))
-                 and not isinstance(record["loss"], bool) and math.isfinite(record["loss"]))
+    None when it has none."""
+    losses = tuple((record["step"], float(record["loss"])) for record in read_records(run_dir)
+                   if isinstance(record.get("step"), int) and isinstance(record.get("loss"), (int, float))
+                   and not isinstance(record["loss"], bool) and math.isfinite(record["loss"]))
+    return losses or None
 
 
 def context_free_loss(config: Mapping[str, Any]) -> float | None:
