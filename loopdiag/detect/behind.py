@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from loopdiag.detect.base import UNJUDGED, Detector, Ema, Finding, Unjudged, is_int, require
-from loopdiag.detect.columns import RecordColumns, codes, expand
+from loopdiag.detect.columns import UNJUDGED_CODE, RecordColumns, codes, expand
 from loopdiag.detect.symptoms import (
     EMA_SPAN, MIN_PROGRESS, LossTrack, SolvedLineConfig, learned_past_token_frequencies, times,
 )
@@ -148,7 +148,7 @@ class BehindReference(Detector):
                        ) -> tuple[np.ndarray, Callable[[int], Finding | None | Unjudged]]:
         count = len(columns)
         if not self._active:
-            return np.zeros(count, dtype=np.int8), lambda index: UNJUDGED
+            return np.full(count, UNJUDGED_CODE, dtype=np.int8), lambda index: UNJUDGED
         history = columns.loss_history(EMA_SPAN)
         positions = history.positions
         steps, integer = columns.int_steps()
@@ -156,9 +156,8 @@ class BehindReference(Detector):
         steps = np.where(integer, steps, np.arange(1, count + 1))[positions]
         at = np.searchsorted(self._steps, steps, side="right") - 1
         smoothed = np.array(history.smoothed)
-        reference = self._smoothed[np.maximum(at, 0)] if len(at) else np.empty(0)
-        flagged = ((at >= 0) & (steps >= self._judged_from) & self._behind(smoothed, reference)
-                   if len(at) else np.zeros(0, dtype=bool))
+        reference = self._smoothed[np.maximum(at, 0)]
+        flagged = (at >= 0) & (steps >= self._judged_from) & self._behind(smoothed, reference)
         judged = np.isfinite(columns.finite("loss"))
         return (codes(judged, expand(positions, flagged, count, False)),
                 lambda index: self._finding(columns.loss_track_at(index, self.config.window),
