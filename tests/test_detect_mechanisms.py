@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import loopdiag
+from benchmark_scripts import loaded
 from loopdiag.detect import (
     DeadLoops,
     FailedToTrain,
@@ -242,6 +243,56 @@ def test_context_free_loss_reaches_failed_to_train_and_is_checked():
         FailedToTrain(context_free_margin=1.0)
     with pytest.raises(ValueError, match="not both"):
         loopdiag.Monitor(detectors=[FailedToTrain()], context_free_loss=3.26)
+
+
+def test_no_run_is_judged_by_a_context_free_line_its_reference_did_not_pass():
+    """On data with little to learn past token frequencies (a DNA-like text: 4 % below
+    them) the one-loop reference stalls near the context-free loss too; a looped run that
+    ends beside it is not behind anything, so only its gap to the reference judges it."""
+    floor = 1.385
+    beside = [{"step": s, "loss": 1.382 + 2.0 * math.exp(-s / 5)} for s in range(1, 200)]
+
+    def judged(expected_loss):
+        detectors = default_detectors(expected_loss, context_free_loss=floor)
+        return verdict(beside, replay(beside, detectors, finished=True), finished=True)
+
+    assert judged(None)["status"] == "failed_to_train"  # no reference: the line judges
+    assert judged(1.0)["status"] == "failed_to_train"  # a reference past the line
+    assert judged(1.380)["status"] == "stable"  # the reference stalled there too
+    # 1.25 stalled short of the line (0.9 × 1.385 = 1.2465) too, and the run is 11 % behind it
+    assert judged(1.25)["status"] == "failed_to_train"
+    # a stream growing 1.4× per 100 records while the loss improves 0.4 %: a healthy slow
+    # learner on such data, and what a stuck model on text shows (there 25 % behind)
+    slow = [{"step": s, "loss": 1.389 - 0.00004 * s, "resid_norm": [20.0 * 1.0034 ** s]}
+            for s in range(1, 301)]
+    for expected, judges in ((None, True), (1.25, False), (1.24, True)):
+        (plateau,) = [d for d in default_detectors(expected, context_free_loss=floor)
+                      if d.name == "collapse_plateau"]
+        for vectorised in (False, True):
+            stalls = replay(slow, [plateau], vectorised=vectorised)
+            assert bool(stalls) == judges
+            assert all(event.message.startswith("The best smoothed loss") for event in stalls)
+
+    monitor = loopdiag.Monitor(expected_loss=1.380, context_free_loss=floor)
+    (note,) = monitor.update(beside[0])
+    assert (note.detector, note.severity, note.step) == ("monitor", "info", 1)
+    assert "The reference ended at 1.38, not 10% below 1.385" in note.message
+    assert monitor.update(beside[1]) == []  # said once
+    assert loopdiag.Monitor(expected_loss=1.0, context_free_loss=floor).update(beside[0]) == []
+
+
+@pytest.fixture(scope="module")
+def markov():
+    yield from loaded("markov_bases.py", "markov_bases")
+
+
+def test_the_dna_like_text_holds_a_few_per_cent_past_its_token_frequencies(markov):
+    text, unigram, conditional = markov.markov_bases(5000, 6.0, seed=7)
+    assert len(text) == 5000 and set(text) == set("ACGT")
+    assert 0.9 * unigram < conditional < unigram <= math.log(4)  # inside the 10 % line
+    assert markov.markov_bases(5000, 6.0, seed=7)[0] == text  # seeded
+    _, unigram_peaked, conditional_peaked = markov.markov_bases(5000, 0.5, seed=7)
+    assert conditional_peaked < 0.9 * unigram_peaked  # peaked transitions: more to learn
 
 
 def test_foundry_high_loss_anchor_follows_its_source():

@@ -28,6 +28,9 @@ entropy of a text), a run that ended with its loss stalled within `context_free_
 collapse the FLT paper describes, a looped model that never gets past token statistics.
 Every model passes through that plateau early, so only the end is judged, and only a loss
 that stopped falling: a short run still on its way down is cut off by its budget, not stuck.
+Nor where the reference did not get past that line itself
+(`reference_passed_token_frequencies`): the data then holds too little past its token
+frequencies for the line to tell, and the gap to the reference judges alone.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from loopdiag.detect.base import (
 from loopdiag.detect.columns import RecordColumns, codes, expand
 from loopdiag.detect.symptoms import (
     COLLAPSED_DECORRELATION, MIN_PROGRESS, LossTrack, SolvedLineConfig, behind_from,
-    learned_past_token_frequencies, times, validate_loss,
+    learned_past_token_frequencies, reference_passed_token_frequencies, times, validate_loss,
 )
 from loopdiag.detect.update import OVERSIZED_UPDATE
 
@@ -79,8 +82,9 @@ class FailedToTrain(Detector):
     (EMA, span 20 records) ≥ `gap` above it. Without: critical when half of the last
     `high_loss_window` losses exceed the first window's maximum (after two windows), or
     at the end when a step's `update_ratio` reached `oversized_update`. With
-    `context_free_loss`, in either case: critical at the end when the loss stalled at or
-    within `context_free_margin` below it."""
+    `context_free_loss`, in either case (unless the expected loss is not past that line
+    either): critical at the end when the loss stalled at or within `context_free_margin`
+    below it."""
 
     name = "failed_to_train"
     config_class = FailedToTrainConfig
@@ -199,8 +203,10 @@ class FailedToTrain(Detector):
 
     def _context_free_end(self) -> Finding | None:
         floor, smoothed = self.config.context_free_loss, self._loss.smoothed
-        if smoothed is None or floor is None or learned_past_token_frequencies(
-                smoothed, floor, self.config.context_free_margin):
+        if (smoothed is None or floor is None
+                or not reference_passed_token_frequencies(self.config.expected_loss, floor,
+                                                       self.config.context_free_margin)
+                or learned_past_token_frequencies(smoothed, floor, self.config.context_free_margin)):
             return None
         fall = self._loss.progress()
         if fall is None or fall >= MIN_PROGRESS:

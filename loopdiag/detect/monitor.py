@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from loopdiag.detect import SEVERITIES, Detector, Event, FailedToTrain, default_detectors
+from loopdiag.detect.symptoms import CONTEXT_FREE_MARGIN, reference_passed_token_frequencies
 
 SEVERITY_STYLE = {"info": "cyan", "warn": "yellow", "critical": "bold red"}
 # Records after which a detector that judged none says so (its statistic is not recorded).
@@ -89,6 +90,10 @@ class Monitor:
                                                  reference_losses=reference_losses,
                                                  **(thresholds or {})))
         self.context_free_loss = context_free_loss  # the verdict's test of a recovery
+        # The line the default detectors were not given (`default_detectors`), said once.
+        self._unreached_line = (None if detectors is not None
+                                or reference_passed_token_frequencies(expected_loss, context_free_loss)
+                                else (expected_loss, context_free_loss))
         self.sinks = list(sinks)
         self.stop_on = stop_on
         self.events: list[Event] = []
@@ -111,6 +116,8 @@ class Monitor:
     def update(self, record: Mapping[str, Any]) -> list[Event]:
         fired = [event for detector in self.detectors for event in detector.update(record)]
         self._records += 1
+        if self._records == 1 and self._unreached_line is not None:
+            fired.append(self._unreached_line_event(record))
         if self._records <= NOT_JUDGED_AFTER:
             self._keys_seen.update(record)
         if self._records == NOT_JUDGED_AFTER and self.not_judged():
@@ -149,6 +156,18 @@ class Monitor:
                      message=(f"Not judged on this run (its records carry no "
                               f"{', '.join(missing)}): {', '.join(self.not_judged())}; "
                               f"the other detectors apply."))
+
+    def _unreached_line_event(self, record: Mapping[str, Any]) -> Event:
+        expected, context_free = self._unreached_line
+        step = record.get("step")
+        return Event(step=step if isinstance(step, int) else self._records, detector="monitor",
+                     severity="info",
+                     evidence={"expected_loss": expected, "context_free_loss": context_free},
+                     message=(f"The reference ended at {expected:.4g}, not "
+                              f"{100 * CONTEXT_FREE_MARGIN:.0f}% below {context_free:.4g}, what "
+                              f"the data's token frequencies alone give: with this data and "
+                              f"budget it learned no more than that, so no run is judged by "
+                              f"that line, only by its gap to the reference."))
 
     def _fire(self, fired: list[Event]) -> None:
         for event in fired:
