@@ -88,9 +88,7 @@ class RepresentationCollapseConfig(DetectorConfig):
     patience: int = 5
     # Critical once it has held this many records while the loss stalled (rolling median
     # improved by under `min_progress` over them): identical positions can only predict
-    # the token marginals, which such a model learns in its first few steps. Or held this
-    # many records at the run's end, stalled or not: what the run leaves predicts from token
-    # frequencies alone (a 40-step run ends while that loss still falls towards them).
+    # the token marginals, which such a model learns in its first few steps.
     window: int = 20
     min_progress: float = 0.02
 
@@ -105,8 +103,7 @@ class RepresentationCollapseConfig(DetectorConfig):
 class RepresentationCollapse(Detector):
     """Every position carrying the same vector at the last loop (1 − `token_corr` <
     `max_decorrelation`) for `patience` records → warn; for `window` records while the
-    loss stalls, or when the run ends → critical. Names the loop from which all positions
-    are identical."""
+    loss stalls → critical. Names the loop from which all positions are identical."""
 
     name = "representation_collapse"
     mechanism = "representation"
@@ -118,9 +115,6 @@ class RepresentationCollapse(Detector):
         self._loss = LossTrack(window=self.config.window)
         self._streak = 0
         self._since: int | None = None
-        # The last record with a token correlation, with `_streak` and `_since` there: what
-        # the end judges.
-        self._end: tuple[Mapping[str, Any], int, int | None] | None = None
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         self._loss.update(record)
@@ -130,21 +124,19 @@ class RepresentationCollapse(Detector):
         loop = collapsed_from(record, self.config.max_decorrelation)
         if loop is None:
             self._streak, self._since = 0, None
-            self._end = (record, 0, None)
             return None
         self._streak += 1
         if self._since is None:
             self._since = self._last_step
-        self._end = (record, self._streak, self._since)
         if self._streak < self.config.patience:
             return None
         return self._collapse(record, corr, loop, self._loss)
 
     def _collapse(self, record: Mapping[str, Any], corr: np.ndarray, loop: int,
-                  loss: LossTrack, ended: bool = False) -> Finding:
+                  loss: LossTrack) -> Finding:
         progress = loss.progress()
-        held = self._streak >= self.config.window
-        stalled = held and progress is not None and progress < self.config.min_progress
+        stalled = self._streak >= self.config.window and progress is not None \
+            and progress < self.config.min_progress
         clauses = loop_story(record, self._since)
         if not any(clause.startswith("all positions") for clause in clauses):
             clauses.append(f"all positions identical from loop {loop} on since step {self._since}")
@@ -152,27 +144,14 @@ class RepresentationCollapse(Detector):
         if stalled:
             clauses.append(f"the loss stalled at {median:.4g} (changed {100 * progress:+.1f}% "
                            f"over {self.config.window} records)")
-        elif ended and held:
-            at = "" if median is None else f", its loss at {median:.4g}"
-            clauses.append(f"the run ended so{at}: what it learned predicts each token from "
-                           f"token frequencies alone")
         evidence = {"collapsed_from_loop": loop, "since_step": self._since,
                     "records": self._streak, "decorrelation": float(1 - corr[-1]),
-                    "loss_progress": progress, "loss_median": median, "at_end": ended,
+                    "loss_progress": progress, "loss_median": median,
                     "thresholds": {"max_decorrelation": self.config.max_decorrelation,
                                    "patience": self.config.patience,
                                    "window": self.config.window,
                                    "min_progress": self.config.min_progress}}
-        return Finding("critical" if stalled or (ended and held) else "warn", sentence(clauses),
-                       evidence)
-
-    def _check_end(self) -> Finding | None:
-        if self._end is None or self._end[1] < self.config.window:
-            return None
-        record, self._streak, self._since = self._end
-        return self._collapse(record, loop_values(record, "token_corr"),
-                              collapsed_from(record, self.config.max_decorrelation), self._loss,
-                              ended=True)
+        return Finding("critical" if stalled else "warn", sentence(clauses), evidence)
 
     def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
         last = columns.last_loop("token_corr")
@@ -185,14 +164,6 @@ class RepresentationCollapse(Detector):
             return self._collapse(record, loop_values(record, "token_corr"),
                                   collapsed_from(record, self.config.max_decorrelation),
                                   columns.loss_track_at(index, self.config.window))
-        # What `finish` reads, as `_check` leaves it.
-        recorded = np.flatnonzero(judged)
-        if len(recorded):
-            last = int(recorded[-1])
-            held = int(streak[last])
-            self._end = (columns.records[last], held,
-                         columns.last_step(int(first[last])) if held else None)
-            self._loss = columns.loss_track_at(len(columns) - 1, self.config.window)
         return codes(judged, streak >= self.config.patience, certain=True), judge
 
 
