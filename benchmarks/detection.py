@@ -599,10 +599,10 @@ from loopdiag.detect import (
     ground_truth_onset,
     replay,
 )
-from loopdiag.detect.base import Ema
+from loopdiag.detect.base import Ema, is_int
 from loopdiag.detect.verdict import ONSET_EMA_SPAN, ONSET_GAP
 from loopdiag.store import read_records
-from loopdiag.store._files import SUITE_FILE
+from loopdiag.store._files import CONFIG_FILE, SUITE_FILE
 from loopdiag.store.reference import context_free_loss, recorded_losses, reference_candidate
 
 ALARM_SEVERITIES = ("warn", "critical")
@@ -730,7 +730,7 @@ def is_finished(run_dir: Path, setting: Setting, spec: CorpusSpec, data_sha256: 
     differs from machine to machine); a run of other data, size or recipe is retrained, not
     reused."""
     try:
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return False
     model = spec.model_config(setting)
@@ -1151,6 +1151,16 @@ def final_smoothed(records: Sequence[Mapping[str, Any]]) -> float:
     return smoothed_losses(losses)[-1]
 
 
+def records_until(records: list[dict[str, Any]], run_dir: Path, until: float | None
+                  ) -> list[dict[str, Any]]:
+    """`records` up to `until` × the training steps the run's config names (all with None)."""
+    if until is None:
+        return records
+    config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    last = until * config["train"]["steps"]
+    return [record for record in records if is_int(record.get("step")) and record["step"] <= last]
+
+
 def recorded_statistics(run_dir: Path, kept: Callable[[str], bool] | None = None
                         ) -> list[dict[str, Any]]:
     """The run's records; with `kept`, only the statistics it keeps (the step and the loss
@@ -1163,20 +1173,31 @@ def recorded_statistics(run_dir: Path, kept: Callable[[str], bool] | None = None
 
 
 def score_corpus(seeds: Sequence[int], cache: Path, context_free_loss: float,
-                 kept: Callable[[str], bool] | None = None) -> list[ScoredRun]:
-    """Every setting × seed replayed (with `kept`: from those statistics only)."""
+                 kept: Callable[[str], bool] | None = None,
+                 until: float | None = None) -> list[ScoredRun]:
+    """Every setting × seed replayed (with `kept`: from those statistics only; with
+    `until`: every run, references included, as if it had stopped after that fraction of
+    its training steps, as a verdict read mid-run sees it, and labelled there)."""
     by_name = {setting.name: setting for setting in SETTINGS}
+
+    def records_of(run_dir: Path, statistics: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+        return records_until(recorded_statistics(run_dir, statistics), run_dir, until)
+
     reference_dir = cache / run_name(by_name[REFERENCE], REFERENCE_SEED)
-    expected_loss, reference_losses = final_smoothed(read_records(reference_dir)), recorded_losses(reference_dir)
+    reference_curve = records_of(reference_dir)
+    expected_loss = final_smoothed(reference_curve)
+    reference_losses = (recorded_losses(reference_dir) if until is None
+                        else tuple(pair for pair in recorded_losses(reference_dir) or ()
+                                   if pair[0] <= reference_curve[-1]["step"]) or None)
     runs = []
     for seed in seeds:
-        reference_records = read_records(cache / run_name(by_name[REFERENCE], seed))
+        reference_records = records_of(cache / run_name(by_name[REFERENCE], seed))
         reference_label = label_run(reference_records, reference_records)
         if reference_label.collapsed:
             raise ValueError(f"reference run {run_name(by_name[REFERENCE], seed)} is not healthy "
                              f"(onset at step {reference_label.onset}): cannot label seed {seed}")
         for setting in SETTINGS:
-            records = recorded_statistics(cache / run_name(setting, seed), kept)
+            records = records_of(cache / run_name(setting, seed), kept)
             runs.append(judged_run(run_name(setting, seed), setting.name, setting.expected, seed,
                                    records, label_run(records, reference_records), expected_loss,
                                    context_free_loss, [reference_records], reference_losses))
