@@ -1185,10 +1185,10 @@ def score_corpus(seeds: Sequence[int], cache: Path, context_free_loss: float,
 
     reference_dir = cache / run_name(by_name[REFERENCE], REFERENCE_SEED)
     reference_curve = records_of(reference_dir)
-    expected_loss = final_smoothed(reference_curve)
-    reference_losses = (recorded_losses(reference_dir) if until is None
-                        else tuple(pair for pair in recorded_losses(reference_dir) or ()
-                                   if pair[0] <= reference_curve[-1]["step"]) or None)
+    expected_loss, reference_losses = final_smoothed(reference_curve), recorded_losses(reference_dir)
+    if until is not None and reference_losses is not None:
+        last = reference_curve[-1]["step"]
+        reference_losses = tuple(pair for pair in reference_losses if pair[0] <= last) or None
     runs = []
     for seed in seeds:
         reference_records = records_of(cache / run_name(by_name[REFERENCE], seed))

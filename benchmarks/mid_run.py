@@ -5,8 +5,7 @@ the whole run.
     python benchmarks/mid_run.py [--fractions 0.25 0.5] [--workers 2]
         [--out reports/detection/mid_run.md]
 
-The corpora are those `missing_statistics.py` reads (the studies are left out: their
-references are one-loop runs of each architecture, not a run of the same steps). At a cut
+The corpora are those `missing_statistics.py` reads; the studies are not cut. At a cut
 the labels are the benchmark's own, read from the records up to it: a run whose loss has
 not yet shown its failure there is healthy at the cut. A run judged collapsed at the cut
 while healthy there is counted by what its whole run did: failed (the verdict came before

@@ -90,7 +90,7 @@ class Monitor:
                                                  reference_losses=reference_losses,
                                                  **(thresholds or {})))
         self.context_free_loss = context_free_loss  # the verdict's test of a recovery
-        # The line the default detectors were not given (`default_detectors`), said once.
+        # A context-free line the reference did not pass, which no detector judges by: said once.
         self._unreached_line = (None if detectors is not None
                                 or reference_passed_token_frequencies(expected_loss, context_free_loss)
                                 else (expected_loss, context_free_loss))

@@ -323,7 +323,7 @@ def reference_passed_token_frequencies(expected_loss: float | None,
     at `margin`). That line assumes the data holds more than the margin for a
     model to learn within its budget; a reference that stayed within it shows this data
     does not (on a DNA-like text of order-3 Markov bases, 4 % below its token frequencies,
-    the one-loop model was 0.1 % below after 150 steps and 2 % after 600, still learning),
+    the one-loop model was 0.06 % below after 150 steps and 2 % after 600, still learning),
     and a run stuck there is then no further behind than its reference: the gap to the
     reference judges it, not the line."""
     return (expected_loss is None or context_free_loss is None
