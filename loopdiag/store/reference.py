@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from loopdiag.detect.base import Ema
+from loopdiag.detect.base import Ema, finite_scalar, is_int
 from loopdiag.detect.verdict import ONSET_EMA_SPAN
 from loopdiag.store._files import SUITE_FILE, SUMMARY_FILE
 from loopdiag.store.reader import read_records
@@ -98,9 +98,8 @@ def recorded_losses(run_dir: str | Path) -> tuple[tuple[int, float], ...] | None
     """(step, train loss) of the run's records with an integer step and a finite loss, in
     step order as the store keeps them: a reference's loss curve (`behind_reference`).
     None when it has none."""
-    losses = tuple((record["step"], float(record["loss"])) for record in read_records(run_dir)
-                   if isinstance(record.get("step"), int) and isinstance(record.get("loss"), (int, float))
-                   and not isinstance(record["loss"], bool) and math.isfinite(record["loss"]))
+    losses = tuple((int(record["step"]), loss) for record in read_records(run_dir)
+                   if is_int(record.get("step")) and (loss := finite_scalar(record, "loss")) is not None)
     return losses or None
 
 
