@@ -68,8 +68,11 @@ class LiveProgress:
             self.done_steps[run_id] = self.steps  # a run stopped early counts as done
             if run_id in self.active:
                 self.progress.remove_task(self.active.pop(run_id))
-            if payload["status"] not in ("stable", "kept"):
-                self.progress.console.print(f"{run_id}: {payload['status']}", highlight=False)
+            # Without a terminal there are no bars: every run's end is the progress a log shows.
+            if payload["status"] not in ("stable", "kept") or not self.progress.console.is_terminal:
+                self.progress.console.print(
+                    f"{run_id}: {payload['status']} ({self.finished}/{self.total} runs done)",
+                    highlight=False)
             self.progress.update(self.overall, description=self._overall_text(),
                                  completed=sum(self.done_steps.values()))
 

@@ -332,6 +332,8 @@ def test_a_collapsing_run_is_alerted_stopped_and_reported(collapsed_suite):
     output, out = collapsed_suite
     words = " ".join(output.split())  # rich wraps long cells and lines
     assert "CRITICAL looped-k04-s0" in words and "looped-k04-s0: collapsed" in words
+    # no terminal, no bars: each run's end is a line, the stable one's too, with the count
+    assert "flt-k04-s0: stable" in words and "(2/2 runs done)" in words
     assert "(representation) @" in words  # the table's verdict cell, wrapped at 80 columns
     suite = load_suite(out / "runs")
     looped, flt = suite.runs["looped-k04-s0"], suite.runs["flt-k04-s0"]
