@@ -67,6 +67,12 @@ def test_a_run_stuck_at_token_statistics_is_warned_once_it_took_twice_its_refere
     assert "what the data's token frequencies alone give" in event.message
 
 
+def test_a_loss_creeping_up_on_the_plateau_is_said_to_be_higher():
+    (event,) = events_of(lambda step: stuck(step) * (1 + 0.0005 * step))
+    assert event.evidence["progress"] < 0
+    assert f"{-100 * event.evidence['progress']:.1f}% higher than 20 records ago" in event.message
+
+
 def test_healthy_runs_are_not_warned():
     # the reference itself, and runs that leave the plateau later, before twice its time
     assert events_of(learning) == []

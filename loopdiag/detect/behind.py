@@ -121,7 +121,8 @@ class BehindReference(Detector):
                  else f"within {max(1, round(100 * (1 - smoothed / floor)))}% of")
         return Finding("warn", (
             f"The loss has stopped falling at {smoothed:.4g} (smoothed; its rolling median "
-            f"{100 * progress:.1f}% lower than {self.config.window} records ago), {where} "
+            f"{100 * abs(progress):.1f}% {'lower' if progress >= 0 else 'higher'} than "
+            f"{self.config.window} records ago), {where} "
             f"{floor:.4g}, what the data's token "
             f"frequencies alone give, while its reference was at {reference:.4g} by step "
             f"{int(self._steps[at])}, {100 * (1 - reference / smoothed):.0f}% lower: the "
