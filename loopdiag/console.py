@@ -112,6 +112,8 @@ def _verdict(row: Any) -> str:
     what = row.status.replace("_", " ") + (f" ({mechanism})" if isinstance(mechanism, str) else "")
     # a collapse's mechanism names what broke; other failures name their signal
     signal = "" if isinstance(mechanism, str) else f" {row.signal}"
+    if row.status == "stable" and not pd.isna(row.first_warning_step):
+        return f"[yellow]stable, warned @{int(row.first_warning_step)}[/]"
     if row.status == "recovered" and isinstance(mechanism, str):
         return f"[yellow]{what} from @{int(row.failure_step)}[/]" if not pd.isna(row.failure_step) else what
     return (f"[red]{what} @{int(row.failure_step)}{signal}[/]"

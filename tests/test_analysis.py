@@ -458,3 +458,22 @@ def test_findings_count_runs_that_failed_to_train_apart_from_collapses() -> None
     assert "median of 300 steps" in line and "2 run(s) failed to train (judged at their end)." in line
     none = findings(pd.DataFrame(rows[1:], columns=list(TABLE_COLUMNS)))
     assert "No run collapsed or diverged. 2 run(s) failed to train (judged at their end)." in none
+
+
+def test_findings_name_the_stable_runs_a_detector_warned() -> None:
+    from loopdiag.analysis.findings import NAMED_RUNS, findings
+    from loopdiag.analysis.tables import TABLE_COLUMNS
+
+    def rows(warned: int) -> pd.DataFrame:
+        return pd.DataFrame([{"run_id": f"looped-k12-s{seed}", "arch": "looped", "n_loops": 12, "lr": 3e-3,
+                              "seed": seed, "status": "stable", "final_loss": 3.3, "oscillation": 0.01,
+                              "first_warning_step": 7.0 + seed if seed < warned else math.nan,
+                              "recomputed": False} for seed in range(NAMED_RUNS + 3)],
+                            columns=list(TABLE_COLUMNS))
+
+    assert not [line for line in findings(rows(0)) if "were warned" in line]
+    (line,) = [line for line in findings(rows(2)) if "were warned" in line]
+    assert line.startswith("2 stable run(s) were warned, first at: looped-k12-s0 (step 7), looped-k12-s1 (step 8).")
+    (line,) = [line for line in findings(rows(NAMED_RUNS + 2)) if "were warned" in line]
+    assert line.startswith(f"{NAMED_RUNS + 2} stable run(s)") and "and 2 more." in line
+    assert f"looped-k12-s{NAMED_RUNS}" not in line

@@ -509,15 +509,17 @@ def test_the_stability_table_keeps_each_verdict_word_whole_in_80_columns():
     from loopdiag.analysis.tables import TABLE_COLUMNS
     from loopdiag.console import stability_table
 
-    def row(arch, status, mechanism=None, failure_step=None, signal=None):
+    def row(arch, status, mechanism=None, failure_step=None, signal=None, first_warning_step=None):
         return dict.fromkeys(TABLE_COLUMNS) | dict(
             run_id=f"{arch}-k12-s0", arch=arch, n_loops=12, lr=3e-3, seed=0, status=status,
             mechanism=mechanism, failure_step=failure_step, signal=signal, final_loss=3.256,
-            final_val_loss=3.249, resid_growth_steps=35.95, oscillation=0.127)
+            final_val_loss=3.249, resid_growth_steps=35.95, oscillation=0.127,
+            first_warning_step=first_warning_step)
 
     table = pd.DataFrame([row("looped-inject", "collapsed", "representation", 44),
                           row("recurrent-depth", "failed_to_train", None, 150, "failed_to_train"),
                           row("looped", "recovered", "residual", 46, "residual_blowup"),
+                          row("flt-res", "stable", first_warning_step=9),
                           row("flt", "stable")], columns=list(TABLE_COLUMNS))
     console = Console(width=80, record=True)
     console.print(stability_table(table))
@@ -526,3 +528,5 @@ def test_the_stability_table_keeps_each_verdict_word_whole_in_80_columns():
     words = " ".join(lines).split()
     assert "(representation)" in words and "failed_to_train" in words and "recurrent-depth" in words
     assert "recovered" in words and "@46" in words  # the collapse it trained out of, and when
+    assert "warned" in words and "@9" in words  # a stable run's first warning
+    assert words.count("stable") == 1 and "stable," in words

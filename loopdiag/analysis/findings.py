@@ -29,6 +29,7 @@ def findings(table: pd.DataFrame, context_free_loss: float | None = None) -> lis
     if table["lr"].nunique() > 1:
         lines.append(_stable_lrs(table, largest))
     lines += _warnings(table)
+    lines += _stable_but_warned(table)
     recomputed = int(table["recomputed"].sum())
     if recomputed:
         lines.append(f"{recomputed} run(s) had no summary.json; their verdicts were recomputed "
@@ -156,6 +157,24 @@ def _stable_lrs(table: pd.DataFrame, n_loops: int) -> str:
              else f"{row.arch} none of {row.lrs_tried} tried" for row in ranges.itertuples()]
     return (f"Largest learning rate at which every run stayed stable, K={n_loops}: "
             f"{', '.join(parts)}.")
+
+
+# Runs named one by one in a finding; a study's count beyond this is given as a number.
+NAMED_RUNS = 8
+
+
+def _stable_but_warned(table: pd.DataFrame) -> list[str]:
+    """Stable runs a detector warned: a symptom the run had not turned into a collapse by its
+    end (a short run may have stopped before it would)."""
+    warned = table[(table["status"] == "stable") & table["first_warning_step"].notna()]
+    if warned.empty:
+        return []
+    named = ", ".join(f"{row.run_id} (step {row.first_warning_step:.0f})"
+                      for row in warned.head(NAMED_RUNS).itertuples())
+    more = f" and {len(warned) - NAMED_RUNS} more" if len(warned) > NAMED_RUNS else ""
+    return [f"{len(warned)} stable run(s) were warned, first at: {named}{more}. A warning is a "
+            f"symptom that had not become a collapse by the run's end; its events say which, and "
+            f"a longer run tells whether it would."]
 
 
 def _warnings(table: pd.DataFrame) -> list[str]:
