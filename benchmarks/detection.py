@@ -955,10 +955,6 @@ class Score:
         return self.caught_within / self.collapses if self.collapses else math.nan
 
     @property
-    def recall_by_end(self) -> float:
-        return self.caught_by_end / self.collapses if self.collapses else math.nan
-
-    @property
     def false_alarm_rate(self) -> float:
         return PER_STEPS * self.false_alarms / self.healthy_steps if self.healthy_steps else math.nan
 
