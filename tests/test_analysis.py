@@ -24,6 +24,7 @@ from loopdiag.analysis import (
     plot_lr_sensitivity,
     plot_oscillation_vs_loops,
     plot_stability_map,
+    run_table,
     run_verdict,
     save_figure,
     stability_summary,
@@ -206,6 +207,33 @@ def test_explain_a_recovered_run_names_the_collapse_and_where_it_trained_to(tmp_
     assert "collapsed (representation) at step 30" in text and "recovered" in text
     assert "representation_collapse" in text and "All positions identical from loop 4" in text
     assert "final train loss of" in text and "below what the data's token frequencies" in text
+
+
+def test_a_validation_loss_at_a_step_not_logged_is_no_train_loss(tmp_path: Path) -> None:
+    # Logged every 5th step, evaluated every 7th: where the two miss each other the store
+    # keeps the validation loss as a record of its own, with no train loss in it.
+    run_id = "flt-k4-s0-lr0.003"
+    logged = [1, *range(5, STEPS + 1, 5)]
+    records = {step: {**record(run_id, "flt", 4, 0, 3e-3, step), "val_loss": None} for step in logged}
+    for step in range(7, STEPS + 1, 7):
+        records.setdefault(step, {"step": step})["val_loss"] = 2.5 + 1 / step
+    rows = [{key: value for key, value in records[step].items() if value is not None}
+            for step in sorted(records)]
+    cell = {"arch": "flt", "n_loops": 4, "seed": 0, "lr": 3e-3}
+    write_run(tmp_path / run_id, rows, {"cell": cell, "train": {"steps": STEPS}})
+
+    table = run_table(tmp_path / run_id).iloc[0]
+    # the last 10 % of the 21 logged steps: 95 and 100 (98 holds a validation loss alone)
+    expected = np.mean([healthy_loss("flt", 0, s) for s in (95, 100)])
+    assert table["final_loss"] == pytest.approx(expected)
+    assert table["final_val_loss"] == pytest.approx(2.5 + 1 / 98)
+    assert f"final train loss {expected:.3g}," in explain(load_run(tmp_path / run_id))
+
+    steps = load_run(tmp_path / run_id).steps.assign(run_id=run_id, **cell)
+    ax = plot_loss_curves(steps).axes[0]
+    (line,) = ax.get_lines()
+    assert np.array_equal(line.get_xdata(), logged)  # one unbroken curve
+    assert not ax.collections  # no red cross: no loss turned non-finite
 
 
 def loop_scaling_frame() -> pd.DataFrame:

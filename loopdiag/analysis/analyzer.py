@@ -2,7 +2,9 @@
 
 Definitions (they are the columns of `suite_table` too):
 - final loss: mean train loss over the last 10% of logged steps (at least one); NaN when
-  any of those is non-finite, so a diverged run never gets a flattering number.
+  any of those is non-finite, so a diverged run never gets a flattering number. A
+  validation loss taken at a step the probes did not log is a record of its own, without
+  a train loss (`training_rows`): no logged step, and no loss turned non-finite.
 - best loss: smallest finite logged train loss.
 - residual growth over steps: last-loop `resid_norm` at the last step where it is finite,
   over its value at the first logged step after the learning-rate warm-up.
@@ -36,8 +38,22 @@ EXPLAINED = (*FAILED_STATUSES, "recovered")  # runs a report explains: failures,
 WARNING_SEVERITIES = ("warn", "critical")
 
 
+def training_rows(steps: pd.DataFrame) -> pd.DataFrame:
+    """`steps` without the records that hold only validation values: the store keeps a
+    validation loss taken at a step the probes did not log as a record of its own, and its
+    missing train loss reads as NaN, like a loss that turned non-finite. The trainer
+    evaluates no step after a non-finite loss, so a record with both is not one of those."""
+    loss = next((column for column in LOSS_COLUMNS if column in steps.columns), None)
+    validation = [column for column in steps.columns if column.startswith("val_")]
+    if loss is None or not validation:
+        return steps
+    validation_only = steps[loss].isna() & steps[validation].notna().any(axis=1)
+    return steps[~validation_only] if validation_only.any() else steps
+
+
 def loss_series(steps: pd.DataFrame) -> pd.Series:
     """Train loss indexed by step (empty when the run logged none)."""
+    steps = training_rows(steps)
     for column in LOSS_COLUMNS:
         if column in steps.columns:
             return steps.set_index("step")[column].astype(float)
@@ -52,7 +68,7 @@ def _values(steps: pd.DataFrame, columns: tuple[str, ...]) -> np.ndarray:
 
 
 def final_loss(steps: pd.DataFrame) -> float:
-    losses = _values(steps, LOSS_COLUMNS)
+    losses = _values(training_rows(steps), LOSS_COLUMNS)
     if not len(losses):
         return math.nan
     tail = losses[-max(1, int(len(losses) * FINAL_FRACTION)):]
@@ -72,7 +88,7 @@ def final_val_loss(steps: pd.DataFrame) -> float:
 
 
 def oscillation_index(steps: pd.DataFrame) -> float:
-    cosines = _values(steps, ("grad_cos",))
+    cosines = _values(training_rows(steps), ("grad_cos",))
     second_half = cosines[len(cosines) // 2:]
     second_half = second_half[~np.isnan(second_half)]
     return float(np.maximum(0.0, -second_half).mean()) if len(second_half) else math.nan
@@ -218,7 +234,8 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
     """A few plain sentences: what failed, when, which signal fired first, and what the
     residual norm, gradient oscillation and loss did, with the numbers."""
     judged = judged or run_verdict(run)
-    steps = run.steps_of((*LOSS_COLUMNS, "grad_cos"))  # all it reads: not every column
+    # all it reads, not every column (val_loss tells a record of its own from a logged step)
+    steps = run.steps_of((*LOSS_COLUMNS, "val_loss", "grad_cos"))
     cell = run_cell(run)
     lr = "" if cell["lr"] is None else f", lr {cell['lr']:g}"
     who = f"{run.run_id} ({cell['arch']}, K={cell['n_loops']}, seed {cell['seed']}{lr})"

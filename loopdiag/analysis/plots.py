@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from loopdiag.analysis.analyzer import LOSS_COLUMNS
+from loopdiag.analysis.analyzer import LOSS_COLUMNS, training_rows
 from loopdiag.analysis.drawing import (
     MECHANISM_LABELS,
     NO_RUN_COLOUR,
@@ -153,6 +153,7 @@ def plot_loss_curves(steps: pd.DataFrame) -> Figure:
     if loss is None:
         raise ValueError(f"no train loss to draw: the frame has none of the columns "
                          f"{', '.join(LOSS_COLUMNS)} (a run store without per-step records?)")
+    steps = training_rows(steps)  # a validation-only record has no train loss to draw
     archs = list(pd.unique(steps["arch"]))  # first-seen order, fast on a long frame
     loop_counts = sorted(steps["n_loops"].unique())
     figure, axes = new_figure(len(archs), len(loop_counts), panel_size=(3.0, 2.2),

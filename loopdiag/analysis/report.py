@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from loopdiag.analysis import plots
-from loopdiag.analysis.analyzer import EXPLAINED, LOSS_COLUMNS, explain, run_verdict
+from loopdiag.analysis.analyzer import EXPLAINED, LOSS_COLUMNS, explain, run_verdict, training_rows
 from loopdiag.analysis.depth import (
     IDLE_UPDATE,
     LoopStates,
@@ -261,12 +261,13 @@ def _depth(suite: SuiteData, table: pd.DataFrame, loop_scaling: pd.DataFrame | N
 
 def _loss_frame(suite: SuiteData, at_lr: pd.DataFrame) -> pd.DataFrame:
     """(run_id, step, loss) of the runs in `at_lr` that logged a train loss, with their
-    cells: the loss column alone is read from each run's store, and a long run is thinned
+    cells: the loss column alone is read from each run's store (with `val_loss`, to leave
+    out records that hold only it: `training_rows`), and a long run is thinned
     to its envelope (`envelope_indices`: more points than a panel has pixel columns, the
     spikes kept)."""
     run_ids, steps, losses = [], [], []
     for run_id in at_lr["run_id"]:
-        logged = suite.runs[run_id].steps_of(LOSS_COLUMNS)
+        logged = training_rows(suite.runs[run_id].steps_of((*LOSS_COLUMNS, "val_loss")))
         loss = next((column for column in LOSS_COLUMNS if column in logged.columns), None)
         if loss is not None and len(logged):
             step, value = logged["step"].to_numpy(), logged[loss].to_numpy(dtype=float)
