@@ -119,7 +119,8 @@ def run(
         help="Continue a suite in --out: finished runs are kept, interrupted ones resume.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the runs already in --out.")] = False,
     quick: Annotated[bool, typer.Option(
-        help="A fast smoke run: tiny models, at most 40 steps, loops 1 and the largest.")] = False,
+        help="A fast smoke run: tiny models, at most 40 steps, loops 1 and the largest "
+             "(--size and --steps, when given, win).")] = False,
     svg: Annotated[bool, typer.Option(help="Also write every figure of the report as SVG.")] = False,
 ) -> None:
     """Train a probe suite (architectures x loop counts x learning rates x seeds) with the

@@ -162,6 +162,15 @@ def test_quick_shrinks_the_suite_and_renames_it(tmp_path):
     assert quick.loops == (1, 12) and quick.train.steps <= 40 and quick.archs == suite.archs
 
 
+def test_a_size_or_step_count_given_with_quick_wins_and_is_checked():
+    suite = load_probe_suite(PROBES / "default.toml")
+    quick = apply_overrides(suite, quick=True, size="small", steps=100)
+    assert quick.name == "default-quick" and quick.loops == (1, 12)
+    assert quick.model == apply_overrides(suite, size="small").model and quick.train.steps == 100
+    with pytest.raises(SuiteError, match="unknown model preset 'huge'"):
+        apply_overrides(suite, quick=True, size="huge")
+
+
 @pytest.mark.parametrize(("options", "reason"), [
     ({"steps": 0}, "--steps must be >= 1"),
     ({"loops": 0}, "--loops must be >= 1"),

@@ -233,6 +233,7 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
 
     `loops` keeps the suite's loop counts below it and adds it; `quick` makes a smoke
     run: the tiny preset, at most 40 steps, loops 1 and the largest, named `<name>-quick`.
+    A size or step count given with it wins over its own (and is checked as always).
     """
     raw = copy.deepcopy(suite.raw)
     for option, value in (("--loops", loops), ("--steps", steps), ("--seeds", seeds),
@@ -253,9 +254,11 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
             raw.setdefault(section, {})[key] = value
     if quick:
         raw["name"] = f"{suite.name}-quick"
-        sizes = ("preset", "d_model", "n_heads", "n_layers", "seq_len", "mlp_ratio")
-        raw["model"] = {"preset": "tiny", **{k: v for k, v in raw.get("model", {}).items() if k not in sizes}}
-        raw["steps"] = min(raw.get("steps", 150), 40)
+        if size is None:
+            sizes = ("preset", "d_model", "n_heads", "n_layers", "seq_len", "mlp_ratio")
+            raw["model"] = {"preset": "tiny", **{k: v for k, v in raw.get("model", {}).items() if k not in sizes}}
+        if steps is None:
+            raw["steps"] = min(raw.get("steps", 150), 40)
         top = max(raw.get("loops", [1, 4, 12]))
         raw["loops"] = sorted({1, top})
         if raw.get("eval", {}).get("loops"):
