@@ -501,6 +501,9 @@ def compare(
                     console.print(f"K={k}: {error}", soft_wrap=True)
             return
         first, second = _store(Path(a)), _store(Path(b))
+        for given in (a, b):
+            if not Path(given).exists():
+                raise FileNotFoundError(f"{given}: no such run or suite folder")
         if is_run_dir(first) != is_run_dir(second):
             raise ValueError(f"compare two runs or two suites, not one of each ({a}, {b})")
         tables = [run_table(p) if is_run_dir(p) else suite_table(load_suite(p)) for p in (first, second)]

@@ -108,6 +108,8 @@ def test_analysis_commands_reject_a_folder_that_is_no_run_store(tmp_path, comman
     result = runner.invoke(app, [command, str(tmp_path)])
     assert result.exit_code == 2 and "not a suite folder" in result.output
     assert "Traceback" not in result.output
+    result = runner.invoke(app, [command, str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "nowhere: no such folder" in result.output
 
 
 @pytest.mark.torchless
@@ -417,6 +419,7 @@ def test_compare_two_runs_two_suites_and_two_architectures(collapsed_suite):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["runs/looped-k04-s0", "."], "compare two runs or two suites"),
+    (["runs/looped-k04-s0", "runs/looped-k99-s0"], "looped-k99-s0: no such run or suite folder"),
     (["looped", "transformer", "--suite", "."], "no runs of architecture 'transformer'"),
 ])
 def test_compare_bad_input(collapsed_suite, args, message):

@@ -318,6 +318,11 @@ def test_not_a_run_folder_is_a_clear_error(tmp_path):
         load_run(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="not a suite folder"):
         load_suite(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
+        load_suite(tmp_path / "nowhere")
+    run_dir = write_run(tmp_path / "run", [{"step": 1, "loss": 2.0}], {})
+    with pytest.raises(FileNotFoundError, match="is a run folder, not a suite folder"):
+        load_suite(run_dir)
 
 
 CELLS = {"flt-k3-s0": {"arch": "flt", "n_loops": 3, "seed": 0, "lr": 3e-3},

@@ -99,6 +99,11 @@ def load_suite(suite_dir: str | Path) -> SuiteData:
                               f"not a run folder (missing or unfinished); skipped",
                               RunStoreWarning, stacklevel=2)
     else:
+        if not suite_dir.exists():
+            raise FileNotFoundError(f"{suite_dir}: no such folder")
+        if is_run_dir(suite_dir):
+            raise FileNotFoundError(f"{suite_dir} is a run folder, not a suite folder: its suite is "
+                                    f"the folder above it")
         manifest, name = None, suite_dir.resolve().name
         if suite_dir.is_dir():
             runs = {path.name: load_run(path) for path in sorted(suite_dir.iterdir())
