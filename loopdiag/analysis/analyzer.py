@@ -2,9 +2,9 @@
 
 Definitions (they are the columns of `suite_table` too):
 - final loss: mean train loss over the last 10% of logged steps (at least one); NaN when
-  any of those is non-finite, so a diverged run never gets a flattering number. A
-  validation loss taken at a step the probes did not log is a record of its own, without
-  a train loss (`training_rows`): no logged step, and no loss turned non-finite.
+  any of those is non-finite, so a diverged run never gets a flattering number. A record
+  holding only a validation loss (taken at a step the probes did not log) counts neither
+  as a logged step nor as a non-finite loss (`training_rows`).
 - best loss: smallest finite logged train loss.
 - residual growth over steps: last-loop `resid_norm` at the last step where it is finite,
   over its value at the first logged step after the learning-rate warm-up.
