@@ -65,6 +65,23 @@ def test_run_trains_every_cell_and_writes_the_report(tmp_path):
     assert result.exit_code == 0 and "flt-k03-s0: stable" in result.output
 
 
+def test_sparse_records_with_validation_between_them_give_every_run_a_final_loss(tmp_path):
+    # Records at steps 1, 5 and 10, validation at 4, 8 and 12: three records of their own,
+    # the last one the run's last record.
+    suite = tmp_path / "sparse.toml"
+    suite.write_text('archs = ["flt"]\nloops = [1, 2]\nsteps = 12\nlog_every = 5\n'
+                     '[model]\npreset = "tiny"\n[train]\neval_every = 4\n')
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(suite), "--jobs", "1", "--wandb", "off", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "table.csv").set_index("run_id")
+    for run_id, run in load_suite(out / "runs").runs.items():
+        steps = run.steps.set_index("step")
+        assert steps["loss"].dropna().index.tolist() == [1, 5, 10]
+        assert steps["val_loss"].dropna().index.tolist() == [4, 8, 12]
+        assert table.loc[run_id, "final_loss"] == pytest.approx(steps.loc[10, "loss"])
+
+
 @pytest.mark.processes
 def test_worker_processes_train_the_same_runs_each_after_its_reference(tmp_path):
     out = tmp_path / "out"
