@@ -195,6 +195,28 @@ def test_explain_collapsed_and_diverged(suite_dir: Path) -> None:
     assert f"diverged at step {DIVERGE_AT}" in diverged and "last finite train loss" in diverged
 
 
+def test_explain_names_the_first_warning_and_information_only_as_such(tmp_path: Path) -> None:
+    run_id = "looped-k4-s1-lr0.001"
+    records = [record(run_id, "looped", 4, 1, 1e-3, step) for step in range(1, STEPS + 1)]
+    config = {"cell": {"arch": "looped", "n_loops": 4, "seed": 1, "lr": 1e-3}, "train": {"steps": STEPS}}
+    ended = "The run ended 20% above the 2.1 this model should reach."
+    info = {"step": 5, "detector": "dead_loops", "severity": "info", "message": "Loop 4 changes nothing.",
+            "evidence": {}}
+    warning = {"step": 70, "detector": "behind_reference", "severity": "warn",
+               "message": "The loss has stopped falling.", "evidence": {}}
+    verdict = {"step": STEPS, "detector": "failed_to_train", "severity": "critical", "message": ended,
+               "evidence": {}}
+    summary = {"status": "failed_to_train", "step": STEPS, "signal": "failed_to_train",
+               "first_warning_step": 70, "message": ended}
+    warned = explain(load_run(write_run(tmp_path / "warned", records, config,
+                                        events=[info, warning, verdict], summary=summary)))
+    assert "Information first: dead_loops at step 5: Loop 4 changes nothing." in warned
+    assert "The first warning was behind_reference at step 70, 30 steps before the verdict" in warned
+    unwarned = explain(load_run(write_run(tmp_path / "unwarned", records, config,
+                                          events=[info, verdict], summary=summary)))
+    assert "No detector warned before that step." in unwarned and unwarned.count(ended) == 1
+
+
 def test_explain_a_recovered_run_names_the_collapse_and_where_it_trained_to(tmp_path: Path) -> None:
     run_id = "looped-k4-s1-lr0.001"
     records = [record(run_id, "looped", 4, 1, 1e-3, step) for step in range(1, STEPS + 1)]

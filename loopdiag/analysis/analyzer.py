@@ -278,17 +278,33 @@ def _verdict_message(judged: dict[str, Any]) -> str:
 
 
 def _first_signal(run: RunData, judged: dict[str, Any]) -> str:
+    """The first warning (warn or critical, as `first_warning_step` counts them), and an
+    event of information only when one came before it: named as information, not as a
+    warning of what followed."""
     events = verdict_events(run, judged)
-    if events.empty:
-        return ""
-    first = events.iloc[0]
-    message = f": {first['message'].rstrip('.')}" if isinstance(first["message"], str) else ""
-    lead = None if judged.get("step") is None else int(judged["step"]) - int(first["step"])
-    if lead == 0:
-        return f"No detector fired before that step; then {first['detector']} did{message}."
-    notice = "" if lead is None else f", {lead} steps before the verdict"
-    return (f"The first detector to fire was {first['detector']} at step "
-            f"{int(first['step'])}{notice}{message}.")
+    warnings = events[events["severity"].isin(WARNING_SEVERITIES)]
+    sentences = []
+    if len(events) and events.iloc[0]["severity"] not in WARNING_SEVERITIES:
+        info = events.iloc[0]
+        sentences.append(f"Information first: {info['detector']} at step {int(info['step'])}"
+                         f"{_quoted(info['message'])}.")
+    if len(warnings):
+        first = warnings.iloc[0]
+        lead = None if judged.get("step") is None else int(judged["step"]) - int(first["step"])
+        if lead == 0:
+            repeated = first["message"] == judged.get("message")  # already quoted as what broke
+            sentences.append(f"No detector warned before that step"
+                             + ("." if repeated else f"; then {first['detector']} did"
+                                f"{_quoted(first['message'])}."))
+        else:
+            notice = "" if lead is None else f", {lead} steps before the verdict"
+            sentences.append(f"The first warning was {first['detector']} at step "
+                             f"{int(first['step'])}{notice}{_quoted(first['message'])}.")
+    return " ".join(sentences)
+
+
+def _quoted(message: Any) -> str:
+    return f": {message.rstrip('.')}" if isinstance(message, str) else ""
 
 
 def _residual_story(run: RunData) -> str:
