@@ -39,8 +39,9 @@ WARNING_SEVERITIES = ("warn", "critical")
 
 
 def training_rows(steps: pd.DataFrame) -> pd.DataFrame:
-    """`steps` without the records that hold only validation values: the store keeps a
-    validation loss taken at a step the probes did not log as a record of its own, and its
+    """`steps` without the records that hold only validation values (those
+    `judged_in_training` turns down, read from a frame): the store keeps a validation loss
+    taken at a step the probes did not log as a record of its own, and in a frame its
     missing train loss reads as NaN, like a loss that turned non-finite. The trainer
     evaluates no step after a non-finite loss, so a record with both is not one of those."""
     loss = next((column for column in LOSS_COLUMNS if column in steps.columns), None)
