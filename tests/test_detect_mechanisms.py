@@ -15,6 +15,7 @@ from loopdiag.detect import (
     FailedToTrain,
     FoundryHighLoss,
     RepresentationCollapse,
+    ResidualExplosion,
     VanishingGradient,
     default_detectors,
     replay,
@@ -279,6 +280,41 @@ def test_no_run_is_judged_by_a_context_free_line_its_reference_did_not_pass():
     assert "The reference ended at 1.38, not 10% below 1.385" in note.message
     assert monitor.update(beside[1]) == []  # said once
     assert loopdiag.Monitor(expected_loss=1.0, context_free_loss=floor).update(beside[0]) == []
+
+
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_identical_positions_are_no_collapse_where_the_reference_learned_only_token_frequencies(
+        vectorised):
+    """On text with nothing to learn past its token frequencies (uniformly random
+    characters) the best a model can do is predict them, which identical positions do: the
+    one-loop reference ended at the context-free loss, and the looped runs beside it with
+    every position identical are no worse. Where the reference learned past that line, the
+    same records are the looped collapse."""
+    floor = 3.26
+    records = looped_run(collapse=True)
+    for record in records:  # the stream doubling every loop: an explosion, were it a collapse
+        record["resid_norm"] = [8.0 * 2.5 ** k for k in range(LOOPS)]
+
+    def judged(expected_loss):
+        detectors = default_detectors(expected_loss, context_free_loss=floor)
+        events = replay(records, detectors, finished=True, vectorised=vectorised)
+        return verdict(records, events, finished=True), events
+
+    collapsed, events = judged(2.4)
+    assert (collapsed["status"], collapsed["mechanism"]) == ("collapsed", "representation")
+    assert any(event.detector == "residual_explosion" and event.severity == "critical"
+               and "all positions carry the same vector" in event.message for event in events)
+
+    beside, events = judged(3.27)  # the reference ended within 10 % of the floor
+    assert beside["status"] == "stable"
+    severities = {event.detector: event.severity for event in events
+                  if event.detector in ("representation_collapse", "residual_explosion")}
+    assert severities == {"representation_collapse": "warn", "residual_explosion": "info"}
+    alone = RepresentationCollapse(expected_loss=3.27, context_free_loss=floor)
+    (warn,) = replay(records, [alone], vectorised=vectorised)
+    assert (warn.severity, warn.step) == ("warn", 7)
+    with pytest.raises(ValueError, match="expected_loss must be a positive number"):
+        ResidualExplosion(expected_loss=-1.0)
 
 
 @pytest.fixture(scope="module")

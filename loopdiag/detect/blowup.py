@@ -31,14 +31,14 @@ import numpy as np
 from loopdiag.detect.base import UNJUDGED, Detector, Finding, Unjudged, loop_values, require
 from loopdiag.detect.columns import RecordColumns, codes
 from loopdiag.detect.symptoms import (
-    SolvedLineConfig,
+    ReferenceLineConfig,
     Symptoms,
     solved_line,
 )
 
 
 @dataclass(frozen=True)
-class ResidualBlowupConfig(SolvedLineConfig):
+class ResidualBlowupConfig(ReferenceLineConfig):
     # No warm-up: it compares with the first record, and goes beyond information only with
     # a loss or representation symptom, which a healthy start never shows. (It had 5
     # records from when growth alone warned; they only delayed a run that diverges in its
@@ -90,7 +90,8 @@ class ResidualBlowup(Detector):
         self._recent: deque[float] = deque(maxlen=self.config.smooth)
         self._growth_noted = False
         self._symptoms = Symptoms(self.config.gap, self.config.min_progress, self.config.stall_window,
-                                  reads_rise=True, floor=solved_line(self.config))
+                                  reads_rise=True, floor=solved_line(self.config),
+                                  positions=self.config.context_free_line_holds)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         self._symptoms.update(record)

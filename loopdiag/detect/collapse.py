@@ -24,15 +24,14 @@ from loopdiag.detect.base import (
 )
 from loopdiag.detect.columns import FOUND_WARN_CODE, RecordColumns, codes, expand, streaks
 from loopdiag.detect.symptoms import (
-    RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, RiseState, SolvedLineConfig,
-    learned_past_token_frequencies, reference_passed_token_frequencies, solved_clause,
-    solved_line, validate_loss, validate_rise,
+    RISE_BEST_WINDOW, RISE_NOISE_Z, RecentRise, ReferenceLineConfig, RiseState,
+    learned_past_token_frequencies, solved_clause, solved_line, validate_rise,
 )
 from loopdiag.detect.trend import mann_kendall_rising_p, rolling_rising_p, sen_line
 
 
 @dataclass(frozen=True)
-class CollapsePlateauConfig(SolvedLineConfig):
+class CollapsePlateauConfig(ReferenceLineConfig):
     warmup: int = 50
     cooldown: int = 20
     ema_span: int = 20  # records; the same smoothing as `ground_truth_onset`
@@ -71,8 +70,7 @@ class CollapsePlateauConfig(SolvedLineConfig):
     # doubled per 100 records. Nor where the reference (`expected_loss`, the loss the same
     # model reaches with one loop) did not get past that line itself: on a DNA-like text
     # holding 4 % past its token frequencies, healthy one-loop and K = 4 models improved
-    # 0.4 % per 100 records there while their streams grew 1.4×.
-    expected_loss: float | None = None
+    # 0.4 % per 100 records there while their streams grew 1.4× (`context_free_line_holds`).
 
     def _validate(self) -> None:
         require(self.ema_span >= 1, f"ema_span must be >= 1, got {self.ema_span}")
@@ -84,14 +82,6 @@ class CollapsePlateauConfig(SolvedLineConfig):
         require(self.min_resid_growth >= 0,
                 f"min_resid_growth must be >= 0, got {self.min_resid_growth}")
         validate_rise(self.best_window, self.noise_z)
-        validate_loss(self.expected_loss)
-
-    @property
-    def stall_judged(self) -> bool:
-        """Whether a stall can be a collapse here: not when the reference stayed within the
-        context-free line (`reference_passed_token_frequencies`)."""
-        return reference_passed_token_frequencies(self.expected_loss, self.context_free_loss,
-                                                  self.context_free_margin)
 
 
 class CollapsePlateau(Detector):
@@ -174,7 +164,7 @@ class CollapsePlateau(Detector):
                        evidence | self._thresholds())
 
     def _stall(self, best: float) -> Finding | None:
-        if (not self.config.stall_judged or len(self._bests) <= self.config.stall_window
+        if (not self.config.context_free_line_holds or len(self._bests) <= self.config.stall_window
                 or learned_past_token_frequencies(
                     best, self.config.context_free_loss, self.config.context_free_margin)):
             return None
@@ -238,7 +228,7 @@ class CollapsePlateau(Detector):
             np.array([value for _, value in log_resid]), config.stall_window)
         past = np.asarray(learned_past_token_frequencies(best, config.context_free_loss,
                                                          config.context_free_margin), dtype=bool)
-        stall = (config.stall_judged & judged & ~plateau & ~past & (seen > config.stall_window)
+        stall = (config.context_free_line_holds & judged & ~plateau & ~past & (seen > config.stall_window)
                  & (progress < config.min_progress) & (rise_p[resid_count] < config.alpha))
         # A plateau is critical only with a significant rise of the last `window` log norms;
         # without one (or with too few norms) it is certainly a warning.

@@ -134,10 +134,12 @@ class RecordColumns:
         return self.loss_history(ema_span).track_at(index, window)
 
     def symptoms_at(self, index: int, gap: float, min_progress: float = MIN_PROGRESS,
-                    window: int = 20, reads_rise: bool = False, floor: float = 0.0) -> Symptoms:
+                    window: int = 20, reads_rise: bool = False, floor: float = 0.0,
+                    positions: bool = True) -> Symptoms:
         """The `Symptoms` a detector holds after the record at `index` (constructed with
-        the same `reads_rise` and `floor`: only then is the rise read, once per run)."""
-        symptoms = Symptoms(gap, min_progress, window, floor=floor)
+        the same `reads_rise`, `floor` and `positions`: only then is the rise read, once
+        per run)."""
+        symptoms = Symptoms(gap, min_progress, window, floor=floor, positions=positions)
         symptoms.loss = self.loss_track_at(index, window)
         if reads_rise:
             symptoms.rise_state = self.rise_states(floor)[index]

@@ -48,8 +48,8 @@ from loopdiag.detect.base import (
 )
 from loopdiag.detect.columns import RecordColumns, codes, expand
 from loopdiag.detect.symptoms import (
-    COLLAPSED_DECORRELATION, MIN_PROGRESS, LossTrack, SolvedLineConfig, behind_from,
-    learned_past_token_frequencies, reference_passed_token_frequencies, times, validate_loss,
+    COLLAPSED_DECORRELATION, MIN_PROGRESS, LossTrack, ReferenceLineConfig, behind_from,
+    learned_past_token_frequencies, times,
 )
 from loopdiag.detect.update import OVERSIZED_UPDATE
 
@@ -59,9 +59,8 @@ LOSS_WINDOW = 20
 
 
 @dataclass(frozen=True)
-class FailedToTrainConfig(SolvedLineConfig):
+class FailedToTrainConfig(ReferenceLineConfig):
     cooldown: int = 20
-    expected_loss: float | None = None
     # 10 %: the gap the loss-only outcome labels use, and ground_truth_onset's.
     gap: float = 0.10
     high_loss_window: int = 100  # llm-foundry's minimum window, used without a reference
@@ -69,7 +68,6 @@ class FailedToTrainConfig(SolvedLineConfig):
     oversized_update: float = OVERSIZED_UPDATE
 
     def _validate(self) -> None:
-        validate_loss(self.expected_loss)
         require(self.gap > 0, f"gap must be > 0, got {self.gap}")
         require(self.oversized_update > 0,
                 f"oversized_update must be > 0, got {self.oversized_update}")
@@ -203,9 +201,7 @@ class FailedToTrain(Detector):
 
     def _context_free_end(self) -> Finding | None:
         floor, smoothed = self.config.context_free_loss, self._loss.smoothed
-        if (smoothed is None or floor is None
-                or not reference_passed_token_frequencies(self.config.expected_loss, floor,
-                                                       self.config.context_free_margin)
+        if (smoothed is None or floor is None or not self.config.context_free_line_holds
                 or learned_past_token_frequencies(smoothed, floor, self.config.context_free_margin)):
             return None
         fall = self._loss.progress()

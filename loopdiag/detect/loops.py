@@ -24,6 +24,7 @@ from loopdiag.detect.columns import RecordColumns, codes, judged_streaks
 from loopdiag.detect.symptoms import (
     COLLAPSED_DECORRELATION,
     LossTrack,
+    ReferenceLineConfig,
     SolvedLineConfig,
     Symptoms,
     collapsed_from,
@@ -78,7 +79,7 @@ def sentence(clauses: list[str]) -> str:
 
 
 @dataclass(frozen=True)
-class RepresentationCollapseConfig(DetectorConfig):
+class RepresentationCollapseConfig(ReferenceLineConfig):
     cooldown: int = 20
     max_decorrelation: float = COLLAPSED_DECORRELATION  # 1 − token correlation, last loop
     # Records the condition must hold before a warning: a collapsed model shows it from its
@@ -88,7 +89,8 @@ class RepresentationCollapseConfig(DetectorConfig):
     patience: int = 5
     # Critical once it has held this many records while the loss stalled (rolling median
     # improved by under `min_progress` over them): identical positions can only predict
-    # the token marginals, which such a model learns in its first few steps.
+    # the token marginals, which such a model learns in its first few steps. Never where
+    # a reference shows the data holds little more than those (`context_free_line_holds`).
     window: int = 20
     min_progress: float = 0.02
 
@@ -103,7 +105,10 @@ class RepresentationCollapseConfig(DetectorConfig):
 class RepresentationCollapse(Detector):
     """Every position carrying the same vector at the last loop (1 − `token_corr` <
     `max_decorrelation`) for `patience` records → warn; for `window` records while the
-    loss stalls → critical. Names the loop from which all positions are identical."""
+    loss stalls → critical, unless the reference (`expected_loss`) stayed within the
+    context-free line itself: then identical positions cost the run next to nothing, and
+    its gap to the reference judges it. Names the loop from which all positions are
+    identical."""
 
     name = "representation_collapse"
     mechanism = "representation"
@@ -150,8 +155,12 @@ class RepresentationCollapse(Detector):
                     "thresholds": {"max_decorrelation": self.config.max_decorrelation,
                                    "patience": self.config.patience,
                                    "window": self.config.window,
-                                   "min_progress": self.config.min_progress}}
-        return Finding("critical" if stalled else "warn", sentence(clauses), evidence)
+                                   "min_progress": self.config.min_progress,
+                                   "expected_loss": self.config.expected_loss,
+                                   "context_free_loss": self.config.context_free_loss}}
+        # The monitor says once, at the first record, why a stall here is no collapse.
+        collapse = stalled and self.config.context_free_line_holds
+        return Finding("critical" if collapse else "warn", sentence(clauses), evidence)
 
     def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
         last = columns.last_loop("token_corr")

@@ -167,7 +167,8 @@ class Monitor:
                               f"{100 * CONTEXT_FREE_MARGIN:.0f}% below {context_free:.4g}, what "
                               f"the data's token frequencies alone give: with this data and "
                               f"budget it learned no more than that, so no run is judged by "
-                              f"that line, only by its gap to the reference."))
+                              f"that line or by identical positions, only by its gap to the "
+                              f"reference."))
 
     def _fire(self, fired: list[Event]) -> None:
         for event in fired:

@@ -26,14 +26,14 @@ from loopdiag.detect.base import (
 )
 from loopdiag.detect.columns import RecordColumns, codes, expand, near, trailing_medians
 from loopdiag.detect.symptoms import (
-    SolvedLineConfig,
+    ReferenceLineConfig,
     Symptoms,
     solved_line,
 )
 
 
 @dataclass(frozen=True)
-class ResidualExplosionConfig(SolvedLineConfig):
+class ResidualExplosionConfig(ReferenceLineConfig):
     # With zero-initialised output projections the stream starts at ‖N(e)‖ = √d and grows
     # several-fold in the first tens of steps as the residual branches switch on (a tiny
     # healthy run: 8 → 15.6 by step 25, settling near 8 by step 50). A baseline taken then
@@ -90,7 +90,8 @@ class ResidualExplosion(Detector):
         self._recent_per_loop: deque[float] = deque(maxlen=self.config.smooth)
         self._baseline: list[tuple[int, float]] = []  # (step, r_K)
         self._baseline_median: float | None = None
-        self._symptoms = Symptoms(self.config.gap, reads_rise=True, floor=solved_line(self.config))
+        self._symptoms = Symptoms(self.config.gap, reads_rise=True, floor=solved_line(self.config),
+                                  positions=self.config.context_free_line_holds)
 
     def _check(self, record: Mapping[str, Any]) -> Finding | None | Unjudged:
         self._symptoms.update(record)
@@ -196,7 +197,8 @@ class ResidualExplosion(Detector):
             self._baseline_median = (statistics.median(r for _, r in self._baseline)
                                      if len(self._baseline) == self.config.baseline_window else None)
             self._symptoms = columns.symptoms_at(index, self.config.gap, reads_rise=True,
-                                                 floor=solved_line(self.config))
+                                                 floor=solved_line(self.config),
+                                                 positions=self.config.context_free_line_holds)
             evidence: dict[str, Any] = {"loops": int(lengths[index])}
             if with_loops[index]:
                 evidence["loop_ratio"] = float(loop_ratios[index])

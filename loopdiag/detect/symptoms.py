@@ -253,8 +253,9 @@ class Symptoms:
     detector that asks for it (`reads_rise`) pays for reading that noise every record."""
 
     def __init__(self, gap: float, min_progress: float = MIN_PROGRESS, window: int = 20,
-                 reads_rise: bool = False, floor: float = 0.0) -> None:
+                 reads_rise: bool = False, floor: float = 0.0, positions: bool = True) -> None:
         self.gap, self.min_progress, self.floor = gap, min_progress, floor
+        self.positions = positions  # whether identical positions are a symptom here
         self.loss = LossTrack(window=window)
         self._rise = (RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP, floor=floor)
                       if reads_rise else None)
@@ -289,13 +290,15 @@ class Symptoms:
 
     def current(self, representation: bool = True) -> str | None:
         """One clause naming the symptom present now, or None; `representation=False`
-        leaves identical positions out (for a detector that is itself a consequence)."""
+        leaves identical positions out (for a detector that is itself a consequence), as
+        does `positions=False` at construction (where they cost the run nothing:
+        `ReferenceLineConfig.context_free_line_holds`)."""
         above = self.loss.above_best(self.floor)
         if above is not None and above >= self.gap:
             return (f"the smoothed loss {self.loss.smoothed:.4g} is {100 * above:.0f}% above "
                     + (solved_clause(self.floor, self.loss.best) if self.floor > self.loss.best
                        else f"its best {self.loss.best:.4g}"))
-        loop = collapsed_from(self._record) if representation else None
+        loop = collapsed_from(self._record) if representation and self.positions else None
         if loop is not None:
             return f"all positions carry the same vector from loop {loop} on"
         return None
@@ -365,6 +368,30 @@ class SolvedLineConfig(DetectorConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_context_free(self.context_free_loss, self.context_free_margin)
+
+
+@dataclass(frozen=True)
+class ReferenceLineConfig(SolvedLineConfig):
+    """`SolvedLineConfig` and the loss the same model reaches with one loop (`expected_loss`;
+    None: no reference), which tells whether the context-free line can judge a run here
+    (`context_free_line_holds`). Identical positions predict only the token marginals, so
+    they are a collapse only where the data holds more than those: on text of uniformly
+    random characters the one-loop models ended at the context-free loss and the looped
+    ones with every position identical, no worse."""
+
+    expected_loss: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_loss(self.expected_loss)
+
+    @property
+    def context_free_line_holds(self) -> bool:
+        """Whether a loss at the context-free level, or positions that can only predict it,
+        can judge a run: not when the reference stayed within the line itself
+        (`reference_passed_token_frequencies`)."""
+        return reference_passed_token_frequencies(self.expected_loss, self.context_free_loss,
+                                                  self.context_free_margin)
 
 
 def behind_from(expected: float, context_free_loss: float | None, gap: float, margin: float) -> float:
