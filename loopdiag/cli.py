@@ -24,6 +24,7 @@ from rich.markup import escape
 
 import loopdiag
 from loopdiag.console import stability_table
+from loopdiag.detect.base import SEVERITIES
 from loopdiag.store.writer import write_failure
 
 if TYPE_CHECKING:
@@ -105,6 +106,9 @@ def run(
         help="Report folder; the run store goes in its runs/. Default: reports/<suite name>.")] = None,
     wandb: Annotated[str, typer.Option(help="off, offline (no account; `wandb sync` uploads later) or online.")] = "offline",
     jobs: Annotated[int, typer.Option(help="Runs trained at once, in worker processes; 0: one per CPU core (at most 8).")] = 0,
+    alerts: Annotated[str, typer.Option(
+        help="Least severity a detector event needs to print while training: info, warn or "
+             "critical. Every event is in the run's events.jsonl and the report.")] = "warn",
     stop_on_collapse: Annotated[bool | None, typer.Option(
         "--stop-on-collapse/--no-stop-on-collapse", help="Stop a run when a detector goes critical (default: the suite's).",
         show_default=False)] = None,
@@ -141,6 +145,8 @@ def run(
         raise bad_input("--wandb online needs a W&B login: run `wandb login` or set WANDB_API_KEY")
     if jobs < 0:
         raise bad_input(f"--jobs must be >= 0, got {jobs}")
+    if alerts not in SEVERITIES:
+        raise bad_input(f"--alerts must be info, warn or critical, got {alerts!r}")
     if resume and overwrite:
         raise bad_input("--resume and --overwrite contradict each other; pick one")
     shard_of = _parse_shard(shard)
@@ -191,7 +197,7 @@ def run(
     # W&B's own banners and console capture would fight the progress bar; we print the sync hint.
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")
-    with LiveProgress(console, cells, spec.train.steps) as progress:
+    with LiveProgress(console, cells, spec.train.steps, alerts) as progress:
         results = run_suite(spec, suite_dir, jobs=jobs, resume=resume, wandb_mode=wandb_mode,
                             shard=shard_of, only=accepts, on_message=progress.handle)
     if not distributed.is_main():

@@ -17,6 +17,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from loopdiag.detect.base import SEVERITIES
 from loopdiag.detect.monitor import SEVERITY_STYLE
 from loopdiag.detect.verdict import FAILED_STATUSES
 
@@ -26,10 +27,14 @@ if TYPE_CHECKING:  # the runner imports torch; `analyze` and `report` print tabl
 
 class LiveProgress:
     """One bar over all steps of all runs and one per run in progress, fed the messages
-    of `loopdiag.run.launch.run_suite`; detector events print above the bars as they fire."""
+    of `loopdiag.run.launch.run_suite`; detector events of severity `alerts` or above print
+    above the bars as they fire (the others are in each run's events.jsonl and the report)."""
 
-    def __init__(self, console: Console, cells: list[RunSpec], steps: int):
+    def __init__(self, console: Console, cells: list[RunSpec], steps: int, alerts: str = "warn"):
+        if alerts not in SEVERITIES:
+            raise ValueError(f"alerts must be one of {', '.join(SEVERITIES)}, got {alerts!r}")
         self.steps = steps
+        self.shown_severities = SEVERITIES[SEVERITIES.index(alerts):]
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=console, transient=True)
@@ -58,7 +63,7 @@ class LiveProgress:
             self.progress.update(self.overall, completed=sum(self.done_steps.values()))
         elif kind == "eval" and run_id in self.active:
             self.progress.update(self.active[run_id], note="evaluating at other loop counts")
-        elif kind == "event":
+        elif kind == "event" and payload["severity"] in self.shown_severities:
             style = SEVERITY_STYLE[payload["severity"]]
             self.progress.console.print(
                 f"[{style}]{payload['severity'].upper()}[/] {run_id} step {payload['step']} "

@@ -65,6 +65,26 @@ def test_run_trains_every_cell_and_writes_the_report(tmp_path):
     assert result.exit_code == 0 and "flt-k03-s0: stable" in result.output
 
 
+def test_live_alerts_print_from_the_severity_asked_for():
+    from rich.console import Console
+
+    from loopdiag.console import LiveProgress
+
+    def printed(alerts: str) -> str:
+        console = Console(record=True, width=200)
+        with LiveProgress(console, [], steps=10, alerts=alerts) as progress:
+            for severity in ("info", "warn", "critical"):
+                progress.handle(("event", "flt-k04-s0", {"severity": severity, "step": 5,
+                                                         "detector": "dead_loops", "message": "m."}))
+        return [line.split()[0] for line in console.export_text().splitlines() if line.strip()]
+
+    assert printed("info") == ["INFO", "WARN", "CRITICAL"]
+    assert printed("warn") == ["WARN", "CRITICAL"]
+    assert printed("critical") == ["CRITICAL"]
+    with pytest.raises(ValueError, match="alerts must be one of"):
+        LiveProgress(Console(), [], steps=10, alerts="debug")
+
+
 def test_sparse_records_with_validation_between_them_give_every_run_a_final_loss(tmp_path):
     # Records at steps 1, 5 and 10, validation at 4, 8 and 12: three records of their own,
     # the last one the run's last record.
@@ -277,13 +297,14 @@ def binary_file(tmp_path):
         (["--parallel", "zero3"], "TrainConfig.parallel must be one of"),
         (["--wandb", "cloud"], "--wandb must be off, offline or online"),
         (["--jobs", "-1"], "--jobs must be >= 0"),
+        (["--alerts", "debug"], "--alerts must be info, warn or critical"),
         (["--resume", "--overwrite"], "contradict"),
         (["--data", "/no/such/file.txt"], "no such file"),
         (["no/such/suite.toml"], "no such suite file"),
         (["nosuchsuite"], "no suite named 'nosuchsuite': give a .toml path, or one of addition-references, default, "),
     ],
     ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "log-every", "grad-accum-steps",
-         "precision", "parallel", "wandb", "jobs",
+         "precision", "parallel", "wandb", "jobs", "alerts",
          "resume-overwrite", "missing-data", "missing-suite", "unknown-suite-name"],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
@@ -351,10 +372,13 @@ def test_a_collapsing_run_is_alerted_stopped_and_reported(collapsed_suite):
     output, out = collapsed_suite
     words = " ".join(output.split())  # rich wraps long cells and lines
     assert "CRITICAL looped-k04-s0" in words and "looped-k04-s0: collapsed" in words
+    # information is in the events file and the report, not printed as an alert
+    suite = load_suite(out / "runs")
+    assert "info" in set(pd.concat([run.events for run in suite.runs.values()])["severity"])
+    assert "INFO " not in words
     # no terminal, no bars: each run's end is a line, the stable one's too, with the count
     assert "flt-k04-s0: stable" in words and "(2/2 runs done)" in words
     assert "(representation) @" in words  # the table's verdict cell, wrapped at 80 columns
-    suite = load_suite(out / "runs")
     looped, flt = suite.runs["looped-k04-s0"], suite.runs["flt-k04-s0"]
     assert looped.summary["status"] == "collapsed" and looped.summary["stopped_by"]
     assert looped.summary["steps_done"] < 200 and looped.checkpoint_path is not None
