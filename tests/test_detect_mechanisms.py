@@ -295,8 +295,9 @@ def test_identical_positions_are_no_collapse_where_the_reference_learned_only_to
     for record in records:  # the stream doubling every loop: an explosion, were it a collapse
         record["resid_norm"] = [8.0 * 2.5 ** k for k in range(LOOPS)]
 
-    def judged(expected_loss):
-        detectors = default_detectors(expected_loss, context_free_loss=floor)
+    def judged(expected_loss, reference_losses=None):
+        detectors = default_detectors(expected_loss, context_free_loss=floor,
+                                      reference_losses=reference_losses)
         events = replay(records, detectors, finished=True, vectorised=vectorised)
         return verdict(records, events, finished=True), events
 
@@ -310,11 +311,25 @@ def test_identical_positions_are_no_collapse_where_the_reference_learned_only_to
     severities = {event.detector: event.severity for event in events
                   if event.detector in ("representation_collapse", "residual_explosion")}
     assert severities == {"representation_collapse": "warn", "residual_explosion": "info"}
+    # ... by its end: a reference curve sitting at the line says so, one still falling
+    # 1 % a record says its budget cut it off there, and the data holds more
+    flat = [(step, 3.27) for step in range(1, 151)]
+    falling = [(step, 3.27 * 1.01 ** (150 - step)) for step in range(1, 151)]
+    assert judged(3.27, flat)[0]["status"] == "stable"
+    cut_off, _ = judged(3.27, falling)
+    assert (cut_off["status"], cut_off["mechanism"]) == ("collapsed", "representation")
+    assert loopdiag.Monitor(expected_loss=3.27, context_free_loss=floor,
+                            reference_losses=falling).update(records[0]) == []
+    (note,) = loopdiag.Monitor(expected_loss=3.27, context_free_loss=floor,
+                               reference_losses=flat).update(records[0])
+    assert "no run is judged by that line or by identical positions" in note.message
     alone = RepresentationCollapse(expected_loss=3.27, context_free_loss=floor)
     (warn,) = replay(records, [alone], vectorised=vectorised)
     assert (warn.severity, warn.step) == ("warn", 7)
     with pytest.raises(ValueError, match="expected_loss must be a positive number"):
         ResidualExplosion(expected_loss=-1.0)
+    with pytest.raises(ValueError, match="reference_learning must be true or false"):
+        RepresentationCollapse(reference_learning="yes")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from loopdiag.detect import SEVERITIES, Detector, Event, FailedToTrain, default_detectors
-from loopdiag.detect.symptoms import CONTEXT_FREE_MARGIN, reference_passed_token_frequencies
+from loopdiag.detect.symptoms import CONTEXT_FREE_MARGIN
 
 SEVERITY_STYLE = {"info": "cyan", "warn": "yellow", "critical": "bold red"}
 # Records after which a detector that judged none says so (its statistic is not recorded).
@@ -92,7 +92,7 @@ class Monitor:
         self.context_free_loss = context_free_loss  # the verdict's test of a recovery
         # A context-free line the reference did not pass, which no detector judges by: said once.
         self._unreached_line = (None if detectors is not None
-                                or reference_passed_token_frequencies(expected_loss, context_free_loss)
+                                or self._failed_to_train().config.context_free_line_holds
                                 else (expected_loss, context_free_loss))
         self.sinks = list(sinks)
         self.stop_on = stop_on
@@ -110,8 +110,12 @@ class Monitor:
     def expected_loss(self) -> float | None:
         """The loss the run is judged against (`failed_to_train`'s reference); None when
         it is judged without one."""
-        return next((detector.config.expected_loss for detector in self.detectors
-                     if isinstance(detector, FailedToTrain)), None)
+        failed = self._failed_to_train()
+        return None if failed is None else failed.config.expected_loss
+
+    def _failed_to_train(self) -> FailedToTrain | None:
+        return next((detector for detector in self.detectors if isinstance(detector, FailedToTrain)),
+                    None)
 
     def update(self, record: Mapping[str, Any]) -> list[Event]:
         fired = [event for detector in self.detectors for event in detector.update(record)]

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from loopdiag.detect.base import Detector
-from loopdiag.detect.behind import BehindReference
+from loopdiag.detect.behind import BehindReference, checked_losses
 from loopdiag.detect.blowup import ResidualBlowup
 from loopdiag.detect.collapse import CollapsePlateau
 from loopdiag.detect.failure import FailedToTrain
@@ -15,7 +15,7 @@ from loopdiag.detect.gradient import GradientOscillation
 from loopdiag.detect.loops import DeadLoops, IdleLoops, RepresentationCollapse, VanishingGradient
 from loopdiag.detect.loss import LossRise, LossSpike, NonFinite, SlowDivergence
 from loopdiag.detect.residual import ResidualExplosion
-from loopdiag.detect.symptoms import validate_loss
+from loopdiag.detect.symptoms import still_learning, validate_loss
 from loopdiag.detect.update import UpdateSize
 
 DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
@@ -34,8 +34,9 @@ def default_detectors(expected_loss: float | None = None, *,
     `expected_loss` (the loss this model should reach, e.g. the same architecture's with
     one loop), `context_free_loss` (what the data's token frequencies alone give, e.g.
     `loopdiag.data.unigram_loss` of the training tokens) and `reference_losses` (the
-    (step, train loss) pairs of the run `expected_loss` came from) go to every detector that
-    takes them, unless its overrides set them.
+    (step, train loss) pairs of the run `expected_loss` came from; whether they were still
+    falling at the end goes as `reference_learning`) go to every detector that takes them,
+    unless its overrides set them.
 
     Raises ValueError naming the detector and threshold for an unknown detector, an
     unknown threshold, or a value of the wrong type or range.
@@ -50,6 +51,11 @@ def default_detectors(expected_loss: float | None = None, *,
                                            ("context_free_loss", context_free_loss),
                                            ("reference_losses", reference_losses))
              if value is not None}
+    if reference_losses is not None:
+        try:
+            given["reference_learning"] = still_learning(checked_losses(reference_losses))
+        except ValueError:
+            pass  # behind_reference refuses the curve below, naming itself
     detectors = []
     for name, cls in DETECTORS.items():
         thresholds = dict(overrides.get(name, {})) if isinstance(overrides.get(name, {}), Mapping) \
