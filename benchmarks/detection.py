@@ -552,6 +552,15 @@ judged collapsed or warned; with a reference one is judged failed to train (`flt
 K = 12 at lr 1e-2, within 10 % of the labels' lr-3e-3 model but 18 % behind the one-loop
 model at 1e-2 its verdict is given against). Every anchor target met.
 
+And past the 12 loops any threshold saw (study `sweep-rst`: the five architectures at K = 1,
+8 and 16, lr 3e-3 and 1e-2, the default preset, batch 24, 250 steps, on 500 KB of CMake's
+reStructuredText manuals, seeds 154–155, 60 runs, about 38 min on 2 cores), trained and
+scored once with nothing changed: 8 failed runs, all never trained (plain `looped` at K = 8
+and 16 on both learning rates and seeds, stalled at 3.63–3.64 against a context-free loss
+of 3.61), all judged collapsed (representation) in both modes and warned at steps 6–9 of
+250; 0/52 healthy runs judged collapsed or warned, none judged failed to train with a
+reference. Every anchor target met.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
@@ -1250,7 +1259,7 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-vim/runs"), Path("reports/detection/sweep-notes/runs"),
            Path("reports/detection/sweep-long/runs"), Path("reports/detection/sweep-huginn/runs"),
            Path("reports/detection/sweep-maven/runs"), Path("reports/detection/sweep-bashcomp/runs"),
-           Path("reports/detection/sweep-yaml/runs"))
+           Path("reports/detection/sweep-yaml/runs"), Path("reports/detection/sweep-rst/runs"))
 
 
 def study_name(path: Path) -> str:
