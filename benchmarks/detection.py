@@ -561,6 +561,21 @@ of 3.61), all judged collapsed (representation) in both modes and warned at step
 250; 0/52 healthy runs judged collapsed or warned, none judged failed to train with a
 reference. Every anchor target met.
 
+And with Muon and three blocks per loop (study `sweep-uapi`: the five architectures at K = 1,
+4 and 12, lr 3e-3 and 1e-2, the default preset with n_layers 3, 200 steps, on 500 KB of
+Linux's UAPI headers, seeds 156–157, 60 runs, about 25 min on 2 cores), trained and scored
+once with nothing changed: 4 failed runs, all plain `looped` K = 12, all judged collapsed
+in both modes (at lr 3e-3 representation and plateau, at 1e-2 by `slow_divergence`). At lr
+3e-3 they never trained (best smoothed 3.53 against a context-free loss of 3.70) and are
+the set's misses of the early target: at steps 21–30 they sat at 3.60 and 3.68 while their
+seed's one-loop model was at 3.15 and 3.22, their positions distinct (token correlation
+0.78 and 0.68 at step 30); first warned at step 74 with a reference (`behind_reference`, twice the step the
+reference left the context-free line) and 119–120 without. At 1e-2 they trained (0.87 of
+the context-free loss at best) and drifted back up, warned at steps 62 and 78 with a
+reference and 108–110 without. 0/56 healthy runs judged collapsed, warned or failed to
+train. Four failed runs are too few for the anchors' run-by-run tests (caught by us only
+on 4, p = 0.12).
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
@@ -1259,7 +1274,8 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-vim/runs"), Path("reports/detection/sweep-notes/runs"),
            Path("reports/detection/sweep-long/runs"), Path("reports/detection/sweep-huginn/runs"),
            Path("reports/detection/sweep-maven/runs"), Path("reports/detection/sweep-bashcomp/runs"),
-           Path("reports/detection/sweep-yaml/runs"), Path("reports/detection/sweep-rst/runs"))
+           Path("reports/detection/sweep-yaml/runs"), Path("reports/detection/sweep-rst/runs"),
+           Path("reports/detection/sweep-uapi/runs"))
 
 
 def study_name(path: Path) -> str:
