@@ -569,8 +569,8 @@ in both modes (at lr 3e-3 representation and plateau, at 1e-2 by `slow_divergenc
 3e-3 they never trained (best smoothed 3.53 against a context-free loss of 3.70) and are
 the set's misses of the early target: at steps 21–30 they sat at 3.60 and 3.68 while their
 seed's one-loop model was at 3.15 and 3.22, their positions distinct (token correlation
-0.78 and 0.68 at step 30); first warned at step 74 with a reference (`behind_reference`, twice the step the
-reference left the context-free line) and 119–120 without. At 1e-2 they trained (0.87 of
+0.78 and 0.68 at step 30); first warned at step 74 with a reference (`behind_reference`,
+twice the step the reference left the context-free line) and 119–120 without. At 1e-2 they trained (0.87 of
 the context-free loss at best) and drifted back up, warned at steps 62 and 78 with a
 reference and 108–110 without. 0/56 healthy runs judged collapsed, warned or failed to
 train. Four failed runs are too few for the anchors' run-by-run tests (caught by us only
@@ -588,8 +588,8 @@ grew 1,770× by step 19 with its positions one vector, then trained again to 2.4
 one-loop run at 3e-2 its verdict is given against (1.92); without a reference it is
 recovered. 20 more runs healthy by label (19 at lr 1e-1) are judged failed to train with
 a reference, 12–27 % behind the run they are judged against: the same gap between the two
-bars. False warnings: 3 in 31,200 healthy
-steps without a reference (1.0 per 10k), 6 with one (1.9 per 10k, over the target).
+bars. False warnings: 3 in 31,200 healthy steps without a reference (1.0 per 10k), 6 with
+one (1.9 per 10k, over the target).
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
