@@ -695,6 +695,7 @@ ALL_DEFAULTS = "loopdiag (all defaults)"
 # below this p (see `compare`).
 SIGNIFICANCE = 0.05
 LEAD_AXIS = "lead on the failures both caught before onset"
+RUNS_LISTED = 12  # a report line names this many runs, then says "and more"
 
 
 @dataclass(frozen=True)
@@ -1499,7 +1500,8 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
             lines.append(f"- {mode}: {counted(len(missed), 'failed run', 'failed runs')} "
                          f"judged stable: " + ", ".join(
                 f"`{run.name}` ({run.label.kind}, final smoothed loss {run.final_smoothed_loss:.3g})"
-                for run in missed[:12]) + (" and more" if len(missed) > 12 else "") + ".")
+                for run in missed[:RUNS_LISTED])
+                + (" and more" if len(missed) > RUNS_LISTED else "") + ".")
             if mode == MODES[0]:
                 # A failure told only by a reference the mode lacks: a healthy run of the
                 # set ended as high, so no threshold on the final loss separates the two.
@@ -1512,15 +1514,15 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
                              f"that healthy run stable.")
         wrong = [run for run in runs if not run.label.collapsed and run.verdicts[mode]["status"] != "stable"]
         if wrong:
-            # The list stops at 12 runs: past that, the count of each verdict says the rest.
+            # Past the runs listed, the count of each verdict says the rest.
             statuses = Counter(run.verdicts[mode]["status"] for run in wrong)
             by_status = (" (" + ", ".join(f"{n} {status}" for status, n in statuses.most_common()) + ")"
-                         if len(wrong) > 12 else "")
+                         if len(wrong) > RUNS_LISTED else "")
             lines.append(f"- {mode}: {counted(len(wrong), 'healthy run', 'healthy runs')} "
                          f"judged not stable{by_status}: " + ", ".join(
                 f"`{run.name}` ({run.verdicts[mode]['status']} by {run.verdicts[mode]['signal']} at "
-                f"step {run.verdicts[mode]['step']})" for run in wrong[:12])
-                + (" and more" if len(wrong) > 12 else "") + ".")
+                f"step {run.verdicts[mode]['step']})" for run in wrong[:RUNS_LISTED])
+                + (" and more" if len(wrong) > RUNS_LISTED else "") + ".")
     healthy = [run.early_smoothed_loss for run in runs if not run.label.collapsed]
     late = [run for run in runs if run.label.kind == "failed to train"
             and not warned_by(run, MODES[1], EARLY_FRACTION * run.steps)]
@@ -1544,8 +1546,8 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
             f"- {len(no_lead)} of the {counted(len(rose), 'late collapse', 'late collapses')} "
             f"{'was' if len(no_lead) == 1 else 'were'} first warned (without a reference) at "
             f"their onset step itself (counted as before onset, with no lead): " + ", ".join(
-                f"`{run.name}` (step {run.label.onset})" for run in no_lead[:12])
-            + (" and more" if len(no_lead) > 12 else "") + ".")
+                f"`{run.name}` (step {run.label.onset})" for run in no_lead[:RUNS_LISTED])
+            + (" and more" if len(no_lead) > RUNS_LISTED else "") + ".")
     after = [run for run in rose if not warned_by(run, MODES[0], run.label.onset)]
     if after:
         lines.append(
@@ -1554,8 +1556,8 @@ def miss_lines(runs: Sequence[ScoredRun]) -> list[str]:
             f"reference): "
             + ", ".join(f"`{run.name}` (onset {run.label.onset}, first warning "
                         f"{run.verdicts[MODES[0]].get('first_warning_step') or 'none'})"
-                        for run in after[:12])
-            + (" and more" if len(after) > 12 else "") + ".")
+                        for run in after[:RUNS_LISTED])
+            + (" and more" if len(after) > RUNS_LISTED else "") + ".")
     return lines
 
 
@@ -1574,7 +1576,7 @@ def early_miss_line(late: Sequence[ScoredRun], kind: tuple[str, str],
                 f"`{run.name}` ({run.early_smoothed_loss:.3g}; "
                 f"{run.reference_early_smoothed_loss:.3g}; "
                 f"{sum(value >= run.early_smoothed_loss for value in healthy_early)})"
-                for run in late[:12]) + (" and more" if len(late) > 12 else "")
+                for run in late[:RUNS_LISTED]) + (" and more" if len(late) > RUNS_LISTED else "")
             + f". {apart} of the {counted(len(late), 'was', 'were')} {ONSET_GAP:.0%} (the labels' "
               f"gap) or more above that healthy model there.")
 

@@ -548,8 +548,8 @@ def test_the_readme_summarises_the_committed_detection_reports_as_they_stand():
             expected = fractions(no_ref[column])[:1]
             assert fractions(cell)[:1] == expected, (name, cell, no_ref[column])
         both = [fractions(with_ref[4])[0], fractions(no_ref[4])[0]]
-        given = fractions(collapsed)  # where the modes differ, with ref. / no ref.
-        assert given[:2] == both if both[0] != both[1] else given[0] == both[0], name
+        in_cell = fractions(collapsed)  # where the modes differ, with ref. / no ref.
+        assert in_cell[:2] == both if both[0] != both[1] else in_cell[0] == both[0], name
         given = re.match(r"(\d+) in ([\d,]+) steps", warnings)
         assert given, warnings
         assert (int(given[1]), int(given[2].replace(",", ""))) == (false_warnings, healthy_steps), name

@@ -107,8 +107,8 @@ class RepresentationCollapse(Detector):
     `max_decorrelation`) for `patience` records → warn; for `window` records while the
     loss stalls → critical, unless the reference (`expected_loss`) stayed within the
     context-free line itself and stopped learning there (`context_free_line_holds`): then
-    identical positions cost the run next to nothing, and its gap to the reference judges it. Names the loop from which all positions are
-    identical."""
+    identical positions cost the run next to nothing, and its gap to the reference judges
+    it. Names the loop from which all positions are identical."""
 
     name = "representation_collapse"
     mechanism = "representation"
