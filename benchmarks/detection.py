@@ -554,7 +554,7 @@ model at 1e-2 its verdict is given against). Every anchor target met.
 
 And past the 12 loops any threshold saw (study `sweep-rst`: the five architectures at K = 1,
 8 and 16, lr 3e-3 and 1e-2, the default preset, batch 24, 250 steps, on 500 KB of CMake's
-reStructuredText manuals, seeds 154–155, 60 runs, about 38 min on 2 cores), trained and
+reStructuredText manuals, seeds 154–155, 60 runs, 31 min on 2 cores), trained and
 scored once with nothing changed: 8 failed runs, all never trained (plain `looped` at K = 8
 and 16 on both learning rates and seeds, stalled at 3.63–3.64 against a context-free loss
 of 3.61), all judged collapsed (representation) in both modes and warned at steps 6–9 of
@@ -563,7 +563,7 @@ reference. Every anchor target met.
 
 And with Muon and three blocks per loop (study `sweep-uapi`: the five architectures at K = 1,
 4 and 12, lr 3e-3 and 1e-2, the default preset with n_layers 3, 200 steps, on 500 KB of
-Linux's UAPI headers, seeds 156–157, 60 runs, about 25 min on 2 cores), trained and scored
+Linux's UAPI headers, seeds 156–157, 60 runs, 20 min on 2 cores), trained and scored
 once with nothing changed: 4 failed runs, all plain `looped` K = 12, all judged collapsed
 in both modes (at lr 3e-3 representation and plateau, at 1e-2 by `slow_divergence`). At lr
 3e-3 they never trained (best smoothed 3.53 against a context-free loss of 3.70) and are
