@@ -67,6 +67,14 @@ def test_the_readme_gives_the_pooled_counts_the_committed_report_gives(ablation)
     claimed = set(re.findall(r"\b(\d+)/(\d+)\b", bullet[0]))
     pooled = set(re.findall(r"\b(\d+)/(\d+) \(", report.split("By set")[0]))
     assert len(claimed) >= 6 and claimed <= pooled, sorted(claimed - pooled)
+    # false warnings without and with a reference: every statistic, no token correlation, loss alone
+    rows = {row[0]: re.findall(r"\((\d+) in ([\d,]+)\)", row[1])
+            for row in re.findall(r"^\| ([a-z ,]+) \|(.*)$", report, re.MULTILINE)}
+    kept = [rows[name] for name in ("every statistic", "no token correlation", "loss alone")]
+    text = " ".join(bullet[0].split())
+    assert (f"False warnings fall with them, {kept[0][0][0]}, {kept[1][0][0]} and {kept[2][0][0]} "
+            f"in {kept[0][0][1]} healthy steps") in text
+    assert f"False warnings with it {kept[0][1][0]}, {kept[1][1][0]} and {kept[2][1][0]}." in text
 
 
 def test_with_a_reference_s_curve_a_model_that_logs_only_its_loss_is_warned_mid_run(ablation):
