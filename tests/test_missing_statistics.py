@@ -93,3 +93,42 @@ def test_with_a_reference_s_curve_a_model_that_logs_only_its_loss_is_warned_mid_
         warned = run.verdicts["with reference"]["first_warning_step"]
         assert warned < run.steps / 2
         assert [alarm["step"] for alarm in run.reference_alarms][:1] == [warned]
+
+
+
+def test_the_readmes_pooled_targets_are_the_reports(ablation):
+    """The README's pooled table against the statistics report's every-statistic row, and the
+    healthy runs judged collapsed with a reference against every set's report."""
+    report = (ablation.ROOT / "reports/detection/statistics.md").read_text(encoding="utf-8")
+    readme = (ablation.ROOT / "README.md").read_text(encoding="utf-8")
+    runs = re.search(r"records of \d+ detection sets \((\d+) runs", report)[1]
+    header = re.search(r"^\| records \|(.*)\|$", report, re.MULTILINE)[1].split("|")
+    row = re.search(r"^\| every statistic \|(.*)\|$", report, re.MULTILINE)[1].split("|")
+    assert [name.strip() for name in header] == [
+        "failed runs judged not stable, with ref.", "… no ref.",
+        "failed runs judged collapsed (a mechanism named), no ref.",
+        "never trained, warned within 15% of steps", "… with ref.", "late collapses warned by onset",
+        "healthy runs judged collapsed", "false warnings per 10k healthy steps", "… with ref."]
+    counts = [re.search(r"\d+/\d+", cell)[0] for cell in row[:7]]
+    warnings = ["{} in {} steps".format(*re.search(r"\((\d+) in ([\d,]+)\)", cell).groups())
+                for cell in row[7:]]
+    healthy_collapsed = [0, 0]  # with a reference, summed over the sets' reports
+    for path in [ablation.ROOT / "reports/detection/README.md",
+                 *(ablation.ROOT / "reports/detection").glob("*/README.md")]:
+        for line in re.finditer(r"^- [\w-]+, with reference: .*?no healthy run judged collapsed: "
+                                r"\*\*(?:not )?met\*\* \((\d+)/(\d+)\)",
+                                path.read_text(encoding="utf-8"), re.MULTILINE):
+            healthy_collapsed = [healthy_collapsed[0] + int(line[1]), healthy_collapsed[1] + int(line[2])]
+
+    section = readme.split("### How far the verdicts can be trusted")[1]
+    assert f"({runs} runs, every statistic recorded" in section
+    table = {cells[0]: [re.sub(r" \(\d+ %\)$| \([\d.]+ per 10k\)$", "", cell) for cell in cells[1:]]
+             for cells in ([cell.strip() for cell in line.split("|")[1:-1]]
+                           for line in section.split("\n\n")[2].splitlines()[2:])}
+    assert table == {
+        "failed runs judged not stable (≥ 99 %)": [counts[0], counts[1]],
+        "runs that never trained, warned within 15 % of their steps (all)": [counts[4], counts[3]],
+        "late collapses warned by their onset (≥ 95 %)": ["–", counts[5]],
+        "healthy runs judged collapsed (none)": ["{}/{}".format(*healthy_collapsed), counts[6]],
+        "false warnings on healthy runs (≤ 1 per 10k steps)": [warnings[1], warnings[0]],
+    }
