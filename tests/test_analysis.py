@@ -231,6 +231,31 @@ def test_explain_a_recovered_run_names_the_collapse_and_where_it_trained_to(tmp_
     assert "final train loss of" in text and "below what the data's token frequencies" in text
 
 
+def test_explain_says_why_a_collapse_the_run_trained_out_of_is_not_recovered(tmp_path: Path) -> None:
+    """A collapsed run whose loss came back below the context-free loss but ended behind its
+    reference: the explanation gives both, so the verdict does not read as a contradiction."""
+    run_id = "flt-k4-s1-lr0.001"
+    records = [record(run_id, "flt", 4, 1, 1e-3, step) for step in range(1, STEPS + 1)]
+    behind = "The run ended with its smoothed loss at 2.04, 14% above the 1.79 this model should reach."
+    events = [{"step": 30, "detector": "residual_blowup", "severity": "critical",
+               "message": "Last-loop residual norm is 1000× its value at step 1.", "evidence": {}},
+              {"step": STEPS, "detector": "failed_to_train", "severity": "critical", "message": behind,
+               "evidence": {}}]
+    summary = {"status": "collapsed", "mechanism": "residual", "step": 30, "signal": "residual_blowup",
+               "first_warning_step": 30, "message": events[0]["message"]}
+
+    def explained(name: str, context_free: float) -> str:
+        config = {"cell": {"arch": "flt", "n_loops": 4, "seed": 1, "lr": 1e-3}, "train": {"steps": STEPS},
+                  "data": {"context_free_loss": context_free}}
+        return explain(load_run(write_run(tmp_path / name, records, config, events=events, summary=summary)))
+
+    trained_out = explained("trained-out", 3.0)  # the loss ends near 2.0, 10 % or more below 3.0
+    assert "collapsed (residual) at step 30" in trained_out
+    assert "It trained out of the collapse" in trained_out and "not judged recovered: " + behind in trained_out
+    stuck = explained("stuck", 2.1)  # not 10 % below what token frequencies give: still collapsed
+    assert "trained out" not in stuck and behind not in stuck
+
+
 def test_a_validation_loss_at_a_step_not_logged_is_no_train_loss(tmp_path: Path) -> None:
     # Logged every 5th step, evaluated every 7th: where the two miss each other the store
     # keeps the validation loss as a record of its own, with no train loss in it.

@@ -26,7 +26,7 @@ import pandas as pd
 from loopdiag.detect import default_detectors, replay, verdict
 from loopdiag.detect.failure import FailedToTrainConfig
 from loopdiag.detect.symptoms import behind_from
-from loopdiag.detect.verdict import FAILED_STATUSES
+from loopdiag.detect.verdict import FAILED_STATUSES, smoothed_ends, trained_out
 from loopdiag.store import RunData
 from loopdiag.store import event_frame, is_run_dir, read_records
 from loopdiag.store.reference import context_free_loss, recorded_losses
@@ -257,6 +257,8 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
     sentences = [f"{who} {what}{mechanism} at step {judged.get('step')} "
                  f"(signal: {judged.get('signal') or 'unnamed'}).",
                  _verdict_message(judged), _first_signal(run, judged), _residual_story(run)]
+    if status == "collapsed":
+        sentences.append(_recovery_not_credited(run, judged, steps))
     oscillation = oscillation_index(steps)
     if not math.isnan(oscillation):
         sentences.append(f"Gradient oscillation index (mean of max(0, -cos) between consecutive "
@@ -270,6 +272,22 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
         sentences.append(f"Train loss ended at {_fmt(final_loss(steps))} against a best of "
                          f"{_fmt(finite.min())}.")
     return " ".join(sentence for sentence in sentences if sentence)
+
+
+def _recovery_not_credited(run: RunData, judged: dict[str, Any], steps: pd.DataFrame) -> str:
+    """Why a collapsed run that trained out of its collapse is not `recovered`: it ended
+    behind what it was judged against (a critical `failed_to_train`)."""
+    floor = context_free_loss(run.config)
+    final, best = smoothed_ends(loss_series(steps).to_numpy())
+    if not trained_out(final, best, floor):
+        return ""
+    events = verdict_events(run, judged)
+    behind = events[(events["detector"] == "failed_to_train") & (events["severity"] == "critical")]
+    if not len(behind):
+        return ""
+    return (f"It trained out of the collapse, to a smoothed loss of {_fmt(final)}, below the "
+            f"{_fmt(floor)} the data's token frequencies alone give, but is not judged recovered: "
+            f"{behind.iloc[0]['message']}")
 
 
 def _verdict_message(judged: dict[str, Any]) -> str:

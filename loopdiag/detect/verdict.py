@@ -61,14 +61,10 @@ def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mappi
     losses = [(step, loss) for step, loss in losses if loss is not None]
     non_finite = next(((step, loss) for step, loss in losses if not math.isfinite(loss)), None)
     finite = [loss for _, loss in losses if math.isfinite(loss)]
-    ema, best = Ema(ONSET_EMA_SPAN), math.inf
-    for loss in finite:
-        best = min(best, ema.update(loss))
+    final_smoothed, best = smoothed_ends(finite)
     # A recovery, added after the recipe corpus's `looped-k04-lr3e-3-s39` (critical at step 73,
     # ended 5 % above `standard`); the warmup corpus was held out for it.
-    trained_past = (finished and context_free_loss is not None and ema.value is not None
-                    and ema.value <= (1 - ONSET_GAP) * context_free_loss
-                    and ema.value - best < ONSET_GAP * best)
+    trained_past = finished and trained_out(final_smoothed, best, context_free_loss)
 
     failure = critical[0] if critical else None
     if non_finite is not None and (failure is None or non_finite[0] < failure["step"]):
@@ -96,9 +92,29 @@ def verdict(records: Sequence[Mapping[str, Any]], events: Iterable[Event | Mappi
         "message": failure.get("message") if failure else None,
         "first_warning_step": warned[0] if warned else None,
         "last_loss": losses[-1][1] if losses else None,
-        "final_smoothed_loss": ema.value,
+        "final_smoothed_loss": final_smoothed,
         "best_loss": min(finite) if finite else None,
     }
+
+
+def smoothed_ends(losses: Iterable[float]) -> tuple[float | None, float]:
+    """The loss's EMA (span `ONSET_EMA_SPAN` records) at the last finite loss, and its lowest;
+    (None, inf) without a finite loss."""
+    ema, best = Ema(ONSET_EMA_SPAN), math.inf
+    for loss in losses:
+        if math.isfinite(loss):
+            best = min(best, ema.update(loss))
+    return ema.value, best
+
+
+def trained_out(final_smoothed: float | None, best_smoothed: float,
+                context_free_loss: float | None) -> bool:
+    """A run that trained out of a collapse: its smoothed loss ended ≥ `ONSET_GAP` below the
+    data's context-free loss (what identical positions cannot beat) and less than `ONSET_GAP`
+    above its best."""
+    return (context_free_loss is not None and final_smoothed is not None
+            and final_smoothed <= (1 - ONSET_GAP) * context_free_loss
+            and final_smoothed - best_smoothed < ONSET_GAP * best_smoothed)
 
 
 def ground_truth_onset(losses: Sequence[float], steps: Sequence[int], *,
