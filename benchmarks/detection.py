@@ -602,6 +602,30 @@ ending 1.12× and 1.26× their seed's `standard`, above every healthy run of the
 to train with a reference, stable without one. 0/52 healthy runs judged collapsed, warned
 or failed to train, in 10,400 healthy steps.
 
+And without QK-norm, the output projections initialised as GPT-2's (study `sweep-fortunes`:
+the five architectures at K = 1, 4 and 12, lr 3e-3, 1e-2 and 3e-2, d_model 48 in 4 heads,
+seq_len 48, 250 steps, on 500 KB of fortune-cookie quotations, seeds 162–163, 90 runs,
+15 min on 2 cores), trained and scored once with nothing changed: 20 failed runs, all
+judged not stable with a reference and 18 without. 16 never trained (plain `looped` K = 4
+and 12 at every rate, `flt-res` K = 4 and 12 at 3e-2), 15 of them warned within 15 %: not
+`flt-res` K = 4, seed 163, at step 37 2 % below its seed's healthy model, warned at step 74
+with a reference. Without one, `flt-res` K = 12, seed 163, which ended flat 9 % below the
+context-free loss, and `looped-inject` K = 12 at 3e-2, seed 162, which trained and ended
+1.23× `standard`, are judged stable. Every `flt` run at K = 4 and 12 at lr 3e-2 rose 8–12 %
+above its best loss mid-run while its stream grew about 3×, then fell again; the labels
+split them 2 failed, 2 healthy. The healthy two give the set's 6 false warnings in 17,500
+healthy steps (3.4 per 10k, over the target; 7 with a reference), and one of them, which
+ended 14 % behind the one-loop `flt` at 1e-2 that its verdict is given against, is judged
+collapsed (loss) with a reference and recovered without.
+
+And with a record every 5th step (study `sweep-gcide`: the five architectures at K = 1, 4
+and 12, lr 3e-3 and 1e-2, d_model 80 in 5 heads, 300 steps, `log_every` 5, on 500 KB of
+Webster's 1913 dictionary from GCIDE, seeds 164–165, 60 runs, 26 min on 2 cores), trained and
+scored once with nothing changed: 6 failed runs, plain `looped` K = 12 at both rates and
+K = 4 at 1e-2, which never trained; all judged collapsed (representation) in both modes,
+warned at step 25 (their fifth record) and critical at steps 125–155. 0/54 healthy runs
+judged collapsed, warned or failed to train, in 16,200 healthy steps.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
@@ -1303,7 +1327,8 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-maven/runs"), Path("reports/detection/sweep-bashcomp/runs"),
            Path("reports/detection/sweep-yaml/runs"), Path("reports/detection/sweep-rst/runs"),
            Path("reports/detection/sweep-uapi/runs"), Path("reports/detection/sweep-man3/runs"),
-           Path("reports/detection/sweep-pciids/runs"))
+           Path("reports/detection/sweep-pciids/runs"), Path("reports/detection/sweep-fortunes/runs"),
+           Path("reports/detection/sweep-gcide/runs"))
 
 
 def study_name(path: Path) -> str:
