@@ -95,13 +95,12 @@ def test_with_a_reference_s_curve_a_model_that_logs_only_its_loss_is_warned_mid_
         assert [alarm["step"] for alarm in run.reference_alarms][:1] == [warned]
 
 
-
 def test_the_readmes_pooled_targets_are_the_reports(ablation):
     """The README's pooled table against the statistics report's every-statistic row, and the
     healthy runs judged collapsed with a reference against every set's report."""
     report = (ablation.ROOT / "reports/detection/statistics.md").read_text(encoding="utf-8")
     readme = (ablation.ROOT / "README.md").read_text(encoding="utf-8")
-    runs = re.search(r"records of \d+ detection sets \((\d+) runs", report)[1]
+    sets, runs = re.search(r"records of (\d+) detection sets \((\d+) runs", report).groups()
     header = re.search(r"^\| records \|(.*)\|$", report, re.MULTILINE)[1].split("|")
     row = re.search(r"^\| every statistic \|(.*)\|$", report, re.MULTILINE)[1].split("|")
     assert [name.strip() for name in header] == [
@@ -112,13 +111,13 @@ def test_the_readmes_pooled_targets_are_the_reports(ablation):
     counts = [re.search(r"\d+/\d+", cell)[0] for cell in row[:7]]
     warnings = ["{} in {} steps".format(*re.search(r"\((\d+) in ([\d,]+)\)", cell).groups())
                 for cell in row[7:]]
-    healthy_collapsed = [0, 0]  # with a reference, summed over the sets' reports
-    for path in [ablation.ROOT / "reports/detection/README.md",
-                 *(ablation.ROOT / "reports/detection").glob("*/README.md")]:
-        for line in re.finditer(r"^- [\w-]+, with reference: .*?no healthy run judged collapsed: "
-                                r"\*\*(?:not )?met\*\* \((\d+)/(\d+)\)",
-                                path.read_text(encoding="utf-8"), re.MULTILINE):
-            healthy_collapsed = [healthy_collapsed[0] + int(line[1]), healthy_collapsed[1] + int(line[2])]
+    judged = [line for path in [ablation.ROOT / "reports/detection/README.md",
+                                *(ablation.ROOT / "reports/detection").glob("*/README.md")]
+              for line in re.finditer(r"^- [\w-]+, with reference: .*?no healthy run judged collapsed: "
+                                      r"\*\*(?:not )?met\*\* \((\d+)/(\d+)\)",
+                                      path.read_text(encoding="utf-8"), re.MULTILINE)]
+    assert len(judged) == int(sets)  # one line a set
+    healthy_collapsed = [sum(int(line[1]) for line in judged), sum(int(line[2]) for line in judged)]
 
     section = readme.split("### How far the verdicts can be trusted")[1]
     assert f"({runs} runs, every statistic recorded" in section
