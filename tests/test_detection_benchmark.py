@@ -608,6 +608,21 @@ def test_the_readmes_count_of_runs_that_fell_behind_unwarned_is_every_reports():
     assert claim and (int(claim[1]), int(claim[2])) == (late - ahead, late)
 
 
+def test_the_readmes_count_of_never_trained_runs_warned_late_is_every_reports():
+    """The pooled summary's runs that never trained and were warned after 15 % (with a
+    reference), and of those within the labels' gap of their healthy model there."""
+    late = ahead = 0
+    for report in [REPO / "reports/detection/README.md", *(REPO / "reports/detection").glob("*/README.md")]:
+        for line in re.finditer(r"that never trained w(?:as|ere) not warned within 15% of their steps "
+                                r"\(with reference\).*? (\d+) of the (\d+) w(?:as|ere) 10% \(the labels' gap\)",
+                                report.read_text(encoding="utf-8")):
+            ahead, late = ahead + int(line[1]), late + int(line[2])
+    claim = re.search(r"(\d+) runs that never trained are warned after 15 % of their steps, (\d+) of them "
+                      r"then within 10 % of their healthy model",
+                      " ".join((REPO / "README.md").read_text(encoding="utf-8").split()))
+    assert late and claim and (int(claim[1]), int(claim[2])) == (late, late - ahead)
+
+
 def test_the_readmes_count_of_late_collapses_warned_at_onset_is_every_reports():
     at_onset = 0
     for report in [REPO / "reports/detection/README.md", *(REPO / "reports/detection").glob("*/README.md")]:
