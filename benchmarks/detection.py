@@ -626,6 +626,14 @@ K = 4 at 1e-2, which never trained; all judged collapsed (representation) in bot
 warned at step 25 (their fifth record) and critical at steps 125–155. 0/54 healthy runs
 judged collapsed, warned or failed to train, in 16,200 healthy steps.
 
+And at 24 loops of one block (study `sweep-gdal`: the five architectures at K = 1, 8 and 24,
+lr 3e-3 and 1e-2, the default preset with n_layers 1, 200 steps, on 500 KB of GDAL's
+projection (WKT) and object-class (CSV) tables, seeds 166–167, 60 runs, 13 min on 2 cores),
+trained and scored once with nothing changed: 6 failed runs, plain `looped` K = 24 at both
+rates and K = 8 at 1e-2, which never trained; all judged collapsed (representation) in both
+modes, warned at steps 6–7 and critical at steps 30–40. 0/54 healthy runs judged collapsed,
+warned or failed to train, in 10,800 healthy steps.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
@@ -1328,7 +1336,7 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-yaml/runs"), Path("reports/detection/sweep-rst/runs"),
            Path("reports/detection/sweep-uapi/runs"), Path("reports/detection/sweep-man3/runs"),
            Path("reports/detection/sweep-pciids/runs"), Path("reports/detection/sweep-fortunes/runs"),
-           Path("reports/detection/sweep-gcide/runs"))
+           Path("reports/detection/sweep-gcide/runs"), Path("reports/detection/sweep-gdal/runs"))
 
 
 def study_name(path: Path) -> str:
