@@ -594,15 +594,20 @@ def test_the_readmes_count_of_healthy_runs_the_z_score_rule_alarms_is_every_repo
     assert claim and (int(claim[1]), int(claim[2])) == (alarmed, healthy)
 
 
+def summed_over_reports(pattern: str, flags: int = 0) -> list[int]:
+    """Each group of `pattern`, summed over its matches in every committed detection report."""
+    totals = [0] * re.compile(pattern).groups
+    for report in [REPO / "reports/detection/README.md", *(REPO / "reports/detection").glob("*/README.md")]:
+        for match in re.finditer(pattern, report.read_text(encoding="utf-8"), flags):
+            totals = [total + int(group) for total, group in zip(totals, match.groups())]
+    return totals
+
+
 def test_the_readmes_count_of_runs_that_fell_behind_unwarned_is_every_reports():
     """The README's count of runs that trained, ended behind and were not warned within 15 %,
     and of those already 10 % behind there, summed from every report's miss line."""
-    late = ahead = 0
-    for report in [REPO / "reports/detection/README.md", *(REPO / "reports/detection").glob("*/README.md")]:
-        for line in re.finditer(r"(\d+) of the (\d+) (?:was|were) 10% \(the labels' gap\) or more above "
-                                r"that healthy model there\. At their lowest",
-                                report.read_text(encoding="utf-8")):
-            ahead, late = ahead + int(line[1]), late + int(line[2])
+    ahead, late = summed_over_reports(r"(\d+) of the (\d+) (?:was|were) 10% \(the labels' gap\) or more "
+                                      r"above that healthy model there\. At their lowest")
     claim = re.search(r"at 15 % of their steps (\d+) of the (\d+) were less than 10 % above",
                       (REPO / "README.md").read_text(encoding="utf-8"))
     assert claim and (int(claim[1]), int(claim[2])) == (late - ahead, late)
@@ -611,12 +616,9 @@ def test_the_readmes_count_of_runs_that_fell_behind_unwarned_is_every_reports():
 def test_the_readmes_count_of_never_trained_runs_warned_late_is_every_reports():
     """The pooled summary's runs that never trained and were warned after 15 % (with a
     reference), and of those within the labels' gap of their healthy model there."""
-    late = ahead = 0
-    for report in [REPO / "reports/detection/README.md", *(REPO / "reports/detection").glob("*/README.md")]:
-        for line in re.finditer(r"that never trained w(?:as|ere) not warned within 15% of their steps "
-                                r"\(with reference\).*? (\d+) of the (\d+) w(?:as|ere) 10% \(the labels' gap\)",
-                                report.read_text(encoding="utf-8")):
-            ahead, late = ahead + int(line[1]), late + int(line[2])
+    ahead, late = summed_over_reports(r"that never trained w(?:as|ere) not warned within 15% of their steps "
+                                      r"\(with reference\).*? (\d+) of the (\d+) w(?:as|ere) 10% "
+                                      r"\(the labels' gap\)")
     claim = re.search(r"(\d+) runs that never trained are warned after 15 % of their steps, (\d+) of them "
                       r"then within 10 % of their healthy model",
                       " ".join((REPO / "README.md").read_text(encoding="utf-8").split()))
@@ -624,12 +626,8 @@ def test_the_readmes_count_of_never_trained_runs_warned_late_is_every_reports():
 
 
 def test_the_readmes_count_of_late_collapses_warned_at_onset_is_every_reports():
-    at_onset = 0
-    for report in [REPO / "reports/detection/README.md", *(REPO / "reports/detection").glob("*/README.md")]:
-        for line in re.finditer(r"^- (\d+) of the \d+ late collapses w(?:as|ere) first warned "
-                                r"\(without a reference\) at their onset step itself",
-                                report.read_text(encoding="utf-8"), re.MULTILINE):
-            at_onset += int(line[1])
+    at_onset, = summed_over_reports(r"^- (\d+) of the \d+ late collapses w(?:as|ere) first warned "
+                                    r"\(without a reference\) at their onset step itself", re.MULTILINE)
     claim = re.search(r"\*\*Late collapses\*\*: \d+ of \d+ warned by onset across the [a-z-]+ "
                       r"corpora, (\d+) of them at", (REPO / "README.md").read_text(encoding="utf-8"))
     assert claim and int(claim[1]) == at_onset
