@@ -1941,10 +1941,11 @@ def key_value_overrides(pairs: Sequence[str]) -> list[tuple[str, Any]]:
     return overrides
 
 
-def parse_args(argv: Sequence[str] | None = None
+def parse_args(argv: Sequence[str] | None = None, *, read_data: bool = True
                ) -> tuple[argparse.Namespace, list[int], CorpusSpec | None]:
     """(arguments, seeds, corpus spec: None with `--rescore`, which trains nothing); exits
-    with a usage error on bad input, before any training."""
+    with a usage error on bad input, before any training. `read_data=False` reads a command
+    for its seeds and cache alone, as a committed report's: its text files need not exist."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21])
@@ -2014,7 +2015,7 @@ def parse_args(argv: Sequence[str] | None = None
             TrainConfig(**spec.train_config(setting))
     except (TypeError, ValueError) as err:
         parser.error(f"--train: {err}")
-    missing = [path for path in args.data if not Path(path).is_file()]
+    missing = [path for path in args.data if read_data and not Path(path).is_file()]
     if missing:
         parser.error(f"--data: no such file: {', '.join(missing)}")
     return args, seeds, spec

@@ -102,7 +102,7 @@ def committed_sets(root: Path = ROOT) -> list[DetectionSet]:
                             report.read_text(encoding="utf-8"))
         if command is None:
             continue
-        args, seeds, _ = corpus_args(shlex.split(command[1]))
+        args, seeds, _ = corpus_args(shlex.split(command[1]), read_data=False)
         name = "corpus" if report.parent == root / REPORTS else report.parent.name
         sets.append(DetectionSet(name, root / args.cache, tuple(seeds)))
     sets += [DetectionSet(study_name(root / path), root / path, None)

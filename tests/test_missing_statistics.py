@@ -22,6 +22,16 @@ def test_every_committed_report_is_found_with_the_seeds_its_command_scored(ablat
     assert sets["flt-stability"].seeds is None  # a study
 
 
+def test_a_report_is_found_though_the_text_it_trained_on_is_not_on_this_machine(ablation, tmp_path):
+    report = tmp_path / "reports/detection/elsewhere/README.md"
+    report.parent.mkdir(parents=True)
+    (tmp_path / "reports/detection/README.md").write_text("# Detection quality\n")
+    report.write_text("Produced by `python benchmarks/detection.py --seeds 30 31 --data "
+                      f"{tmp_path / 'gone.txt'} --out reports/detection/elsewhere`; training took 9 s.\n")
+    (found,) = [s for s in ablation.committed_sets(tmp_path) if s.name == "elsewhere"]
+    assert found.seeds == (30, 31) and found.path == tmp_path / "reports/detection/elsewhere/runs"
+
+
 def test_records_keep_the_step_and_the_loss_whatever_else_is_dropped(ablation):
     from detection import recorded_statistics  # the module missing_statistics reads through
 
