@@ -634,6 +634,31 @@ rates and K = 8 at 1e-2, which never trained; all judged collapsed (representati
 modes, warned at steps 6–7 and critical at steps 30–40. 0/54 healthy runs judged collapsed,
 warned or failed to train, in 10,800 healthy steps.
 
+And on a model loopdiag did not build (study `user-model-go`, trained by
+`benchmarks/user_model.py`: a byte-level decoder of PyTorch's own
+`nn.TransformerEncoderLayer`, one layer per loop, learned positions, the output tied to the
+embedding, recorded through `loopdiag.RunSession` with `loop_module=` naming the reused
+layer; `standard` (K distinct pre-LN layers), `looped` (one pre-LN layer), `looped-postln`
+(one post-LN layer, the layer's default) and `looped-inject` (the embedded input added
+before every loop after the first) at K = 1, 4 and 12, lr 3e-3, 1e-2 and 3e-2 held
+constant, no warm-up, d_model 64, 200 steps, on 364 KB of Go's `net/http` package, seeds
+168–169, 72 runs, 12 min on 2 cores), trained and scored once with nothing changed: 48
+failed runs, all judged not stable with a reference and 40 without (7 of the 8 trained,
+to 0.87–0.90 of the context-free loss, and ended 1.11–1.14× the healthy model). 41 never
+trained, 24 of them warned within 15 %, each one whose positions merged or whose stream blew
+up (`representation_collapse`, `residual_blowup`, steps 6–28). The other 17 stalled at or
+just under the context-free loss: 5 were warned by `representation_collapse` at steps
+34–41, the rest at steps 141–200 (with a reference `behind_reference` at 156–183, then
+`failed_to_train` at the end). At 15 % of the steps, step 30, the healthy model itself was
+above the context-free loss (3.71 and 3.73 against 3.49) and got 10 % below it only at
+steps 78 and 87, so at that point no rule that reads the loss tells them from it. Every
+post-LN looped run at K = 4 and 12 never trained, at every rate (representation, warned at
+steps 6–34); the one post-LN layer (K = 1) trained furthest of all. 0/24 healthy runs judged
+collapsed or warned without a reference; with one, the one post-LN layer at 3e-2, seed 168
+(1.07× the labels' bar, 1.14× the one-loop post-LN run at 1e-2 its verdict is given
+against), is judged failed to train and warned by `behind_reference` at step 79 (2.1 false
+warnings per 10k healthy steps).
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
@@ -1336,7 +1361,8 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-yaml/runs"), Path("reports/detection/sweep-rst/runs"),
            Path("reports/detection/sweep-uapi/runs"), Path("reports/detection/sweep-man3/runs"),
            Path("reports/detection/sweep-pciids/runs"), Path("reports/detection/sweep-fortunes/runs"),
-           Path("reports/detection/sweep-gcide/runs"), Path("reports/detection/sweep-gdal/runs"))
+           Path("reports/detection/sweep-gcide/runs"), Path("reports/detection/sweep-gdal/runs"),
+           Path("reports/detection/user-model-go/runs"))
 
 
 def study_name(path: Path) -> str:

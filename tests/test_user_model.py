@@ -1,0 +1,85 @@
+"""The user-model study: a decoder of PyTorch's own layers, recorded through the public API,
+scored by the detection benchmark like any study."""
+
+import json
+
+import pytest
+import torch
+from benchmark_scripts import BENCHMARKS, loaded
+
+from loopdiag.store import read_records
+
+
+@pytest.fixture(scope="module")
+def user_model():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))  # the test scores with the detection benchmark
+        yield from loaded("user_model.py", "user_model")
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_bytes(b"the loops of a looped model reuse one block; " * 200)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["standard", "looped", "looped-postln", "looped-inject"])
+def test_every_loop_is_recorded_once_per_forward(user_model, arch):
+    import loopdiag
+
+    torch.manual_seed(0)
+    model = user_model.UserLoopedLM(arch, 3, d_model=16, n_heads=2, seq_len=8)
+    tokens = torch.randint(0, 256, (2, 8))
+    with loopdiag.attach(model, model.loop_module) as recorder:
+        recorder.begin_step(1)
+        torch.nn.functional.cross_entropy(model(tokens).reshape(-1, 256), tokens.reshape(-1)).backward()
+        recorder.after_backward()
+        record = recorder.end_step(1, loss=0.0, lr=1e-3)
+    assert record["n_loops"] == 3
+    assert len(record["token_corr"]) == len(record["act_grad_norm"]) == 3
+    one_layer = sum(p.numel() for p in user_model.UserLoopedLM(arch, 1, d_model=16, n_heads=2, seq_len=8)
+                    .parameters())
+    assert (sum(p.numel() for p in model.parameters()) > one_layer) == (arch == "standard")  # the rest reuse it
+
+
+def test_the_study_trains_resumes_and_is_scored_as_a_study(user_model, text, tmp_path, capsys):
+    from detection import score_study
+
+    out = tmp_path / "study"
+    argv = [str(text), "--out", str(out), "--archs", "standard", "looped-postln", "--loops", "1", "3",
+            "--lrs", "3e-3", "--seeds", "5", "--steps", "12", "--d-model", "16", "--n-heads", "2",
+            "--seq-len", "16", "--batch-size", "4", "--jobs", "1"]
+    user_model.main(argv)
+    manifest = json.loads((out / "suite.json").read_text())
+    assert [entry["run_id"] for entry in manifest["runs"]] == [
+        "standard-k01-s5-lr0.003", "standard-k03-s5-lr0.003",
+        "looped-postln-k01-s5-lr0.003", "looped-postln-k03-s5-lr0.003"]
+    looped = out / "looped-postln-k03-s5-lr0.003"
+    config = json.loads((looped / "config.json").read_text())
+    assert 0 < config["data"]["context_free_loss"] < 8  # ln 256 ≈ 5.5 is the most a byte's can be
+    records = read_records(looped)
+    assert [record["step"] for record in records] == list(range(1, 13))
+    assert all(record["n_loops"] == 3 for record in records)
+    assert json.loads((looped / "summary.json").read_text())["status"] in {"stable", "collapsed", "failed_to_train"}
+
+    runs, healthy = score_study(out)
+    assert {run.name for run in runs} == {entry["run_id"] for entry in manifest["runs"]}
+    assert healthy.keys() == {5}
+
+    capsys.readouterr()
+    user_model.main(argv)  # every run finished: nothing trained again
+    assert "4 of 4 runs already done; training 0" in capsys.readouterr().out
+
+
+def test_bad_input_is_refused_before_any_run(user_model, text, tmp_path):
+    out = tmp_path / "study"
+    for argv in ([str(tmp_path / "missing.txt"), "--out", str(out)],
+                 [str(text), "--out", str(out), "--d-model", "30", "--n-heads", "4"],
+                 [str(text), "--out", str(out), "--steps", "0"],
+                 [str(text), "--out", str(out), "--seq-len", "100000"]):
+        with pytest.raises(SystemExit):
+            user_model.main(argv)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="arch must be one of"):
+        user_model.UserLoopedLM("flt", 2, d_model=16, n_heads=2, seq_len=8)
