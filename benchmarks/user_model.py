@@ -14,8 +14,9 @@ learned positions, GELU, no dropout, the output tied to the embedding:
 - `looped-inject`: one pre-LN layer run K times, the embedded input added before every loop
   after the first.
 Every run of a seed sees the same batches (byte windows of the files, read in order and
-cut at `--max-bytes`); AdamW (β 0.9, 0.95, no weight decay), constant learning rate, the
-gradient clipped to norm 1. A run whose folder holds `summary.json` is not trained again.
+cut at `--max-bytes`); AdamW (β 0.9, 0.95, no weight decay), a learning rate constant or
+decayed by a cosine to a tenth after an optional linear warm-up, the gradient clipped to
+norm 1. A run whose folder holds `summary.json` is not trained again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import math
 import multiprocessing
 import shlex
 import sys
@@ -42,6 +44,8 @@ from loopdiag.store import write_suite_manifest
 
 ARCHS = ("standard", "looped", "looped-postln", "looped-inject")
 VOCAB = 256  # bytes
+SCHEDULES = ("constant", "cosine")
+MIN_LR_RATIO = 0.1  # where the cosine ends
 
 
 class UserLoopedLM(nn.Module):
@@ -99,6 +103,18 @@ class Study:
     seq_len: int
     d_model: int
     n_heads: int
+    schedule: str = "constant"
+    warmup_steps: int = 0
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at optimizer step `step` (from 1), as a share of the peak: a
+        linear warm-up over `warmup_steps`, then constant or a cosine to a tenth."""
+        if step <= self.warmup_steps:
+            return step / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def data(self) -> tuple[Tensor, dict[str, Any]]:
         """The training bytes and their description for config.json."""
@@ -134,7 +150,8 @@ def config_of(study: Study, cell: Cell, model: UserLoopedLM, data: Mapping[str, 
                   "n_heads": study.n_heads, "n_layers": 1, "seq_len": study.seq_len,
                   "n_params": sum(p.numel() for p in model.parameters())},
         "train": {"steps": study.steps, "batch_size": study.batch_size, "lr": cell.lr, "optimizer": "adamw",
-                  "betas": [0.9, 0.95], "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 0,
+                  "betas": [0.9, 0.95], "weight_decay": 0.0, "schedule": study.schedule,
+                  "warmup_steps": study.warmup_steps, "min_lr_ratio": MIN_LR_RATIO,
                   "grad_clip": 1.0, "seed": cell.seed},
         "probes": {"log_every": 1, "loop_module": model.loop_module},
         "data": dict(data),
@@ -148,6 +165,8 @@ def train_run(study: Study, cell: Cell, out: Path) -> float:
     torch.manual_seed(cell.seed)
     model = UserLoopedLM(cell.arch, cell.n_loops, study.d_model, study.n_heads, study.seq_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cell.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    # LambdaLR counts from 0: step s trains at the factor of s + 1
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: study.lr_factor(done + 1))
     batches = torch.Generator().manual_seed(cell.seed)  # the same windows for every run of a seed
     monitor = loopdiag.Monitor(context_free_loss=data["context_free_loss"])
     with loopdiag.RunSession(model, loop_module=model.loop_module, monitor=monitor,
@@ -160,9 +179,11 @@ def train_run(study: Study, cell: Cell, out: Path) -> float:
             loss.backward()
             run.after_backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            run.step(step, loss=loss, lr=cell.lr)
+            schedule.step()
+            run.step(step, loss=loss, lr=lr)
     return time.perf_counter() - start
 
 
@@ -195,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                        help="after the warm-up: constant, or a cosine to a tenth of the peak")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="a linear warm-up from 0")
     parser.add_argument("--max-bytes", type=int, default=500_000)
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args(argv)
@@ -206,10 +230,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if any(k < 1 for k in args.loops) or any(not lr > 0 for lr in args.lrs):
         parser.error("--loops must be >= 1 and --lrs > 0")
+    if not 0 <= args.warmup_steps < args.steps:
+        parser.error(f"--warmup-steps must lie in [0, --steps), got {args.warmup_steps}")
     if args.d_model % args.n_heads:
         parser.error(f"--d-model {args.d_model} is not a multiple of --n-heads {args.n_heads}")
     study = Study(tuple(args.files), args.max_bytes, args.steps, args.batch_size, args.seq_len,
-                  args.d_model, args.n_heads)
+                  args.d_model, args.n_heads, args.schedule, args.warmup_steps)
     try:
         study.data()  # bad input fails here, not in every worker
     except ValueError as error:
@@ -218,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = shlex.join(["python", "benchmarks/user_model.py", *(argv if argv is not None else sys.argv[1:])])
     spec = {"name": args.name, "description": __doc__.split("\n\n")[0].replace("\n", " "), "command": command,
             "archs": args.archs, "loops": args.loops, "lrs": args.lrs, "seeds": args.seeds,
-            "steps": args.steps, "log_every": 1}
+            "steps": args.steps, "schedule": args.schedule, "warmup_steps": args.warmup_steps,
+            "log_every": 1}
     write_suite_manifest(args.out, spec, {cell.run_id: cell.cell_keys() for cell in cells})
     todo = [cell for cell in cells if not (args.out / cell.run_id / "summary.json").is_file()]
     print(f"{len(cells) - len(todo)} of {len(cells)} runs already done; training {len(todo)}", flush=True)

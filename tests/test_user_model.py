@@ -75,6 +75,7 @@ def test_the_study_trains_resumes_and_is_scored_as_a_study(user_model, text, tmp
 def test_bad_input_is_refused_before_any_run(user_model, text, tmp_path):
     out = tmp_path / "study"
     for argv in ([str(tmp_path / "missing.txt"), "--out", str(out)],
+                 [str(text), "--out", str(out), "--steps", "10", "--warmup-steps", "10"],
                  [str(text), "--out", str(out), "--d-model", "30", "--n-heads", "4"],
                  [str(text), "--out", str(out), "--steps", "0"],
                  [str(text), "--out", str(out), "--seq-len", "100000"]):
@@ -83,3 +84,16 @@ def test_bad_input_is_refused_before_any_run(user_model, text, tmp_path):
     assert not out.exists()
     with pytest.raises(ValueError, match="arch must be one of"):
         user_model.UserLoopedLM("flt", 2, d_model=16, n_heads=2, seq_len=8)
+
+
+def test_the_recorded_learning_rate_follows_the_warm_up_and_the_cosine(user_model, text, tmp_path):
+    out = tmp_path / "study"
+    user_model.main([str(text), "--out", str(out), "--archs", "looped", "--loops", "2", "--lrs", "1e-2",
+                     "--seeds", "5", "--steps", "12", "--schedule", "cosine", "--warmup-steps", "4",
+                     "--d-model", "16", "--n-heads", "2", "--seq-len", "16", "--batch-size", "4", "--jobs", "1"])
+    lrs = [record["lr"] for record in read_records(out / "looped-k02-s5-lr0.01")]
+    assert lrs[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert all(later < earlier for earlier, later in zip(lrs[4:], lrs[5:]))
+    assert lrs[-1] == pytest.approx(0.001)  # the cosine ends at a tenth of the peak
+    config = json.loads((out / "looped-k02-s5-lr0.01" / "config.json").read_text())
+    assert (config["train"]["schedule"], config["train"]["warmup_steps"]) == ("cosine", 4)
