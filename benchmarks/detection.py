@@ -659,6 +659,23 @@ collapsed or warned without a reference; with one, the one post-LN layer at 3e-2
 against), is judged failed to train and warned by `behind_reference` at step 79 (2.1 false
 warnings per 10k healthy steps).
 
+And the same model with a warm-up (study `user-model-cpp`: a 20-step linear warm-up, then a
+cosine to a tenth, 300 steps, on 465 KB of C++, googletest's `gtest.cc` and gmock's
+`gmock-matchers.h`, seeds 170–171, 72 runs, 20 min on 2 cores), trained and scored once
+with nothing changed: 47 failed runs (23 never trained, 24 trained and ended 1.10–1.18×
+the healthy model), all judged not stable with a reference and 23 without (23 of the 24
+that trained look converged). 18 of the 23 that never trained were warned within 15 %;
+the healthy model was above the context-free loss at step 45 (3.56 and 3.57 against 3.43)
+and 10 % below it only at steps 95 and 106, and of the 5 late ones plain `looped` K = 12 at
+3e-3, seed 171, was warned at step 60 (`representation_collapse`), the others by
+`behind_reference` at steps 190–214 or at their end. Every post-LN looped run at K = 4 and
+12 never trained and is judged collapsed (representation), warned at steps 8–25. 0/25
+healthy runs judged collapsed; 1 false warning in 7,500 healthy steps without a reference
+(the 12-layer `standard` at 1e-2, seed 170, whose layers 10–12 held every position in one
+vector at steps 25–29 before it trained on to 1.09× the one layer), 2 with one; the one
+post-LN layer at 3e-2, seed 171, is judged failed to train against the one at 1e-2, as on
+`user-model-go`.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
@@ -1362,7 +1379,7 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-uapi/runs"), Path("reports/detection/sweep-man3/runs"),
            Path("reports/detection/sweep-pciids/runs"), Path("reports/detection/sweep-fortunes/runs"),
            Path("reports/detection/sweep-gcide/runs"), Path("reports/detection/sweep-gdal/runs"),
-           Path("reports/detection/user-model-go/runs"))
+           Path("reports/detection/user-model-go/runs"), Path("reports/detection/user-model-cpp/runs"))
 
 
 def study_name(path: Path) -> str:
