@@ -172,6 +172,27 @@ def test_stability_summary_and_stable_lr_range(table: pd.DataFrame) -> None:
     assert math.isnan(ranges.loc[("flt", 4), "min_unstable_lr"])
 
 
+def test_every_run_is_counted_under_its_verdict_in_the_per_cell_summary() -> None:
+    from loopdiag.analysis.tables import TABLE_COLUMNS
+
+    def runs(statuses: list[str]) -> pd.DataFrame:
+        return pd.DataFrame([{"run_id": f"looped-k{k}-s{seed}", "arch": "looped", "n_loops": k, "lr": 1e-3,
+                              "seed": seed, "status": status, "final_loss": 2.0 + seed, "oscillation": 0.1}
+                             for seed, (k, status) in enumerate(statuses)], columns=list(TABLE_COLUMNS))
+
+    summary = stability_summary(runs([(1, "stable"), (4, "failed_to_train"), (4, "collapsed"),
+                                      (4, "recovered"), (4, "stable")])).set_index(["arch", "n_loops"])
+    assert list(summary.columns[2:7]) == ["stable", "collapsed", "recovered", "diverged", "failed_to_train"]
+    looped4 = summary.loc[("looped", 4)]
+    assert looped4[["stable", "collapsed", "recovered", "diverged", "failed_to_train"]].tolist() == [1, 1, 1, 0, 1]
+    assert looped4["frac_stable"] == 0.25
+    assert (summary[["stable", "collapsed", "recovered", "diverged", "failed_to_train"]].sum(axis=1)
+            == summary["runs"]).all()
+    # verdicts few suites have get a column only where a run has them; the others always do
+    plain = stability_summary(runs([(1, "stable"), (4, "diverged")]))
+    assert "recovered" not in plain and "interrupted" not in plain and plain["failed_to_train"].sum() == 0
+
+
 def test_compare_pairs_runs_and_reports_a_statistic(table: pd.DataFrame) -> None:
     result = compare(table, "flt", "looped")
     assert result.test == "paired t"

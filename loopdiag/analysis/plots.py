@@ -30,6 +30,7 @@ from loopdiag.analysis.drawing import (
     plain_log_axis,
     save_figure,
 )
+from loopdiag.detect.verdict import RARE_STATUSES
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -44,8 +45,6 @@ __all__ = ["plot_depth_accuracy", "plot_loop_mechanism", "plot_loop_residuals", 
 # Failures named inside a stability-map cell, short enough to fit it.
 SHORT_STATUS = {"collapsed": "coll.", "recovered": "recov.", "diverged": "div.",
                 "failed_to_train": "no train", "interrupted": "intr."}
-# Statuses the legend names only where a run has them.
-RARE_STATUSES = ("recovered", "interrupted")
 
 # What each panel of `plot_loop_mechanism` shows: (stat, transform, y label).
 MECHANISM_PANELS = (

@@ -23,6 +23,7 @@ from loopdiag.analysis.analyzer import (
     run_cell,
     run_verdict,
 )
+from loopdiag.detect.verdict import RARE_STATUSES, STATUSES
 from loopdiag.store import RunData, SuiteData, load_run
 from loopdiag.store._files import LOOP_SCALING_FILE
 
@@ -145,15 +146,17 @@ def cell_keys(table: pd.DataFrame) -> list[str]:
 
 
 def stability_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Seeds aggregated per cell: runs, counts by verdict, fraction stable, and mean ± std
-    of the final loss over runs with a finite one (diverged runs have none)."""
+    """Seeds aggregated per cell: runs, fraction stable, a count for each verdict (each run in
+    exactly one, so they add up to `runs`; `recovered` and `interrupted` only where some run
+    of the suite has them), and mean ± std of the final loss over runs with a finite one
+    (diverged runs have none)."""
     keys = cell_keys(table)
     grouped = table.groupby(keys, sort=False)
+    present = set(table["status"])
+    counted = [status for status in STATUSES if status not in RARE_STATUSES or status in present]
     summary = grouped.agg(
         runs=("status", "size"),
-        stable=("status", lambda s: int((s == "stable").sum())),
-        collapsed=("status", lambda s: int((s == "collapsed").sum())),
-        diverged=("status", lambda s: int((s == "diverged").sum())),
+        **{status: ("status", lambda s, status=status: int((s == status).sum())) for status in counted},
         final_loss_mean=("final_loss", "mean"),
         final_loss_std=("final_loss", "std"),
         oscillation_mean=("oscillation", "mean"),

@@ -19,6 +19,8 @@ DETECTOR_MECHANISMS = {name: cls.mechanism for name, cls in DETECTORS.items() if
 
 STATUSES = ("stable", "collapsed", "recovered", "diverged", "failed_to_train", "interrupted")
 FAILED_STATUSES = ("collapsed", "diverged", "failed_to_train")
+# Verdicts few suites have: legends and per-cell counts name them only where a run has them.
+RARE_STATUSES = ("recovered", "interrupted")
 MECHANISMS = ("representation", "gradient", "residual", "plateau", "loss")
 ONSET_EMA_SPAN = 20
 ONSET_GAP = 0.10
