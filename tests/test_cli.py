@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -452,6 +453,8 @@ def test_compare_two_runs_two_suites_and_two_architectures(collapsed_suite):
     result = runner.invoke(app, ["compare", str(runs / "looped-k04-s0"), str(runs / "flt-k04-s0")])
     assert result.exit_code == 0, result.output
     assert "collapsed" in result.output and "stable" in result.output and "final_loss" in result.output
+    mechanism = json.loads((runs / "looped-k04-s0" / "summary.json").read_text())["mechanism"]
+    assert mechanism and re.search(rf"mechanism\s+{mechanism}\s+None", result.output)  # what broke
     result = runner.invoke(app, ["compare", str(out), str(runs)])  # the same suite twice
     assert result.exit_code == 0 and "stable" in result.output
     result = runner.invoke(app, ["compare", "looped", "flt", "--suite", str(out)])

@@ -96,8 +96,9 @@ def _row(run_id: str, run: RunData, cell: dict[str, object]) -> dict[str, object
     }
 
 
-RUN_METRICS = ("status", "failure_step", "signal", "final_loss", "best_loss", "final_val_loss",
-               "resid_growth_steps", "resid_ratio_loops", "oscillation", "first_warning_step")
+RUN_METRICS = ("status", "mechanism", "failure_step", "signal", "final_loss", "best_loss",
+               "final_val_loss", "resid_growth_steps", "resid_ratio_loops", "oscillation",
+               "first_warning_step")
 
 
 def compare_tables(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] = ("a", "b")) -> pd.DataFrame:
