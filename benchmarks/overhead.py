@@ -12,8 +12,8 @@ alternating order; the ratio is the median over repeats of the two steps' ratio,
 cancels the machine's slower stretches. Probes and wandb.watch are timed in turn, not in
 one loop: watch's background process keeps working after its step has returned. On this
 2-core machine, three steps timed together with ratios of medians put the probes of our
-K = 12 model anywhere from 1.00x to 1.08x; paired and apart, 1.02-1.03x. Target: probes
-<= 1.03x at K = 12.
+K = 12 model anywhere from 1.00x to 1.08x in five runs; paired and apart, 1.022-1.034x.
+Target: probes <= 1.03x at K = 12.
 
 Two models, one table each: our `looped` (two blocks per loop), and a user's model that
 loopdiag did not build, `nn.TransformerEncoderLayer` run K times (`user_model.py`'s
@@ -38,7 +38,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
 from torch import nn
 from torch.nn import functional as F
 from user_model import UserLoopedLM
