@@ -115,8 +115,9 @@ def _verdict(row: Any) -> str:
     failed = row.status in FAILED_STATUSES
     mechanism = getattr(row, "mechanism", None)
     what = row.status.replace("_", " ") + (f" ({mechanism})" if isinstance(mechanism, str) else "")
-    # a collapse's mechanism names what broke; other failures name their signal
-    signal = "" if isinstance(mechanism, str) else f" {row.signal}"
+    # a collapse's mechanism names what broke; other failures name their signal, where it
+    # says more than the status (a failed_to_train status has only that signal)
+    signal = "" if isinstance(mechanism, str) or row.signal == row.status else f" {row.signal}"
     if row.status == "stable" and not pd.isna(row.first_warning_step):
         return f"[yellow]stable, warned @{int(row.first_warning_step)}[/]"
     if row.status == "recovered" and isinstance(mechanism, str):

@@ -565,6 +565,7 @@ def test_the_stability_table_keeps_each_verdict_word_whole_in_80_columns():
 
     table = pd.DataFrame([row("looped-inject", "collapsed", "representation", 44),
                           row("recurrent-depth", "failed_to_train", None, 150, "failed_to_train"),
+                          row("looped-scaled", "diverged", None, 7, "non_finite"),
                           row("looped", "recovered", "residual", 46, "residual_blowup"),
                           row("flt-res", "stable", first_warning_step=9),
                           row("flt", "stable")], columns=list(TABLE_COLUMNS))
@@ -573,7 +574,9 @@ def test_the_stability_table_keeps_each_verdict_word_whole_in_80_columns():
     lines = console.export_text().splitlines()
     assert max(len(line) for line in lines) <= 80
     words = " ".join(lines).split()
-    assert "(representation)" in words and "failed_to_train" in words and "recurrent-depth" in words
+    assert "(representation)" in words and "recurrent-depth" in words
+    assert "failed_to_train" not in words and "@150" in words  # its signal would only repeat it
+    assert "non_finite" in words  # a divergence's signal says what it read
     assert "recovered" in words and "@46" in words  # the collapse it trained out of, and when
     assert "warned" in words and "@9" in words  # a stable run's first warning
     assert words.count("stable") == 1 and "stable," in words
