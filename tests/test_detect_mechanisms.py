@@ -282,6 +282,28 @@ def test_no_run_is_judged_by_a_context_free_line_its_reference_did_not_pass():
     assert loopdiag.Monitor(expected_loss=1.0, context_free_loss=floor).update(beside[0]) == []
 
 
+def test_a_reference_that_never_learned_token_frequencies_leaves_the_line_in_force():
+    """A learning rate too low for the budget (the main job at 1e-4): every run, the one-loop
+    reference included, stalled at 1.13× the context-free loss. A model that trains learns
+    the token frequencies first; a reference stalled above them did not, so a run beside it
+    is judged by the line, as the reference is, not called stable for matching it. Stalled
+    at the frequencies themselves (1 % above), the reference still voids the line."""
+    floor = 3.263
+
+    def judged(level, expected_loss):
+        beside = [{"step": s, "loss": level + 2.0 * math.exp(-s / 5)} for s in range(1, 300)]
+        detectors = default_detectors(expected_loss, context_free_loss=floor)
+        return verdict(beside, replay(beside, detectors, finished=True), finished=True)["status"]
+
+    assert judged(3.685, None) == "failed_to_train"  # the reference's own verdict
+    assert judged(3.685, 3.69) == "failed_to_train"
+    assert judged(1.01 * floor, 1.01 * floor) == "stable"
+    start = {"step": 1, "loss": 5.0}
+    assert loopdiag.Monitor(expected_loss=3.69, context_free_loss=floor).update(start) == []
+    (note,) = loopdiag.Monitor(expected_loss=1.01 * floor, context_free_loss=floor).update(start)
+    assert note.detector == "monitor"
+
+
 @pytest.mark.parametrize("vectorised", [False, True])
 def test_identical_positions_are_no_collapse_where_the_reference_learned_only_token_frequencies(
         vectorised):

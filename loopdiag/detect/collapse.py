@@ -68,7 +68,7 @@ class CollapsePlateauConfig(ReferenceLineConfig):
     # its input and has converged, wherever its reference may be: at d_model 256 on a table
     # of numbers healthy models sat at half the context-free loss while their streams
     # doubled per 100 records. Nor where the reference (`expected_loss`, the loss the same
-    # model reaches with one loop) did not get past that line itself: on a DNA-like text
+    # model reaches with one loop) ended at that level itself: on a DNA-like text
     # holding 4 % past its token frequencies, healthy one-loop and K = 4 models improved
     # 0.4 % per 100 records there while their streams grew 1.4× (`context_free_line_holds`).
 

@@ -28,8 +28,8 @@ entropy of a text), a run that ended with its loss stalled within `context_free_
 collapse the FLT paper describes, a looped model that never gets past token statistics.
 Every model passes through that plateau early, so only the end is judged, and only a loss
 that stopped falling: a short run still on its way down is cut off by its budget, not stuck.
-Nor where the reference did not get past that line itself
-(`reference_passed_token_frequencies`): the data then holds too little past its token
+Nor where the reference itself ended at that level, from the margin below to 2 % above
+(`reference_at_token_frequencies`): the data then holds too little past its token
 frequencies for the line to tell, and the gap to the reference judges alone.
 """
 

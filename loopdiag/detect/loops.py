@@ -105,8 +105,8 @@ class RepresentationCollapseConfig(ReferenceLineConfig):
 class RepresentationCollapse(Detector):
     """Every position carrying the same vector at the last loop (1 − `token_corr` <
     `max_decorrelation`) for `patience` records → warn; for `window` records while the
-    loss stalls → critical, unless the reference (`expected_loss`) stayed within the
-    context-free line itself and stopped learning there (`context_free_line_holds`): then
+    loss stalls → critical, unless the reference (`expected_loss`) ended at the
+    context-free level itself and stopped learning there (`context_free_line_holds`): then
     identical positions cost the run next to nothing, and its gap to the reference judges
     it. Names the loop from which all positions are identical."""
 

@@ -90,7 +90,7 @@ class Monitor:
                                                  reference_losses=reference_losses,
                                                  **(thresholds or {})))
         self.context_free_loss = context_free_loss  # the verdict's test of a recovery
-        # A context-free line the reference stopped short of, which no detector judges by: said once.
+        # A reference that ended at the context-free level, so no detector judges by that line: said once.
         self._unreached_line = (None if detectors is not None
                                 or self._failed_to_train().config.context_free_line_holds
                                 else (expected_loss, context_free_loss))
