@@ -759,7 +759,9 @@ from loopdiag.detect.base import Ema, is_int
 from loopdiag.detect.verdict import ONSET_EMA_SPAN, ONSET_GAP
 from loopdiag.store import read_records
 from loopdiag.store._files import CONFIG_FILE, SUITE_FILE
-from loopdiag.store.reference import context_free_loss, recorded_losses, reference_candidate
+from loopdiag.store.reference import (
+    best_known_candidate, context_free_loss, recorded_losses, reference_candidate,
+)
 
 ALARM_SEVERITIES = ("warn", "critical")
 # Detectors that judge only against a reference's loss curve: their alarms exist only in
@@ -1262,17 +1264,20 @@ def value_at(steps: Sequence[int], values: Sequence[float], step: float) -> floa
 def judged_run(name: str, group: str, expected: str, seed: int, records: list[dict[str, Any]],
                label: Label, expected_loss: float | None, context_free_loss: float | None,
                label_references: Sequence[Sequence[Mapping[str, Any]]] = (),
-               reference_losses: Sequence[tuple[int, float]] | None = None) -> ScoredRun:
+               reference_losses: Sequence[tuple[int, float]] | None = None,
+               best_known_loss: float | None = None) -> ScoredRun:
     """Replay the defaults (both modes) and the anchors over one run's records; both modes
     know the data's context-free loss, as a run trained today records it; the "with
-    reference" mode knows `expected_loss` and the (step, loss) curve it came from.
-    `label_references`: the records of the healthy run(s) its label compares it with."""
+    reference" mode knows `expected_loss`, the (step, loss) curve it came from and the best
+    known loss (`store.reference_record`). `label_references`: the records of the healthy
+    run(s) its label compares it with."""
     from loopdiag.analysis.rejudge import judge
 
     verdicts = {}
-    for mode, loss, curve in zip(MODES, (None, expected_loss), (None, reference_losses)):
-        events, judged = judge(records, {}, loss, finished=True,
-                               context_free_loss=context_free_loss, reference_losses=curve)
+    for mode, loss, curve, best in zip(MODES, (None, expected_loss), (None, reference_losses),
+                                       (None, best_known_loss)):
+        events, judged = judge(records, {}, loss, finished=True, context_free_loss=context_free_loss,
+                               reference_losses=curve, best_known_loss=best)
         verdicts[mode] = judged
         if mode == MODES[0]:
             alarms = [event for event in events if event.severity in ALARM_SEVERITIES]
@@ -1425,9 +1430,9 @@ def score_study(study: Path, kept: Callable[[str], bool] | None = None
     healthy = {seed: statistics.median(finals[run_id] for run_id in run_ids)
                for seed, run_ids in sorted(by_seed.items())}
 
-    def reference(run_id: str) -> str | None:
+    def best(run_id: str, candidate: Callable[[Mapping[str, Any], Mapping[str, Any]], bool]) -> str | None:
         candidates = [(finals[other], other) for other in finished if other != run_id
-                      and math.isfinite(finals[other]) and reference_candidate(cells[other], cells[run_id])]
+                      and math.isfinite(finals[other]) and candidate(cells[other], cells[run_id])]
         return min(candidates)[1] if candidates else None
 
     unlabelled = sorted({cells[run_id]["seed"] for run_id in finished} - healthy.keys())
@@ -1438,13 +1443,16 @@ def score_study(study: Path, kept: Callable[[str], bool] | None = None
     for run_id, records in finished.items():
         if cells[run_id]["seed"] not in healthy:
             continue
-        reference_id = reference(run_id)
+        reference_id = best(run_id, reference_candidate)
+        best_known_id = best(run_id, best_known_candidate)
+        best_known_loss = (finals[best_known_id] if reference_id is not None and best_known_id is not None
+                           and finals[best_known_id] < finals[reference_id] else None)
         runs.append(judged_run(
             run_id, cells[run_id]["arch"], "–", cells[run_id]["seed"], records,
             study_label(records, healthy[cells[run_id]["seed"]]),
             None if reference_id is None else finals[reference_id], context_free_loss(configs[run_id]),
             [finished[healthy_id] for healthy_id in by_seed[cells[run_id]["seed"]]],
-            None if reference_id is None else recorded_losses(study / reference_id)))
+            None if reference_id is None else recorded_losses(study / reference_id), best_known_loss))
     return runs, healthy
 
 

@@ -119,6 +119,9 @@ def test_worker_processes_train_the_same_runs_each_after_its_reference(tmp_path)
     assert references == {"flt-k01-s0-lr0.003": None, "flt-k01-s0-lr0.01": "flt-k01-s0-lr0.003",
                           "flt-k02-s0-lr0.003": "flt-k01-s0-lr0.003",
                           "flt-k02-s0-lr0.01": f"flt-k01-s0-lr{min(one_loop, key=one_loop.get)}"}
+    # and a looped run waits for the one-loop runs at higher learning rates: its best known loss
+    best_known = suite.runs["flt-k02-s0-lr0.003"].config["reference"].get("best_known_run")
+    assert best_known == ("flt-k01-s0-lr0.01" if one_loop["0.01"] < one_loop["0.003"] else None)
 
 
 def test_an_existing_suite_is_kept_resumed_or_replaced(tmp_path):

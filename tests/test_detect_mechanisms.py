@@ -302,6 +302,14 @@ def test_a_reference_that_never_learned_token_frequencies_leaves_the_line_in_for
     assert loopdiag.Monitor(expected_loss=3.69, context_free_loss=floor).update(start) == []
     (note,) = loopdiag.Monitor(expected_loss=1.01 * floor, context_free_loss=floor).update(start)
     assert note.detector == "monitor"
+    # the same model got past the line at another learning rate: the data holds more
+    beside = [{"step": s, "loss": 1.01 * floor + 2.0 * math.exp(-s / 5)} for s in range(1, 300)]
+    detectors = default_detectors(1.01 * floor, context_free_loss=floor, best_known_loss=0.4 * floor)
+    assert verdict(beside, replay(beside, detectors, finished=True), finished=True)["status"] == "failed_to_train"
+    assert loopdiag.Monitor(expected_loss=1.01 * floor, context_free_loss=floor,
+                            best_known_loss=0.4 * floor).update(start) == []
+    with pytest.raises(ValueError, match="best_known_loss must be a positive number"):
+        default_detectors(3.69, context_free_loss=floor, best_known_loss=-1.0)
 
 
 @pytest.mark.parametrize("vectorised", [False, True])

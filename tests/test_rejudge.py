@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from loopdiag.analysis.rejudge import rejudge_suite
 from loopdiag.cli import app
 from loopdiag.store import RunWriter, write_suite_manifest
-from loopdiag.store.reference import reference_run
+from loopdiag.store.reference import reference_record, reference_run
 
 pytestmark = pytest.mark.torchless  # also run on Python 3.12 / 3.13 without torch
 
@@ -119,6 +119,47 @@ def test_a_run_is_judged_against_one_loop_runs_at_its_learning_rate_or_a_lower_o
     assert reference(1, 1e-1) == ("looped-k01-s0-lr0.01", 1.9)
     assert reference(1, 3e-3) is None  # nothing gentler but itself
     assert reference(4, 1e-3) is None
+
+
+def test_a_slow_reference_at_the_token_frequencies_is_overruled_by_a_faster_one_loop_run(tmp_path: Path):
+    """A learning rate too low for the budget: the one-loop model at 2e-4 stalls just under
+    what token frequencies give, as on data that holds nothing more, and a looped run beside
+    it is no further behind it. The one-loop model at 3e-3 shows the data holds more: the
+    looped run is judged by the context-free line then, as its one-loop model is."""
+    floor = 3.8
+
+    def plateau(level: float, fall: float) -> list[dict]:
+        return [{"step": s, "loss": (level + 2.0 * math.exp(-s / fall)) * (1 + 0.005 * math.sin(s))}
+                for s in range(1, STEPS + 1)]
+
+    runs = {("looped", 1, 2e-4): plateau(0.957 * floor, 5), ("looped", LOOPS, 2e-4): plateau(0.96 * floor, 5),
+            ("looped", 1, 3e-3): plateau(0.40 * floor, 10)}
+    for name, kept in (("sweep", runs), ("slow-only", {cell: r for cell, r in runs.items() if cell[2] < 1e-3})):
+        cells = {}
+        for (arch, n_loops, lr), curve in kept.items():
+            run_id = f"{arch}-k{n_loops:02d}-lr{lr:g}"
+            cells[run_id] = {"arch": arch, "n_loops": n_loops, "seed": 0, "lr": lr}
+            with RunWriter(tmp_path / name / run_id, {"cell": cells[run_id], "train": {"steps": STEPS},
+                                                      "detectors": {}, "data": {"context_free_loss": floor}}) as run:
+                for record in curve:
+                    run.log(record)
+                run.close({"status": "stable", "step": None, "signal": None})
+        write_suite_manifest(tmp_path / name, {"name": name}, cells)
+
+    statuses = rejudge_suite(tmp_path / "sweep")
+    assert statuses["looped-k04-lr0.0002"] == statuses["looped-k01-lr0.0002"] == "failed_to_train"
+    assert statuses["looped-k01-lr0.003"] == "stable"
+    reference = json.loads((tmp_path / "sweep" / "looped-k04-lr0.0002" / "summary.json").read_text())["reference"]
+    assert reference["run"] == "looped-k01-lr0.0002" and reference["best_known_run"] == "looped-k01-lr0.003"
+    assert reference == reference_record(tmp_path / "sweep", {"arch": "looped", "n_loops": LOOPS, "seed": 0,
+                                                              "lr": 2e-4})
+    # a one-loop run's reference is a gentler one-loop run only, and a best known loss no lower is not recorded
+    assert "best_known_run" not in reference_record(tmp_path / "sweep", {"arch": "looped", "n_loops": 1,
+                                                                         "seed": 0, "lr": 3e-3})
+    assert "best_known_run" not in reference_record(tmp_path / "sweep", {"arch": "looped", "n_loops": LOOPS,
+                                                                         "seed": 0, "lr": 3e-3})
+    assert rejudge_suite(tmp_path / "slow-only") == {"looped-k01-lr0.0002": "failed_to_train",
+                                                     "looped-k04-lr0.0002": "stable"}
 
 
 def test_a_run_stuck_at_token_statistics_is_warned_against_its_reference_s_curve(tmp_path: Path):

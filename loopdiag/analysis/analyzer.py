@@ -169,6 +169,7 @@ def replayed_verdict(run: RunData, reference: dict[str, Any] | None = None,
     floor = context_free_loss(run.config)
     events = replay(records, default_detectors(reference.get("expected_loss"), context_free_loss=floor,
                                                reference_losses=losses,
+                                               best_known_loss=reference.get("best_known_loss"),
                                                **(overrides if isinstance(overrides, dict) else {})),
                     finished=finished)
     return {**verdict(records, events, finished=finished, context_free_loss=floor), "recomputed": True,

@@ -2,10 +2,10 @@
 and rewrite its verdict and events, as training would have written them. Nothing about the
 training changes, so replaying is enough when only the detectors did.
 
-Each run is judged against its reference (`expected_loss`, `reference_run`): the final loss
-of a one-loop run of its architecture and seed at its learning rate or a lower one, and
-that run's loss curve, which replaying does not change, so the order runs are judged in
-does not matter.
+Each run is judged against its reference (`reference_record`): the final loss of a one-loop
+run of its architecture and seed at its learning rate or a lower one, that run's loss curve,
+and a looped run's best known loss (the one-loop runs at any learning rate), which
+replaying does not change, so the order runs are judged in does not matter.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from loopdiag.detect import Event, default_detectors, replay, verdict
 from loopdiag.store import is_run_dir, read_records
 from loopdiag.store._files import EVENTS_FILE, SUITE_FILE, SUMMARY_FILE, replace_atomically, write_json_atomic
-from loopdiag.store.reference import context_free_loss, recorded_losses, reference_run
+from loopdiag.store.reference import context_free_loss, recorded_losses, reference_record
 
 
 def rejudge_suite(suite_dir: str | Path,
@@ -54,15 +54,14 @@ def rejudge_run(run_dir: Path, cell: dict[str, Any]) -> tuple[dict[str, Any], di
         return old, None
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     thresholds = config.get("detectors") if isinstance(config.get("detectors"), dict) else {}
-    reference = reference_run(run_dir.parent, cell)
+    reference = reference_record(run_dir.parent, cell)
     finished = old.get("status") != "interrupted"
-    events, judged = judge(records, thresholds, None if reference is None else reference[1],
+    events, judged = judge(records, thresholds, None if reference is None else reference["expected_loss"],
                            finished=finished, context_free_loss=context_free_loss(config),
                            reference_losses=(None if reference is None
-                                             else recorded_losses(run_dir.parent / reference[0])))
-    new = {**old, **judged,
-           "reference": None if reference is None else {"run": reference[0], "expected_loss": reference[1]},
-           "rejudged_from": old.get("status")}
+                                             else recorded_losses(run_dir.parent / reference["run"])),
+                           best_known_loss=None if reference is None else reference.get("best_known_loss"))
+    new = {**old, **judged, "reference": reference, "rejudged_from": old.get("status")}
     replace_atomically(run_dir / EVENTS_FILE,
                        "".join(json.dumps(event.to_dict()) + "\n" for event in events))
     write_json_atomic(run_dir / SUMMARY_FILE, new)
@@ -71,13 +70,15 @@ def rejudge_run(run_dir: Path, cell: dict[str, Any]) -> tuple[dict[str, Any], di
 
 def judge(records: list[dict[str, Any]], thresholds: dict[str, Any], expected_loss: float | None,
           *, finished: bool, context_free_loss: float | None = None,
-          reference_losses: Sequence[tuple[int, float]] | None = None
-          ) -> tuple[list[Event], dict[str, Any]]:
+          reference_losses: Sequence[tuple[int, float]] | None = None,
+          best_known_loss: float | None = None) -> tuple[list[Event], dict[str, Any]]:
     """(events, verdict) of the default detectors (with `thresholds`, `expected_loss`,
-    `context_free_loss` and `reference_losses`) replayed over `records`, as a live run would
-    have ended: the verdict carries `not_judged`, and an unfinished run is "interrupted"."""
+    `context_free_loss`, `reference_losses` and `best_known_loss`) replayed over `records`,
+    as a live run would have ended: the verdict carries `not_judged`, and an unfinished run
+    is "interrupted"."""
     detectors = default_detectors(expected_loss, context_free_loss=context_free_loss,
-                                  reference_losses=reference_losses, **thresholds)
+                                  reference_losses=reference_losses, best_known_loss=best_known_loss,
+                                  **thresholds)
     events = replay(records, detectors, finished=finished)
     judged = verdict(records, events, finished=finished, context_free_loss=context_free_loss)
     if not finished:

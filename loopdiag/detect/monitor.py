@@ -76,18 +76,21 @@ class Monitor:
         expected_loss: float | None = None,
         context_free_loss: float | None = None,
         reference_losses: Sequence[tuple[int, float]] | None = None,
+        best_known_loss: float | None = None,
     ):
         if stop_on is not None and stop_on not in SEVERITIES:
             raise ValueError(f"stop_on must be one of {', '.join(SEVERITIES)} or None, got {stop_on!r}")
         if detectors is not None and (thresholds or expected_loss is not None
                                       or context_free_loss is not None
-                                      or reference_losses is not None):
+                                      or reference_losses is not None
+                                      or best_known_loss is not None):
             raise ValueError("pass either detectors or thresholds / expected_loss / "
-                             "context_free_loss / reference_losses for the default detectors, "
-                             "not both")
+                             "context_free_loss / reference_losses / best_known_loss for the "
+                             "default detectors, not both")
         self.detectors = (list(detectors) if detectors is not None
                           else default_detectors(expected_loss, context_free_loss=context_free_loss,
                                                  reference_losses=reference_losses,
+                                                 best_known_loss=best_known_loss,
                                                  **(thresholds or {})))
         self.context_free_loss = context_free_loss  # the verdict's test of a recovery
         # A reference that ended at the context-free level, so no detector judges by that line: said once.

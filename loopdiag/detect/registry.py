@@ -28,6 +28,7 @@ DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (
 def default_detectors(expected_loss: float | None = None, *,
                       context_free_loss: float | None = None,
                       reference_losses: Sequence[tuple[int, float]] | None = None,
+                      best_known_loss: float | None = None,
                       **overrides: Mapping[str, Any]) -> list[Detector]:
     """One of each detector in `DETECTORS`, with `overrides` applied, e.g.
     `default_detectors(loss_spike={"z": 8})` or `default_detectors(**suite["detectors"])`.
@@ -35,8 +36,9 @@ def default_detectors(expected_loss: float | None = None, *,
     one loop), `context_free_loss` (what the data's token frequencies alone give, e.g.
     `loopdiag.data.unigram_loss` of the training tokens) and `reference_losses` (the
     (step, train loss) pairs of the run `expected_loss` came from; whether they were still
-    falling at the end goes as `reference_learning`) go to every detector that takes them,
-    unless its overrides set them.
+    falling at the end goes as `reference_learning`) and `best_known_loss` (the lowest loss
+    the same model reached on this data in any setting, e.g. a suite's one-loop runs at
+    every learning rate) go to every detector that takes them, unless its overrides set them.
 
     Raises ValueError naming the detector and threshold for an unknown detector, an
     unknown threshold, or a value of the wrong type or range.
@@ -47,9 +49,11 @@ def default_detectors(expected_loss: float | None = None, *,
                          f"choose from {', '.join(DETECTORS)}")
     validate_loss(expected_loss)
     validate_loss(context_free_loss, "context_free_loss")
+    validate_loss(best_known_loss, "best_known_loss")
     given = {key: value for key, value in (("expected_loss", expected_loss),
                                            ("context_free_loss", context_free_loss),
-                                           ("reference_losses", reference_losses))
+                                           ("reference_losses", reference_losses),
+                                           ("best_known_loss", best_known_loss))
              if value is not None}
     if reference_losses is not None:
         try:

@@ -5,9 +5,10 @@ trained checkpoint is then evaluated at each K'. Workers send what the terminal 
 (progress, detector events) as messages; the run store is written by the worker that
 trains the run, so nothing depends on the parent staying alive. A cell starts only once the
 cells of this invocation it may take its reference from (`reference_candidate`: one-loop
-runs of its architecture and seed at its learning rate or a lower one) have finished, so its
-verdict does not depend on how many train at once; cells of another shard or left out by
-`--only` are not waited for.
+runs of its architecture and seed at its learning rate or a lower one) have finished, and,
+for a looped cell, every one-loop run of its architecture and seed (`best_known_candidate`),
+so its verdict does not depend on how many train at once; cells of another shard or left out
+by `--only` are not waited for.
 
 Under torchrun all ranks train each cell together, one cell after another (no workers);
 rank 0 writes the suite manifest and runs the loop-scaling evaluation, and a cell that
@@ -40,7 +41,7 @@ from loopdiag.models import ARCHITECTURES
 from loopdiag.run.runner import RunOutcome, RunSpec, run_one
 from loopdiag.store import write_suite_manifest
 from loopdiag.store._files import CHECKPOINT_FILE, LOOP_SCALING_FILE, SUMMARY_FILE
-from loopdiag.store.reference import reference_candidate, reference_run
+from loopdiag.store.reference import best_known_candidate, reference_candidate, reference_record
 from loopdiag.run.probe_suite import ProbeSuite
 from loopdiag.run.wandb_logging import forget_outage
 from loopdiag.store.writer import write_failure
@@ -170,7 +171,7 @@ def _run_cell(job: CellJob, send: Send) -> CellResult:
                 log_every=suite.log_every, thresholds=suite.thresholds,
                 sinks=[_MessageSink(send, run_id)],
                 stop_on="critical" if suite.stop_on_collapse else None, resume=job.resume,
-                reference=reference_run(job.run_dir.parent, _spec_cell(job.spec, suite)),
+                reference=reference_record(job.run_dir.parent, _spec_cell(job.spec, suite)),
                 wandb_mode=job.wandb_mode, wandb_group=suite.name,
                 on_progress=lambda step, total, metrics: send(
                     ("progress", run_id, {"step": step, "total": total,
@@ -286,11 +287,15 @@ def _run_in_workers(cells: list[CellJob], jobs: int, send: Send) -> list[CellRes
 
 
 def _waits_for(job: CellJob, unfinished: list[CellJob]) -> bool:
-    """Whether a cell still to train or running could be `job`'s reference (`reference_run`)."""
+    """Whether a cell still to train or running could be `job`'s reference, or its model's
+    best known loss (`reference_record`)."""
     cell = _spec_cell(job.spec, job.suite)
-    return job.train and any(other.train
-                             and reference_candidate(_spec_cell(other.spec, other.suite), cell)
-                             for other in unfinished)
+
+    def informs(other: CellJob) -> bool:
+        other_cell = _spec_cell(other.spec, other.suite)
+        return reference_candidate(other_cell, cell) or best_known_candidate(other_cell, cell)
+
+    return job.train and any(other.train and informs(other) for other in unfinished)
 
 
 def _spec_cell(spec: RunSpec, suite: ProbeSuite) -> dict[str, Any]:

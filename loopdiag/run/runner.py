@@ -8,7 +8,7 @@ the detectors on the same combined records; only rank 0 writes files, W&B and al
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -153,34 +153,36 @@ def run_one(
     wandb_mode: str | None = None,
     wandb_group: str | None = None,
     on_progress: Callable[[int, int, dict], None] | None = None,
-    reference: tuple[str, float] | None = None,
+    reference: Mapping[str, Any] | None = None,
 ) -> RunOutcome:
     """Train one cell into `run_dir` on a corpus (next-byte prediction) or a synthetic task
     (loss on the answer bytes). `thresholds` overrides the default detectors' by name
     (`{"loss_spike": {"z": 8}}`) and is recorded under `detectors` in the config.
     `wandb_mode` "offline" or "online" mirrors the run to W&B (one W&B run per training run,
     grouped by `wandb_group`); None keeps it local. Under torchrun every rank calls it with
-    the same arguments; `sinks` and W&B are used on rank 0 only. `reference` (run id, loss)
-    names the run of the same suite folder whose final smoothed loss this one should reach
-    (the same architecture with one loop): the detectors' `expected_loss`, recorded under
-    `reference`; its records give them its loss curve (`reference_losses`)."""
+    the same arguments; `sinks` and W&B are used on rank 0 only. `reference`
+    (`store.reference_record`: `run`, `expected_loss`, perhaps `best_known_loss`) names the
+    run of the same suite folder whose final smoothed loss this one should reach (the same
+    architecture with one loop): the detectors' `expected_loss` and `best_known_loss`,
+    recorded under `reference`; its records give them its loss curve (`reference_losses`)."""
     model_config = model_config.with_(n_loops=spec.n_loops)
     train_config = replace(train_config, seed=spec.seed, n_loops=None,
                            lr=train_config.lr if spec.lr is None else spec.lr)
     probes = {"loop_module": "loop_out", "stats": "cheap", "log_every": log_every}
     config = run_config(spec, model_config, train_config, data, probes, thresholds or {})
     if reference is not None:
-        config["reference"] = {"run": reference[0], "expected_loss": reference[1]}
+        config["reference"] = dict(reference)
     main = distributed.is_main()
     sinks = sinks if main else ()
     wandb_run = None
     if wandb_mode is not None and main:
         wandb_run = WandbRun(spec.run_id, config, group=wandb_group, mode=wandb_mode, dir=run_dir.parent)
     monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=thresholds,
-                      expected_loss=None if reference is None else reference[1],
+                      expected_loss=None if reference is None else reference["expected_loss"],
                       context_free_loss=config["data"]["context_free_loss"],
                       reference_losses=(None if reference is None
-                                        else recorded_losses(run_dir.parent / reference[0])))
+                                        else recorded_losses(run_dir.parent / reference["run"])),
+                      best_known_loss=None if reference is None else reference.get("best_known_loss"))
     torch.manual_seed(spec.seed)  # the same seed gives the same initial weights
     model = build_model(spec.arch, model_config)
     if isinstance(data, SyntheticTask):

@@ -21,6 +21,12 @@ field existed).
 Its records give the reference's loss curve, which a run that stopped learning at token
 statistics is compared with step by step while it trains (`recorded_losses`).
 
+A looped run is also told its model's best known loss: the best of the one-loop runs of its
+architecture and seed at any learning rate (`best_known_run`). It is not held to that loss;
+it tells whether the data holds more than its token frequencies where a slow reference
+stalled at them (`ReferenceLineConfig.best_known_loss`), so a suite starts a looped run only
+once those runs have finished too (`best_known_candidate`).
+
 The loss no run should stall at is the data's context-free loss (what its token frequencies
 alone give), which a run's config records under `data`.
 """
@@ -31,7 +37,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +59,52 @@ def reference_candidate(candidate: Mapping[str, Any], cell: Mapping[str, Any]) -
     return lr is None or own_lr is None or lr <= own_lr * (1 + 1e-9)
 
 
+def best_known_candidate(candidate: Mapping[str, Any], cell: Mapping[str, Any]) -> bool:
+    """Whether the run of cell `candidate` tells what the model of `cell`, a run of more than
+    one loop, reaches on this data in any setting (`best_known_run`): a one-loop run of its
+    architecture and seed at any learning rate. Not for a one-loop run, whose reference is a
+    one-loop run at a lower learning rate that would wait for it in turn."""
+    return (cell.get("n_loops") != 1 and candidate.get("n_loops") == 1
+            and all(candidate.get(key) == cell.get(key) for key in ("arch", "seed")))
+
+
 def reference_run(suite_dir: str | Path, cell: Mapping[str, Any]) -> tuple[str, float] | None:
     """(run id, final smoothed loss) of the best finished run in the suite at `suite_dir`
     (from its `suite.json`) that `cell`'s run may take its reference from
     (`reference_candidate`); None when there is none (not run yet, or unfinished)."""
-    suite_dir = Path(suite_dir)
+    return _best_finished(Path(suite_dir), lambda candidate: reference_candidate(candidate, cell))
+
+
+def best_known_run(suite_dir: str | Path, cell: Mapping[str, Any]) -> tuple[str, float] | None:
+    """(run id, final smoothed loss) of the best finished `best_known_candidate` of `cell` in
+    the suite at `suite_dir`; None when there is none."""
+    return _best_finished(Path(suite_dir), lambda candidate: best_known_candidate(candidate, cell))
+
+
+def reference_record(suite_dir: str | Path, cell: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What `cell`'s run is judged against, as its config and summary record it: the
+    reference's `run` and `expected_loss` (`reference_run`), and, where a one-loop run at a
+    higher learning rate got lower (`best_known_run`), that run as `best_known_run` and its
+    loss as `best_known_loss`, which tells whether the data holds more than its token
+    frequencies; None without a reference."""
+    reference = reference_run(suite_dir, cell)
+    if reference is None:
+        return None
+    record: dict[str, Any] = {"run": reference[0], "expected_loss": reference[1]}
+    best = best_known_run(suite_dir, cell)
+    if best is not None and best[1] < reference[1]:
+        record.update(best_known_run=best[0], best_known_loss=best[1])
+    return record
+
+
+def _best_finished(suite_dir: Path, accepts: Callable[[Mapping[str, Any]], bool]) -> tuple[str, float] | None:
     try:
         manifest = json.loads((suite_dir / SUITE_FILE).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return None
     candidates = []
     for entry in manifest.get("runs", []):
-        if reference_candidate(entry.get("cell", {}), cell):
+        if accepts(entry.get("cell", {})):
             loss = finished_final_loss(suite_dir / entry["run_id"])
             if loss is not None:
                 candidates.append((loss, entry["run_id"]))
