@@ -6,7 +6,8 @@ scores like any study (`detection.STUDIES`).
     python benchmarks/user_model.py FILE [FILE ...] --out DIR [--seeds 168 169] [--jobs 2]
 
 The architectures, one layer per loop (by default d_model 64 in 4 heads), a causal mask,
-learned positions, GELU, no dropout, the output tied to the embedding:
+learned positions, GELU and no dropout (`--activation relu --dropout 0.1` are the layer's
+own defaults), the output tied to the embedding:
 - `standard`: K distinct pre-LN layers (the non-looped model; recorded at an identity
   after each layer, as a user marks depth on a model with no reused module);
 - `looped`: one pre-LN layer run K times;
@@ -45,6 +46,7 @@ from loopdiag.store import write_suite_manifest
 ARCHS = ("standard", "looped", "looped-postln", "looped-inject")
 VOCAB = 256  # bytes
 SCHEDULES = ("constant", "cosine")
+ACTIVATIONS = ("gelu", "relu")
 MIN_LR_RATIO = 0.1  # where the cosine ends
 
 
@@ -52,7 +54,8 @@ class UserLoopedLM(nn.Module):
     """A causal byte-level language model whose depth is `n_loops` applications of
     `nn.TransformerEncoderLayer`: distinct layers (`standard`) or one reused layer."""
 
-    def __init__(self, arch: str, n_loops: int, d_model: int, n_heads: int, seq_len: int):
+    def __init__(self, arch: str, n_loops: int, d_model: int, n_heads: int, seq_len: int, *,
+                 dropout: float = 0.0, activation: str = "gelu"):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
@@ -63,8 +66,8 @@ class UserLoopedLM(nn.Module):
         nn.init.normal_(self.positions, std=0.02)
 
         def layer(norm_first: bool) -> nn.TransformerEncoderLayer:
-            return nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward=4 * d_model, dropout=0.0,
-                                              activation="gelu", batch_first=True, norm_first=norm_first)
+            return nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward=4 * d_model, dropout=dropout,
+                                              activation=activation, batch_first=True, norm_first=norm_first)
 
         if arch == "standard":
             self.layers = nn.ModuleList(layer(True) for _ in range(n_loops))
@@ -105,6 +108,12 @@ class Study:
     n_heads: int
     schedule: str = "constant"
     warmup_steps: int = 0
+    dropout: float = 0.0
+    activation: str = "gelu"
+
+    def model(self, cell: Cell) -> UserLoopedLM:
+        return UserLoopedLM(cell.arch, cell.n_loops, self.d_model, self.n_heads, self.seq_len,
+                            dropout=self.dropout, activation=self.activation)
 
     def lr_factor(self, step: int) -> float:
         """The learning rate at optimizer step `step` (from 1), as a share of the peak: a
@@ -148,6 +157,7 @@ def config_of(study: Study, cell: Cell, model: UserLoopedLM, data: Mapping[str, 
         "model": {"kind": "benchmarks/user_model.py:UserLoopedLM", "arch": cell.arch, "n_loops": cell.n_loops,
                   "block": "torch.nn.TransformerEncoderLayer", "d_model": study.d_model,
                   "n_heads": study.n_heads, "n_layers": 1, "seq_len": study.seq_len,
+                  "dropout": study.dropout, "activation": study.activation,
                   "n_params": sum(p.numel() for p in model.parameters())},
         "train": {"steps": study.steps, "batch_size": study.batch_size, "lr": cell.lr, "optimizer": "adamw",
                   "betas": [0.9, 0.95], "weight_decay": 0.0, "schedule": study.schedule,
@@ -163,7 +173,7 @@ def train_run(study: Study, cell: Cell, out: Path) -> float:
     start = time.perf_counter()
     tokens, data = study.data()
     torch.manual_seed(cell.seed)
-    model = UserLoopedLM(cell.arch, cell.n_loops, study.d_model, study.n_heads, study.seq_len)
+    model = study.model(cell)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cell.lr, betas=(0.9, 0.95), weight_decay=0.0)
     # LambdaLR counts from 0: step s trains at the factor of s + 1
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: study.lr_factor(done + 1))
@@ -219,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
                         help="after the warm-up: constant, or a cosine to a tenth of the peak")
     parser.add_argument("--warmup-steps", type=int, default=0, help="a linear warm-up from 0")
+    parser.add_argument("--dropout", type=float, default=0.0, help="the layer's dropout (its default: 0.1)")
+    parser.add_argument("--activation", choices=ACTIVATIONS, default="gelu", help="the layer's own default is relu")
     parser.add_argument("--max-bytes", type=int, default=500_000)
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args(argv)
@@ -232,10 +244,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--loops must be >= 1 and --lrs > 0")
     if not 0 <= args.warmup_steps < args.steps:
         parser.error(f"--warmup-steps must lie in [0, --steps), got {args.warmup_steps}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must lie in [0, 1), got {args.dropout}")
     if args.d_model % args.n_heads:
         parser.error(f"--d-model {args.d_model} is not a multiple of --n-heads {args.n_heads}")
     study = Study(tuple(args.files), args.max_bytes, args.steps, args.batch_size, args.seq_len,
-                  args.d_model, args.n_heads, args.schedule, args.warmup_steps)
+                  args.d_model, args.n_heads, args.schedule, args.warmup_steps, args.dropout, args.activation)
     try:
         study.data()  # bad input fails here, not in every worker
     except ValueError as error:

@@ -78,7 +78,9 @@ def test_bad_input_is_refused_before_any_run(user_model, text, tmp_path):
                  [str(text), "--out", str(out), "--steps", "10", "--warmup-steps", "10"],
                  [str(text), "--out", str(out), "--d-model", "30", "--n-heads", "4"],
                  [str(text), "--out", str(out), "--steps", "0"],
-                 [str(text), "--out", str(out), "--seq-len", "100000"]):
+                 [str(text), "--out", str(out), "--seq-len", "100000"],
+                 [str(text), "--out", str(out), "--dropout", "1"],
+                 [str(text), "--out", str(out), "--activation", "tanh"]):
         with pytest.raises(SystemExit):
             user_model.main(argv)
     assert not out.exists()
@@ -97,3 +99,18 @@ def test_the_recorded_learning_rate_follows_the_warm_up_and_the_cosine(user_mode
     assert lrs[-1] == pytest.approx(0.001)  # the cosine ends at a tenth of the peak
     config = json.loads((out / "looped-k02-s5-lr0.01" / "config.json").read_text())
     assert (config["train"]["schedule"], config["train"]["warmup_steps"]) == ("cosine", 4)
+
+
+def test_the_layers_own_defaults_dropout_and_relu_are_trained_and_recorded(user_model, text, tmp_path):
+    out = tmp_path / "study"
+    user_model.main([str(text), "--out", str(out), "--archs", "looped", "--loops", "2", "--lrs", "1e-2",
+                     "--seeds", "5", "--steps", "6", "--dropout", "0.1", "--activation", "relu",
+                     "--d-model", "16", "--n-heads", "2", "--seq-len", "16", "--batch-size", "4", "--jobs", "1"])
+    config = json.loads((out / "looped-k02-s5-lr0.01" / "config.json").read_text())
+    assert (config["model"]["dropout"], config["model"]["activation"]) == (0.1, "relu")
+    assert len(read_records(out / "looped-k02-s5-lr0.01")) == 6
+    model = user_model.UserLoopedLM("looped", 2, d_model=16, n_heads=2, seq_len=8, dropout=0.5)
+    tokens = torch.randint(0, 256, (2, 8))
+    assert not torch.equal(model(tokens), model(tokens))  # training mode: dropout draws anew
+    model.eval()
+    assert torch.equal(model(tokens), model(tokens))
