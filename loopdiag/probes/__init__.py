@@ -14,6 +14,10 @@ A record is a flat dict of scalars and per-loop lists (index 0 = loop 1; flatten
 `flatten_record` to `resid_norm/loop_01`, ...). x^(k) is the loop module's output at
 loop k, seen as (batch, tokens, features) (earlier dims are folded into the batch).
 
+With dropout in the model (`rerun_without_dropout`), resid_norm, rel_update and token_corr
+are those of the same inputs run again in eval mode after the backward, x^(k) without
+dropout noise; act_grad_norm stays the training forward's.
+
 Per loop:
   resid_norm      mean over tokens of |x^(k)|_2
   rel_update      mean over tokens of |x^(k) - x^(k-1)| / |x^(k)|; NaN at loop 1, which

@@ -11,11 +11,13 @@ from torch import nn
 from loopdiag.probes.recorder import LoopRecorder
 
 STAT_TIERS = ("cheap", "full")
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stats: str = "cheap",
            log_every: int = 1, costly_every: int = 50, window: int = 32,
-           shared_params: Iterable[nn.Parameter] | None = None) -> LoopRecorder:
+           shared_params: Iterable[nn.Parameter] | None = None,
+           rerun_without_dropout: bool | None = None) -> LoopRecorder:
     """Record per-loop statistics of `model` every `log_every` steps, and at its first step.
 
     loop_module: the module that runs once per loop: a dotted attribute path
@@ -26,19 +28,36 @@ def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stat
     shared_params: the weights reused every loop, for the oscillation and update-ratio
         statistics; default `model.shared_parameters()` when the model has it, else the
         loop module's parameters, else every trainable parameter.
+    rerun_without_dropout: take the per-loop statistics of each logged training forward from
+        a second forward of the same inputs, without gradients and in eval mode (dropout
+        off); `act_grad_norm` stays the training forward's. Dropout noise keeps positions
+        from ever reading as identical and loops from reading as still, so the collapse
+        detectors cannot see through it. It costs a forward without gradients per logged
+        step. None (default): when the model holds dropout with p > 0 (`applies_dropout`);
+        True also for dropout it applies functionally.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if stats not in STAT_TIERS:
         raise ValueError(f"stats must be one of {STAT_TIERS}, got {stats!r}")
+    if rerun_without_dropout is not None and not isinstance(rerun_without_dropout, bool):
+        raise ValueError(f"rerun_without_dropout must be True, False or None, got {rerun_without_dropout!r}")
     for name, value, least in (("log_every", log_every, 1), ("costly_every", costly_every, 1),
                                ("window", window, 3)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     module = _resolve_loop_module(model, loop_module)
     shared = _resolve_shared_params(model, module, shared_params)
+    rerun = applies_dropout(model) if rerun_without_dropout is None else rerun_without_dropout
     return LoopRecorder(model, module, shared, stats=stats, log_every=log_every,
-                        costly_every=costly_every, window=window)
+                        costly_every=costly_every, window=window, rerun_without_dropout=rerun)
+
+
+def applies_dropout(module: nn.Module) -> bool:
+    """Whether `module` holds a dropout layer, or attention with dropout, of p > 0 (active
+    in training mode)."""
+    return any((isinstance(m, DROPOUT_MODULES) and m.p > 0)
+               or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0) for m in module.modules())
 
 
 def _resolve_loop_module(model: nn.Module, loop_module: str | nn.Module | None) -> nn.Module:

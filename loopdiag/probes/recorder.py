@@ -46,6 +46,15 @@ sharded.
 
 Under torch.autocast the loop statistics are computed in fp32 from the loop's output.
 
+Dropout (`rerun_without_dropout`): the inputs of each training forward of a logged step are
+kept, and `after_backward` runs them again through the model in eval mode without gradients
+(the weights are still those of the forward; the random-number state is restored after it,
+so training is unchanged). The per-loop sums of that forward replace the training forward's,
+but for `act_grad`, which only the training forward has. A rerun that reaches a different
+number of loops (a model that draws its loop count in training only) leaves the training
+forward's sums. Not under torch.compile (the rerun would be traced into the graph) nor with
+sharded (FSDP2) parameters: there the sums stay the training forward's.
+
 Under torch.compile the module hooks are traced into the model's graph: their reductions
 become graph ops and their bookkeeping (buffers, lists) Dynamo's replayed side effects, so
 `torch.compile(model)` stays one graph (two when `log_every` > 1: collecting or not is a
@@ -58,6 +67,7 @@ So it is not registered while compiling, and compiled forwards record no `act_gr
 from __future__ import annotations
 
 import functools
+import warnings
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -89,8 +99,10 @@ class LoopRecorder:
     """Built by `attach`; see `loopdiag.probes` for the statistics and their keys."""
 
     def __init__(self, model: nn.Module, loop_module: nn.Module, shared_params: list[nn.Parameter], *,
-                 stats: str, log_every: int, costly_every: int, window: int):
+                 stats: str, log_every: int, costly_every: int, window: int,
+                 rerun_without_dropout: bool = False):
         self.model, self.loop_module = model, loop_module
+        self.rerun_without_dropout = rerun_without_dropout
         self.stats, self.log_every, self.costly_every = stats, log_every, costly_every
         self.records: list[Record] = []
         self._grads = GradientProbe(model, shared_params, window)
@@ -103,8 +115,10 @@ class LoopRecorder:
         self._prev_output: Tensor | None = None  # the previous loop's output, for rel_update
         self._forwards: list[ForwardBuffer] = []
         self._tensor_hooks: list[RemovableHandle] = []
+        self._reruns: list[tuple[ForwardBuffer, tuple, dict[str, Any]]] = []  # (forward, args, kwargs)
+        self._rerunning = False
         self._handles = [
-            model.register_forward_pre_hook(self._enter_root),
+            model.register_forward_pre_hook(self._enter_root, with_kwargs=True),
             model.register_forward_hook(self._exit_root, always_call=True),
             loop_module.register_forward_hook(self._on_loop),
         ]
@@ -127,6 +141,7 @@ class LoopRecorder:
         self._check_attached()
         self._step, self._collecting = step, self.logs_step(step)
         self._forwards.clear()
+        self._reruns.clear()
         self._remove_tensor_hooks()
         self._grads.discard()
 
@@ -134,6 +149,7 @@ class LoopRecorder:
         """Call once per step after the backward pass(es), before clipping and the optimizer."""
         self._check_attached()
         self._grads.after_backward(self._step, self._collecting, self.logs_step(self._step + 1))
+        self._rerun()
 
     def end_step(self, step: int, *, loss: Tensor | float | None = None, lr: float | None = None,
                  grad_norm: Tensor | float | None = None, force: bool = False) -> Record | None:
@@ -144,6 +160,7 @@ class LoopRecorder:
         whose non-finite loss is the verdict."""
         self._check_attached()
         forwards, self._forwards = self._forwards, []
+        self._reruns.clear()
         self._remove_tensor_hooks()
         logged = self.logs_step(step) or force
         self._closed_a_step = True
@@ -204,6 +221,7 @@ class LoopRecorder:
         self._handles.clear()
         self._remove_tensor_hooks()
         self._forwards.clear()
+        self._reruns.clear()
         self._current = self._prev_output = None
         self.attached = False
 
@@ -216,11 +234,15 @@ class LoopRecorder:
 
     # --- hooks -----------------------------------------------------------------------
 
-    def _enter_root(self, module: nn.Module, args: tuple) -> None:
+    def _enter_root(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._depth += 1
         if self._depth == 1 and self._collecting:
-            costly = self.stats == "full" and self._logged_count % self.costly_every == 0
+            costly = (not self._rerunning and self.stats == "full"
+                      and self._logged_count % self.costly_every == 0)
             self._current = ForwardBuffer(grad_enabled=torch.is_grad_enabled(), costly=costly)
+            if (self.rerun_without_dropout and not self._rerunning and module.training
+                    and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+                self._reruns.append((self._current, args, kwargs))
 
     def _exit_root(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._depth = max(0, self._depth - 1)  # an always-called hook may run without its pre-hook
@@ -245,6 +267,42 @@ class LoopRecorder:
             sums["act_grad"] = None  # filled in by the backward pass
             self._tensor_hooks.append(x.register_hook(functools.partial(self._on_loop_grad, sums)))
         forward.loops.append(sums)
+
+    def _rerun(self) -> None:
+        """The kept training forwards run again in eval mode without gradients; their loop
+        sums replace the training forward's, `act_grad` kept (see the module docstring)."""
+        reruns, self._reruns = self._reruns, []
+        if not reruns or any(isinstance(p, DTensor) for p in self.model.parameters()):
+            return
+        modes = [(module, module.training) for module in self.model.modules()]
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        trained, self._forwards = self._forwards, []
+        self._rerunning = True
+        try:
+            self.model.eval()
+            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                for _, args, kwargs in reruns:
+                    self.model(*args, **kwargs)
+        except Exception as error:  # a probe must not end the training: record without reruns
+            self.rerun_without_dropout = False
+            self._forwards = []
+            warnings.warn(f"rerun_without_dropout is off from step {self._step}: the model's forward "
+                          f"failed in eval mode without gradients ({type(error).__name__}: {error}); "
+                          "its loop statistics are now the training forward's, dropout noise and all",
+                          stacklevel=3)
+        finally:
+            self._rerunning = False
+            self._depth, self._current, self._prev_output = 0, None, None
+            for module, mode in modes:
+                module.training = mode
+            clean, self._forwards = self._forwards, trained
+        for (forward, _, _), rerun in zip(reruns, clean):
+            if len(rerun.loops) != len(forward.loops):
+                continue
+            for sums, clean_sums in zip(forward.loops, rerun.loops):
+                gradient = {"act_grad": sums["act_grad"]} if "act_grad" in sums else {}
+                sums.clear()
+                sums.update(clean_sums, **gradient)
 
     @staticmethod
     def _on_loop_grad(sums: LoopSums, grad: Tensor) -> None:
