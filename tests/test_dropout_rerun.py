@@ -12,7 +12,7 @@ from test_probes import APPROX, Outputs, batch, by_hand
 from torch import nn
 
 from loopdiag import probes
-from loopdiag.probes.api import applies_dropout
+from loopdiag.probes import applies_dropout
 
 D = 16
 

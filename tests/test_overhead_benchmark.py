@@ -25,7 +25,18 @@ def test_ours_and_a_users_looped_model_each_get_a_ratio_per_loop_count(overhead,
         assert all(float(row[1]) > 0 and row[2].endswith("x") and row[3].endswith("x") for row in rows)
 
 
+def test_with_dropout_the_users_table_times_the_probes_with_and_without_the_rerun(overhead, capsys):
+    overhead.main([*TINY, "--loops", "2", "--dropout", "0.1"])
+    lines = capsys.readouterr().out.splitlines()
+    ours, users = (lines.index(title) for title in lines if title.startswith(("loopdiag's", "a user's")))
+    assert "no rerun" not in lines[ours + 1]  # our models hold no dropout
+    assert "no rerun" in lines[users + 1]
+    row = lines[users + 2].split()
+    assert row[0] == "2" and all(cell.endswith("x") for cell in row[2:5])
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--dropout", "1"], "--dropout must lie in [0, 1)"),
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--loops", "4", "0"], "--loops must be at least 1"),
     (["--d-model", "20"], "must be even for rotary embeddings"),

@@ -50,10 +50,10 @@ without `after_backward`; grad_cos / sign_flip when the previous step gave no gr
 the window statistics until the window is full.
 """
 
-from loopdiag.probes.api import attach
+from loopdiag.probes.api import applies_dropout, attach
 from loopdiag.probes.callback import RecorderCallback
 from loopdiag.probes.recorder import LoopRecorder
 from loopdiag.probes.records import Record, flatten_record, records_frame, records_loop_frame
 
-__all__ = ["LoopRecorder", "Record", "RecorderCallback", "attach", "flatten_record",
+__all__ = ["LoopRecorder", "Record", "RecorderCallback", "applies_dropout", "attach", "flatten_record",
            "records_frame", "records_loop_frame"]
