@@ -210,12 +210,12 @@ def test_lightning_bad_module_names(tmp_path):
 
 # --- Hugging Face and ALBERT ---------------------------------------------------------------
 
-def tiny_albert(layers: int = 4) -> transformers.AlbertForMaskedLM:
+def tiny_albert(layers: int = 4, dropout: float = 0.0) -> transformers.AlbertForMaskedLM:
     torch.manual_seed(0)
     config = transformers.AlbertConfig(
         vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=layers, num_hidden_groups=1,
         inner_group_num=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=SEQ_LEN,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0)
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, classifier_dropout_prob=dropout)
     return transformers.AlbertForMaskedLM(config)  # random weights from the config: nothing downloads
 
 
@@ -233,11 +233,11 @@ class MaskedTokens(torch.utils.data.Dataset):
         return {"input_ids": self.inputs[index], "labels": self.labels[index]}
 
 
-def train_hf(tmp_path, callback, steps: int, **args) -> transformers.Trainer:
+def train_hf(tmp_path, callback, steps: int, dropout: float = 0.0, **args) -> transformers.Trainer:
     args = {"output_dir": str(tmp_path / "hf"), "max_steps": steps, "per_device_train_batch_size": 4,
             "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": [], "use_cpu": True,
             "disable_tqdm": True, "seed": 0, "dataloader_num_workers": 0, **args}
-    trainer = transformers.Trainer(tiny_albert(), transformers.TrainingArguments(**args),
+    trainer = transformers.Trainer(tiny_albert(dropout=dropout), transformers.TrainingArguments(**args),
                                    train_dataset=MaskedTokens(48), callbacks=[callback])
     trainer.train()
     return trainer
@@ -254,6 +254,15 @@ def test_huggingface_trainer_records_each_optimizer_step(tmp_path):
     # without clipping, the recorded gradient is the Trainer's accumulated one
     assert [row["grad_norm"] for row in logs] == pytest.approx([r["grad_norm"] for r in records], rel=1e-5)
     assert all(abs(record["loss"] - math.log(VOCAB)) < 0.5 for record in records)  # a mean, near chance
+
+
+def test_huggingface_with_dropout_records_the_trainers_loss_beside_the_rerun(tmp_path):
+    callback = hf_integration.LoopdiagCallback(loop_module=ALBERT_GROUP)
+    trainer = train_hf(tmp_path, callback, steps=3, dropout=0.1)
+    assert callback.recorder.rerun_without_dropout
+    logged = [row["loss"] for row in trainer.state.log_history if "resid_norm/loop_04" in row]
+    # the eval-mode rerun's loss is not among the step's losses
+    assert [record["loss"] for record in callback.recorder.records] == pytest.approx(logged, abs=1e-4)
 
 
 def test_huggingface_stop_on_ends_training(tmp_path):
