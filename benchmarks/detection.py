@@ -705,6 +705,25 @@ judged not stable with a reference, 12 without (the 11 judged stable trained and
 12, every post-LN looped run at K ≥ 4 among them; 10 of the 11 that never trained warned
 within 15 %. 0/25 healthy runs judged collapsed or warned, with or without a reference.
 
+And a third party's looped model in a third party's training loop (study `hf-albert-dpkg`,
+trained by `benchmarks/hf_albert.py`: Hugging Face's `AlbertForMaskedLM` as ALBERT is,
+post-LN with `gelu_new` and a factorized embedding, as a causal byte-level language model
+through the 4-D attention mask, in `transformers.Trainer` with its defaults (AdamW β₂ 0.999,
+a linear decay to 0, clip 1), recorded by `LoopdiagCallback`; `standard` (a layer group per
+layer) and `looped` (one group run K times) at K = 1, 4 and 12, lr 1e-3, 3e-3, 1e-2 and
+3e-2, d_model 64, 300 steps, on the first 500 KB of Debian's package database
+(`/var/lib/dpkg/status`), seeds 271–272, 48 runs, 12 min on 2 cores), trained and scored once
+with nothing changed. Only 8 runs are healthy (K ≤ 4 at 3e-3). 24 never trained (K = 12 at
+3e-3, K ≥ 4 at 1e-2, everything at 3e-2, one-loop included), all judged collapsed
+(representation) and warned within 15 % (at steps 1–44 of 300). 16 trained and ended behind:
+the four one-loop runs at 1e-2 (3.05–3.07 against 2.68–2.70), judged failed to train with a
+reference and stable without, and the 12 runs at lr 1e-3, every architecture and K alike
+(3.11–3.18), judged stable with a reference too: a learning rate too low for 300 steps slows
+the one-loop model at that rate as much, and a suite's reference is the best one-loop run at
+the run's learning rate or a lower one. So with a reference 28/40 failed runs are judged not
+stable, without one 24/40. 0/8 healthy runs judged collapsed or warned, with or without a
+reference.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
@@ -1414,7 +1433,8 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-pciids/runs"), Path("reports/detection/sweep-fortunes/runs"),
            Path("reports/detection/sweep-gcide/runs"), Path("reports/detection/sweep-gdal/runs"),
            Path("reports/detection/user-model-go/runs"), Path("reports/detection/user-model-cpp/runs"),
-           Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"))
+           Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"),
+           Path("reports/detection/hf-albert-dpkg/runs"))
 
 
 def study_name(path: Path) -> str:

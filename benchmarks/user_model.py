@@ -30,7 +30,7 @@ import multiprocessing
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +98,8 @@ class UserLoopedLM(nn.Module):
 
 
 @dataclass(frozen=True)
-class Study:
+class ByteStudy:
+    """What every byte-level study trains on and at what size."""
     files: tuple[Path, ...]
     max_bytes: int
     steps: int
@@ -106,6 +107,13 @@ class Study:
     seq_len: int
     d_model: int
     n_heads: int
+
+    def data(self) -> tuple[Tensor, dict[str, Any]]:
+        return training_bytes(self.files, self.max_bytes, self.seq_len)
+
+
+@dataclass(frozen=True)
+class Study(ByteStudy):
     schedule: str = "constant"
     warmup_steps: int = 0
     dropout: float = 0.0
@@ -125,15 +133,16 @@ class Study:
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def data(self) -> tuple[Tensor, dict[str, Any]]:
-        """The training bytes and their description for config.json."""
-        raw = b"".join(path.read_bytes() for path in self.files)[:self.max_bytes]
-        if len(raw) <= self.seq_len:
-            raise ValueError(f"the files hold {len(raw)} bytes, fewer than a window of {self.seq_len + 1}")
-        tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
-        return tokens, {"source": ", ".join(str(path) for path in self.files), "n_bytes": len(raw),
-                        "sha256": hashlib.sha256(raw).hexdigest(),
-                        "context_free_loss": loopdiag.unigram_loss(tokens)}
+def training_bytes(files: Sequence[Path], max_bytes: int, seq_len: int) -> tuple[Tensor, dict[str, Any]]:
+    """The files' bytes, read in order and cut at `max_bytes`, and their description for
+    config.json."""
+    raw = b"".join(path.read_bytes() for path in files)[:max_bytes]
+    if len(raw) <= seq_len:
+        raise ValueError(f"the files hold {len(raw)} bytes, fewer than a window of {seq_len + 1}")
+    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+    return tokens, {"source": ", ".join(str(path) for path in files), "n_bytes": len(raw),
+                    "sha256": hashlib.sha256(raw).hexdigest(),
+                    "context_free_loss": loopdiag.unigram_loss(tokens)}
 
 
 @dataclass(frozen=True)
@@ -197,43 +206,45 @@ def train_run(study: Study, cell: Cell, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def trained(study: Study, cells: Sequence[Cell], out: Path, jobs: int) -> Iterator[tuple[Cell, float]]:
-    """Train `cells` on `jobs` processes of one thread each (one job: in this process);
-    each cell with its wall time, in order."""
+def trained(study: Any, cells: Sequence[Cell], out: Path, jobs: int,
+            train: Callable[[Any, Cell, Path], float] = train_run) -> Iterator[tuple[Cell, float]]:
+    """`train(study, cell, out)` for each of `cells` on `jobs` processes of one thread each
+    (one job: in this process); each cell with its wall time, in order."""
     if jobs == 1:
-        yield from ((cell, train_run(study, cell, out)) for cell in cells)
+        yield from ((cell, train(study, cell, out)) for cell in cells)
         return
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        yield from zip(cells, pool.map(train_run, itertools.repeat(study), cells, itertools.repeat(out)))
+        yield from zip(cells, pool.map(train, itertools.repeat(study), cells, itertools.repeat(out)))
 
 
 def grid(archs: Sequence[str], loops: Sequence[int], lrs: Sequence[float], seeds: Sequence[int]) -> list[Cell]:
     return [Cell(arch, n_loops, seed, lr) for arch, n_loops, seed, lr in itertools.product(archs, loops, seeds, lrs)]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def study_parser(doc: str, archs: Sequence[str], *, name: str, lrs: Sequence[float], seeds: Sequence[int],
+                 steps: int) -> argparse.ArgumentParser:
+    """The options every byte-level study script takes; `doc`'s first paragraph describes it."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("files", type=Path, nargs="+", help="text to train on, read in order")
     parser.add_argument("--out", type=Path, required=True, help="the suite folder to write")
-    parser.add_argument("--name", default="user-model")
-    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--name", default=name)
+    parser.add_argument("--archs", nargs="+", default=list(archs), choices=archs)
     parser.add_argument("--loops", type=int, nargs="+", default=[1, 4, 12])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[168, 169])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lrs", type=float, nargs="+", default=list(lrs))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
-                        help="after the warm-up: constant, or a cosine to a tenth of the peak")
-    parser.add_argument("--warmup-steps", type=int, default=0, help="a linear warm-up from 0")
-    parser.add_argument("--dropout", type=float, default=0.0, help="the layer's dropout (its default: 0.1)")
-    parser.add_argument("--activation", choices=ACTIVATIONS, default="gelu", help="the layer's own default is relu")
     parser.add_argument("--max-bytes", type=int, default=500_000)
     parser.add_argument("--jobs", type=int, default=2)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_study_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`parser.error` on bad values of `study_parser`'s options."""
     missing = [str(path) for path in args.files if not path.is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
@@ -242,31 +253,53 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if any(k < 1 for k in args.loops) or any(not lr > 0 for lr in args.lrs):
         parser.error("--loops must be >= 1 and --lrs > 0")
-    if not 0 <= args.warmup_steps < args.steps:
-        parser.error(f"--warmup-steps must lie in [0, --steps), got {args.warmup_steps}")
-    if not 0 <= args.dropout < 1:
-        parser.error(f"--dropout must lie in [0, 1), got {args.dropout}")
     if args.d_model % args.n_heads:
         parser.error(f"--d-model {args.d_model} is not a multiple of --n-heads {args.n_heads}")
-    study = Study(tuple(args.files), args.max_bytes, args.steps, args.batch_size, args.seq_len,
-                  args.d_model, args.n_heads, args.schedule, args.warmup_steps, args.dropout, args.activation)
+
+
+def run_study(parser: argparse.ArgumentParser, args: argparse.Namespace, study: Any, spec: Mapping[str, Any],
+              train: Callable[[Any, Cell, Path], float]) -> None:
+    """Check that `study` reads its text (`parser.error` if not), write the suite manifest
+    (`spec` plus the grid of `args`) and train every cell not yet finished, with progress."""
     try:
         study.data()  # bad input fails here, not in every worker
     except ValueError as error:
         parser.error(str(error))
     cells = grid(args.archs, args.loops, args.lrs, args.seeds)
-    command = shlex.join(["python", "benchmarks/user_model.py", *(argv if argv is not None else sys.argv[1:])])
-    spec = {"name": args.name, "description": __doc__.split("\n\n")[0].replace("\n", " "), "command": command,
-            "archs": args.archs, "loops": args.loops, "lrs": args.lrs, "seeds": args.seeds,
-            "steps": args.steps, "schedule": args.schedule, "warmup_steps": args.warmup_steps,
-            "log_every": 1}
+    spec = {"name": args.name, **spec, "archs": args.archs, "loops": args.loops, "lrs": args.lrs,
+            "seeds": args.seeds, "steps": args.steps, "log_every": 1}
     write_suite_manifest(args.out, spec, {cell.run_id: cell.cell_keys() for cell in cells})
     todo = [cell for cell in cells if not (args.out / cell.run_id / "summary.json").is_file()]
     print(f"{len(cells) - len(todo)} of {len(cells)} runs already done; training {len(todo)}", flush=True)
     start = time.perf_counter()
-    for done, (cell, seconds) in enumerate(trained(study, todo, args.out, args.jobs), 1):
+    for done, (cell, seconds) in enumerate(trained(study, todo, args.out, args.jobs, train), 1):
         print(f"[{done}/{len(todo)}] {cell.run_id}: {seconds:.0f} s", flush=True)
     print(f"trained {len(todo)} runs in {time.perf_counter() - start:.0f} s into {args.out}")
+
+
+def study_command(script: str, argv: Sequence[str] | None) -> str:
+    return shlex.join(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = study_parser(__doc__, ARCHS, name="user-model", lrs=[3e-3, 1e-2, 3e-2], seeds=[168, 169], steps=200)
+    parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                        help="after the warm-up: constant, or a cosine to a tenth of the peak")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="a linear warm-up from 0")
+    parser.add_argument("--dropout", type=float, default=0.0, help="the layer's dropout (its default: 0.1)")
+    parser.add_argument("--activation", choices=ACTIVATIONS, default="gelu", help="the layer's own default is relu")
+    args = parser.parse_args(argv)
+    check_study_args(parser, args)
+    if not 0 <= args.warmup_steps < args.steps:
+        parser.error(f"--warmup-steps must lie in [0, --steps), got {args.warmup_steps}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must lie in [0, 1), got {args.dropout}")
+    study = Study(tuple(args.files), args.max_bytes, args.steps, args.batch_size, args.seq_len,
+                  args.d_model, args.n_heads, args.schedule, args.warmup_steps, args.dropout, args.activation)
+    spec = {"description": __doc__.split("\n\n")[0].replace("\n", " "),
+            "command": study_command("user_model.py", argv),
+            "schedule": args.schedule, "warmup_steps": args.warmup_steps}
+    run_study(parser, args, study, spec, train_run)
 
 
 if __name__ == "__main__":
