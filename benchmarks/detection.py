@@ -724,6 +724,21 @@ the run's learning rate or a lower one. So with a reference 28/40 failed runs ar
 stable, without one 24/40. 0/8 healthy runs judged collapsed or warned, with or without a
 reference.
 
+And late collapses on a model loopdiag did not build (study `user-model-ramp`: the user's
+model with its learning rate ramped linearly from 0 over the whole run to 3e-3, 1e-1 or 3e-1
+(`--warmup-steps 249` of 250), clip 1, on Vim's PHP completion script (354 KB), seeds
+281–282, 72 runs, 20 min on 2 cores), trained and scored once with nothing changed. 14 rose
+(trained, then ended ≥ 10 % above their best as the rate grew; the one layer is the same
+model under `standard`, `looped` and `looped-inject` at K = 1, so 6 of them are 2 runs three
+times): 13 warned by their onset (2 at the onset step, median lead 41 steps,
+`residual_explosion` before onset on 10), the miss the one post-LN layer at 1e-1, seed 281,
+whose onset is step 246 of 250, judged stable. 23 never trained, 17 warned within 15 %: at
+step 37 the ramped healthy model was still at 5.05–5.08 (its rate 4.5e-4), above every run
+that never trained. 18 trained and ended behind: failed to train with a reference, all but
+one stable without. 0/17 healthy runs judged collapsed or warned. |z| > 3 alarmed all 17
+healthy runs (97 per 10k steps) and, on the 9 failures both warned before onset, warned
+earlier (median lead 81 steps against 33, p = 0.008): loopdiag is worse on lead on this set.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
@@ -1434,7 +1449,7 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-gcide/runs"), Path("reports/detection/sweep-gdal/runs"),
            Path("reports/detection/user-model-go/runs"), Path("reports/detection/user-model-cpp/runs"),
            Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"),
-           Path("reports/detection/hf-albert-dpkg/runs"))
+           Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"))
 
 
 def study_name(path: Path) -> str:
