@@ -117,6 +117,14 @@ def train_run(study: ByteStudy, cell: Cell, out: Path) -> float:
     # A collapsed looped model's gradients reach subnormal floats, whose arithmetic is tens of
     # times slower on x86 (a 300-step run would take hours); flushed, they read 0.
     torch.set_flush_denormal(True)
+    try:
+        train_cell(study, cell, out)
+    finally:
+        torch.set_flush_denormal(False)  # the default, for what runs next in this process
+    return time.perf_counter() - start
+
+
+def train_cell(study: ByteStudy, cell: Cell, out: Path) -> None:
     tokens, data = study.data()
     windows = NextByteWindows(tokens, study.seq_len, study.steps * study.batch_size, cell.seed)
     torch.manual_seed(cell.seed)
@@ -132,7 +140,6 @@ def train_run(study: ByteStudy, cell: Cell, out: Path) -> float:
         trainer = transformers.Trainer(model, args, train_dataset=windows, callbacks=[callback])
         trainer.remove_callback(transformers.PrinterCallback)
         trainer.train()
-    return time.perf_counter() - start
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -143,9 +150,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.d_model % 2:
         parser.error(f"--d-model must be even (the embedding is half of it), got {args.d_model}")
     study = ByteStudy(tuple(args.files), args.max_bytes, args.steps, args.batch_size, args.seq_len,
-                  args.d_model, args.n_heads)
-    spec = {"description": __doc__.split("\n\n")[0].replace("\n", " "),
-            "command": study_command("hf_albert.py", argv), "schedule": "linear", "warmup_steps": 0}
+                      args.d_model, args.n_heads)
+    spec = {"command": study_command("hf_albert.py", argv), "schedule": "linear", "warmup_steps": 0}
     run_study(parser, args, study, spec, train_run)
 
 

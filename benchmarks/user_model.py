@@ -207,7 +207,7 @@ def train_run(study: Study, cell: Cell, out: Path) -> float:
 
 
 def trained(study: Any, cells: Sequence[Cell], out: Path, jobs: int,
-            train: Callable[[Any, Cell, Path], float] = train_run) -> Iterator[tuple[Cell, float]]:
+            train: Callable[[Any, Cell, Path], float]) -> Iterator[tuple[Cell, float]]:
     """`train(study, cell, out)` for each of `cells` on `jobs` processes of one thread each
     (one job: in this process); each cell with its wall time, in order."""
     if jobs == 1:
@@ -260,14 +260,16 @@ def check_study_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 def run_study(parser: argparse.ArgumentParser, args: argparse.Namespace, study: Any, spec: Mapping[str, Any],
               train: Callable[[Any, Cell, Path], float]) -> None:
     """Check that `study` reads its text (`parser.error` if not), write the suite manifest
-    (`spec` plus the grid of `args`) and train every cell not yet finished, with progress."""
+    (the parser's description, `spec` and the grid of `args`) and train every cell not yet
+    finished, with progress."""
     try:
         study.data()  # bad input fails here, not in every worker
     except ValueError as error:
         parser.error(str(error))
     cells = grid(args.archs, args.loops, args.lrs, args.seeds)
-    spec = {"name": args.name, **spec, "archs": args.archs, "loops": args.loops, "lrs": args.lrs,
-            "seeds": args.seeds, "steps": args.steps, "log_every": 1}
+    spec = {"name": args.name, "description": parser.description.replace("\n", " "), **spec,
+            "archs": args.archs, "loops": args.loops, "lrs": args.lrs, "seeds": args.seeds,
+            "steps": args.steps, "log_every": 1}
     write_suite_manifest(args.out, spec, {cell.run_id: cell.cell_keys() for cell in cells})
     todo = [cell for cell in cells if not (args.out / cell.run_id / "summary.json").is_file()]
     print(f"{len(cells) - len(todo)} of {len(cells)} runs already done; training {len(todo)}", flush=True)
@@ -296,9 +298,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--dropout must lie in [0, 1), got {args.dropout}")
     study = Study(tuple(args.files), args.max_bytes, args.steps, args.batch_size, args.seq_len,
                   args.d_model, args.n_heads, args.schedule, args.warmup_steps, args.dropout, args.activation)
-    spec = {"description": __doc__.split("\n\n")[0].replace("\n", " "),
-            "command": study_command("user_model.py", argv),
-            "schedule": args.schedule, "warmup_steps": args.warmup_steps}
+    spec = {"command": study_command("user_model.py", argv), "schedule": args.schedule,
+            "warmup_steps": args.warmup_steps}
     run_study(parser, args, study, spec, train_run)
 
 
