@@ -7,7 +7,9 @@ scores like any study (`detection.STUDIES`).
 
 The architectures, one layer per loop (by default d_model 64 in 4 heads), a causal mask,
 learned positions, GELU and no dropout (`--activation relu --dropout 0.1` are the layer's
-own defaults), the output tied to the embedding:
+own defaults), the output tied to the embedding, over bytes or, with `--vocab N`, over the ids of a byte-level
+BPE of N tokens trained on the study's text (Hugging Face `tokenizers`), as a user's
+subword vocabulary would give them:
 - `standard`: K distinct pre-LN layers (the non-looped model; recorded at an identity
   after each layer, as a user marks depth on a model with no reused module);
 - `looped`: one pre-LN layer run K times;
@@ -23,6 +25,8 @@ norm 1. A run whose folder holds `summary.json` is not trained again.
 from __future__ import annotations
 
 import argparse
+import array
+import functools
 import hashlib
 import itertools
 import math
@@ -55,12 +59,12 @@ class UserLoopedLM(nn.Module):
     `nn.TransformerEncoderLayer`: distinct layers (`standard`) or one reused layer."""
 
     def __init__(self, arch: str, n_loops: int, d_model: int, n_heads: int, seq_len: int, *,
-                 dropout: float = 0.0, activation: str = "gelu"):
+                 dropout: float = 0.0, activation: str = "gelu", vocab: int = VOCAB):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
         self.arch, self.n_loops = arch, n_loops
-        self.embed = nn.Embedding(VOCAB, d_model)
+        self.embed = nn.Embedding(vocab, d_model)
         self.positions = nn.Parameter(torch.empty(seq_len, d_model))
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.positions, std=0.02)
@@ -118,10 +122,16 @@ class Study(ByteStudy):
     warmup_steps: int = 0
     dropout: float = 0.0
     activation: str = "gelu"
+    vocab: int = VOCAB
+
+    def data(self) -> tuple[Tensor, dict[str, Any]]:
+        if self.vocab == VOCAB:
+            return super().data()
+        return bpe_tokens(self.files, self.max_bytes, self.seq_len, self.vocab)
 
     def model(self, cell: Cell) -> UserLoopedLM:
         return UserLoopedLM(cell.arch, cell.n_loops, self.d_model, self.n_heads, self.seq_len,
-                            dropout=self.dropout, activation=self.activation)
+                            dropout=self.dropout, activation=self.activation, vocab=self.vocab)
 
     def lr_factor(self, step: int) -> float:
         """The learning rate at optimizer step `step` (from 1), as a share of the peak: a
@@ -133,15 +143,53 @@ class Study(ByteStudy):
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
+
 def training_bytes(files: Sequence[Path], max_bytes: int, seq_len: int) -> tuple[Tensor, dict[str, Any]]:
     """The files' bytes, read in order and cut at `max_bytes`, and their description for
     config.json."""
+    raw = read_text(files, max_bytes, seq_len)
+    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+    return tokens, {**text_description(files, raw), "context_free_loss": loopdiag.unigram_loss(tokens)}
+
+
+def read_text(files: Sequence[Path], max_bytes: int, seq_len: int) -> bytes:
     raw = b"".join(path.read_bytes() for path in files)[:max_bytes]
     if len(raw) <= seq_len:
         raise ValueError(f"the files hold {len(raw)} bytes, fewer than a window of {seq_len + 1}")
-    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
-    return tokens, {"source": ", ".join(str(path) for path in files), "n_bytes": len(raw),
-                    "sha256": hashlib.sha256(raw).hexdigest(),
+    return raw
+
+
+def text_description(files: Sequence[Path], raw: bytes) -> dict[str, Any]:
+    return {"source": ", ".join(str(path) for path in files), "n_bytes": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+@functools.cache  # every run of a worker trains on the same ids: the tokenizer is trained once
+def bpe_tokens(files: tuple[Path, ...], max_bytes: int, seq_len: int, vocab: int) -> tuple[Tensor, dict[str, Any]]:
+    """The files' text, read as `training_bytes` reads it, as the ids of a byte-level BPE of `vocab` tokens trained on it
+    (GPT-2's scheme: every byte is a token before the merges, so no text is out of
+    vocabulary), and its description; the tokenizer's training is deterministic, and
+    `tokens_sha256` lets two runs show they saw the same ids."""
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    except ImportError as error:
+        raise ValueError("--vocab needs Hugging Face's tokenizers: pip install 'loopdiag[hf]'") from error
+    raw = read_text(files, max_bytes, seq_len)
+    text = raw.decode("utf-8", errors="replace")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    if tokenizer.get_vocab_size() != vocab:
+        raise ValueError(f"the text has too few distinct pieces for a vocabulary of {vocab}: its BPE "
+                         f"stops at {tokenizer.get_vocab_size()} tokens")
+    ids = tokenizer.encode(text).ids
+    if len(ids) <= seq_len:
+        raise ValueError(f"the files hold {len(ids)} tokens of the BPE, fewer than a window of {seq_len + 1}")
+    tokens = torch.tensor(ids)
+    return tokens, {**text_description(files, raw), "tokenizer": "byte-level BPE (Hugging Face tokenizers)",
+                    "vocab_size": vocab, "n_tokens": len(ids),
+                    "tokens_sha256": hashlib.sha256(array.array("q", ids).tobytes()).hexdigest(),
                     "context_free_loss": loopdiag.unigram_loss(tokens)}
 
 
@@ -165,7 +213,7 @@ def config_of(study: Study, cell: Cell, model: UserLoopedLM, data: Mapping[str, 
         "name": cell.run_id, "cell": cell.cell_keys(),
         "model": {"kind": "benchmarks/user_model.py:UserLoopedLM", "arch": cell.arch, "n_loops": cell.n_loops,
                   "block": "torch.nn.TransformerEncoderLayer", "d_model": study.d_model,
-                  "n_heads": study.n_heads, "n_layers": 1, "seq_len": study.seq_len,
+                  "n_heads": study.n_heads, "n_layers": 1, "seq_len": study.seq_len, "vocab_size": study.vocab,
                   "dropout": study.dropout, "activation": study.activation,
                   "n_params": sum(p.numel() for p in model.parameters())},
         "train": {"steps": study.steps, "batch_size": study.batch_size, "lr": cell.lr, "optimizer": "adamw",
@@ -194,7 +242,7 @@ def train_run(study: Study, cell: Cell, out: Path) -> float:
             starts = torch.randint(len(tokens) - study.seq_len, (study.batch_size,), generator=batches)
             windows = torch.stack([tokens[at:at + study.seq_len + 1] for at in starts.tolist()])
             logits = model(windows[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, VOCAB), windows[:, 1:].reshape(-1))
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1))
             loss.backward()
             run.after_backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -290,16 +338,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup-steps", type=int, default=0, help="a linear warm-up from 0")
     parser.add_argument("--dropout", type=float, default=0.0, help="the layer's dropout (its default: 0.1)")
     parser.add_argument("--activation", choices=ACTIVATIONS, default="gelu", help="the layer's own default is relu")
+    parser.add_argument("--vocab", type=int, default=VOCAB,
+                        help=f"{VOCAB}: bytes; more: a byte-level BPE of that many tokens trained on the text")
     args = parser.parse_args(argv)
     check_study_args(parser, args)
     if not 0 <= args.warmup_steps < args.steps:
         parser.error(f"--warmup-steps must lie in [0, --steps), got {args.warmup_steps}")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must lie in [0, 1), got {args.dropout}")
+    if args.vocab < VOCAB:
+        parser.error(f"--vocab must be at least {VOCAB} (the bytes a byte-level BPE starts from), got {args.vocab}")
     study = Study(tuple(args.files), args.max_bytes, args.steps, args.batch_size, args.seq_len,
-                  args.d_model, args.n_heads, args.schedule, args.warmup_steps, args.dropout, args.activation)
+                  args.d_model, args.n_heads, args.schedule, args.warmup_steps, args.dropout, args.activation,
+                  args.vocab)
     spec = {"command": study_command("user_model.py", argv), "schedule": args.schedule,
-            "warmup_steps": args.warmup_steps}
+            "warmup_steps": args.warmup_steps, "vocab": args.vocab}
     run_study(parser, args, study, spec, train_run)
 
 

@@ -2,6 +2,7 @@
 scored by the detection benchmark like any study."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -72,6 +73,28 @@ def test_the_study_trains_resumes_and_is_scored_as_a_study(user_model, text, tmp
     assert "4 of 4 runs already done; training 0" in capsys.readouterr().out
 
 
+def test_a_subword_vocabulary_is_trained_on_the_text_and_recorded(user_model, tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    words = ["".join(chr(97 + c) for c in torch.randint(26, (n,), generator=rng).tolist())
+             for n in torch.randint(2, 8, (200,), generator=rng).tolist()]
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(words[i] for i in torch.randint(len(words), (3000,), generator=rng).tolist()))
+    out = tmp_path / "study"
+    user_model.main([str(text), "--out", str(out), "--archs", "looped", "--loops", "2", "--lrs", "1e-2",
+                     "--seeds", "5", "--steps", "4", "--vocab", "300", "--d-model", "16", "--n-heads", "2",
+                     "--seq-len", "16", "--batch-size", "4", "--jobs", "1"])
+    data = json.loads((out / "looped-k02-s5-lr0.01" / "config.json").read_text())["data"]
+    assert (data["vocab_size"], data["n_tokens"]) == (300, len(user_model.bpe_tokens((text,), 500_000, 16, 300)[0]))
+    assert data["n_tokens"] < data["n_bytes"]  # merged: fewer tokens than bytes
+    assert 0 < data["context_free_loss"] < math.log(300)
+    records = read_records(out / "looped-k02-s5-lr0.01")
+    assert len(records) == 4 and records[0]["loss"] == pytest.approx(math.log(300), abs=0.3)  # near chance over 300
+    user_model.bpe_tokens.cache_clear()
+    tokens, again = user_model.bpe_tokens((text,), 500_000, 16, 300)
+    assert again["tokens_sha256"] == data["tokens_sha256"]  # the tokenizer trains the same ids every time
+    assert 0 <= int(tokens.min()) and int(tokens.max()) < 300
+
+
 def test_bad_input_is_refused_before_any_run(user_model, text, tmp_path):
     out = tmp_path / "study"
     for argv in ([str(tmp_path / "missing.txt"), "--out", str(out)],
@@ -80,7 +103,9 @@ def test_bad_input_is_refused_before_any_run(user_model, text, tmp_path):
                  [str(text), "--out", str(out), "--steps", "0"],
                  [str(text), "--out", str(out), "--seq-len", "100000"],
                  [str(text), "--out", str(out), "--dropout", "1"],
-                 [str(text), "--out", str(out), "--activation", "tanh"]):
+                 [str(text), "--out", str(out), "--activation", "tanh"],
+                 [str(text), "--out", str(out), "--vocab", "100"],
+                 [str(text), "--out", str(out), "--vocab", "5000"]):  # one phrase holds too few pieces
         with pytest.raises(SystemExit):
             user_model.main(argv)
     assert not out.exists()
