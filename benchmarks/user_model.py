@@ -7,9 +7,9 @@ scores like any study (`detection.STUDIES`).
 
 The architectures, one layer per loop (by default d_model 64 in 4 heads), a causal mask,
 learned positions, GELU and no dropout (`--activation relu --dropout 0.1` are the layer's
-own defaults), the output tied to the embedding, over bytes or, with `--vocab N`, over the ids of a byte-level
-BPE of N tokens trained on the study's text (Hugging Face `tokenizers`), as a user's
-subword vocabulary would give them:
+own defaults), the output tied to the embedding. Tokens are bytes, or with `--vocab N` the
+ids of a byte-level BPE of N tokens trained on the study's text (Hugging Face
+`tokenizers`), a user's subword vocabulary:
 - `standard`: K distinct pre-LN layers (the non-looped model; recorded at an identity
   after each layer, as a user marks depth on a model with no reused module);
 - `looped`: one pre-LN layer run K times;
