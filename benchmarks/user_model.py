@@ -165,12 +165,11 @@ def text_description(files: Sequence[Path], raw: bytes) -> dict[str, Any]:
 
 
 @functools.cache  # every run of a worker trains on the same ids: the tokenizer is trained once
-def bpe_tokens(files: tuple[Path, ...], max_bytes: int, seq_len: int,
-               vocab: int) -> tuple[Tensor, dict[str, Any]]:
-    """The files' text, read as `training_bytes` reads it, as the ids of a byte-level BPE of `vocab` tokens trained on it
-    (GPT-2's scheme: every byte is a token before the merges, so no text is out of
-    vocabulary), and its description; the tokenizer's training is deterministic, and
-    `tokens_sha256` lets two runs show they saw the same ids."""
+def bpe_tokens(files: tuple[Path, ...], max_bytes: int, seq_len: int, vocab: int) -> tuple[Tensor, dict[str, Any]]:
+    """The files' text, read as `training_bytes` reads it, as the ids of a byte-level BPE of
+    `vocab` tokens trained on it (GPT-2's scheme: every byte is a token before the merges,
+    so no text is out of vocabulary), and its description. The tokenizer trains the same
+    ids every time; `tokens_sha256` lets two runs show they saw the same ones."""
     try:
         from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     except ImportError as error:
