@@ -739,6 +739,33 @@ one stable without. 0/17 healthy runs judged collapsed or warned. |z| > 3 alarme
 healthy runs (97 per 10k steps) and, on the 9 failures both warned before onset, warned
 earlier (median lead 81 steps against 33, p = 0.008): loopdiag is worse on lead on this set.
 
+And a subword vocabulary in place of bytes (study `user-model-bpe`: the user's model over the
+ids of a byte-level BPE of 2,048 tokens trained on the text by Hugging Face `tokenizers`
+(`--vocab 2048`; 237,828 tokens, 2.8 bytes a token; context-free loss 5.77 nats against
+ln 2048 = 7.62), constant lr 3e-3, 1e-2 and 3e-2, 400 steps, on Vim's version-7 notes (675
+KB), seeds 291–292, 72 runs, 21 min on 2 cores), trained and scored once with nothing
+changed. The healthy one-loop model ends at 3.27 and 3.37. 45 runs failed: the 10 that never
+trained are all the post-LN looped layer (K = 12, and K = 4 above 3e-3), judged collapsed
+(representation) and warned at steps 7–9. The other 35 trained and ended behind: every
+other run at 3e-2, every `looped` and `looped-inject` run at K = 12 and most at K = 4, and
+`standard` K = 12 at 1e-2 (over this vocabulary, at 400 steps, depth costs more than it
+gives). They are judged not stable with a reference and, but 5, stable without. 0/27 healthy
+runs judged collapsed or warned.
+
+And held out beside it (study `user-model-bpe-nodejs`: a BPE of 4,096 tokens (252,751 tokens,
+2.8 bytes a token; context-free loss 5.31 nats against ln 4096 = 8.32), a 20-step warm-up
+and a cosine, 400 steps, on Node.js 16's changelog (714 KB of commit lines), seeds 293–294,
+72 runs, 26 min on 2 cores), trained and scored once with nothing changed. The healthy
+one-loop model ends at 2.47 and 2.50. 36 runs failed: the 9 that never trained, all the
+post-LN looped layer, are judged collapsed (representation) but one (failed to train) and
+warned at steps 12–27; the 27 that trained and ended behind are judged not stable with a
+reference and stable without. 0/36 healthy runs judged collapsed or warned while training;
+with a reference 5 are judged failed to train at their end, 10–12 % behind the best
+one-loop run at their rate or a lower one (2.39 and 2.45, at 1e-2) and 7.6–8.8 % behind the
+labels' bar, the one-loop `standard` at 3e-3 (as on `sweep-man3`). |z| > 3 warned 24 of the
+27 that ended behind by their end, where loopdiag without a reference warned none, and
+alarmed 34 of the 36 healthy runs.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
@@ -1449,7 +1476,8 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-gcide/runs"), Path("reports/detection/sweep-gdal/runs"),
            Path("reports/detection/user-model-go/runs"), Path("reports/detection/user-model-cpp/runs"),
            Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"),
-           Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"))
+           Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"),
+           Path("reports/detection/user-model-bpe/runs"), Path("reports/detection/user-model-bpe-nodejs/runs"))
 
 
 def study_name(path: Path) -> str:
