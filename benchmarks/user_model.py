@@ -25,7 +25,6 @@ norm 1. A run whose folder holds `summary.json` is not trained again.
 from __future__ import annotations
 
 import argparse
-import array
 import functools
 import hashlib
 import itertools
@@ -189,7 +188,7 @@ def bpe_tokens(files: tuple[Path, ...], max_bytes: int, seq_len: int, vocab: int
     tokens = torch.tensor(ids)
     return tokens, {**text_description(files, raw), "tokenizer": "byte-level BPE (Hugging Face tokenizers)",
                     "vocab_size": vocab, "n_tokens": len(ids),
-                    "tokens_sha256": hashlib.sha256(array.array("q", ids).tobytes()).hexdigest(),
+                    "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
                     "context_free_loss": loopdiag.unigram_loss(tokens)}
 
 
