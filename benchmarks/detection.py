@@ -1926,7 +1926,10 @@ def data_text(config: Mapping[str, Any]) -> str:
     if "task" in data:
         return f"the synthetic task `{data['name']}`"
     source = ", ".join(shared_path(path) for path in data["source"].split(", "))
-    return f"text `{source}` ({data['n_bytes']:,} bytes, sha256 {data['sha256'][:12]}…)"
+    text = f"text `{source}` ({data['n_bytes']:,} bytes, sha256 {data['sha256'][:12]}…)"
+    if "tokenizer" in data:  # a tokenizer's ids, not bytes
+        text += f" as {data['n_tokens']:,} ids of a {data['tokenizer']} of {data['vocab_size']:,} tokens"
+    return text
 
 
 def study_section(path: Path, runs: Sequence[ScoredRun], healthy: Mapping[int, float],

@@ -485,6 +485,13 @@ def test_the_reported_command_runs_elsewhere_with_standard_library_data(bench, t
     assert bench.shared_path(str(tmp_path / "mine.txt")) == str(tmp_path / "mine.txt")
 
 
+def test_a_studys_report_says_when_its_text_was_read_as_a_tokenizers_ids(bench):
+    text = {"source": "/data/notes.txt", "n_bytes": 700_000, "sha256": "ab" * 32, "vocab_size": 256}  # bytes
+    assert bench.data_text({"data": text}) == "text `/data/notes.txt` (700,000 bytes, sha256 abababababab…)"
+    bpe = {**text, "tokenizer": "byte-level BPE", "vocab_size": 2048, "n_tokens": 237_828}
+    assert bench.data_text({"data": bpe}).endswith("as 237,828 ids of a byte-level BPE of 2,048 tokens")
+
+
 def test_a_corpus_report_names_the_model_choices_its_runs_were_trained_with():
     """The corpus line reads the stored config, so an override such as the loss on every
     loop or no QK-norm is there to read, not only in the training command."""
