@@ -146,12 +146,12 @@ class Study(ByteStudy):
 def training_bytes(files: Sequence[Path], max_bytes: int, seq_len: int) -> tuple[Tensor, dict[str, Any]]:
     """The files' bytes, read in order and cut at `max_bytes`, and their description for
     config.json."""
-    raw = read_text(files, max_bytes, seq_len)
+    raw = joined_bytes(files, max_bytes, seq_len)
     tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
     return tokens, {**text_description(files, raw), "context_free_loss": loopdiag.unigram_loss(tokens)}
 
 
-def read_text(files: Sequence[Path], max_bytes: int, seq_len: int) -> bytes:
+def joined_bytes(files: Sequence[Path], max_bytes: int, seq_len: int) -> bytes:
     raw = b"".join(path.read_bytes() for path in files)[:max_bytes]
     if len(raw) <= seq_len:
         raise ValueError(f"the files hold {len(raw)} bytes, fewer than a window of {seq_len + 1}")
@@ -165,7 +165,7 @@ def text_description(files: Sequence[Path], raw: bytes) -> dict[str, Any]:
 
 @functools.cache  # every run of a worker trains on the same ids: the tokenizer is trained once
 def bpe_tokens(files: tuple[Path, ...], max_bytes: int, seq_len: int, vocab: int) -> tuple[Tensor, dict[str, Any]]:
-    """The files' text, read as `training_bytes` reads it, as the ids of a byte-level BPE of
+    """The files' text, read as `joined_bytes` reads it, as the ids of a byte-level BPE of
     `vocab` tokens trained on it (GPT-2's scheme: every byte is a token before the merges,
     so no text is out of vocabulary), and its description. The tokenizer trains the same
     ids every time; `tokens_sha256` lets two runs show they saw the same ones."""
@@ -173,7 +173,7 @@ def bpe_tokens(files: tuple[Path, ...], max_bytes: int, seq_len: int, vocab: int
         from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     except ImportError as error:
         raise ValueError("--vocab needs Hugging Face's tokenizers: pip install 'loopdiag[hf]'") from error
-    raw = read_text(files, max_bytes, seq_len)
+    raw = joined_bytes(files, max_bytes, seq_len)
     text = raw.decode("utf-8", errors="replace")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
