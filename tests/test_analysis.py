@@ -539,6 +539,31 @@ def test_findings_say_when_runs_were_judged_without_a_reference() -> None:
     assert not [line for line in findings(table(referenced), context_free_loss=1.765) if "without a reference" in line]
 
 
+def test_findings_name_a_learning_rate_too_low_for_the_steps() -> None:
+    """At lr 3e-3 the one-loop model ends 13% above itself at 1e-2 (the default suite on Vim's
+    notes): the runs there are judged against that slow run, and the report says so."""
+    from loopdiag.analysis.findings import findings
+    from loopdiag.analysis.tables import TABLE_COLUMNS
+
+    def table(runs: list[tuple[str, int, float, float]]) -> pd.DataFrame:
+        rows = [{"run_id": f"{arch}-k{k}-lr{lr:g}", "arch": arch, "n_loops": k, "lr": lr, "seed": 0,
+                 "status": "stable", "final_loss": loss, "oscillation": 0.01, "warning_lead": math.nan,
+                 "recomputed": False} for arch, k, lr, loss in runs]
+        return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+    def slow_line(runs: list[tuple[str, int, float, float]]) -> list[str]:
+        return [line for line in findings(table(runs)) if line.startswith("Learning rates too low")]
+
+    swept = [(arch, k, lr, loss) for arch in ("standard", "looped") for k in (1, 12)
+             for lr, loss in ((3e-3, 2.216), (1e-2, 1.966))]
+    (line,) = slow_line([*swept, ("flt", 1, 3e-3, 2.0), ("flt", 1, 1e-2, 1.966)])  # flt: +2%
+    assert "lr 0.003 for standard, looped (2.216 vs 1.966 at lr 0.01, +13%; 4 of their 4 runs" in line
+    assert "flt" not in line
+    # a rate too high for the model is not a rate too low, and one rate has nothing to compare
+    assert not slow_line([(arch, k, lr, 4.0 - loss) for arch, k, lr, loss in swept])
+    assert not slow_line([run for run in swept if run[2] == 3e-3])
+
+
 def test_findings_count_runs_that_failed_to_train_apart_from_collapses() -> None:
     from loopdiag.analysis.findings import findings
     from loopdiag.analysis.tables import TABLE_COLUMNS

@@ -28,6 +28,7 @@ def findings(table: pd.DataFrame, context_free_loss: float | None = None) -> lis
     lines += _oscillation(at_largest, largest)
     if table["lr"].nunique() > 1:
         lines.append(_stable_lrs(table, largest))
+        lines += _slow_learning_rates(table, context_free_loss)
     lines += _warnings(table)
     lines += _stable_but_warned(table)
     recomputed = int(table["recomputed"].sum())
@@ -157,6 +158,38 @@ def _stable_lrs(table: pd.DataFrame, n_loops: int) -> str:
              else f"{row.arch} none of {row.lrs_tried} tried" for row in ranges.itertuples()]
     return (f"Largest learning rate at which every run stayed stable, K={n_loops}: "
             f"{', '.join(parts)}.")
+
+
+def _slow_learning_rates(table: pd.DataFrame, context_free_loss: float | None) -> list[str]:
+    """Learning rates at which an architecture's one-loop model ended ≥ 10% above the same
+    model at a higher rate (means over seeds, `behind_from`). A run is judged against the
+    one-loop run at its rate or a lower one (`store.reference`), so at such a rate a stable
+    verdict says it trained as well as that slow run, not that it learned what its model can
+    in these steps."""
+    one_loop = table[(table["n_loops"] == 1) & np.isfinite(table["final_loss"])]
+    means = one_loop.groupby(["arch", "lr"], sort=False)["final_loss"].mean()
+    # Architectures whose one-loop models are the same model (a suite's looped families at
+    # K = 1) share their numbers: one entry names them all.
+    slow: dict[tuple[float, float, float, float], list[str]] = {}
+    for arch, by_lr in means.groupby(level="arch", sort=False):
+        by_lr = by_lr.droplevel("arch").sort_index()
+        for lr, loss in by_lr.items():
+            higher = by_lr[by_lr.index > lr]
+            if not higher.empty and loss >= behind_from(higher.min(), context_free_loss,
+                                                        WORSE_WITH_LOOPS, CONTEXT_FREE_MARGIN):
+                slow.setdefault((lr, loss, higher.idxmin(), higher.min()), []).append(arch)
+    entries = []
+    for (lr, loss, best_lr, best), archs in slow.items():
+        at_rate = table[table["arch"].isin(archs) & np.isclose(table["lr"], lr)]
+        stable = int((at_rate["status"] == "stable").sum())
+        entries.append(f"lr {lr:g} for {', '.join(archs)} ({loss:.4g} vs {best:.4g} at lr {best_lr:g}, "
+                       f"{_above(loss / best)}; {stable} of their {len(at_rate)} runs at that rate stable)")
+    if not entries:
+        return []
+    return [f"Learning rates too low for these steps, where the one-loop model ended ≥ {WORSE_WITH_LOOPS:.0%} "
+            f"above the same model at a higher rate: {'; '.join(entries)}. A run is judged against the "
+            f"one-loop run at its rate or a lower one, so a stable verdict at such a rate says it trained "
+            f"as well as that slow run, not that it learned what its model can in these steps."]
 
 
 # Runs named one by one in a finding; a study's count beyond this is given as a number.
