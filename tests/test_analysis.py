@@ -576,7 +576,7 @@ def test_findings_count_runs_that_failed_to_train_apart_from_collapses() -> None
     lines = findings(pd.DataFrame(rows, columns=list(TABLE_COLUMNS)))
     (line,) = [line for line in lines if "collapsed or diverged" in line]
     assert line.startswith("1 run(s) collapsed or diverged (1 collapsed).")
-    assert "median of 300 steps" in line and "2 run(s) failed to train (judged at their end)." in line
+    assert "came 300 steps before the verdict." in line and "2 run(s) failed to train (judged at their end)." in line
     none = findings(pd.DataFrame(rows[1:], columns=list(TABLE_COLUMNS)))
     assert "No run collapsed or diverged. 2 run(s) failed to train (judged at their end)." in none
 

@@ -220,7 +220,9 @@ def _warnings(table: pd.DataFrame) -> list[str]:
     leads = failed["warning_lead"].dropna()
     counts = ", ".join(f"{n} {status}" for status, n in failed["status"].value_counts().items())
     line = f"{len(failed)} run(s) collapsed or diverged ({counts})."
-    if len(leads):
+    if len(leads) == 1:
+        line += f" The first detector event came {leads.iloc[0]:.0f} steps before the verdict."
+    elif len(leads):
         line += (f" The first detector event came a median of {leads.median():.0f} steps before "
                  f"the verdict (range {leads.min():.0f} to {leads.max():.0f}, {len(leads)} runs).")
     silent = len(failed) - len(leads)
