@@ -640,6 +640,18 @@ rates and K = 8 at 1e-2, which never trained; all judged collapsed (representati
 modes, warned at steps 6–7 and critical at steps 30–40. 0/54 healthy runs judged collapsed,
 warned or failed to train, in 10,800 healthy steps.
 
+And the main job itself on text, seeds and a size no set had used (study `sweep-asyncio`: the
+default suite, the five architectures at K = 1, 4 and 12, lr 3e-3, 150 steps, on 487 KB of
+CPython 3.11's asyncio sources, seeds 601–602, 30 runs, 6 min on 2 cores; study
+`sweep-small`: the same on the embedded text with the `small` preset, d_model 128 and
+seq_len 128, seed 611, 15 runs, 18 min on 2 cores with other work on them), each trained
+and scored once with nothing changed. On asyncio 2 failed runs, plain `looped` K = 12, which
+never trained: judged collapsed (representation) in both modes, warned at step 7 and
+critical at steps 43–50. At d_model 128 plain `looped` K = 12 never trained (collapsed,
+representation) and `looped` K = 4 trained and ended at 2.72 against 2.11, failed to train
+with a reference and stable without one, as on the size corpus. 0/41 healthy runs judged
+collapsed, warned or failed to train, in 6,150 healthy steps.
+
 And on a model loopdiag did not build (study `user-model-go`, trained by
 `benchmarks/user_model.py`: a byte-level decoder of PyTorch's own
 `nn.TransformerEncoderLayer`, one layer per loop, learned positions, the output tied to the
@@ -1474,6 +1486,7 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-uapi/runs"), Path("reports/detection/sweep-man3/runs"),
            Path("reports/detection/sweep-pciids/runs"), Path("reports/detection/sweep-fortunes/runs"),
            Path("reports/detection/sweep-gcide/runs"), Path("reports/detection/sweep-gdal/runs"),
+           Path("reports/detection/sweep-asyncio/runs"), Path("reports/detection/sweep-small/runs"),
            Path("reports/detection/user-model-go/runs"), Path("reports/detection/user-model-cpp/runs"),
            Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"),
            Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"),
