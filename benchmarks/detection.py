@@ -640,11 +640,12 @@ rates and K = 8 at 1e-2, which never trained; all judged collapsed (representati
 modes, warned at steps 6–7 and critical at steps 30–40. 0/54 healthy runs judged collapsed,
 warned or failed to train, in 10,800 healthy steps.
 
-And the main job itself on text, seeds and a size no set had used (study `sweep-asyncio`: the
+And the main job itself on text and seeds no set had used (study `sweep-asyncio`: the
 default suite, the five architectures at K = 1, 4 and 12, lr 3e-3, 150 steps, on 487 KB of
-CPython 3.11's asyncio sources, seeds 601–602, 30 runs, 6 min on 2 cores; study
-`sweep-small`: the same on the embedded text with the `small` preset, d_model 128 and
-seq_len 128, seed 611, 15 runs, 18 min on 2 cores with other work on them), each trained
+CPython 3.11's asyncio sources, seeds 601–602, 30 runs, 6 min on 2 cores), and on a new
+seed at the `small` preset (study `sweep-small`: the same on the embedded text with d_model
+128 and seq_len 128, as `sweep-yaml` on YAML, seed 611, 15 runs, 18 min on 2 cores with
+other work on them), each trained
 and scored once with nothing changed. On asyncio 2 failed runs, plain `looped` K = 12, which
 never trained: judged collapsed (representation) in both modes, warned at step 7 and
 critical at steps 43–50. At d_model 128 plain `looped` K = 12 never trained (collapsed,
