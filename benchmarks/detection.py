@@ -653,6 +653,15 @@ representation) and `looped` K = 4 trained and ended at 2.72 against 2.11, faile
 with a reference and stable without one, as on the size corpus. 0/41 healthy runs judged
 collapsed, warned or failed to train, in 6,150 healthy steps.
 
+And over a longer horizon and two rates (study `sweep-docs400`: the default suite at lr 3e-3
+and 1e-2, 400 steps, on the embedded text, seed 613, 30 runs, 14 min on 2 cores), trained
+and scored once with nothing changed: 3 failed runs, plain `looped` K = 12 at both rates
+and K = 4 at 1e-2, which never trained (3.29 against the one-loop model's 1.94 at 3e-3 and
+1.68 at 1e-2); all judged collapsed (representation) in both modes, warned at steps 6–8 and
+critical at steps 31–46. 0/27 healthy runs judged collapsed, warned or failed to train, in
+10,800 healthy steps. Its report names lr 3e-3 as too low for 400 steps (the one-loop model
+16 % above itself at 1e-2).
+
 And on a model loopdiag did not build (study `user-model-go`, trained by
 `benchmarks/user_model.py`: a byte-level decoder of PyTorch's own
 `nn.TransformerEncoderLayer`, one layer per loop, learned positions, the output tied to the
@@ -1488,6 +1497,7 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-pciids/runs"), Path("reports/detection/sweep-fortunes/runs"),
            Path("reports/detection/sweep-gcide/runs"), Path("reports/detection/sweep-gdal/runs"),
            Path("reports/detection/sweep-asyncio/runs"), Path("reports/detection/sweep-small/runs"),
+           Path("reports/detection/sweep-docs400/runs"),
            Path("reports/detection/user-model-go/runs"), Path("reports/detection/user-model-cpp/runs"),
            Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"),
            Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"),
