@@ -645,10 +645,9 @@ default suite, the five architectures at K = 1, 4 and 12, lr 3e-3, 150 steps, on
 CPython 3.11's asyncio sources, seeds 601–602, 30 runs, 6 min on 2 cores), and on a new
 seed at the `small` preset (study `sweep-small`: the same on the embedded text with d_model
 128 and seq_len 128, as `sweep-yaml` on YAML, seed 611, 15 runs, 18 min on 2 cores with
-other work on them), each trained
-and scored once with nothing changed. On asyncio 2 failed runs, plain `looped` K = 12, which
-never trained: judged collapsed (representation) in both modes, warned at step 7 and
-critical at steps 43–50. At d_model 128 plain `looped` K = 12 never trained (collapsed,
+other work on them), each trained and scored once with nothing changed. On asyncio 2 failed
+runs, plain `looped` K = 12, which never trained: judged collapsed (representation) in both
+modes, warned at step 7 and critical at steps 43–50. At d_model 128 plain `looped` K = 12 never trained (collapsed,
 representation) and `looped` K = 4 trained and ended at 2.72 against 2.11, failed to train
 with a reference and stable without one, as on the size corpus. 0/41 healthy runs judged
 collapsed, warned or failed to train, in 6,150 healthy steps.
