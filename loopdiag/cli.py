@@ -79,7 +79,9 @@ def _root(
     """Training-stability diagnostics for looped (weight-tied) transformers."""
 
 
-@app.command()
+# Extra arguments reach `run` so that an unquoted glob after --data gets a hint, not click's
+# bare "unexpected extra argument".
+@app.command(context_settings={"allow_extra_args": True})
 def run(
     context: typer.Context,
     suite: Annotated[str | None, typer.Argument(
@@ -91,7 +93,9 @@ def run(
     steps: Annotated[int | None, typer.Option(help="Training steps per run.")] = None,
     lr: Annotated[list[float] | None, typer.Option(help="Peak learning rate (repeatable: a sweep).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds per cell (0..n-1).")] = None,
-    data: Annotated[list[Path] | None, typer.Option(help="Text file(s) to train on instead of the suite's data.")] = None,
+    data: Annotated[list[Path] | None, typer.Option(
+        help="Text file to train on instead of the suite's data; repeat it for several, or quote a "
+             "glob ('texts/*.md': the files it matches, in name order).", show_default=False)] = None,
     size: Annotated[str | None, typer.Option(help="Model size preset: tiny, default or small.")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw, or muon (Muon for block matrices).")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant-decay (the paper's) or cosine.")] = None,
@@ -139,6 +143,7 @@ def run(
     if list_suites:
         _list_suites()
         return
+    _refuse_stray_data_files(suite, context.args, data)
     if wandb not in ("off", "offline", "online"):
         raise bad_input(f"--wandb must be off, offline or online, got {wandb!r}")
     if wandb == "online" and not _wandb_logged_in():
@@ -251,6 +256,19 @@ def _parse_shard(shard: str | None) -> tuple[int, int]:
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         raise bad_input(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got {shard!r}")
     return int(index), int(count)
+
+
+def _refuse_stray_data_files(suite: str | None, extra: list[str], data: list[Path] | None) -> None:
+    """`--data a.txt b.txt` (often a glob the shell expanded) gives --data one file and the
+    next to the suite argument: say how to pass several."""
+    suite_is_data = bool(data) and suite is not None and not suite.endswith(".toml") and Path(suite).is_file()
+    stray = [suite] * suite_is_data + extra
+    if not stray:
+        return
+    if data:
+        raise bad_input(f"unexpected argument(s) {', '.join(stray)}: --data takes one file; repeat it "
+                        f"for each file, or quote a glob for loopdiag to expand (--data 'texts/*.txt')")
+    raise bad_input(f"unexpected argument(s) {', '.join(stray)}: `loopdiag run` takes one suite")
 
 
 def _command_line(context: typer.Context) -> str:
@@ -525,13 +543,15 @@ def compare(
 def eval_(
     path: Annotated[Path, typer.Argument(help="A trained run, or a suite / report folder (every run in it).")],
     loops: Annotated[str, typer.Option(help="Inference loop counts: 1..12, or 1,2,4,8.")] = "1..12",
-    data: Annotated[list[Path] | None, typer.Option(help="The run's corpus file(s), if they moved.")] = None,
+    data: Annotated[list[Path] | None, typer.Option(
+        help="The run's corpus file, if it moved; repeat it for several, or quote a glob.", show_default=False)] = None,
     examples: Annotated[int, typer.Option(help="Held-out task examples for accuracy.")] = 256,
     svg: Annotated[bool, typer.Option(help="Also write the figure as SVG.")] = False,
 ) -> None:
     """Test-time loop scaling: evaluate trained runs at each inference loop count K' (loss,
     and exact-match accuracy for a task), write <run>/loop_scaling.csv and plot it."""
     from loopdiag.analysis import plot_loop_scaling, save_figure
+    from loopdiag.data import expand_globs
     from loopdiag.evaluation import loop_scaling, parse_loops
     from loopdiag.store import is_run_dir, load_suite
 
@@ -540,11 +560,12 @@ def eval_(
         eval_loops = parse_loops(loops)
         if examples < 1:
             raise ValueError(f"--examples must be >= 1, got {examples}")
+        corpus_files = expand_globs(data) if data else None
         run_dirs = [store] if is_run_dir(store) else [store / r for r in load_suite(store).runs]
         frames = []
         for run_dir in run_dirs:
             try:
-                frames.append(loop_scaling(run_dir, eval_loops, examples=examples, corpus_files=data))
+                frames.append(loop_scaling(run_dir, eval_loops, examples=examples, corpus_files=corpus_files))
             except (FileNotFoundError, ValueError) as error:
                 if len(run_dirs) == 1:
                     raise

@@ -278,6 +278,47 @@ def test_run_on_a_user_text_file(tmp_path):
     assert run.config["data"]["source"] == str(text)
 
 
+def test_run_on_the_files_a_quoted_glob_matches(tmp_path):
+    for name in ("b.txt", "a.txt"):
+        (tmp_path / name).write_text(f"{name}: the loop returns, the weights are tied.\n" * 200)
+    out = tmp_path / "out"
+    result = runner.invoke(app, [*QUICK, "--loops", "1", "--arch", "flt", "--steps", "2", "--data",
+                                 str(tmp_path / "*.txt"), "--out", str(out), "--wandb", "off"])
+    assert result.exit_code == 0, result.output
+    (run,) = load_suite(out / "runs").runs.values()
+    assert run.config["data"]["source"] == f"{tmp_path / 'a.txt'}, {tmp_path / 'b.txt'}"
+
+
+def test_eval_finds_a_moved_corpus_by_a_quoted_glob(tmp_path):
+    texts, moved = tmp_path / "texts", tmp_path / "moved"
+    texts.mkdir()
+    for name in ("b.txt", "a.txt"):
+        (texts / name).write_text(f"{name}: the loop returns, the weights are tied.\n" * 200)
+    out = tmp_path / "out"
+    result = runner.invoke(app, [*QUICK, "--loops", "2", "--arch", "looped", "--steps", "2", "--data",
+                                 str(texts / "*.txt"), "--out", str(out), "--wandb", "off"])
+    assert result.exit_code == 0, result.output
+    texts.rename(moved)
+    run_dir = out / "runs" / "looped-k02-s0"
+    result = runner.invoke(app, ["eval", str(run_dir), "--loops", "1,2"])
+    assert result.exit_code == 2 and "pass the text again" in result.output
+    result = runner.invoke(app, ["eval", str(run_dir), "--loops", "1,2", "--data", str(moved / "*.txt")])
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(run_dir / "loop_scaling.csv")["eval_loops"].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_files_the_shell_expanded_after_data_get_a_hint(tmp_path, count):
+    files = [tmp_path / f"{i}.txt" for i in range(count)]
+    for path in files:
+        path.write_text("text\n" * 1000)
+    result = runner.invoke(app, ["run", "--out", str(tmp_path / "out"), "--data", *map(str, files)])
+    assert result.exit_code == 2, result.output
+    output = result.output.replace("\n", "")
+    assert f"unexpected argument(s) {', '.join(map(str, files[1:]))}: --data takes one file" in output
+    assert "quote a glob" in output and not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def binary_file(tmp_path):
     path = tmp_path / "weights.bin"
@@ -306,10 +347,12 @@ def binary_file(tmp_path):
         (["--data", "/no/such/file.txt"], "no such file"),
         (["no/such/suite.toml"], "no such suite file"),
         (["nosuchsuite"], "no suite named 'nosuchsuite': give a .toml path, or one of addition-references, default, "),
+        (["default", "flt"], "unexpected argument(s) flt: `loopdiag run` takes one suite"),
+        (["--data", "/no/such/*.txt"], "data.files: '/no/such/*.txt' matches no file"),
     ],
     ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "log-every", "grad-accum-steps",
          "precision", "parallel", "wandb", "jobs", "alerts",
-         "resume-overwrite", "missing-data", "missing-suite", "unknown-suite-name"],
+         "resume-overwrite", "missing-data", "missing-suite", "unknown-suite-name", "two-suites", "empty-glob"],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     result = runner.invoke(app, ["run", "--out", str(tmp_path), *args])

@@ -82,6 +82,17 @@ def test_corpus_files_are_relative_to_the_suite_file(tmp_path):
     assert suite.data.load().n_bytes == 40_000
 
 
+def test_a_glob_in_the_corpus_files_takes_the_files_it_matches_in_name_order(tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name in ("b.md", "a.md", "notes.txt"):
+        (texts / name).write_text(f"{name} " * 2000)
+    (texts / "c.md").mkdir()  # a folder the glob matches is not a file to read
+    suite = load_probe_suite(write(tmp_path, '[data]\nfiles = ["texts/*.md", "texts/notes.txt"]\n'))
+    assert suite.data.files == tuple(str(texts / name) for name in ("a.md", "b.md", "notes.txt"))
+    assert suite.to_dict()["data"]["files"] == list(suite.data.files)  # the run records the list
+
+
 @pytest.mark.parametrize("path", sorted(PROBES.glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_suites_are_valid(path):
     suite = load_probe_suite(path)
@@ -120,6 +131,7 @@ BAD = [
     ('[data]\ntask = "pointer-chasing"\nn_nodes = 26',
      "data.task: pointer-chasing examples are 81 tokens, longer than model.seq_len=64"),
     ('[data]\nfile = "x.txt"', "data.file: unknown key"),
+    ('[data]\nfiles = ["texts/*.txt"]', "data.files: '"),
     ("[detectors.loss_spiky]\nz = 3", "detectors: unknown detector(s) 'loss_spiky'"),
     ("[detectors.loss_spike]\nzz = 3", "detectors: loss_spike: unknown threshold(s) 'zz'"),
     ("[eval]\nloops = [0]", "eval.loops: loop counts must be >= 1"),

@@ -6,8 +6,9 @@ small in memory and widened to ``int64`` one batch at a time.
 
 from __future__ import annotations
 
+import glob
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,13 +96,29 @@ def embedded_corpus_bytes() -> bytes:
     return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
 
 
+def expand_globs(names: Iterable[str | Path]) -> list[str]:
+    """Each data file as given, or the files a glob among them matches, in name order: a
+    suite records the list itself, so a file added later does not change what a rerun reads."""
+    files = []
+    for name in map(str, names):
+        if not any(char in name for char in "*?["):
+            files.append(name)
+            continue
+        matches = sorted(match for match in glob.glob(name, recursive=True) if Path(match).is_file())
+        if not matches:
+            raise DataError(f"{name!r} matches no file")
+        files += matches
+    return files
+
+
 def _read_text_file(path: Path) -> bytes:
     # Directories are refused rather than globbed: an explicit list fixes which files are
     # read and in what order, and so which bytes the sha256 covers.
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if path.is_dir():
-        raise DataError(f"{path}: is a directory; pass the text files themselves")
+        raise DataError(f"{path}: is a directory; pass the text files themselves (in a suite or "
+                        f"`--data`, a quoted glob such as '{path}/*.txt' takes them in name order)")
     raw = path.read_bytes()
     if not raw:
         raise DataError(f"{path}: file is empty")

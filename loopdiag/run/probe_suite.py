@@ -13,7 +13,8 @@
     [model]      preset = "default", then any ModelConfig field (d_model = 96, ...)
     [train]      any TrainConfig field but steps, lr, seed, n_loops (the grid sets those);
                  false turns off a setting that takes None (grad_clip = false)
-    [data]       files = ["my.txt"] (relative to the suite file), or task = "addition" /
+    [data]       files = ["my.txt", "texts/*.md"] (relative to the suite file; a glob takes
+                 the files it matches, in name order), or task = "addition" /
                  "pointer-chasing" with the task's own fields; default: the embedded corpus
     [detectors]  thresholds by detector: [detectors.loss_spike] z = 8
     [eval]       loops = [1, 2, 4, 8, 12]: test-time loop scaling of every trained run
@@ -36,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from loopdiag.data import TASKS, SyntheticTask, TokenCorpus, load_corpus
+from loopdiag.data import TASKS, DataError, SyntheticTask, TokenCorpus, expand_globs, load_corpus
 from loopdiag.detect import default_detectors
 from loopdiag.detect.base import is_int
 from loopdiag.models import ARCHITECTURES, ModelConfig, preset
@@ -283,7 +284,10 @@ def _data(check: _Checker, values: dict[str, Any], base_dir: Path, model: ModelC
     if "task" not in values:
         check.known(values, ("files",), "data", hint="or task = one of " + ", ".join(TASKS))
         files = check.list_of(values, "files", str, [], key="data.files")
-        return DataSpec(files=tuple(str(base_dir / f) for f in files))
+        try:
+            return DataSpec(files=tuple(expand_globs(base_dir / name for name in files)))
+        except DataError as error:
+            raise SuiteError(f"{check.source}: data.files: {error}") from None
     task = values.pop("task")
     check.that(task in TASKS, "data.task", f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     check.known(values, [f.name for f in fields(TASKS[task])], "data", hint=f"the {task} task's fields")
