@@ -12,6 +12,7 @@ import netrc
 import os
 import shlex
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,12 +72,29 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Each warning as one line on stderr (`warning: ...`): the file, line and source line
+    Python adds (a `RunStoreWarning`'s `load_suite(...)`) tell a user nothing. Python's own
+    display comes back when the command ends."""
+    errors = Console(stderr=True)
+
+    def show(message: Warning | str, *_: object, **__: object) -> None:
+        errors.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 @app.callback()
 def _root(
+    context: typer.Context,
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Training-stability diagnostics for looped (weight-tied) transformers."""
+    context.with_resource(_warnings_as_lines())  # left when the command ends
 
 
 # Extra arguments reach `run` so that an unquoted glob after --data gets a hint, not click's
@@ -154,6 +172,7 @@ def run(
         raise bad_input(f"--alerts must be info, warn or critical, got {alerts!r}")
     if resume and overwrite:
         raise bad_input("--resume and --overwrite contradict each other; pick one")
+    _refuse_store_as_out(out)
     shard_of = _parse_shard(shard)
     try:
         spec = load_probe_suite(find_suite(suite))
@@ -181,8 +200,13 @@ def run(
         raise bad_input(str(error)) from None
     planned = shard_cells(spec.cells(), shard_of)
     cells = [cell for cell in planned if accepts(cell)]
-    if not cells:
-        raise bad_input(f"--only {' '.join(only or [])} matches none of the suite's runs")
+    if not planned:  # more shards than runs: a job array's spare task has nothing to do, and is no failure
+        console.print(f"shard {shard} has no runs ({spec.name} has {len(spec.cells())}): nothing to train",
+                      highlight=False)
+        return
+    if not cells:  # only --only can empty a shard that has runs
+        of = f"shard {shard} of " if shard else ""
+        raise bad_input(f"--only {' '.join(only or [])} matches none of {of}the suite's runs")
     if distributed.is_main():
         _prepare_suite_dir(suite_dir, spec, cells, resume=resume, overwrite=overwrite)
         _check_writable(suite_dir)
@@ -198,13 +222,21 @@ def run(
         f"{spec.train.steps} steps each, d_model={spec.model.d_model}, L={spec.model.n_layers}, "
         f"data {spec.data.describe()}, {min(jobs, len(cells))} at a time{f' on {ranks} ranks' if ranks > 1 else ''}",
         highlight=False, soft_wrap=True)
+    if resume and distributed.is_main():
+        _say_which_runs_start_over(suite_dir, cells)
     wandb_mode = None if wandb == "off" else wandb
     # W&B's own banners and console capture would fight the progress bar; we print the sync hint.
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")
-    with LiveProgress(console, cells, spec.train.steps, alerts) as progress:
-        results = run_suite(spec, suite_dir, jobs=jobs, resume=resume, wandb_mode=wandb_mode,
-                            shard=shard_of, only=accepts, on_message=progress.handle)
+    try:
+        with LiveProgress(console, cells, spec.train.steps, alerts) as progress:
+            results = run_suite(spec, suite_dir, jobs=jobs, resume=resume, wandb_mode=wandb_mode,
+                                shard=shard_of, only=accepts, on_message=progress.handle)
+    except KeyboardInterrupt:
+        resume_with = spec.command if resume else f"{spec.command} --resume"
+        console.print(f"interrupted: the runs under way keep their records and checkpoints; to continue "
+                      f"each from its checkpoint: {resume_with}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
     if not distributed.is_main():
         return
     stopped = [r for r in results if r.write_failure]
@@ -247,6 +279,26 @@ def _report_errors(errors: list) -> None:
         console.print(f"[red]{result.run_id} failed:[/]\n{result.error}", highlight=False, soft_wrap=True)
     if errors:
         raise typer.Exit(code=1)
+
+
+def _refuse_store_as_out(out: Path | None) -> None:
+    """--out is a report folder: given its runs/ (or a run in it), a suite would be built
+    nested inside that store."""
+    from loopdiag.store import is_run_dir
+    from loopdiag.store._files import SUITE_FILE
+
+    if out is None:
+        return
+    if (out / SUITE_FILE).is_file():
+        store, what = out, f"a run store (it holds {SUITE_FILE})"
+    elif is_run_dir(out):
+        store, what = out.parent, "a run folder"
+    else:
+        return
+    instead = (f"its report folder: --out {store.parent}"
+               if store.name == RUNS_FOLDER and (store / SUITE_FILE).is_file() else "another folder")
+    raise bad_input(f"--out {out} is {what}, not a report folder (`loopdiag run` writes its run "
+                    f"store in <out>/{RUNS_FOLDER}); pass {instead}")
 
 
 def _parse_shard(shard: str | None) -> tuple[int, int]:
@@ -298,11 +350,14 @@ def _list_suites() -> None:
 def _prepare_suite_dir(suite_dir: Path, spec: ProbeSuite, cells: list, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix suites in one folder or to retrain runs by accident. Only this
     invocation's runs are judged (and removed by --overwrite): other shards' stay."""
-    from loopdiag.store._files import SUITE_FILE
+    from loopdiag.store._files import SUITE_FILE, read_manifest
 
-    manifest = suite_dir / SUITE_FILE
-    if manifest.is_file():
-        stored = json.loads(manifest.read_text()).get("spec", {})
+    if (suite_dir / SUITE_FILE).is_file():
+        try:
+            stored = read_manifest(suite_dir).get("spec", {})
+        except ValueError as error:  # which suite the folder holds is unknown: nothing is removed
+            raise bad_input(f"{error}; delete it (this command writes it again), or choose "
+                            f"another --out") from None
         changed = [key for key, value in spec.to_dict().items()
                    if key not in ("source", "command") and stored.get(key) != json.loads(json.dumps(value))]
         if changed and overwrite:
@@ -318,6 +373,19 @@ def _prepare_suite_dir(suite_dir: Path, spec: ProbeSuite, cells: list, *, resume
     elif held and not resume:
         raise bad_input(f"{suite_dir} already holds runs of this suite ({held[0].name}, ...): --resume "
                         f"continues them, --overwrite replaces them, or choose another --out")
+
+
+def _say_which_runs_start_over(suite_dir: Path, cells: list) -> None:
+    """Interrupted runs without a checkpoint (killed before their first one) train again from
+    step 1: say so, since their records so far are dropped."""
+    from loopdiag.run.launch import finished
+    from loopdiag.store._files import CHECKPOINT_FILE, CONFIG_FILE
+
+    again = [cell.run_id for cell in cells if (suite_dir / cell.run_id / CONFIG_FILE).is_file()
+             and not finished(suite_dir / cell.run_id) and not (suite_dir / cell.run_id / CHECKPOINT_FILE).is_file()]
+    if again:
+        console.print(f"no checkpoint to resume from, so trained again from step 1: {', '.join(again)}",
+                      highlight=False, soft_wrap=True)
 
 
 def _check_writable(suite_dir: Path) -> None:
@@ -350,6 +418,14 @@ def _store(path: Path) -> Path:
     return inner if inner.is_dir() and not (path / SUITE_FILE).is_file() else path
 
 
+def _report_folder(given: Path, store: Path) -> Path:
+    """Where `report` writes by default: the report folder given, or the one around the
+    runs/ given (as `loopdiag run` lays them out), else reports/<suite folder's name>."""
+    if store != given:
+        return given
+    return store.parent if store.name == RUNS_FOLDER else Path("reports") / given.name
+
+
 @app.command()
 def analyze(
     path: Annotated[Path, typer.Argument(help="A run folder, a suite folder or a report folder.")],
@@ -367,7 +443,7 @@ def analyze(
     from loopdiag.analysis.analyzer import EXPLAINED, reference_text, replayed_verdict
     from loopdiag.store import is_run_dir, load_run, load_suite
 
-    given = _given_reference(expected_loss, reference)
+    given = _given_reference(expected_loss, reference, path)
     path = _store(path)
     try:
         if is_run_dir(path):
@@ -392,9 +468,10 @@ def analyze(
     console.print(stability_table(table))
 
 
-def _given_reference(expected_loss: float | None, reference: Path | None) -> dict[str, object] | None:
-    """The reference `analyze` was given (`{"expected_loss": ..., "run": ...}`), checked;
-    None when neither option was."""
+def _given_reference(expected_loss: float | None, reference: Path | None,
+                     judged: Path) -> dict[str, object] | None:
+    """The reference `analyze` was given to judge the run at `judged` by (`{"expected_loss":
+    ..., "run": ...}`), checked; None when neither option was."""
     from loopdiag.detect.symptoms import validate_loss
     from loopdiag.store import is_run_dir
     from loopdiag.store.reference import finished_final_loss
@@ -411,6 +488,9 @@ def _given_reference(expected_loss: float | None, reference: Path | None) -> dic
         return None
     if not is_run_dir(reference):
         raise bad_input(f"--reference {reference} is not a run folder")
+    if reference.resolve() == judged.resolve():  # judged against itself, any run would end level
+        raise bad_input(f"--reference {reference} is the run being judged; give another run (the "
+                        "same model with one loop, a baseline)")
     loss = finished_final_loss(reference)
     if loss is None:
         raise bad_input(f"--reference {reference} has no final loss to judge against: it did not "
@@ -422,7 +502,8 @@ def _given_reference(expected_loss: float | None, reference: Path | None) -> dic
 def report(
     suite: Annotated[Path, typer.Argument(help="A report folder (with runs/) or a suite folder.")],
     out: Annotated[Path | None, typer.Option(help="Report folder. Default: the report folder given, "
-                                                   "else reports/<suite name>.")] = None,
+                                                   "or the one holding the runs/ given; else "
+                                                   "reports/<suite folder name>.")] = None,
     jobs: Annotated[int, typer.Option(help="Processes building missing columnar copies of the runs' "
                                            "records, and drawing the figures (two at most); 0: one "
                                            "per CPU core (at most 8).")] = 0,
@@ -437,11 +518,14 @@ def report(
     if jobs < 0:
         raise bad_input(f"--jobs must be >= 0, got {jobs}")
     store = _store(suite)
-    out = out or (suite if store != suite else Path("reports") / suite.name)
+    out = out or _report_folder(suite, store)
     jobs = jobs or min(8, len(os.sched_getaffinity(0)))
     with _failed_writes_end_command(out, f"loopdiag report {shlex.quote(str(suite))}"):
         if store.is_dir():
-            build_copies(store, jobs)
+            try:
+                build_copies(store, jobs)
+            except ValueError as error:  # a corrupt suite.json
+                raise bad_input(str(error)) from None
         if rejudge:
             _rejudge(store)
         _write_report(store, out, svg, jobs)
@@ -593,7 +677,8 @@ def dashboard(
         help="Save the workspace to W&B and print its URL (after `wandb login`).")] = False,
     out: Annotated[Path | None, typer.Option(
         help="Offline: the report folder to write wandb-workspace.json in. Default: the report "
-             "folder given, else reports/<suite name>.")] = None,
+             "folder given, or the one holding the suite folder given; for a suite name or "
+             "file, reports/<suite name>.")] = None,
     entity: Annotated[str | None, typer.Option(
         help="W&B entity. Default: your default entity online, a placeholder offline.")] = None,
     project: Annotated[str, typer.Option(help="W&B project the runs were logged to.")] = "loopdiag",
@@ -602,14 +687,14 @@ def dashboard(
     token correlation and gradient (one line per loop), gradient oscillation, the stability
     table and the alerts. Offline (the default) it writes the workspace definition to
     <report folder>/wandb-workspace.json; --online saves it to W&B and prints its URL."""
-    from loopdiag.store._files import SUITE_FILE
+    from loopdiag.store._files import SUITE_FILE, read_manifest
 
     try:
         if Path(suite).is_dir():
             store = _store(Path(suite))
             if not (store / SUITE_FILE).is_file():
                 raise ValueError(f"{suite} is not a report or suite folder: no {SUITE_FILE}")
-            spec = json.loads((store / SUITE_FILE).read_text())["spec"]
+            spec = read_manifest(store)["spec"]
             name, max_loops = spec["name"], max(spec["loops"])
             folder = Path(suite) if store != Path(suite) else store.parent
         else:

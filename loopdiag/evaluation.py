@@ -63,8 +63,12 @@ def loop_scaling(run_dir: str | Path, eval_loops: list[int], *, examples: int = 
     run = load_run(run_dir)
     checkpoint = run_dir / CHECKPOINT_FILE
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"{run_dir} has no {CHECKPOINT_FILE} to evaluate "
-                                "(a run that diverged keeps none)")
+        status = (run.summary or {}).get("status")
+        why = {"diverged": "a run that diverged keeps none",
+               "interrupted": "it was stopped before its first checkpoint; `loopdiag run --resume` trains it again",
+               None: "it has no summary: still training, or killed before its first checkpoint"}
+        raise FileNotFoundError(f"{run_dir} has no {CHECKPOINT_FILE} to evaluate"
+                                f"{f' ({why[status]})' if status in why else ''}")
     cell = run.config["cell"]
     model_config = ModelConfig.from_dict(run.config["model"])
     model = build_model(cell["arch"], model_config)
@@ -117,7 +121,8 @@ def _run_data(described: dict[str, Any], corpus_files: list[str | Path] | None):
     elif described["source"] == EMBEDDED_CORPUS:
         corpus = load_corpus(None)
     else:
-        files = described["source"].split(", ")
+        # `files` is exact; runs recorded before it have only the joined `source`
+        files = described.get("files") or described["source"].split(", ")
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
             raise FileNotFoundError(f"the run's corpus file {missing[0]} is gone; pass the text "

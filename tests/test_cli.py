@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -10,15 +11,18 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from run_files import write_run
 from typer.testing import CliRunner
 from wandb_files import read_run, read_table
 
 from loopdiag.cli import app
-from loopdiag.store import load_suite
+from loopdiag.store import load_suite, write_suite_manifest
 
 runner = CliRunner()
 COMMITTED_REPORT = Path(__file__).resolve().parents[1] / "reports" / "flt-stability-task"  # runs/ has metrics
@@ -203,6 +207,17 @@ def test_analyze_judges_a_stored_run_again_against_a_reference_given_after_train
     assert (behind / "summary.json").read_text() == stored
 
 
+@pytest.mark.torchless
+def test_a_whole_expected_loss_is_not_printed_as_a_number_cut_off(tmp_path):
+    from run_files import write_run
+
+    # no loss recorded, so no smoothed loss follows the number: "of 2." would end the line
+    run = write_run(tmp_path / "run", [{"step": step, "grad_norm": 1.0} for step in range(1, 21)], {})
+    result = runner.invoke(app, ["analyze", str(run), "--expected-loss", "2.0"])
+    assert result.exit_code == 0, result.output
+    assert "Judged against an expected loss of 2.0." in result.output
+
+
 def test_a_run_that_solved_the_task_is_not_behind_a_reference_that_solved_it_too():
     # Two-digit addition, final smoothed losses: flt-res seed 0 solved it (0.0135 nats), and
     # so did flt-res seed 1 (0.0297, 2.2x that); flt seed 1 stayed on a plateau at 1.53
@@ -225,12 +240,14 @@ def test_a_run_that_solved_the_task_is_not_behind_a_reference_that_solved_it_too
     (["--expected-loss", "2", "--reference", "RUN"], "not both"),
     (["--reference", "NOT_A_RUN"], "is not a run folder"),
     (["--reference", "UNFINISHED"], "did not finish"),
+    (["--reference", "ITSELF"], "is the run being judged; give another run"),
 ])
 def test_analyze_refuses_a_reference_it_cannot_judge_by(tmp_path, options, message):
     baseline = DETECTION_RUNS / "standard-k04-lr3e-3-s67"
     if "UNFINISHED" in options:  # records, but no summary: still training, or killed
         shutil.copytree(baseline, tmp_path / "unfinished", ignore=shutil.ignore_patterns("summary.json"))
-    paths = {"RUN": baseline, "NOT_A_RUN": tmp_path, "UNFINISHED": tmp_path / "unfinished"}
+    paths = {"RUN": baseline, "NOT_A_RUN": tmp_path, "UNFINISHED": tmp_path / "unfinished",
+             "ITSELF": DETECTION_RUNS / ".." / "runs" / "flt-k04-lr3e-3-s67"}  # spelled otherwise
     options = [str(paths.get(option, option)) for option in options]
     result = runner.invoke(app, ["analyze", str(DETECTION_RUNS / "flt-k04-lr3e-3-s67"), *options])
     assert result.exit_code == 2 and message in result.output, result.output
@@ -241,6 +258,87 @@ def test_analyze_refuses_a_reference_it_cannot_judge_by(tmp_path, options, messa
 def test_analyze_gives_a_reference_to_one_run_only():
     result = runner.invoke(app, ["analyze", str(COMMITTED_REPORT), "--expected-loss", "2"])
     assert result.exit_code == 2 and "judge one run" in result.output
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(["report", "COPY"], marks=pytest.mark.torchless),
+    pytest.param(["report", "COPY", "--rejudge"], marks=pytest.mark.torchless),
+    pytest.param(["analyze", "COPY"], marks=pytest.mark.torchless),
+    pytest.param(["compare", "COPY", "COPY"], marks=pytest.mark.torchless),
+    pytest.param(["dashboard", "COPY"], marks=pytest.mark.torchless),
+    ["eval", "COPY"],
+    ["run", "--quick", "--wandb", "off", "--out", "COPY", "--resume"],
+], ids=["report", "rejudge", "analyze", "compare", "dashboard", "eval", "run-resume"])
+def test_a_corrupt_suite_json_is_named_in_one_line(tmp_path, args):
+    copy = tmp_path / "copy"
+    shutil.copytree(COMMITTED_REPORT, copy)
+    (copy / "runs" / "suite.json").write_text('{"x":\n')
+    result = runner.invoke(app, [str(copy) if arg == "COPY" else arg for arg in args])
+    assert result.exit_code == 2, result.output
+    assert f"error: {copy / 'runs' / 'suite.json'}: not valid JSON (Expecting value: line 2" in result.output
+    assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
+
+
+@pytest.mark.torchless
+def test_a_run_with_a_corrupt_config_is_skipped_with_one_warning_line(tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(COMMITTED_REPORT, copy)
+    config = copy / "runs" / "flt-k04-s1" / "config.json"
+    config.write_text('{"x":')
+    shown = warnings.showwarning
+    result = runner.invoke(app, ["analyze", str(copy)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == (f"warning: {config}: not valid JSON (Expecting value: line 1 column 6 (char 5)); "
+                        f"run 'flt-k04-s1' skipped")
+    assert "looped" in result.output and "flt-k04-s1" not in "".join(lines[1:])
+    assert "RunStoreWarning" not in result.output and "load_suite" not in result.output  # no source line
+    assert warnings.showwarning is shown  # Python's own display again after the command
+    result = runner.invoke(app, ["report", str(copy), "--out", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    assert "flt-k04-s0" in (tmp_path / "again" / "table.csv").read_text()
+    assert "flt-k04-s1" not in (tmp_path / "again" / "table.csv").read_text()
+    result = runner.invoke(app, ["analyze", str(config.parent)])  # the run itself cannot be judged
+    assert result.exit_code == 2 and f"error: {config}: not valid JSON" in result.output
+
+
+@pytest.mark.torchless
+def test_report_given_a_run_store_writes_to_the_report_folder_around_it(tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(COMMITTED_REPORT / "runs", copy / "runs")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["report", str(copy / "runs")])
+    assert result.exit_code == 0, result.output
+    assert (copy / "report.md").is_file() and (copy / "table.csv").is_file()
+    assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.torchless
+def test_compare_a_folder_with_itself():
+    # One name for both sides: the columns are named a and b instead.
+    result = runner.invoke(app, ["compare", str(COMMITTED_REPORT), str(COMMITTED_REPORT)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].split()[3:] == ["runs", "a", "stable", "a", "final_loss", "a", "runs",
+                                                         "b", "stable", "b", "final_loss", "b", "b", "-", "a"]
+    run = COMMITTED_REPORT / "runs" / "flt-k04-s0"
+    result = runner.invoke(app, ["compare", str(run), str(run)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].split() == ["metric", "a", "b", "b", "-", "a"]
+
+
+@pytest.mark.torchless
+def test_a_run_made_outside_a_suite_is_explained_without_what_it_lacks(tmp_path):
+    # The Python API's run: no cell, so no architecture, loop count or seed known.
+    records = [{"step": step, "loss": 3.0 / step} for step in range(1, 5)] + [{"step": 5, "loss": math.nan}]
+    write_run(tmp_path / "lr0", records, {}, summary={"status": "diverged", "step": 5, "signal": "non_finite"})
+    write_run(tmp_path / "lr1", records[:4], {}, summary={"status": "stable"})
+    result = runner.invoke(app, ["analyze", str(tmp_path / "lr0")])
+    assert result.exit_code == 0, result.output
+    assert "lr0 diverged at step 5 (signal: non_finite)." in result.output and "None" not in result.output
+    result = runner.invoke(app, ["compare", str(tmp_path / "lr0"), str(tmp_path / "lr1")])
+    assert result.exit_code == 0, result.output
+    metrics = [line.split()[0] for line in result.output.splitlines()[1:]]
+    assert metrics[:3] == ["run_id", "status", "mechanism"]  # no arch, n_loops, lr or seed rows
 
 
 @pytest.mark.torchless
@@ -305,6 +403,18 @@ def test_eval_finds_a_moved_corpus_by_a_quoted_glob(tmp_path):
     result = runner.invoke(app, ["eval", str(run_dir), "--loops", "1,2", "--data", str(moved / "*.txt")])
     assert result.exit_code == 0, result.output
     assert pd.read_csv(run_dir / "loop_scaling.csv")["eval_loops"].tolist() == [1, 2]
+
+
+def test_a_data_file_whose_name_holds_a_comma_is_read_back(tmp_path):
+    text = tmp_path / "notes, v2.txt"
+    text.write_text("the loop returns, the weights are tied.\n" * 200)
+    out = tmp_path / "out"
+    result = runner.invoke(app, [*QUICK, "--loops", "2", "--arch", "looped", "--steps", "2", "--data", str(text),
+                                 "--out", str(out), "--wandb", "off"])
+    assert result.exit_code == 0, result.output
+    (out / "runs" / "looped-k02-s0" / "loop_scaling.csv").unlink()
+    result = runner.invoke(app, ["eval", str(out / "runs" / "looped-k02-s0"), "--loops", "1,2"])
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("count", [2, 3])
@@ -546,6 +656,29 @@ def test_bad_shards_are_refused(tmp_path, shard):
     assert result.exit_code == 2 and "--shard must be i/n" in result.output
 
 
+def test_a_shard_without_runs_is_done_and_only_names_its_shard(tmp_path):
+    args = [*QUICK, "--wandb", "off", "--arch", "looped", "--loops", "4", "--out", str(tmp_path / "out")]
+    # more shards than the suite's 2 runs: a job array's spare task must not fail
+    result = runner.invoke(app, [*args, "--shard", "3/4"])
+    assert result.exit_code == 0 and "shard 3/4 has no runs (default-quick has 2): nothing to train" in result.output
+    assert not (tmp_path / "out").exists()
+    result = runner.invoke(app, [*args, "--shard", "1/2", "--only", "loops=1"])
+    assert result.exit_code == 2
+    assert "--only loops=1 matches none of shard 1/2 of the suite's runs" in result.output.replace("\n", "")
+
+
+@pytest.mark.parametrize(("out", "what"), [("report/runs", "a run store (it holds suite.json)"),
+                                           ("report/runs/flt-k01-s0", "a run folder")], ids=["store", "run"])
+def test_run_refuses_an_out_inside_a_report_folder(tmp_path, out, what):
+    write_suite_manifest(tmp_path / "report" / "runs", {"name": "mine"}, {"flt-k01-s0": {"arch": "flt"}})
+    write_run(tmp_path / "report" / "runs" / "flt-k01-s0", [{"step": 1, "loss": 2.0}], {})
+    result = runner.invoke(app, [*QUICK, "--wandb", "off", "--resume", "--out", str(tmp_path / out)])
+    assert result.exit_code == 2
+    assert (f"--out {tmp_path / out} is {what}, not a report folder" in result.output.replace("\n", "")
+            and f"pass its report folder: --out {tmp_path / 'report'}" in result.output.replace("\n", ""))
+    assert sorted(path.name for path in (tmp_path / "report" / "runs").iterdir()) == ["flt-k01-s0", "suite.json"]
+
+
 @pytest.mark.processes
 def test_killing_the_command_interrupts_its_workers_runs(tmp_path):
     """Workers must not outlive a killed `loopdiag run`: their runs end "interrupted", ready
@@ -572,6 +705,38 @@ def test_killing_the_command_interrupts_its_workers_runs(tmp_path):
     sizes = [(run / "metrics.jsonl").stat().st_size for run in runs]
     time.sleep(1.0)
     assert sizes == [(run / "metrics.jsonl").stat().st_size for run in runs]  # nobody trains on
+
+
+@pytest.mark.processes
+def test_a_terminated_run_keeps_a_checkpoint_and_resume_ends_as_an_uninterrupted_one(tmp_path):
+    suite = tmp_path / "long.toml"
+    suite.write_text('archs = ["looped"]\nloops = [2]\nsteps = 400\n[model]\npreset = "tiny"\n')
+    common = [sys.executable, "-m", "loopdiag", "run", str(suite), "--jobs", "1", "--wandb", "off"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out, run = tmp_path / "out", tmp_path / "out" / "runs" / "looped-k02-s0"
+    command = subprocess.Popen([*common, "--out", str(out)], env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.1)
+    time.sleep(1.0)  # some steps in
+    command.send_signal(signal.SIGTERM)
+    output = " ".join(command.communicate(timeout=120)[0].split())
+    assert command.returncode == 130, output
+    assert "interrupted: the runs under way keep their records and checkpoints" in output
+    assert re.search(f"from its checkpoint: loopdiag run .* --out {out} .*--resume", output), output
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < stopped_at < 400 and json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == stopped_at
+
+    resumed = subprocess.run([*common, "--out", str(out), "--resume"], env=environment, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "trained again from step 1" not in resumed.stdout
+    straight = subprocess.run([*common, "--out", str(tmp_path / "straight")], env=environment, capture_output=True,
+                              text=True)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    assert (run / "metrics.jsonl").read_text() == (tmp_path / "straight" / "runs" / "looped-k02-s0" /
+                                                   "metrics.jsonl").read_text()
 
 
 def test_only_trains_part_of_a_suite_and_resume_finishes_it(tmp_path):

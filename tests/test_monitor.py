@@ -121,6 +121,67 @@ def test_a_session_summary_names_the_reference_it_was_judged_against(tmp_path):
                    {"reference": suite_reference})["reference"] == suite_reference
 
 
+LOSS_DETECTORS = ["behind_reference", "collapse_plateau", "failed_to_train", "loss_rise", "loss_spike",
+                  "slow_divergence"]
+
+
+def readme_session(*, loss: bool = True, after_backward: bool = True, lr: bool = True):
+    """The README's session loop for 30 steps, less what a new user may leave out: (the
+    session, the monitor's own lines)."""
+    torch.manual_seed(0)
+    model = TiedEncoder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randint(0, 32, (4, 8))
+    lines: list[Event] = []
+    monitor = loopdiag.Monitor(sinks=[loopdiag.CallbackSink(lines.append)])
+    with loopdiag.RunSession(model, loop_module="shared_block", monitor=monitor) as run:
+        for step in range(1, 31):
+            value = nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
+            value.backward()
+            if after_backward:
+                run.after_backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            run.step(step, loss=value if loss else None, **({"lr": 0.1} if lr else {}))
+    return run, [line for line in lines if line.detector == "monitor"]
+
+
+def test_a_session_with_every_statistic_has_nothing_not_judged():
+    run, notes = readme_session()
+    assert notes == [] and run.summary["not_judged"] == []
+
+
+def test_a_session_that_records_no_loss_names_every_detector_that_reads_it():
+    run, (note,) = readme_session(loss=False)
+    assert note.message.startswith("Not judged on this run, its records carrying no loss: ")
+    assert all(name in note.message for name in LOSS_DETECTORS)
+    # the loop statistics still judge it, and its stable verdict names what they could not
+    assert run.summary["status"] == "stable" and run.summary["not_judged"] == LOSS_DETECTORS
+
+
+def test_a_session_without_gradient_statistics_names_the_detectors_that_read_them():
+    run, (note,) = readme_session(after_backward=False)
+    assert "no grad_cos or gnorm_autocorr: gradient_oscillation" in note.message
+    assert "no update_ratio: update_size" in note.message
+    assert run.summary["not_judged"] == ["gradient_oscillation", "update_size"]  # the loss serves non_finite
+
+
+def test_records_with_nothing_any_detector_reads_say_that_nothing_is_judged():
+    lines = []
+    monitor = loopdiag.Monitor(sinks=[loopdiag.CallbackSink(lines.append)])
+    for step in range(1, 20):
+        monitor.update({"step": step, "lr": 0.1})
+    (note,) = lines
+    assert note.message.startswith("Nothing on this run is judged")
+    assert set(monitor.not_judged()) == {detector.name for detector in monitor.detectors}
+
+
+def test_a_session_step_may_leave_out_the_learning_rate():
+    run, notes = readme_session(lr=False)
+    assert run.records and not any("lr" in record for record in run.records)
+    assert notes == [] and run.summary["not_judged"] == []  # no detector reads it
+
+
 def test_an_unknown_attach_option_is_refused_before_training():
     with pytest.raises(TypeError, match="unknown option.*log_evry"):
         loopdiag.RunSession(TiedEncoder(), log_evry=2)

@@ -380,3 +380,32 @@ def test_suite_without_manifest_scans_run_folders(tmp_path):
 def test_suite_manifest_rejects_run_ids_that_are_not_folder_names(tmp_path):
     with pytest.raises(ValueError, match="plain folder name"):
         write_suite_manifest(tmp_path, {}, {"../escape": {}})
+
+
+def test_a_run_with_a_corrupt_config_is_skipped_and_named(tmp_path):
+    write_suite_manifest(tmp_path, {"name": "ladder"}, CELLS)
+    for run_id in CELLS:
+        write_steps(tmp_path / run_id, range(1, 3), {"status": "stable"})
+    (tmp_path / "looped-k3-s1" / "config.json").write_text('{"x":')  # a disk's damage, a bad edit
+    with pytest.raises(ValueError, match=r"looped-k3-s1/config\.json: not valid JSON \(Expecting value"):
+        load_run(tmp_path / "looped-k3-s1")
+    with pytest.warns(RunStoreWarning, match=r"config\.json: not valid JSON .*; run 'looped-k3-s1' skipped"):
+        suite = load_suite(tmp_path)
+    assert list(suite.runs) == ["flt-k3-s0"] and suite.run_table["run_id"].tolist() == ["flt-k3-s0"]
+    (tmp_path / "suite.json").unlink()  # found by scanning the folder: skipped alike
+    with pytest.warns(RunStoreWarning, match="run 'looped-k3-s1' skipped"):
+        assert list(load_suite(tmp_path).runs) == ["flt-k3-s0"]
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    ('{"x":', r"suite\.json: not valid JSON \(Expecting value: line 1 column 6"),
+    ("[1, 2]", r"suite\.json: not a JSON object"),
+    ('{"runs": [{"cell": {}}]}', r"suite\.json: 'runs' is not a list of runs, each with a 'run_id'"),
+], ids=["torn", "list", "no-run-ids"])
+def test_a_corrupt_suite_manifest_is_named(tmp_path, manifest, message):
+    write_steps(tmp_path / "flt-k3-s0", range(1, 3))
+    (tmp_path / "suite.json").write_text(manifest)
+    with pytest.raises(ValueError, match=message):
+        load_suite(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        loopdiag.store.build_columnar(tmp_path)

@@ -128,6 +128,8 @@ BAD = [
     ('[train]\nparallel = "zero3"', "train: TrainConfig.parallel must be one of"),
     ('[data]\ntask = "sorting"', "data.task: unknown task 'sorting'"),
     ('[data]\ntask = "addition"\nhops = 3', "data.hops: unknown key"),
+    ('[data]\ntask = "addition"\nn_digits = "x"', "data: n_digits must be an int >= 1, got 'x'"),
+    ('[data]\ntask = "pointer-chasing"\nhops = 2.5', "data: hops must be an int >= 1 or a list of them, got 2.5"),
     ('[data]\ntask = "pointer-chasing"\nn_nodes = 26',
      "data.task: pointer-chasing examples are 81 tokens, longer than model.seq_len=64"),
     ('[data]\nfile = "x.txt"', "data.file: unknown key"),

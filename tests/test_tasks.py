@@ -183,6 +183,19 @@ def test_bad_task_parameters(make):
         make()
 
 
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: AdditionTask("3"), "n_digits must be an int >= 1, got '3'"),
+    (lambda: AdditionTask(True), "n_digits must be an int >= 1, got True"),
+    (lambda: PointerChasingTask(8.0), "n_nodes must be an int in [2, 26], got 8.0"),
+    (lambda: PointerChasingTask(8, "3"), "hops must be an int >= 1 or a list of them, got '3'"),
+], ids=["add-str", "add-bool", "ptr-float-nodes", "ptr-str-hops"])
+def test_task_parameters_of_another_type_are_named_with_the_type(make, message):
+    # a suite file's value reaches the task as TOML gave it
+    with pytest.raises(ValueError) as raised:
+        make()
+    assert str(raised.value) == message
+
+
 def test_bad_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
         AdditionTask().batch(0, torch.Generator())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import stat
 
 import pytest
@@ -251,6 +252,63 @@ def test_resume_matches_uninterrupted_run(tmp_path, optimizer):
     assert resumed.final_val_loss == straight.final_val_loss and resumed.steps_done == 20
     for name, tensor in straight_model.state_dict().items():
         assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+
+
+class SignalAt(TrainCallback):
+    """Sends this process `signals` after the update of `step`, as a Ctrl-C or a kill would."""
+
+    def __init__(self, step: int, *signals: int) -> None:
+        self.step, self.signals, self.ended_as = step, signals, None
+
+    def after_step(self, state: TrainState) -> None:
+        if state.step == self.step:
+            for signum in self.signals:
+                os.kill(os.getpid(), signum)
+
+    def on_train_end(self, state: TrainState) -> None:
+        self.ended_as = state.stop_reason
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_ends_the_step_with_a_checkpoint_that_resumes_as_if_uninterrupted(tmp_path, signum):
+    straight_model = tiny_model()
+    straight = train(straight_model, next_token_batches, val_set(), config())
+    path, handler = tmp_path / "ckpt.pt", signal.getsignal(signum)
+    interrupt = SignalAt(7, signum)
+    with pytest.raises(KeyboardInterrupt, match="after step 7; checkpoint saved"):
+        train(tiny_model(), next_token_batches, val_set(), config(), callbacks=[interrupt], checkpoint_path=path)
+    assert interrupt.ended_as == f"interrupted ({signal.Signals(signum).name})"
+    assert torch.load(path, weights_only=True)["step"] == 7 and signal.getsignal(signum) is handler
+    resumed_model = tiny_model(seed=99)
+    resumed = train(resumed_model, next_token_batches, val_set(), config(), checkpoint_path=path, resume=True)
+    assert resumed.history == straight.history  # no evaluation was added at the stopping step
+    for name, tensor in straight_model.state_dict().items():
+        assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+
+
+def test_a_second_sigint_stops_at_once(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model(), next_token_batches, val_set(), config(), callbacks=[SignalAt(7, signal.SIGINT, signal.SIGINT)],
+              checkpoint_path=path, checkpoint_interval_s=None)
+    assert not path.exists()  # left inside step 7, before the step's end could save one
+
+
+class FailAt(TrainCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def after_step(self, state: TrainState) -> None:
+        if state.step == self.step:
+            raise RuntimeError("the machine went away")
+
+
+def test_a_crash_loses_at_most_the_checkpoint_interval(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(RuntimeError):
+        train(tiny_model(), next_token_batches, val_set(), config(), callbacks=[FailAt(5)], checkpoint_path=path,
+              checkpoint_interval_s=0.0)
+    assert torch.load(path, weights_only=True)["step"] == 4
 
 
 def test_resume_refuses_a_checkpoint_past_the_last_step(tmp_path):

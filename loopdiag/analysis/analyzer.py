@@ -202,7 +202,10 @@ def reference_text(run: RunData, judged: dict[str, Any]) -> str:
     source = f" (the final smoothed loss of run {reference['run']})" if reference.get("run") else ""
     ended = ("" if not isinstance(final, (int, float)) or not math.isfinite(final) or expected <= 0
              else f"; its smoothed loss ended at {_fmt(final)}, {100 * (final / expected - 1):+.1f} %")
-    text = f"Judged against an expected loss of {_fmt(expected)}{source}{ended}."
+    shown = _fmt(expected)
+    # a whole number keeps its ".0": "of 2." at a sentence's end reads as a number cut off
+    shown = f"{shown}.0" if shown.isdigit() else shown
+    text = f"Judged against an expected loss of {shown}{source}{ended}."
     floor = context_free_loss(run.config)
     overrides = run.config.get("detectors")
     thresholds = overrides.get("failed_to_train") if isinstance(overrides, dict) else None
@@ -239,8 +242,10 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
     # all it reads, not every column (val_loss tells a record of its own from a logged step)
     steps = run.steps_of((*LOSS_COLUMNS, "val_loss", "grad_cos"))
     cell = run_cell(run)
-    lr = "" if cell["lr"] is None else f", lr {cell['lr']:g}"
-    who = f"{run.run_id} ({cell['arch']}, K={cell['n_loops']}, seed {cell['seed']}{lr})"
+    # A run made with the Python API, outside a suite, may have none of these.
+    forms = {"arch": "{}", "n_loops": "K={}", "seed": "seed {}", "lr": "lr {:g}"}
+    known = [form.format(cell[key]) for key, form in forms.items() if cell[key] is not None]
+    who = f"{run.run_id} ({', '.join(known)})" if known else run.run_id
     status = judged.get("status")
     if status == "recovered":
         return " ".join(sentence for sentence in (

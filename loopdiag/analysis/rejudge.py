@@ -17,7 +17,16 @@ from typing import Any
 
 from loopdiag.detect import Event, default_detectors, replay, verdict
 from loopdiag.store import is_run_dir, read_records
-from loopdiag.store._files import EVENTS_FILE, SUITE_FILE, SUMMARY_FILE, replace_atomically, write_json_atomic
+from loopdiag.store._files import (
+    CONFIG_FILE,
+    EVENTS_FILE,
+    SUITE_FILE,
+    SUMMARY_FILE,
+    read_json_object,
+    read_manifest,
+    replace_atomically,
+    write_json_atomic,
+)
 from loopdiag.store.reference import context_free_loss, recorded_losses, reference_record
 
 
@@ -28,7 +37,7 @@ def rejudge_suite(suite_dir: str | Path,
     runs stay interrupted (the end-of-run judgements need an end)."""
     suite_dir = Path(suite_dir)
     try:
-        manifest = json.loads((suite_dir / SUITE_FILE).read_text(encoding="utf-8"))
+        manifest = read_manifest(suite_dir)
     except FileNotFoundError:
         raise FileNotFoundError(f"{suite_dir} is not a suite folder: it has no {SUITE_FILE}") from None
     statuses = {}
@@ -52,7 +61,7 @@ def rejudge_run(run_dir: Path, cell: dict[str, Any]) -> tuple[dict[str, Any], di
     records = read_records(run_dir)
     if not records:
         return old, None
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(run_dir / CONFIG_FILE)
     thresholds = config.get("detectors") if isinstance(config.get("detectors"), dict) else {}
     reference = reference_record(run_dir.parent, cell)
     finished = old.get("status") != "interrupted"

@@ -105,10 +105,14 @@ def compare_tables(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] = ("
     """Two single runs as one column each per metric (with b − a where numeric); or two
     suites cell by cell (arch, n_loops, lr): runs, fraction stable and mean final loss in
     each, and the difference of the means (b − a: negative means b reached a lower loss)."""
+    if names[0] == names[1]:  # one folder twice: its two columns still need two names
+        names = ("a", "b")
     if len(a) == 1 and len(b) == 1:
         rows = []
         for metric in ("run_id", "arch", "n_loops", "lr", "seed", *RUN_METRICS):
             left, right = a[metric].iloc[0], b[metric].iloc[0]
+            if metric in CELL_KEYS and pd.isna(left) and pd.isna(right):
+                continue  # runs made outside a suite: no cell to compare
             numeric = all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
                           for v in (left, right)) and metric not in ("n_loops", "seed")
             rows.append({"metric": metric, names[0]: left, names[1]: right,

@@ -34,11 +34,13 @@ class TokenCorpus:
     source: str  # EMBEDDED_CORPUS or the file paths, in reading order
     sha256: str  # of the raw bytes, so a run records exactly which text it saw
     n_bytes: int
+    files: tuple[str, ...] = ()  # the paths as read; `source` joins them for a reader, ambiguously
 
     def describe(self) -> dict:
         """Plain values for a run's config (no tensors)."""
         return {
             "source": self.source,
+            **({"files": list(self.files)} if self.files else {}),
             "sha256": self.sha256,
             "n_bytes": self.n_bytes,
             "n_train": len(self.train),
@@ -183,7 +185,8 @@ def load_corpus(
                 f"{source}: corpus too small: its {split_name} split holds {len(split)} of the "
                 f"text's {len(raw)} bytes; one training window needs {min_tokens}"
             )
-    return TokenCorpus(train, val, source, hashlib.sha256(raw).hexdigest(), len(raw))
+    files = () if paths is None else tuple(str(path) for path in path_list)
+    return TokenCorpus(train, val, source, hashlib.sha256(raw).hexdigest(), len(raw), files)
 
 
 def get_batch(

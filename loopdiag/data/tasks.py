@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from loopdiag.data.corpus import unigram_loss
+from loopdiag.detect.base import is_int
 
 IGNORE_INDEX = -1
 NODE_LETTERS = string.ascii_lowercase
@@ -90,8 +91,8 @@ class AdditionTask(SyntheticTask):
     n_digits: int = 3
 
     def __post_init__(self) -> None:
-        if self.n_digits < 1:
-            raise ValueError(f"n_digits must be at least 1, got {self.n_digits}")
+        if not is_int(self.n_digits) or self.n_digits < 1:
+            raise ValueError(f"n_digits must be an int >= 1, got {self.n_digits!r}")
 
     @property
     def name(self) -> str:
@@ -146,18 +147,18 @@ class PointerChasingTask(SyntheticTask):
     queries: int = 1
 
     def __post_init__(self) -> None:
-        if not 2 <= self.n_nodes <= len(NODE_LETTERS):
-            raise ValueError(f"n_nodes must be in [2, {len(NODE_LETTERS)}], got {self.n_nodes}")
-        if not isinstance(self.queries, int) or not 1 <= self.queries <= self.n_nodes:
+        if not is_int(self.n_nodes) or not 2 <= self.n_nodes <= len(NODE_LETTERS):
+            raise ValueError(f"n_nodes must be an int in [2, {len(NODE_LETTERS)}], got {self.n_nodes!r}")
+        if not is_int(self.queries) or not 1 <= self.queries <= self.n_nodes:
             raise ValueError(f"queries must be in [1, n_nodes={self.n_nodes}] (each asks from "
                              f"another start), got {self.queries!r}")
         if isinstance(self.hops, (list, tuple)):
             hops = tuple(self.hops)
-            if not hops or any(not isinstance(h, int) or not 1 <= h <= 9 for h in hops):
+            if not hops or any(not is_int(h) or not 1 <= h <= 9 for h in hops):
                 raise ValueError(f"a list of hops must hold hop counts in [1, 9], got {list(hops)}")
             object.__setattr__(self, "hops", hops)  # a TOML or JSON list becomes a tuple
-        elif not isinstance(self.hops, int) or self.hops < 1:
-            raise ValueError(f"hops must be at least 1, got {self.hops!r}")
+        elif not is_int(self.hops) or self.hops < 1:
+            raise ValueError(f"hops must be an int >= 1 or a list of them, got {self.hops!r}")
         if 2 * max(self.hop_choices) > self.n_nodes:
             raise ValueError(f"hops ({max(self.hop_choices)}) must be at most n_nodes / 2 "
                              f"({self.n_nodes // 2}), or walking backward is a shortcut")

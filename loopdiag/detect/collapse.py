@@ -104,6 +104,7 @@ class CollapsePlateau(Detector):
 
     name = "collapse_plateau"
     mechanism = "plateau"
+    reads = ("loss",)  # without residual norms it still warns
     config_class = CollapsePlateauConfig
     config: CollapsePlateauConfig
 

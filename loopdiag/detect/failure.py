@@ -85,6 +85,7 @@ class FailedToTrain(Detector):
     below it."""
 
     name = "failed_to_train"
+    reads = ("loss",)
     config_class = FailedToTrainConfig
     config: FailedToTrainConfig
 

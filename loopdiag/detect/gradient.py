@@ -84,6 +84,7 @@ class GradientOscillation(Detector):
     """
 
     name = "gradient_oscillation"
+    reads = ("grad_cos", "gnorm_autocorr")  # either one is judged
     config_class = GradientOscillationConfig
     config: GradientOscillationConfig
 

@@ -54,6 +54,7 @@ class NonFinite(Detector):
     """Non-finite loss or global gradient norm → critical, on the record it appears."""
 
     name = "non_finite"
+    reads = ("loss", "grad_norm")  # either one is judged
     config_class = NonFiniteConfig
 
     def _reset_state(self) -> None:
@@ -114,6 +115,7 @@ class LossSpike(Detector):
     """
 
     name = "loss_spike"
+    reads = ("loss",)
     config_class = LossSpikeConfig
     config: LossSpikeConfig
 
@@ -279,6 +281,7 @@ class LossRise(Detector):
     """
 
     name = "loss_rise"
+    reads = ("loss",)
     config_class = LossRiseConfig
     config: LossRiseConfig
 
@@ -370,6 +373,7 @@ class SlowDivergence(Detector):
 
     name = "slow_divergence"
     mechanism = "loss"
+    reads = ("loss",)
     config_class = SlowDivergenceConfig
     config: SlowDivergenceConfig
 

@@ -156,13 +156,22 @@ class Monitor:
                 and not self._keys_seen.intersection(detector.reads)}
 
     def _not_judged_event(self, record: Mapping[str, Any]) -> Event:
-        missing = sorted({key for keys in self.not_judged().values() for key in keys})
+        not_judged = self.not_judged()
+        by_missing: dict[tuple[str, ...], list[str]] = {}
+        for name, keys in not_judged.items():
+            by_missing.setdefault(keys, []).append(name)
+        missing = "; ".join(f"no {' or '.join(keys)}: {', '.join(names)}"
+                            for keys, names in by_missing.items())
         step = record.get("step")
+        # With every detector blind a verdict of stable says nothing: the line must say so.
+        if all(detector.name in not_judged for detector in self.detectors):
+            message = (f"Nothing on this run is judged: its records carry none of what the "
+                       f"detectors read ({missing}), so its verdict cannot tell a failed run "
+                       f"from a healthy one.")
+        else:
+            message = f"Not judged on this run, its records carrying {missing}; the other detectors apply."
         return Event(step=step if isinstance(step, int) else self._records, detector="monitor",
-                     severity="info", evidence={"not_judged": self.not_judged()},
-                     message=(f"Not judged on this run (its records carry no "
-                              f"{', '.join(missing)}): {', '.join(self.not_judged())}; "
-                              f"the other detectors apply."))
+                     severity="info", evidence={"not_judged": not_judged}, message=message)
 
     def _unreached_line_event(self, record: Mapping[str, Any]) -> Event:
         expected, context_free = self._unreached_line

@@ -148,12 +148,13 @@ def run_suite(suite: ProbeSuite, suite_dir: Path, *, jobs: int = 1, resume: bool
 def _job(spec: RunSpec, suite: ProbeSuite, suite_dir: Path, resume: bool, wandb_mode: str | None,
          threads: int | None) -> CellJob:
     run_dir = suite_dir / spec.run_id
-    finished = resume and _finished(run_dir)
-    return CellJob(spec, suite, run_dir, train=not finished, resume=resume, wandb_mode=wandb_mode,
+    done = resume and finished(run_dir)
+    return CellJob(spec, suite, run_dir, train=not done, resume=resume, wandb_mode=wandb_mode,
                    threads=threads)
 
 
-def _finished(run_dir: Path) -> bool:
+def finished(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run that ended (a verdict other than interrupted)."""
     summary = run_dir / SUMMARY_FILE
     return summary.is_file() and json.loads(summary.read_text()).get("status") != "interrupted"
 

@@ -136,9 +136,10 @@ class RunSession:
         """Take the gradient statistics: once per optimizer step, where the gradients are final."""
         self.recorder.after_backward()
 
-    def step(self, step: int, *, loss: Tensor | float | None, lr: float | None,
+    def step(self, step: int, *, loss: Tensor | float | None, lr: float | None = None,
              grad_norm: Tensor | float | None = None) -> Record | None:
-        """Close optimizer step `step`; on a logged step judge and write its record, and return it."""
+        """Close optimizer step `step`; on a logged step judge and write its record, and return it.
+        `lr` is only kept in the record (no default detector judges by it); None leaves it out."""
         record = self.recorder.end_step(step, loss=loss, lr=lr, grad_norm=grad_norm)
         if record is None:
             return None

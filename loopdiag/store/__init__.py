@@ -15,6 +15,9 @@
       checkpoint.pt   optional, written by the trainer at `RunWriter.checkpoint_path`
     <suite_dir>/suite.json + one run folder per cell
 
+A config.json or suite.json that holds no JSON object is a ValueError naming the file;
+`load_suite` skips a run whose config.json is such, with a `RunStoreWarning`.
+
 The files are append-only while training, so the analyzer may read a live run. NaN and
 ±Infinity are written as the bare tokens `NaN`, `Infinity`, `-Infinity` (Python's json
 default): they read back unchanged with Python's json and pandas here, and a non-finite

@@ -66,6 +66,30 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     replace_atomically(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object a file holds (config.json, suite.json); a ValueError naming the file
+    and what is wrong with it when it holds none. A missing file raises FileNotFoundError."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # UnicodeDecodeError included
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
+
+
+def read_manifest(suite_dir: Path) -> dict[str, Any]:
+    """A suite folder's `suite.json`, checked as far as readers rely on it: a list of runs,
+    each with a `run_id`."""
+    path = suite_dir / SUITE_FILE
+    manifest = read_json_object(path)
+    runs = manifest.get("runs")
+    if not (isinstance(runs, list) and all(isinstance(entry, dict) and isinstance(entry.get("run_id"), str)
+                                           for entry in runs)):
+        raise ValueError(f"{path}: 'runs' is not a list of runs, each with a 'run_id'")
+    return manifest
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Every line of a JSON-lines file that is an object with an int `step`.
 

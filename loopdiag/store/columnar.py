@@ -41,6 +41,7 @@ from loopdiag.store._files import (
     METRICS_FILE,
     SUITE_FILE,
     RunStoreWarning,
+    read_manifest,
     read_rows,
     replace_atomically,
 )
@@ -417,10 +418,8 @@ def run_dirs(suite_dir: str | Path) -> list[Path]:
     """The run folders of a suite folder: those `suite.json` lists, else every subfolder
     with a config.json."""
     suite_dir = Path(suite_dir)
-    manifest = suite_dir / SUITE_FILE
-    if manifest.is_file():
-        listed = [suite_dir / entry["run_id"] for entry in
-                  json.loads(manifest.read_text(encoding="utf-8")).get("runs", [])]
+    if (suite_dir / SUITE_FILE).is_file():
+        listed = [suite_dir / entry["run_id"] for entry in read_manifest(suite_dir)["runs"]]
     else:
         listed = sorted(suite_dir.iterdir()) if suite_dir.is_dir() else []
     return [path for path in listed if (path / CONFIG_FILE).is_file()]

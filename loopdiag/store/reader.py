@@ -20,6 +20,7 @@ from loopdiag.store._files import (
     METRICS_FILE,
     SUMMARY_FILE,
     RunStoreWarning,
+    read_json_object,
     read_rows,
 )
 from loopdiag.store.columnar import Columns, open_columns, records_from_table, table_columns
@@ -148,12 +149,13 @@ def is_run_dir(path: Path) -> bool:
 
 def load_run(run_dir: str | Path) -> RunData:
     """Load a run folder; unreadable lines are skipped with a `RunStoreWarning`, and a
-    missing, stale or corrupt columnar copy is rebuilt from `metrics.jsonl` with one."""
+    missing, stale or corrupt columnar copy is rebuilt from `metrics.jsonl` with one. A
+    corrupt config.json is a ValueError naming it."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         why = "it does not exist" if not run_dir.exists() else f"it has no {CONFIG_FILE}"
         raise FileNotFoundError(f"{run_dir} is not a run folder: {why}")
-    config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    config = read_json_object(run_dir / CONFIG_FILE)
     events = event_frame(read_rows(run_dir / EVENTS_FILE))
     return RunData(run_dir=run_dir, config=config, events=events,
                    summary=_read_summary(run_dir / SUMMARY_FILE), columns=open_columns(run_dir))

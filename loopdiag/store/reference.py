@@ -43,7 +43,7 @@ from typing import Any
 
 from loopdiag.detect.base import Ema, finite_scalar, is_int
 from loopdiag.detect.verdict import ONSET_EMA_SPAN
-from loopdiag.store._files import SUITE_FILE, SUMMARY_FILE
+from loopdiag.store._files import SUMMARY_FILE, read_manifest
 from loopdiag.store.reader import read_records
 
 
@@ -99,11 +99,11 @@ def reference_record(suite_dir: str | Path, cell: Mapping[str, Any]) -> dict[str
 
 def _best_finished(suite_dir: Path, accepts: Callable[[Mapping[str, Any]], bool]) -> tuple[str, float] | None:
     try:
-        manifest = json.loads((suite_dir / SUITE_FILE).read_text(encoding="utf-8"))
+        manifest = read_manifest(suite_dir)
     except (FileNotFoundError, ValueError):
         return None
     candidates = []
-    for entry in manifest.get("runs", []):
+    for entry in manifest["runs"]:
         if accepts(entry.get("cell", {})):
             loss = finished_final_loss(suite_dir / entry["run_id"])
             if loss is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from loopdiag.store._files import SUITE_FILE, RunStoreWarning, write_json_atomic
+from loopdiag.store._files import SUITE_FILE, RunStoreWarning, read_manifest, write_json_atomic
 from loopdiag.store.reader import RunData, event_frame, is_run_dir, load_run, metric_frames
 
 
@@ -80,24 +79,26 @@ def load_suite(suite_dir: str | Path) -> SuiteData:
 
     With `suite.json`, its runs in its order (listed runs missing on disk are skipped with a
     `RunStoreWarning`; unlisted folders are ignored). Without it, every subfolder holding a
-    `config.json`, by name, with cell keys from each config's top-level `cell` dict.
+    `config.json`, by name, with cell keys from each config's top-level `cell` dict. A run
+    whose config.json is corrupt is skipped with a `RunStoreWarning`; a corrupt suite.json
+    is a ValueError naming it.
     """
     suite_dir = Path(suite_dir)
     manifest_path = suite_dir / SUITE_FILE
     runs: dict[str, RunData] = {}
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = read_manifest(suite_dir)
         name = manifest.get("name", suite_dir.resolve().name)
         cells = {}
         for entry in manifest["runs"]:
             run_dir = suite_dir / entry["run_id"]
-            if is_run_dir(run_dir):
-                runs[run_dir.name] = load_run(run_dir)
-                cells[run_dir.name] = entry.get("cell", {})
-            else:
+            if not is_run_dir(run_dir):
                 warnings.warn(f"{manifest_path} lists run {entry['run_id']!r}, but {run_dir} is "
                               f"not a run folder (missing or unfinished); skipped",
                               RunStoreWarning, stacklevel=2)
+            elif (run := _load_or_skip(run_dir)) is not None:
+                runs[run_dir.name] = run
+                cells[run_dir.name] = entry.get("cell", {})
     else:
         if not suite_dir.exists():
             raise FileNotFoundError(f"{suite_dir}: no such folder")
@@ -106,8 +107,9 @@ def load_suite(suite_dir: str | Path) -> SuiteData:
                                     f"the folder above it")
         manifest, name = None, suite_dir.resolve().name
         if suite_dir.is_dir():
-            runs = {path.name: load_run(path) for path in sorted(suite_dir.iterdir())
-                    if is_run_dir(path)}
+            for path in sorted(suite_dir.iterdir()):
+                if is_run_dir(path) and (run := _load_or_skip(path)) is not None:
+                    runs[path.name] = run
         if not runs:
             raise FileNotFoundError(f"{suite_dir} is not a suite folder: no {SUITE_FILE} and "
                                     f"no run folders (subfolders with a config.json)")
@@ -130,6 +132,16 @@ def load_suite(suite_dir: str | Path) -> SuiteData:
     return SuiteData(suite_dir=suite_dir, name=name, manifest=manifest, runs=runs,
                      run_table=run_table, cell_columns=list(column_of.values()),
                      events=_stack(events, keys, event_frame([])))
+
+
+def _load_or_skip(run_dir: Path) -> RunData | None:
+    """The run; None, with a `RunStoreWarning`, when it cannot be read (a corrupt
+    config.json): one damaged run must not cost the rest of the suite."""
+    try:
+        return load_run(run_dir)
+    except ValueError as error:
+        warnings.warn(f"{error}; run {run_dir.name!r} skipped", RunStoreWarning, stacklevel=3)
+        return None
 
 
 def _stack(frames: list[pd.DataFrame], keys: pd.DataFrame, empty: pd.DataFrame) -> pd.DataFrame:

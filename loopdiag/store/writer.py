@@ -29,6 +29,7 @@ from loopdiag.store._files import (
     is_int,
     json_default,
     RunStoreWarning,
+    read_json_object,
     read_rows,
     replace_atomically,
     write_json_atomic,
@@ -263,7 +264,7 @@ class RunWriter:
         write_json_atomic(self.run_dir / CONFIG_FILE, {**config, RUN_INFO_KEY: run_info})
 
     def _reopen(self, config: dict[str, Any], resume_step: int | None) -> int | None:
-        stored = json.loads((self.run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        stored = read_json_object(self.run_dir / CONFIG_FILE)
         run_info = stored.pop(RUN_INFO_KEY, {})
         differences = _config_differences(stored, config)
         if differences:

@@ -27,10 +27,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -46,6 +49,8 @@ from loopdiag.train.config import TrainConfig
 from loopdiag.train.optim import build_optimizers, lr_multiplier, set_lr_multiplier
 
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
+# A crash or a kill loses at most this much training; a save costs well under a second.
+CHECKPOINT_INTERVAL_S = 300.0
 
 
 class TrainCallback:
@@ -89,12 +94,19 @@ class TrainResult:
 def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Batch],
           cfg: TrainConfig, *, callbacks: Sequence[TrainCallback] = (),
           checkpoint_path: str | Path | None = None, resume: bool = False,
-          on_progress: ProgressFn | None = None) -> TrainResult:
+          on_progress: ProgressFn | None = None,
+          checkpoint_interval_s: float | None = CHECKPOINT_INTERVAL_S) -> TrainResult:
     """Train `model` for `cfg.steps` updates; never raises on a non-finite loss.
 
     `resume=True` continues from `checkpoint_path` when that file exists (else starts
     fresh) and reproduces the uninterrupted run exactly on CPU. A run that diverges
     writes no final checkpoint, so the last periodic one stays usable.
+
+    With a `checkpoint_path`, one process (no torchrun) also checkpoints every
+    `checkpoint_interval_s` seconds of training (None: never), so a crash or a kill loses at
+    most that much; and a SIGINT or SIGTERM during training ends the step under way, saves a
+    checkpoint, closes the run as interrupted and raises KeyboardInterrupt. A second SIGINT
+    stops at once. The time-based checkpoints change nothing a resume reproduces.
     """
     start_time = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -139,74 +151,115 @@ def train(model: nn.Module, train_batches: BatchSource, val_batches: Sequence[Ba
     def agree_to_stop() -> None:
         state.should_stop, state.stop_reason = distributed.agree_to_stop(state.should_stop, state.stop_reason)
 
-    try:
-        # inside the try: an interrupt while callbacks start (a run store just opened) must
-        # still reach on_train_end, which closes the run as interrupted
-        fire("on_train_start")
-        agree_to_stop()
-        while state.step < cfg.steps and not state.should_stop:
-            state.lr_scale = lr_multiplier(state.step, cfg)
-            state.lr = cfg.lr * state.lr_scale
-            set_lr_multiplier(optimizers, state.lr_scale)
-            x, y = (t if rows is None else t[rows] for t in train_batches(generator))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            losses = []
-            for start in range(0, x.size(0), micro_rows):
-                part = slice(start, start + micro_rows)
-                with _gradient_sync(forward, last=start + micro_rows >= x.size(0)):
-                    with autocast():
-                        _, loss = forward(x[part], y[part], **loop_kwargs)
-                    (loss / cfg.grad_accum_steps).backward()
-                losses.append(loss.detach())
-            state.step += 1
-            state.loss, state.grad_norm = torch.stack(losses).mean(), None
-            fire("after_backward")
-            grad_norm = _clip_grad_norm(params, cfg.grad_clip)
-            # The one host sync per step: the divergence check must happen before the
-            # optimizer step (a NaN update poisons the weights), and history needs floats.
-            # The gradients (so grad_norm) are already the same on every rank; the loss is not.
-            loss_value, state.grad_norm = torch.stack(
-                [distributed.mean_over_ranks(state.loss.float()), grad_norm.float()]).tolist()
-            row = {"step": state.step, "train_loss": loss_value, "lr": state.lr,
-                   "grad_norm": state.grad_norm}
-            state.history.append(row)
-            if not (math.isfinite(loss_value) and math.isfinite(state.grad_norm)):
-                state.diverged_step = state.step
-                state.stop_reason = (f"non-finite loss or grad norm at step {state.step} "
-                                     f"(loss={loss_value}, grad_norm={state.grad_norm})")
-                model.zero_grad(set_to_none=True)
-                break
-            for optimizer in optimizers:
-                optimizer.step()
-            fire("after_step")
-            agree_to_stop()  # before eval_due, which depends on it
-            model.zero_grad(set_to_none=True)
-            last = state.step == cfg.steps or state.should_stop
-            if val_batches and eval_due(state):
-                state.val_loss = row["val_loss"] = (
-                    evaluate_batches(val_batches) if sharded
-                    else distributed.mean_in_shares(val_batches, evaluate_batches))
-                if sharded:
-                    model.reshard()  # the root keeps its gathered weights after a forward
-                fire("on_eval")
-            fire("on_step_end")
+    # Ranks would decide these apart, and a checkpoint is a collective under FSDP.
+    single = checkpoint_path is not None and world == 1
+    interval = checkpoint_interval_s if single else None
+    saved_at = time.perf_counter()
+    signals = _finish_step_on_signal() if single else contextlib.nullcontext([])
+    with signals as received:
+        try:
+            # inside the try: an interrupt while callbacks start (a run store just opened) must
+            # still reach on_train_end, which closes the run as interrupted
+            fire("on_train_start")
             agree_to_stop()
-            if on_progress is not None:
-                on_progress(state.step, cfg.steps, dict(row))
-            last = last or state.should_stop
-            if checkpoint_path is not None and (
-                    last or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)):
-                if distributed.is_main():
-                    fire("before_checkpoint")
-                # every rank: sharded weights are gathered for rank 0 to write
-                save_run_checkpoint(checkpoint_path, state, generator, write=distributed.is_main())
-    except BaseException as exc:
-        # Let recorders close their files and mark the run as interrupted, then re-raise.
-        state.stop_reason = f"interrupted ({type(exc).__name__})"
+            while state.step < cfg.steps and not state.should_stop:
+                state.lr_scale = lr_multiplier(state.step, cfg)
+                state.lr = cfg.lr * state.lr_scale
+                set_lr_multiplier(optimizers, state.lr_scale)
+                x, y = (t if rows is None else t[rows] for t in train_batches(generator))
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                losses = []
+                for start in range(0, x.size(0), micro_rows):
+                    part = slice(start, start + micro_rows)
+                    with _gradient_sync(forward, last=start + micro_rows >= x.size(0)):
+                        with autocast():
+                            _, loss = forward(x[part], y[part], **loop_kwargs)
+                        (loss / cfg.grad_accum_steps).backward()
+                    losses.append(loss.detach())
+                state.step += 1
+                state.loss, state.grad_norm = torch.stack(losses).mean(), None
+                fire("after_backward")
+                grad_norm = _clip_grad_norm(params, cfg.grad_clip)
+                # The one host sync per step: the divergence check must happen before the
+                # optimizer step (a NaN update poisons the weights), and history needs floats.
+                # The gradients (so grad_norm) are already the same on every rank; the loss is not.
+                loss_value, state.grad_norm = torch.stack(
+                    [distributed.mean_over_ranks(state.loss.float()), grad_norm.float()]).tolist()
+                row = {"step": state.step, "train_loss": loss_value, "lr": state.lr,
+                       "grad_norm": state.grad_norm}
+                state.history.append(row)
+                if not (math.isfinite(loss_value) and math.isfinite(state.grad_norm)):
+                    state.diverged_step = state.step
+                    state.stop_reason = (f"non-finite loss or grad norm at step {state.step} "
+                                         f"(loss={loss_value}, grad_norm={state.grad_norm})")
+                    model.zero_grad(set_to_none=True)
+                    break
+                for optimizer in optimizers:
+                    optimizer.step()
+                fire("after_step")
+                agree_to_stop()  # before eval_due, which depends on it
+                model.zero_grad(set_to_none=True)
+                last = state.step == cfg.steps or state.should_stop
+                if val_batches and eval_due(state):
+                    state.val_loss = row["val_loss"] = (
+                        evaluate_batches(val_batches) if sharded
+                        else distributed.mean_in_shares(val_batches, evaluate_batches))
+                    if sharded:
+                        model.reshard()  # the root keeps its gathered weights after a forward
+                    fire("on_eval")
+                fire("on_step_end")
+                agree_to_stop()
+                if on_progress is not None:
+                    on_progress(state.step, cfg.steps, dict(row))
+                last = last or state.should_stop
+                interrupted = bool(received)  # read once: a signal may land while saving
+                if checkpoint_path is not None and (
+                        last or interrupted or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)
+                        or (interval is not None and time.perf_counter() - saved_at >= interval)):
+                    if distributed.is_main():
+                        fire("before_checkpoint")
+                    # every rank: sharded weights are gathered for rank 0 to write
+                    save_run_checkpoint(checkpoint_path, state, generator, write=distributed.is_main())
+                    saved_at = time.perf_counter()
+                if interrupted:
+                    state.stop_reason = f"interrupted ({received[0]})"
+                    break
+        except BaseException as exc:
+            # Let recorders close their files and mark the run as interrupted, then re-raise.
+            state.stop_reason = f"interrupted ({type(exc).__name__})"
+            fire("on_train_end")
+            raise
         fire("on_train_end")
-        raise
-    fire("on_train_end")
+    if received:
+        raise KeyboardInterrupt(f"{received[0]} after step {state.step}; checkpoint saved")
     return _result(state, time.perf_counter() - start_time)
+
+
+@contextlib.contextmanager
+def _finish_step_on_signal() -> Iterator[list[str]]:
+    """While training: SIGINT and SIGTERM only note their name in the list yielded, so the
+    loop ends its step and saves a checkpoint; a second SIGINT raises KeyboardInterrupt at
+    once. A signal the process ignores (SIGINT in a shell's background job) stays ignored."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield received
+        return
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and "SIGINT" in received:
+            signal.default_int_handler(signum, frame)
+        received.append(signal.Signals(signum).name)
+
+    # None: a handler set outside Python, which could not be put back
+    previous = {number: handler for number in (signal.SIGINT, signal.SIGTERM)
+                if (handler := signal.getsignal(number)) not in (signal.SIG_IGN, None)}
+    for number in previous:
+        signal.signal(number, note)
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def eval_due(state: TrainState) -> bool:
