@@ -440,7 +440,7 @@ def analyze(
 ) -> None:
     """Verdicts from a run store: one run explained, or a suite's table."""
     from loopdiag.analysis import explain, run_verdict, suite_table
-    from loopdiag.analysis.analyzer import EXPLAINED, reference_text, replayed_verdict
+    from loopdiag.analysis.analyzer import EXPLAINED, not_judged_text, reference_text, replayed_verdict
     from loopdiag.store import is_run_dir, load_run, load_suite
 
     given = _given_reference(expected_loss, reference, path)
@@ -452,6 +452,9 @@ def analyze(
             note = (" (judged again from the store; the stored verdict is unchanged)" if given
                     else " (recomputed from the store)" if judged.get("recomputed") else "")
             console.print(f"[bold]{run.run_id}[/]: {judged['status']}{note}")
+            blind = not_judged_text(judged)
+            if blind:  # a verdict read from fewer statistics than the detectors use
+                console.print(blind, soft_wrap=True, highlight=False)
             if judged["status"] in EXPLAINED:
                 console.print(explain(run, judged), soft_wrap=True)
             # what the verdict was judged against, where a reference could change it

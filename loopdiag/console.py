@@ -99,16 +99,25 @@ def stability_table(table: pd.DataFrame) -> Table:
                        default=0)
     out = Table(title="final train / val loss, residual growth (last loop, end / start), "
                       "gradient oscillation, verdict", title_justify="left", show_edge=False)
-    columns = ["arch", "K", *(["lr"] if swept else []), "seed", "loss", "val", "growth", "osc", "verdict"]
+    # runs recorded outside a suite (the Python API) have no cell: their ids tell them apart
+    named = table["arch"].isna().any()
+    columns = [*(["run"] if named else []), "arch", "K", *(["lr"] if swept else []), "seed", "loss", "val",
+               "growth", "osc", "verdict"]
     for column in columns:
-        out.add_column(column, justify="left" if column in ("arch", "verdict") else "right",
+        out.add_column(column, justify="left" if column in ("run", "arch", "verdict") else "right",
                        no_wrap=column != "verdict",
                        min_width=max(len(column), longest_word if column == "verdict" else 0))
     for row, verdict in zip(table.itertuples(), verdicts):
-        out.add_row(row.arch, str(row.n_loops), *([f"{row.lr:g}"] if swept else []), str(row.seed),
+        out.add_row(*([row.run_id] if named else []), _cell(row.arch), _cell(row.n_loops),
+                    *([_cell(row.lr, "{:g}")] if swept else []), _cell(row.seed),
                     _fmt(row.final_loss), _fmt(row.final_val_loss), _fmt(row.resid_growth_steps),
                     _fmt(row.oscillation), verdict)
     return out
+
+
+def _cell(value: Any, form: str = "{}") -> str:
+    """A cell key as shown: "—" where the run has none."""
+    return "—" if value is None or pd.isna(value) else form.format(value)
 
 
 def _verdict(row: Any) -> str:

@@ -216,6 +216,18 @@ def test_a_whole_expected_loss_is_not_printed_as_a_number_cut_off(tmp_path):
     result = runner.invoke(app, ["analyze", str(run), "--expected-loss", "2.0"])
     assert result.exit_code == 0, result.output
     assert "Judged against an expected loss of 2.0." in result.output
+    # and the verdict says what it could not read
+    assert "no loss: loss_spike, loss_rise, slow_divergence, " in " ".join(result.output.split())
+
+
+def test_analyze_says_what_a_stored_verdict_could_not_judge(tmp_path):
+    from run_files import write_run
+
+    run = write_run(tmp_path / "run", [{"step": step, "grad_norm": 1.0} for step in range(1, 21)], {})
+    result = runner.invoke(app, ["analyze", str(run)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "run: stable" in text and "no loss: loss_spike, loss_rise, slow_divergence, collapse_plateau" in text
 
 
 def test_a_run_that_solved_the_task_is_not_behind_a_reference_that_solved_it_too():
@@ -339,6 +351,11 @@ def test_a_run_made_outside_a_suite_is_explained_without_what_it_lacks(tmp_path)
     assert result.exit_code == 0, result.output
     metrics = [line.split()[0] for line in result.output.splitlines()[1:]]
     assert metrics[:3] == ["run_id", "status", "mechanism"]  # no arch, n_loops, lr or seed rows
+    result = runner.invoke(app, ["analyze", str(tmp_path)])  # the folder's table: the runs by id
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines() if line.startswith((" lr0", " lr1"))]
+    assert [row[:5] for row in rows] == [["lr0", "│", "—", "│", "—"], ["lr1", "│", "—", "│", "—"]]
+    assert "None" not in result.output
 
 
 @pytest.mark.torchless
@@ -737,6 +754,25 @@ def test_a_terminated_run_keeps_a_checkpoint_and_resume_ends_as_an_uninterrupted
     assert straight.returncode == 0, straight.stdout + straight.stderr
     assert (run / "metrics.jsonl").read_text() == (tmp_path / "straight" / "runs" / "looped-k02-s0" /
                                                    "metrics.jsonl").read_text()
+
+
+@pytest.mark.processes
+def test_a_warning_in_a_worker_is_one_line(tmp_path):
+    suite = tmp_path / "part.toml"
+    suite.write_text('archs = ["looped", "flt"]\nloops = [1, 2]\nsteps = 3\n[model]\npreset = "tiny"\n')
+    common = [sys.executable, "-m", "loopdiag", "run", str(suite), "--jobs", "2", "--wandb", "off",
+              "--out", str(tmp_path / "out")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*common, "--only", "loops=1"], env=environment, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    with (tmp_path / "out" / "runs" / "looped-k01-s0" / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 4, "lo\n')  # torn: the K=2 run reads its reference's losses past it
+    resumed = subprocess.run([*common, "--resume"], env=environment, capture_output=True, text=True)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output
+    lines = [line for line in output.splitlines() if "skipped line 4" in line]
+    assert lines and all(line.startswith("warning: ") for line in lines), output
+    assert "RunStoreWarning" not in output and "warnings.warn" not in output
 
 
 def test_only_trains_part_of_a_suite_and_resume_finishes_it(tmp_path):

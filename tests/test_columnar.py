@@ -207,6 +207,16 @@ def test_a_corrupt_copy_without_jsonl_reads_as_no_records(tmp_path):
         assert load_run(run_dir).steps.empty
 
 
+def test_an_emptied_jsonl_leaves_the_copy_and_its_records(tmp_path):
+    run_dir = write_records(tmp_path / "run")
+    (run_dir / "metrics.jsonl").write_bytes(b"")
+    with pytest.warns(RunStoreWarning, match="metrics.jsonl is empty: the records are read from metrics.parquet"):
+        data = load_run(run_dir)
+        assert data.steps["step"].tolist() == [1, 2, 3, 4]
+    assert same(read_records(run_dir)[0], RECORDS[0])
+    assert (run_dir / "metrics.parquet").is_file()
+
+
 def test_a_torn_jsonl_tail_warns_and_the_copy_holds_the_whole_records(tmp_path):
     run_dir = write_records(tmp_path / "run")
     with open(run_dir / "metrics.jsonl", "a") as handle:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from loopdiag.detect import default_detectors, replay, verdict
+from loopdiag.detect.base import blind_detectors, not_judged_message
 from loopdiag.detect.failure import FailedToTrainConfig
 from loopdiag.detect.symptoms import behind_from
 from loopdiag.detect.verdict import FAILED_STATUSES, smoothed_ends, trained_out
@@ -167,13 +168,14 @@ def replayed_verdict(run: RunData, reference: dict[str, Any] | None = None,
             reference_dir = run.run_dir.parent / reference["run"]
     losses = recorded_losses(reference_dir) if reference_dir is not None and is_run_dir(reference_dir) else None
     floor = context_free_loss(run.config)
-    events = replay(records, default_detectors(reference.get("expected_loss"), context_free_loss=floor,
-                                               reference_losses=losses,
-                                               best_known_loss=reference.get("best_known_loss"),
-                                               **(overrides if isinstance(overrides, dict) else {})),
-                    finished=finished)
+    detectors = default_detectors(reference.get("expected_loss"), context_free_loss=floor,
+                                  reference_losses=losses, best_known_loss=reference.get("best_known_loss"),
+                                  **(overrides if isinstance(overrides, dict) else {}))
+    events = replay(records, detectors, finished=finished)
+    blind = sorted(blind_detectors(detectors, {key for record in records for key in record}))
     return {**verdict(records, events, finished=finished, context_free_loss=floor), "recomputed": True,
-            "reference": reference or None, "events": [event.to_dict() for event in events]}
+            "reference": reference or None, "events": [event.to_dict() for event in events],
+            "not_judged": blind}
 
 
 def judged_against(run: RunData, judged: dict[str, Any]) -> dict[str, Any] | None:
@@ -217,6 +219,18 @@ def reference_text(run: RunData, judged: dict[str, Any]) -> str:
                  f"loss ({_fmt(floor)}): the reference learned nearly all the data holds, and a run "
                  f"is behind it from {_fmt(behind)} on.")
     return text
+
+
+def not_judged_text(judged: dict[str, Any]) -> str:
+    """The detectors a verdict could not use, in the monitor's sentence ("" when every one
+    judged)."""
+    blind = judged.get("not_judged") or []
+    if not blind:
+        return ""
+    reads = {detector.name: detector.reads for detector in default_detectors()}
+    # in the detectors' order, as the monitor's line has them
+    return not_judged_message({name: keys for name, keys in reads.items() if name in blind},
+                              all_blind=set(blind) >= set(reads))
 
 
 def verdict_events(run: RunData, judged: dict[str, Any]) -> pd.DataFrame:

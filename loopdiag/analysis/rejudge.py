@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loopdiag.detect import Event, default_detectors, replay, verdict
+from loopdiag.detect.base import blind_detectors
 from loopdiag.store import is_run_dir, read_records
 from loopdiag.store._files import (
     CONFIG_FILE,
@@ -92,7 +93,5 @@ def judge(records: list[dict[str, Any]], thresholds: dict[str, Any], expected_lo
     judged = verdict(records, events, finished=finished, context_free_loss=context_free_loss)
     if not finished:
         judged["status"] = "interrupted"
-    keys = {key for record in records for key in record}
-    judged["not_judged"] = sorted(d.name for d in detectors if d.records_judged == 0 and d.reads
-                                  and not keys.intersection(d.reads))
+    judged["not_judged"] = sorted(blind_detectors(detectors, {key for record in records for key in record}))
     return events, judged

@@ -291,6 +291,28 @@ def replay(records: Iterable[Mapping[str, Any]], detectors: Iterable[Detector], 
     return events
 
 
+def blind_detectors(detectors: Iterable[Detector], keys_seen: set[str]) -> dict[str, tuple[str, ...]]:
+    """Detectors that judged no record because the records carry none of the keys they read
+    (a user's model without token correlations, say), with those keys. One with nothing to
+    judge in records that do carry its keys (one loop has no loop to compare with) is not
+    listed."""
+    return {detector.name: detector.reads for detector in detectors
+            if detector.records_judged == 0 and detector.reads and not keys_seen.intersection(detector.reads)}
+
+
+def not_judged_message(blind: Mapping[str, tuple[str, ...]], *, all_blind: bool) -> str:
+    """`blind_detectors` in one sentence, grouped by the statistic they lack."""
+    by_missing: dict[tuple[str, ...], list[str]] = {}
+    for name, keys in blind.items():
+        by_missing.setdefault(keys, []).append(name)
+    missing = "; ".join(f"no {' or '.join(keys)}: {', '.join(names)}" for keys, names in by_missing.items())
+    # With every detector blind a verdict of stable says nothing: the line must say so.
+    if all_blind:
+        return (f"Nothing on this run is judged: its records carry none of what the detectors "
+                f"read ({missing}), so its verdict cannot tell a failed run from a healthy one.")
+    return f"Not judged on this run, its records carrying {missing}; the other detectors apply."
+
+
 def judged_in_training(record: Mapping[str, Any]) -> bool:
     """Whether the monitor judged this record while the run trained. A validation loss taken
     at a step the probes did not log is stored as a record of its own (a step and `val_*`

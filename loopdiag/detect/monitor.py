@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from loopdiag.detect import SEVERITIES, Detector, Event, FailedToTrain, default_detectors
+from loopdiag.detect.base import blind_detectors, not_judged_message
 from loopdiag.detect.symptoms import CONTEXT_FREE_MARGIN
 
 SEVERITY_STYLE = {"info": "cyan", "warn": "yellow", "critical": "bold red"}
@@ -147,31 +148,16 @@ class Monitor:
         self.events.extend(event for detector in self.detectors for event in detector.update(record))
 
     def not_judged(self) -> dict[str, tuple[str, ...]]:
-        """Detectors that have judged no record so far because the records lack the keys
-        they read (a user's model without token correlations, say), with those keys. A
-        detector with nothing to judge in records that do carry its keys (one loop has no
-        loop to compare with) is not listed."""
-        return {detector.name: detector.reads for detector in self.detectors
-                if detector.records_judged == 0 and detector.reads
-                and not self._keys_seen.intersection(detector.reads)}
+        """`blind_detectors` so far: those that have judged no record because the records
+        lack the keys they read, with those keys."""
+        return blind_detectors(self.detectors, self._keys_seen)
 
     def _not_judged_event(self, record: Mapping[str, Any]) -> Event:
         not_judged = self.not_judged()
-        by_missing: dict[tuple[str, ...], list[str]] = {}
-        for name, keys in not_judged.items():
-            by_missing.setdefault(keys, []).append(name)
-        missing = "; ".join(f"no {' or '.join(keys)}: {', '.join(names)}"
-                            for keys, names in by_missing.items())
         step = record.get("step")
-        # With every detector blind a verdict of stable says nothing: the line must say so.
-        if all(detector.name in not_judged for detector in self.detectors):
-            message = (f"Nothing on this run is judged: its records carry none of what the "
-                       f"detectors read ({missing}), so its verdict cannot tell a failed run "
-                       f"from a healthy one.")
-        else:
-            message = f"Not judged on this run, its records carrying {missing}; the other detectors apply."
         return Event(step=step if isinstance(step, int) else self._records, detector="monitor",
-                     severity="info", evidence={"not_judged": not_judged}, message=message)
+                     severity="info", evidence={"not_judged": not_judged},
+                     message=not_judged_message(not_judged, all_blind=len(not_judged) == len(self.detectors)))
 
     def _unreached_line_event(self, record: Mapping[str, Any]) -> Event:
         expected, context_free = self._unreached_line

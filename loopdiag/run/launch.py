@@ -24,9 +24,11 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -220,7 +222,14 @@ def _init_worker(message_queue: Any) -> None:
     # `_stop_with_parent` interrupts the run with a simulated SIGINT, which Python drops when
     # SIGINT is ignored, as it is for a command started in the background by a shell.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    warnings.showwarning = _warning_line
     threading.Thread(target=_stop_with_parent, daemon=True).start()
+
+
+def _warning_line(message: Warning | str, *_: object, **__: object) -> None:
+    """A worker's warning as the command prints its own: one line, without Python's file,
+    line and source line, which tell a user nothing."""
+    sys.stderr.write(f"warning: {message}\n")
 
 
 def _stop_with_parent() -> None:

@@ -237,8 +237,8 @@ def source_fingerprint(path: Path) -> dict[str, Any] | None:
 
 
 def columnar_state(run_dir: str | Path) -> str:
-    """'fresh' (the copy matches the JSONL), 'archived' (a readable copy, no JSONL: the
-    committed form of a study), 'missing', 'stale' (the JSONL changed since: a live,
+    """'fresh' (the copy matches the JSONL), 'archived' (a readable copy, and no JSONL, the
+    committed form of a study, or an empty one), 'missing', 'stale' (the JSONL changed since: a live,
     crashed or resumed run), 'corrupt' (unreadable), or 'none' (neither file)."""
     import pyarrow.parquet as pq
 
@@ -251,7 +251,7 @@ def columnar_state(run_dir: str | Path) -> str:
         metadata = table_metadata(pq.read_schema(path))
     except Exception:  # noqa: BLE001 - any unreadable file is treated alike: rebuilt
         return "corrupt"
-    if source is None:
+    if source is None or source["bytes"] == 0:  # an emptied JSONL is no reason to drop the records
         return "archived"
     built_from = metadata.get("source") or {}
     same = {k: built_from.get(k) for k in source} == source
@@ -348,6 +348,9 @@ def open_columns(run_dir: str | Path, *, announce: bool = True) -> Columns | Non
     the run has no records."""
     run_dir = Path(run_dir)
     state = columnar_state(run_dir)
+    if state == "archived" and (run_dir / METRICS_FILE).is_file():
+        warnings.warn(f"{run_dir / METRICS_FILE} is empty: the records are read from {COLUMNAR_FILE}",
+                      RunStoreWarning, stacklevel=2)
     if state in ("fresh", "archived"):
         return Columns(path=columnar_path(run_dir))
     if state == "none":

@@ -23,7 +23,7 @@ from loopdiag.store._files import (
     read_json_object,
     read_rows,
 )
-from loopdiag.store.columnar import Columns, open_columns, records_from_table, table_columns
+from loopdiag.store.columnar import Columns, columnar_path, open_columns, records_from_table, table_columns
 
 EVENT_COLUMNS = ("step", "detector", "severity", "message", "evidence")
 
@@ -163,11 +163,12 @@ def load_run(run_dir: str | Path) -> RunData:
 
 def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
     """The run's records as logged (for replaying detectors): from `metrics.jsonl`, torn
-    lines skipped, or, where the folder holds only the columnar copy (an archived run),
-    from that copy (float32 statistics as their float32 values)."""
+    lines skipped, or, where the folder holds only the columnar copy (an archived run) or
+    an empty JSONL beside it, from that copy (float32 statistics as their float32 values)."""
     run_dir = Path(run_dir)
-    if (run_dir / METRICS_FILE).is_file():
-        return read_rows(run_dir / METRICS_FILE)
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file() and (metrics.stat().st_size or not columnar_path(run_dir).is_file()):
+        return read_rows(metrics)
     columns = open_columns(run_dir)
     return [] if columns is None else records_from_table(columns.read())
 
