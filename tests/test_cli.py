@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from wandb_files import read_run, read_table
 
 from loopdiag.cli import app
-from loopdiag.store import load_suite, write_suite_manifest
+from loopdiag.store import load_run, load_suite, write_suite_manifest
 
 runner = CliRunner()
 COMMITTED_REPORT = Path(__file__).resolve().parents[1] / "reports" / "flt-stability-task"  # runs/ has metrics
@@ -393,18 +393,7 @@ def test_run_on_a_user_text_file(tmp_path):
     assert run.config["data"]["source"] == str(text)
 
 
-def test_run_on_the_files_a_quoted_glob_matches(tmp_path):
-    for name in ("b.txt", "a.txt"):
-        (tmp_path / name).write_text(f"{name}: the loop returns, the weights are tied.\n" * 200)
-    out = tmp_path / "out"
-    result = runner.invoke(app, [*QUICK, "--loops", "1", "--arch", "flt", "--steps", "2", "--data",
-                                 str(tmp_path / "*.txt"), "--out", str(out), "--wandb", "off"])
-    assert result.exit_code == 0, result.output
-    (run,) = load_suite(out / "runs").runs.values()
-    assert run.config["data"]["source"] == f"{tmp_path / 'a.txt'}, {tmp_path / 'b.txt'}"
-
-
-def test_eval_finds_a_moved_corpus_by_a_quoted_glob(tmp_path):
+def test_run_and_eval_read_the_files_a_quoted_glob_matches(tmp_path):
     texts, moved = tmp_path / "texts", tmp_path / "moved"
     texts.mkdir()
     for name in ("b.txt", "a.txt"):
@@ -413,8 +402,9 @@ def test_eval_finds_a_moved_corpus_by_a_quoted_glob(tmp_path):
     result = runner.invoke(app, [*QUICK, "--loops", "2", "--arch", "looped", "--steps", "2", "--data",
                                  str(texts / "*.txt"), "--out", str(out), "--wandb", "off"])
     assert result.exit_code == 0, result.output
-    texts.rename(moved)
     run_dir = out / "runs" / "looped-k02-s0"
+    assert load_run(run_dir).config["data"]["files"] == [str(texts / "a.txt"), str(texts / "b.txt")]
+    texts.rename(moved)  # eval finds the text again by a glob
     result = runner.invoke(app, ["eval", str(run_dir), "--loops", "1,2"])
     assert result.exit_code == 2 and "pass the text again" in result.output
     result = runner.invoke(app, ["eval", str(run_dir), "--loops", "1,2", "--data", str(moved / "*.txt")])
