@@ -34,7 +34,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
     eval_every: int = 50  # 0 = only at the end; the last step is always evaluated
     eval_batches: int = 8  # validation batches per evaluation (the first ones given)
-    checkpoint_every: int = 0  # 0 = only at the end (when a checkpoint path is given)
+    # Steps between checkpoints (when a checkpoint path is given); 0: none by step count. The
+    # trainer also saves at the end, every 5 minutes and on SIGINT or SIGTERM (`train`).
+    checkpoint_every: int = 0
     seed: int = 0
     n_loops: int | None = None  # None = the model's configured loop count
     muon_lr: float = 0.02
