@@ -234,8 +234,12 @@ def run(
                                 shard=shard_of, only=accepts, on_message=progress.handle)
     except KeyboardInterrupt:
         resume_with = spec.command if resume else f"{spec.command} --resume"
-        console.print(f"interrupted: the runs under way keep their records and checkpoints; to continue "
-                      f"each from its checkpoint: {resume_with}", highlight=False, soft_wrap=True)
+        if ranks > 1:  # torchrun's ranks stop at once (`train`), from their last checkpoint
+            said = (f"the run under way stopped at once; to continue it from its last checkpoint: "
+                    f"torchrun --nproc_per_node {ranks} -m {resume_with}")
+        else:
+            said = f"the runs under way keep their records and checkpoints; to continue each: {resume_with}"
+        console.print(f"interrupted: {said}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=130) from None
     if not distributed.is_main():
         return
@@ -692,14 +696,17 @@ def dashboard(
     <report folder>/wandb-workspace.json; --online saves it to W&B and prints its URL."""
     from loopdiag.store._files import SUITE_FILE, read_manifest
 
+    # a suite's name finds what `loopdiag run` trained under it first (`--quick` renames it)
+    trained = Path("reports") / suite
+    given = Path(suite) if Path(suite).is_dir() else trained if (trained / RUNS_FOLDER / SUITE_FILE).is_file() else None
     try:
-        if Path(suite).is_dir():
-            store = _store(Path(suite))
+        if given is not None:
+            store = _store(given)
             if not (store / SUITE_FILE).is_file():
                 raise ValueError(f"{suite} is not a report or suite folder: no {SUITE_FILE}")
             spec = read_manifest(store)["spec"]
             name, max_loops = spec["name"], max(spec["loops"])
-            folder = Path(suite) if store != Path(suite) else store.parent
+            folder = given if store != given else store.parent
         else:
             from loopdiag.run.probe_suite import find_suite, load_probe_suite
 

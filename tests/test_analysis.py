@@ -461,6 +461,12 @@ def test_missing_summary_is_recomputed(suite_dir: Path, tmp_path: Path) -> None:
     assert f"collapsed ({judged[COLLAPSED]['mechanism']}) at step {judged[COLLAPSED]['step']}" in text
     first_replayed = judged[COLLAPSED]["events"][0]["step"]
     assert first_replayed != 45 and f"at step {first_replayed}" in text  # replayed events
+    # the report names them, with the step their verdict stands at (a live run's is not final)
+    from loopdiag.analysis.findings import findings
+
+    (line,) = [line for line in findings(suite_table(load_suite(tmp_path))) if "no summary.json" in line]
+    assert line.startswith("3 run(s) had no summary.json, so are still training or were stopped without one: ")
+    assert f"{DIVERGED} (step {DIVERGE_AT})" in line
 
 
 def test_bad_input_raises_clear_errors(suite_dir: Path, tmp_path: Path) -> None:

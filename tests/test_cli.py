@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from run_files import write_run
 from typer.testing import CliRunner
 from wandb_files import read_run, read_table
@@ -356,6 +355,9 @@ def test_a_run_made_outside_a_suite_is_explained_without_what_it_lacks(tmp_path)
     rows = [line.split() for line in result.output.splitlines() if line.startswith((" lr0", " lr1"))]
     assert [row[:5] for row in rows] == [["lr0", "│", "—", "│", "—"], ["lr1", "│", "—", "│", "—"]]
     assert "None" not in result.output
+    result = runner.invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 2 and "run(s) lr0, lr1 name no architecture or loop count" in result.output
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.torchless
@@ -716,6 +718,8 @@ def test_killing_the_command_interrupts_its_workers_runs(tmp_path):
 
 @pytest.mark.processes
 def test_a_terminated_run_keeps_a_checkpoint_and_resume_ends_as_an_uninterrupted_one(tmp_path):
+    import torch  # here, not above: this module's torchless tests run where torch is not installed
+
     suite = tmp_path / "long.toml"
     suite.write_text('archs = ["looped"]\nloops = [2]\nsteps = 400\n[model]\npreset = "tiny"\n')
     common = [sys.executable, "-m", "loopdiag", "run", str(suite), "--jobs", "1", "--wandb", "off"]
@@ -731,7 +735,7 @@ def test_a_terminated_run_keeps_a_checkpoint_and_resume_ends_as_an_uninterrupted
     output = " ".join(command.communicate(timeout=120)[0].split())
     assert command.returncode == 130, output
     assert "interrupted: the runs under way keep their records and checkpoints" in output
-    assert re.search(f"from its checkpoint: loopdiag run .* --out {out} .*--resume", output), output
+    assert re.search(f"to continue each: loopdiag run .* --out {out} .*--resume", output), output
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < stopped_at < 400 and json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == stopped_at
@@ -744,6 +748,28 @@ def test_a_terminated_run_keeps_a_checkpoint_and_resume_ends_as_an_uninterrupted
     assert straight.returncode == 0, straight.stdout + straight.stderr
     assert (run / "metrics.jsonl").read_text() == (tmp_path / "straight" / "runs" / "looped-k02-s0" /
                                                    "metrics.jsonl").read_text()
+
+
+@pytest.mark.processes
+def test_a_sigterm_to_the_command_alone_stops_its_workers_runs_with_checkpoints(tmp_path):
+    import torch
+
+    suite = tmp_path / "long.toml"
+    suite.write_text('archs = ["looped", "flt"]\nloops = [2]\nsteps = 100000\n[model]\npreset = "tiny"\n')
+    out = tmp_path / "out"
+    command = subprocess.Popen([sys.executable, "-m", "loopdiag", "run", str(suite), "--jobs", "2", "--wandb", "off",
+                                "--out", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = [out / "runs" / name for name in ("looped-k02-s0", "flt-k02-s0")]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not all((run / "metrics.jsonl").is_file() for run in runs):
+        time.sleep(0.2)
+    command.send_signal(signal.SIGTERM)  # the command's process only, as `kill PID` does
+    output = " ".join(command.communicate(timeout=120)[0].split())
+    assert command.returncode == 130 and "--resume" in output, output
+    for run in runs:
+        assert json.loads((run / "summary.json").read_text())["status"] == "interrupted", run.name
+        assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] > 0
 
 
 @pytest.mark.processes

@@ -83,6 +83,19 @@ def test_a_suite_name_writes_into_its_report_folder(tmp_path, monkeypatch):
     assert keys(panel)[-1] == "resid_norm/loop_12" and workspace.entity == "your-entity"
 
 
+def test_a_name_finds_the_suite_trained_under_it_first(tmp_path, monkeypatch):
+    # `loopdiag run --quick` names its suite default-quick, which no suite file is called
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports" / "default-quick" / "runs").mkdir(parents=True)
+    (tmp_path / "reports" / "default-quick" / "runs" / "suite.json").write_text(
+        (COMMITTED_REPORT / "runs" / "suite.json").read_text())
+    result = runner.invoke(app, ["dashboard", "default-quick"])
+    assert result.exit_code == 0, result.output
+    workspace = read_workspace(tmp_path / "reports" / "default-quick" / WORKSPACE_FILE)
+    panel = next(s for s in workspace.sections if s.name == PER_LOOP[0][0]).panels[0]
+    assert keys(panel)[-1] == "resid_norm/loop_04"  # the trained suite's loops, not a file's
+
+
 def test_online_saves_the_view_and_prints_its_url(tmp_path, monkeypatch):
     saved = []
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)

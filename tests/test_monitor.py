@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +102,41 @@ def test_a_session_left_by_an_exception_is_interrupted(tmp_path):
         raise KeyboardInterrupt
     assert run.summary["status"] == "interrupted"
     assert loopdiag.load_run(tmp_path / "run").summary["status"] == "interrupted"
+
+
+SESSION_LEFT_OPEN = """
+import sys, torch
+import loopdiag
+from test_monitor import TiedEncoder
+model, x = TiedEncoder(), torch.randint(0, 32, (4, 8))
+run = loopdiag.RunSession(model, loop_module="shared_block", monitor=loopdiag.Monitor(), run_dir=sys.argv[1])
+run.start()  # as a trainer callback does, with no hook to close it when training raises
+for step in range(1, 4):
+    model(x).sum().backward()
+    run.after_backward()
+    run.step(step, loss=1.0)
+raise KeyboardInterrupt
+"""
+
+
+def test_a_session_a_crash_leaves_open_is_closed_as_interrupted_when_the_process_exits(tmp_path):
+    ended = subprocess.run([sys.executable, "-c", SESSION_LEFT_OPEN, str(tmp_path / "run")], capture_output=True,
+                           text=True, cwd=Path(__file__).parent)
+    assert "KeyboardInterrupt" in ended.stderr
+    summary = loopdiag.load_run(tmp_path / "run").summary
+    assert summary["status"] == "interrupted" and len(loopdiag.load_run(tmp_path / "run").steps) == 3
+
+
+def test_the_readmes_example_of_probing_your_own_model_runs_as_written(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Probing your own looped model"):]
+    code = section[section.index("```python\n") + 10:section.index("```\n", section.index("```python\n") + 10)]
+    assert "model, steps = LoopedEncoder(), 100" in code
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(code.replace("model, steps = LoopedEncoder(), 100", "model, steps = LoopedEncoder(), 3"), namespace)
+    assert namespace["run"].summary["status"] == "stable"
+    assert loopdiag.load_run(tmp_path / "runs" / "mine").steps["step"].tolist() == [1, 2, 3]
 
 
 def test_a_session_summary_names_the_reference_it_was_judged_against(tmp_path):

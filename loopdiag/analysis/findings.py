@@ -31,10 +31,13 @@ def findings(table: pd.DataFrame, context_free_loss: float | None = None) -> lis
         lines += _slow_learning_rates(table, context_free_loss)
     lines += _warnings(table)
     lines += _stable_but_warned(table)
-    recomputed = int(table["recomputed"].sum())
-    if recomputed:
-        lines.append(f"{recomputed} run(s) had no summary.json; their verdicts were recomputed "
-                     f"by replaying the detectors over the stored metrics.")
+    recomputed = table[table["recomputed"].astype(bool)]
+    if len(recomputed):
+        where = ", ".join(run_id if pd.isna(step) else f"{run_id} (step {int(step)})"
+                          for run_id, step in zip(recomputed["run_id"], recomputed["last_step"]))
+        lines.append(f"{len(recomputed)} run(s) had no summary.json, so are still training or were stopped "
+                     f"without one: {where}. Their verdicts were recomputed by replaying the detectors "
+                     f"over the stored metrics, as of their last step.")
     return lines
 
 

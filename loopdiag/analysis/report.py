@@ -93,6 +93,11 @@ def _write_report(suite_dir: str | Path, out_dir: Path, command: str,
     suite = load_suite(suite_dir)
     loop_scaling = _loop_scaling(suite, loop_scaling)
     table = suite_table(suite)
+    uncelled = table.loc[table["arch"].isna() | table["n_loops"].isna(), "run_id"].tolist()
+    if uncelled:  # a report compares architectures and loop counts: it needs every run's
+        raise ValueError(f"{suite_dir}: run(s) {', '.join(uncelled)} name no architecture or loop count "
+                         f"(recorded outside a suite), and a report compares those; `loopdiag analyze "
+                         f"{suite_dir}` gives each run's verdict")
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "table.csv", index=False)
 
@@ -159,10 +164,13 @@ def _context_free_loss(suite: SuiteData) -> float | None:
 def _scope(table: pd.DataFrame) -> str:
     def listed(column: str) -> str:
         return ", ".join(f"{v:g}" if isinstance(v, float) else str(v)
-                         for v in sorted(table[column].unique()))
+                         for v in sorted(table[column].dropna().unique()))
 
-    return (f"{len(table)} runs: architectures {', '.join(dict.fromkeys(table['arch']))}; "
-            f"loops {listed('n_loops')}; seeds {listed('seed')}; learning rates {listed('lr')}.")
+    # runs recorded outside a suite (the Python API) have no cell: only what is known is named
+    parts = [f"{name} {values}" for name, values in (
+        ("architectures", ", ".join(dict.fromkeys(table["arch"].dropna()))), ("loops", listed("n_loops")),
+        ("seeds", listed("seed")), ("learning rates", listed("lr"))) if values]
+    return f"{len(table)} runs" + (f": {'; '.join(parts)}." if parts else ".")
 
 
 def _missing(suite: SuiteData) -> str:

@@ -18,6 +18,7 @@ fails ends the suite (the other ranks cannot go on alone; `--resume` continues i
 from __future__ import annotations
 
 import _thread
+import contextlib
 import json
 import math
 import multiprocessing
@@ -29,10 +30,11 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -135,16 +137,38 @@ def run_suite(suite: ProbeSuite, suite_dir: Path, *, jobs: int = 1, resume: bool
     # architecture rather than every seed of the first few.
     specs = sorted(specs, key=lambda spec: (spec.seed, spec.n_loops, spec.lr or 0.0))
     cells = [_job(spec, suite, suite_dir, resume, wandb_mode, threads) for spec in specs]
-    if jobs == 1:
-        results = []
-        for cell in cells:
-            results.append(_run_cell(cell, send))
-            if results[-1].write_failure:  # the next runs would meet the same disk
-                break
-    else:
-        results = _run_in_workers(cells, jobs, send)
+    with _sigterm_as_interrupt():
+        if jobs == 1:
+            results = []
+            for cell in cells:
+                results.append(_run_cell(cell, send))
+                if results[-1].write_failure:  # the next runs would meet the same disk
+                    break
+        else:
+            results = _run_in_workers(cells, jobs, send)
     order = {spec.run_id: index for index, spec in enumerate(every_cell)}
     return sorted(results, key=lambda result: order[result.run_id])
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a job scheduler's time limit, `kill`) ends the suite as Ctrl-C does: the
+    runs under way stop at the end of a step with a checkpoint (`train`), and no other
+    starts. Not under torchrun, whose ranks stop as its launcher decides."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if (distributed.world_size() > 1 or handler in (signal.SIG_IGN, None)
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _job(spec: RunSpec, suite: ProbeSuite, suite_dir: Path, resume: bool, wandb_mode: str | None,
@@ -216,7 +240,7 @@ _parent_gone = threading.Event()
 PARENT_GONE_GRACE_S = 30.0  # for the interrupted run to flush its logs before the worker exits
 
 
-def _init_worker(message_queue: Any) -> None:
+def _init_worker(message_queue: Any, stop: Any) -> None:
     global _worker_queue
     _worker_queue = message_queue
     # `_stop_with_parent` interrupts the run with a simulated SIGINT, which Python drops when
@@ -224,6 +248,17 @@ def _init_worker(message_queue: Any) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     warnings.showwarning = _warning_line
     threading.Thread(target=_stop_with_parent, daemon=True).start()
+    threading.Thread(target=_stop_when_asked, args=(stop,), daemon=True).start()
+
+
+def _stop_when_asked(stop: Any) -> None:
+    """The parent was told to stop (a SIGTERM only it received): end the run under way as a
+    SIGTERM of its own would. Repeated, since one that lands outside training (where SIGTERM
+    is not handled) is dropped, and the next run must not start unseen."""
+    stop.wait()
+    while True:
+        _thread.interrupt_main(signal.SIGTERM)
+        time.sleep(1.0)
 
 
 def _warning_line(message: Warning | str, *_: object, **__: object) -> None:
@@ -252,11 +287,11 @@ def _run_cell_in_worker(job: CellJob) -> CellResult:
 def _run_in_workers(cells: list[CellJob], jobs: int, send: Send) -> list[CellResult]:
     # spawn, not fork: torch's thread pools and W&B's service do not survive a fork.
     context = multiprocessing.get_context("spawn")
-    messages = context.Queue()
+    messages, stop = context.Queue(), context.Event()
     results: dict[str, CellResult] = {}
     waiting = list(cells)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(messages,)) as pool:
+                             initargs=(messages, stop)) as pool:
         pending: dict[Any, CellJob] = {}
 
         def start_ready() -> None:
@@ -290,6 +325,7 @@ def _run_in_workers(cells: list[CellJob], jobs: int, send: Send) -> list[CellRes
                             cell.spec.run_id, trained=cell.train, error=f"worker process failed: {error!r}")
                 start_ready()
         except KeyboardInterrupt:
+            stop.set()  # Ctrl-C reached the workers too; a SIGTERM reached this process alone
             pool.shutdown(wait=True, cancel_futures=True)  # workers record "interrupted"
             raise
         _drain(messages, send, timeout=0.2)

@@ -18,6 +18,7 @@ Hugging Face callbacks (`loopdiag.integrations`) and a training loop of your own
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import warnings
 from collections.abc import Mapping
@@ -123,6 +124,9 @@ class RunSession:
             self.writer = RunWriter(self.run_dir, self.config, resume=resume,
                                     resume_step=first_step - 1 if resume else None)
             self._add_sink(EventLogSink(self.writer), first=True)
+            # A trainer with no exception hook (Hugging Face's) leaves the session open when
+            # training raises: the run must still end as interrupted, not without a verdict.
+            atexit.register(self._close_at_exit)
         if write and self.wandb is not None:
             self._add_sink(self.wandb)
         if resume and first_step > 1 and self.run_dir is not None:
@@ -191,6 +195,7 @@ class RunSession:
         if not finished:
             summary["status"] = "interrupted"
         writer, self.writer = self.writer, None
+        atexit.unregister(self._close_at_exit)
         if writer is not None:
             try:
                 writer.close(summary)
@@ -205,6 +210,9 @@ class RunSession:
         self._added_sinks = []
         self.summary = summary
         return summary
+
+    def _close_at_exit(self) -> None:
+        self.close(finished=False)
 
     def __enter__(self) -> RunSession:
         started = self.recorder is not None and self.recorder.attached
