@@ -738,7 +738,8 @@ def test_a_terminated_run_keeps_a_checkpoint_and_resume_ends_as_an_uninterrupted
     assert re.search(f"to continue each: loopdiag run .* --out {out} .*--resume", output), output
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
-    assert 0 < stopped_at < 400 and json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == stopped_at
+    last_record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < stopped_at < 400 and last_record["step"] == stopped_at
 
     resumed = subprocess.run([*common, "--out", str(out), "--resume"], env=environment, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

@@ -289,8 +289,9 @@ def test_a_signal_ends_the_step_with_a_checkpoint_that_resumes_as_if_uninterrupt
 def test_a_second_sigint_stops_at_once(tmp_path):
     path = tmp_path / "ckpt.pt"
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model(), next_token_batches, val_set(), config(), callbacks=[SignalAt(7, signal.SIGINT, signal.SIGINT)],
-              checkpoint_path=path, checkpoint_interval_s=None)
+        train(tiny_model(), next_token_batches, val_set(), config(),
+              callbacks=[SignalAt(7, signal.SIGINT, signal.SIGINT)], checkpoint_path=path,
+              checkpoint_interval_s=None)
     assert not path.exists()  # left inside step 7, before the step's end could save one
 
 

@@ -33,8 +33,9 @@ with a `RunStoreWarning`, by anything that reads the run (`load_run`, `loopdiag 
 built from a different JSONL (other size or content at its head or tail: a live, crashed
 or resumed run). The JSONL always wins, but for an empty one: a folder that holds the copy
 and no JSONL, or an empty one, is an archived run (the form in which the studies' records
-are committed) and is read from the copy, with a warning for the empty JSONL; its float32 statistics are the logged values rounded to float32. `read_records`
-returns the records as logged (from the JSONL where it exists); `read_columns` returns
+are committed) and is read from the copy, with a warning for the empty JSONL; its float32
+statistics are the logged values rounded to float32. `read_records` returns the records as
+logged (from the JSONL where it holds any); `read_columns` returns
 chosen keys as numpy arrays (per-loop keys as steps × loops, NaN-padded) for replaying
 detectors fast; `build_columnar(suite_dir, jobs=...)` builds a whole suite's copies.
 """

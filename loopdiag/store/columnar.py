@@ -238,8 +238,8 @@ def source_fingerprint(path: Path) -> dict[str, Any] | None:
 
 def columnar_state(run_dir: str | Path) -> str:
     """'fresh' (the copy matches the JSONL), 'archived' (a readable copy, and no JSONL, the
-    committed form of a study, or an empty one), 'missing', 'stale' (the JSONL changed since: a live,
-    crashed or resumed run), 'corrupt' (unreadable), or 'none' (neither file)."""
+    committed form of a study, or an empty one), 'missing', 'stale' (the JSONL changed
+    since: a live, crashed or resumed run), 'corrupt' (unreadable), or 'none' (neither file)."""
     import pyarrow.parquet as pq
 
     run_dir = Path(run_dir)
