@@ -26,6 +26,7 @@ from rich.markup import escape
 import loopdiag
 from loopdiag.console import stability_table
 from loopdiag.detect.base import SEVERITIES
+from loopdiag.store import RunStoreWarning
 from loopdiag.store.writer import write_failure
 
 if TYPE_CHECKING:
@@ -74,13 +75,16 @@ def _print_version(value: bool) -> None:
 
 @contextmanager
 def _warnings_as_lines() -> Iterator[None]:
-    """Each warning as one line on stderr (`warning: ...`): the file, line and source line
-    Python adds (a `RunStoreWarning`'s `load_suite(...)`) tell a user nothing. Python's own
-    display comes back when the command ends."""
+    """Each warning as one line on stderr (`warning: ...`), once: the file, line and source
+    line Python adds (a `RunStoreWarning`'s `load_suite(...)`) tell a user nothing, nor does
+    a repeat. Python's own display comes back when the command ends."""
     errors = Console(stderr=True)
+    shown: set[str] = set()
 
     def show(message: Warning | str, *_: object, **__: object) -> None:
-        errors.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+        if str(message) not in shown:
+            shown.add(str(message))
+            errors.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
     with warnings.catch_warnings():
         warnings.showwarning = show
@@ -518,7 +522,8 @@ def report(
         help="First replay today's detectors over every run's records and rewrite the stored "
              "verdicts and events (after the detectors changed; training is not repeated).")] = False,
     svg: Annotated[bool, typer.Option(help="Also write every figure as SVG (PNG alone by default: "
-                                          "an SVG costs as much to write again).")] = False,
+                                          "an SVG costs as much to write again). Without it, SVGs an "
+                                          "earlier report wrote are removed, as they would be stale.")] = False,
 ) -> None:
     """Regenerate a suite's report (markdown, HTML, figures, table) from its run store alone.
     Runs whose columnar copy (metrics.parquet) is missing or stale get one first."""
@@ -530,9 +535,11 @@ def report(
     with _failed_writes_end_command(out, f"loopdiag report {shlex.quote(str(suite))}"):
         if store.is_dir():
             try:
-                build_copies(store, jobs)
+                unsaved = build_copies(store, jobs).get("unsaved", 0)
             except ValueError as error:  # a corrupt suite.json
                 raise bad_input(str(error)) from None
+            if unsaved:  # said once per run already: the report's reads would say it again
+                warnings.filterwarnings("ignore", message=".* has no columnar copy", category=RunStoreWarning)
         if rejudge:
             _rejudge(store)
         _write_report(store, out, svg, jobs)
@@ -551,7 +558,7 @@ def build_copies(store: Path, jobs: int) -> dict[str, int]:
                   disable=not errors.is_terminal or todo < 2) as progress:
         task = progress.add_task("copies", total=todo)
         counts = build_columnar(store, jobs=jobs, on_run=lambda *_: progress.advance(task))
-    built = sum(counts.get(state, 0) for state in ("missing", "stale", "corrupt"))
+    built = sum(counts.get(state, 0) for state in ("missing", "stale", "corrupt")) - counts.get("unsaved", 0)
     if built:
         errors.print(f"built the columnar copy (metrics.parquet) of {built} of {todo} runs",
                      highlight=False)

@@ -246,6 +246,28 @@ def test_build_columnar_builds_a_suites_copies_in_parallel(tmp_path):
     assert all(columnar_state(tmp_path / name) == "fresh" for name in ("a", "b", "c"))
 
 
+def test_a_copy_that_cannot_be_saved_is_not_reported_built(tmp_path):
+    """A copy that cannot be written (here its path is a folder; a read-only or full disk
+    alike) is counted as unsaved and said once per run; the report reads the JSONL."""
+    from typer.testing import CliRunner
+
+    from loopdiag.cli import app
+
+    store = tmp_path / "suite" / "runs"
+    for seed, name in enumerate(("a", "b")):
+        cell = {"arch": "flt", "n_loops": 3, "seed": seed, "lr": 3e-3}
+        write_run(store / name, RECORDS, {**CONFIG, "cell": cell}, summary={"status": "stable"})
+    (store / "a" / "metrics.parquet").unlink()
+    (store / "a" / "metrics.parquet" / "in-the-way").mkdir(parents=True)
+    with pytest.warns(RunStoreWarning, match="a: could not save metrics.parquet"):
+        assert build_columnar(store)["unsaved"] == 1
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "suite")])
+    assert result.exit_code == 0, result.output
+    assert "built the columnar copy" not in result.output
+    assert result.output.count("could not save metrics.parquet") == 1
+    assert "has no columnar copy" not in result.output and "unreadable columnar copy" not in result.output
+
+
 def test_a_store_of_summaries_only_still_reports(tmp_path):
     """The reference study on a fresh clone before its copies were committed: summaries
     and events, no records. Figures that need records are skipped with a note."""

@@ -6,6 +6,7 @@ import io
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,9 @@ def test_the_readmes_example_of_probing_your_own_model_runs_as_written(tmp_path,
     assert "model, steps = LoopedEncoder(), 100" in code
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(code.replace("model, steps = LoopedEncoder(), 100", "model, steps = LoopedEncoder(), 3"), namespace)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*loop_module")  # its loops= holds
+        exec(code.replace("model, steps = LoopedEncoder(), 100", "model, steps = LoopedEncoder(), 3"), namespace)
     assert namespace["run"].summary["status"] == "stable"
     assert loopdiag.load_run(tmp_path / "runs" / "mine").steps["step"].tolist() == [1, 2, 3]
 

@@ -4,6 +4,7 @@ output, autograd's own gradients, explicit Gram matrices and attention, numpy.""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -570,10 +571,30 @@ def test_shared_parameters(arch, shared):
     (dict(costly_every=True), "costly_every"), (dict(window=2), "window"),
     (dict(loop_module="blokc"), "block"), (dict(loop_module=nn.Linear(2, 2)), "not a submodule"),
     (dict(loop_module=3), "loop_module"), (dict(shared_params=nn.Linear(2, 2).parameters()), "shared_params"),
+    (dict(loops=0), "loops"), (dict(loops=3.0), "loops"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         probes.attach(UserLooped(), **{"loop_module": "block", **kwargs})
+
+
+def test_a_loop_module_outside_the_loop_is_named_once_when_loops_is_given():
+    model = UserLooped(n_loops=3)
+    rec = probes.attach(model, "embed", loops=3)  # runs once per forward, before the loop
+    with pytest.warns(UserWarning, match=r"step 0: loop_module \(Embedding\) ran once per forward.*loops=3"):
+        model(*batch())[1].backward()
+        assert rec.end_step(0)["n_loops"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(*batch())[1].backward()
+        rec.end_step(1)  # said once
+        rec.detach()
+        rec = probes.attach(model, "block", loops=3)
+        model(*batch())[1].backward()
+        assert rec.end_step(0)["n_loops"] == 3
+    with pytest.warns(UserWarning, match=r"step 1: loop_module \(ResidualMLP\) ran 2 times, not loops=3"):
+        model(*batch(), n_loops=2)[1].backward()
+        rec.end_step(1)
 
 
 def test_missing_hook_point_names_what_to_pass():

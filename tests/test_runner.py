@@ -21,6 +21,7 @@ from loopdiag.run.session import RunSession
 from loopdiag.store import load_run, read_records
 from loopdiag.train import TrainCallback, TrainConfig, corpus_batches, train
 from run_files import tiny_model_config
+from wandb_files import read_run
 
 TINY = tiny_model_config()
 
@@ -149,6 +150,20 @@ def test_a_resumed_run_records_what_an_uninterrupted_one_records(tmp_path):
     assert [record["step"] for record in ours] == list(range(1, 41))
     assert json.dumps(ours) == json.dumps(theirs)  # NaN equals NaN as JSON
     assert {"grad_cos", "sign_flip", "gnorm_cv", "gnorm_autocorr"} <= ours[-1].keys()
+
+
+def test_a_resumed_run_goes_on_in_the_same_wandb_run(tmp_path):
+    run_dir = tmp_path / "runs" / "looped-k02-s0"
+    run_one(*resumable_run(run_dir, 10), wandb_mode="offline")
+    run_one(*resumable_run(run_dir, 15), resume=True, wandb_mode="offline")
+    wandb_id = load_run(run_dir).config["wandb"]["id"]
+    runs = [read_run(folder) for folder in sorted((tmp_path / "runs" / "wandb").glob("offline-run-*"))]
+    assert [run["run"].run_id for run in runs] == [wandb_id, wandb_id]
+    logged = [sorted({row["step"] for row in run["history"]}) for run in runs]
+    assert logged == [list(range(1, 11)), list(range(11, 16))]
+    # resumed with W&B off, the id is kept for a later resume with it on
+    run_one(*resumable_run(run_dir, 20), resume=True)
+    assert load_run(run_dir).config["wandb"]["id"] == wandb_id
 
 
 def test_a_run_interrupted_while_it_starts_is_closed_as_interrupted(tmp_path, corpus):

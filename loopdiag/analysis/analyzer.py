@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from loopdiag.detect import default_detectors, replay, verdict
-from loopdiag.detect.base import blind_detectors, not_judged_message
+from loopdiag.analysis.rejudge import judge
+from loopdiag.detect import default_detectors
+from loopdiag.detect.base import not_judged_message
 from loopdiag.detect.failure import FailedToTrainConfig
 from loopdiag.detect.symptoms import behind_from
 from loopdiag.detect.verdict import FAILED_STATUSES, smoothed_ends, trained_out
@@ -167,15 +168,11 @@ def replayed_verdict(run: RunData, reference: dict[str, Any] | None = None,
         if isinstance(reference.get("run"), str):
             reference_dir = run.run_dir.parent / reference["run"]
     losses = recorded_losses(reference_dir) if reference_dir is not None and is_run_dir(reference_dir) else None
-    floor = context_free_loss(run.config)
-    detectors = default_detectors(reference.get("expected_loss"), context_free_loss=floor,
-                                  reference_losses=losses, best_known_loss=reference.get("best_known_loss"),
-                                  **(overrides if isinstance(overrides, dict) else {}))
-    events = replay(records, detectors, finished=finished)
-    blind = sorted(blind_detectors(detectors, {key for record in records for key in record}))
-    return {**verdict(records, events, finished=finished, context_free_loss=floor), "recomputed": True,
-            "reference": reference or None, "events": [event.to_dict() for event in events],
-            "not_judged": blind}
+    events, judged = judge(records, overrides if isinstance(overrides, dict) else {}, reference.get("expected_loss"),
+                           finished=finished, context_free_loss=context_free_loss(run.config),
+                           reference_losses=losses, best_known_loss=reference.get("best_known_loss"))
+    return {**judged, "recomputed": True, "reference": reference or None,
+            "events": [event.to_dict() for event in events]}
 
 
 def judged_against(run: RunData, judged: dict[str, Any]) -> dict[str, Any] | None:
@@ -332,7 +329,7 @@ def _first_signal(run: RunData, judged: dict[str, Any]) -> str:
         lead = None if judged.get("step") is None else int(judged["step"]) - int(first["step"])
         if lead == 0:
             repeated = first["message"] == judged.get("message")  # already quoted as what broke
-            sentences.append(f"No detector warned before that step"
+            sentences.append("No detector warned before that step"
                              + ("." if repeated else f"; then {first['detector']} did"
                                 f"{_quoted(first['message'])}."))
         else:

@@ -71,6 +71,8 @@ def rejudge_run(run_dir: Path, cell: dict[str, Any]) -> tuple[dict[str, Any], di
                            reference_losses=(None if reference is None
                                              else recorded_losses(run_dir.parent / reference["run"])),
                            best_known_loss=None if reference is None else reference.get("best_known_loss"))
+    if not finished:  # the stored summary's word: the run was stopped before its end
+        judged["status"] = "interrupted"
     new = {**old, **judged, "reference": reference, "rejudged_from": old.get("status")}
     replace_atomically(run_dir / EVENTS_FILE,
                        "".join(json.dumps(event.to_dict()) + "\n" for event in events))
@@ -83,15 +85,13 @@ def judge(records: list[dict[str, Any]], thresholds: dict[str, Any], expected_lo
           reference_losses: Sequence[tuple[int, float]] | None = None,
           best_known_loss: float | None = None) -> tuple[list[Event], dict[str, Any]]:
     """(events, verdict) of the default detectors (with `thresholds`, `expected_loss`,
-    `context_free_loss`, `reference_losses` and `best_known_loss`) replayed over `records`,
-    as a live run would have ended: the verdict carries `not_judged`, and an unfinished run
-    is "interrupted"."""
+    `context_free_loss`, `reference_losses` and `best_known_loss`) replayed over `records`;
+    the verdict carries `not_judged`. An unfinished run keeps a failure found before its
+    end, else reads as interrupted."""
     detectors = default_detectors(expected_loss, context_free_loss=context_free_loss,
                                   reference_losses=reference_losses, best_known_loss=best_known_loss,
                                   **thresholds)
     events = replay(records, detectors, finished=finished)
     judged = verdict(records, events, finished=finished, context_free_loss=context_free_loss)
-    if not finished:
-        judged["status"] = "interrupted"
     judged["not_judged"] = sorted(blind_detectors(detectors, {key for record in records for key in record}))
     return events, judged

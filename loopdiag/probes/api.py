@@ -17,7 +17,7 @@ DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alph
 def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stats: str = "cheap",
            log_every: int = 1, costly_every: int = 50, window: int = 32,
            shared_params: Iterable[nn.Parameter] | None = None,
-           rerun_without_dropout: bool | None = None) -> LoopRecorder:
+           rerun_without_dropout: bool | None = None, loops: int | None = None) -> LoopRecorder:
     """Record per-loop statistics of `model` every `log_every` steps, and at its first step.
 
     loop_module: the module that runs once per loop: a dotted attribute path
@@ -35,6 +35,10 @@ def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stat
         detectors cannot see through it. It costs a forward without gradients per logged
         step. None (default): when the model holds dropout with p > 0 (`applies_dropout`);
         True also for dropout it applies functionally.
+    loops: how many times `loop_module` runs in each training forward, when that is fixed.
+        A logged step whose forward ran it another number of times warns, once: a
+        `loop_module` that runs once per forward (the whole stack, or a module outside
+        the loop) records every model as one loop, and the per-loop detectors see nothing.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -43,14 +47,15 @@ def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stat
     if rerun_without_dropout is not None and not isinstance(rerun_without_dropout, bool):
         raise ValueError(f"rerun_without_dropout must be True, False or None, got {rerun_without_dropout!r}")
     for name, value, least in (("log_every", log_every, 1), ("costly_every", costly_every, 1),
-                               ("window", window, 3)):
+                               ("window", window, 3), ("loops", 1 if loops is None else loops, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     module = _resolve_loop_module(model, loop_module)
     shared = _resolve_shared_params(model, module, shared_params)
     rerun = applies_dropout(model) if rerun_without_dropout is None else rerun_without_dropout
     return LoopRecorder(model, module, shared, stats=stats, log_every=log_every,
-                        costly_every=costly_every, window=window, rerun_without_dropout=rerun)
+                        costly_every=costly_every, window=window, rerun_without_dropout=rerun,
+                        expected_loops=loops)
 
 
 def applies_dropout(module: nn.Module) -> bool:

@@ -100,8 +100,10 @@ class LoopRecorder:
 
     def __init__(self, model: nn.Module, loop_module: nn.Module, shared_params: list[nn.Parameter], *,
                  stats: str, log_every: int, costly_every: int, window: int,
-                 rerun_without_dropout: bool = False):
+                 rerun_without_dropout: bool = False, expected_loops: int | None = None):
         self.model, self.loop_module = model, loop_module
+        self.expected_loops = expected_loops
+        self._warned_loop_count = False
         self.rerun_without_dropout = rerun_without_dropout
         self.stats, self.log_every, self.costly_every = stats, log_every, costly_every
         self.records: list[Record] = []
@@ -186,9 +188,21 @@ class LoopRecorder:
                 record.setdefault(name, value)  # a grad_norm given by the caller wins
         if forwards:
             record.update(forward_stats(synced["forwards"]))
+            self._check_loop_count(step, record["n_loops"])
         self._logged_count += 1
         self.records.append(record)
         return record
+
+    def _check_loop_count(self, step: int, n_loops: int) -> None:
+        if self.expected_loops in (None, n_loops) or n_loops == 0 or self._warned_loop_count:
+            return  # a forward without any loop is the session's warning
+        self._warned_loop_count = True
+        module = type(self.loop_module).__name__
+        hint = (" once per forward: it is outside the loop, or is the whole stack of loops"
+                if n_loops == 1 else f" {n_loops} times")
+        warnings.warn(f"step {step}: loop_module ({module}) ran{hint}, not loops={self.expected_loops}; "
+                      f"every statistic is per call of it, so name the module that runs once per loop",
+                      stacklevel=4)
 
     @property
     def latest(self) -> Record | None:

@@ -21,7 +21,7 @@ from loopdiag.detect.monitor import AlertSink, Monitor
 from loopdiag.models import ModelConfig, build_model
 from loopdiag.probes import RecorderCallback
 from loopdiag.run.session import RunSession
-from loopdiag.store._files import CHECKPOINT_FILE
+from loopdiag.store._files import CHECKPOINT_FILE, CONFIG_FILE, read_json_object
 from loopdiag.store.reference import recorded_losses
 from loopdiag.train import (
     TrainCallback,
@@ -138,6 +138,15 @@ def run_config(spec: RunSpec, model_config: ModelConfig, train_config: TrainConf
     }
 
 
+def stored_wandb_id(run_dir: Path) -> str | None:
+    """The W&B id an earlier process of the run in `run_dir` logged to, if it logged to W&B."""
+    try:
+        wandb_id = read_json_object(run_dir / CONFIG_FILE).get("wandb", {}).get("id")
+    except (OSError, ValueError, AttributeError):  # no run yet, or a config the writer refuses
+        return None
+    return wandb_id if isinstance(wandb_id, str) else None
+
+
 def run_one(
     spec: RunSpec,
     model_config: ModelConfig,
@@ -175,8 +184,13 @@ def run_one(
     main = distributed.is_main()
     sinks = sinks if main else ()
     wandb_run = None
+    wandb_id = stored_wandb_id(run_dir) if resume else None
     if wandb_mode is not None and main:
-        wandb_run = WandbRun(spec.run_id, config, group=wandb_group, mode=wandb_mode, dir=run_dir.parent)
+        wandb_run = WandbRun(spec.run_id, config, group=wandb_group, mode=wandb_mode, dir=run_dir.parent,
+                             resume_id=wandb_id)
+        wandb_id = wandb_run.wandb_id or wandb_id
+    if wandb_id is not None:  # kept for a later --resume, and to find the run in W&B
+        config["wandb"] = {"id": wandb_id}
     monitor = Monitor(sinks=sinks, stop_on=stop_on, thresholds=thresholds,
                       expected_loss=None if reference is None else reference["expected_loss"],
                       context_free_loss=config["data"]["context_free_loss"],

@@ -53,9 +53,12 @@ class WandbRun:
     points and alerts, the verdict as summary.
 
     Use it as a `Monitor` sink (`emit`) and call `log_record` for every record and
-    `finish(summary)` at the end. The run is named `run_id` (W&B picks the id, so a run id
-    reused by another suite never resumes an old run), grouped by `group` (the suite), and
-    tagged with the architecture and `K=<loops>` when `config` has a `cell`.
+    `finish(summary)` at the end. The run is named `run_id`, grouped by `group` (the suite),
+    and tagged with the architecture and `K=<loops>` when `config` has a `cell`. W&B picks
+    the W&B id (`wandb_id`), so a run id reused by another suite never resumes an old run;
+    `resume_id`, the `wandb_id` of an earlier process of the same training run, goes on in
+    that W&B run instead (offline, a second folder with the same id, which `wandb sync`
+    uploads after the first).
 
     History: `log_record` logs the flat record at `step=record["step"]` and keeps `step` as
     a series; every metric is defined against it (`define_metric("*", step_metric="step")`),
@@ -87,6 +90,7 @@ class WandbRun:
         dir: str | Path | None = None,
         alert_on: str = "warn",
         alert_interval_s: float = 300.0,
+        resume_id: str | None = None,
     ):
         _check_mode(mode)
         if alert_on not in SEVERITIES:
@@ -96,15 +100,19 @@ class WandbRun:
         self.alert_rank = EVENT_RANK[alert_on]
         self.alert_interval_s = alert_interval_s
         self.run_dir: Path | None = None  # what `wandb sync` takes
+        self.wandb_id: str | None = None  # W&B's id of the run, once started
         self.events: list[list[Any]] = []
         self._last_step = 0
         self._last_alert: dict[str, tuple[float, int]] = {}  # detector -> (monotonic time, rank)
         self._run: Any = None
         cell = config.get("cell") or {}
         run_tags = [*tags, *([cell["arch"], f"K={cell['n_loops']}"] if cell else [])]
+        resumed = {} if resume_id is None else {"id": resume_id, "resume": "allow"}
         try:
             self._run = _start_run(project=project, mode=mode, dir=dir, name=run_id, group=group,
-                                  job_type="train", tags=list(dict.fromkeys(run_tags)), config=dict(config))
+                                  job_type="train", tags=list(dict.fromkeys(run_tags)), config=dict(config),
+                                  **resumed)
+            self.wandb_id = self._run.id
             self._run.define_metric(STEP_KEY)
             self._run.define_metric("*", step_metric=STEP_KEY)
             self.run_dir = Path(self._run.settings.sync_dir)

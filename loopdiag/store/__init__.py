@@ -2,7 +2,9 @@
 
     <run_dir>/
       config.json     the caller's resolved config + `run_info` (start time, package
-                      versions, resumes); written atomically before step 1
+                      versions, resumes); written atomically before step 1; `wandb.id`
+                      (a resumed run goes on in that W&B run) when `loopdiag run`
+                      mirrors the run to W&B
       metrics.jsonl   one JSON object per logged step: scalars and per-loop lists (a
                       validation loss at a step not logged is an object of its own, a
                       step and `val_*` values, which no detector judges); the one source

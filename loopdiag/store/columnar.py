@@ -293,9 +293,14 @@ def write_columnar(run_dir: str | Path) -> pa.Table | None:
     try:
         replace_atomically(path, sink.getvalue().to_pybytes())
     except OSError as error:
-        warnings.warn(f"{run_dir}: could not save {COLUMNAR_FILE} ({error}); read from "
-                      f"{METRICS_FILE} this time", RunStoreWarning, stacklevel=2)
+        warnings.warn(UnsavedCopyWarning(f"{run_dir}: could not save {COLUMNAR_FILE} "
+                                         f"({error.strerror or error}); read from {METRICS_FILE} "
+                                         f"this time"), stacklevel=2)
     return table
+
+
+class UnsavedCopyWarning(RunStoreWarning):
+    """The columnar copy was built but could not be written (a read-only folder, a full disk)."""
 
 
 def _is_float(kind: pa.DataType) -> bool:
@@ -431,25 +436,33 @@ def run_dirs(suite_dir: str | Path) -> list[Path]:
 REBUILT = ("missing", "stale", "corrupt")  # the states `build_columnar` builds a copy in
 
 
-def _build(run_dir: Path) -> None:
-    if (run_dir / METRICS_FILE).is_file():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RunStoreWarning)  # the caller reports the state
-            write_columnar(run_dir)
+def _build(run_dir: Path) -> str | None:
+    """Why the copy could not be saved, or None."""
+    if not (run_dir / METRICS_FILE).is_file():
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RunStoreWarning)  # the caller reports the state
+        write_columnar(run_dir)
+    return next((str(w.message) for w in caught if issubclass(w.category, UnsavedCopyWarning)), None)
 
 
 def build_columnar(suite_dir: str | Path, *, jobs: int = 1,
                    on_run: Callable[[Path, str], None] | None = None) -> dict[str, int]:
     """Build the columnar copy of every run of a suite folder that lacks a current one
     (`jobs` processes at once); returns how many runs were in each `columnar_state`
-    before. Stale and corrupt copies are rebuilt with a `RunStoreWarning`; `on_run(run_dir,
-    state)` is called as each run is done (a progress bar)."""
+    before, and as "unsaved" how many copies could not be written (each with an
+    `UnsavedCopyWarning`; the readers fall back to the JSONL). Stale and corrupt copies are
+    rebuilt with a `RunStoreWarning`; `on_run(run_dir, state)` is called as each run is
+    done (a progress bar)."""
     paths = run_dirs(suite_dir)
     counts: dict[str, int] = {}
 
-    def done(path: Path, state: str) -> None:
+    def done(path: Path, state: str, unsaved: str | None = None) -> None:
         counts[state] = counts.get(state, 0) + 1
-        if state in ("stale", "corrupt"):
+        if unsaved is not None:
+            counts["unsaved"] = counts.get("unsaved", 0) + 1
+            warnings.warn(UnsavedCopyWarning(unsaved), stacklevel=3)
+        elif state in ("stale", "corrupt"):
             warnings.warn(f"{path} {STATE_NOTES[state]}; rebuilt it from {METRICS_FILE}",
                           RunStoreWarning, stacklevel=3)
         if on_run is not None:
@@ -462,10 +475,9 @@ def build_columnar(suite_dir: str | Path, *, jobs: int = 1,
             done(path, states[path])
     if jobs <= 1 or len(todo) <= 1:
         for path in todo:
-            _build(path)
-            done(path, states[path])
+            done(path, states[path], _build(path))
         return counts
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo))) as pool:
-        for path, _ in zip(todo, pool.map(_build, todo, chunksize=1)):
-            done(path, states[path])
+        for path, unsaved in zip(todo, pool.map(_build, todo, chunksize=1)):
+            done(path, states[path], unsaved)
     return counts

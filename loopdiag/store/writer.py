@@ -36,9 +36,10 @@ from loopdiag.store._files import (
 )
 
 # Dotted config paths a resumed run may change: they decide how long and where the run
-# goes on, not what is trained. Everything else must match the stored config.
+# goes on, or where it is mirrored, not what is trained. Everything else must match the
+# stored config.
 RESUMABLE_KEYS = frozenset({"train.steps", "train.eval_every", "train.checkpoint_every",
-                            "train.device"})
+                            "train.device", "wandb"})
 # config.json holds the caller's config plus this one key, which the writer owns.
 RUN_INFO_KEY = "run_info"
 # The errors of a disk that cannot take a write: full, over quota, read-only, gone, locked.
