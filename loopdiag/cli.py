@@ -463,7 +463,7 @@ def analyze(
             blind = not_judged_text(judged)
             if blind:  # a verdict read from fewer statistics than the detectors use
                 console.print(blind, soft_wrap=True, highlight=False)
-            if judged["status"] in EXPLAINED:
+            if judged["status"] in (*EXPLAINED, "interrupted"):
                 console.print(explain(run, judged), soft_wrap=True)
             # what the verdict was judged against, where a reference could change it
             if given or judged["status"] in ("stable", "recovered"):

@@ -131,5 +131,7 @@ def _verdict(row: Any) -> str:
         return f"[yellow]stable, warned @{int(row.first_warning_step)}[/]"
     if row.status == "recovered" and isinstance(mechanism, str):
         return f"[yellow]{what} from @{int(row.failure_step)}[/]" if not pd.isna(row.failure_step) else what
+    if row.status == "interrupted" and isinstance(mechanism, str) and not pd.isna(row.failure_step):
+        return f"[yellow]interrupted, collapsed ({mechanism}) @{int(row.failure_step)}[/]"
     return (f"[red]{what} @{int(row.failure_step)}{signal}[/]"
             if failed and not pd.isna(row.failure_step) else what)

@@ -207,6 +207,14 @@ def test_compare_pairs_runs_and_reports_a_statistic(table: pd.DataFrame) -> None
         compare(table, "flt", "looped", n_loops=4, lr=3e-3)  # looped has one finite run
 
 
+def test_compare_of_one_model_under_two_names_says_there_is_nothing_to_test(table: pd.DataFrame) -> None:
+    same = table[table["arch"] == "flt"].assign(arch="flt-again")  # looped and flt at K=1 are one model
+    result = compare(pd.concat([table, same]), "flt", "flt-again")
+    assert result.difference == 0 and math.isnan(result.statistic)
+    assert "the same final loss in every one of the 8 matched runs" in result.summary()
+    assert "nan" not in result.summary()
+
+
 def test_explain_collapsed_and_diverged(suite_dir: Path) -> None:
     text = explain(load_run(suite_dir / COLLAPSED))
     assert "collapsed at step 60" in text and "collapse_plateau" in text
@@ -275,6 +283,34 @@ def test_explain_says_why_a_collapse_the_run_trained_out_of_is_not_recovered(tmp
     assert "It trained out of the collapse" in trained_out and "not judged recovered: " + behind in trained_out
     stuck = explained("stuck", 2.1)  # not 10 % below what token frequencies give: still collapsed
     assert "trained out" not in stuck and behind not in stuck
+
+
+def test_a_run_interrupted_after_a_collapse_keeps_and_explains_it(tmp_path: Path) -> None:
+    """Stopped by hand after a critical alert: `interrupted`, so `--resume` finishes it, but
+    its table row, explanation and report say what collapsed and when."""
+    suite = tmp_path / "suite"
+    cells = {}
+    for run_id, summary in (
+            ("looped-k4-s1-lr0.001", {"status": "interrupted", "mechanism": "representation", "step": 30,
+                                      "signal": "representation_collapse", "first_warning_step": 25,
+                                      "message": "All positions identical from loop 4 on since step 20."}),
+            ("looped-k4-s0-lr0.001", {"status": "interrupted", "first_warning_step": None})):
+        seed = int(run_id.split("-s")[1][0])
+        cells[run_id] = {"arch": "looped", "n_loops": 4, "seed": seed, "lr": 1e-3}
+        records = [record(run_id, "looped", 4, seed, 1e-3, step) for step in range(1, 61)]
+        write_run(suite / run_id, records, {"cell": cells[run_id], "train": {"steps": STEPS}}, summary=summary)
+    write_suite_manifest(suite, {"name": "stopped"}, cells)
+    table = suite_table(load_suite(suite)).set_index("run_id")
+    collapsed, plain = table.loc["looped-k4-s1-lr0.001"], table.loc["looped-k4-s0-lr0.001"]
+    assert collapsed["failure_step"] == 30 and collapsed["signal"] == "representation_collapse"
+    assert math.isnan(plain["failure_step"]) and pd.isna(plain["signal"])
+    text = explain(load_run(suite / "looped-k4-s1-lr0.001"))
+    assert "was interrupted at step 60" in text and "collapsed (representation) at step 30" in text
+    assert "All positions identical from loop 4" in text and "Resume it" in text
+    plain_text = explain(load_run(suite / "looped-k4-s0-lr0.001"))
+    assert "was interrupted at step 60" in plain_text and "collapsed" not in plain_text
+    report = write_report(suite, tmp_path / "out", "loopdiag report suite").read_text()
+    assert "### looped-k4-s1-lr0.001" in report and "### looped-k4-s0-lr0.001" not in report
 
 
 def test_a_validation_loss_at_a_step_not_logged_is_no_train_loss(tmp_path: Path) -> None:
@@ -582,7 +618,8 @@ def test_findings_count_runs_that_failed_to_train_apart_from_collapses() -> None
     lines = findings(pd.DataFrame(rows, columns=list(TABLE_COLUMNS)))
     (line,) = [line for line in lines if "collapsed or diverged" in line]
     assert line.startswith("1 run(s) collapsed or diverged (1 collapsed).")
-    assert "came 300 steps before the verdict." in line and "2 run(s) failed to train (judged at their end)." in line
+    assert "The first warning came 300 steps before the verdict." in line
+    assert "2 run(s) failed to train (judged at their end)." in line
     none = findings(pd.DataFrame(rows[1:], columns=list(TABLE_COLUMNS)))
     assert "No run collapsed or diverged. 2 run(s) failed to train (judged at their end)." in none
 
@@ -604,3 +641,43 @@ def test_findings_name_the_stable_runs_a_detector_warned() -> None:
     (line,) = [line for line in findings(rows(NAMED_RUNS + 2)) if "were warned" in line]
     assert line.startswith(f"{NAMED_RUNS + 2} stable run(s)") and "and 2 more." in line
     assert f"looped-k12-s{NAMED_RUNS}" not in line
+
+
+def test_findings_count_a_verdict_no_warning_came_before_as_unwarned() -> None:
+    """A lead of 0 (the first warning is the verdict's own event, as a diverged run's
+    non-finite loss) is no warning ahead: the explanation says "No detector warned before
+    that step", and the findings must not call it a warning 0 steps before."""
+    from loopdiag.analysis.findings import findings
+    from loopdiag.analysis.tables import TABLE_COLUMNS
+
+    leads = [("looped", "collapsed", 10.0), ("flt", "collapsed", 30.0), ("standard", "diverged", 0.0)]
+    rows = [{"run_id": f"{arch}-k12", "arch": arch, "n_loops": 12, "lr": 3e-3, "seed": 0, "status": status,
+             "final_loss": 2.4, "oscillation": 0.01, "warning_lead": lead, "recomputed": False}
+            for arch, status, lead in leads]
+    (line,) = [line for line in findings(pd.DataFrame(rows, columns=list(TABLE_COLUMNS)))
+               if "collapsed or diverged" in line]
+    assert ("The first warning came a median of 20 steps before the verdict (range 10 to 30, 2 runs). "
+            "1 of them had no warning before the verdict's step.") in line
+    (line,) = [line for line in findings(pd.DataFrame(rows[2:], columns=list(TABLE_COLUMNS)))
+               if "collapsed or diverged" in line]
+    assert "0 steps" not in line and "1 of them had no warning before the verdict's step." in line
+
+
+def test_report_definitions_name_every_verdict() -> None:
+    from loopdiag.analysis.report import DEFINITIONS
+    from loopdiag.detect.verdict import STATUSES
+
+    (status,) = [line for line in DEFINITIONS if line.startswith("status:")]
+    assert [name for name in STATUSES if name not in status] == []
+
+
+def test_explain_gives_no_ratio_across_loops_for_a_one_loop_run(tmp_path: Path) -> None:
+    run_id = "standard-k1-s0-lr0.003"
+    records = [record(run_id, "standard", 1, 0, 3e-3, step) for step in range(1, STEPS + 1)]
+    ended = "The run ended 20% above the 2.1 this model should reach."
+    summary = {"status": "failed_to_train", "step": STEPS, "signal": "failed_to_train",
+               "first_warning_step": STEPS, "message": ended}
+    config = {"cell": {"arch": "standard", "n_loops": 1, "seed": 0, "lr": 3e-3}, "train": {"steps": STEPS}}
+    text = explain(load_run(write_run(tmp_path / run_id, records, config, summary=summary)))
+    assert "The last loop's residual norm went from 1 at step 1 to 1 at step 100 (x1)." in text
+    assert "the norm of loop 1" not in text

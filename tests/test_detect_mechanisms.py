@@ -107,6 +107,16 @@ def test_vanishing_gradient_alone_is_information_and_critical_with_a_loss_sympto
     assert severities == ["info", "critical"]
 
 
+def test_a_gradient_that_underflowed_to_zero_is_said_as_such():
+    records = looped_run(collapse=True)
+    for record in records:  # float32 underflow: the gradient at loop 1 is exactly 0
+        record["act_grad_norm"] = [0.0, *[1e-3] * (LOOPS - 1)]
+    (event,) = [e for e in replay(records, [VanishingGradient()]) if e.severity == "info"]
+    assert "(now exactly 0: none reaches it)" in event.message and "0e+00" not in event.message
+    (collapse,) = [e for e in replay(records, [RepresentationCollapse()]) if e.severity == "critical"]
+    assert "no gradient reaches loop 1 (exactly 0)" in collapse.message and "0e+00" not in collapse.message
+
+
 def test_failed_to_train_is_judged_at_the_end_against_a_known_reference():
     stuck = [{"step": s, "loss": 3.2 + 2.0 * math.exp(-s / 5)} for s in range(1, 200)]
     assert replay(stuck, [FailedToTrain(expected_loss=2.4)]) == []  # mid-run: not yet

@@ -273,3 +273,94 @@ def test_the_monitor_names_the_loss_it_judges_against():
     assert loopdiag.Monitor(expected_loss=2.5).expected_loss == 2.5
     assert loopdiag.Monitor([FailedToTrain(FailedToTrainConfig(expected_loss=1.5))]).expected_loss == 1.5
     assert loopdiag.Monitor([LossSpike()]).expected_loss is None  # no detector judges it
+
+
+def train_steps(run, model, steps) -> None:
+    x = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(0))
+    for step in steps:
+        model(x).sum().backward()
+        run.after_backward()
+        model.zero_grad()
+        run.step(step, loss=1.0)
+
+
+def test_a_session_used_before_it_starts_or_after_it_closes_says_so():
+    model = TiedEncoder()
+    run = loopdiag.RunSession(model, loop_module="shared_block", monitor=loopdiag.Monitor())
+    with pytest.raises(RuntimeError, match=r"RunSession.after_backward\(\) before the session started"):
+        train_steps(run, model, [1])
+    with run:
+        train_steps(run, model, [1])
+    with pytest.raises(RuntimeError, match=r"RunSession.step\(\) after the session closed"):
+        run.step(2, loss=1.0)
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["no-run-dir", "run-dir"])
+def test_a_session_refuses_a_step_that_does_not_increase_before_judging_it(tmp_path, stored):
+    model = TiedEncoder()
+    monitor = loopdiag.Monitor()
+    with loopdiag.RunSession(model, loop_module="shared_block", monitor=monitor,
+                             run_dir=tmp_path / "run" if stored else None) as run:
+        train_steps(run, model, [0, 1])  # a batch index per epoch: 0, 1, then 0 again
+        with pytest.raises(ValueError, match="step must increase from call to call: got step 0 after step 1"):
+            run.step(0, loss=1.0)
+        with pytest.raises(TypeError, match="step must be an integer, got float 2.0"):
+            run.step(2.0, loss=1.0)
+        train_steps(run, model, [2])
+    assert [record["step"] for record in run.records] == [0, 1, 2]  # judged once each
+    if stored:
+        assert list(loopdiag.load_run(tmp_path / "run").steps["step"]) == [0, 1, 2]
+
+
+def test_a_session_that_cannot_open_its_run_store_leaves_no_hooks_on_the_model(tmp_path):
+    model = TiedEncoder()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="resume=True"):
+        with loopdiag.RunSession(model, loop_module="shared_block", run_dir=tmp_path / "run"):
+            pass
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+def test_a_session_warning_points_at_the_callers_line():
+    model = TiedEncoder()
+    x = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(0))
+    with loopdiag.RunSession(model, loop_module="shared_block", monitor=loopdiag.Monitor()) as run:
+        model.shared_block(model.embed(x)).sum().backward()  # the block alone: no forward of the model
+        run.after_backward()
+        with pytest.warns(UserWarning, match="ran no loop") as caught:
+            run.step(1, loss=1.0)
+    assert caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("sinks,message", [
+    (loopdiag.ConsoleSink(), "sinks must be a list of sinks, got one ConsoleSink"),
+    ([print], r"each sink needs an emit\(event\) method.*CallbackSink\(print\)"),
+    (3, "sinks must be a list of sinks, got int"),
+])
+def test_bad_sinks_are_refused_before_the_first_alert(sinks, message):
+    with pytest.raises(TypeError, match=message):
+        loopdiag.Monitor(sinks=sinks)
+
+
+def test_losses_given_as_numpy_scalars_or_tensors_judge_as_floats():
+    import numpy as np
+
+    curve = [(step, 4.0 - step / 100) for step in range(1, 200)]
+    given = loopdiag.Monitor(expected_loss=np.float32(2.5), context_free_loss=torch.tensor(3.5),
+                             best_known_loss=np.float32(2.0),
+                             reference_losses=[(step, torch.tensor(loss, dtype=torch.float64))
+                                               for step, loss in curve])
+    floats = loopdiag.Monitor(expected_loss=float(np.float32(2.5)), context_free_loss=3.5,
+                              best_known_loss=float(np.float32(2.0)), reference_losses=curve)
+    assert given.expected_loss == floats.expected_loss and isinstance(given.context_free_loss, float)
+    for step in range(1, 200):
+        record = {"step": step, "loss": 3.6 + 0.1 * math.sin(step)}
+        assert [e.to_dict() for e in given.update(record)] == [e.to_dict() for e in floats.update(record)]
+    assert [e.to_dict() for e in given.finish()] == [e.to_dict() for e in floats.finish()]
+    assert given.events  # judged, not silently ignored
+
+
+def test_a_reference_curve_with_a_negative_loss_is_refused():
+    with pytest.raises(ValueError, match=r"reference_losses .* losses >= 0, got \(2, -1.0\)"):
+        loopdiag.Monitor(reference_losses=[(1, 3.0), (2, -1.0)])

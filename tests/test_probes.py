@@ -603,3 +603,80 @@ def test_missing_hook_point_names_what_to_pass():
         probes.attach(model)
     with pytest.raises(ValueError, match="itself"):
         probes.attach(model, model)
+
+
+class ReturnsMapping(nn.Module):
+    """A Hugging Face-style layer: the hidden state in a `ModelOutput`-like mapping."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return {"hidden_states": self.block(x), "attentions": None}
+
+
+class UserLoopedMapping(UserLooped):
+    def __init__(self):
+        super().__init__()
+        self.layer = ReturnsMapping(self.block)
+
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for _ in range(self.n_loops):
+            x = self.layer(x)["hidden_states"]
+        logits = self.head(x)
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def test_a_loop_module_returning_a_mapping_is_read_by_its_first_value():
+    model = UserLoopedMapping()
+    rec, ref = probes.attach(model, "layer", loops=3), Outputs(model.block)
+    record, grad_norms = one_step(model, rec, ref)
+    assert_matches(record, ref.tensors, grad_norms)
+
+
+class PooledLoop(nn.Module):
+    """A loop over one pooled vector (D,): no token axis for the loop statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.cell = nn.Embedding(256, D), nn.Linear(D, D)
+
+    def forward(self, idx):
+        h = self.embed(idx).mean(dim=(0, 1))
+        for _ in range(3):
+            h = self.cell(h)
+        return h.sum()
+
+
+def test_a_loop_output_without_tokens_and_features_is_refused_naming_its_shape():
+    model = PooledLoop()
+    with probes.attach(model, "cell"), pytest.raises(
+            ValueError, match=rf"tensor of shape \({D},\); the recorder needs one of \(\.\.\., tokens"):
+        model(batch()[0])
+
+
+def test_a_loop_count_warning_points_at_the_callers_line():
+    model = UserLooped(n_loops=3)
+    rec = probes.attach(model, "block", loops=4)
+    model(*batch())[1].backward()
+    with pytest.warns(UserWarning, match="ran 3 times, not loops=4") as caught:
+        rec.end_step(0)
+    assert caught[0].filename == __file__
+
+
+def test_after_backward_per_micro_batch_is_named_once():
+    model = UserLooped(n_loops=3)
+    rec = probes.attach(model, "block")
+    with pytest.warns(UserWarning, match=r"after_backward\(\) ran twice in one step: call it once per"):
+        for seed in range(3):  # gradient accumulation, after_backward wrongly inside it
+            model(*batch(seed))[1].backward()
+            rec.after_backward()
+    rec.end_step(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in (1, 2):  # once per step: nothing to say
+            model(*batch(step))[1].backward()
+            rec.after_backward()
+            rec.end_step(step)

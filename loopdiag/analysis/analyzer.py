@@ -37,6 +37,13 @@ LOSS_COLUMNS = ("loss", "train_loss")  # the recorder's name first, the trainer'
 FINAL_FRACTION = 0.1
 CELL_KEYS = ("arch", "n_loops", "seed", "lr")
 EXPLAINED = (*FAILED_STATUSES, "recovered")  # runs a report explains: failures, and collapses trained out of
+
+
+def collapsed_before_interrupt(judged: dict[str, Any]) -> bool:
+    """Whether an interrupted run's verdict holds a collapse found before it stopped (a
+    run stopped by hand after a critical alert): it stays `interrupted`, as `--resume`
+    finishes such runs and only their end can tell a recovery, but keeps that collapse."""
+    return judged.get("status") == "interrupted" and judged.get("signal") is not None
 WARNING_SEVERITIES = ("warn", "critical")
 
 
@@ -258,6 +265,8 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
     known = [form.format(cell[key]) for key, form in forms.items() if cell[key] is not None]
     who = f"{run.run_id} ({', '.join(known)})" if known else run.run_id
     status = judged.get("status")
+    if status == "interrupted":
+        return _interrupted_story(who, judged, steps)
     if status == "recovered":
         return " ".join(sentence for sentence in (
             f"{who} collapsed ({judged.get('mechanism')}) at step {judged.get('step')} "
@@ -289,6 +298,18 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
         sentences.append(f"Train loss ended at {_fmt(final_loss(steps))} against a best of "
                          f"{_fmt(finite.min())}.")
     return " ".join(sentence for sentence in sentences if sentence)
+
+
+def _interrupted_story(who: str, judged: dict[str, Any], steps: pd.DataFrame) -> str:
+    last = int(steps["step"].iloc[-1]) if len(steps) else None
+    ended = (f"{who} was interrupted at step {last}, with a final train loss of "
+             f"{_fmt(final_loss(steps))} (best {_fmt(best_loss(steps))}).")
+    if not collapsed_before_interrupt(judged):
+        return f"{ended} Resume it to judge its end."
+    return " ".join(sentence for sentence in (
+        ended, f"Before that, it collapsed ({judged.get('mechanism')}) at step {judged.get('step')} "
+        f"(signal: {judged.get('signal')}).", _verdict_message(judged),
+        "Resume it to judge its end: a run can still train out of a collapse.") if sentence)
 
 
 def _recovery_not_credited(run: RunData, judged: dict[str, Any], steps: pd.DataFrame) -> str:
@@ -333,7 +354,7 @@ def _first_signal(run: RunData, judged: dict[str, Any]) -> str:
                              + ("." if repeated else f"; then {first['detector']} did"
                                 f"{_quoted(first['message'])}."))
         else:
-            notice = "" if lead is None else f", {lead} steps before the verdict"
+            notice = "" if lead is None else f", {lead} step{'s' * (lead != 1)} before the verdict"
             sentences.append(f"The first warning was {first['detector']} at step "
                              f"{int(first['step'])}{notice}{_quoted(first['message'])}.")
     return " ".join(sentences)
@@ -350,10 +371,12 @@ def _residual_story(run: RunData) -> str:
     table, start, end = endpoints
     growth, across = residual_growth(run)
     last_loop = table.iloc[:, -1]
-    return (f"The last loop's residual norm went from {_fmt(last_loop[start])} at step {start} "
-            f"to {_fmt(last_loop[end])} at step {end} (x{_fmt(growth)}); there, loop "
-            f"{int(table.columns[-1])} carried x{_fmt(across)} the norm of loop "
-            f"{int(table.columns[0])}.")
+    story = (f"The last loop's residual norm went from {_fmt(last_loop[start])} at step {start} "
+             f"to {_fmt(last_loop[end])} at step {end} (x{_fmt(growth)})")
+    if table.shape[1] < 2:  # one loop: no ratio across loops to tell
+        return story + "."
+    return (story + f"; there, loop {int(table.columns[-1])} carried x{_fmt(across)} the norm of "
+                    f"loop {int(table.columns[0])}.")
 
 
 def _fmt(value: float) -> str:

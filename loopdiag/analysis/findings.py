@@ -220,15 +220,18 @@ def _warnings(table: pd.DataFrame) -> list[str]:
     not_trained = f" {n_not_trained} run(s) failed to train (judged at their end)." if n_not_trained else ""
     if failed.empty:
         return ["No run collapsed or diverged." + not_trained]
-    leads = failed["warning_lead"].dropna()
+    # `warning_lead` counts from the first warning (warn or critical), as the explanations
+    # do; a lead of 0 is a verdict no warning came before, not a warning 0 steps ahead
+    leads = failed["warning_lead"]
+    leads = leads[leads > 0]
     counts = ", ".join(f"{n} {status}" for status, n in failed["status"].value_counts().items())
     line = f"{len(failed)} run(s) collapsed or diverged ({counts})."
     if len(leads) == 1:
-        line += f" The first detector event came {leads.iloc[0]:.0f} steps before the verdict."
+        line += f" The first warning came {leads.iloc[0]:.0f} steps before the verdict."
     elif len(leads):
-        line += (f" The first detector event came a median of {leads.median():.0f} steps before "
+        line += (f" The first warning came a median of {leads.median():.0f} steps before "
                  f"the verdict (range {leads.min():.0f} to {leads.max():.0f}, {len(leads)} runs).")
     silent = len(failed) - len(leads)
     if silent:
-        line += f" {silent} of them had no detector event before the verdict was recorded."
+        line += f" {silent} of them had no warning before the verdict's step."
     return [line + not_trained]

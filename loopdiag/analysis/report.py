@@ -66,12 +66,14 @@ DEFINITIONS = [
     "oscillation: mean of max(0, -cos) between consecutive gradients of the shared weights, "
     "second half of training (0: never reverses, 1: reverses every step).",
     "status: stable, collapsed (mechanism: representation, gradient, residual, plateau or "
-    "loss), diverged, failed_to_train (a loss that ended ≥ 10% above what the same "
-    "architecture reaches with one loop, or above a tenth of the data's context-free loss "
+    "loss), recovered (mechanism: a collapse the run trained out of, to ≥ 10% below the data's "
+    "context-free loss), diverged, failed_to_train (a loss that ended ≥ 10% above what the "
+    "same architecture reaches with one loop, or above a tenth of the data's context-free loss "
     "where that is lower, or stalled at what the data's token frequencies alone give) or "
     "interrupted.",
-    "failure_step: the verdict's step for a failed run; warning_lead: steps from the first "
-    "detector event to it.",
+    "failure_step: the verdict's step for a failed run, the collapse's for a recovered one; "
+    "warning_lead: steps from the first warning (a warn or critical event; information does "
+    "not count) to it.",
 ]
 
 
@@ -314,10 +316,11 @@ MAX_MECHANISM_FIGURES = 12
 
 
 def _explanations(suite: SuiteData, table: pd.DataFrame, drawer: FigureDrawer) -> list[Block]:
-    """A paragraph per failed or recovered run; collapsed and recovered runs also get their
-    per-loop token correlation, relative update and gradient over steps (one run per cell,
-    at most `MAX_MECHANISM_FIGURES`, given to `drawer`)."""
-    failed = table[table["status"].isin(EXPLAINED)]
+    """A paragraph per failed or recovered run, and per run interrupted after a collapse;
+    collapsed and recovered runs also get their per-loop token correlation, relative update
+    and gradient over steps (one run per cell, at most `MAX_MECHANISM_FIGURES`, given to
+    `drawer`)."""
+    failed = table[table["status"].isin(EXPLAINED) | ((table["status"] == "interrupted") & table["signal"].notna())]
     if failed.empty:
         return [Paragraph("No run collapsed, diverged or failed to train.")]
     blocks: list[Block] = []

@@ -15,6 +15,7 @@ from loopdiag.analysis.analyzer import (
     EXPLAINED,
     LOSS_COLUMNS,
     best_loss,
+    collapsed_before_interrupt,
     final_loss,
     final_val_loss,
     first_warning_step,
@@ -37,9 +38,9 @@ TABLE_COLUMNS = (
 def suite_table(suite: SuiteData) -> pd.DataFrame:
     """One row per run (columns `TABLE_COLUMNS`, defined in `loopdiag.analysis.analyzer`).
 
-    `failure_step` is the verdict's step for a failed run, and for a recovered one the
-    step of the collapse it recovered from; `warning_lead`
-    is how many steps the first detector event came before it.
+    `failure_step` is the verdict's step for a failed run, and for a recovered one, or
+    one interrupted after a collapse, the step of that collapse; `warning_lead`
+    is how many steps the first warning (a warn or critical event) came before it.
     """
     if not suite.runs:
         raise ValueError(f"suite {suite.suite_dir} has no runs to analyse")
@@ -75,8 +76,9 @@ def _row(run_id: str, run: RunData, cell: dict[str, object]) -> dict[str, object
     judged = run_verdict(run)
     run.read_ahead([*STEP_COLUMNS, "resid_norm"])
     steps = run.steps_of(STEP_COLUMNS)
-    # A recovered run keeps the step and signal of the collapse it trained out of.
-    failed = judged.get("status") in EXPLAINED
+    # A recovered run keeps the step and signal of the collapse it trained out of, an
+    # interrupted one those of a collapse found before it stopped.
+    failed = judged.get("status") in EXPLAINED or collapsed_before_interrupt(judged)
     failure_step = (float(judged["step"]) if failed and judged.get("step") is not None
                     else math.nan)
     warning = first_warning_step(run, judged)
@@ -203,6 +205,10 @@ class Comparison:
     excluded: int  # runs left out for a non-finite final loss (diverged)
 
     def summary(self) -> str:
+        if self.test == "paired t" and self.difference == 0 and math.isnan(self.statistic):
+            # e.g. looped and flt at K=1, one model: nothing to test
+            return (f"{self.arch_a} vs {self.arch_b}: the same final loss in every one of the "
+                    f"{self.n_a} matched runs ({self.mean_a:.4g} on average): no difference to test")
         return (f"{self.arch_a} vs {self.arch_b}: mean final loss {self.mean_a:.4g} vs "
                 f"{self.mean_b:.4g} (difference {self.difference:+.3g}, 95% CI "
                 f"[{self.ci_low:+.3g}, {self.ci_high:+.3g}]; {self.test} = {self.statistic:.3g}, "

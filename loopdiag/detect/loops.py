@@ -66,7 +66,8 @@ def loop_story(record: Mapping[str, Any], since: int | None = None) -> list[str]
                        f"correlation {corr[-1]:.4f} at the last loop)")
     ratio = gradient_ratio(record)
     if ratio is not None and ratio < VANISHED_RATIO:
-        clauses.append(f"the gradient reaching loop 1 is {ratio:.0e}× the last loop's")
+        clauses.append("no gradient reaches loop 1 (exactly 0)" if ratio == 0 else
+                       f"the gradient reaching loop 1 is {ratio:.0e}× the last loop's")
     embedding = embedding_gradient(record)
     if embedding is not None and (ratio is None or ratio < VANISHED_RATIO):
         clauses.append(f"gradient at the embedding {embedding:.0e}")
@@ -326,8 +327,9 @@ class VanishingGradient(Detector):
         # Identical positions are representation_collapse's to report, with its own timing.
         symptom = (symptoms.current(representation=False)
                    if self._streak >= self.config.window else None)
+        now = "now exactly 0: none reaches it" if ratio == 0 else f"now {ratio:.0e}×"
         clauses = [f"the gradient reaching loop 1 has been under {self.config.max_ratio:.0e}× "
-                   f"the last loop's since step {self._since} (now {ratio:.0e}×)"]
+                   f"the last loop's since step {self._since} ({now})"]
         embedding = embedding_gradient(record)
         if embedding is not None:
             clauses.append(f"gradient at the embedding {embedding:.0e}")

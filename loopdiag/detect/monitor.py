@@ -6,6 +6,7 @@ an alert channel that breaks (a network hiccup, a full disk) must never stop tra
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -65,7 +66,9 @@ class Monitor:
     """Runs `detectors` on each record and sends what they fire to `sinks`.
 
     With `stop_on` set to a severity, the first event at or above it sets `stop_event`
-    (training loops check `should_stop`).
+    (training loops check `should_stop`). `sinks`: a list of objects with `emit(event)`
+    (`CallbackSink(f)` for a function). The losses may be given as floats, numpy scalars or
+    0-d tensors.
     """
 
     def __init__(
@@ -81,6 +84,9 @@ class Monitor:
     ):
         if stop_on is not None and stop_on not in SEVERITIES:
             raise ValueError(f"stop_on must be one of {', '.join(SEVERITIES)} or None, got {stop_on!r}")
+        expected_loss, context_free_loss, best_known_loss = (
+            _plain_loss(expected_loss), _plain_loss(context_free_loss), _plain_loss(best_known_loss))
+        reference_losses = _plain_losses(reference_losses)
         if detectors is not None and (thresholds or expected_loss is not None
                                       or context_free_loss is not None
                                       or reference_losses is not None
@@ -98,7 +104,7 @@ class Monitor:
         self._unreached_line = (None if detectors is not None
                                 or self._failed_to_train().config.context_free_line_holds
                                 else (expected_loss, context_free_loss))
-        self.sinks = list(sinks)
+        self.sinks = _checked_sinks(sinks)
         self.stop_on = stop_on
         self.events: list[Event] = []
         self.stop_event: Event | None = None
@@ -192,3 +198,42 @@ class Monitor:
     @staticmethod
     def _at_least(severity: str, threshold: str | None) -> bool:
         return threshold is not None and SEVERITIES.index(severity) >= SEVERITIES.index(threshold)
+
+
+def _checked_sinks(sinks: Iterable[AlertSink]) -> list[AlertSink]:
+    """`sinks` as a list, refused here rather than at the first alert, which a bad sink would
+    lose."""
+    if callable(getattr(sinks, "emit", None)):
+        raise TypeError(f"sinks must be a list of sinks, got one {type(sinks).__name__}: pass sinks=[...]")
+    if not isinstance(sinks, Iterable) or isinstance(sinks, (str, bytes)):
+        raise TypeError(f"sinks must be a list of sinks, got {type(sinks).__name__}")
+    sinks = list(sinks)
+    for sink in sinks:
+        if not callable(getattr(sink, "emit", None)):
+            name = getattr(sink, "__name__", "f")
+            hint = f": wrap a function as CallbackSink({name})" if callable(sink) else ""
+            raise TypeError(f"each sink needs an emit(event) method; got {sink!r}{hint}")
+    return sinks
+
+
+def _plain_loss(value: Any) -> Any:
+    """A loss given as a numpy scalar or a 0-d tensor (a baseline's last `loss`) as a float;
+    anything else as given, for the detectors to check."""
+    if isinstance(value, (int, float)):
+        return value  # as given, so that an error names it so
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        value = value.item()
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
+
+
+def _plain_losses(losses: Any) -> Any:
+    """`reference_losses` with each loss as `_plain_loss` makes it; a negative loss refused,
+    as `expected_loss` is, since the curve stands for it."""
+    if not isinstance(losses, (list, tuple)):
+        return losses
+    pairs = [(pair[0], _plain_loss(pair[1])) if isinstance(pair, (list, tuple)) and len(pair) == 2 else pair
+             for pair in losses]
+    for pair in pairs:
+        if isinstance(pair, tuple) and isinstance(pair[1], float) and pair[1] < 0:
+            raise ValueError(f"reference_losses must hold (step, loss) pairs with losses >= 0, got {pair!r}")
+    return pairs

@@ -21,7 +21,9 @@ def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stat
     """Record per-loop statistics of `model` every `log_every` steps, and at its first step.
 
     loop_module: the module that runs once per loop: a dotted attribute path
-        ("encoder.layer_group"), the module itself, or None for `model.loop_out`.
+        ("encoder.layer_group"), the module itself, or None for `model.loop_out`. It must
+        return the hidden state (..., tokens, features), or a tuple, list or mapping (a
+        Hugging Face `ModelOutput`) whose first item is that.
     stats: "cheap" (every logged step) or "full" (adds attention and per-layer statistics
         every `costly_every` logged steps; our reference models only).
     window: steps (logged or not) behind `gnorm_cv` and `gnorm_autocorr`; at least 3.

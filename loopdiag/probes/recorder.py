@@ -67,7 +67,9 @@ So it is not registered while compiling, and compiled forwards record no `act_gr
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +112,8 @@ class LoopRecorder:
         self._grads = GradientProbe(model, shared_params, window)
         self._step = 0  # the step expected to be running
         self._closed_a_step = False
+        self._backward_ran = False  # since the last step closed
+        self._warned_backwards = False
         self._collecting = self.logs_step(0)
         self._logged_count = 0
         self._depth = 0  # nesting of root forwards
@@ -142,6 +146,7 @@ class LoopRecorder:
         `end_step` is dropped."""
         self._check_attached()
         self._step, self._collecting = step, self.logs_step(step)
+        self._backward_ran = False
         self._forwards.clear()
         self._reruns.clear()
         self._remove_tensor_hooks()
@@ -150,6 +155,14 @@ class LoopRecorder:
     def after_backward(self) -> None:
         """Call once per step after the backward pass(es), before clipping and the optimizer."""
         self._check_attached()
+        if self._backward_ran and not self._warned_backwards:
+            # each call adds a norm to the window: micro-batch norms would pass for steps'
+            self._warned_backwards = True
+            warnings.warn("after_backward() ran twice in one step: call it once per optimizer "
+                          "step, after the last micro-batch's backward; the gradient window statistics "
+                          "(gnorm_cv, gnorm_autocorr) count every call as a step",
+                          stacklevel=caller_stacklevel())
+        self._backward_ran = True
         self._grads.after_backward(self._step, self._collecting, self.logs_step(self._step + 1))
         self._rerun()
 
@@ -165,7 +178,7 @@ class LoopRecorder:
         self._reruns.clear()
         self._remove_tensor_hooks()
         logged = self.logs_step(step) or force
-        self._closed_a_step = True
+        self._closed_a_step, self._backward_ran = True, False
         self._step, self._collecting = step + 1, self.logs_step(step + 1)
         if not logged:
             self._grads.discard()
@@ -201,8 +214,8 @@ class LoopRecorder:
         hint = (" once per forward: it is outside the loop, or is the whole stack of loops"
                 if n_loops == 1 else f" {n_loops} times")
         warnings.warn(f"step {step}: loop_module ({module}) ran{hint}, not loops={self.expected_loops}; "
-                      f"every statistic is per call of it, so name the module that runs once per loop",
-                      stacklevel=4)
+                      f"every statistic is per call of it, so name the module that runs once per loop "
+                      f"(and give loops= only when the count is fixed)", stacklevel=caller_stacklevel())
 
     @property
     def latest(self) -> Record | None:
@@ -303,7 +316,7 @@ class LoopRecorder:
             warnings.warn(f"rerun_without_dropout is off from step {self._step}: the model's forward "
                           f"failed in eval mode without gradients ({type(error).__name__}: {error}); "
                           "its loop statistics are now the training forward's, dropout noise and all",
-                          stacklevel=3)
+                          stacklevel=caller_stacklevel())
         finally:
             self._rerunning = False
             self._depth, self._current, self._prev_output = 0, None, None
@@ -332,13 +345,32 @@ class LoopRecorder:
             raise RuntimeError("this LoopRecorder is detached; attach a new one to keep recording")
 
 
+def caller_stacklevel() -> int:
+    """The `stacklevel` that makes a warning issued by the calling function point at the first
+    frame outside loopdiag: the user's line, whichever of attach's recorder, a session or a
+    trainer callback it came through."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "loopdiag":
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _loop_tensor(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"the loop module returned {type(output).__name__}; the recorder needs a "
-                    "tensor (..., tokens, features) or a tuple/list starting with one")
+    """The hidden state in what the loop module returned: the tensor itself, or the first
+    item of a tuple or list, or the first value of a mapping (a Hugging Face `ModelOutput`)."""
+    first = output
+    if isinstance(output, (tuple, list)) and output:
+        first = output[0]
+    elif isinstance(output, Mapping) and output:
+        first = next(iter(output.values()))
+    if not isinstance(first, Tensor):
+        raise TypeError(f"the loop module returned {type(output).__name__}; the recorder needs a "
+                        "tensor (..., tokens, features), or a tuple, list or mapping whose first item is one")
+    if first.dim() < 2:
+        raise ValueError(f"the loop module returned a tensor of shape {tuple(first.shape)}; the recorder "
+                         "needs one of (..., tokens, features): name the module whose output is the "
+                         "hidden state each loop passes on")
+    return first
 
 
 def _as_scalar(name: str, value: Tensor | float) -> Tensor | float:

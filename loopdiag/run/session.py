@@ -28,8 +28,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from loopdiag.detect import Event, verdict
+from loopdiag.detect.base import is_int
 from loopdiag.detect.monitor import AlertSink, ConsoleSink, EventLogSink, Monitor
 from loopdiag.probes import LoopRecorder, Record, attach
+from loopdiag.probes.recorder import caller_stacklevel
 from loopdiag.run.wandb_logging import WandbRun
 from loopdiag.store import RunWriter, read_records
 
@@ -82,6 +84,7 @@ class RunSession:
         self.writes = False
         self._added_sinks: list[AlertSink] = []
         self._warned_no_loops = False
+        self._last_step: int | None = None
 
     @classmethod
     def for_trainer(cls, trainer: str, module: str | nn.Module | None, loop_module: str | nn.Module | None,
@@ -117,12 +120,19 @@ class RunSession:
         if self.recorder is not None:
             self.close(finished=False)
         self.summary, self.records = None, []
+        self._last_step = first_step - 1 if resume else None
         self.recorder = attach(_submodule(model, self.module), self.loop_module, **self.attach_options)
         self.recorder.begin_step(first_step)
         self.judges, self.writes = judge, write
         if write and self.run_dir is not None:
-            self.writer = RunWriter(self.run_dir, self.config, resume=resume,
-                                    resume_step=first_step - 1 if resume else None)
+            try:
+                self.writer = RunWriter(self.run_dir, self.config, resume=resume,
+                                        resume_step=first_step - 1 if resume else None)
+            except BaseException:
+                # hooks left behind would keep collecting from every forward of the model
+                self.recorder.detach()
+                self.recorder = None
+                raise
             self._add_sink(EventLogSink(self.writer), first=True)
             # A trainer with no exception hook (Hugging Face's) leaves the session open when
             # training raises: the run must still end as interrupted, not without a verdict.
@@ -138,12 +148,23 @@ class RunSession:
 
     def after_backward(self) -> None:
         """Take the gradient statistics: once per optimizer step, where the gradients are final."""
+        self._check_running("after_backward")
         self.recorder.after_backward()
 
     def step(self, step: int, *, loss: Tensor | float | None, lr: float | None = None,
              grad_norm: Tensor | float | None = None) -> Record | None:
         """Close optimizer step `step`; on a logged step judge and write its record, and return it.
-        `lr` is only kept in the record (no default detector judges by it); None leaves it out."""
+        `lr` is only kept in the record (no default detector judges by it); None leaves it out.
+        Steps must increase from call to call (the optimizer step's count, not a batch index
+        that restarts every epoch): the detectors' windows and the run store are in steps."""
+        self._check_running("step")
+        if not is_int(step):
+            raise TypeError(f"step must be an integer, got {type(step).__name__} {step!r}")
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"step must increase from call to call: got step {step} after step "
+                             f"{self._last_step}; pass the optimizer step's count, not a batch index "
+                             "that restarts every epoch")
+        self._last_step = int(step)
         record = self.recorder.end_step(step, loss=loss, lr=lr, grad_norm=grad_norm)
         if record is None:
             return None
@@ -151,7 +172,7 @@ class RunSession:
             self._warned_no_loops = True
             warnings.warn(f"step {step} ran no loop of the recorded module: if the training step calls a "
                           "submodule directly rather than the model, pass that submodule as module=",
-                          stacklevel=3)
+                          stacklevel=caller_stacklevel())
         self.judge(record)
         self.write(record)
         return record
@@ -210,6 +231,14 @@ class RunSession:
         self._added_sinks = []
         self.summary = summary
         return summary
+
+    def _check_running(self, method: str) -> None:
+        if self.recorder is None:
+            raise RuntimeError(f"RunSession.{method}() before the session started: use it as "
+                               "`with RunSession(...) as run:`, or call run.start() first")
+        if not self.recorder.attached:
+            raise RuntimeError(f"RunSession.{method}() after the session closed (its `with` block "
+                               "ended, or close() was called); start it again for a new run")
 
     def _close_at_exit(self) -> None:
         self.close(finished=False)
