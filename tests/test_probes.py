@@ -597,6 +597,47 @@ def test_a_loop_module_outside_the_loop_is_named_once_when_loops_is_given():
         rec.end_step(1)
 
 
+class SharedNormBlock(nn.Module):
+    """One loop of a block that applies one small norm twice: no loop inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.mlp = nn.LayerNorm(D), ResidualMLP()
+
+    def forward(self, x):
+        return self.norm(self.mlp(self.norm(x)))
+
+
+def test_a_loop_module_holding_the_loop_is_named_with_the_module_to_pass_instead():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = ResidualMLP()
+
+        def forward(self, x):
+            for _ in range(3):
+                x = self.block(x)
+            return x
+
+    model = UserLooped(n_loops=1)
+    model.block = Encoder()  # one call of "block" runs the whole loop
+    rec = probes.attach(model, "block")
+    with pytest.warns(UserWarning, match=r"'block.block' inside it ran 3 times.*loop_module='block.block'") as said:
+        model(*batch())[1].backward()
+        model(*batch(1))[1].backward()
+    assert len(said) == 1  # the first forward only
+    assert rec.end_step(0)["n_loops"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec.detach()
+        probes.attach(model, "block.block")  # the right module: nothing to say
+        model(*batch())[1].backward()
+        shared = UserLooped(n_loops=1)
+        shared.block = SharedNormBlock()  # a small module applied twice is no loop
+        probes.attach(shared, "block")
+        shared(*batch())[1].backward()
+
+
 def test_missing_hook_point_names_what_to_pass():
     model = UserLooped()
     with pytest.raises(ValueError, match="loop_module=.*block"):
@@ -666,17 +707,28 @@ def test_a_loop_count_warning_points_at_the_callers_line():
     assert caught[0].filename == __file__
 
 
-def test_after_backward_per_micro_batch_is_named_once():
-    model = UserLooped(n_loops=3)
-    rec = probes.attach(model, "block")
-    with pytest.warns(UserWarning, match=r"after_backward\(\) ran twice in one step: call it once per"):
-        for seed in range(3):  # gradient accumulation, after_backward wrongly inside it
-            model(*batch(seed))[1].backward()
-            rec.after_backward()
-    rec.end_step(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for step in (1, 2):  # once per step: nothing to say
-            model(*batch(step))[1].backward()
-            rec.after_backward()
+def test_after_backward_per_micro_batch_is_named_once_and_only_its_last_call_counts():
+    def train(per_micro_batch: bool) -> list[dict]:
+        model = UserLooped(n_loops=3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        rec = probes.attach(model, "block", window=4)
+        for step in range(6):
+            for seed in range(3):  # gradient accumulation
+                model(*batch(3 * step + seed))[1].backward()
+                if per_micro_batch:
+                    rec.after_backward()
+            if not per_micro_batch:
+                rec.after_backward()
+            optimizer.step()
+            optimizer.zero_grad()
             rec.end_step(step)
+        return rec.records
+
+    with pytest.warns(UserWarning, match=r"after_backward\(\) ran twice in one step: only its last call") as said:
+        misplaced = train(per_micro_batch=True)
+    assert len(said) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per step: nothing to say
+        placed = train(per_micro_batch=False)
+    for keys in ("grad_norm", "gnorm_cv", "gnorm_autocorr", "grad_cos", "shared_grad_norm"):
+        assert [r.get(keys) for r in misplaced] == pytest.approx([r.get(keys) for r in placed], nan_ok=True), keys

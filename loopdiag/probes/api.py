@@ -41,6 +41,8 @@ def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stat
         A logged step whose forward ran it another number of times warns, once: a
         `loop_module` that runs once per forward (the whole stack, or a module outside
         the loop) records every model as one loop, and the per-loop detectors see nothing.
+        Without it, the first forward warns where the loop module ran once and a submodule
+        holding most of its weights ran again and again inside it: the loop it holds.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -43,13 +43,19 @@ class GradientProbe:
         # Squared shared-grad norm of every step (logged or not): device tensors until synced.
         self.norms: deque[Tensor | float] = deque(maxlen=window)
         self._previous: tuple[int, Tensor, Tensor] | None = None  # (step, flat grad, its square)
+        # Kept through the step only once `after_backward` has been called again in a step
+        # (once per micro-batch): a later call needs the step before's gradient too.
+        self._previous_of_step: tuple[int, Tensor, Tensor] | None = None
+        self._called_again = False
         self._pending: dict[str, Any] | None = None
         self._snapshot: Tensor | None = None
         self._sharded = False
 
-    def after_backward(self, step: int, logged: bool, next_logged: bool) -> None:
+    def after_backward(self, step: int, logged: bool, next_logged: bool, again: bool = False) -> None:
         """Gradients are present and not yet clipped. Unlogged steps only add their norm to
-        the window (and keep the flat gradient when the next step is logged)."""
+        the window (and keep the flat gradient when the next step is logged). `again`: a
+        later call in the same step (one per micro-batch), whose gradients replace the
+        earlier call's."""
         by_name = dict(self.model.named_parameters())
         params = [by_name[name] for name in self.names]
         shared = [by_name[name] for name in self.shared_names]
@@ -61,6 +67,13 @@ class GradientProbe:
             present = [self._rank_share(p.grad) for p in shared if p.grad is not None]
             shared_square = (_square_sum(present) if present
                              else self._rank_share(shared[0].detach()).new_zeros(()))
+        if again:
+            self._called_again = True
+            self._previous = self._previous_of_step
+            if self.norms:
+                self.norms.pop()
+        else:
+            self._previous_of_step = self._previous if self._called_again else None
         self.norms.append(shared_square)
         if logged:
             with_grad = [(group, p.grad) for group, p in zip(self.groups, params) if p.grad is not None]

@@ -69,6 +69,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -106,6 +107,8 @@ class LoopRecorder:
         self.model, self.loop_module = model, loop_module
         self.expected_loops = expected_loops
         self._warned_loop_count = False
+        # with `loops=` the count itself is checked, at every logged step
+        self._inner_loop_check = InnerLoopCheck(model, loop_module) if expected_loops is None else None
         self.rerun_without_dropout = rerun_without_dropout
         self.stats, self.log_every, self.costly_every = stats, log_every, costly_every
         self.records: list[Record] = []
@@ -153,17 +156,17 @@ class LoopRecorder:
         self._grads.discard()
 
     def after_backward(self) -> None:
-        """Call once per step after the backward pass(es), before clipping and the optimizer."""
+        """Call once per step after the backward pass(es), before clipping and the optimizer
+        (called once per micro-batch instead, it warns once and only its last call counts)."""
         self._check_attached()
         if self._backward_ran and not self._warned_backwards:
-            # each call adds a norm to the window: micro-batch norms would pass for steps'
             self._warned_backwards = True
-            warnings.warn("after_backward() ran twice in one step: call it once per optimizer "
-                          "step, after the last micro-batch's backward; the gradient window statistics "
-                          "(gnorm_cv, gnorm_autocorr) count every call as a step",
-                          stacklevel=caller_stacklevel())
+            warnings.warn("after_backward() ran twice in one step: only its last call counts, and each "
+                          "costs a pass over the gradients; call it once per optimizer step, after the "
+                          "last micro-batch's backward", stacklevel=caller_stacklevel())
+        self._grads.after_backward(self._step, self._collecting, self.logs_step(self._step + 1),
+                                   again=self._backward_ran)
         self._backward_ran = True
-        self._grads.after_backward(self._step, self._collecting, self.logs_step(self._step + 1))
         self._rerun()
 
     def end_step(self, step: int, *, loss: Tensor | float | None = None, lr: float | None = None,
@@ -263,6 +266,9 @@ class LoopRecorder:
 
     def _enter_root(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._depth += 1
+        if (self._depth == 1 and self._inner_loop_check is not None and not self._rerunning
+                and not torch.compiler.is_compiling()):
+            self._inner_loop_check.start()
         if self._depth == 1 and self._collecting:
             costly = (not self._rerunning and self.stats == "full"
                       and self._logged_count % self.costly_every == 0)
@@ -273,6 +279,10 @@ class LoopRecorder:
 
     def _exit_root(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._depth = max(0, self._depth - 1)  # an always-called hook may run without its pre-hook
+        if self._depth == 0 and self._inner_loop_check is not None and self._inner_loop_check.started:
+            message, self._inner_loop_check = self._inner_loop_check.finish(), None
+            if message is not None:
+                warnings.warn(message, stacklevel=caller_stacklevel())
         if self._depth == 0 and self._current is not None:
             self._forwards.append(self._current)
             self._current = self._prev_output = None
@@ -343,6 +353,48 @@ class LoopRecorder:
     def _check_attached(self) -> None:
         if not self.attached:
             raise RuntimeError("this LoopRecorder is detached; attach a new one to keep recording")
+
+
+class InnerLoopCheck:
+    """Over the first forward: whether a loop module that ran once holds the loop itself
+    (the whole stack named instead of the block it repeats), read from a submodule it
+    called again and again that holds at least half its weights. Its hooks live for that
+    one forward."""
+
+    def __init__(self, model: nn.Module, loop_module: nn.Module):
+        self.model, self.loop_module = model, loop_module
+        self.calls: Counter[nn.Module] = Counter()
+        self._handles: list[RemovableHandle] = []
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+        self._handles = [module.register_forward_pre_hook(self._count) for module in self.loop_module.modules()]
+
+    def _count(self, module: nn.Module, args: tuple) -> None:
+        self.calls[module] += 1
+
+    def finish(self) -> str | None:
+        """Remove the hooks; the warning to give, if any."""
+        for handle in self._handles:
+            handle.remove()
+        weights = _weight_count(self.loop_module)
+        if self.calls[self.loop_module] != 1 or not weights:
+            return None
+        repeated = [module for module, calls in self.calls.items()
+                    if calls >= 2 and 2 * _weight_count(module) >= weights]
+        if not repeated:
+            return None
+        paths = {module: name for name, module in self.model.named_modules()}
+        inner = min(repeated, key=lambda module: paths[module].count("."))  # the outermost
+        return (f"loop_module {paths[self.loop_module] or 'the model'!r} ran once in the forward, but "
+                f"{paths[inner]!r} inside it ran {self.calls[inner]} times and holds most of its weights: "
+                f"if that is the loop, pass loop_module={paths[inner]!r}; as it is, the model records as "
+                f"one loop (loops=K turns this guess off)")
+
+
+def _weight_count(module: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
 
 
 def caller_stacklevel() -> int:
