@@ -1,7 +1,7 @@
 """Training-step overhead of the loop recorder, against no instrumentation and wandb.watch.
 
     python benchmarks/overhead.py [--repeats 60] [--loops 1 4 12] [--d-model 64] [--threads 1]
-        [--dropout 0.1] [--compiled]
+        [--dropout 0.1] [--compiled] [--phases]
 
 One process, three copies of the same model: uninstrumented; probes (cheap statistics,
 every step logged, `after_backward` + `end_step` included); and
@@ -27,6 +27,11 @@ table times beside the probes without it.
 `--compiled` adds a second table: `torch.compile(model)` against `torch.compile` of a copy
 with the probes attached (every step logged; the compile happens in the warm-up steps, not
 timed). Target: <= 1.05x at K = 12.
+
+`--phases` adds, per model at the largest K, where the probes' time goes: the median
+milliseconds of each phase of a step (forward with the per-loop hooks, backward with the
+gradient hooks, `after_backward`, the optimizer, `end_step`), plain and probed, the two
+stepped in turn.
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dropout", type=float, default=0.0, help="the user's layer's dropout")
     parser.add_argument("--compiled", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--phases", action="store_true", help="also time each phase of a step at the largest K")
     args = parser.parse_args(argv)
     for name in ("repeats", "batch", "seq_len", "threads"):
         if getattr(args, name) < 1:
@@ -152,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\na user's model: nn.TransformerEncoderLayer run K times ({n_heads} heads), loop_module='block'")
         eager_table(run, args, idx, users, user_loss)
         run.finish()
+    if args.phases:
+        for title, build, loss_of in (("loopdiag's `looped`", ours, ours_loss), ("the user's model", users, user_loss)):
+            print(f"\n{title}, K = {max(args.loops)}: median ms per phase of a step")
+            phase_table(args, idx, *build(max(args.loops)), loss_of)
     if args.compiled:
         compiled_table(args, idx)
 
@@ -185,6 +195,54 @@ def eager_table(run: Any, args: argparse.Namespace, idx: torch.Tensor,
         verdict = "" if n_loops != 12 else ("ok" if probes_ratio <= TARGET else "MISSED")
         print(f"{n_loops:>3}{t_plain * 1e3:>12.2f}{probes_ratio:>8.3f}x{no_rerun}{watch_ratio:>12.3f}x   "
               f"<= {TARGET} {verdict}")
+
+
+PHASES = ("forward", "backward", "after_backward", "optimizer", "end_step")
+
+
+def phase_table(args: argparse.Namespace, idx: torch.Tensor, plain: nn.Module, loop_module: str | None,
+                loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
+    probed = copy.deepcopy(plain)
+    recorder = probes.attach(probed, loop_module)
+    steppers = {"plain": phase_step(plain, None, idx, loss_of), "probed": phase_step(probed, recorder, idx, loss_of)}
+    times: dict[str, list[list[float]]] = {name: [] for name in steppers}
+    warmup = 5
+    for i in range(warmup + args.repeats):
+        for name, stepper in steppers.items():
+            phases = stepper(i)
+            if i >= warmup:
+                times[name].append(phases)
+    recorder.detach()
+    print(f"{'':>8}" + "".join(f"{phase:>16}" for phase in PHASES) + f"{'step':>10}")
+    for name, rows in times.items():
+        medians = [statistics.median(column) * 1e3 for column in zip(*rows)]
+        print(f"{name:>8}" + "".join(f"{value:>16.2f}" for value in medians)
+              + f"{statistics.median(sum(row) for row in rows) * 1e3:>10.2f}")
+
+
+def phase_step(model: nn.Module, recorder: probes.LoopRecorder | None, idx: torch.Tensor,
+               loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> Callable[[int], list[float]]:
+    """A training step that returns the seconds of each of `PHASES` (0 where `recorder` is None)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(i: int) -> list[float]:
+        marks = [time.perf_counter()]
+        loss = loss_of(model, idx)
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        if recorder is not None:
+            recorder.after_backward()
+        marks.append(time.perf_counter())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        if recorder is not None:
+            recorder.end_step(i, loss=loss, lr=1e-3)
+        marks.append(time.perf_counter())
+        return [end - start for start, end in zip(marks, marks[1:])]
+
+    return step
 
 
 def recorded_step(model: nn.Module, recorder: probes.LoopRecorder, idx: torch.Tensor,

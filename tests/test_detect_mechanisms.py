@@ -124,6 +124,7 @@ def test_failed_to_train_is_judged_at_the_end_against_a_known_reference():
     assert (event.step, event.severity) == (199, "critical")
     assert "ended" in event.message and "33% above the 2.4" in event.message
     assert event.evidence["expected_loss"] == 2.4
+    assert event.evidence["thresholds"]["gap"] == 0.1  # one level, as every detector's
     # the same run judged without a reference: it did get below its first losses
     assert replay(stuck, [FailedToTrain()], finished=True) == []
     # a run still well above its reference half-way, that ends within 10 % of it

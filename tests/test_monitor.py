@@ -91,6 +91,22 @@ def test_readme_session_stops_on_divergence_and_writes_the_verdict(tmp_path):
     assert list(stored.events["detector"]) == [e.detector for e in alerts]
 
 
+def test_a_session_stopped_at_a_warning_is_interrupted_not_stable(tmp_path):
+    model = TiedEncoder()
+    x = torch.randint(0, 32, (4, 8))
+    monitor = loopdiag.Monitor(sinks=[], stop_on="warn")
+    with loopdiag.RunSession(model, loop_module="shared_block", monitor=monitor, run_dir=tmp_path / "run") as run:
+        for step in range(1, 41):
+            model(x).sum().backward()
+            run.after_backward()
+            run.step(step, loss=30.0 if step == 25 else 3.0)  # one loss 10x the others: a spike
+            if run.should_stop:
+                break
+    assert step == 25 and monitor.stop_event.severity == "warn"
+    summary = loopdiag.load_run(tmp_path / "run").summary
+    assert summary["status"] == "interrupted" and summary["stopped_by"].startswith("loss_spike (warn) at step 25")
+
+
 def test_a_session_left_by_an_exception_is_interrupted(tmp_path):
     model = TiedEncoder()
     x = torch.randint(0, 32, (4, 8))

@@ -35,6 +35,19 @@ def test_with_dropout_the_users_table_times_the_probes_with_and_without_the_reru
     assert row[0] == "2" and all(cell.endswith("x") for cell in row[2:5])
 
 
+def test_phases_time_each_part_of_a_step_plain_and_probed(overhead, capsys):
+    overhead.main([*TINY, "--loops", "1", "2", "--phases"])
+    lines = capsys.readouterr().out.splitlines()
+    titles = [i for i, line in enumerate(lines) if "median ms per phase" in line]
+    assert len(titles) == 2 and all("K = 2" in lines[i] for i in titles)
+    for title in titles:
+        assert lines[title + 1].split() == [*overhead.PHASES, "step"]
+        plain, probed = (lines[title + row].split() for row in (2, 3))
+        assert plain[0] == "plain" and probed[0] == "probed"
+        assert float(plain[3]) == float(plain[5]) == 0  # no recorder calls in the plain step
+        assert float(probed[3]) > 0 and float(probed[5]) > 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--dropout", "1"], "--dropout must lie in [0, 1)"),
     (["--repeats", "0"], "--repeats must be at least 1"),

@@ -10,7 +10,7 @@ run can sit 10 % behind its reference on the plateau and close the gap in the de
 this detector reads is the collapse the FLT paper describes: a loss that has stopped
 falling at the data's context-free loss (within its margin: the model predicts from token
 frequencies alone), while the reference's loss at the same step is below that line and the
-labels' gap below the run's. Every model passes through the context-free plateau early, and
+run's is the labels' gap above it. Every model passes through the context-free plateau early, and
 a looped one may leave it later than its one-loop reference (on two-digit addition, a
 plateau of hundreds of steps, up to 1.75× as late in the development runs): the run is held
 to it only once it has spent `patience` times as long there as the reference did.
@@ -77,7 +77,7 @@ class BehindReference(Detector):
     """Warn when the smoothed loss (EMA, span 20 records) has stalled (its rolling median
     < 2 % better over `window` records) within `context_free_margin` of the context-free
     loss or above it, while the reference's smoothed loss at the latest of its steps up to
-    this one is below that line and ≥ `gap` below the run's, from `patience` × the first
+    this one is below that line and the run's is ≥ `gap` above it, from `patience` × the first
     step at which the reference's was below that line."""
 
     name = "behind_reference"

@@ -234,4 +234,4 @@ class FailedToTrain(Detector):
     def _thresholds(self) -> dict[str, Any]:
         names = ("expected_loss", "gap", "high_loss_window", "oversized_update",
                  "context_free_loss", "context_free_margin")
-        return {"thresholds": {name: getattr(self.config, name) for name in names}}
+        return {name: getattr(self.config, name) for name in names}

@@ -110,9 +110,9 @@ class RunSession:
               write: bool = True, judge: bool = True) -> RunSession:
         """Attach to `module` (found in `model` when it is a path) and open the run store.
 
-        Under data parallelism only the main process writes (`write`). Records combined
-        across processes (the CLI's) are judged by every process alike; a trainer callback's
-        records are each process's own, so only the main one judges (`judge`). `resume`
+        Under data parallelism only the main process writes (`write`). The recorder combines
+        each record across processes (see `loopdiag.probes.recorder`); the CLI judges it in
+        every process alike, a trainer callback in the main one only (`judge`). `resume`
         continues the run store's run from step `first_step` and restores the detectors'
         state from the records it kept. A session still open (a trainer that crashed without
         an exception hook) is closed first, as interrupted.
@@ -213,7 +213,9 @@ class RunSession:
         summary["stopped_by"] = stopped_by
         summary["not_judged"] = sorted(self.monitor.not_judged())
         summary["reference"] = self._reference()
-        if not finished:
+        # A run that did not end, or that `stop_on` stopped at a warning, is no finished
+        # stable run; a failure it was stopped at stands.
+        if not finished or (stopped_by is not None and summary["status"] == "stable"):
             summary["status"] = "interrupted"
         writer, self.writer = self.writer, None
         atexit.unregister(self._close_at_exit)
