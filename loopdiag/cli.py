@@ -8,6 +8,7 @@ writes (one line, no traceback).
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
 import shlex
@@ -202,6 +203,7 @@ def run(
         accepts = cell_filter(only or [], spec.train.lr)
     except ValueError as error:
         raise bad_input(str(error)) from None
+    _refuse_only_outside_suite(only or [], spec)
     planned = shard_cells(spec.cells(), shard_of)
     cells = [cell for cell in planned if accepts(cell)]
     if not planned:  # more shards than runs: a job array's spare task has nothing to do, and is no failure
@@ -316,6 +318,26 @@ def _parse_shard(shard: str | None) -> tuple[int, int]:
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         raise bad_input(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got {shard!r}")
     return int(index), int(count)
+
+
+def _refuse_only_outside_suite(only: list[str], spec: ProbeSuite) -> None:
+    """Every --only value must name runs of the suite, and each key come once: `loops=1,3`
+    in a suite of K = 1, 4 would train loops 1 alone without a word, and a key given twice
+    would keep only its last values. Called once `cell_filter` has parsed them."""
+    from loopdiag.run.launch import CELL_KEYS
+
+    planned = {"arch": spec.archs, "loops": spec.loops, "lr": spec.lrs, "seed": spec.seeds}
+    given: set[str] = set()
+    for condition in only:
+        key, _, values = condition.partition("=")
+        if key in given:
+            raise bad_input(f"--only {key} is given twice; list its values in one: --only {key}=V1,V2")
+        given.add(key)
+        for value in values.split(","):
+            wanted = CELL_KEYS[key](value)
+            if not any(math.isclose(wanted, p) if key == "lr" else wanted == p for p in planned[key]):
+                raise bad_input(f"--only {key}={value} matches none of the suite's runs (its {key} values: "
+                                f"{', '.join(map(str, planned[key]))})")
 
 
 def _refuse_stray_data_files(suite: str | None, extra: list[str], data: list[Path] | None) -> None:

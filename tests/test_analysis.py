@@ -252,9 +252,12 @@ def test_explain_a_recovered_run_names_the_collapse_and_where_it_trained_to(tmp_
     summary = {"status": "recovered", "mechanism": "representation", "step": 30,
                "signal": "representation_collapse", "first_warning_step": 25,
                "message": "All positions identical from loop 4 on since step 20."}
+    events = [{"step": 25, "detector": "representation_collapse", "severity": "warn",
+               "message": "All positions identical from loop 4 on.", "evidence": {}}]
     write_run(tmp_path / run_id, records, {"cell": {"arch": "looped", "n_loops": 4, "seed": 1, "lr": 1e-3},
-                                            "train": {"steps": STEPS}}, summary=summary)
+                                            "train": {"steps": STEPS}}, events=events, summary=summary)
     text = explain(load_run(tmp_path / run_id))
+    assert "The first warning was representation_collapse at step 25, 5 steps before the verdict" in text
     assert "collapsed (representation) at step 30" in text and "recovered" in text
     assert "representation_collapse" in text and "All positions identical from loop 4" in text
     assert "final train loss of" in text and "below what the data's token frequencies" in text

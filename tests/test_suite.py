@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from loopdiag.data import PointerChasingTask
+from loopdiag.cli import app
+from loopdiag.data import DataError, PointerChasingTask
 from loopdiag.run.probe_suite import SuiteError, apply_overrides, load_probe_suite
 
 PROBES = Path(__file__).resolve().parents[1] / "probes"
@@ -140,6 +143,23 @@ BAD = [
     ("[eval]\nk = [1]", "eval.k: unknown key"),
     ("[eval]\nexamples = 0", "eval.examples: must be an int >= 1"),
     ("archs = [", "not valid TOML"),
+    # Types the dataclasses take without a word: a string switch is on, `true` is the number 1.
+    ('[model]\nqk_norm = "false"', "model.qk_norm: must be true or false, got 'false'"),
+    ("[model]\nlogit_softcap = true", "model.logit_softcap: must be a finite number or false, got True"),
+    ("[model]\nn_prelude = 1.5", "model.n_prelude: must be an integer, got 1.5"),
+    ("[model]\nresidual_lambda = nan", "model.residual_lambda: must be a finite number, got nan"),
+    ('[model]\npreset = ["tiny"]', "model.preset: must be a preset's name, got ['tiny']"),
+    ("[model]\nvocab_size = 100", "model.vocab_size: must be >= 256 (the tokens are bytes), got 100"),
+    ("[train]\nmuon_lr = inf", "train.muon_lr: must be a finite number, got inf"),
+    ("lrs = [inf]", "lrs: learning rates must be > 0 and finite, got [inf]"),
+    ('[data]\ntask = ["addition"]', "data.task: unknown task ['addition']"),
+    ('[data]\ntask = "pointer-chasing"\nhops = [1, 1, 2]', "data.hops: has duplicates: [1, 1, 2]"),
+    ("[data]\nfiles = []", "data.files: must be a non-empty list, got []"),
+    ('name = "a\\u0000b"', "name: must be a plain folder name, got 'a\\x00b'"),
+    # A key written below a [table] header lands in that table: say where it belongs.
+    ('[model]\npreset = "tiny"\nsteps = 3', "model.steps: unknown key here; `steps` is a top-level key"),
+    ("batch_size = 4", "batch_size: unknown key here; `batch_size` belongs in [train]"),
+    ("[detectors.loss_spike]\nz = 8\nseeds = 2", "detectors.loss_spike.seeds: unknown key here; `seeds` is a top-level"),
 ]
 
 
@@ -150,6 +170,57 @@ def test_bad_suite_files_name_the_file_the_key_and_why(tmp_path, text, reason):
         load_probe_suite(path)
     message = str(raised.value)
     assert message.startswith(f"{path}: ") and reason in message
+
+
+def test_data_files_are_recorded_absolute_whatever_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "text.txt").write_text("looped transformers " * 2000)
+    write(tmp_path / "suites", '[data]\nfiles = ["../text.txt"]\n')
+    monkeypatch.chdir(tmp_path)  # the suite named by a relative path, as `loopdiag run suites/suite.toml`
+    suite = load_probe_suite(Path("suites/suite.toml"))
+    assert suite.data.files == (str((tmp_path / "text.txt").resolve()),)  # so `--resume` elsewhere matches
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_probe_suite(write(tmp_path, '[data]\nfiles = ["~/text.txt"]\n')).data.files == suite.data.files
+
+
+def test_a_data_file_named_twice_is_refused(tmp_path):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.md").write_text("alpha " * 3000)
+    path = write(tmp_path, '[data]\nfiles = ["texts/*.md", "texts/a.md"]\n')
+    with pytest.raises(SuiteError, match=r"data.files: names .*a.md more than once"):
+        load_probe_suite(path)
+
+
+def test_an_unreadable_data_file_names_the_suite_and_key_or_the_option(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    path = write(tmp_path, '[data]\nfiles = ["empty.txt"]\n')
+    suite = load_probe_suite(path)
+    for loaded in (suite, apply_overrides(suite, steps=3)):  # options other than --data keep the file's name
+        with pytest.raises(DataError) as raised:
+            loaded.data.load()
+        assert str(raised.value) == f"{path}: data.files: {tmp_path / 'empty.txt'}: file is empty"
+    with pytest.raises(DataError, match=r"^--data: .*absent.txt: no such file"):
+        apply_overrides(suite, data=[tmp_path / "absent.txt"]).data.load()
+
+
+def test_the_default_eval_every_follows_the_steps_an_option_gives(tmp_path):
+    suite = load_probe_suite(write(tmp_path, "steps = 400\n[train]\nbatch_size = 8\n"))
+    assert suite.train.eval_every == 100
+    assert apply_overrides(suite, steps=8).train.eval_every == 2  # not the file's 100, past the last step
+    assert apply_overrides(suite, quick=True).train.eval_every == 10
+
+
+@pytest.mark.parametrize(("only", "message"), [
+    (["loops=1,3"], "--only loops=3 matches none of the suite's runs (its loops values: 1, 4)"),
+    (["arch=flt,Looped"], "--only arch=Looped matches none of the suite's runs (its arch values: flt, looped)"),
+    (["loops=1", "loops=4"], "--only loops is given twice; list its values in one: --only loops=V1,V2"),
+])
+def test_only_values_outside_the_suite_are_refused_before_training(tmp_path, only, message):
+    suite = write(tmp_path, 'archs = ["flt", "looped"]\nloops = [1, 4]\nsteps = 3\n[model]\npreset = "tiny"\n')
+    options = [word for condition in only for word in ("--only", condition)]
+    result = CliRunner().invoke(app, ["run", str(suite), *options, "--wandb", "off", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in result.output.replace("\n", "")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_missing_suite_file_is_named(tmp_path):
@@ -191,6 +262,7 @@ def test_a_size_or_step_count_given_with_quick_wins_and_is_checked():
     ({"seeds": 0}, "--seeds must be >= 1"),
     ({"archs": ["nope"]}, "archs: unknown architecture 'nope'"),
     ({"lrs": [0.0]}, "lrs: learning rates must be > 0"),
+    ({"lrs": [math.inf]}, "lrs: learning rates must be > 0 and finite"),
     ({"size": "huge"}, "unknown model preset 'huge'"),
     ({"optimizer": "sgd"}, "TrainConfig.optimizer must be one of"),
     ({"grad_accum_steps": 0}, "TrainConfig.grad_accum_steps must be an int >= 1"),

@@ -273,7 +273,7 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
             f"(signal: {judged.get('signal') or 'unnamed'}) and recovered: it trained on to a "
             f"final train loss of {_fmt(final_loss(steps))} (best {_fmt(best_loss(steps))}), "
             f"below what the data's token frequencies alone give.",
-            _verdict_message(judged), _residual_story(run)) if sentence)
+            _verdict_message(judged), _first_signal(run, judged), _residual_story(run)) if sentence)
     if status not in FAILED_STATUSES:
         last = int(steps["step"].iloc[-1]) if len(steps) else None
         return (f"{who} ended {status} at step {last}; final train loss "

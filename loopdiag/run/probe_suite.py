@@ -31,13 +31,15 @@ checkout, `probes/` itself).
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
+import types
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from loopdiag.data import TASKS, DataError, SyntheticTask, TokenCorpus, expand_globs, load_corpus
+from loopdiag.data import TASKS, VOCAB_SIZE, DataError, SyntheticTask, TokenCorpus, expand_globs, load_corpus
 from loopdiag.detect import default_detectors
 from loopdiag.detect.base import is_int
 from loopdiag.models import ARCHITECTURES, ModelConfig, preset
@@ -59,11 +61,16 @@ class DataSpec:
     files: tuple[str, ...] = ()  # empty: the embedded corpus
     task: str | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
+    # Where the files were named (`<suite>: data.files` or `--data`), for a file that cannot be read.
+    origin: str = field(default="", compare=False)
 
     def load(self) -> TokenCorpus | SyntheticTask:
         if self.task is not None:
             return TASKS[self.task](**self.task_options)
-        return load_corpus(list(self.files) or None)
+        try:
+            return load_corpus(list(self.files) or None)
+        except DataError as error:
+            raise DataError(f"{self.origin}: {error}" if self.origin else str(error)) from None
 
     def describe(self) -> str:
         if self.task is not None:
@@ -175,8 +182,8 @@ def parse_probe_suite(raw: dict[str, Any], *, source: str = "<suite>", base_dir:
     check = _Checker(source)
     check.known(raw, TOP_LEVEL_KEYS, "")
     name = raw.get("name", default_name)
-    check.that(isinstance(name, str) and name and Path(name).name == name and name not in (".", ".."),
-               "name", f"must be a plain folder name, got {name!r}")
+    check.that(isinstance(name, str) and name.isprintable() and Path(name).name == name
+               and name not in ("", ".", ".."), "name", f"must be a plain folder name, got {name!r}")
     archs = tuple(check.list_of(raw, "archs", str, ["standard", "looped", "flt"]))
     for arch in archs:
         check.that(arch in ARCHITECTURES, "archs", f"unknown architecture {arch!r}; choose from "
@@ -184,7 +191,8 @@ def parse_probe_suite(raw: dict[str, Any], *, source: str = "<suite>", base_dir:
     loops = tuple(check.list_of(raw, "loops", int, [1, 4, 12]))
     check.that(all(k >= 1 for k in loops), "loops", f"loop counts must be >= 1, got {list(loops)}")
     lrs = tuple(float(lr) for lr in check.list_of(raw, "lrs", (int, float), [3e-3]))
-    check.that(all(lr > 0 for lr in lrs), "lrs", f"learning rates must be > 0, got {list(lrs)}")
+    check.that(all(0 < lr < math.inf for lr in lrs), "lrs",
+               f"learning rates must be > 0 and finite, got {list(lrs)}")
     seeds = raw.get("seeds", 1)
     if is_int(seeds):
         check.that(seeds >= 1, "seeds", f"a count must be >= 1, got {seeds}")
@@ -200,13 +208,18 @@ def parse_probe_suite(raw: dict[str, Any], *, source: str = "<suite>", base_dir:
     check.that(isinstance(description, str), "description", "must be a string")
 
     model = _model(check, check.table(raw, "model"))
-    train_values = check.table(raw, "train")
+    train_values = dict(check.table(raw, "train"))  # a copy: the default below must follow --steps
     check.known(train_values, [f.name for f in fields(TrainConfig) if f.name not in GRID_OWNED_TRAIN_KEYS],
                 "train", hint="steps, lrs and seeds are top-level keys")
+    train_values = check.typed("train", TrainConfig, _nones(TrainConfig, train_values))
     train_values.setdefault("eval_every", max(steps // 4, 1))
-    train = check.build("train", TrainConfig, steps=steps, lr=lrs[0], **_nones(TrainConfig, train_values))
+    train = check.build("train", TrainConfig, steps=steps, lr=lrs[0], **train_values)
     data = _data(check, check.table(raw, "data"), base_dir, model)
     thresholds = check.table(raw, "detectors")
+    check.known({key: None for key in thresholds if key in TOP_LEVEL_KEYS}, (), "detectors")
+    for detector, values in thresholds.items():  # a top-level key written below [detectors.x]
+        if isinstance(values, dict):
+            check.known({key: None for key in values if key in TOP_LEVEL_KEYS}, (), f"detectors.{detector}")
     try:
         default_detectors(**thresholds)
     except ValueError as error:
@@ -264,17 +277,25 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
         raw["loops"] = sorted({1, top})
         if raw.get("eval", {}).get("loops"):
             raw["eval"]["loops"] = sorted({1, top})
-    return parse_probe_suite(raw, source=f"{suite.source} with the command-line options",
-                             base_dir=suite.base_dir, default_name=suite.name)
+    changed = parse_probe_suite(raw, source=f"{suite.source} with the command-line options",
+                                base_dir=suite.base_dir, default_name=suite.name)
+    # A file that cannot be read is named where it was given: --data, or the suite's data.files.
+    return changed.with_(data=replace(changed.data, origin="--data" if data else suite.data.origin))
 
 
 def _model(check: _Checker, values: dict[str, Any]) -> ModelConfig:
     values = dict(values)
     size = values.pop("preset", "default")
+    check.that(isinstance(size, str), "model.preset", f"must be a preset's name, got {size!r}")
     check.known(values, [f.name for f in fields(ModelConfig) if f.name != "n_loops"], "model",
                 hint="loop counts are the top-level `loops`")
+    values = check.typed("model", ModelConfig, _nones(ModelConfig, values))
+    # Every token is a byte, of text or of a task's prompt: a smaller embedding fails mid-run.
+    vocab_size = values.get("vocab_size", VOCAB_SIZE)
+    check.that(vocab_size >= VOCAB_SIZE, "model.vocab_size",
+               f"must be >= {VOCAB_SIZE} (the tokens are bytes), got {vocab_size}")
     try:
-        return preset(size, **_nones(ModelConfig, values))
+        return preset(size, **values)
     except (ValueError, TypeError) as error:
         raise SuiteError(f"{check.source}: model: {error}") from None
 
@@ -283,18 +304,44 @@ def _data(check: _Checker, values: dict[str, Any], base_dir: Path, model: ModelC
     values = dict(values)
     if "task" not in values:
         check.known(values, ("files",), "data", hint="or task = one of " + ", ".join(TASKS))
-        files = check.list_of(values, "files", str, [], key="data.files")
+        if "files" not in values:
+            return DataSpec()
+        # `files = []` is refused rather than read as the embedded corpus: leaving the key out says that.
+        names = check.list_of(values, "files", str, None, key="data.files")
         try:
-            return DataSpec(files=tuple(expand_globs(base_dir / name for name in files)))
+            # Absolute, so that the runs record the same files whatever the working directory
+            # (a relative suite path would make them relative to it) and `--resume` matches.
+            files = [str(Path(name).resolve()) for name in
+                     expand_globs(base_dir / Path(name).expanduser() for name in names)]
         except DataError as error:
             raise SuiteError(f"{check.source}: data.files: {error}") from None
+        twice = sorted({name for name in files if files.count(name) > 1})
+        check.that(not twice, "data.files", f"names {', '.join(twice)} more than once (two spellings, or a "
+                                            f"glob that matches a file also listed); each would be read twice")
+        return DataSpec(files=tuple(files), origin=f"{check.source}: data.files")
     task = values.pop("task")
-    check.that(task in TASKS, "data.task", f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    check.that(isinstance(task, str) and task in TASKS, "data.task",
+               f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     check.known(values, [f.name for f in fields(TASKS[task])], "data", hint=f"the {task} task's fields")
     built = check.build("data", TASKS[task], **values)
+    for key, value in values.items():  # hops = [1, 1, 2] would draw 1 hop twice as often, unasked
+        check.that(not isinstance(value, list) or len(set(value)) == len(value), f"data.{key}",
+                   f"has duplicates: {value!r}")
     check.that(built.seq_len <= model.seq_len, "data.task",
                f"{task} examples are {built.seq_len} tokens, longer than model.seq_len={model.seq_len}")
     return DataSpec(task=task, task_options=values)
+
+
+def _home_of(key: str, section: str) -> str:
+    """Where a key unknown in `section` belongs, if elsewhere: TOML puts every key after a
+    [table] header into that table, so a top-level key written below one lands there."""
+    if section and key in TOP_LEVEL_KEYS:
+        return f"`{key}` is a top-level key: write it above the first [table] header"
+    for table, keys in (("model", {"preset", *(f.name for f in fields(ModelConfig))}),
+                        ("train", {f.name for f in fields(TrainConfig)})):
+        if table != section and key not in GRID_OWNED_TRAIN_KEYS and key in keys:
+            return f"`{key}` belongs in [{table}]"
+    return ""
 
 
 def _nones(cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -317,8 +364,34 @@ class _Checker:
         for key in values:
             if key not in allowed:
                 where = f"{section}.{key}" if section else key
+                home = _home_of(key, section)
+                self.that(not home, where, f"unknown key here; {home}")
                 self.that(False, where, f"unknown key; valid: {', '.join(allowed)}"
                           + (f" ({hint})" if hint else ""))
+
+    def typed(self, section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
+        """`values` checked against `cls`'s field types, which the dataclasses do not all
+        check: a string is a true switch there (qk_norm = "false" is on), `true` the number 1."""
+        hints = get_type_hints(cls)
+        for key, value in values.items():
+            hint = hints[key]
+            kinds = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+            if value is None and type(None) in kinds:
+                continue
+            if bool in kinds:
+                ok, expected = isinstance(value, bool), "true or false"
+            elif int in kinds:
+                ok, expected = is_int(value), "an integer"
+            elif float in kinds:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                expected = "a finite number"
+            elif str in kinds:
+                ok, expected = isinstance(value, str), "a string"
+            else:  # betas, a pair: TrainConfig checks it whole
+                continue
+            switched_off = " or false" if type(None) in kinds else ""
+            self.that(ok, f"{section}.{key}", f"must be {expected}{switched_off}, got {value!r}")
+        return values
 
     def table(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
         value = raw.get(key, {})

@@ -213,8 +213,8 @@ class RunSession:
         summary["stopped_by"] = stopped_by
         summary["not_judged"] = sorted(self.monitor.not_judged())
         summary["reference"] = self._reference()
-        # A run that did not end, or that `stop_on` stopped at a warning, is no finished
-        # stable run; a failure it was stopped at stands.
+        # A run that did not end, or that `stop_on` stopped at a warning or information, is
+        # no finished stable run; a failure it was stopped at stands.
         if not finished or (stopped_by is not None and summary["status"] == "stable"):
             summary["status"] = "interrupted"
         writer, self.writer = self.writer, None
