@@ -8,7 +8,6 @@ writes (one line, no traceback).
 from __future__ import annotations
 
 import json
-import math
 import netrc
 import os
 import shlex
@@ -321,21 +320,16 @@ def _parse_shard(shard: str | None) -> tuple[int, int]:
 
 
 def _refuse_only_outside_suite(only: list[str], spec: ProbeSuite) -> None:
-    """Every --only value must name runs of the suite, and each key come once: `loops=1,3`
-    in a suite of K = 1, 4 would train loops 1 alone without a word, and a key given twice
-    would keep only its last values. Called once `cell_filter` has parsed them."""
-    from loopdiag.run.launch import CELL_KEYS
+    """Every --only value must name runs of the suite: `loops=1,3` in a suite of K = 1, 4
+    would train loops 1 alone without a word. Called once `cell_filter` has accepted them."""
+    from loopdiag.run.launch import cell_filter
 
     planned = {"arch": spec.archs, "loops": spec.loops, "lr": spec.lrs, "seed": spec.seeds}
-    given: set[str] = set()
+    cells = spec.cells()
     for condition in only:
         key, _, values = condition.partition("=")
-        if key in given:
-            raise bad_input(f"--only {key} is given twice; list its values in one: --only {key}=V1,V2")
-        given.add(key)
         for value in values.split(","):
-            wanted = CELL_KEYS[key](value)
-            if not any(math.isclose(wanted, p) if key == "lr" else wanted == p for p in planned[key]):
+            if not any(map(cell_filter([f"{key}={value}"], spec.train.lr), cells)):
                 raise bad_input(f"--only {key}={value} matches none of the suite's runs (its {key} values: "
                                 f"{', '.join(map(str, planned[key]))})")
 

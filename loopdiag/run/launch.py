@@ -96,6 +96,8 @@ def cell_filter(conditions: list[str], default_lr: float) -> Callable[[RunSpec],
         key, _, values = condition.partition("=")
         if key not in CELL_KEYS or not values:
             raise ValueError(f"--only takes KEY=V1,V2 with KEY one of {', '.join(CELL_KEYS)}; got {condition!r}")
+        if key in wanted:  # a second one would replace the first's values
+            raise ValueError(f"--only {key} is given twice; list its values in one: --only {key}=V1,V2")
         try:
             wanted[key] = {CELL_KEYS[key](value) for value in values.split(",")}
         except ValueError:
