@@ -185,6 +185,7 @@ def run(
                                grad_accum_steps=grad_accum_steps, precision=precision, parallel=parallel,
                                stop_on_collapse=stop_on_collapse, quick=quick)
         spec.data.load()  # a missing or unreadable corpus fails here, before any run
+        distributed.check_device(spec.train.device)  # as does a device this machine lacks
     except ValueError as error:  # SuiteError and DataError included
         raise bad_input(str(error)) from None
 

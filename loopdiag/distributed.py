@@ -51,9 +51,27 @@ def torchrun_group(device: str) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this machine has not got, before any training starts (and without
+    creating a context on it: a suite's launcher holds no GPU memory)."""
+    chosen = torch.device(device)
+    if chosen.type == "cpu":
+        return
+    found = torch.accelerator.current_accelerator(check_available=True)
+    if found is None or found.type != chosen.type:
+        raise ValueError(f"device {device!r} is not available here: torch {torch.__version__} finds no "
+                         f"{chosen.type} device (accelerator: {found.type if found else 'none'}); train "
+                         "on 'cpu', or on a machine that has one")
+    count = torch.accelerator.device_count()
+    if chosen.index is not None and chosen.index >= count:
+        raise ValueError(f"device {device!r} is not available here: {count} {chosen.type} device(s), "
+                         f"numbered from 0")
+
+
 def rank_device(device: str) -> torch.device:
     """The device this rank trains on: with several ranks, "cuda" is the rank's own GPU, the
     current CUDA device (`torchrun_group` sets it from LOCAL_RANK)."""
+    check_device(device)
     chosen = torch.device(device)
     if chosen.type == "cuda" and world_size() > 1:
         return torch.device("cuda", torch.cuda.current_device())

@@ -488,6 +488,15 @@ def test_a_bad_suite_file_is_named_with_its_key(tmp_path):
     assert f"{suite}: train.batch_sise: unknown key" in result.output.replace("\n", "")
 
 
+def test_a_device_this_machine_lacks_is_refused_before_any_run(tmp_path):
+    suite = tmp_path / "gpu.toml"
+    suite.write_text('archs = ["looped"]\nloops = [1]\nsteps = 2\n[train]\ndevice = "cuda:99"\n')
+    result = runner.invoke(app, ["run", str(suite), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "device 'cuda:99' is not available here" in result.output.replace("\n", "")
+    assert not (tmp_path / "out").exists()
+
+
 def test_binary_and_empty_data_rejected(tmp_path, binary_file):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

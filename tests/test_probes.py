@@ -626,6 +626,7 @@ def test_a_loop_module_holding_the_loop_is_named_with_the_module_to_pass_instead
         model(*batch())[1].backward()
         model(*batch(1))[1].backward()
     assert len(said) == 1  # the first forward only
+    assert said[0].filename == __file__  # the forward's line, not torch's module call
     assert rec.end_step(0)["n_loops"] == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -636,6 +637,28 @@ def test_a_loop_module_holding_the_loop_is_named_with_the_module_to_pass_instead
         shared.block = SharedNormBlock()  # a small module applied twice is no loop
         probes.attach(shared, "block")
         shared(*batch())[1].backward()
+
+
+def test_a_loop_module_outside_the_loop_is_named_with_the_module_to_pass_instead():
+    model = UserLooped(n_loops=3)
+    for outside in ("embed", "head"):
+        rec = probes.attach(model, outside)
+        with pytest.warns(UserWarning, match=rf"loop_module '{outside}' ran once.*'block' ran 3 times.*"
+                                             r"loop_module='block'"):
+            model(*batch())[1].backward()
+        assert rec.end_step(0)["n_loops"] == 1
+        rec.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one_loop = UserLooped(n_loops=1)  # nothing repeats: a one-loop model
+        probes.attach(one_loop, "embed")
+        one_loop(*batch())[1].backward()
+        small = UserLooped(n_loops=2)
+        small.embed = nn.Embedding(256, D * 8)  # 2 calls apply fewer weights than the named module's one
+        small.block = nn.Sequential(nn.Linear(D * 8, D), nn.Linear(D, D * 8))
+        small.head = nn.Linear(D * 8, 256)
+        probes.attach(small, "embed")
+        small(*batch())[1].backward()
 
 
 def test_missing_hook_point_names_what_to_pass():
@@ -675,6 +698,24 @@ def test_a_loop_module_returning_a_mapping_is_read_by_its_first_value():
     rec, ref = probes.attach(model, "layer", loops=3), Outputs(model.block)
     record, grad_norms = one_step(model, rec, ref)
     assert_matches(record, ref.tensors, grad_norms)
+
+
+class UserLoopedFlatRows(UserLooped):
+    """A loop over the batch's tokens flattened into rows (B·T, d), as packed kernels run."""
+
+    def forward(self, idx, targets=None):
+        x = self.embed(idx).flatten(0, 1)
+        for _ in range(self.n_loops):
+            x = self.block(x)
+        logits = self.head(x.view(*idx.shape, -1))
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def test_a_loop_over_flattened_rows_is_read_as_the_inputs_sequences():
+    model = UserLoopedFlatRows()
+    rec, ref = probes.attach(model, "block", loops=3), Outputs(model.block)
+    record, grad_norms = one_step(model, rec, ref)
+    assert_matches(record, [o.view(B, T, D) for o in ref.tensors], grad_norms)
 
 
 class PooledLoop(nn.Module):

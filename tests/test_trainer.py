@@ -370,6 +370,14 @@ def test_bad_config_names_the_field(field, value):
         TrainConfig(**{field: value})
 
 
+def test_a_device_this_machine_lacks_is_refused_before_training():
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"device 'cuda:99' is not available here"):
+        train(model, next_token_batches, val_set(), config(device="cuda:99"))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("values,field,reason", [
     ({"batch_size": 6, "grad_accum_steps": 4}, "batch_size", "a multiple of grad_accum_steps=4"),
     ({"parallel": "fsdp", "optimizer": "muon"}, "optimizer", "'adamw' with parallel='fsdp'"),

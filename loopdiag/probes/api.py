@@ -23,7 +23,9 @@ def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stat
     loop_module: the module that runs once per loop: a dotted attribute path
         ("encoder.layer_group"), the module itself, or None for `model.loop_out`. It must
         return the hidden state (..., tokens, features), or a tuple, list or mapping (a
-        Hugging Face `ModelOutput`) whose first item is that.
+        Hugging Face `ModelOutput`) whose first item is that. A 2-D output is one sequence,
+        or, with as many rows as the model's first input (B, T, ...) has tokens, its B
+        sequences flattened.
     stats: "cheap" (every logged step) or "full" (adds attention and per-layer statistics
         every `costly_every` logged steps; our reference models only).
     window: steps (logged or not) behind `gnorm_cv` and `gnorm_autocorr`; at least 3.
@@ -41,8 +43,10 @@ def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stat
         A logged step whose forward ran it another number of times warns, once: a
         `loop_module` that runs once per forward (the whole stack, or a module outside
         the loop) records every model as one loop, and the per-loop detectors see nothing.
-        Without it, the first forward warns where the loop module ran once and a submodule
-        holding most of its weights ran again and again inside it: the loop it holds.
+        Without it, the first forward warns where the loop module ran once and another
+        ran again and again: inside it, holding at least half its weights (the loop it
+        holds), or outside it, its calls applying at least as many weights as the loop
+        module's one (the loop it misses); the warning names that module.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")

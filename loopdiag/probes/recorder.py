@@ -108,7 +108,7 @@ class LoopRecorder:
         self.expected_loops = expected_loops
         self._warned_loop_count = False
         # with `loops=` the count itself is checked, at every logged step
-        self._inner_loop_check = InnerLoopCheck(model, loop_module) if expected_loops is None else None
+        self._placement_check = LoopPlacementCheck(model, loop_module) if expected_loops is None else None
         self.rerun_without_dropout = rerun_without_dropout
         self.stats, self.log_every, self.costly_every = stats, log_every, costly_every
         self.records: list[Record] = []
@@ -266,21 +266,22 @@ class LoopRecorder:
 
     def _enter_root(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._depth += 1
-        if (self._depth == 1 and self._inner_loop_check is not None and not self._rerunning
+        if (self._depth == 1 and self._placement_check is not None and not self._rerunning
                 and not torch.compiler.is_compiling()):
-            self._inner_loop_check.start()
+            self._placement_check.start()
         if self._depth == 1 and self._collecting:
             costly = (not self._rerunning and self.stats == "full"
                       and self._logged_count % self.costly_every == 0)
-            self._current = ForwardBuffer(grad_enabled=torch.is_grad_enabled(), costly=costly)
+            self._current = ForwardBuffer(grad_enabled=torch.is_grad_enabled(), costly=costly,
+                                          rows=_input_rows(args, kwargs))
             if (self.rerun_without_dropout and not self._rerunning and module.training
                     and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
                 self._reruns.append((self._current, args, kwargs))
 
     def _exit_root(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._depth = max(0, self._depth - 1)  # an always-called hook may run without its pre-hook
-        if self._depth == 0 and self._inner_loop_check is not None and self._inner_loop_check.started:
-            message, self._inner_loop_check = self._inner_loop_check.finish(), None
+        if self._depth == 0 and self._placement_check is not None and self._placement_check.started:
+            message, self._placement_check = self._placement_check.finish(), None
             if message is not None:
                 warnings.warn(message, stacklevel=caller_stacklevel())
         if self._depth == 0 and self._current is not None:
@@ -295,7 +296,7 @@ class LoopRecorder:
         # In fp32 whatever the forward's precision: a bf16 sum of T unit vectors loses the
         # digits token_corr is read from.
         with torch.autocast(x.device.type, enabled=False):
-            seqs = as_sequences(x).float()
+            seqs = as_sequences(x, forward.rows).float()
             sums = reduce_loop_output(seqs, self._prev_output)
         self._prev_output = seqs
         # A tensor hook that writes outside the graph breaks it, and a break inside the
@@ -355,11 +356,15 @@ class LoopRecorder:
             raise RuntimeError("this LoopRecorder is detached; attach a new one to keep recording")
 
 
-class InnerLoopCheck:
-    """Over the first forward: whether a loop module that ran once holds the loop itself
-    (the whole stack named instead of the block it repeats), read from a submodule it
-    called again and again that holds at least half its weights. Its hooks live for that
-    one forward."""
+class LoopPlacementCheck:
+    """Over the first forward: whether a loop module that ran once misses the loop, read from
+    a module that ran again and again (its hooks live for that one forward):
+      inside it   the whole stack named instead of the block it repeats: a submodule called
+                  two or more times that holds at least half its weights;
+      outside it  a module before or after the loop named (the embedding, the final norm): a
+                  module called two or more times whose calls apply at least as many weights
+                  as the named module's one call (calls × weights), the forward's work.
+    Either way the outermost such module is named as the one to pass."""
 
     def __init__(self, model: nn.Module, loop_module: nn.Module):
         self.model, self.loop_module = model, loop_module
@@ -369,7 +374,7 @@ class InnerLoopCheck:
 
     def start(self) -> None:
         self.started = True
-        self._handles = [module.register_forward_pre_hook(self._count) for module in self.loop_module.modules()]
+        self._handles = [module.register_forward_pre_hook(self._count) for module in self.model.modules()]
 
     def _count(self, module: nn.Module, args: tuple) -> None:
         self.calls[module] += 1
@@ -381,16 +386,20 @@ class InnerLoopCheck:
         weights = _weight_count(self.loop_module)
         if self.calls[self.loop_module] != 1 or not weights:
             return None
-        repeated = [module for module, calls in self.calls.items()
-                    if calls >= 2 and 2 * _weight_count(module) >= weights]
+        inside = {id(module) for module in self.loop_module.modules()}
+        repeated = [module for module, calls in self.calls.items() if calls >= 2 and (
+            2 * _weight_count(module) >= weights if id(module) in inside
+            else calls * _weight_count(module) >= weights)]
         if not repeated:
             return None
         paths = {module: name for name, module in self.model.named_modules()}
-        inner = min(repeated, key=lambda module: paths[module].count("."))  # the outermost
-        return (f"loop_module {paths[self.loop_module] or 'the model'!r} ran once in the forward, but "
-                f"{paths[inner]!r} inside it ran {self.calls[inner]} times and holds most of its weights: "
-                f"if that is the loop, pass loop_module={paths[inner]!r}; as it is, the model records as "
-                f"one loop (loops=K turns this guess off)")
+        loop = min(repeated, key=lambda module: paths[module].count("."))  # the outermost
+        named = paths[self.loop_module] or "the model"
+        where = (f"{paths[loop]!r} inside it ran {self.calls[loop]} times and holds most of its weights"
+                 if id(loop) in inside else f"{paths[loop]!r} ran {self.calls[loop]} times")
+        return (f"loop_module {named!r} ran once in the forward, but {where}: if that is the loop, pass "
+                f"loop_module={paths[loop]!r}; as it is, the model records as one loop (loops=K turns "
+                "this guess off)")
 
 
 def _weight_count(module: nn.Module) -> int:
@@ -399,12 +408,21 @@ def _weight_count(module: nn.Module) -> int:
 
 def caller_stacklevel() -> int:
     """The `stacklevel` that makes a warning issued by the calling function point at the first
-    frame outside loopdiag: the user's line, whichever of attach's recorder, a session or a
-    trainer callback it came through."""
+    frame outside loopdiag and torch: the user's line, whichever of attach's recorder, a
+    session, a trainer callback or a module hook (torch's module call) it came through."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "loopdiag":
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("loopdiag", "torch"):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _input_rows(args: tuple, kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """(B, T) of the root forward's first tensor argument of 2 or more dims (token ids
+    (B, T) or embeddings (B, T, d)), or None."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.dim() >= 2:
+            return value.size(0), value.size(1)
+    return None
 
 
 def _loop_tensor(output: Any) -> Tensor:
