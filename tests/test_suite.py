@@ -94,6 +94,19 @@ def test_a_glob_in_the_corpus_files_takes_the_files_it_matches_in_name_order(tmp
     suite = load_probe_suite(write(tmp_path, '[data]\nfiles = ["texts/*.md", "texts/notes.txt"]\n'))
     assert suite.data.files == tuple(str(texts / name) for name in ("a.md", "b.md", "notes.txt"))
     assert suite.to_dict()["data"]["files"] == list(suite.data.files)  # the run records the list
+    assert suite.data.describe() == ", ".join(suite.data.files)
+    for name in ("d.md", "e.md"):
+        (texts / name).write_text(f"{name} " * 2000)
+    many = load_probe_suite(write(tmp_path, '[data]\nfiles = ["texts/*.md"]\n'))
+    assert many.data.describe() == f"4 files, {texts / 'a.md'} to {texts / 'e.md'}"  # the banner's one line
+
+
+def test_the_readmes_suite_example_is_a_valid_suite(tmp_path):
+    readme = (PROBES.parent / "README.md").read_text(encoding="utf-8")
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "mine.toml").write_text(example)
+    suite = load_probe_suite(tmp_path / "mine.toml")
+    assert (suite.name, suite.data.task, suite.eval_examples) == ("mine", "addition", 512)
 
 
 @pytest.mark.parametrize("path", sorted(PROBES.glob("*.toml")), ids=lambda p: p.stem)
@@ -142,6 +155,7 @@ BAD = [
     ("[eval]\nloops = [0]", "eval.loops: loop counts must be >= 1"),
     ("[eval]\nk = [1]", "eval.k: unknown key"),
     ("[eval]\nexamples = 0", "eval.examples: must be an int >= 1"),
+    ("[eval]\nexamples = 64", "eval.examples: counts a task's examples for exact-match accuracy; text is"),
     ("archs = [", "not valid TOML"),
     # Types the dataclasses take without a word: a string switch is on, `true` is the number 1.
     ('[model]\nqk_norm = "false"', "model.qk_norm: must be true or false, got 'false'"),

@@ -75,6 +75,8 @@ class DataSpec:
     def describe(self) -> str:
         if self.task is not None:
             return f"task {self.task}" + "".join(f", {k}={v}" for k, v in self.task_options.items())
+        if len(self.files) > 3:  # a glob's dozens of files: the banner stays one line
+            return f"{len(self.files)} files, {self.files[0]} to {self.files[-1]}"
         return ", ".join(self.files) if self.files else "embedded CPython docs"
 
     def to_dict(self) -> dict[str, Any]:
@@ -230,6 +232,9 @@ def parse_probe_suite(raw: dict[str, Any], *, source: str = "<suite>", base_dir:
     check.that(all(k >= 1 for k in eval_loops), "eval.loops", "loop counts must be >= 1")
     examples = evaluation.get("examples", 256)
     check.that(is_int(examples) and examples >= 1, "eval.examples", f"must be an int >= 1, got {examples!r}")
+    check.that(data.task is not None or "examples" not in evaluation, "eval.examples",
+               "counts a task's examples for exact-match accuracy; text is evaluated on its validation "
+               "batches (train.eval_batches)")
     return ProbeSuite(name=name, archs=archs, loops=loops, lrs=lrs, seeds=seeds, model=model,
                       train=train, data=data, thresholds=thresholds, log_every=log_every,
                       stop_on_collapse=stop, eval_loops=eval_loops, eval_examples=examples,
