@@ -490,6 +490,8 @@ def test_a_studys_report_says_when_its_text_was_read_as_a_tokenizers_ids(bench):
     assert bench.data_text({"data": text}) == "text `/data/notes.txt` (700,000 bytes, sha256 abababababab…)"
     bpe = {**text, "tokenizer": "byte-level BPE", "vocab_size": 2048, "n_tokens": 237_828}
     assert bench.data_text({"data": bpe}).endswith("as 237,828 ids of a byte-level BPE of 2,048 tokens")
+    many = {**text, "source": ", ".join(f"/data/{name}.txt" for name in "abcde")}  # a glob's files
+    assert bench.data_text({"data": many}).startswith("text `/data/a.txt` to `/data/e.txt`, 5 files (700,000")
 
 
 def test_a_corpus_report_names_the_model_choices_its_runs_were_trained_with():
