@@ -278,10 +278,11 @@ def test_a_size_or_step_count_given_with_quick_wins_and_is_checked():
     ({"lrs": [0.0]}, "lrs: learning rates must be > 0"),
     ({"lrs": [math.inf]}, "lrs: learning rates must be > 0 and finite"),
     ({"size": "huge"}, "unknown model preset 'huge'"),
-    ({"optimizer": "sgd"}, "TrainConfig.optimizer must be one of"),
-    ({"grad_accum_steps": 0}, "TrainConfig.grad_accum_steps must be an int >= 1"),
-    ({"precision": "fp8"}, "TrainConfig.precision must be one of"),
-    ({"parallel": "tp"}, "TrainConfig.parallel must be one of"),
+    ({"optimizer": "sgd"}, "--optimizer must be one of adamw, muon, got 'sgd'"),
+    ({"grad_accum_steps": 0}, "--grad-accum-steps must be >= 1, got 0"),
+    ({"precision": "fp8"}, "--precision must be one of fp32, bf16, got 'fp8'"),
+    ({"parallel": "tp"}, "--parallel must be one of ddp, fsdp, got 'tp'"),
+    ({"schedule": "linear"}, "--schedule must be one of constant-decay, cosine, got 'linear'"),
 ])
 def test_bad_options_are_refused_with_the_reason(options, reason):
     suite = load_probe_suite(PROBES / "default.toml")

@@ -45,6 +45,7 @@ from loopdiag.detect.base import is_int
 from loopdiag.models import ARCHITECTURES, ModelConfig, preset
 from loopdiag.run.runner import RunSpec
 from loopdiag.train import TrainConfig
+from loopdiag.train.config import OPTIMIZERS, PARALLEL, PRECISIONS, SCHEDULES
 
 TOP_LEVEL_KEYS = ("name", "description", "archs", "loops", "lrs", "seeds", "steps", "log_every",
                   "stop_on_collapse", "model", "train", "data", "detectors", "eval")
@@ -256,9 +257,13 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
     """
     raw = copy.deepcopy(suite.raw)
     for option, value in (("--loops", loops), ("--steps", steps), ("--seeds", seeds),
-                          ("--log-every", log_every)):
+                          ("--log-every", log_every), ("--grad-accum-steps", grad_accum_steps)):
         if value is not None and value < 1:
             raise SuiteError(f"{option} must be >= 1, got {value}")
+    for option, value, choices in (("--optimizer", optimizer, OPTIMIZERS), ("--schedule", schedule, SCHEDULES),
+                                   ("--precision", precision, PRECISIONS), ("--parallel", parallel, PARALLEL)):
+        if value is not None and value not in choices:
+            raise SuiteError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
     if loops is not None:
         raw["loops"] = sorted({k for k in raw.get("loops", [1, 4, 12]) if k < loops} | {loops})
     given = {"archs": archs, "steps": steps, "lrs": lrs, "seeds": seeds, "log_every": log_every,
