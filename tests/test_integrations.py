@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import huggingface_hub
@@ -295,6 +296,28 @@ def test_albert_layer_group_is_seen_once_per_layer():
             assert record["resid_norm"] == pytest.approx(by_hand, rel=1e-5)
             assert all(math.isfinite(v) for v in record["act_grad_norm"])
     hand_hook.remove()
+
+
+@pytest.mark.parametrize("named,where", [("albert.embeddings", ""), ("predictions", ""),
+                                         ("albert.encoder", " inside it")])
+def test_albert_with_its_loop_module_named_wrongly_is_told_the_layer_group(named, where):
+    model = tiny_albert(layers=4)
+    inputs, labels = token_batches(4).tensors
+    with loopdiag.attach(model, loop_module=named), pytest.warns(
+            UserWarning, match=rf"'{named}' ran once in the forward, but '{ALBERT_GROUP}'{where} ran 4 times"):
+        model(input_ids=inputs, labels=labels)
+
+
+def test_a_model_without_a_loop_is_not_told_of_one():
+    """GPT-2 repeats no module: naming a block, the final norm or the embedding says nothing."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=2, n_positions=SEQ_LEN, bos_token_id=0, eos_token_id=0))
+    inputs, labels = token_batches(4).tensors
+    for named in ("transformer.h.0", "transformer.ln_f", "transformer.wte"):
+        with loopdiag.attach(model, loop_module=named), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(input_ids=inputs, labels=labels)
 
 
 # --- import hygiene ------------------------------------------------------------------------
