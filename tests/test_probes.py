@@ -659,14 +659,29 @@ def test_a_loop_module_outside_the_loop_is_named_with_the_module_to_pass_instead
         small.head = nn.Linear(D * 8, 256)
         probes.attach(small, "embed")
         small(*batch())[1].backward()
+        marked = UserLooped(n_loops=1)
+        marked.block = nn.Sequential(ResidualMLP(), nn.Identity())  # a weightless marker, one loop
+        probes.attach(marked, "block.1")
+        marked(*batch())[1].backward()
+    # a weightless marker after the loop, or an embedding larger than the loop's work, once
+    # the loop applies half the model's weights
+    marked = UserLooped(n_loops=3)
+    marked.head = nn.Sequential(nn.Identity(), nn.Linear(D, 256))
+    large = UserLooped(n_loops=40)
+    large.embed = nn.Embedding(8192, D)  # 40 calls of the block apply fewer weights than it holds
+    for model, named, calls in ((marked, "head.0", 3), (large, "embed", 40)):
+        probes.attach(model, named)
+        with pytest.warns(UserWarning, match=rf"'{named}' ran once.*'block' ran {calls} times"):
+            model(*batch())[1].backward()
 
 
 def test_missing_hook_point_names_what_to_pass():
     model = UserLooped()
     with pytest.raises(ValueError, match="loop_module=.*block"):
         probes.attach(model)
-    with pytest.raises(ValueError, match="itself"):
-        probes.attach(model, model)
+    for itself in (model, ""):
+        with pytest.raises(ValueError, match="itself"):
+            probes.attach(model, itself)
 
 
 class ReturnsMapping(nn.Module):
@@ -701,7 +716,7 @@ def test_a_loop_module_returning_a_mapping_is_read_by_its_first_value():
 
 
 class UserLoopedFlatRows(UserLooped):
-    """A loop over the batch's tokens flattened into rows (B·T, d), as packed kernels run."""
+    """A loop over the batch's tokens flattened into rows (B·T, d)."""
 
     def forward(self, idx, targets=None):
         x = self.embed(idx).flatten(0, 1)
@@ -711,11 +726,21 @@ class UserLoopedFlatRows(UserLooped):
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+class UserLoopedFlatRowsWithPositions(UserLoopedFlatRows):
+    def forward(self, positions, idx, targets=None):  # position ids (1, T) come first
+        return super().forward(idx, targets)
+
+
 def test_a_loop_over_flattened_rows_is_read_as_the_inputs_sequences():
     model = UserLoopedFlatRows()
     rec, ref = probes.attach(model, "block", loops=3), Outputs(model.block)
     record, grad_norms = one_step(model, rec, ref)
     assert_matches(record, [o.view(B, T, D) for o in ref.tensors], grad_norms)
+    model = UserLoopedFlatRowsWithPositions()
+    rec, ref = probes.attach(model, "block", loops=3), Outputs(model.block)
+    model(torch.arange(T)[None], *batch())[1].backward()
+    expected = by_hand([o.view(B, T, D) for o in ref.tensors])["token_corr"]
+    assert rec.end_step(0)["token_corr"] == pytest.approx(expected, **APPROX)
 
 
 class PooledLoop(nn.Module):

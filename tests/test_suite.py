@@ -101,6 +101,15 @@ def test_a_glob_in_the_corpus_files_takes_the_files_it_matches_in_name_order(tmp
     assert many.data.describe() == f"4 files, {texts / 'a.md'} to {texts / 'e.md'}"  # the banner's one line
 
 
+@pytest.mark.parametrize("name", ["loops-compute", "flt-stability-task", "addition-references"])
+def test_a_task_suite_trains_on_text_given_with_data(tmp_path, name):
+    text = tmp_path / "notes.txt"
+    text.write_text("the loop returns to the same weights. " * 2000)
+    suite = apply_overrides(load_probe_suite(PROBES / f"{name}.toml"), data=[text])
+    assert suite.data.task is None and suite.data.files == (str(text),)
+    assert suite.eval_loops  # the loop-scaling evaluation stays, on the text's validation batches
+
+
 def test_the_readmes_suite_example_is_a_valid_suite(tmp_path):
     readme = (PROBES.parent / "README.md").read_text(encoding="utf-8")
     example = readme.split("```toml\n", 1)[1].split("```", 1)[0]

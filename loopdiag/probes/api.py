@@ -46,7 +46,8 @@ def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stat
         Without it, the first forward warns where the loop module ran once and another
         ran again and again: inside it, holding at least half its weights (the loop it
         holds), or outside it, its calls applying at least as many weights as the loop
-        module's one (the loop it misses); the warning names that module.
+        module's one call or as half the model's (the loop it misses); the warning names
+        that module.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -84,7 +85,8 @@ def _resolve_loop_module(model: nn.Module, loop_module: str | nn.Module | None) 
             f"that runs once per loop, as a dotted path or the module itself (its children: {children})")
     if isinstance(loop_module, str):
         try:
-            return model.get_submodule(loop_module)
+            # "" names the model itself, refused below
+            loop_module = model.get_submodule(loop_module) if loop_module else model
         except AttributeError:
             names = [name for name, _ in model.named_modules() if name]
             close = difflib.get_close_matches(loop_module, names, n=5, cutoff=0.4)

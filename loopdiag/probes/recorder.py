@@ -361,9 +361,10 @@ class LoopPlacementCheck:
     a module that ran again and again (its hooks live for that one forward):
       inside it   the whole stack named instead of the block it repeats: a submodule called
                   two or more times that holds at least half its weights;
-      outside it  a module before or after the loop named (the embedding, the final norm): a
-                  module called two or more times whose calls apply at least as many weights
-                  as the named module's one call (calls × weights), the forward's work.
+      outside it  a module before or after the loop named (the embedding, the final norm, a
+                  weightless marker): a module called two or more times whose calls apply
+                  (calls × weights: the forward's work) at least as many weights as the named
+                  module's one call, or as half the model's.
     Either way the outermost such module is named as the one to pass."""
 
     def __init__(self, model: nn.Module, loop_module: nn.Module):
@@ -383,23 +384,24 @@ class LoopPlacementCheck:
         """Remove the hooks; the warning to give, if any."""
         for handle in self._handles:
             handle.remove()
-        weights = _weight_count(self.loop_module)
-        if self.calls[self.loop_module] != 1 or not weights:
+        if self.calls[self.loop_module] != 1:
             return None
+        weights, half_the_model = _weight_count(self.loop_module), _weight_count(self.model) / 2
+        # a large embedding or head named, or a weightless marker: the loop does half the work
+        outside_bar = min(weights, half_the_model) if weights else half_the_model
         inside = {id(module) for module in self.loop_module.modules()}
         repeated = [module for module, calls in self.calls.items() if calls >= 2 and (
-            2 * _weight_count(module) >= weights if id(module) in inside
-            else calls * _weight_count(module) >= weights)]
+            0 < 2 * _weight_count(module) >= weights if id(module) in inside
+            else 0 < calls * _weight_count(module) >= outside_bar)]
         if not repeated:
             return None
         paths = {module: name for name, module in self.model.named_modules()}
         loop = min(repeated, key=lambda module: paths[module].count("."))  # the outermost
-        named = paths[self.loop_module] or "the model"
-        where = (f"{paths[loop]!r} inside it ran {self.calls[loop]} times and holds most of its weights"
+        where = (f"{paths[loop]!r} inside it ran {self.calls[loop]} times and holds half its weights or more"
                  if id(loop) in inside else f"{paths[loop]!r} ran {self.calls[loop]} times")
-        return (f"loop_module {named!r} ran once in the forward, but {where}: if that is the loop, pass "
-                f"loop_module={paths[loop]!r}; as it is, the model records as one loop (loops=K turns "
-                "this guess off)")
+        return (f"loop_module {paths[self.loop_module]!r} ran once in the forward, but {where}: if that is "
+                f"the loop, pass loop_module={paths[loop]!r}; as it is, the model records as one loop "
+                "(loops=K turns this guess off)")
 
 
 def _weight_count(module: nn.Module) -> int:
@@ -416,13 +418,11 @@ def caller_stacklevel() -> int:
     return level
 
 
-def _input_rows(args: tuple, kwargs: dict[str, Any]) -> tuple[int, int] | None:
-    """(B, T) of the root forward's first tensor argument of 2 or more dims (token ids
-    (B, T) or embeddings (B, T, d)), or None."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor) and value.dim() >= 2:
-            return value.size(0), value.size(1)
-    return None
+def _input_rows(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple[int, int], ...]:
+    """(B, T) of each tensor argument of the root forward with 2 or more dims (token ids
+    (B, T), embeddings (B, T, d), masks, position ids (1, T)), in call order."""
+    return tuple((value.size(0), value.size(1)) for value in (*args, *kwargs.values())
+                 if isinstance(value, Tensor) and value.dim() >= 2)
 
 
 def _loop_tensor(output: Any) -> Tensor:

@@ -28,8 +28,8 @@ class ForwardBuffer:
 
     grad_enabled: bool
     costly: bool
-    # (B, T) of the root's first input of 2 or more dims: how a 2-D (B·T, d) loop output splits
-    rows: tuple[int, int] | None = None
+    # (B, T) of the root's inputs of 2 or more dims: how a 2-D (B·T, d) loop output splits
+    rows: tuple[tuple[int, int], ...] = ()
     loops: list[LoopSums] = field(default_factory=list)
     # loop index -> one entry per call inside that loop (costly tier only)
     attention: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)

@@ -28,13 +28,16 @@ LOOP_SUMS_OVER_RANKS = {"norm_sum": "sum", "unit_deviation_norm": "norm", "batch
                         "act_grad": "mean_norm"}
 
 
-def as_sequences(x: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
+def as_sequences(x: Tensor, rows: Sequence[tuple[int, int]] = ()) -> Tensor:
     """(..., T, d) -> (B, T, d), detached: the last dim is features, the one before it
-    tokens, everything earlier is batch. A 2-D output is one sequence (T, d), or, where its
-    rows are those of the root input's `rows` = (B, T), the B sequences flattened (B·T, d)."""
+    tokens, everything earlier is batch. A 2-D output is one sequence (T, d), or, where it
+    has B·T rows for the first (B, T) of the root inputs' `rows` with B > 1, the B
+    sequences flattened (B·T, d)."""
     x = x.detach()
-    if x.dim() == 2 and rows is not None and rows[0] > 1 and rows[0] * rows[1] == x.size(0):
-        return x.view(*rows, x.size(-1))
+    if x.dim() == 2:
+        batch = next(((b, t) for b, t in rows if b > 1 and b * t == x.size(0)), None)
+        if batch is not None:
+            return x.view(*batch, x.size(-1))
     return x if x.dim() == 3 else x.reshape(-1, x.size(-2), x.size(-1))
 
 

@@ -271,6 +271,7 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
     raw.update({key: value for key, value in given.items() if value is not None})
     if data:
         raw["data"] = {"files": [str(Path(path).resolve()) for path in data]}
+        raw.get("eval", {}).pop("examples", None)  # a task's example count, meaningless for text
     for section, key, value in (("model", "preset", size), ("train", "optimizer", optimizer),
                                 ("train", "schedule", schedule), ("train", "grad_accum_steps", grad_accum_steps),
                                 ("train", "precision", precision), ("train", "parallel", parallel)):
