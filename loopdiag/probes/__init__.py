@@ -13,7 +13,7 @@ Inside `loopdiag.train.train`, pass `RecorderCallback(rec, on_record=...)` as a 
 A record is a flat dict of scalars and per-loop lists (index 0 = loop 1; flattened by
 `flatten_record` to `resid_norm/loop_01`, ...). x^(k) is the loop module's output at
 loop k, seen as (batch, tokens, features) (earlier dims are folded into the batch; a 2-D
-output is one sequence, or the root input's B sequences of T tokens when it has B·T rows).
+output is one sequence, or a root input's B sequences of T tokens when it has B·T rows).
 
 With dropout in the model (`rerun_without_dropout`), resid_norm, rel_update and token_corr
 are those of the same inputs run again in eval mode after the backward, x^(k) without

@@ -24,8 +24,8 @@ def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stat
         ("encoder.layer_group"), the module itself, or None for `model.loop_out`. It must
         return the hidden state (..., tokens, features), or a tuple, list or mapping (a
         Hugging Face `ModelOutput`) whose first item is that. A 2-D output is one sequence,
-        or, with as many rows as the model's first input (B, T, ...) has tokens, its B
-        sequences flattened.
+        or, with B·T rows for a model input (B, T, ...) with B > 1, its B sequences
+        flattened.
     stats: "cheap" (every logged step) or "full" (adds attention and per-layer statistics
         every `costly_every` logged steps; our reference models only).
     window: steps (logged or not) behind `gnorm_cv` and `gnorm_autocorr`; at least 3.

@@ -390,9 +390,14 @@ class LoopPlacementCheck:
         # a large embedding or head named, or a weightless marker: the loop does half the work
         outside_bar = min(weights, half_the_model) if weights else half_the_model
         inside = {id(module) for module in self.loop_module.modules()}
-        repeated = [module for module, calls in self.calls.items() if calls >= 2 and (
-            0 < 2 * _weight_count(module) >= weights if id(module) in inside
-            else 0 < calls * _weight_count(module) >= outside_bar)]
+
+        def holds_the_loop(module: nn.Module, calls: int) -> bool:
+            held = _weight_count(module)
+            if calls < 2 or not held:
+                return False
+            return 2 * held >= weights if id(module) in inside else calls * held >= outside_bar
+
+        repeated = [module for module, calls in self.calls.items() if holds_the_loop(module, calls)]
         if not repeated:
             return None
         paths = {module: name for name, module in self.model.named_modules()}
