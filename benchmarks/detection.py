@@ -802,6 +802,22 @@ labels' bar, the one-loop `standard` at 3e-3 (as on `sweep-man3`). |z| > 3 warne
 27 that ended behind by their end, where loopdiag without a reference warned none, and
 alarmed 34 of the 36 healthy runs.
 
+And the user's model at a width and on a text it had not met (study `user-model-perl`: the
+four architectures at K = 1, 4 and 12, lr 3e-3, 1e-2 and 3e-2, d_model 96 in 4 heads, 250
+steps, on the first 500 KB of Perl's 69 core modules, seeds 704–705, 72 runs, 13 min on 2
+cores), trained and scored once with nothing changed. The healthy one-loop model ends at
+2.67 and 2.70; 50 runs failed, 44 never trained and 6 trained and ended behind. With a
+reference all 50 are judged not stable, without one 41 (5 that ended behind and 4 that
+never trained look converged). 34 of the 44 that never trained were warned within 15 % of
+their steps; the 10 others, the one layer and the four-layer stack at 3e-2 and
+`looped-inject` K = 12 at 3e-3, were 3.55–3.58 at step 37 against the healthy model's
+3.36–3.45, as high as 1 or 2 of the 22 healthy runs there. Every post-LN looped run never trained and is judged collapsed
+(representation). 0/22 healthy runs judged collapsed; none warned without a reference, but
+with one `behind_reference` warned 4 at steps 114–175 (7.3 per 10k healthy steps, over the
+target on this set): each had stalled at 0.90–0.93 of the context-free loss while its
+one-loop reference had left it, then trained on to within 10 % of the healthy model by its
+end.
+
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
 `standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
@@ -1516,7 +1532,8 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/user-model-go/runs"), Path("reports/detection/user-model-cpp/runs"),
            Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"),
            Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"),
-           Path("reports/detection/user-model-bpe/runs"), Path("reports/detection/user-model-bpe-nodejs/runs"))
+           Path("reports/detection/user-model-bpe/runs"), Path("reports/detection/user-model-bpe-nodejs/runs"),
+           Path("reports/detection/user-model-perl/runs"))
 
 
 def study_name(path: Path) -> str:
