@@ -663,9 +663,9 @@ critical at steps 31–46. 0/27 healthy runs judged collapsed, warned or failed 
 
 And the main job on a text no set had used, as a user names its files (`--data
 '/usr/share/perl/5.36/*.pm'`: 69 Perl modules, code and its POD documentation, 1.1 MB),
-with nothing changed: the default suite on seeds 701–702 (study `sweep-perl`, 30 runs, 7 min
+with nothing changed: the default suite on seeds 701–702 (study `sweep-perl`, 30 runs, 5 min
 on 2 cores), and at the `small` preset (d_model 128, seq_len 128) on seed 703 (study
-`sweep-perl-small`, 15 runs, 23 min). Each trained and scored once. On `sweep-perl` 2 failed
+`sweep-perl-small`, 15 runs, 13 min). Each trained and scored once. On `sweep-perl` 2 failed
 runs, plain `looped` K = 12 on both seeds, which never trained (3.51–3.55 against the
 one-loop model's 2.61–2.67; the text's context-free loss is 3.511): judged collapsed
 (representation) in both modes, warned at step 7, critical at steps 47–49. On
