@@ -44,6 +44,32 @@ def test_every_layer_is_recorded_once_per_forward(hf_albert, arch):
     assert (sum(p.numel() for p in model.parameters()) > one_layer) == (arch == "standard")  # looped reuses it
 
 
+def test_a_batch_packed_by_the_flattening_collator_is_read_as_its_sequences(hf_albert):
+    import transformers
+
+    import loopdiag
+
+    torch.manual_seed(0)
+    model = hf_albert.albert("looped", 3, d_model=16, n_heads=2, seq_len=32)
+    lengths = [5, 12, 2, 9]
+    examples = [{"input_ids": torch.randint(0, 256, (n,)).tolist()} for n in lengths]
+    packed = transformers.DataCollatorWithFlattening()(examples)  # ids, labels, position ids (1, 28)
+    outputs = []
+    group = model.get_submodule(hf_albert.loop_module("looped"))
+    group.register_forward_hook(  # a tensor, or a tuple led by one, by the version of transformers
+        lambda module, args, out: outputs.append((out if torch.is_tensor(out) else out[0]).detach()))
+    with loopdiag.attach(model, group, loops=3) as recorder:
+        model(**packed).loss.backward()
+        recorder.after_backward()
+        record = recorder.end_step(0)
+    for loop, output in enumerate(outputs):
+        # 1 − token_corr of each sequence, weighted by its pairs' T − 1
+        unit = torch.nn.functional.normalize(output[0], dim=-1).split(lengths)
+        spread = sum(((u - u.mean(0)).square().sum()) for u in unit)
+        assert record["token_corr"][loop] == pytest.approx(1 - spread.item() / (sum(lengths) - len(lengths)),
+                                                           rel=1e-5)
+
+
 def test_each_position_sees_only_the_bytes_before_it(hf_albert, text):
     tokens, _ = hf_albert.ByteStudy((text,), 10_000, steps=1, batch_size=1, seq_len=8, d_model=16, n_heads=2).data()
     example = hf_albert.NextByteWindows(tokens, 8, count=4, seed=1)[0]

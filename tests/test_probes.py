@@ -743,6 +743,64 @@ def test_a_loop_over_flattened_rows_is_read_as_the_inputs_sequences():
     assert rec.end_step(0)["token_corr"] == pytest.approx(expected, **APPROX)
 
 
+class UserLoopedPacked(UserLooped):
+    """A per-token loop over a packed row (1, N): sequences laid end to end, told apart by
+    position ids that restart, as Hugging Face's `DataCollatorWithFlattening` passes them."""
+
+    def forward(self, idx, position_ids=None):
+        x = self.embed(idx)
+        for _ in range(self.n_loops):
+            x = self.block(x)
+        return self.head(x).square().mean()
+
+
+def packed(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, position_ids), each (1, N), of `sequences` laid end to end."""
+    return (torch.cat(sequences)[None],
+            torch.cat([torch.arange(len(sequence)) for sequence in sequences])[None])
+
+
+def packed_record(sequences: list[torch.Tensor], **kwargs) -> tuple[dict, list[torch.Tensor]]:
+    model = UserLoopedPacked()
+    rec, ref = probes.attach(model, "block", loops=3), Outputs(model.block)
+    ids, positions = packed(sequences)
+    model(ids, **({"position_ids": positions} | kwargs)).backward()
+    return rec.end_step(0), ref.tensors
+
+
+def test_a_packed_batch_is_read_as_its_sequences():
+    idx = batch()[0]
+    record, outputs = packed_record(list(idx))
+    # each loop's output per token as batched: the statistics of the B sequences of T tokens
+    expected = by_hand([o.view(B, T, D) for o in outputs])
+    for stat in ("resid_norm", "rel_update", "token_corr"):
+        assert record[stat] == pytest.approx(expected[stat], **APPROX), stat
+    # sequences of unequal length count by their pairs of distinct tokens, T − 1 each
+    lengths = [3, T, 17, 1]
+    sequences = list(torch.randint(0, 256, (sum(lengths),), generator=torch.Generator().manual_seed(1))
+                     .split(lengths))
+    record, outputs = packed_record(sequences)
+    for loop, output in enumerate(outputs):
+        parts = output[0].detach().split(lengths)
+        one_minus = [(len(p) - 1) * (1 - by_hand([p[None]])["token_corr"][0]) for p in parts if len(p) > 1]
+        assert record["token_corr"][loop] == pytest.approx(1 - sum(one_minus) / (sum(lengths) - len(lengths)),
+                                                           rel=1e-5)
+
+
+def test_a_packed_batch_whose_sequences_each_collapsed_reads_collapsed():
+    # every position of a sequence holds the same token; the sequences differ
+    sequences = [torch.full((T,), token) for token in (3, 70, 200)]
+    assert packed_record(sequences)[0]["token_corr"] == pytest.approx([1.0] * 3, abs=1e-6)
+    # read as one sequence, the same positions look far from collapsed
+    unpacked = packed_record(sequences, position_ids=None)[0]["token_corr"]
+    assert max(unpacked) < 0.9
+    # position ids that never restart, or not integers, leave it one sequence
+    ids, positions = packed(sequences)
+    arange = torch.arange(ids.size(1))[None]
+    assert packed_record(sequences, position_ids=arange)[0]["token_corr"] == pytest.approx(unpacked, rel=1e-5)
+    assert packed_record(sequences, position_ids=positions.float())[0]["token_corr"] == unpacked
+
+
 class PooledLoop(nn.Module):
     """A loop over one pooled vector (D,): no token axis for the loop statistics."""
 

@@ -13,7 +13,9 @@ Inside `loopdiag.train.train`, pass `RecorderCallback(rec, on_record=...)` as a 
 A record is a flat dict of scalars and per-loop lists (index 0 = loop 1; flattened by
 `flatten_record` to `resid_norm/loop_01`, ...). x^(k) is the loop module's output at
 loop k, seen as (batch, tokens, features) (earlier dims are folded into the batch; a 2-D
-output is one sequence, or a root input's B sequences of T tokens when it has B·T rows).
+output is one sequence, or a root input's B sequences of T tokens when it has B·T rows;
+one packed row (1, N) holds several sequences when the model is given integer
+`position_ids` (1, N) that restart, as Hugging Face's `DataCollatorWithFlattening` makes).
 
 With dropout in the model (`rerun_without_dropout`), resid_norm, rel_update and token_corr
 are those of the same inputs run again in eval mode after the backward, x^(k) without
@@ -24,7 +26,8 @@ Per loop:
   rel_update      mean over tokens of |x^(k) - x^(k-1)| / |x^(k)|; NaN at loop 1, which
                   has no previous loop output to compare with
   token_corr      mean cosine between distinct tokens of a sequence, averaged over the
-                  batch (1 = every token points the same way: representation collapse);
+                  batch, each sequence weighted by its T − 1 (1 = every token points the
+                  same way: representation collapse);
                   read from the unit vectors' spread about their mean, so identical
                   tokens read 1 to float32 precision at any sequence length
   act_grad_norm   |dloss/dx^(k)|_F over the whole output tensor; present when the step's

@@ -66,6 +66,7 @@ So it is not registered while compiling, and compiled forwards record no `act_gr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import warnings
@@ -92,7 +93,7 @@ from loopdiag.probes.records import (
     reduce_over_ranks,
     to_host,
 )
-from loopdiag.probes.stats import LoopSums, as_sequences, reduce_loop_output
+from loopdiag.probes.stats import LoopSums, PackedSequences, as_sequences, reduce_loop_output
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -273,7 +274,7 @@ class LoopRecorder:
             costly = (not self._rerunning and self.stats == "full"
                       and self._logged_count % self.costly_every == 0)
             self._current = ForwardBuffer(grad_enabled=torch.is_grad_enabled(), costly=costly,
-                                          rows=_input_rows(args, kwargs))
+                                          rows=_input_rows(args, kwargs), packed=_packed_sequences(kwargs))
             if (self.rerun_without_dropout and not self._rerunning and module.training
                     and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
                 self._reruns.append((self._current, args, kwargs))
@@ -293,11 +294,18 @@ class LoopRecorder:
         if forward is None:  # not collecting, or outside a root forward (recomputation)
             return
         x = _loop_tensor(output)
+        seqs = as_sequences(x, forward.rows)
+        packed = forward.packed
+        if packed is not None and seqs.shape[:2] != (1, packed.ids.numel()):
+            packed = None  # the output is not the packed row (a model that unpacks it)
         # In fp32 whatever the forward's precision: a bf16 sum of T unit vectors loses the
-        # digits token_corr is read from.
-        with torch.autocast(x.device.type, enabled=False):
-            seqs = as_sequences(x, forward.rows).float()
-            sums = reduce_loop_output(seqs, self._prev_output)
+        # digits token_corr is read from. Autocast is only entered where it is on: the
+        # context costs a small loop's reductions a tenth again.
+        autocast_off = (torch.autocast(x.device.type, enabled=False)
+                        if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext())
+        with autocast_off:
+            seqs = seqs.float()
+            sums = reduce_loop_output(seqs, self._prev_output, packed)
         self._prev_output = seqs
         # A tensor hook that writes outside the graph breaks it, and a break inside the
         # model's loop sends its whole forward back to eager: compiled, no act_grad_norm.
@@ -428,6 +436,17 @@ def _input_rows(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple[int, int], .
     (B, T), embeddings (B, T, d), masks, position ids (1, T)), in call order."""
     return tuple((value.size(0), value.size(1)) for value in (*args, *kwargs.values())
                  if isinstance(value, Tensor) and value.dim() >= 2)
+
+
+def _packed_sequences(kwargs: dict[str, Any]) -> PackedSequences | None:
+    """The sequences of a packed batch: integer `position_ids` of shape (1, N) that restart
+    (several sequences in one row, as Hugging Face's `DataCollatorWithFlattening` passes
+    them to varlen attention). Ids that never restart make one sequence, as without them."""
+    positions = kwargs.get("position_ids")
+    if (not isinstance(positions, Tensor) or positions.dim() != 2 or positions.size(0) != 1
+            or positions.size(1) < 2 or positions.is_floating_point() or positions.is_complex()):
+        return None
+    return PackedSequences.from_position_ids(positions)
 
 
 def _loop_tensor(output: Any) -> Tensor:

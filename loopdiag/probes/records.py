@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from loopdiag import distributed
-from loopdiag.probes.stats import LOOP_SUMS_OVER_RANKS, LoopSums, finish_loop
+from loopdiag.probes.stats import LOOP_SUMS_OVER_RANKS, LoopSums, PackedSequences, finish_loop
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -30,6 +30,8 @@ class ForwardBuffer:
     costly: bool
     # (B, T) of the root's inputs of 2 or more dims: how a 2-D (B·T, d) loop output splits
     rows: tuple[tuple[int, int], ...] = ()
+    # the sequences of a packed (1, N) batch, from the root's restarting `position_ids`
+    packed: PackedSequences | None = None
     loops: list[LoopSums] = field(default_factory=list)
     # loop index -> one entry per call inside that loop (costly tier only)
     attention: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)

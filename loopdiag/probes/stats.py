@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -23,9 +24,28 @@ LoopSums = dict[str, Tensor | int | None]
 #   sum        added over the ranks
 #   norm       a Euclidean norm over rows: the squares are added, then the root taken
 #   mean_norm  the norm of a gradient of the loss averaged over ranks: `norm` / world size
-# A sum not listed (`seq_len`) is the same on every rank.
-LOOP_SUMS_OVER_RANKS = {"norm_sum": "sum", "unit_deviation_norm": "norm", "batch": "sum", "rel_sum": "sum",
-                        "act_grad": "mean_norm"}
+LOOP_SUMS_OVER_RANKS = {"norm_sum": "sum", "unit_deviation_norm": "norm", "tokens": "sum", "sequences": "sum",
+                        "rel_sum": "sum", "act_grad": "mean_norm"}
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """Where each token of a packed row (1, N) belongs: sequences laid end to end, each
+    restarting its position ids (Hugging Face's `DataCollatorWithFlattening`). Device
+    tensors, so reading them costs no sync."""
+
+    ids: Tensor  # (N,) the index of each token's sequence, 0 .. count − 1
+    count: Tensor  # 0-d: how many sequences
+    lengths: Tensor  # (N,) tokens of sequence i at i, zero past `count`
+
+    @classmethod
+    def from_position_ids(cls, position_ids: Tensor) -> PackedSequences:
+        """A sequence starts wherever a position id is no greater than the one before it."""
+        positions = position_ids.reshape(-1)
+        starts = positions[1:] <= positions[:-1]
+        ids = torch.cat([starts.new_zeros(1, dtype=torch.long), starts.cumsum(0)])
+        lengths = torch.zeros_like(ids).index_add_(0, ids, torch.ones_like(ids))
+        return cls(ids=ids, count=ids[-1] + 1, lengths=lengths)
 
 
 def as_sequences(x: Tensor, rows: Sequence[tuple[int, int]] = ()) -> Tensor:
@@ -41,24 +61,35 @@ def as_sequences(x: Tensor, rows: Sequence[tuple[int, int]] = ()) -> Tensor:
     return x if x.dim() == 3 else x.reshape(-1, x.size(-2), x.size(-1))
 
 
-def reduce_loop_output(seqs: Tensor, prev: Tensor | None) -> LoopSums:
+def reduce_loop_output(seqs: Tensor, prev: Tensor | None, packed: PackedSequences | None = None) -> LoopSums:
     """Sums behind `resid_norm`, `rel_update` and `token_corr` for one loop's output `seqs`
-    (B, T, d); `prev` is the previous loop's output in the same forward, or None. A new sum
-    also needs its rule in `LOOP_SUMS_OVER_RANKS` and its host value in `finish_loop`."""
+    (B, T, d); `prev` is the previous loop's output in the same forward, or None; `packed`
+    splits a (1, N, d) output into its sequences. A new sum also needs its rule in
+    `LOOP_SUMS_OVER_RANKS` and its host value in `finish_loop`."""
     norms = vector_norm(seqs, dim=-1, dtype=torch.float32)  # (B, T)
     inverse = norms.reciprocal()
     weights = inverse.unsqueeze(-1).to(seqs.dtype)  # (B, T, 1)
-    # (B, 1, T) @ (B, T, d) -> (B, 1, d): the mean unit token vector of each sequence
-    mean_unit = torch.bmm(weights.transpose(1, 2), seqs) / seqs.size(1)
-    # Each unit vector's deviation from that mean, token by token: read from the sum of the
-    # units alone, 1 − token_corr of identical tokens is float32 rounding that grows with
-    # the context (up to 9e-6 at 2k tokens, 8e-5 at 8k, past the collapse threshold).
-    deviations = torch.addcmul(-mean_unit, seqs, weights)
+    # Each unit vector's deviation from its sequence's mean unit vector, token by token:
+    # read from the sum of the units alone, 1 − token_corr of identical tokens is float32
+    # rounding that grows with the context (up to 9e-6 at 2k tokens, 8e-5 at 8k, past the
+    # collapse threshold).
+    if packed is None:
+        # (B, 1, T) @ (B, T, d) -> (B, 1, d): the mean unit token vector of each sequence
+        mean_unit = torch.bmm(weights.transpose(1, 2), seqs) / seqs.size(1)
+        deviations = torch.addcmul(-mean_unit, seqs, weights)
+        sequences: Tensor | int = seqs.size(0)
+    else:
+        units = seqs[0] * weights[0]  # (N, d)
+        # one row per possible sequence (N at most): their count is on the device
+        totals = torch.zeros_like(units).index_add_(0, packed.ids, units)
+        means = totals / packed.lengths.clamp(min=1).unsqueeze(-1).to(units.dtype)
+        deviations = units - means[packed.ids]
+        sequences = packed.count
     sums: LoopSums = {
         "norm_sum": norms.sum(),
         "unit_deviation_norm": vector_norm(deviations, dtype=torch.float32),
-        "batch": seqs.size(0),
-        "seq_len": seqs.size(1),
+        "tokens": norms.numel(),
+        "sequences": sequences,
     }
     if prev is not None and prev.shape == seqs.shape:
         step = vector_norm(seqs - prev, dim=-1, dtype=torch.float32)
@@ -69,12 +100,12 @@ def reduce_loop_output(seqs: Tensor, prev: Tensor | None) -> LoopSums:
 def finish_loop(sums: dict[str, float | int | None]) -> dict[str, float]:
     """Host side of `reduce_loop_output` (values already synced). `act_grad_norm` is NaN
     when the loop's output needed a gradient that never arrived; absent when it needed none."""
-    batch, seq_len = sums["batch"], sums["seq_len"]
-    tokens = batch * seq_len
+    tokens, sequences = sums["tokens"], sums["sequences"]
     # Mean off-diagonal cosine of the token Gram, per sequence: with u_i the unit vectors
-    # and m their mean, sum_i |u_i - m|^2 = (T - 1)(1 - mean cosine).
-    token_corr = (1 - sums["unit_deviation_norm"] ** 2 / (batch * (seq_len - 1))
-                  if seq_len > 1 else math.nan)
+    # and m their mean, sum_i |u_i - m|^2 = (T - 1)(1 - mean cosine); summed over the
+    # sequences, (tokens − sequences)(1 − mean cosine), each sequence weighted by T − 1.
+    token_corr = (1 - sums["unit_deviation_norm"] ** 2 / (tokens - sequences)
+                  if tokens > sequences else math.nan)
     stats = {
         "resid_norm": sums["norm_sum"] / tokens,
         "rel_update": sums["rel_sum"] / tokens if "rel_sum" in sums else math.nan,
