@@ -66,6 +66,19 @@ def test_representation_collapse_warns_early_and_is_critical_once_the_loss_stall
     assert "gradient at the embedding" in critical.message
 
 
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_a_sparser_log_waits_as_many_steps_for_a_collapse_not_as_many_records(vectorised):
+    every_fifth = looped_run(collapse=True)[4::5]  # steps 5, 10, ...: identical from the first
+    (warn, *_) = replay(every_fifth, [RepresentationCollapse()], vectorised=vectorised)
+    assert (warn.severity, warn.step, warn.evidence["records"]) == ("warn", 10, 2)
+    # one record is never enough, however far apart the records are
+    every_fiftieth = looped_run(collapse=True)[49::50]
+    assert replay(every_fiftieth[:1], [RepresentationCollapse()], vectorised=vectorised) == []
+    assert replay(every_fiftieth[:2], [RepresentationCollapse()], vectorised=vectorised)[0].step == 100
+    # a healthy run's closest approach, logged sparsely, is still no collapse
+    assert replay(looped_run(collapse=False)[4::5], default_detectors(), vectorised=vectorised) == []
+
+
 def test_the_unigram_phase_of_a_healthy_run_is_not_a_collapse():
     healthy = looped_run(collapse=False)
     assert replay(healthy, default_detectors()) == []

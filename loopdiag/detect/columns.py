@@ -119,6 +119,13 @@ class RecordColumns:
         """The record's `step` as logged (what the per-record evidence quotes)."""
         return self.records[index].get("step")
 
+    def last_steps(self) -> np.ndarray:
+        """`last_step` of every record."""
+        def compute() -> np.ndarray:
+            steps, valid = self.int_steps()
+            return np.where(valid, steps, np.arange(1, len(steps) + 1))
+        return self.cached("last_steps", compute)
+
     def last_step(self, index: int) -> int:
         """`Detector._last_step` after the record at `index`."""
         step = self.records[index].get("step")

@@ -86,7 +86,9 @@ class RepresentationCollapseConfig(ReferenceLineConfig):
     # Records the condition must hold before a warning: a collapsed model shows it from its
     # first steps; most healthy ones never (their unigram phase stays above 2e-5), but some
     # enter it while their loss still falls and leave it (a warm-up, or the loss on every
-    # loop): they are warned, as nothing at the time tells them from a collapse.
+    # loop): they are warned, as nothing at the time tells them from a collapse. What it
+    # waits out is a phase of training, so a sparser log waits as many steps instead, over
+    # two records at least (`held_for`); token_corr is no noisy reading that needs more.
     patience: int = 5
     # Critical once it has held this many records while the loss stalled (rolling median
     # improved by under `min_progress` over them): identical positions can only predict
@@ -134,7 +136,7 @@ class RepresentationCollapse(Detector):
         self._streak += 1
         if self._since is None:
             self._since = self._last_step
-        if self._streak < self.config.patience:
+        if not held_for(self.config.patience, self._streak, self._last_step - self._since + 1):
             return None
         return self._collapse(record, corr, loop, self._loss)
 
@@ -167,6 +169,7 @@ class RepresentationCollapse(Detector):
         last = columns.last_loop("token_corr")
         judged = np.isfinite(last)
         streak, first = judged_streaks(judged, judged & (1 - last < self.config.max_decorrelation))
+        steps = columns.last_steps()
 
         def judge(index: int) -> Finding:
             record = columns.records[index]
@@ -174,7 +177,15 @@ class RepresentationCollapse(Detector):
             return self._collapse(record, loop_values(record, "token_corr"),
                                   collapsed_from(record, self.config.max_decorrelation),
                                   columns.loss_track_at(index, self.config.window))
-        return codes(judged, streak >= self.config.patience, certain=True), judge
+        held = held_for(self.config.patience, streak, steps - steps[first] + 1)
+        return codes(judged, held, certain=True), judge
+
+
+def held_for(patience: int, records: Any, steps: Any) -> Any:
+    """Whether a condition seen in `records` records in a row, spanning `steps` steps from
+    the first of them to the last, has held for `patience`: as many records, or, in a
+    log sparser than every step, as many steps over two records or more (arrays too)."""
+    return (records >= patience) | ((records >= 2) & (steps >= patience))
 
 
 @dataclass(frozen=True)
