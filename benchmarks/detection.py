@@ -629,7 +629,8 @@ and 12, lr 3e-3 and 1e-2, d_model 80 in 5 heads, 300 steps, `log_every` 5, on 50
 Webster's 1913 dictionary from GCIDE, seeds 164–165, 60 runs, 26 min on 2 cores), trained and
 scored once with nothing changed: 6 failed runs, plain `looped` K = 12 at both rates and
 K = 4 at 1e-2, which never trained; all judged collapsed (representation) in both modes,
-warned at step 25 (their fifth record) and critical at steps 125–155. 0/54 healthy runs
+warned at step 10 (their second record; step 25, their fifth, before the sparse-log
+patience below) and critical at steps 125–155. 0/54 healthy runs
 judged collapsed, warned or failed to train, in 16,200 healthy steps.
 
 And at 24 loops of one block (study `sweep-gdal`: the five architectures at K = 1, 8 and 24,
@@ -685,8 +686,8 @@ never trained (3.40–3.41 against the one-loop model's 2.33–2.36 at 3e-3): ju
 judged collapsed, warned or failed to train, in 8,100 healthy steps. Recorded every 5th step
 (study `sweep-log5`: `--log-every 5`, Pygments' 223 lexer modules, seeds 713–714, 30 runs,
 5 min), scored once with nothing changed: plain `looped` K = 12, which never trained, was
-judged collapsed (representation) on both seeds, but warned only at step 25, 5 records after
-its positions merged at step 5, past 15 % of its 150 steps. That prompted the one change:
+judged collapsed (representation) on both seeds, but warned only at step 25, its fifth record
+with its positions merged (they merged at step 5), past 15 % of its 150 steps. That prompted the one change:
 `representation_collapse` waits its 5 records' patience as 5 steps over two records or more
 where the log is sparser than every step (a phase of training, not a noisy reading), and
 warns it at step 10 now; the set is in-sample for that change. Its held-out check, trained

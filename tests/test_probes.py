@@ -794,6 +794,15 @@ def test_a_packed_batch_whose_sequences_each_collapsed_reads_collapsed():
     # read as one sequence, the same positions look far from collapsed
     unpacked = packed_record(sequences, position_ids=None)[0]["token_corr"]
     assert max(unpacked) < 0.9
+    # position ids (1, T) broadcast over a batch of several rows do not pack it
+    idx = batch()[0]
+    model = UserLoopedPacked()
+    rec = probes.attach(model, "block", loops=3)
+    for positions in (None, torch.tensor([0, 1, 2, 0, 1, 2, 3, 0] * (T // 8))[None]):
+        model(idx, position_ids=positions).backward()
+        rec.after_backward()
+        rec.end_step(0 if positions is None else 1)
+    assert rec.records[1]["token_corr"] == rec.records[0]["token_corr"]
     # position ids that never restart, or not integers, leave it one sequence
     ids, positions = packed(sequences)
     arange = torch.arange(ids.size(1))[None]

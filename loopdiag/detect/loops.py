@@ -107,7 +107,8 @@ class RepresentationCollapseConfig(ReferenceLineConfig):
 
 class RepresentationCollapse(Detector):
     """Every position carrying the same vector at the last loop (1 − `token_corr` <
-    `max_decorrelation`) for `patience` records → warn; for `window` records while the
+    `max_decorrelation`) for `patience` records (in a sparser log, `patience` steps over two
+    records or more: `held_for`) → warn; for `window` records while the
     loss stalls → critical, unless the reference (`expected_loss`) ended at the
     context-free level itself and stopped learning there (`context_free_line_holds`): then
     identical positions cost the run next to nothing, and its gap to the reference judges

@@ -298,6 +298,8 @@ class LoopRecorder:
         packed = forward.packed
         if packed is not None and seqs.shape[:2] != (1, packed.ids.numel()):
             packed = None  # the output is not the packed row (a model that unpacks it)
+        elif packed is not None and packed.ids.device != seqs.device:
+            packed = forward.packed = packed.to(seqs.device)
         # In fp32 whatever the forward's precision: a bf16 sum of T unit vectors loses the
         # digits token_corr is read from. Autocast is only entered where it is on: the
         # context costs a small loop's reductions a tenth again.

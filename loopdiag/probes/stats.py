@@ -47,6 +47,10 @@ class PackedSequences:
         lengths = torch.zeros_like(ids).index_add_(0, ids, torch.ones_like(ids))
         return cls(ids=ids, count=ids[-1] + 1, lengths=lengths)
 
+    def to(self, device: torch.device) -> PackedSequences:
+        """On `device` (a model may keep its position ids where its hidden state is not)."""
+        return PackedSequences(*(tensor.to(device) for tensor in (self.ids, self.count, self.lengths)))
+
 
 def as_sequences(x: Tensor, rows: Sequence[tuple[int, int]] = ()) -> Tensor:
     """(..., T, d) -> (B, T, d), detached: the last dim is features, the one before it
@@ -80,10 +84,11 @@ def reduce_loop_output(seqs: Tensor, prev: Tensor | None, packed: PackedSequence
         sequences: Tensor | int = seqs.size(0)
     else:
         units = seqs[0] * weights[0]  # (N, d)
-        # one row per possible sequence (N at most): their count is on the device
-        totals = torch.zeros_like(units).index_add_(0, packed.ids, units)
-        means = totals / packed.lengths.clamp(min=1).unsqueeze(-1).to(units.dtype)
-        deviations = units - means[packed.ids]
+        # one row per possible sequence (N at most): their count is on the device; in place,
+        # three (N, d) buffers at most
+        means = torch.zeros_like(units).index_add_(0, packed.ids, units)
+        means /= packed.lengths.clamp(min=1).unsqueeze(-1).to(units.dtype)
+        deviations = units.sub_(means.index_select(0, packed.ids))
         sequences = packed.count
     sums: LoopSums = {
         "norm_sum": norms.sum(),
