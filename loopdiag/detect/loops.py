@@ -89,6 +89,8 @@ class RepresentationCollapseConfig(ReferenceLineConfig):
     # loop): they are warned, as nothing at the time tells them from a collapse. What it
     # waits out is a phase of training, so a sparser log waits as many steps instead, over
     # two records at least (`held_for`); token_corr is no noisy reading that needs more.
+    # (From `sweep-log5`, every 5th step recorded: warned 20 steps after its positions
+    # merged, past 15 % of the run; `sweep-log4`, trained after it, is the held-out check.)
     patience: int = 5
     # Critical once it has held this many records while the loss stalled (rolling median
     # improved by under `min_progress` over them): identical positions can only predict
