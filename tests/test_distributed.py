@@ -109,6 +109,42 @@ def sharded_resume(corpus, checkpoint) -> dict[str, list[float]]:
     return losses
 
 
+class PackedLoop(torch.nn.Module):
+    """A per-token loop over one packed row (1, N) of sequences: each rank packs its own."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.block, self.head = (torch.nn.Embedding(256, 16), torch.nn.Linear(16, 16),
+                                             torch.nn.Linear(16, 8))
+
+    def forward(self, ids, position_ids=None):
+        x = self.embed(ids)
+        for _ in range(3):
+            x = x + torch.tanh(self.block(x))
+        return self.head(x).square().mean()
+
+
+# The packed rows of the global batch: rank 0's sequences, then rank 1's (lengths differ).
+PACKED_LENGTHS = ([5, 12], [3, 9, 7])
+
+
+def packed_rows() -> list[list[torch.Tensor]]:
+    tokens = torch.randint(0, 256, (sum(map(sum, PACKED_LENGTHS)),), generator=torch.Generator().manual_seed(2))
+    sequences = list(tokens.split([n for lengths in PACKED_LENGTHS for n in lengths]))
+    return [sequences[:len(PACKED_LENGTHS[0])], sequences[len(PACKED_LENGTHS[0]):]]
+
+
+def packed_record(sequences: list[torch.Tensor]) -> dict:
+    """One step of `PackedLoop` over `sequences` packed into one row, recorded."""
+    model = PackedLoop()
+    positions = torch.cat([torch.arange(len(sequence)) for sequence in sequences])[None]
+    with attach(model, "block", loops=3) as recorder:
+        model(torch.cat(sequences)[None], position_ids=positions).backward()
+        recorder.after_backward()
+        return recorder.end_step(0)
+
+
 def exploding_on_rank_1(arch, config):
     model = build_model(arch, config)
     if distributed.rank() == 1:  # its residual stream; the final norm keeps its loss as it was
@@ -127,6 +163,7 @@ def rank_main(rank: int, store_file: str, out: str) -> None:
         outcome = run_one(SPEC, TINY, CONFIG, corpus, out_dir / "same" / SPEC.run_id)
         seen["same"] = {"steps_done": outcome.steps_done, "loss": outcome.final_loss}
         seen["costly"] = costly_records()
+        seen["packed"] = packed_record(packed_rows()[rank])
 
         outcome = run_one(SPEC, TINY, SHARDED, corpus, out_dir / "sharded" / SPEC.run_id)
         seen["sharded"] = {"steps_done": outcome.steps_done, "loss": outcome.final_loss}
@@ -239,6 +276,14 @@ def test_costly_statistics_combine_like_one_process(two_ranks):
     assert rank0["costly"] == rank1["costly"]  # one record on every rank: the detectors agree
     assert {"attn_entropy", "attn_max_logit", "resid_norm/layer_02"} <= rank0["costly"][-1].keys()
     assert_same_records(rank0["costly"], costly_records())
+
+
+def test_packed_rows_combine_like_one_process_over_all_their_sequences(two_ranks):
+    _, (rank0, rank1) = two_ranks
+    one = packed_record([sequence for row in packed_rows() for sequence in row])
+    for stat in ("resid_norm", "rel_update", "token_corr"):  # the forward's: one record on every rank
+        assert rank0["packed"][stat] == rank1["packed"][stat]
+        assert rank0["packed"][stat] == pytest.approx(one[stat], **CLOSE), stat
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
