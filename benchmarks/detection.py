@@ -679,20 +679,20 @@ in 6,150 healthy steps.
 
 And the main job under options no set had used, each on a text no set had used: in bf16
 (study `sweep-bf16`: `--precision bf16`, lr 3e-3 and 1e-2, the 130 headers of libstdc++'s
-`bits/`, 3.6 MB, seeds 711–712, 60 runs, 13 min on 2 cores), trained and scored once with
+`bits/`, 3.6 MB, seeds 711–712, 60 runs, 12 min on 2 cores), trained and scored once with
 nothing changed: 6 failed runs, plain `looped` K = 12 at both rates and K = 4 at 1e-2, which
 never trained (3.40–3.41 against the one-loop model's 2.33–2.36 at 3e-3): judged collapsed
 (representation) in both modes, warned at steps 6–9, critical at 31–48; 0/54 healthy runs
 judged collapsed, warned or failed to train, in 8,100 healthy steps. Recorded every 5th step
 (study `sweep-log5`: `--log-every 5`, Pygments' 223 lexer modules, seeds 713–714, 30 runs,
-5 min), scored once with nothing changed: plain `looped` K = 12, which never trained, was
+4 min), scored once with nothing changed: plain `looped` K = 12, which never trained, was
 judged collapsed (representation) on both seeds, but warned only at step 25, its fifth record
 with its positions merged (they merged at step 5), past 15 % of its 150 steps. That prompted the one change:
 `representation_collapse` waits its 5 records' patience as 5 steps over two records or more
 where the log is sparser than every step (a phase of training, not a noisy reading), and
 warns it at step 10 now; the set is in-sample for that change. Its held-out check, trained
 after it (study `sweep-log4`: `--log-every 4`, lr 3e-3 and 1e-2, jQuery and Underscore,
-seeds 717–718, 60 runs, 13 min): 6 failed runs, plain `looped` K = 12 at both rates and K = 4
+seeds 717–718, 60 runs, 9 min): 6 failed runs, plain `looped` K = 12 at both rates and K = 4
 at 1e-2, which never trained (3.67 against 2.82–2.84), warned at steps 8–12 and judged
 collapsed (representation) at steps 104–112; 0/54 healthy runs warned or judged not stable
 in 7,992 healthy steps. With gradient accumulation (study `sweep-accum`: `--grad-accum-steps
