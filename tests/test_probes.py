@@ -810,6 +810,15 @@ def test_a_packed_batch_whose_sequences_each_collapsed_reads_collapsed():
     assert packed_record(sequences, position_ids=positions.float())[0]["token_corr"] == unpacked
 
 
+def test_position_ids_passed_by_position_mark_a_packed_batch():
+    sequences = [torch.full((T,), token) for token in (3, 70, 200)]
+    ids, positions = packed(sequences)
+    model = UserLoopedPacked()
+    rec = probes.attach(model, "block", loops=3)
+    model(ids, positions).backward()
+    assert rec.end_step(0)["token_corr"] == pytest.approx([1.0] * 3, abs=1e-6)
+
+
 class PooledLoop(nn.Module):
     """A loop over one pooled vector (D,): no token axis for the loop statistics."""
 

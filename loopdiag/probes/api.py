@@ -26,8 +26,9 @@ def attach(model: nn.Module, loop_module: str | nn.Module | None = None, *, stat
         Hugging Face `ModelOutput`) whose first item is that. A 2-D output is one sequence,
         or, with B·T rows for a model input (B, T, ...) with B > 1, its B sequences
         flattened. A packed batch (1, N), sequences laid end to end, is read as its
-        sequences when the model is called with integer `position_ids=` (1, N) that
-        restart at each one (Hugging Face's `DataCollatorWithFlattening`).
+        sequences when the model is called with integer `position_ids` (1, N), by
+        keyword or by position, that restart at each one (Hugging Face's
+        `DataCollatorWithFlattening`).
     stats: "cheap" (every logged step) or "full" (adds attention and per-layer statistics
         every `costly_every` logged steps; our reference models only).
     window: steps (logged or not) behind `gnorm_cv` and `gnorm_autocorr`; at least 3.

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 import warnings
 from collections import Counter
@@ -127,6 +128,7 @@ class LoopRecorder:
         self._tensor_hooks: list[RemovableHandle] = []
         self._reruns: list[tuple[ForwardBuffer, tuple, dict[str, Any]]] = []  # (forward, args, kwargs)
         self._rerunning = False
+        self._position_ids_index = _positional_index(model, "position_ids")
         self._handles = [
             model.register_forward_pre_hook(self._enter_root, with_kwargs=True),
             model.register_forward_hook(self._exit_root, always_call=True),
@@ -274,10 +276,17 @@ class LoopRecorder:
             costly = (not self._rerunning and self.stats == "full"
                       and self._logged_count % self.costly_every == 0)
             self._current = ForwardBuffer(grad_enabled=torch.is_grad_enabled(), costly=costly,
-                                          rows=_input_rows(args, kwargs), packed=_packed_sequences(kwargs))
+                                          rows=_input_rows(args, kwargs),
+                                          packed=_packed_sequences(self._position_ids(args, kwargs)))
             if (self.rerun_without_dropout and not self._rerunning and module.training
                     and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
                 self._reruns.append((self._current, args, kwargs))
+
+    def _position_ids(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        index = self._position_ids_index
+        if "position_ids" in kwargs or index is None or index >= len(args):
+            return kwargs.get("position_ids")
+        return args[index]
 
     def _exit_root(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._depth = max(0, self._depth - 1)  # an always-called hook may run without its pre-hook
@@ -441,11 +450,26 @@ def _input_rows(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple[int, int], .
                  if isinstance(value, Tensor) and value.dim() >= 2)
 
 
-def _packed_sequences(kwargs: dict[str, Any]) -> PackedSequences | None:
+def _positional_index(model: nn.Module, name: str) -> int | None:
+    """Where the model's forward takes argument `name` by position, or None (keyword-only,
+    absent, or a forward of `*args`, as a wrapper's)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C-extension forward
+        return None
+    for index, parameter in enumerate(parameters):
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            return None
+        if parameter.name == name:
+            return index
+    return None
+
+
+def _packed_sequences(positions: Any) -> PackedSequences | None:
     """The sequences of a packed batch: integer `position_ids` of shape (1, N) that restart
     (several sequences in one row, as Hugging Face's `DataCollatorWithFlattening` passes
-    them to varlen attention). Ids that never restart make one sequence, as without them."""
-    positions = kwargs.get("position_ids")
+    them to varlen attention), by keyword or by position. Ids that never restart make one
+    sequence, as without them."""
     if (not isinstance(positions, Tensor) or positions.dim() != 2 or positions.size(0) != 1
             or positions.size(1) < 2 or positions.is_floating_point() or positions.is_complex()):
         return None
