@@ -700,7 +700,20 @@ in 7,992 healthy steps. With gradient accumulation (study `sweep-accum`: `--grad
 KB, seed 715, 30 runs, 10 min), trained and scored once with nothing changed: 3 failed
 runs, plain `looped` K = 12 at both rates and K = 4 at 1e-2, which never trained (3.44
 against 2.51), warned at steps 6–9, collapsed (representation) at 31–40; 0/27 healthy runs
-warned or judged not stable in 5,400 healthy steps.
+warned or judged not stable in 5,400 healthy steps. Shorter than any set had run, trained
+and scored once with nothing changed: 80 steps (study `sweep-short80`: `--steps 80`, lr 3e-3
+and 1e-2, CPython's `multiprocessing` package, seeds 721–722, 60 runs, 5 min) and 50 steps
+(study `sweep-short50`: `--steps 50`, lr 3e-3 and 1e-2, CPython's `unittest` package, seeds
+723–724, 60 runs, 4 min). Each has 6 failed runs, plain `looped` K = 12 at both rates and
+K = 4 at 1e-2, which never trained (3.02–3.11 against the one-loop model's 2.30–2.34 and
+2.61–2.70), judged collapsed (representation) in both modes, critical at steps 30–47. At 80
+steps all 6 were warned within 15 % (steps 6–8). At 50 steps 5 were: K = 4 at 1e-2, seed 723,
+was warned at step 8, past 7.5 (its positions merged at step 4 and
+`representation_collapse` waits its 5 records). 0/54 healthy runs warned or judged
+collapsed in either set (4,320 and 2,700 healthy steps); with a reference, one at 50 steps
+(`standard` K = 12 at 1e-2, seed 724) is judged failed to train: 2.56 at its end against the
+one-loop model's 2.28 at 1e-2, its reference, where the labels' bar is the one-loop model's
+2.61 at 3e-3.
 
 And on a model loopdiag did not build (study `user-model-go`, trained by
 `benchmarks/user_model.py`: a byte-level decoder of PyTorch's own
@@ -1556,7 +1569,8 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-docs400/runs"), Path("reports/detection/sweep-perl/runs"),
            Path("reports/detection/sweep-perl-small/runs"), Path("reports/detection/sweep-bf16/runs"),
            Path("reports/detection/sweep-log5/runs"), Path("reports/detection/sweep-log4/runs"),
-           Path("reports/detection/sweep-accum/runs"),
+           Path("reports/detection/sweep-accum/runs"), Path("reports/detection/sweep-short80/runs"),
+           Path("reports/detection/sweep-short50/runs"),
            Path("reports/detection/user-model-go/runs"), Path("reports/detection/user-model-cpp/runs"),
            Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"),
            Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"),
