@@ -714,6 +714,11 @@ collapsed in either set (4,320 and 2,700 healthy steps); with a reference, one a
 (`standard` K = 12 at 1e-2, seed 724) is judged failed to train: 2.56 at its end against the
 one-loop model's 2.28 at 1e-2, its reference, where the labels' bar is the one-loop model's
 2.61 at 3e-3.
+Wider than any set had been (study `sweep-d384`: d_model 384 in 6 heads, lr 3e-3, CPython's
+`idlelib`, 764 KB, seed 725, 15 runs, 40 min), trained and scored once with nothing changed:
+plain `looped` K = 4 and 12 never trained (3.13 against the one-loop model's 1.85; at
+d_model 64 K = 4 trains at this rate), warned at steps 6–7, collapsed (representation) at
+step 29 in both modes; 0/13 healthy runs warned or judged not stable in 1,950 healthy steps.
 
 And on a model loopdiag did not build (study `user-model-go`, trained by
 `benchmarks/user_model.py`: a byte-level decoder of PyTorch's own
@@ -1570,7 +1575,7 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-perl-small/runs"), Path("reports/detection/sweep-bf16/runs"),
            Path("reports/detection/sweep-log5/runs"), Path("reports/detection/sweep-log4/runs"),
            Path("reports/detection/sweep-accum/runs"), Path("reports/detection/sweep-short80/runs"),
-           Path("reports/detection/sweep-short50/runs"),
+           Path("reports/detection/sweep-short50/runs"), Path("reports/detection/sweep-d384/runs"),
            Path("reports/detection/user-model-go/runs"), Path("reports/detection/user-model-cpp/runs"),
            Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"),
            Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"),
