@@ -27,10 +27,10 @@ import loopdiag
 from loopdiag.console import stability_table
 from loopdiag.detect.base import SEVERITIES
 from loopdiag.store import RunStoreWarning
-from loopdiag.store.writer import write_failure
+from loopdiag.store.writer import byte_size, write_failure
 
 if TYPE_CHECKING:
-    from loopdiag.run.probe_suite import ProbeSuite
+    from loopdiag.run.probe_suite import ProbeSuite, RunSpec
 
 # Training needs torch; `analyze`, `report` and `compare` do not, so the modules that import
 # it (distributed, launch, suite) are imported inside the commands that train.
@@ -213,12 +213,12 @@ def run(
     if not cells:  # only --only can empty a shard that has runs
         of = f"shard {shard} of " if shard else ""
         raise bad_input(f"--only {' '.join(only or [])} matches none of {of}the suite's runs")
+    ranks = distributed.world_size()
+    jobs = 1 if ranks > 1 else _jobs_that_fit(spec, cells, jobs or min(8, cpu_count(), len(cells)), chosen=jobs > 0)
     if distributed.is_main():
         _prepare_suite_dir(suite_dir, spec, cells, resume=resume, overwrite=overwrite)
         _check_writable(suite_dir)
     distributed.barrier()  # the other ranks read the suite folder only once rank 0 is done with it
-    ranks = distributed.world_size()
-    jobs = 1 if ranks > 1 else jobs or min(8, cpu_count())
     spec = spec.with_(command=_command_line(context))
     console.print(
         f"[bold]loopdiag run[/] {spec.name}{f' shard {shard}' if shard else ''}: {len(cells)} "
@@ -318,6 +318,35 @@ def _parse_shard(shard: str | None) -> tuple[int, int]:
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         raise bad_input(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got {shard!r}")
     return int(index), int(count)
+
+
+def _jobs_that_fit(spec: ProbeSuite, cells: list[RunSpec], jobs: int, *, chosen: bool) -> int:
+    """`jobs`, or fewer where the largest runs would not fit in memory together (refused if
+    `chosen` on the command line, or if even one would not fit). Checked on CPU, where
+    `MemAvailable` says what is free; a GPU's memory is not known without a context on it."""
+    import torch
+
+    from loopdiag.run.memory import available_memory, jobs_that_fit, suite_memory, too_large
+
+    available = available_memory()
+    if torch.device(spec.train.device).type != "cpu" or available is None:
+        return jobs
+    estimates = suite_memory(spec, cells)
+    fit = jobs_that_fit(estimates, jobs, available)
+    rows = spec.train.batch_size // spec.train.grad_accum_steps
+    if fit == 0:
+        largest = max(estimates, key=lambda estimate: estimate.total)
+        raise bad_input(too_large(largest, available, rows, spec.model.seq_len))
+    at_once = min(jobs, len(cells))
+    if fit < at_once:
+        together = byte_size(sum(sorted((e.total for e in estimates), reverse=True)[:at_once]))
+        said = (f"its {at_once} largest runs at once would need at least {together} and this machine "
+                f"has {byte_size(available)} available")
+        if chosen:
+            raise bad_input(f"--jobs {jobs}: {said}; --jobs {fit} fits")
+        console.print(f"{fit} {'run' if fit == 1 else 'runs'} at a time, not {jobs}: {said}",
+                      highlight=False, soft_wrap=True)
+    return fit
 
 
 def _refuse_only_outside_suite(only: list[str], spec: ProbeSuite) -> None:

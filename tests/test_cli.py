@@ -854,3 +854,57 @@ def test_the_stability_table_keeps_each_verdict_word_whole_in_80_columns():
     assert "recovered" in words and "@46" in words  # the collapse it trained out of, and when
     assert "warned" in words and "@9" in words  # a stable run's first warning
     assert words.count("stable") == 1 and "stable," in words
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="the free memory is read from /proc/meminfo")
+def test_a_loop_count_no_memory_holds_is_refused_before_any_run(tmp_path):
+    result = runner.invoke(app, ["run", "--loops", "1000000", "--wandb", "off", "--out", str(tmp_path / "out")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert re.search(r"k1000000-s0 needs at least [\d.]+ TB for one training step \(16 rows of 64 tokens keep "
+                     r"[\d.]+ MB per loop for the backward\) and this machine has [\d.]+ [GT]B available: "
+                     r"about \d+ loops would fit", said), said
+    assert not (tmp_path / "out").exists()
+
+
+def quick_flt_memory(loops):
+    """What the memory check finds for `run --quick --loops <loops> --arch flt --steps 2`."""
+    from loopdiag.run.memory import suite_memory
+    from loopdiag.run.probe_suite import apply_overrides, find_suite, load_probe_suite
+
+    suite = apply_overrides(load_probe_suite(find_suite("default")), loops=loops, archs=["flt"], steps=2, quick=True)
+    return sorted(estimate.total for estimate in suite_memory(suite, suite.cells()))
+
+
+@pytest.fixture
+def memory_for_one_run(tmp_path, monkeypatch):
+    """A meminfo that holds the suite's largest run alone, not its two runs together."""
+    smaller, larger = quick_flt_memory(24)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal: 1 kB\nMemAvailable: {(larger + smaller // 2) // 1024} kB\n")
+    monkeypatch.setattr("loopdiag.run.memory.MEMINFO", meminfo)
+
+
+ONE_FLT_RUN_AT_A_TIME = ["run", "--quick", "--loops", "24", "--arch", "flt", "--steps", "2", "--wandb", "off"]
+
+
+def test_jobs_the_memory_cannot_hold_are_refused_when_chosen(tmp_path, memory_for_one_run):
+    result = runner.invoke(app, [*ONE_FLT_RUN_AT_A_TIME, "--jobs", "3", "--out", str(tmp_path / "out")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert re.search(r"--jobs 3: its 2 largest runs at once would need at least [\d.]+ MB and this machine "
+                     r"has [\d.]+ MB available; --jobs 1 fits", said), said
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_jobs_shrink_to_what_the_memory_holds(tmp_path, memory_for_one_run):
+    from loopdiag.run.launch import cpu_count
+
+    if cpu_count() < 2:
+        pytest.skip("the default is one run per core")
+    result = runner.invoke(app, [*ONE_FLT_RUN_AT_A_TIME, "--out", str(tmp_path / "out")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "1 run at a time, not 2: its 2 largest runs at once would need" in said
+    assert "1 at a time" in said
+    assert len(load_suite(tmp_path / "out" / "runs").run_table) == 2

@@ -303,12 +303,16 @@ def write_failure(path: str | Path, error: BaseException) -> str | None:
 def free_space(path: Path) -> str:
     """The free space on the disk holding `path` (or its nearest existing parent), e.g. 12 KB."""
     existing = next((folder for folder in (path, *path.parents) if folder.exists()), Path("."))
-    free = float(shutil.disk_usage(existing).free)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if free < 1024 or unit == "GB":
-            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
-        free /= 1024
-    return ""
+    return byte_size(shutil.disk_usage(existing).free)
+
+
+def byte_size(count: float) -> str:
+    """`count` bytes for a reader: 512 bytes, 12.0 KB, 1.9 TB (units of 1024)."""
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if count < 1024 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("the loop returns at TB")
 
 
 def check_writable(folder: str | Path) -> None:

@@ -1,0 +1,111 @@
+"""The least memory a suite's runs need, checked before any of them starts.
+
+A loop count far past what the machine holds (`--loops 100000`) would otherwise train the
+suite's smaller runs first and be killed for memory hours later. What one training step
+keeps for its backward is measured, not modelled: a forward of one row at K = 1 and K = 2
+counts the bytes autograd saves (each storage once, the weights' not at all), and each
+further loop adds what the second did. The figure is a floor (the allocator, the
+optimizer's state and the probes' own tensors come on top), so a suite it refuses could not
+have run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loopdiag.models import ModelConfig, build_model
+from loopdiag.run.probe_suite import ProbeSuite, RunSpec
+from loopdiag.store.writer import byte_size
+
+MEMINFO = Path("/proc/meminfo")
+
+
+@dataclass(frozen=True)
+class RunMemory:
+    run_id: str
+    n_loops: int
+    activation_bytes: int  # saved for one micro-batch's backward
+    per_loop_bytes: int  # of which each loop adds this much
+    weight_bytes: int  # the weights and their gradients
+
+    @property
+    def total(self) -> int:
+        return self.activation_bytes + self.weight_bytes
+
+
+def saved_bytes_per_row(arch: str, model_config: ModelConfig, n_loops: int) -> int:
+    """Bytes autograd keeps for the backward of a one-row forward (with targets) at `n_loops`."""
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+        model = build_model(arch, model_config.with_(n_loops=n_loops)).train()
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    tokens = torch.zeros(1, model_config.seq_len, dtype=torch.long)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(tokens, tokens, n_loops=n_loops)
+    return sum(saved.values())
+
+
+def suite_memory(suite: ProbeSuite, cells: Sequence[RunSpec]) -> list[RunMemory]:
+    """The floor of each cell's memory in one training step, measured once per architecture."""
+    rows = suite.train.batch_size // suite.train.grad_accum_steps
+    # bf16 autocast saves most activations in half the bytes; halving all keeps a floor
+    shrink = 2 if suite.train.precision == "bf16" else 1
+    measured: dict[str, tuple[int, int, int]] = {}
+    for arch in dict.fromkeys(cell.arch for cell in cells):
+        one, two = (saved_bytes_per_row(arch, suite.model, k) for k in (1, 2))
+        with torch.random.fork_rng(devices=[]):
+            weights = sum(p.numel() * p.element_size() for p in build_model(arch, suite.model).parameters())
+        measured[arch] = (one, max(0, two - one), 2 * weights)
+    estimates = []
+    for cell in cells:
+        one, per_loop, weights = measured[cell.arch]
+        # loops under no_grad keep nothing: truncated backprop stops the growth
+        growing = min(cell.n_loops, suite.model.backprop_loops or cell.n_loops) - 1
+        estimates.append(RunMemory(cell.run_id, cell.n_loops, rows * (one + growing * per_loop) // shrink,
+                                   rows * per_loop // shrink, weights))
+    return estimates
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping (`MemAvailable`); None where it is not known."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def jobs_that_fit(estimates: Sequence[RunMemory], jobs: int, available: int) -> int:
+    """The most runs, up to `jobs`, that fit in `available` bytes together when the largest
+    meet (0: not even the largest alone)."""
+    largest = sorted((estimate.total for estimate in estimates), reverse=True)[:jobs]
+    fit = 0
+    while fit < len(largest) and sum(largest[: fit + 1]) <= available:
+        fit += 1
+    return fit
+
+
+def too_large(estimate: RunMemory, available: int, rows: int, seq_len: int) -> str:
+    """Why `estimate`'s run cannot fit in `available` bytes, and what would."""
+    over = estimate.total - available
+    loops_that_fit = estimate.n_loops - math.ceil(over / estimate.per_loop_bytes) if estimate.per_loop_bytes else 0
+    lower = (f"about {loops_that_fit} loops would fit" if loops_that_fit >= 1
+             else "a smaller d_model, seq_len or batch would")
+    split = f", as would a grad_accum_steps that splits the {rows} rows" if rows > 1 else ""
+    return (f"{estimate.run_id} needs at least {byte_size(estimate.total)} for one training step "
+            f"({rows} rows of {seq_len} tokens keep {byte_size(estimate.per_loop_bytes)} per loop "
+            f"for the backward) and this machine has {byte_size(available)} available: {lower}{split}")

@@ -1,0 +1,67 @@
+"""The memory floor `loopdiag run` checks before training: measured, linear in the loops."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from loopdiag.models import ARCHITECTURES, ModelConfig
+from loopdiag.run.memory import RunMemory, jobs_that_fit, saved_bytes_per_row, suite_memory, too_large
+from loopdiag.run.probe_suite import find_suite, load_probe_suite
+
+SMALL = ModelConfig(d_model=32, n_heads=2, seq_len=16)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_each_loop_keeps_what_the_second_did(arch):
+    """The premise of extrapolating from K = 1 and 2: the saved bytes grow by a constant per loop."""
+    one, two, five = (saved_bytes_per_row(arch, SMALL, k) for k in (1, 2, 5))
+    assert two > one
+    assert five == one + 4 * (two - one)
+
+
+def test_truncated_backprop_stops_the_growth():
+    truncated = SMALL.with_(backprop_loops=2)
+    assert saved_bytes_per_row("recurrent-depth", truncated, 7) == saved_bytes_per_row("recurrent-depth", truncated, 2)
+    suite = load_probe_suite(find_suite("default"))
+    suite = suite.with_(archs=("recurrent-depth",), loops=(2, 7), model=truncated)
+    short, long = suite_memory(suite, suite.cells())
+    assert short.activation_bytes == long.activation_bytes
+
+
+def test_the_estimate_scales_with_the_rows_and_halves_under_bf16():
+    suite = load_probe_suite(find_suite("default"))
+    suite = suite.with_(archs=("flt",), loops=(12,), model=SMALL)
+    [full] = suite_memory(suite, suite.cells())
+    [split] = suite_memory(suite.with_(train=replace(suite.train, grad_accum_steps=4)), suite.cells())
+    [bf16] = suite_memory(suite.with_(train=replace(suite.train, precision="bf16")), suite.cells())
+    assert split.activation_bytes * 4 == pytest.approx(full.activation_bytes, abs=4)
+    assert bf16.activation_bytes * 2 == pytest.approx(full.activation_bytes, abs=2)
+    rows = suite.train.batch_size
+    assert full.activation_bytes == rows * (saved_bytes_per_row("flt", SMALL, 1)
+                                            + 11 * (saved_bytes_per_row("flt", SMALL, 2)
+                                                    - saved_bytes_per_row("flt", SMALL, 1)))
+
+
+def run_memory(run_id, total, per_loop=1, n_loops=12):
+    return RunMemory(run_id, n_loops, activation_bytes=total, per_loop_bytes=per_loop, weight_bytes=0)
+
+
+def test_jobs_that_fit_counts_the_largest_runs_together():
+    estimates = [run_memory("a", 10), run_memory("b", 40), run_memory("c", 30), run_memory("d", 20)]
+    assert jobs_that_fit(estimates, jobs=4, available=100) == 4
+    assert jobs_that_fit(estimates, jobs=4, available=90) == 3  # 40 + 30 + 20
+    assert jobs_that_fit(estimates, jobs=2, available=1000) == 2
+    assert jobs_that_fit(estimates, jobs=4, available=39) == 0  # not even the largest
+
+
+def test_too_large_says_how_many_loops_would_fit():
+    said = too_large(run_memory("flt-k1000-s0", total=1000 * 2**20, per_loop=2**20, n_loops=1000),
+                     available=400 * 2**20, rows=16, seq_len=64)
+    assert said.startswith("flt-k1000-s0 needs at least 1000.0 MB for one training step")
+    assert "about 400 loops would fit" in said
+    assert "grad_accum_steps that splits the 16 rows" in said
+    nothing_fits = too_large(run_memory("x", total=100, per_loop=1, n_loops=3), available=10, rows=1, seq_len=8)
+    assert "a smaller d_model, seq_len or batch would" in nothing_fits
+    assert "grad_accum_steps" not in nothing_fits
