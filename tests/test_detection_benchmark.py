@@ -505,9 +505,10 @@ def test_a_corpus_report_names_the_model_choices_its_runs_were_trained_with():
         assert choices in " ".join(corpus.split()), name
 
 
-# --- the README's summary of the committed reports ------------------------------------------
+# --- the README's and docs/verdicts.md's summary of the committed reports --------------------
 
 REPO = Path(__file__).resolve().parent.parent
+SET_BY_SET = REPO / "docs/verdicts.md"  # each set's row and every miss; the README has the pooled table
 FRACTION = r"(\d+)/(\d+)"
 
 
@@ -538,16 +539,16 @@ def report_claims(report, runs):
     return verdicts, (int(warnings[1]), int(warnings[2]))
 
 
-def test_the_readme_summarises_the_committed_detection_reports_as_they_stand():
-    """Each row of the README's trust table against the report it links (a study's, in the
+def test_the_set_by_set_table_summarises_the_committed_detection_reports_as_they_stand():
+    """Each row of the set-by-set trust table against the report it links (a study's, in the
     corpus report): the counts a reader is given are the counts the records give."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = SET_BY_SET.read_text(encoding="utf-8")
     rows = table_rows(readme, "| set (runs) |")
     assert len(rows) >= 3
     for name, not_stable, never, behind, rose, collapsed, warnings in rows:
         link = re.match(r"\[[^]]+\]\(([^)]+)\)", name)
         study = re.match(r"study `([^`]+)`", name)
-        report = REPO / (link[1] if link else "reports/detection/README.md")
+        report = SET_BY_SET.parent / link[1] if link else REPO / "reports/detection/README.md"
         verdicts, (false_warnings, healthy_steps) = report_claims(report, study[1] if study else "corpus")
         no_ref, with_ref = verdicts["no reference"], verdicts["with reference"]
         failed, healthy = fractions(with_ref[2])[0][1], fractions(with_ref[4])[0][1]
@@ -564,8 +565,8 @@ def test_the_readme_summarises_the_committed_detection_reports_as_they_stand():
         assert (int(given[1]), int(given[2].replace(",", ""))) == (false_warnings, healthy_steps), name
 
 
-def test_the_readmes_late_collapse_total_is_the_sum_of_its_sets():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+def test_the_late_collapse_total_is_the_sum_of_its_sets():
+    readme = SET_BY_SET.read_text(encoding="utf-8")
     warned = total = 0
     for row in table_rows(readme, "| set (runs) |"):
         if fractions(row[4]):
@@ -592,14 +593,14 @@ def test_the_reference_studys_readme_gives_the_counts_its_records_give():
     assert claimed(r"\((\d+) in ([\d,]+) healthy steps") == (false_warnings, healthy_steps)
 
 
-def test_the_readmes_count_of_healthy_runs_the_z_score_rule_alarms_is_every_reports():
+def test_the_count_of_healthy_runs_the_z_score_rule_alarms_is_every_reports():
     alarmed = healthy = 0
     for report in [REPO / "reports/detection/README.md", *(REPO / "reports/detection").glob("*/README.md")]:
         for row in re.finditer(r"^\| zscore_3sigma_30 \|.*\| (\d+)/(\d+) \|$",
                                report.read_text(encoding="utf-8"), re.MULTILINE):
             alarmed, healthy = alarmed + int(row[1]), healthy + int(row[2])
     claim = re.search(r"it alarms on (\d+) of the (\d+) healthy runs",
-                      (REPO / "README.md").read_text(encoding="utf-8"))
+                      SET_BY_SET.read_text(encoding="utf-8"))
     assert claim and (int(claim[1]), int(claim[2])) == (alarmed, healthy)
 
 
@@ -612,13 +613,13 @@ def summed_over_reports(pattern: str, flags: int = 0) -> list[int]:
     return totals
 
 
-def test_the_readmes_count_of_runs_that_fell_behind_unwarned_is_every_reports():
-    """The README's count of runs that trained, ended behind and were not warned within 15 %,
+def test_the_count_of_runs_that_fell_behind_unwarned_is_every_reports():
+    """The count of runs that trained, ended behind and were not warned within 15 %,
     and of those already 10 % behind there, summed from every report's miss line."""
     ahead, late = summed_over_reports(r"(\d+) of the (\d+) (?:was|were) 10% \(the labels' gap\) or more "
                                       r"above that healthy model there\. At their lowest")
     claim = re.search(r"at 15 % of their steps (\d+) of the (\d+) were less than 10 % above",
-                      (REPO / "README.md").read_text(encoding="utf-8"))
+                      SET_BY_SET.read_text(encoding="utf-8"))
     assert claim and (int(claim[1]), int(claim[2])) == (late - ahead, late)
 
 
@@ -634,15 +635,15 @@ def test_the_readmes_count_of_never_trained_runs_warned_late_is_every_reports():
     assert late and claim and (int(claim[1]), int(claim[2])) == (late, late - ahead)
 
 
-def test_the_readmes_count_of_late_collapses_warned_at_onset_is_every_reports():
+def test_the_count_of_late_collapses_warned_at_onset_is_every_reports():
     at_onset, = summed_over_reports(r"^- (\d+) of the \d+ late collapses w(?:as|ere) first warned "
                                     r"\(without a reference\) at their onset step itself", re.MULTILINE)
     claim = re.search(r"\*\*Late collapses\*\*: \d+ of \d+ warned by onset across the [a-z-]+ "
-                      r"sets that have them, (\d+) of them at", (REPO / "README.md").read_text(encoding="utf-8"))
+                      r"sets that have them, (\d+) of them at", SET_BY_SET.read_text(encoding="utf-8"))
     assert claim and int(claim[1]) == at_onset
 
 
-def test_the_readmes_count_of_healthy_runs_judged_failed_to_train_with_a_reference_is_every_reports():
+def test_the_count_of_healthy_runs_judged_failed_to_train_with_a_reference_is_every_reports():
     judged = 0
     for report in [REPO / "reports/detection/README.md", *(REPO / "reports/detection").glob("*/README.md")]:
         for line in re.finditer(r"^- with reference: \d+ healthy runs? judged not stable"
@@ -654,5 +655,5 @@ def test_the_readmes_count_of_healthy_runs_judged_failed_to_train_with_a_referen
                 failed = re.search(r"(\d+) failed_to_train", line[1])
                 judged += int(failed[1]) if failed else 0
     claim = re.search(r"with a reference, (\d+) healthy runs are judged failed to train",
-                      " ".join((REPO / "README.md").read_text(encoding="utf-8").split()))
+                      " ".join(SET_BY_SET.read_text(encoding="utf-8").split()))
     assert claim and int(claim[1]) == judged

@@ -69,9 +69,9 @@ def test_an_unknown_set_or_bad_worker_count_is_refused(ablation, capsys):
     assert "--workers must be >= 1" in capsys.readouterr().err
 
 
-def test_the_readme_gives_the_pooled_counts_the_committed_report_gives(ablation):
+def test_the_set_by_set_page_gives_the_pooled_counts_the_committed_report_gives(ablation):
     report = (ablation.ROOT / "reports/detection/statistics.md").read_text(encoding="utf-8")
-    readme = (ablation.ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ablation.ROOT / "docs/verdicts.md").read_text(encoding="utf-8")
     bullet = re.search(r"^- \*\*A model that records less\*\*.*?(?=\n(?!  )|\Z)", readme,
                        re.MULTILINE | re.DOTALL)
     claimed = set(re.findall(r"\b(\d+)/(\d+)\b", bullet[0]))
