@@ -160,6 +160,7 @@ def run(
     from loopdiag import distributed
     from loopdiag.console import LiveProgress
     from loopdiag.run.launch import cell_filter, cpu_count, run_suite, shard_cells
+    from loopdiag.data import SyntheticTask
     from loopdiag.run.probe_suite import apply_overrides, find_suite, load_probe_suite
 
     if list_suites:
@@ -184,7 +185,7 @@ def run(
                                size=size, optimizer=optimizer, schedule=schedule, log_every=log_every,
                                grad_accum_steps=grad_accum_steps, precision=precision, parallel=parallel,
                                stop_on_collapse=stop_on_collapse, quick=quick)
-        spec.data.load()  # a missing or unreadable corpus fails here, before any run
+        data = spec.data.load()  # a missing or unreadable corpus fails here, before any run
         distributed.check_device(spec.train.device)  # as does a device this machine lacks
     except ValueError as error:  # SuiteError and DataError included
         raise bad_input(str(error)) from None
@@ -214,7 +215,9 @@ def run(
         of = f"shard {shard} of " if shard else ""
         raise bad_input(f"--only {' '.join(only or [])} matches none of {of}the suite's runs")
     ranks = distributed.world_size()
-    jobs = 1 if ranks > 1 else _jobs_that_fit(spec, cells, jobs or min(8, cpu_count(), len(cells)), chosen=jobs > 0)
+    row_length = data.seq_len if isinstance(data, SyntheticTask) else spec.model.seq_len
+    jobs = 1 if ranks > 1 else _jobs_that_fit(spec, cells, row_length, jobs or min(8, cpu_count(), len(cells)),
+                                              chosen=jobs > 0)
     if distributed.is_main():
         _prepare_suite_dir(suite_dir, spec, cells, resume=resume, overwrite=overwrite)
         _check_writable(suite_dir)
@@ -320,7 +323,7 @@ def _parse_shard(shard: str | None) -> tuple[int, int]:
     return int(index), int(count)
 
 
-def _jobs_that_fit(spec: ProbeSuite, cells: list[RunSpec], jobs: int, *, chosen: bool) -> int:
+def _jobs_that_fit(spec: ProbeSuite, cells: list[RunSpec], row_length: int, jobs: int, *, chosen: bool) -> int:
     """`jobs`, or fewer where the largest runs would not fit in memory together (refused if
     `chosen` on the command line, or if even one would not fit). Checked on CPU, where
     `MemAvailable` says what is free; a GPU's memory is not known without a context on it."""
@@ -331,12 +334,12 @@ def _jobs_that_fit(spec: ProbeSuite, cells: list[RunSpec], jobs: int, *, chosen:
     available = available_memory()
     if torch.device(spec.train.device).type != "cpu" or available is None:
         return jobs
-    estimates = suite_memory(spec, cells)
+    estimates = suite_memory(spec, cells, row_length)
     fit = jobs_that_fit(estimates, jobs, available)
     rows = spec.train.batch_size // spec.train.grad_accum_steps
     if fit == 0:
         largest = max(estimates, key=lambda estimate: estimate.total)
-        raise bad_input(too_large(largest, available, rows, spec.model.seq_len))
+        raise bad_input(too_large(largest, available, rows, row_length))
     at_once = min(jobs, len(cells))
     if fit < at_once:
         together = byte_size(sum(sorted((e.total for e in estimates), reverse=True)[:at_once]))

@@ -867,13 +867,24 @@ def test_a_loop_count_no_memory_holds_is_refused_before_any_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="the free memory is read from /proc/meminfo")
+def test_a_synthetic_tasks_rows_are_measured_at_the_tasks_own_length(tmp_path):
+    from loopdiag.run.probe_suite import find_suite, load_probe_suite
+
+    task = load_probe_suite(find_suite("addition-references")).data.load()
+    assert task.seq_len < 64  # shorter than the model's rotary tables
+    result = runner.invoke(app, ["run", "addition-references", "--loops", "1000000", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"rows of {task.seq_len} tokens keep" in " ".join(result.output.split())
+
+
 def quick_flt_memory(loops):
     """What the memory check finds for `run --quick --loops <loops> --arch flt --steps 2`."""
     from loopdiag.run.memory import suite_memory
     from loopdiag.run.probe_suite import apply_overrides, find_suite, load_probe_suite
 
     suite = apply_overrides(load_probe_suite(find_suite("default")), loops=loops, archs=["flt"], steps=2, quick=True)
-    return sorted(estimate.total for estimate in suite_memory(suite, suite.cells()))
+    return sorted(estimate.total for estimate in suite_memory(suite, suite.cells(), suite.model.seq_len))
 
 
 @pytest.fixture

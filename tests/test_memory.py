@@ -26,16 +26,16 @@ def test_truncated_backprop_stops_the_growth():
     assert saved_bytes_per_row("recurrent-depth", truncated, 7) == saved_bytes_per_row("recurrent-depth", truncated, 2)
     suite = load_probe_suite(find_suite("default"))
     suite = suite.with_(archs=("recurrent-depth",), loops=(2, 7), model=truncated)
-    short, long = suite_memory(suite, suite.cells())
+    short, long = suite_memory(suite, suite.cells(), SMALL.seq_len)
     assert short.activation_bytes == long.activation_bytes
 
 
 def test_the_estimate_scales_with_the_rows_and_halves_under_bf16():
     suite = load_probe_suite(find_suite("default"))
     suite = suite.with_(archs=("flt",), loops=(12,), model=SMALL)
-    [full] = suite_memory(suite, suite.cells())
-    [split] = suite_memory(suite.with_(train=replace(suite.train, grad_accum_steps=4)), suite.cells())
-    [bf16] = suite_memory(suite.with_(train=replace(suite.train, precision="bf16")), suite.cells())
+    [full] = suite_memory(suite, suite.cells(), SMALL.seq_len)
+    [split] = suite_memory(suite.with_(train=replace(suite.train, grad_accum_steps=4)), suite.cells(), SMALL.seq_len)
+    [bf16] = suite_memory(suite.with_(train=replace(suite.train, precision="bf16")), suite.cells(), SMALL.seq_len)
     assert split.activation_bytes * 4 == pytest.approx(full.activation_bytes, abs=4)
     assert bf16.activation_bytes * 2 == pytest.approx(full.activation_bytes, abs=2)
     rows = suite.train.batch_size

@@ -38,8 +38,9 @@ class RunMemory:
         return self.activation_bytes + self.weight_bytes
 
 
-def saved_bytes_per_row(arch: str, model_config: ModelConfig, n_loops: int) -> int:
-    """Bytes autograd keeps for the backward of a one-row forward (with targets) at `n_loops`."""
+def saved_bytes_per_row(arch: str, model_config: ModelConfig, n_loops: int, seq_len: int | None = None) -> int:
+    """Bytes autograd keeps for the backward of a one-row forward (with targets) at `n_loops`,
+    the row `seq_len` tokens long (default: the model's `seq_len`)."""
     with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
         model = build_model(arch, model_config.with_(n_loops=n_loops)).train()
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
@@ -51,20 +52,21 @@ def saved_bytes_per_row(arch: str, model_config: ModelConfig, n_loops: int) -> i
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    tokens = torch.zeros(1, model_config.seq_len, dtype=torch.long)
+    tokens = torch.zeros(1, seq_len or model_config.seq_len, dtype=torch.long)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(tokens, tokens, n_loops=n_loops)
     return sum(saved.values())
 
 
-def suite_memory(suite: ProbeSuite, cells: Sequence[RunSpec]) -> list[RunMemory]:
-    """The floor of each cell's memory in one training step, measured once per architecture."""
+def suite_memory(suite: ProbeSuite, cells: Sequence[RunSpec], seq_len: int) -> list[RunMemory]:
+    """The floor of each cell's memory in one training step of rows `seq_len` tokens long (a
+    synthetic task's own length, or the model's on a corpus), measured once per architecture."""
     rows = suite.train.batch_size // suite.train.grad_accum_steps
     # bf16 autocast saves most activations in half the bytes; halving all keeps a floor
     shrink = 2 if suite.train.precision == "bf16" else 1
     measured: dict[str, tuple[int, int, int]] = {}
     for arch in dict.fromkeys(cell.arch for cell in cells):
-        one, two = (saved_bytes_per_row(arch, suite.model, k) for k in (1, 2))
+        one, two = (saved_bytes_per_row(arch, suite.model, k, seq_len) for k in (1, 2))
         with torch.random.fork_rng(devices=[]):
             weights = sum(p.numel() * p.element_size() for p in build_model(arch, suite.model).parameters())
         measured[arch] = (one, max(0, two - one), 2 * weights)
