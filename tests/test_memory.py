@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from loopdiag.models import ARCHITECTURES, ModelConfig
-from loopdiag.run.memory import RunMemory, jobs_that_fit, saved_bytes_per_row, suite_memory, too_large
+from loopdiag.run.memory import RunMemory, jobs_that_fit, step_bytes_per_row, suite_memory, too_large
 from loopdiag.run.probe_suite import find_suite, load_probe_suite
 
 SMALL = ModelConfig(d_model=32, n_heads=2, seq_len=16)
@@ -16,14 +16,25 @@ SMALL = ModelConfig(d_model=32, n_heads=2, seq_len=16)
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_each_loop_keeps_what_the_second_did(arch):
     """The premise of extrapolating from K = 1 and 2: the saved bytes grow by a constant per loop."""
-    one, two, five = (saved_bytes_per_row(arch, SMALL, k) for k in (1, 2, 5))
+    one, two, five = (step_bytes_per_row(arch, SMALL, k).saved for k in (1, 2, 5))
     assert two > one
     assert five == one + 4 * (two - one)
 
 
+def test_only_a_model_of_distinct_layers_grows_its_weights_with_the_loops():
+    suite = load_probe_suite(find_suite("default"))
+    suite = suite.with_(archs=("standard", "flt"), loops=(1, 12), model=SMALL)
+    weights = {(e.run_id.split("-k")[0], e.n_loops): e.weight_bytes for e in suite_memory(suite, suite.cells(), 16)}
+    assert weights["flt", 12] == weights["flt", 1]
+    assert weights["standard", 12] > weights["standard", 1]
+    # extrapolated from one and two stacks, as a model of twelve measures (and its gradients)
+    assert weights["standard", 12] == 2 * step_bytes_per_row("standard", SMALL, 12).weights
+
+
 def test_truncated_backprop_stops_the_growth():
     truncated = SMALL.with_(backprop_loops=2)
-    assert saved_bytes_per_row("recurrent-depth", truncated, 7) == saved_bytes_per_row("recurrent-depth", truncated, 2)
+    seven, two = (step_bytes_per_row("recurrent-depth", truncated, k).saved for k in (7, 2))
+    assert seven == two
     suite = load_probe_suite(find_suite("default"))
     suite = suite.with_(archs=("recurrent-depth",), loops=(2, 7), model=truncated)
     short, long = suite_memory(suite, suite.cells(), SMALL.seq_len)
@@ -39,9 +50,9 @@ def test_the_estimate_scales_with_the_rows_and_halves_under_bf16():
     assert split.activation_bytes * 4 == pytest.approx(full.activation_bytes, abs=4)
     assert bf16.activation_bytes * 2 == pytest.approx(full.activation_bytes, abs=2)
     rows = suite.train.batch_size
-    assert full.activation_bytes == rows * (saved_bytes_per_row("flt", SMALL, 1)
-                                            + 11 * (saved_bytes_per_row("flt", SMALL, 2)
-                                                    - saved_bytes_per_row("flt", SMALL, 1)))
+    assert full.activation_bytes == rows * (step_bytes_per_row("flt", SMALL, 1).saved
+                                            + 11 * (step_bytes_per_row("flt", SMALL, 2).saved
+                                                    - step_bytes_per_row("flt", SMALL, 1).saved))
 
 
 def run_memory(run_id, total, per_loop=1, n_loops=12):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -30,17 +31,22 @@ class RunMemory:
     run_id: str
     n_loops: int
     activation_bytes: int  # saved for one micro-batch's backward
-    per_loop_bytes: int  # of which each loop adds this much
     weight_bytes: int  # the weights and their gradients
+    per_loop_bytes: int  # what each loop adds to both
 
     @property
     def total(self) -> int:
         return self.activation_bytes + self.weight_bytes
 
 
-def saved_bytes_per_row(arch: str, model_config: ModelConfig, n_loops: int, seq_len: int | None = None) -> int:
-    """Bytes autograd keeps for the backward of a one-row forward (with targets) at `n_loops`,
-    the row `seq_len` tokens long (default: the model's `seq_len`)."""
+class StepBytes(NamedTuple):
+    saved: int  # what autograd keeps for the backward
+    weights: int  # the parameters' bytes
+
+
+def step_bytes_per_row(arch: str, model_config: ModelConfig, n_loops: int, seq_len: int | None = None) -> StepBytes:
+    """What a one-row forward (with targets) at `n_loops` keeps for its backward, the row
+    `seq_len` tokens long (default: the model's `seq_len`), and the model's weights there."""
     with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
         model = build_model(arch, model_config.with_(n_loops=n_loops)).train()
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
@@ -55,28 +61,30 @@ def saved_bytes_per_row(arch: str, model_config: ModelConfig, n_loops: int, seq_
     tokens = torch.zeros(1, seq_len or model_config.seq_len, dtype=torch.long)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(tokens, tokens, n_loops=n_loops)
-    return sum(saved.values())
+    return StepBytes(sum(saved.values()), sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
 def suite_memory(suite: ProbeSuite, cells: Sequence[RunSpec], seq_len: int) -> list[RunMemory]:
     """The floor of each cell's memory in one training step of rows `seq_len` tokens long (a
-    synthetic task's own length, or the model's on a corpus), measured once per architecture."""
+    synthetic task's own length, or the model's on a corpus), measured once per architecture.
+    A model of K distinct layer stacks (`standard`) also grows its weights with K."""
     rows = suite.train.batch_size // suite.train.grad_accum_steps
     # bf16 autocast saves most activations in half the bytes; halving all keeps a floor
     shrink = 2 if suite.train.precision == "bf16" else 1
-    measured: dict[str, tuple[int, int, int]] = {}
-    for arch in dict.fromkeys(cell.arch for cell in cells):
-        one, two = (saved_bytes_per_row(arch, suite.model, k, seq_len) for k in (1, 2))
-        with torch.random.fork_rng(devices=[]):
-            weights = sum(p.numel() * p.element_size() for p in build_model(arch, suite.model).parameters())
-        measured[arch] = (one, max(0, two - one), 2 * weights)
+    measured = {arch: tuple(step_bytes_per_row(arch, suite.model, k, seq_len) for k in (1, 2))
+                for arch in dict.fromkeys(cell.arch for cell in cells)}
     estimates = []
     for cell in cells:
-        one, per_loop, weights = measured[cell.arch]
-        # loops under no_grad keep nothing: truncated backprop stops the growth
+        one, two = measured[cell.arch]
+        saved_per_loop = max(0, two.saved - one.saved)
+        weights_per_loop = two.weights - one.weights
+        # loops under no_grad keep nothing: truncated backprop stops the activations' growth
         growing = min(cell.n_loops, suite.model.backprop_loops or cell.n_loops) - 1
-        estimates.append(RunMemory(cell.run_id, cell.n_loops, rows * (one + growing * per_loop) // shrink,
-                                   rows * per_loop // shrink, weights))
+        estimates.append(RunMemory(
+            cell.run_id, cell.n_loops,
+            activation_bytes=rows * (one.saved + growing * saved_per_loop) // shrink,
+            weight_bytes=2 * (one.weights + (cell.n_loops - 1) * weights_per_loop),  # and their gradients
+            per_loop_bytes=rows * saved_per_loop // shrink + 2 * weights_per_loop))
     return estimates
 
 
@@ -109,5 +117,5 @@ def too_large(estimate: RunMemory, available: int, rows: int, seq_len: int) -> s
              else "a smaller d_model, seq_len or batch would")
     split = f", as would a grad_accum_steps that splits the {rows} rows" if rows > 1 else ""
     return (f"{estimate.run_id} needs at least {byte_size(estimate.total)} for one training step "
-            f"({rows} rows of {seq_len} tokens keep {byte_size(estimate.per_loop_bytes)} per loop "
-            f"for the backward) and this machine has {byte_size(available)} available: {lower}{split}")
+            f"(each loop adds {byte_size(estimate.per_loop_bytes)}, with {rows} rows of {seq_len} tokens) "
+            f"and this machine has {byte_size(available)} available: {lower}{split}")
