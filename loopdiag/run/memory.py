@@ -6,7 +6,7 @@ keeps for its backward is measured, not modelled: a forward of one row at K = 1 
 counts the bytes autograd saves (each storage once, the weights' not at all), and each
 further loop adds what the second did. The figure is a floor (the allocator, the
 optimizer's state and the probes' own tensors come on top), so a suite it refuses could not
-have run.
+have run without swapping.
 """
 
 from __future__ import annotations
