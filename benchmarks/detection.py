@@ -719,6 +719,13 @@ Wider than any set had been (study `sweep-d384`: d_model 384 in 6 heads, lr 3e-3
 plain `looped` K = 4 and 12 never trained (3.13 against the one-loop model's 1.85; at
 d_model 64 K = 4 trains at this rate), warned at steps 6–7, collapsed (representation) at
 step 29 in both modes; 0/13 healthy runs warned or judged not stable in 1,950 healthy steps.
+Wider again (study `sweep-d512`: d_model 512 in 8 heads, lr 3e-3, CPython's `lib2to3`, 497 KB,
+seed 726, 15 runs, 63 min), trained and scored once with nothing changed: plain `looped` K = 4
+and 12 and `flt-res` K = 12 never trained (3.06 against the one-loop model's 1.68), warned at
+steps 6–12, collapsed (representation) at step 32 in both modes; `flt-res` K = 4 and
+`looped-inject` K = 4 trained and ended behind (2.54 and 1.85), judged failed to train with a
+reference and stable without; 0/10 healthy runs warned or judged not stable in 1,500 healthy
+steps. Only FLT of the looped models ended below the one-loop model here (1.58 at K = 12).
 
 And on a model loopdiag did not build (study `user-model-go`, trained by
 `benchmarks/user_model.py`: a byte-level decoder of PyTorch's own
@@ -1576,6 +1583,7 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-log5/runs"), Path("reports/detection/sweep-log4/runs"),
            Path("reports/detection/sweep-accum/runs"), Path("reports/detection/sweep-short80/runs"),
            Path("reports/detection/sweep-short50/runs"), Path("reports/detection/sweep-d384/runs"),
+           Path("reports/detection/sweep-d512/runs"),
            Path("reports/detection/user-model-go/runs"), Path("reports/detection/user-model-cpp/runs"),
            Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"),
            Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"),
