@@ -159,8 +159,8 @@ def run(
     with --parallel fsdp)."""
     from loopdiag import distributed
     from loopdiag.console import LiveProgress
-    from loopdiag.run.launch import cell_filter, cpu_count, run_suite, shard_cells
     from loopdiag.data import SyntheticTask
+    from loopdiag.run.launch import cell_filter, cpu_count, run_suite, shard_cells
     from loopdiag.run.probe_suite import apply_overrides, find_suite, load_probe_suite
 
     if list_suites:

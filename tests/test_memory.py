@@ -39,6 +39,7 @@ def test_truncated_backprop_stops_the_growth():
     suite = suite.with_(archs=("recurrent-depth",), loops=(2, 7), model=truncated)
     short, long = suite_memory(suite, suite.cells(), SMALL.seq_len)
     assert short.activation_bytes == long.activation_bytes
+    assert short.per_loop_bytes > 0 and long.per_loop_bytes == 0  # fewer loops would not help the long one
 
 
 def test_the_estimate_scales_with_the_rows_and_halves_under_bf16():

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -79,12 +79,13 @@ def suite_memory(suite: ProbeSuite, cells: Sequence[RunSpec], seq_len: int) -> l
         saved_per_loop = max(0, two.saved - one.saved)
         weights_per_loop = two.weights - one.weights
         # loops under no_grad keep nothing: truncated backprop stops the activations' growth
-        growing = min(cell.n_loops, suite.model.backprop_loops or cell.n_loops) - 1
+        with_grad = min(cell.n_loops, suite.model.backprop_loops or cell.n_loops)
+        last_loop_saves = with_grad == cell.n_loops
         estimates.append(RunMemory(
             cell.run_id, cell.n_loops,
-            activation_bytes=rows * (one.saved + growing * saved_per_loop) // shrink,
+            activation_bytes=rows * (one.saved + (with_grad - 1) * saved_per_loop) // shrink,
             weight_bytes=2 * (one.weights + (cell.n_loops - 1) * weights_per_loop),  # and their gradients
-            per_loop_bytes=rows * saved_per_loop // shrink + 2 * weights_per_loop))
+            per_loop_bytes=rows * saved_per_loop * last_loop_saves // shrink + 2 * weights_per_loop))
     return estimates
 
 
