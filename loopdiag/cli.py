@@ -329,7 +329,7 @@ def _jobs_that_fit(spec: ProbeSuite, cells: list[RunSpec], row_length: int, jobs
     `MemAvailable` says what is free; a GPU's memory is not known without a context on it."""
     import torch
 
-    from loopdiag.run.memory import available_memory, jobs_that_fit, suite_memory, too_large
+    from loopdiag.run.memory import available_memory, jobs_that_fit, largest_together, suite_memory, too_large
 
     available = available_memory()
     if torch.device(spec.train.device).type != "cpu" or available is None:
@@ -342,8 +342,8 @@ def _jobs_that_fit(spec: ProbeSuite, cells: list[RunSpec], row_length: int, jobs
         raise bad_input(too_large(largest, available, rows, row_length))
     at_once = min(jobs, len(cells))
     if fit < at_once:
-        together = byte_size(sum(sorted((e.total for e in estimates), reverse=True)[:at_once]))
-        said = (f"its {at_once} largest runs at once would need at least {together} and this machine "
+        said = (f"its {at_once} largest runs at once would need at least "
+                f"{byte_size(largest_together(estimates, at_once))} and this machine "
                 f"has {byte_size(available)} available")
         if chosen:
             raise bad_input(f"--jobs {jobs}: {said}; --jobs {fit} fits")

@@ -100,12 +100,16 @@ def available_memory() -> int | None:
     return None
 
 
+def largest_together(estimates: Sequence[RunMemory], count: int) -> int:
+    """Bytes the `count` largest runs need at once."""
+    return sum(sorted((estimate.total for estimate in estimates), reverse=True)[:count])
+
+
 def jobs_that_fit(estimates: Sequence[RunMemory], jobs: int, available: int) -> int:
     """The most runs, up to `jobs`, that fit in `available` bytes together when the largest
     meet (0: not even the largest alone)."""
-    largest = sorted((estimate.total for estimate in estimates), reverse=True)[:jobs]
     fit = 0
-    while fit < len(largest) and sum(largest[: fit + 1]) <= available:
+    while fit < min(jobs, len(estimates)) and largest_together(estimates, fit + 1) <= available:
         fit += 1
     return fit
 
