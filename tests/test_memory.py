@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
-from loopdiag.models import ARCHITECTURES, ModelConfig
+from loopdiag.models import ARCHITECTURES, ModelConfig, build_model
+from loopdiag.models.recurrent_depth import longest_sampled_loops
 from loopdiag.run.memory import RunMemory, jobs_that_fit, step_bytes_per_row, suite_memory, too_large
 from loopdiag.run.probe_suite import find_suite, load_probe_suite
 
@@ -56,8 +58,9 @@ def test_the_estimate_scales_with_the_rows_and_halves_under_bf16():
                                                     - step_bytes_per_row("flt", SMALL, 1).saved))
 
 
-def run_memory(run_id, total, per_loop=1, n_loops=12):
-    return RunMemory(run_id, n_loops, activation_bytes=total, per_loop_bytes=per_loop, weight_bytes=0)
+def run_memory(run_id, total, per_loop=1, n_loops=12, step_loops=None):
+    return RunMemory(run_id, n_loops, step_loops or n_loops, activation_bytes=total, per_loop_bytes=per_loop,
+                     weight_bytes=0)
 
 
 def test_jobs_that_fit_counts_the_largest_runs_together():
@@ -77,3 +80,35 @@ def test_too_large_says_how_many_loops_would_fit():
     nothing_fits = too_large(run_memory("x", total=100, per_loop=1, n_loops=3), available=10, rows=1, seq_len=8)
     assert "a smaller d_model, seq_len or batch would" in nothing_fits
     assert "grad_accum_steps" not in nothing_fits
+
+
+def test_a_sampled_loop_count_is_judged_at_its_longest_step():
+    """Each step of a `sample_loops` run draws its K: its memory is that of the longest step
+    the run is likely to draw, with the activations of every one of those loops."""
+    sampled = SMALL.with_(sample_loops=True)
+    suite = load_probe_suite(find_suite("default"))
+    suite = suite.with_(archs=("recurrent-depth",), loops=(12,), model=sampled)
+    [fixed] = suite_memory(suite.with_(model=SMALL), suite.cells(), SMALL.seq_len)
+    [drawn] = suite_memory(suite, suite.cells(), SMALL.seq_len)
+    longest = longest_sampled_loops(12, suite.train.steps)
+    assert drawn.n_loops == fixed.n_loops == 12 and fixed.step_loops == 12 and drawn.step_loops == longest
+    assert drawn.activation_bytes - fixed.activation_bytes == (longest - 12) * fixed.per_loop_bytes
+    said = too_large(drawn, available=fixed.total, rows=suite.train.batch_size, seq_len=SMALL.seq_len)
+    assert f"for its longest training step (about {longest} loops of a sampled mean of 12; each loop adds" in said
+    # memory for a 12-loop step holds the longest step of a smaller mean
+    assert f"about {12 * 12 // longest} loops would fit" in said
+
+
+def test_the_longest_sampled_step_is_what_the_sampler_draws():
+    """About one step in `steps` draws more loops than `longest_sampled_loops` gives, as the
+    model's own sampler draws them."""
+    model = build_model("recurrent-depth", SMALL.with_(sample_loops=True, n_loops=12))
+    torch.manual_seed(0)
+    draws = torch.tensor([model.sample_loop_count() for _ in range(20_000)])
+    for steps in (50, 300):
+        longest = longest_sampled_loops(12, steps)
+        assert 0.5 / steps < (draws > longest).double().mean() <= 1 / steps
+        assert (draws > longest - 1).double().mean() > 1 / steps  # and it is the least such count
+    assert longest_sampled_loops(12, 300) > 3 * 12  # far past the mean: why the mean is no floor
+    with pytest.raises(ValueError, match="steps >= 1"):
+        longest_sampled_loops(12, 0)

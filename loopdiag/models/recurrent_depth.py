@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -20,6 +21,32 @@ from loopdiag.models.config import ModelConfig
 from loopdiag.models.layers import LoopedLM, norm
 
 LOOP_SAMPLING_SIGMA = 0.5
+_RATE_NODES = 64  # Gauss–Hermite nodes over the log-normal rate: exact to a loop at any mean
+
+
+def longest_sampled_loops(mean: int, steps: int) -> int:
+    """The loop count a run of `steps` sampled steps more likely than not reaches once: the
+    least k with P(K > k) ≤ 1 / `steps`, K drawn as `sample_loop_count` draws it (K − 1 is
+    Poisson at a log-normal rate, and P(Poisson(λ) ≥ k) is the regularized lower incomplete
+    gamma of k at λ). At mean 12 over 300 steps: 45."""
+    if mean < 1 or steps < 1:
+        raise ValueError(f"need mean >= 1 and steps >= 1, got {mean}, {steps}")
+    nodes, weights = np.polynomial.hermite_e.hermegauss(_RATE_NODES)
+    weights = torch.tensor(weights / math.sqrt(2 * math.pi), dtype=torch.float64)
+    rates = torch.tensor(np.exp(math.log(mean) - LOOP_SAMPLING_SIGMA**2 / 2 + LOOP_SAMPLING_SIGMA * nodes),
+                         dtype=torch.float64)
+
+    def exceeded(loops: int) -> bool:  # P(K > loops) > 1 / steps, falling as loops grows
+        more = torch.special.gammainc(torch.tensor(float(loops), dtype=torch.float64), rates)
+        return float((weights * more).sum()) > 1 / steps
+
+    low, high = 0, mean  # exceeded(low) or low = 0; search up, then halve
+    while exceeded(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if exceeded(middle) else (low, middle)
+    return high
 
 
 class RecurrentDepthTransformer(LoopedLM):

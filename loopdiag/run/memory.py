@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from loopdiag.models import ModelConfig, build_model
+from loopdiag.models.recurrent_depth import RecurrentDepthTransformer, longest_sampled_loops
 from loopdiag.run.probe_suite import ProbeSuite, RunSpec
 from loopdiag.store.writer import byte_size
 
@@ -30,6 +31,7 @@ MEMINFO = Path("/proc/meminfo")
 class RunMemory:
     run_id: str
     n_loops: int
+    step_loops: int  # the most loops one step runs: n_loops, or a sampled run's longest step
     activation_bytes: int  # saved for one micro-batch's backward
     weight_bytes: int  # the weights and their gradients
     per_loop_bytes: int  # what each loop adds to both
@@ -64,10 +66,18 @@ def step_bytes_per_row(arch: str, model_config: ModelConfig, n_loops: int, seq_l
     return StepBytes(sum(saved.values()), sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
+def step_loops(suite: ProbeSuite, cell: RunSpec) -> int:
+    """The most loops one training step of `cell` runs: its K, or where each step draws its
+    loop count (`sample_loops`), the longest step its run is likely to draw."""
+    if suite.model.sample_loops and cell.arch == RecurrentDepthTransformer.arch:
+        return longest_sampled_loops(cell.n_loops, suite.train.steps)
+    return cell.n_loops
+
+
 def suite_memory(suite: ProbeSuite, cells: Sequence[RunSpec], seq_len: int) -> list[RunMemory]:
-    """The floor of each cell's memory in one training step of rows `seq_len` tokens long (a
-    synthetic task's own length, or the model's on a corpus), measured once per architecture.
-    A model of K distinct layer stacks (`standard`) also grows its weights with K."""
+    """The floor of each cell's memory in its longest training step, of rows `seq_len` tokens
+    long (a synthetic task's own length, or the model's on a corpus), measured once per
+    architecture. A model of K distinct layer stacks (`standard`) also grows its weights with K."""
     rows = suite.train.batch_size // suite.train.grad_accum_steps
     # bf16 autocast saves most activations in half the bytes; halving all keeps a floor
     shrink = 2 if suite.train.precision == "bf16" else 1
@@ -78,11 +88,12 @@ def suite_memory(suite: ProbeSuite, cells: Sequence[RunSpec], seq_len: int) -> l
         one, two = measured[cell.arch]
         saved_per_loop = max(0, two.saved - one.saved)
         weights_per_loop = two.weights - one.weights
+        loops = step_loops(suite, cell)
         # loops under no_grad keep nothing: truncated backprop stops the activations' growth
-        with_grad = min(cell.n_loops, suite.model.backprop_loops or cell.n_loops)
-        last_loop_saves = with_grad == cell.n_loops
+        with_grad = min(loops, suite.model.backprop_loops or loops)
+        last_loop_saves = with_grad == loops
         estimates.append(RunMemory(
-            cell.run_id, cell.n_loops,
+            cell.run_id, cell.n_loops, loops,
             activation_bytes=rows * (one.saved + (with_grad - 1) * saved_per_loop) // shrink,
             weight_bytes=2 * (one.weights + (cell.n_loops - 1) * weights_per_loop),  # and their gradients
             per_loop_bytes=rows * saved_per_loop * last_loop_saves // shrink + 2 * weights_per_loop))
@@ -117,10 +128,16 @@ def jobs_that_fit(estimates: Sequence[RunMemory], jobs: int, available: int) -> 
 def too_large(estimate: RunMemory, available: int, rows: int, seq_len: int) -> str:
     """Why `estimate`'s run cannot fit in `available` bytes, and what would."""
     over = estimate.total - available
-    loops_that_fit = estimate.n_loops - math.ceil(over / estimate.per_loop_bytes) if estimate.per_loop_bytes else 0
+    step_loops_that_fit = (estimate.step_loops - math.ceil(over / estimate.per_loop_bytes)
+                           if estimate.per_loop_bytes else 0)
+    # a sampled mean is about the same share of its longest step at any size
+    loops_that_fit = step_loops_that_fit * estimate.n_loops // estimate.step_loops
     lower = (f"about {loops_that_fit} loops would fit" if loops_that_fit >= 1
              else "a smaller d_model, seq_len or batch would")
     split = f", as would a grad_accum_steps that splits the {rows} rows" if rows > 1 else ""
-    return (f"{estimate.run_id} needs at least {byte_size(estimate.total)} for one training step "
-            f"(each loop adds {byte_size(estimate.per_loop_bytes)}, with {rows} rows of {seq_len} tokens) "
+    step = ("one training step (" if estimate.step_loops == estimate.n_loops else
+            f"its longest training step (about {estimate.step_loops} loops of a sampled mean of "
+            f"{estimate.n_loops}; ")
+    return (f"{estimate.run_id} needs at least {byte_size(estimate.total)} for {step}"
+            f"each loop adds {byte_size(estimate.per_loop_bytes)}, with {rows} rows of {seq_len} tokens) "
             f"and this machine has {byte_size(available)} available: {lower}{split}")
