@@ -68,11 +68,7 @@ unknown): the model that never learns. The others labelled so trained, and ended
 their reference; they count among the failed runs, and how many were warned within 15 %
 is shown beside, with no target: such a run is learning, and whether it will end behind
 is a comparison with a reference's final loss (its curve tells only a run stuck at token
-statistics). (Before the
-nodejs corpus, the first set scored with this split, all runs labelled "failed to train"
-counted as never trained. The split moves runs between two counts and changes no label,
-verdict or detector; the reports' misses had named the runs that trained since the ninth
-change. On every set but three, every run that never trained was warned within 15 %.)
+statistics).
 
 Per detector set (loopdiag's defaults together, each alone, each anchor):
 - recall before onset: failures with a warn or critical event at a step ≤ onset; also
@@ -91,16 +87,9 @@ where one set alarmed fewer times than the other, lead on the failures both caug
 onset where one warned earlier (sign tests); one set is better or worse on an axis only
 where that two-sided test gives p < 0.05, and otherwise neither. Lead is not compared
 where no failure was caught by both before onset: a median over different runs compares
-the runs, not the detectors. (Until the eighth change it compared the two medians as they
-stand, which on the study set loopdiag's median over 96 runs against the |z| > 3 rule's
-over its 1. Until the corpora's records were committed it compared totals and medians
-without a test: the depth corpus, retrained from scratch on another machine's CPU, whose
-rounding moves these chaotic runs' onsets by tens of steps, gave a median lead against
-|z| > 3 of 69 steps against 47 where the first training gave 69 against 72, over the same
-13 settings and seeds, and the comparison flipped from worse to better.) Where no failure
-can be warned before onset, every onset at the run's first record (the loops-compute
-study), recall before onset is zero for every detector by construction and recall by the
-end of the run takes its place. (Earlier versions counted such a set a tie on recall.)
+the runs, not the detectors. Where no failure can be warned before onset, every onset at
+the run's first record (the loops-compute study), recall before onset is zero for every
+detector by construction and recall by the end of the run takes its place.
 """
 
 from __future__ import annotations
@@ -768,7 +757,8 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-log5/runs"), Path("reports/detection/sweep-log4/runs"),
            Path("reports/detection/sweep-accum/runs"), Path("reports/detection/sweep-short80/runs"),
            Path("reports/detection/sweep-short50/runs"), Path("reports/detection/sweep-d384/runs"),
-           Path("reports/detection/sweep-d512/runs"),
+           Path("reports/detection/sweep-d512/runs"), Path("reports/detection/sweep-email/runs"),
+           Path("reports/detection/sweep-noclip/runs"),
            Path("reports/detection/user-model-go/runs"), Path("reports/detection/user-model-cpp/runs"),
            Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"),
            Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"),
