@@ -284,8 +284,34 @@ def test_explain_says_why_a_collapse_the_run_trained_out_of_is_not_recovered(tmp
     trained_out = explained("trained-out", 3.0)  # the loss ends near 2.0, 10 % or more below 3.0
     assert "collapsed (residual) at step 30" in trained_out
     assert "It trained out of the collapse" in trained_out and "not judged recovered: " + behind in trained_out
+    assert "The 1.79 is" not in trained_out  # the config holds no reference to name
     stuck = explained("stuck", 2.1)  # not 10 % below what token frequencies give: still collapsed
     assert "trained out" not in stuck and behind not in stuck
+
+
+def test_explain_names_where_the_loss_a_run_fell_short_of_came_from(tmp_path: Path) -> None:
+    """"14% above the 1.79 this model should reach": the explanation says whose loss 1.79 is,
+    the reference run a suite chose or the expected loss a user gave."""
+    run_id = "flt-k4-s1-lr0.1"
+    records = [record(run_id, "flt", 4, 1, 0.1, step) for step in range(1, STEPS + 1)]
+    behind = "The run ended with its smoothed loss at 2.04, 14% above the 1.79 this model should reach."
+    events = [{"step": STEPS, "detector": "failed_to_train", "severity": "critical", "message": behind,
+               "evidence": {}}]
+    summary = {"status": "failed_to_train", "step": STEPS, "signal": "failed_to_train",
+               "first_warning_step": STEPS, "message": behind}
+
+    def explained(name: str, reference: dict | None) -> str:
+        config = {"cell": {"arch": "flt", "n_loops": 4, "seed": 1, "lr": 0.1}, "train": {"steps": STEPS}}
+        if reference is not None:
+            config["reference"] = reference
+        return explain(load_run(write_run(tmp_path / name, records, config, events=events, summary=summary)))
+
+    suite = explained("suite", {"run": "flt-k1-s1-lr0.03", "expected_loss": 1.79})
+    assert "failed to train at step" in suite and behind in suite
+    assert "The 1.79 is the final smoothed loss of flt-k1-s1-lr0.03, the run it was judged against." in suite
+    given = explained("given", {"expected_loss": 1.79})
+    assert "The 1.79 is the expected loss it was given." in given
+    assert "The 1.79 is" not in explained("none", None)
 
 
 def test_a_run_interrupted_after_a_collapse_keeps_and_explains_it(tmp_path: Path) -> None:

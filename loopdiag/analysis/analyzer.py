@@ -282,7 +282,9 @@ def explain(run: RunData, judged: dict[str, Any] | None = None) -> str:
     what = status.replace("_", " ")
     sentences = [f"{who} {what}{mechanism} at step {judged.get('step')} "
                  f"(signal: {judged.get('signal') or 'unnamed'}).",
-                 _verdict_message(judged), _first_signal(run, judged), _residual_story(run)]
+                 _verdict_message(judged),
+                 _expected_source(run, judged) if status == "failed_to_train" else "",
+                 _first_signal(run, judged), _residual_story(run)]
     if status == "collapsed":
         sentences.append(_recovery_not_credited(run, judged, steps))
     oscillation = oscillation_index(steps)
@@ -323,9 +325,23 @@ def _recovery_not_credited(run: RunData, judged: dict[str, Any], steps: pd.DataF
     behind = events[(events["detector"] == "failed_to_train") & (events["severity"] == "critical")]
     if not len(behind):
         return ""
-    return (f"It trained out of the collapse, to a smoothed loss of {_fmt(final)}, below the "
-            f"{_fmt(floor)} the data's token frequencies alone give, but is not judged recovered: "
-            f"{behind.iloc[0]['message']}")
+    return " ".join(sentence for sentence in (
+        f"It trained out of the collapse, to a smoothed loss of {_fmt(final)}, below the "
+        f"{_fmt(floor)} the data's token frequencies alone give, but is not judged recovered: "
+        f"{behind.iloc[0]['message']}", _expected_source(run, judged)) if sentence)
+
+
+def _expected_source(run: RunData, judged: dict[str, Any]) -> str:
+    """Where the loss a run was judged to fall short of comes from, for a reader who meets
+    "the 2.22 this model should reach" in a `failed_to_train` message."""
+    reference = judged_against(run, judged)
+    if reference is None:
+        return ""
+    expected = f"{float(reference['expected_loss']):.4g}"  # as `failed_to_train`'s message gives it
+    if isinstance(reference.get("run"), str):
+        return f"The {expected} is the final smoothed loss of {reference['run']}, the run it was judged against."
+    return f"The {expected} is the expected loss it was given."
+
 
 
 def _verdict_message(judged: dict[str, Any]) -> str:
