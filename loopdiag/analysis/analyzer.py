@@ -343,7 +343,6 @@ def _expected_source(run: RunData, judged: dict[str, Any]) -> str:
     return f"The {expected} is the expected loss it was given."
 
 
-
 def _verdict_message(judged: dict[str, Any]) -> str:
     """What the deciding event said, for verdicts stored with it."""
     message = judged.get("message")

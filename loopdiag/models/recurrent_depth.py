@@ -21,7 +21,7 @@ from loopdiag.models.config import ModelConfig
 from loopdiag.models.layers import LoopedLM, norm
 
 LOOP_SAMPLING_SIGMA = 0.5
-_RATE_NODES = 64  # Gauss–Hermite nodes over the log-normal rate: exact to a loop at any mean
+_RATE_NODES = 64  # Gauss–Hermite nodes over the log-normal rate: 200k draws agree to a loop
 
 
 def longest_sampled_loops(mean: int, steps: int) -> int:
