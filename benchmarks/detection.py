@@ -758,7 +758,7 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-accum/runs"), Path("reports/detection/sweep-short80/runs"),
            Path("reports/detection/sweep-short50/runs"), Path("reports/detection/sweep-d384/runs"),
            Path("reports/detection/sweep-d512/runs"), Path("reports/detection/sweep-email/runs"),
-           Path("reports/detection/sweep-noclip/runs"),
+           Path("reports/detection/sweep-noclip/runs"), Path("reports/detection/sweep-archs/runs"),
            Path("reports/detection/user-model-go/runs"), Path("reports/detection/user-model-cpp/runs"),
            Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"),
            Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"),
