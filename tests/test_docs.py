@@ -16,7 +16,7 @@ FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", r"\1", heading).strip().lower()
+    text = re.sub(r"[`*]|\[([^\]]*)\]\([^)]*\)", r"\1", heading).strip().lower()
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
@@ -55,8 +55,10 @@ def test_relative_links_reach_a_file_and_a_heading(document):
 
 
 def test_a_missing_file_and_a_missing_heading_are_found(tmp_path):
-    (tmp_path / "other.md").write_text("# A heading, with `code` and punctuation!\n\n## Twice\n\n## Twice\n")
-    assert anchors(tmp_path / "other.md") == {"a-heading-with-code-and-punctuation", "twice", "twice-1"}
+    (tmp_path / "other.md").write_text("# A heading, with `code` and punctuation!\n\n## Twice\n\n## Twice\n\n"
+                                       "### `stop_on` and [a link](x.md)\n")
+    assert anchors(tmp_path / "other.md") == {"a-heading-with-code-and-punctuation", "twice", "twice-1",
+                                              "stop_on-and-a-link"}
     page = tmp_path / "page.md"
     page.write_text("[ok](other.md#twice-1) [gone](missing.md) [web](https://example.org/x)\n"
                     "```\n[not a link](nowhere.md)\n```\n")
