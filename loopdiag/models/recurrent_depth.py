@@ -24,6 +24,11 @@ LOOP_SAMPLING_SIGMA = 0.5
 _RATE_NODES = 64  # Gauss–Hermite nodes over the log-normal rate: 200k draws agree to a loop
 
 
+def _log_rate_mean(mean: int) -> float:
+    """The mean of the log-normal rate's log, so that the rate's own mean is `mean`."""
+    return math.log(mean) - LOOP_SAMPLING_SIGMA**2 / 2
+
+
 def longest_sampled_loops(mean: int, steps: int) -> int:
     """The loop count a run of `steps` sampled steps more likely than not reaches once: the
     least k with P(K > k) ≤ 1 / `steps`, K drawn as `sample_loop_count` draws it (K − 1 is
@@ -33,7 +38,7 @@ def longest_sampled_loops(mean: int, steps: int) -> int:
         raise ValueError(f"need mean >= 1 and steps >= 1, got {mean}, {steps}")
     nodes, weights = np.polynomial.hermite_e.hermegauss(_RATE_NODES)
     weights = torch.tensor(weights / math.sqrt(2 * math.pi), dtype=torch.float64)
-    rates = torch.tensor(np.exp(math.log(mean) - LOOP_SAMPLING_SIGMA**2 / 2 + LOOP_SAMPLING_SIGMA * nodes),
+    rates = torch.tensor(np.exp(_log_rate_mean(mean) + LOOP_SAMPLING_SIGMA * nodes),
                          dtype=torch.float64)
 
     def exceeded(loops: int) -> bool:  # P(K > loops) > 1 / steps, falling as loops grows
@@ -62,7 +67,7 @@ class RecurrentDepthTransformer(LoopedLM):
 
     def sample_loop_count(self) -> int:
         mean = self.config.n_loops
-        tau = torch.normal(math.log(mean) - LOOP_SAMPLING_SIGMA**2 / 2, LOOP_SAMPLING_SIGMA, size=())
+        tau = torch.normal(_log_rate_mean(mean), LOOP_SAMPLING_SIGMA, size=())
         return int(torch.poisson(tau.exp()).item()) + 1
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, n_loops: int | None = None):
