@@ -763,7 +763,8 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/user-model-info/runs"), Path("reports/detection/user-model-gitweb/runs"),
            Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"),
            Path("reports/detection/user-model-bpe/runs"), Path("reports/detection/user-model-bpe-nodejs/runs"),
-           Path("reports/detection/user-model-perl/runs"))
+           Path("reports/detection/user-model-perl/runs"), Path("reports/detection/sweep-noisy/runs"),
+           Path("reports/detection/user-model-stdlib/runs"))
 
 
 def study_name(path: Path) -> str:

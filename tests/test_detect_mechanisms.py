@@ -263,6 +263,42 @@ def test_a_loss_stalled_at_the_context_free_loss_failed_to_train_with_or_without
                   vectorised=vectorised) == []
 
 
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_a_loss_still_falling_too_slowly_to_leave_token_statistics_failed_to_train(vectorised):
+    """Without a reference: 250 steps ending at 0.93 of the context-free loss and falling
+    2.5 % per 20 records would need three more windows to get 10 % below it. A run falling
+    fast enough to get there in one more is cut off by its budget instead."""
+    floor = 3.45
+    slow = [{"step": s, "loss": 3.2 * (1 - 0.025) ** ((s - 250) / 20) + 2.0 * math.exp(-s / 5)}
+            for s in range(1, 251)]
+    (event,) = replay(slow, [FailedToTrain(context_free_loss=floor)], finished=True,
+                      vectorised=vectorised)
+    assert event.severity == "critical"
+    assert "still falling at 3.2" in event.message and "(3% over its last 20 records" in event.message
+    assert event.evidence["progress"] == pytest.approx(0.025, abs=1e-3)
+    fast = [{"step": s, "loss": 3.2 * (1 - 0.12) ** ((s - 250) / 20)} for s in range(1, 251)]
+    assert replay(fast, [FailedToTrain(context_free_loss=floor)], finished=True,
+                  vectorised=vectorised) == []
+
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_batch_noise_does_not_pass_a_stalled_loss_as_learning(vectorised):
+    """A loss stuck at 3.2, above the context-free 3.19, with 2 % noise per batch. By
+    chance its last 5 losses' median sits 2.5 % under that of the 5 twenty records before;
+    the trend of its last 25 losses is flat, and the run failed to train."""
+    rng = np.random.default_rng(69)
+    stuck = [{"step": s, "loss": (3.2 + 2.0 * math.exp(-s / 5)) * math.exp(0.02 * rng.standard_normal())}
+             for s in range(1, 201)]
+    (event,) = replay(stuck, [FailedToTrain(context_free_loss=3.19)], finished=True,
+                      vectorised=vectorised)
+    assert event.severity == "critical" and "stalled at 3.177, within 1% of 3.19" in event.message
+
+    # one odd batch at the end of a run still falling leaves it falling
+    falling = [{"step": s, "loss": 5.5 - 0.05 * s} for s in range(1, 41)]
+    falling[-1]["loss"] = 3 * falling[-2]["loss"]
+    assert replay(falling, [FailedToTrain(context_free_loss=3.26)], finished=True,
+                  vectorised=vectorised) == []
+
+
 def test_context_free_loss_reaches_failed_to_train_and_is_checked():
     detectors = {d.name: d for d in default_detectors(context_free_loss=3.26)}
     assert detectors["failed_to_train"].config.context_free_loss == 3.26

@@ -74,8 +74,8 @@ def checked_losses(losses: Any) -> tuple[tuple[int, float], ...]:
 
 
 class BehindReference(Detector):
-    """Warn when the smoothed loss (EMA, span 20 records) has stalled (its rolling median
-    < 2 % better over `window` records) within `context_free_margin` of the context-free
+    """Warn when the smoothed loss (EMA, span 20 records) has stalled (< 2 % better over
+    `window` records, `LossTrack.progress`) within `context_free_margin` of the context-free
     loss or above it, while the reference's smoothed loss at the latest of its steps up to
     this one is below that line and the run's is ≥ `gap` above it, from `patience` × the first
     step at which the reference's was below that line."""
@@ -120,9 +120,9 @@ class BehindReference(Detector):
         where = ("above" if smoothed >= floor
                  else f"within {max(1, round(100 * (1 - smoothed / floor)))}% of")
         return Finding("warn", (
-            f"The loss has stopped falling at {smoothed:.4g} (smoothed; its rolling median "
+            f"The loss has stopped falling at {smoothed:.4g} (smoothed; "
             f"{100 * abs(progress):.1f}% {'lower' if progress >= 0 else 'higher'} than "
-            f"{self.config.window} records ago), {where} "
+            f"{self.config.window} records ago on its trend line), {where} "
             f"{floor:.4g}, what the data's token "
             f"frequencies alone give, while its reference was at {reference:.4g} by step "
             f"{int(self._steps[at])}, {100 * (1 - reference / smoothed):.0f}% lower: the "

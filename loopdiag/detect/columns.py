@@ -17,9 +17,9 @@ import numpy as np
 from loopdiag.detect.base import Ema, is_int, loop_values, raw_scalar
 from loopdiag.detect.symptoms import (
     EMA_SPAN,
-    MEDIAN_OF,
     MIN_PROGRESS,
     RISE_BATCH_CAP,
+    STALL_EXTRA,
     LossTrack,
     RecentRise,
     RiseState,
@@ -202,7 +202,7 @@ class LossHistory:
             track._ema.value = self.smoothed[seen - 1]
             track.best = self.bests[seen - 1]
             track.best_step = self.columns.step(self.best_positions[seen - 1])
-            track._recent.extend(self.losses[max(0, seen - window - MEDIAN_OF):seen])
+            track._recent.extend(self.losses[max(0, seen - window - STALL_EXTRA):seen])
         return track
 
 

@@ -26,8 +26,13 @@ what predicting each token from the data's token frequencies alone reaches, the 
 entropy of a text), a run that ended with its loss stalled within `context_free_margin`
 (the labels' 10 %) of it, or above it, learned nothing a model needs its input for: the
 collapse the FLT paper describes, a looped model that never gets past token statistics.
-Every model passes through that plateau early, so only the end is judged, and only a loss
-that stopped falling: a short run still on its way down is cut off by its budget, not stuck.
+Every model passes through that plateau early, so only the end is judged, and not a run
+still falling fast enough that one more stall window at its pace (`progress`, the stall
+rule's fall over 20 records) would take it `context_free_margin` below that loss: a short run
+on its way down is cut off by its budget, not stuck. A run falling more slowly is judged, its
+event saying it still falls: one that needs several more windows to leave token statistics
+has learned next to nothing in the steps it had (runs that never trained fell 2–3 % per 20
+records at 0.91–1.03 of the context-free loss after 200–250 steps).
 Nor where the reference itself ended at that level, from the margin below to 2 % above
 (`reference_at_token_frequencies`): the data then holds too little past its token
 frequencies for the line to tell, and the gap to the reference judges alone.
@@ -54,7 +59,8 @@ from loopdiag.detect.symptoms import (
 from loopdiag.detect.update import OVERSIZED_UPDATE
 
 # Records over which the end judgement reads whether the loss still falls: the stall rule's
-# window, with its `MIN_PROGRESS`, reused as is. It changes the message, never the verdict.
+# window, with its `MIN_PROGRESS`, reused as is. Against an expected loss it changes the
+# message only; at the context-free line it spares a run that one more window takes past it.
 LOSS_WINDOW = 20
 
 
@@ -81,8 +87,9 @@ class FailedToTrain(Detector):
     `high_loss_window` losses exceed the first window's maximum (after two windows), or
     at the end when a step's `update_ratio` reached `oversized_update`. With
     `context_free_loss`, in either case (unless the expected loss is not past that line
-    either): critical at the end when the loss stalled at or within `context_free_margin`
-    below it."""
+    either): critical at the end when the loss ended at or within `context_free_margin`
+    below it, unless it was still falling fast enough to get past that margin in one more
+    stall window."""
 
     name = "failed_to_train"
     reads = ("loss",)
@@ -206,17 +213,24 @@ class FailedToTrain(Detector):
                 or learned_past_token_frequencies(smoothed, floor, self.config.context_free_margin)):
             return None
         fall = self._loss.progress()
-        if fall is None or fall >= MIN_PROGRESS:
-            return None  # too short to tell, or still learning
+        if fall is None:
+            return None  # too short to tell
+        falling = fall >= MIN_PROGRESS
+        line = (1 - self.config.context_free_margin) * floor
+        if falling and self._loss.ahead(LOSS_WINDOW) < line:
+            return None  # one more window at this pace takes it past the line: cut off by its budget
         where = ("above" if smoothed >= floor
                  else f"within {max(1, round(100 * (1 - smoothed / floor)))}% of")
+        state = (f"still falling at {smoothed:.4g} ({100 * fall:.0f}% over its last {LOSS_WINDOW} "
+                 f"records, too slowly to get under {line:.4g} in as many again)" if falling
+                 else f"stalled at {smoothed:.4g}")
         above = self._above_expected(smoothed)
         return Finding("critical", (
-            f"The run ended with its smoothed loss stalled at {smoothed:.4g}, {where} "
+            f"The run ended with its smoothed loss {state}, {where} "
             f"{floor:.4g}, what predicting each token from the data's token frequencies alone "
             f"reaches: it learned next to nothing that needs its input."
             f"{'' if above is None else f' It is {above}.'}"),
-            {"smoothed_loss": smoothed, "context_free_loss": floor,
+            {"smoothed_loss": smoothed, "context_free_loss": floor, "progress": fall,
              "expected_loss": self.config.expected_loss, "thresholds": self._thresholds()})
 
     def _oversized_end(self) -> Finding | None:

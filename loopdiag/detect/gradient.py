@@ -52,7 +52,7 @@ class GradientOscillationConfig(SolvedLineConfig):
     # recorder window is noisier: lower it there.
     autocorr_threshold: float = -0.85
     # The loss symptom that makes oscillation a warning (see `Symptoms`): the smoothed loss
-    # ≥ `gap` above its best, or its rolling median < `min_progress` better over
+    # ≥ `gap` above its best, or < `min_progress` better over
     # `stall_window` records (the stall rule of `residual_blowup` and
     # `representation_collapse`).
     gap: float = 0.10

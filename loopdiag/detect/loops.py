@@ -92,8 +92,8 @@ class RepresentationCollapseConfig(ReferenceLineConfig):
     # (From `sweep-log5`, every 5th step recorded: warned 20 steps after its positions
     # merged, past 15 % of the run; `sweep-log4`, trained after it, is the held-out check.)
     patience: int = 5
-    # Critical once it has held this many records while the loss stalled (rolling median
-    # improved by under `min_progress` over them): identical positions can only predict
+    # Critical once it has held this many records while the loss stalled (improved by
+    # under `min_progress` over them, `LossTrack.progress`): identical positions can only predict
     # the token marginals, which such a model learns in its first few steps. Never where
     # a reference shows the data holds little more than those (`context_free_line_holds`).
     window: int = 20
