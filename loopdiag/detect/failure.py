@@ -218,7 +218,7 @@ class FailedToTrain(Detector):
         falling = fall >= MIN_PROGRESS
         line = (1 - self.config.context_free_margin) * floor
         if falling and self._loss.ahead(LOSS_WINDOW) < line:
-            return None  # one more window at this pace takes it past the line: cut off by its budget
+            return None  # one more window at this pace gets it past: cut off by its budget
         where = ("above" if smoothed >= floor
                  else f"within {max(1, round(100 * (1 - smoothed / floor)))}% of")
         state = (f"still falling at {smoothed:.4g} ({100 * fall:.0f}% over its last {LOSS_WINDOW} "

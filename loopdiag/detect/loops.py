@@ -93,8 +93,8 @@ class RepresentationCollapseConfig(ReferenceLineConfig):
     # merged, past 15 % of the run; `sweep-log4`, trained after it, is the held-out check.)
     patience: int = 5
     # Critical once it has held this many records while the loss stalled (improved by
-    # under `min_progress` over them, `LossTrack.progress`): identical positions can only predict
-    # the token marginals, which such a model learns in its first few steps. Never where
+    # under `min_progress` over them, `LossTrack.progress`): identical positions can only
+    # predict the token marginals, which such a model learns in its first few steps. Never where
     # a reference shows the data holds little more than those (`context_free_line_holds`).
     window: int = 20
     min_progress: float = 0.02

@@ -20,8 +20,8 @@ The thresholds here are mechanisms, not fits:
   the stall rule of `representation_collapse`, `residual_blowup`, `gradient_oscillation` and
   the end judgements. The line's slope is the median of every pair's, so one odd batch never
   moves it, and it reads every loss of the span: on a flat loss with 2 % noise per batch it
-  reads a 2 % fall 4 % of the time, where a median of the last 5 losses against that of the
-  5 `window` records before reads one 9 % of the time (`benchmarks/stall_null.py`).
+  reads a 2 % fall 3.6 % of the time, where a median of the last 5 losses against that of
+  the 5 `window` records before reads one 8.5 % of the time (`benchmarks/stall_null.py`).
 """
 
 from __future__ import annotations
@@ -152,9 +152,10 @@ class LossTrack:
         learning), read from the Theil–Sen line through the recent losses: its fall over
         the window over its value at the window's start. None until that much history
         exists, or where that value is not positive."""
-        if len(self._recent) < self._recent.maxlen:
+        line = self._line()
+        if line is None:
             return None
-        slope, intercept = theil_sen(self._recent)
+        slope, intercept = line
         before = intercept + slope * (len(self._recent) - 1 - self._window)
         return -slope * self._window / before if before > 0 else None
 
@@ -162,10 +163,16 @@ class LossTrack:
         """Where the line `progress` reads puts the loss `records` after the last one: its
         pace carried on (the raw losses' trend, without the EMA's lag). None until
         `progress` has its history."""
+        line = self._line()
+        if line is None:
+            return None
+        slope, intercept = line
+        return intercept + slope * (len(self._recent) - 1 + records)
+
+    def _line(self) -> tuple[float, float] | None:
         if len(self._recent) < self._recent.maxlen:
             return None
-        slope, intercept = theil_sen(self._recent)
-        return intercept + slope * (len(self._recent) - 1 + records)
+        return theil_sen(self._recent)
 
     def current_median(self) -> float | None:
         if len(self._recent) < MEDIAN_OF:
@@ -182,8 +189,8 @@ def _pairs(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def theil_sen(values: Sequence[float]) -> tuple[float, float]:
     """(slope, intercept) of the Theil–Sen line through `values` at positions 0, 1, ...: the
     median of the slopes between every pair, and the median of what is left under it.
-    `scipy.stats.theilslopes` gives the slope too; this skips its confidence interval, 10×
-    the time on a line the detectors read at every record."""
+    `scipy.stats.theilslopes` gives the slope too, in 10× the time (it also computes a
+    confidence interval), on a line the detectors may read at every record."""
     y = np.asarray(values, dtype=float)
     first, second, apart = _pairs(len(y))
     slope = float(np.median((y[second] - y[first]) / apart))
@@ -252,18 +259,34 @@ class RecentRise:
         self.gap, self.noise_z, self.batch_cap, self.floor = gap, noise_z, batch_cap, floor
         self._ema = Ema(ema_span)
         self._factor = math.sqrt(self._ema.alpha / (2 - self._ema.alpha))
+        self._best_window = best_window
         self._logs: deque[float] = deque(maxlen=best_window)
-        self._recent: deque[tuple[float, Any, float | None]] = deque(maxlen=best_window)
+        # The second differences' sizes of `_logs`, kept as they come: one new per loss.
+        self._sizes: deque[float] = deque(maxlen=best_window - 2)
+        # (index, smoothed, step, noise) of the records that can still be the window's lowest:
+        # each lower than every one before it, so the first is the lowest (the earliest of
+        # equals), as `min` over the whole window would find it.
+        self._candidates: deque[tuple[int, float, Any, float | None]] = deque()
+        self._count = 0
 
     def update(self, loss: float, step: Any) -> RiseState:
         smoothed = self._ema.update(capped(loss, self._ema.value, self.batch_cap))
         if loss > 0:
             self._logs.append(math.log(loss))
+            if len(self._logs) >= 3:
+                before, now, after = self._logs[-3], self._logs[-2], self._logs[-1]
+                self._sizes.append(abs(after - 2 * now + before))
         else:  # no log scale to read noise on
             self._logs.clear()
+            self._sizes.clear()
         noise_now = self._noise()
-        self._recent.append((smoothed, step, noise_now))
-        best, best_step, noise = min(self._recent, key=lambda entry: entry[0])
+        while self._candidates and self._candidates[-1][1] > smoothed:
+            self._candidates.pop()
+        self._candidates.append((self._count, smoothed, step, noise_now))
+        if self._candidates[0][0] <= self._count - self._best_window:
+            self._candidates.popleft()
+        self._count += 1
+        _, best, best_step, noise = self._candidates[0]
         if noise is None:  # a best from before the noise could be read: read it now
             noise = noise_now
         needed = self.gap if noise is None else max(self.gap, self.noise_z * noise)
@@ -272,9 +295,7 @@ class RecentRise:
     def _noise(self) -> float | None:
         if len(self._logs) < MIN_NOISE_DIFFERENCES + 2:
             return None
-        logs = list(self._logs)
-        sizes = [abs(after - 2 * now + before) for before, now, after in zip(logs, logs[1:], logs[2:])]
-        return statistics.median(sizes) / SECOND_DIFFERENCE_MAD * self._factor
+        return statistics.median(self._sizes) / SECOND_DIFFERENCE_MAD * self._factor
 
 
 def validate_rise(best_window: int, noise_z: float) -> None:
