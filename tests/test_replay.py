@@ -286,3 +286,24 @@ def test_rolling_mann_kendall_equals_the_per_window_test(window):
     assert len(rolling) == len(values) - window + 1
     assert rolling.tolist() == [mann_kendall_rising_p(values[i:i + window])
                                 for i in range(len(values) - window + 1)]
+
+
+@pytest.mark.parametrize("best_window", [20, 100])
+def test_a_rise_read_over_whole_columns_gives_the_states_record_by_record_gives(best_window):
+    """`RecentRise.run` (a replay's pass over a whole run) and `update` (training, record by
+    record) give the same states to the last bit: ties, a loss of 0 (no log scale to read the
+    noise on), and records fed one by one after the pass among them."""
+    from loopdiag.detect.symptoms import RecentRise
+
+    rng = np.random.default_rng(5)
+    for losses in (np.round(2 + 0.3 * rng.standard_normal(300), 1).tolist(),
+                   (2 + 0.3 * rng.standard_normal(250)).tolist(),
+                   [*(2 + 0.3 * rng.standard_normal(40)).tolist(), 0.0,
+                    *(2 + 0.3 * rng.standard_normal(40)).tolist()],
+                   [2.0, 1.9]):
+        after = (2 + 0.3 * rng.standard_normal(30)).tolist()
+        one_by_one, whole = (RecentRise(20, 0.1, best_window, batch_cap=1.5) for _ in range(2))
+        expected = [one_by_one.update(loss, step) for step, loss in enumerate(losses + after)]
+        got = whole.run(losses, list(range(len(losses))))
+        got += [whole.update(loss, len(losses) + step) for step, loss in enumerate(after)]
+        assert got == expected

@@ -209,10 +209,11 @@ class CollapsePlateau(Detector):
         # The EMA and running best of the finite losses, as `_check` computes them.
         loss = columns.finite("loss")
         positions = np.flatnonzero(np.isfinite(loss))
-        rise, states, bests = self._recent_rise(), [], []
-        for position, value in zip(positions.tolist(), loss[positions].tolist()):
-            states.append(rise.update(value, columns.step(position)))
-            bests.append(min(bests[-1], states[-1].smoothed) if bests else states[-1].smoothed)
+        states = self._recent_rise().run(loss[positions].tolist(),
+                                         [columns.step(position) for position in positions.tolist()])
+        bests: list[float] = []
+        for state in states:
+            bests.append(min(bests[-1], state.smoothed) if bests else state.smoothed)
         best = np.array(bests)
         judged = ~(best <= 0)  # `_check`'s test: a NaN best is judged
         stuck = streaks(judged & np.array([state.risen for state in states], dtype=bool))

@@ -157,13 +157,15 @@ class RecordColumns:
         """`Symptoms.rise_state` after each record: the same `RecentRise` over the finite
         losses, held through records without one."""
         def compute() -> list[RiseState | None]:
-            rise = RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP, floor=floor)
             loss = self.finite("loss")
+            positions = np.flatnonzero(np.isfinite(loss)).tolist()
+            rise = RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP, floor=floor)
+            at = dict(zip(positions, rise.run(loss[positions].tolist(),
+                                              [self.step(position) for position in positions])))
             states: list[RiseState | None] = []
             state = None
-            for index, value in enumerate(loss.tolist()):
-                if math.isfinite(value):
-                    state = rise.update(value, self.step(index))
+            for index in range(len(loss)):
+                state = at.get(index, state)
                 states.append(state)
             return states
         return self.cached(("rise_states", floor), compute)

@@ -326,9 +326,9 @@ class LossRise(Detector):
         # The same `RecentRise` over the finite losses, so both paths compute alike.
         loss = columns.finite("loss")
         positions = np.flatnonzero(np.isfinite(loss))
-        rise = self._recent_rise()
-        states = {position: rise.update(float(loss[position]), columns.step(position))
-                  for position in positions.tolist()}
+        indices = positions.tolist()
+        states = dict(zip(indices, self._recent_rise().run(
+            loss[positions].tolist(), [columns.step(position) for position in indices])))
         risen = np.array([states[position].risen for position in positions.tolist()], dtype=bool)
         size = len(columns)
         return (codes(expand(positions, np.ones(len(positions), dtype=bool), size, False),

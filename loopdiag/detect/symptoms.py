@@ -270,7 +270,6 @@ class RecentRise:
         self._count = 0
 
     def update(self, loss: float, step: Any) -> RiseState:
-        smoothed = self._ema.update(capped(loss, self._ema.value, self.batch_cap))
         if loss > 0:
             self._logs.append(math.log(loss))
             if len(self._logs) >= 3:
@@ -279,7 +278,39 @@ class RecentRise:
         else:  # no log scale to read noise on
             self._logs.clear()
             self._sizes.clear()
-        noise_now = self._noise()
+        return self._advance(loss, step, self._noise())
+
+    def run(self, losses: Sequence[float], steps: Sequence[Any]) -> list[RiseState]:
+        """`update` over `losses` (at `steps`) in order: the same states, with the noise of
+        every window taken in one numpy pass where the losses are all positive and nothing
+        came before (a replay over whole columns)."""
+        if self._count or not all(loss > 0 for loss in losses):
+            return [self.update(loss, step) for loss, step in zip(losses, steps)]
+        logs = [math.log(loss) for loss in losses]
+        noises = self._noises(np.array(logs))
+        self._logs.extend(logs[-self._best_window:])
+        if len(logs) >= 3:
+            ends = np.array(logs[-self._best_window:])
+            self._sizes.extend(np.abs(ends[2:] - 2 * ends[1:-1] + ends[:-2]).tolist())
+        return [self._advance(loss, step, noise)
+                for loss, step, noise in zip(losses, steps, noises)]
+
+    def _noises(self, logs: np.ndarray) -> list[float | None]:
+        """`_noise` after each of `logs`, from a fresh state: the median of the second
+        differences' sizes in each record's window, the same floats `statistics.median`
+        gives (the middle one, or the mean of the middle two)."""
+        sizes = np.abs(logs[2:] - 2 * logs[1:-1] + logs[:-2])
+        full = self._best_window - 2  # sizes in a full window
+        medians = [float(np.median(sizes[:index - 1]))
+                   for index in range(MIN_NOISE_DIFFERENCES + 1, min(len(logs), self._best_window - 1))]
+        if len(sizes) >= full:
+            windows = np.lib.stride_tricks.sliding_window_view(sizes, full)
+            medians += np.median(windows, axis=1).tolist()
+        scaled = (np.array(medians) / SECOND_DIFFERENCE_MAD * self._factor).tolist()
+        return [None] * (len(logs) - len(scaled)) + scaled
+
+    def _advance(self, loss: float, step: Any, noise_now: float | None) -> RiseState:
+        smoothed = self._ema.update(capped(loss, self._ema.value, self.batch_cap))
         while self._candidates and self._candidates[-1][1] > smoothed:
             self._candidates.pop()
         self._candidates.append((self._count, smoothed, step, noise_now))
