@@ -286,28 +286,26 @@ class RecentRise:
         came before (a replay over whole columns)."""
         if self._count or not all(loss > 0 for loss in losses):
             return [self.update(loss, step) for loss, step in zip(losses, steps)]
-        logs = [math.log(loss) for loss in losses]
-        noises = self._noises(np.array(logs))
-        self._logs.extend(logs[-self._best_window:])
-        if len(logs) >= 3:
-            ends = np.array(logs[-self._best_window:])
-            self._sizes.extend(np.abs(ends[2:] - 2 * ends[1:-1] + ends[:-2]).tolist())
+        logs = np.array([math.log(loss) for loss in losses])
+        sizes = np.abs(logs[2:] - 2 * logs[1:-1] + logs[:-2])  # as `update` computes each
+        noises = self._noises(sizes, len(losses))
+        self._logs.extend(logs[-self._best_window:].tolist())
+        self._sizes.extend(sizes[-self._sizes.maxlen:].tolist())
         return [self._advance(loss, step, noise)
                 for loss, step, noise in zip(losses, steps, noises)]
 
-    def _noises(self, logs: np.ndarray) -> list[float | None]:
-        """`_noise` after each of `logs`, from a fresh state: the median of the second
-        differences' sizes in each record's window, the same floats `statistics.median`
-        gives (the middle one, or the mean of the middle two)."""
-        sizes = np.abs(logs[2:] - 2 * logs[1:-1] + logs[:-2])
-        full = self._best_window - 2  # sizes in a full window
-        medians = [float(np.median(sizes[:index - 1]))
-                   for index in range(MIN_NOISE_DIFFERENCES + 1, min(len(logs), self._best_window - 1))]
+    def _noises(self, sizes: np.ndarray, records: int) -> list[float | None]:
+        """`_noise` after each of `records`, from a fresh state and the second differences'
+        sizes of their logs: the median of those in each record's window, the same floats
+        `statistics.median` gives (the middle one, or the mean of the middle two)."""
+        full = self._sizes.maxlen  # sizes in a full window
+        medians = [float(np.median(sizes[:count]))
+                   for count in range(MIN_NOISE_DIFFERENCES, min(len(sizes) + 1, full))]
         if len(sizes) >= full:
             windows = np.lib.stride_tricks.sliding_window_view(sizes, full)
             medians += np.median(windows, axis=1).tolist()
         scaled = (np.array(medians) / SECOND_DIFFERENCE_MAD * self._factor).tolist()
-        return [None] * (len(logs) - len(scaled)) + scaled
+        return [None] * (records - len(scaled)) + scaled
 
     def _advance(self, loss: float, step: Any, noise_now: float | None) -> RiseState:
         smoothed = self._ema.update(capped(loss, self._ema.value, self.batch_cap))
