@@ -764,7 +764,7 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"),
            Path("reports/detection/user-model-bpe/runs"), Path("reports/detection/user-model-bpe-nodejs/runs"),
            Path("reports/detection/user-model-perl/runs"), Path("reports/detection/sweep-noisy/runs"),
-           Path("reports/detection/user-model-stdlib/runs"))
+           Path("reports/detection/user-model-stdlib/runs"), Path("reports/detection/user-model-short/runs"))
 
 
 def study_name(path: Path) -> str:
