@@ -31,8 +31,11 @@ still falling fast enough that one more stall window at its pace (`progress`, th
 rule's fall over 20 records) would take it `context_free_margin` below that loss: a short run
 on its way down is cut off by its budget, not stuck. A run falling more slowly is judged, its
 event saying it still falls: one that needs several more windows to leave token statistics
-has learned next to nothing in the steps it had (runs that never trained fell 2–3 % per 20
-records at 0.91–1.03 of the context-free loss after 200–250 steps).
+has learned next to nothing in the steps it had. The horizon is the stall rule's own window,
+nothing fitted; what prompted it were 8 runs that never trained and that any 2 % fall had
+spared, at 0.91–1.03 of the context-free loss after 200–250 steps, falling 2–3 % per 20
+records (`user-model-perl`, `-info`, `-go`, `-ramp` and the reference study, in-sample for
+it); `user-model-stdlib` and `user-model-short` are its held-out check (docs/held-out.md).
 Nor where the reference itself ended at that level, from the margin below to 2 % above
 (`reference_at_token_frequencies`): the data then holds too little past its token
 frequencies for the line to tell, and the gap to the reference judges alone.
