@@ -291,8 +291,9 @@ def test_rolling_mann_kendall_equals_the_per_window_test(window):
 @pytest.mark.parametrize("best_window", [20, 100])
 def test_a_rise_read_over_whole_columns_gives_the_states_record_by_record_gives(best_window):
     """`RecentRise.run` (a replay's pass over a whole run) and `update` (training, record by
-    record) give the same states to the last bit: ties, a loss of 0 (no log scale to read the
-    noise on), and records fed one by one after the pass among them."""
+    record) give the same states to the last bit: ties, a loss of 0 or of infinity (no log
+    scale to read the noise on), an EMA that overflows, and records fed one by one after the
+    pass among them."""
     from loopdiag.detect.symptoms import RecentRise
 
     rng = np.random.default_rng(5)
@@ -300,10 +301,31 @@ def test_a_rise_read_over_whole_columns_gives_the_states_record_by_record_gives(
                    (2 + 0.3 * rng.standard_normal(250)).tolist(),
                    [*(2 + 0.3 * rng.standard_normal(40)).tolist(), 0.0,
                     *(2 + 0.3 * rng.standard_normal(40)).tolist()],
-                   [2.0, 1.9]):
+                   [*(2 + 0.3 * rng.standard_normal(40)).tolist(), math.inf, 2.0],
+                   [1e308, 1.7e308, 1.5e308, *(2 + 0.3 * rng.standard_normal(30)).tolist()],
+                   [2.0, 1.9], []):
         after = (2 + 0.3 * rng.standard_normal(30)).tolist()
         one_by_one, whole = (RecentRise(20, 0.1, best_window, batch_cap=1.5) for _ in range(2))
         expected = [one_by_one.update(loss, step) for step, loss in enumerate(losses + after)]
-        got = whole.run(losses, list(range(len(losses))))
-        got += [whole.update(loss, len(losses) + step) for step, loss in enumerate(after)]
+        run = whole.run(losses, list(range(len(losses))))
+        assert run.risen.tolist() == [state.risen for state in expected[:len(losses)]]
+        got = [*run, *(whole.update(loss, len(losses) + step) for step, loss in enumerate(after))]
         assert got == expected
+
+
+def test_rises_alike_share_the_noise_they_read():
+    """A replay reads the loss's noise once for every rise of the same window and span
+    (`RecordColumns.rise_run`); each rise's states are still its own."""
+    from loopdiag.detect.columns import RecordColumns
+    from loopdiag.detect.symptoms import RecentRise
+
+    rng = np.random.default_rng(6)
+    records = [{"step": step, "loss": 2 + 0.3 * value}
+               for step, value in enumerate(rng.standard_normal(400).tolist(), start=1)]
+    records[50]["loss"] = math.nan
+    columns = RecordColumns(records)
+    for make in (lambda: RecentRise(20, 0.1, batch_cap=1.5), lambda: RecentRise(20, 0.0),
+                 lambda: RecentRise(20, 0.1, floor=2.1)):
+        losses = [record["loss"] for record in records if math.isfinite(record["loss"])]
+        alone = make().run(losses, [record["step"] for record in records if math.isfinite(record["loss"])])
+        assert [*columns.rise_run(make())] == [*alone]

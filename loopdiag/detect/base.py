@@ -317,7 +317,7 @@ def judged_in_training(record: Mapping[str, Any]) -> bool:
     """Whether the monitor judged this record while the run trained. A validation loss taken
     at a step the probes did not log is stored as a record of its own (a step and `val_*`
     values), which training never showed the detectors."""
-    return any(key != "step" and not key.startswith("val_") for key in record)
+    return "loss" in record or any(key != "step" and not key.startswith("val_") for key in record)
 
 
 # --- reading records -------------------------------------------------------------------

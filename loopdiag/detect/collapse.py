@@ -203,20 +203,19 @@ class CollapsePlateau(Detector):
         steps, int_step = columns.int_steps()
         with_resid = int_step & np.isfinite(last) & (last > 0)
         resid_positions = np.flatnonzero(with_resid)
-        log_resid = [(int(steps[index]), math.log(value)) for index, value in
-                     zip(resid_positions.tolist(), last[resid_positions].tolist())]
+        resid_steps = steps[resid_positions].tolist()
+        log_resid = np.array([math.log(value) for value in last[resid_positions].tolist()])
         resid_seen = np.cumsum(with_resid)
         # The EMA and running best of the finite losses, as `_check` computes them.
         loss = columns.finite("loss")
-        positions = np.flatnonzero(np.isfinite(loss))
-        states = self._recent_rise().run(loss[positions].tolist(),
-                                         [columns.step(position) for position in positions.tolist()])
+        positions = columns.loss_positions()
+        run = columns.rise_run(self._recent_rise())
         bests: list[float] = []
-        for state in states:
-            bests.append(min(bests[-1], state.smoothed) if bests else state.smoothed)
+        for smoothed in run.smoothed.tolist():
+            bests.append(min(bests[-1], smoothed) if bests else smoothed)
         best = np.array(bests)
         judged = ~(best <= 0)  # `_check`'s test: a NaN best is judged
-        stuck = streaks(judged & np.array([state.risen for state in states], dtype=bool))
+        stuck = streaks(judged & run.risen)
         plateau = judged & (stuck >= config.window)
         # A stall needs progress < min_progress over `stall_window` and a significant rise
         # of the last `stall_window` log norms; the growth itself is checked exactly.
@@ -226,8 +225,7 @@ class CollapsePlateau(Detector):
             progress[config.stall_window:] = 1 - best[config.stall_window:] / best[:-config.stall_window]
         resid_count = resid_seen[positions]
         rise_p = np.full(len(resid_positions) + 1, math.nan)  # by log norms seen
-        rise_p[config.stall_window:] = rolling_rising_p(
-            np.array([value for _, value in log_resid]), config.stall_window)
+        rise_p[config.stall_window:] = rolling_rising_p(log_resid, config.stall_window)
         past = np.asarray(learned_past_token_frequencies(best, config.context_free_loss,
                                                          config.context_free_margin), dtype=bool)
         stall = (config.context_free_line_holds & judged & ~plateau & ~past & (seen > config.stall_window)
@@ -235,20 +233,20 @@ class CollapsePlateau(Detector):
         # A plateau is critical only with a significant rise of the last `window` log norms;
         # without one (or with too few norms) it is certainly a warning.
         plateau_p = np.full(len(resid_positions) + 1, math.nan)
-        plateau_p[config.window:] = rolling_rising_p(
-            np.array([value for _, value in log_resid]), config.window)
+        plateau_p[config.window:] = rolling_rising_p(log_resid, config.window)
         may_be_critical = plateau_p[resid_count] < config.alpha
-        order = {index: j for j, index in enumerate(positions.tolist())}
+        kept = self._log_resid.maxlen
 
         def judge(index: int) -> Finding | None:
-            j = order[index]
+            j = int(np.searchsorted(positions, index))
             self._stuck = int(stuck[j])
             self._bests = deque(bests[max(0, j - config.stall_window):j + 1],
                                 maxlen=config.stall_window + 1)
-            self._log_resid = deque(log_resid[:int(resid_seen[index])][-self._log_resid.maxlen:],
-                                    maxlen=self._log_resid.maxlen)
+            seen_norms = int(resid_seen[index])
+            window = slice(max(0, seen_norms - kept), seen_norms)
+            self._log_resid = deque(zip(resid_steps[window], log_resid[window].tolist()), maxlen=kept)
             if plateau[j]:
-                return self._plateau(states[j])
+                return self._plateau(run[j])
             return self._stall(bests[j])
         found = codes(expand(positions, judged, len(loss), False),
                       expand(positions, plateau | stall, len(loss), False),

@@ -22,6 +22,7 @@ from loopdiag.detect.symptoms import (
     STALL_EXTRA,
     LossTrack,
     RecentRise,
+    RiseRun,
     RiseState,
     Symptoms,
 )
@@ -149,26 +150,30 @@ class RecordColumns:
         symptoms = Symptoms(gap, min_progress, window, floor=floor, positions=positions)
         symptoms.loss = self.loss_track_at(index, window)
         if reads_rise:
-            symptoms.rise_state = self.rise_states(floor)[index]
+            symptoms.rise_state = self.rise_state_at(index, floor)
         symptoms._record = self.records[index]
         return symptoms
 
-    def rise_states(self, floor: float = 0.0) -> list[RiseState | None]:
-        """`Symptoms.rise_state` after each record: the same `RecentRise` over the finite
-        losses, held through records without one."""
-        def compute() -> list[RiseState | None]:
-            loss = self.finite("loss")
-            positions = np.flatnonzero(np.isfinite(loss)).tolist()
-            rise = RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP, floor=floor)
-            at = dict(zip(positions, rise.run(loss[positions].tolist(),
-                                              [self.step(position) for position in positions])))
-            states: list[RiseState | None] = []
-            state = None
-            for index in range(len(loss)):
-                state = at.get(index, state)
-                states.append(state)
-            return states
-        return self.cached(("rise_states", floor), compute)
+    def loss_positions(self) -> np.ndarray:
+        """The indices of the records with a finite loss."""
+        return self.cached("loss_positions", lambda: np.flatnonzero(np.isfinite(self.finite("loss"))))
+
+    def rise_run(self, rise: RecentRise) -> RiseRun:
+        """`rise` run over the finite losses (a fresh `RecentRise`); the noise it reads is
+        taken once per run for every rise of the same window and span."""
+        positions = self.loss_positions()
+        losses = self.cached("finite_losses", lambda: self.finite("loss")[positions].tolist())
+        steps = self.cached("loss_steps", lambda: [self.step(index) for index in positions.tolist()])
+        noises = self.cached(("rise_noises", rise.noise_key), lambda: rise.noises(losses))
+        return rise.run(losses, steps, noises)
+
+    def rise_state_at(self, index: int, floor: float = 0.0) -> RiseState | None:
+        """`Symptoms.rise_state` after the record at `index`: the same `RecentRise` over the
+        finite losses, held through records without one."""
+        run = self.cached(("rise_run", floor), lambda: self.rise_run(
+            RecentRise(EMA_SPAN, 0.0, batch_cap=RISE_BATCH_CAP, floor=floor)))
+        position = int(np.searchsorted(self.loss_positions(), index, side="right")) - 1
+        return run[position] if position >= 0 else None
 
 
 class LossHistory:

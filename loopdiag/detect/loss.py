@@ -324,16 +324,12 @@ class LossRise(Detector):
 
     def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
         # The same `RecentRise` over the finite losses, so both paths compute alike.
-        loss = columns.finite("loss")
-        positions = np.flatnonzero(np.isfinite(loss))
-        indices = positions.tolist()
-        states = dict(zip(indices, self._recent_rise().run(
-            loss[positions].tolist(), [columns.step(position) for position in indices])))
-        risen = np.array([states[position].risen for position in positions.tolist()], dtype=bool)
+        positions = columns.loss_positions()
+        run = columns.rise_run(self._recent_rise())
         size = len(columns)
         return (codes(expand(positions, np.ones(len(positions), dtype=bool), size, False),
-                      expand(positions, risen, size, False), certain=True),
-                lambda index: self._finding(states[index]))
+                      expand(positions, run.risen, size, False), certain=True),
+                lambda index: self._finding(run[int(np.searchsorted(positions, index))]))
 
 
 @dataclass(frozen=True)

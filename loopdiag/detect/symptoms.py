@@ -239,6 +239,37 @@ class RiseState:
         return above is not None and above >= self.needed
 
 
+class RiseRun(Sequence[RiseState]):
+    """The states `RecentRise.run` gives, as columns; a `RiseState` is built only where one
+    is read."""
+
+    def __init__(self, smoothed: np.ndarray, best: np.ndarray, best_steps: Sequence[Any],
+                 noise: np.ndarray, needed: np.ndarray, floor: float) -> None:
+        self.smoothed, self.best, self._best_steps = smoothed, best, best_steps
+        self.noise, self.needed, self.floor = noise, needed, floor  # noise: NaN where unknown
+        base = np.maximum(best, floor)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.risen = (base > 0) & (smoothed / base - 1 >= needed)  # `RiseState.risen`
+
+    @classmethod
+    def of(cls, states: Sequence[RiseState], floor: float) -> RiseRun:
+        return cls(np.array([state.smoothed for state in states], dtype=float),
+                   np.array([state.best for state in states], dtype=float),
+                   [state.best_step for state in states],
+                   np.array([math.nan if state.noise is None else state.noise for state in states],
+                            dtype=float),
+                   np.array([state.needed for state in states], dtype=float), floor)
+
+    def __len__(self) -> int:
+        return len(self.smoothed)
+
+    def __getitem__(self, index: int) -> RiseState:  # type: ignore[override]
+        noise = float(self.noise[index])
+        return RiseState(float(self.smoothed[index]), float(self.best[index]),
+                         self._best_steps[index], None if math.isnan(noise) else noise,
+                         float(self.needed[index]), self.floor)
+
+
 class RecentRise:
     """A loss that has risen: its EMA (span `ema_span`, each batch counted at most
     `batch_cap` × it when given) at least `gap`, and at least `noise_z` σ of its own noise,
@@ -257,6 +288,7 @@ class RecentRise:
                  noise_z: float = RISE_NOISE_Z, batch_cap: float | None = None,
                  floor: float = 0.0) -> None:
         self.gap, self.noise_z, self.batch_cap, self.floor = gap, noise_z, batch_cap, floor
+        self._ema_span = ema_span
         self._ema = Ema(ema_span)
         self._factor = math.sqrt(self._ema.alpha / (2 - self._ema.alpha))
         self._best_window = best_window
@@ -269,6 +301,11 @@ class RecentRise:
         self._candidates: deque[tuple[int, float, Any, float | None]] = deque()
         self._count = 0
 
+    @property
+    def noise_key(self) -> tuple[int, int]:
+        """What `noises` depends on besides the losses: rises alike here share them."""
+        return self._best_window, self._ema_span
+
     def update(self, loss: float, step: Any) -> RiseState:
         if loss > 0:
             self._logs.append(math.log(loss))
@@ -280,32 +317,79 @@ class RecentRise:
             self._sizes.clear()
         return self._advance(loss, step, self._noise())
 
-    def run(self, losses: Sequence[float], steps: Sequence[Any]) -> list[RiseState]:
-        """`update` over `losses` (at `steps`) in order: the same states, with the noise of
-        every window taken in one numpy pass where the losses are all positive and nothing
-        came before (a replay over whole columns)."""
-        if self._count or not all(loss > 0 for loss in losses):
-            return [self.update(loss, step) for loss, step in zip(losses, steps)]
-        logs = np.array([math.log(loss) for loss in losses])
-        sizes = np.abs(logs[2:] - 2 * logs[1:-1] + logs[:-2])  # as `update` computes each
-        noises = self._noises(sizes, len(losses))
-        self._logs.extend(logs[-self._best_window:].tolist())
-        self._sizes.extend(sizes[-self._sizes.maxlen:].tolist())
-        return [self._advance(loss, step, noise)
-                for loss, step, noise in zip(losses, steps, noises)]
+    def run(self, losses: Sequence[float], steps: Sequence[Any],
+            noises: np.ndarray | None = None) -> RiseRun:
+        """`update` over `losses` (at `steps`) in order: the same states, as columns. Where
+        the losses are all positive and finite and nothing came before (a replay over whole
+        columns), the noise of every window is taken in one numpy pass (or from `noises`,
+        what `noises(losses)` gave for a rise of the same window and span) and the window's
+        lowest in another."""
+        fresh = not self._count
+        if fresh and noises is None:
+            noises = self.noises(losses)
+        smoothed = self._smoothed(losses) if fresh and noises is not None and len(losses) else None
+        if smoothed is None:
+            return RiseRun.of([self.update(loss, step) for loss, step in zip(losses, steps)],
+                              self.floor)
+        window = self._best_window
+        # The earliest lowest of each record's window, as `_candidates` keeps it: argmin
+        # gives the first of equals; the +inf before the first record is never picked
+        # over a finite EMA.
+        padded = np.concatenate([np.full(window - 1, np.inf), smoothed])
+        best_index = (np.argmin(np.lib.stride_tricks.sliding_window_view(padded, window), axis=1)
+                      + np.arange(len(smoothed)) - (window - 1))
+        noise = noises[best_index]
+        # A best from before the noise could be read: read it now.
+        noise = np.where(np.isnan(noise), noises, noise)
+        needed = np.where(np.isnan(noise), self.gap, np.maximum(self.gap, self.noise_z * noise))
+        self._continue_after(losses, steps, smoothed, noises)
+        return RiseRun(smoothed, smoothed[best_index], [steps[index] for index in best_index.tolist()],
+                       noise, needed, self.floor)
 
-    def _noises(self, sizes: np.ndarray, records: int) -> list[float | None]:
+    def noises(self, losses: Sequence[float]) -> np.ndarray | None:
+        """The noise `update` reads after each of `losses` from a fresh state (NaN where
+        none can be read yet), in one numpy pass; None where a loss is not positive and
+        finite (no log scale to read it on)."""
+        if not all(0 < loss < math.inf for loss in losses):
+            return None
+        logs = np.array([math.log(loss) for loss in losses])  # as `update` takes each
+        sizes = np.abs(logs[2:] - 2 * logs[1:-1] + logs[:-2])
+        return self._noises(sizes, len(losses))
+
+    def _smoothed(self, losses: Sequence[float]) -> np.ndarray | None:
+        """The EMA after each loss from a fresh state, as `update` computes it; None where
+        it leaves the finite numbers (the window's lowest is then read record by record)."""
+        ema = Ema(self._ema_span)
+        smoothed = np.array([ema.update(capped(loss, ema.value, self.batch_cap)) for loss in losses])
+        return smoothed if np.isfinite(smoothed).all() else None
+
+    def _continue_after(self, losses: Sequence[float], steps: Sequence[Any],
+                        smoothed: np.ndarray, noises: np.ndarray) -> None:
+        """The state `update` would have left after `losses`, so records may follow."""
+        logs = [math.log(loss) for loss in losses[-self._best_window:]]
+        self._logs.extend(logs)
+        self._sizes.extend(abs(after - 2 * now + before)
+                           for before, now, after in zip(logs, logs[1:], logs[2:]))
+        start = max(0, len(losses) - self._best_window)
+        self._count = start
+        for index in range(start, len(losses)):
+            noise = float(noises[index])
+            self._ema.value = None if index == 0 else float(smoothed[index - 1])
+            self._advance(losses[index], steps[index], None if math.isnan(noise) else noise)
+
+    def _noises(self, sizes: np.ndarray, records: int) -> np.ndarray:
         """`_noise` after each of `records`, from a fresh state and the second differences'
-        sizes of their logs: the median of those in each record's window, the same floats
-        `statistics.median` gives (the middle one, or the mean of the middle two)."""
+        sizes of their logs, NaN where it is None: the median of those in each record's
+        window, the same floats `statistics.median` gives (the middle one, or the mean of
+        the middle two)."""
         full = self._sizes.maxlen  # sizes in a full window
         medians = [float(np.median(sizes[:count]))
                    for count in range(MIN_NOISE_DIFFERENCES, min(len(sizes) + 1, full))]
         if len(sizes) >= full:
             windows = np.lib.stride_tricks.sliding_window_view(sizes, full)
             medians += np.median(windows, axis=1).tolist()
-        scaled = (np.array(medians) / SECOND_DIFFERENCE_MAD * self._factor).tolist()
-        return [None] * (records - len(scaled)) + scaled
+        scaled = np.array(medians) / SECOND_DIFFERENCE_MAD * self._factor
+        return np.concatenate([np.full(records - len(scaled), math.nan), scaled])
 
     def _advance(self, loss: float, step: Any, noise_now: float | None) -> RiseState:
         smoothed = self._ema.update(capped(loss, self._ema.value, self.batch_cap))
