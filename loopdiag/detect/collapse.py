@@ -172,9 +172,8 @@ class CollapsePlateau(Detector):
         progress = 1 - best / self._bests[0]
         if progress >= self.config.min_progress:
             return None
-        rise = self._resid_rise(self.config.stall_window)
-        if (rise is None or rise["resid_p_value"] >= self.config.alpha
-                or rise["resid_growth"] < 1 + self.config.stall_resid_growth):
+        rise = self._resid_rise(self.config.stall_window, significant_at=self.config.alpha)
+        if rise is None or rise["resid_growth"] < 1 + self.config.stall_resid_growth:
             return None
         window = rise["window"]
         return Finding("critical", (
@@ -184,16 +183,21 @@ class CollapsePlateau(Detector):
             f"the collapse signature of a model that stopped learning."),
             {"best": best, "progress": progress} | rise | self._thresholds())
 
-    def _resid_rise(self, records: int) -> dict[str, Any] | None:
-        """Trend of log r_K over the last `records` recorded values; None with fewer."""
+    def _resid_rise(self, records: int, significant_at: float | None = None) -> dict[str, Any] | None:
+        """Trend of log r_K over the last `records` recorded values; None with fewer, or
+        with a rise not significant at `significant_at` when given (the line, the costlier
+        half, is then not fitted: a stall is checked at every record)."""
         if len(self._log_resid) < records:
             return None
         recent = list(self._log_resid)[-records:]
-        steps = np.array([s for s, _ in recent], dtype=float)
         log_resid = np.array([v for _, v in recent])
+        p_value = mann_kendall_rising_p(log_resid)
+        if significant_at is not None and p_value >= significant_at:
+            return None
+        steps = np.array([s for s, _ in recent], dtype=float)
         slope, _ = sen_line(steps, log_resid)
         return {"resid_growth": math.exp(slope * (steps[-1] - steps[0])),
-                "resid_log_slope": slope, "resid_p_value": mann_kendall_rising_p(log_resid),
+                "resid_log_slope": slope, "resid_p_value": p_value,
                 "window": window_span(int(s) for s in steps)}
 
     def _judge_columns(self, columns: RecordColumns) -> tuple[np.ndarray, Callable[[int], Any]]:
