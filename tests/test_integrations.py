@@ -153,6 +153,9 @@ def test_lightning_run_that_raises_is_written_as_interrupted(tmp_path):
     assert not callback.recorder.attached
 
 
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def one_process_and_two_ranks(script_name: str, out) -> tuple[object, object, object]:
     """What `tests/<script_name>` wrote: run by one process, and by each of 2 torchrun ranks."""
     script = Path(__file__).with_name(script_name)
@@ -162,8 +165,14 @@ def one_process_and_two_ranks(script_name: str, out) -> tuple[object, object, ob
                                      "--nproc_per_node", "2", str(script)])):
         (out / folder).mkdir()
         devices = "1" if folder == "one" else "2"
-        done = subprocess.run([*command, str(out / folder), devices], env=env, capture_output=True,
-                              text=True, timeout=300, check=False)
+        for _ in range(2):
+            done = subprocess.run([*command, str(out / folder), devices], env=env, capture_output=True,
+                                  text=True, timeout=300, check=False)
+            # Now and then a gloo rank aborts as the Trainer winds down, before any rank writes
+            # (seen twice on CI, never in 16 launches by hand, idle or loaded): torch's
+            # teardown race, not what is recorded. One more launch for that abort alone.
+            if done.returncode == 0 or GLOO_TEARDOWN_ABORT not in done.stderr:
+                break
         assert done.returncode == 0, done.stdout + done.stderr
     return tuple(json.loads((out / folder / f"rank{r}.json").read_text())
                  for folder, r in (("one", 0), ("two", 0), ("two", 1)))
