@@ -288,7 +288,7 @@ def test_rolling_mann_kendall_equals_the_per_window_test(window):
                                 for i in range(len(values) - window + 1)]
 
 
-@pytest.mark.parametrize("best_window", [20, 100])
+@pytest.mark.parametrize("best_window", [20, 21, 100])
 def test_a_rise_read_over_whole_columns_gives_the_states_record_by_record_gives(best_window):
     """`RecentRise.run` (a replay's pass over a whole run) and `update` (training, record by
     record) give the same states to the last bit: ties, a loss of 0 or of infinity (no log
