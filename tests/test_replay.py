@@ -292,8 +292,8 @@ def test_rolling_mann_kendall_equals_the_per_window_test(window):
 def test_a_rise_read_over_whole_columns_gives_the_states_record_by_record_gives(best_window):
     """`RecentRise.run` (a replay's pass over a whole run) and `update` (training, record by
     record) give the same states to the last bit: ties, a loss of 0 or of infinity (no log
-    scale to read the noise on), an EMA that overflows, and records fed one by one after the
-    pass among them."""
+    scale to read the noise on), losses near the float maximum, and records fed one by one
+    after the pass among them."""
     from loopdiag.detect.symptoms import RecentRise
 
     rng = np.random.default_rng(5)
@@ -324,8 +324,9 @@ def test_rises_alike_share_the_noise_they_read():
                for step, value in enumerate(rng.standard_normal(400).tolist(), start=1)]
     records[50]["loss"] = math.nan
     columns = RecordColumns(records)
+    kept = [record for record in records if math.isfinite(record["loss"])]
     for make in (lambda: RecentRise(20, 0.1, batch_cap=1.5), lambda: RecentRise(20, 0.0),
-                 lambda: RecentRise(20, 0.1, floor=2.1)):
-        losses = [record["loss"] for record in records if math.isfinite(record["loss"])]
-        alone = make().run(losses, [record["step"] for record in records if math.isfinite(record["loss"])])
+                 lambda: RecentRise(20, 0.1, floor=2.1), lambda: RecentRise(20, 0.1, best_window=40),
+                 lambda: RecentRise(10, 0.1)):
+        alone = make().run([record["loss"] for record in kept], [record["step"] for record in kept])
         assert [*columns.rise_run(make())] == [*alone]

@@ -327,10 +327,10 @@ class RecentRise:
         fresh = not self._count
         if fresh and noises is None:
             noises = self.noises(losses)
-        smoothed = self._smoothed(losses) if fresh and noises is not None and len(losses) else None
-        if smoothed is None:
+        if not fresh or noises is None or not len(losses):
             return RiseRun.of([self.update(loss, step) for loss, step in zip(losses, steps)],
                               self.floor)
+        smoothed = self._smoothed(losses)
         window = self._best_window
         # The earliest lowest of each record's window, as `_candidates` keeps it: argmin
         # gives the first of equals; the +inf before the first record is never picked
@@ -356,12 +356,11 @@ class RecentRise:
         sizes = np.abs(logs[2:] - 2 * logs[1:-1] + logs[:-2])
         return self._noises(sizes, len(losses))
 
-    def _smoothed(self, losses: Sequence[float]) -> np.ndarray | None:
-        """The EMA after each loss from a fresh state, as `update` computes it; None where
-        it leaves the finite numbers (the window's lowest is then read record by record)."""
+    def _smoothed(self, losses: Sequence[float]) -> np.ndarray:
+        """The EMA after each loss from a fresh state, as `update` computes it: finite for
+        finite losses, each value lying between the one before and the loss."""
         ema = Ema(self._ema_span)
-        smoothed = np.array([ema.update(capped(loss, ema.value, self.batch_cap)) for loss in losses])
-        return smoothed if np.isfinite(smoothed).all() else None
+        return np.array([ema.update(capped(loss, ema.value, self.batch_cap)) for loss in losses])
 
     def _continue_after(self, losses: Sequence[float], steps: Sequence[Any],
                         smoothed: np.ndarray, noises: np.ndarray) -> None:
