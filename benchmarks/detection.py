@@ -56,9 +56,9 @@ made, with what each showed when first scored.
 
 Verdicts (the end-of-run judgement a user reads), per set of runs, each run judged as a
 suite judges it: without a reference, and with one (`expected_loss`: corpus, the seed-0
-`standard` reference's final smoothed loss, a dev run; a study, the best final smoothed
-loss of the other one-loop runs of the same architecture and seed at the run's learning rate
-or a lower one, as `loopdiag run` sets it; and that run's loss curve, which
+`standard` reference's final smoothed loss, a dev run; a study, the final smoothed loss of
+the one-loop run of the same architecture and seed at the suite's gentlest learning rate no
+higher than the run's own, as `loopdiag run` sets it; and that run's loss curve, which
 `behind_reference` reads). Targets: ≥ 99 % of failed
 runs judged not stable; zero healthy runs judged collapsed; runs that never train warned
 within the first 15 % of their steps; late collapses ("rose") warned before onset on ≥ 95 %.
@@ -127,7 +127,7 @@ from loopdiag.detect.verdict import ONSET_EMA_SPAN, ONSET_GAP
 from loopdiag.store import read_records
 from loopdiag.store._files import CONFIG_FILE, SUITE_FILE
 from loopdiag.store.reference import (
-    best_known_candidate, context_free_loss, recorded_losses, reference_candidate,
+    best_known_candidate, chosen_reference, context_free_loss, recorded_losses, reference_candidate,
 )
 
 ALARM_SEVERITIES = ("warn", "critical")
@@ -764,7 +764,8 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/hf-albert-dpkg/runs"), Path("reports/detection/user-model-ramp/runs"),
            Path("reports/detection/user-model-bpe/runs"), Path("reports/detection/user-model-bpe-nodejs/runs"),
            Path("reports/detection/user-model-perl/runs"), Path("reports/detection/sweep-noisy/runs"),
-           Path("reports/detection/user-model-stdlib/runs"), Path("reports/detection/user-model-short/runs"))
+           Path("reports/detection/user-model-stdlib/runs"), Path("reports/detection/user-model-short/runs"),
+           Path("reports/detection/sweep-distutils/runs"), Path("reports/detection/sweep-gentle/runs"))
 
 
 def study_name(path: Path) -> str:
@@ -788,9 +789,9 @@ def score_study(study: Path, kept: Callable[[str], bool] | None = None
                 ) -> tuple[list[ScoredRun], dict[int, float]]:
     """Every finished run of the study whose seed has a healthy one-loop run, replayed (with
     `kept`: from those statistics only); (runs, the healthy one-loop loss by seed). Each
-    run's reference is `loopdiag.store.reference`'s: the one-loop run of its architecture
-    and seed at its learning rate or a lower one with the lowest final smoothed loss (its
-    expected loss), and that run's loss curve."""
+    run's reference is `loopdiag.store.reference`'s (`chosen_reference`): the one-loop run of
+    its architecture and seed at the gentlest learning rate no higher than its own, whose
+    final smoothed loss is its expected loss, and that run's loss curve."""
     manifest = json.loads((study / SUITE_FILE).read_text(encoding="utf-8"))
     cells = {entry["run_id"]: entry["cell"] for entry in manifest["runs"]}
     finished = {run_id: recorded_statistics(study / run_id, kept) for run_id in cells
@@ -810,10 +811,14 @@ def score_study(study: Path, kept: Callable[[str], bool] | None = None
     healthy = {seed: statistics.median(finals[run_id] for run_id in run_ids)
                for seed, run_ids in sorted(by_seed.items())}
 
-    def best(run_id: str, candidate: Callable[[Mapping[str, Any], Mapping[str, Any]], bool]) -> str | None:
-        candidates = [(finals[other], other) for other in finished if other != run_id
-                      and math.isfinite(finals[other]) and candidate(cells[other], cells[run_id])]
-        return min(candidates)[1] if candidates else None
+    def finished_candidates(run_id: str, candidate: Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
+                            ) -> list[tuple[Mapping[str, Any], float, str]]:
+        return [(cells[other], finals[other], other) for other in finished if other != run_id
+                and math.isfinite(finals[other]) and candidate(cells[other], cells[run_id])]
+
+    def best_known(run_id: str) -> str | None:
+        candidates = finished_candidates(run_id, best_known_candidate)
+        return min(candidates, key=lambda c: (c[1], c[2]))[2] if candidates else None
 
     unlabelled = sorted({cells[run_id]["seed"] for run_id in finished} - healthy.keys())
     if unlabelled:
@@ -823,8 +828,9 @@ def score_study(study: Path, kept: Callable[[str], bool] | None = None
     for run_id, records in finished.items():
         if cells[run_id]["seed"] not in healthy:
             continue
-        reference_id = best(run_id, reference_candidate)
-        best_known_id = best(run_id, best_known_candidate)
+        reference = chosen_reference(finished_candidates(run_id, reference_candidate))
+        reference_id = None if reference is None else reference[0]
+        best_known_id = best_known(run_id)
         best_known_loss = (finals[best_known_id] if reference_id is not None and best_known_id is not None
                            and finals[best_known_id] < finals[reference_id] else None)
         runs.append(judged_run(

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from loopdiag.analysis.rejudge import rejudge_suite
 from loopdiag.cli import app
 from loopdiag.store import RunWriter, write_suite_manifest
-from loopdiag.store.reference import reference_record, reference_run
+from loopdiag.store.reference import chosen_reference, reference_record, reference_run
 
 pytestmark = pytest.mark.torchless  # also run on Python 3.12 / 3.13 without torch
 
@@ -97,9 +97,10 @@ def test_rejudge_refuses_a_folder_without_a_suite(tmp_path: Path):
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
-def test_a_run_is_judged_against_one_loop_runs_at_its_learning_rate_or_a_lower_one(tmp_path: Path):
-    """A higher learning rate is held to what a lower one reached; a lower one is not held to
-    what a higher one reaches in the same steps."""
+def test_a_run_is_judged_against_the_one_loop_run_at_the_gentlest_learning_rate(tmp_path: Path):
+    """A higher learning rate is held to what the gentlest one reached, not to what the best
+    rate between reached; a lower one is not held to what a higher one reaches in the same
+    steps."""
     finals = {("looped", 0, 3e-3): 2.2, ("looped", 0, 1e-2): 1.9, ("looped", 0, 1e-1): 2.6,
               ("looped", 1, 1e-3): 1.0, ("flt", 0, 1e-3): 1.0}  # another seed, another arch
     cells = {}
@@ -114,11 +115,30 @@ def test_a_run_is_judged_against_one_loop_runs_at_its_learning_rate_or_a_lower_o
     def reference(n_loops: int, lr: float) -> tuple[str, float] | None:
         return reference_run(tmp_path, {"arch": "looped", "n_loops": n_loops, "seed": 0, "lr": lr})
 
-    assert reference(4, 3e-3) == ("looped-k01-s0-lr0.003", 2.2)
-    assert reference(4, 1e-2) == reference(4, 1e-1) == ("looped-k01-s0-lr0.01", 1.9)
-    assert reference(1, 1e-1) == ("looped-k01-s0-lr0.01", 1.9)
+    assert reference(4, 3e-3) == reference(4, 1e-2) == reference(4, 1e-1) == ("looped-k01-s0-lr0.003", 2.2)
+    assert reference(1, 1e-1) == reference(1, 1e-2) == ("looped-k01-s0-lr0.003", 2.2)
     assert reference(1, 3e-3) is None  # nothing gentler but itself
     assert reference(4, 1e-3) is None
+
+
+def test_the_reference_passes_over_an_unfinished_gentlest_run_and_orders_nothing_it_cannot(tmp_path: Path):
+    cells = {}
+    for lr, loss, status in ((1e-3, 1.5, "interrupted"), (3e-3, 2.2, "collapsed"), (1e-2, 1.9, "stable")):
+        run_id = f"looped-k01-lr{lr:g}"
+        cells[run_id] = {"arch": "looped", "n_loops": 1, "seed": 0, "lr": lr}
+        with RunWriter(tmp_path / run_id, {"cell": cells[run_id]}) as run:
+            run.log({"step": 1, "loss": loss})
+            run.close({"status": status, "final_smoothed_loss": loss})
+    write_suite_manifest(tmp_path, {"name": "sweep"}, cells)
+    # an interrupted run has no final loss; a collapsed one at the gentlest finished rate is still the bar
+    assert reference_run(tmp_path, {"arch": "looped", "n_loops": 4, "seed": 0, "lr": 1e-2}) == (
+        "looped-k01-lr0.003", 2.2)
+
+    at = {"arch": "looped", "n_loops": 1, "seed": 0}
+    assert chosen_reference([({**at, "lr": 1e-2}, 1.9, "b"), ({**at, "lr": 3e-3}, 2.4, "c"),
+                             ({**at, "lr": 3e-3, "warmup": 10}, 2.2, "a")]) == ("a", 2.2)
+    assert chosen_reference([({**at, "lr": 1e-2}, 1.9, "b"), ({**at, "lr": None}, 2.2, "a")]) == ("b", 1.9)
+    assert chosen_reference([]) is None
 
 
 def test_a_slow_reference_at_the_token_frequencies_is_overruled_by_a_faster_one_loop_run(tmp_path: Path):
@@ -156,8 +176,8 @@ def test_a_slow_reference_at_the_token_frequencies_is_overruled_by_a_faster_one_
     # a one-loop run's reference is a gentler one-loop run only, and a best known loss no lower is not recorded
     assert "best_known_run" not in reference_record(tmp_path / "sweep", {"arch": "looped", "n_loops": 1,
                                                                          "seed": 0, "lr": 3e-3})
-    assert "best_known_run" not in reference_record(tmp_path / "sweep", {"arch": "looped", "n_loops": LOOPS,
-                                                                         "seed": 0, "lr": 3e-3})
+    # a looped run at the faster rate is held to the gentlest rate too, told what the faster one got
+    assert reference_record(tmp_path / "sweep", {"arch": "looped", "n_loops": LOOPS, "seed": 0, "lr": 3e-3}) == reference
     assert rejudge_suite(tmp_path / "slow-only") == {"looped-k01-lr0.0002": "failed_to_train",
                                                      "looped-k04-lr0.0002": "stable"}
 

@@ -166,9 +166,9 @@ def _stable_lrs(table: pd.DataFrame, n_loops: int) -> str:
 def _slow_learning_rates(table: pd.DataFrame, context_free_loss: float | None) -> list[str]:
     """Learning rates at which an architecture's one-loop model ended ≥ 10% above the same
     model at a higher rate (means over seeds, `behind_from`). A run is judged against the
-    one-loop run at its rate or a lower one (`store.reference`), so at such a rate a stable
-    verdict says it trained as well as that slow run, not that it learned what its model can
-    in these steps."""
+    one-loop run at the suite's gentlest rate no higher than its own (`store.reference`), so
+    where that rate is such a one, a stable verdict says it trained as well as that slow run,
+    not that it learned what its model can in these steps."""
     one_loop = table[(table["n_loops"] == 1) & np.isfinite(table["final_loss"])]
     means = one_loop.groupby(["arch", "lr"], sort=False)["final_loss"].mean()
     # Architectures whose one-loop models are the same model (a suite's looped families at
@@ -191,8 +191,9 @@ def _slow_learning_rates(table: pd.DataFrame, context_free_loss: float | None) -
         return []
     return [f"Learning rates too low for these steps, where the one-loop model ended ≥ {WORSE_WITH_LOOPS:.0%} "
             f"above the same model at a higher rate: {'; '.join(entries)}. A run is judged against the "
-            f"one-loop run at its rate or a lower one, so a stable verdict at such a rate says it trained "
-            f"as well as that slow run, not that it learned what its model can in these steps."]
+            f"one-loop run at the suite's gentlest rate no higher than its own, so where that rate is one "
+            f"of these, a stable verdict says it trained as well as that slow run, not that it learned "
+            f"what its model can in these steps."]
 
 
 # Runs named one by one in a finding; a study's count beyond this is given as a number.

@@ -2,8 +2,9 @@
 and rewrite its verdict and events, as training would have written them. Nothing about the
 training changes, so replaying is enough when only the detectors did.
 
-Each run is judged against its reference (`reference_record`): the final loss of a one-loop
-run of its architecture and seed at its learning rate or a lower one, that run's loss curve,
+Each run is judged against its reference (`reference_record`): the final loss of the one-loop
+run of its architecture and seed at the suite's gentlest learning rate no higher than its own,
+that run's loss curve,
 and a looped run's best known loss (the one-loop runs at any learning rate), which
 replaying does not change, so the order runs are judged in does not matter.
 """
