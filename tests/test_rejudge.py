@@ -137,7 +137,10 @@ def test_the_reference_passes_over_an_unfinished_gentlest_run_and_orders_nothing
     at = {"arch": "looped", "n_loops": 1, "seed": 0}
     assert chosen_reference([({**at, "lr": 1e-2}, 1.9, "b"), ({**at, "lr": 3e-3}, 2.4, "c"),
                              ({**at, "lr": 3e-3, "warmup": 10}, 2.2, "a")]) == ("a", 2.2)
-    assert chosen_reference([({**at, "lr": 1e-2}, 1.9, "b"), ({**at, "lr": None}, 2.2, "a")]) == ("b", 1.9)
+    for unordered in (None, math.nan):
+        for candidates in ([({**at, "lr": 1e-2}, 1.9, "b"), ({**at, "lr": unordered}, 2.2, "a")],
+                           [({**at, "lr": unordered}, 2.2, "a"), ({**at, "lr": 1e-2}, 1.9, "b")]):
+            assert chosen_reference(candidates) == ("b", 1.9)
     assert chosen_reference([]) is None
 
 

@@ -79,13 +79,13 @@ def best_known_candidate(candidate: Mapping[str, Any], cell: Mapping[str, Any]) 
 def chosen_reference(candidates: Iterable[tuple[Mapping[str, Any], float, str]]) -> tuple[str, float] | None:
     """(run id, loss) of the reference among finished candidates ((cell, final smoothed loss,
     run id), each a `reference_candidate` of the same run): the best at the gentlest learning
-    rate; the best of all where a candidate's rate is unknown (nothing to order by). None
-    without candidates."""
+    rate; the best of all where a candidate's rate is unknown or not a finite number (nothing
+    to order by). None without candidates."""
     candidates = list(candidates)
     if not candidates:
         return None
     rates = [cell.get("lr") for cell, _, _ in candidates]
-    if all(isinstance(lr, (int, float)) for lr in rates):
+    if all(isinstance(lr, (int, float)) and math.isfinite(lr) for lr in rates):
         gentlest = min(rates)
         candidates = [c for c, lr in zip(candidates, rates) if math.isclose(lr, gentlest, rel_tol=1e-9)]
     _, loss, run_id = min(candidates, key=lambda c: (c[1], c[2]))
