@@ -127,7 +127,7 @@ from loopdiag.detect.verdict import ONSET_EMA_SPAN, ONSET_GAP
 from loopdiag.store import read_records
 from loopdiag.store._files import CONFIG_FILE, SUITE_FILE
 from loopdiag.store.reference import (
-    best_known_candidate, chosen_reference, context_free_loss, recorded_losses, reference_candidate,
+    best_known_candidate, chosen_reference, context_free_loss, lowest, recorded_losses, reference_candidate,
 )
 
 ALARM_SEVERITIES = ("warn", "critical")
@@ -817,8 +817,8 @@ def score_study(study: Path, kept: Callable[[str], bool] | None = None
                 and math.isfinite(finals[other]) and candidate(cells[other], cells[run_id])]
 
     def best_known(run_id: str) -> str | None:
-        candidates = finished_candidates(run_id, best_known_candidate)
-        return min(candidates, key=lambda c: (c[1], c[2]))[2] if candidates else None
+        best = lowest(finished_candidates(run_id, best_known_candidate))
+        return None if best is None else best[0]
 
     unlabelled = sorted({cells[run_id]["seed"] for run_id in finished} - healthy.keys())
     if unlabelled:

@@ -88,8 +88,14 @@ def chosen_reference(candidates: Iterable[tuple[Mapping[str, Any], float, str]])
     if all(isinstance(lr, (int, float)) and math.isfinite(lr) for lr in rates):
         gentlest = min(rates)
         candidates = [c for c, lr in zip(candidates, rates) if math.isclose(lr, gentlest, rel_tol=1e-9)]
-    _, loss, run_id = min(candidates, key=lambda c: (c[1], c[2]))
-    return run_id, loss
+    return lowest(candidates)
+
+
+def lowest(candidates: Iterable[tuple[Mapping[str, Any], float, str]]) -> tuple[str, float] | None:
+    """(run id, loss) of the lowest final smoothed loss among (cell, loss, run id), ties to
+    the first run id; None without candidates."""
+    best = min(candidates, key=lambda c: (c[1], c[2]), default=None)
+    return None if best is None else (best[2], best[1])
 
 
 def reference_run(suite_dir: str | Path, cell: Mapping[str, Any]) -> tuple[str, float] | None:
@@ -102,11 +108,7 @@ def reference_run(suite_dir: str | Path, cell: Mapping[str, Any]) -> tuple[str, 
 def best_known_run(suite_dir: str | Path, cell: Mapping[str, Any]) -> tuple[str, float] | None:
     """(run id, final smoothed loss) of the best finished `best_known_candidate` of `cell` in
     the suite at `suite_dir`; None when there is none."""
-    finished = _finished(Path(suite_dir), lambda candidate: best_known_candidate(candidate, cell))
-    if not finished:
-        return None
-    _, loss, run_id = min(finished, key=lambda c: (c[1], c[2]))
-    return run_id, loss
+    return lowest(_finished(Path(suite_dir), lambda candidate: best_known_candidate(candidate, cell)))
 
 
 def reference_record(suite_dir: str | Path, cell: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -125,7 +127,8 @@ def reference_record(suite_dir: str | Path, cell: Mapping[str, Any]) -> dict[str
     return record
 
 
-def _finished(suite_dir: Path, accepts: Callable[[Mapping[str, Any]], bool]) -> list[tuple[Mapping[str, Any], float, str]]:
+def _finished(suite_dir: Path, accepts: Callable[[Mapping[str, Any]], bool]
+              ) -> list[tuple[Mapping[str, Any], float, str]]:
     """(cell, final smoothed loss, run id) of the suite's finished runs whose cell `accepts`."""
     try:
         manifest = read_manifest(suite_dir)
