@@ -174,6 +174,7 @@ def test_analysis_commands_on_a_committed_run_store(tmp_path):
     # judged against the one-loop model at its own learning rate, not the better one at 1e-2
     assert ("Judged against an expected loss of 2.4 (the final smoothed loss of run "
             "flt-k01-s0-lr0.003); its smoothed loss ended at 2.35, -1.8 %.") in " ".join(result.output.split())
+    assert "The same model got to" not in result.output  # 2.29 at lr 1e-2: within the gap of 2.4
     result = runner.invoke(app, ["compare", "looped", "flt", "--suite", str(COMMITTED_REPORT)])
     assert result.exit_code == 0 and "K=4" in result.output, result.output
     result = runner.invoke(app, ["report", str(COMMITTED_REPORT), "--out", str(tmp_path / "again")])

@@ -144,6 +144,43 @@ def test_the_reference_passes_over_an_unfinished_gentlest_run_and_orders_nothing
     assert chosen_reference([]) is None
 
 
+def test_a_stable_verdict_against_a_slow_gentlest_rate_says_what_the_model_got_to_elsewhere(tmp_path: Path):
+    """The gentlest rate's one-loop model learned past the token frequencies and stopped 25 %
+    above the same model at a faster rate: a looped run as far along is stable against it,
+    and its explanation says what the model reached elsewhere; a run whose reference is not
+    that far behind is told nothing more."""
+    floor = 3.8
+
+    def trained(level: float) -> list[dict]:
+        return [{"step": s, "loss": (level + 2.0 * math.exp(-s / 10)) * (1 + 0.005 * math.sin(s))}
+                for s in range(1, STEPS + 1)]
+
+    ends = {(1, 1e-3): 2.5, (1, 3e-3): 2.0, (LOOPS, 3e-3): 2.45, (LOOPS, 1e-3): 2.5}
+    cells = {}
+    for (n_loops, lr), level in ends.items():
+        run_id = f"looped-k{n_loops:02d}-lr{lr:g}"
+        cells[run_id] = {"arch": "looped", "n_loops": n_loops, "seed": 0, "lr": lr}
+        with RunWriter(tmp_path / run_id, {"cell": cells[run_id], "train": {"steps": STEPS}, "detectors": {},
+                                           "data": {"context_free_loss": floor}}) as run:
+            for record in trained(level):
+                run.log(record)
+            run.close({"status": "stable", "step": None, "signal": None})
+    write_suite_manifest(tmp_path, {"name": "sweep"}, cells)
+    assert set(rejudge_suite(tmp_path).values()) == {"stable"}
+
+    def explained(run_id: str) -> str:
+        result = CliRunner().invoke(app, ["analyze", str(tmp_path / run_id)])
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    text = explained("looped-k04-lr0.003")
+    assert "(the final smoothed loss of run looped-k01-lr0.001)" in text
+    assert "The same model got to 2 with one loop at another learning rate (run looped-k01-lr0.003), 20 % lower" in text
+    # at the slow rate itself too: the same model got further at a faster one
+    assert "The same model got to" in explained("looped-k04-lr0.001")
+    assert "The same model got to" not in explained("looped-k01-lr0.003")  # a one-loop run: no best known
+
+
 def test_a_slow_reference_at_the_token_frequencies_is_overruled_by_a_faster_one_loop_run(tmp_path: Path):
     """A learning rate too low for the budget: the one-loop model at 2e-4 stalls just under
     what token frequencies give, as on data that holds nothing more, and a looped run beside

@@ -222,6 +222,15 @@ def reference_text(run: RunData, judged: dict[str, Any]) -> str:
         text += (f" That is under {100 * config.context_free_margin:.0f} % of the data's context-free "
                  f"loss ({_fmt(floor)}): the reference learned nearly all the data holds, and a run "
                  f"is behind it from {_fmt(behind)} on.")
+    best = reference.get("best_known_loss")
+    # A suite's reference is its gentlest rate's one-loop run (`store.reference`); where a
+    # faster rate took the same model past the gap, that bar is a slow one.
+    if isinstance(best, (int, float)) and 0 < best and expected >= behind_from(best, floor, config.gap,
+                                                                                config.context_free_margin):
+        where = f" (run {reference['best_known_run']})" if reference.get("best_known_run") else ""
+        text += (f" The same model got to {_fmt(best)} with one loop at another learning rate{where}, "
+                 f"{100 * (1 - best / expected):.0f} % lower: a stable verdict against this reference "
+                 "says the run trained as well as it, not that it learned what its model can in these steps.")
     return text
 
 
