@@ -122,7 +122,7 @@ from loopdiag.detect import (
     ground_truth_onset,
     replay,
 )
-from loopdiag.detect.base import Ema, is_int
+from loopdiag.detect.base import Ema, is_int, raw_scalar
 from loopdiag.detect.verdict import ONSET_EMA_SPAN, ONSET_GAP
 from loopdiag.store import read_records
 from loopdiag.store._files import CONFIG_FILE, SUITE_FILE
@@ -811,10 +811,15 @@ def score_study(study: Path, kept: Callable[[str], bool] | None = None
     healthy = {seed: statistics.median(finals[run_id] for run_id in run_ids)
                for seed, run_ids in sorted(by_seed.items())}
 
+    # As `store.reference.finished_final_loss`: a run that went non-finite (diverged) is no bar.
+    diverged = {run_id for run_id, records in finished.items()
+                if any(value is not None and not math.isfinite(value) for record in records
+                       for value in (raw_scalar(record, "loss"), raw_scalar(record, "grad_norm")))}
+
     def finished_candidates(run_id: str, candidate: Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
                             ) -> list[tuple[Mapping[str, Any], float, str]]:
         return [(cells[other], finals[other], other) for other in finished if other != run_id
-                and math.isfinite(finals[other]) and candidate(cells[other], cells[run_id])]
+                and other not in diverged and math.isfinite(finals[other]) and candidate(cells[other], cells[run_id])]
 
     def best_known(run_id: str) -> str | None:
         best = lowest(finished_candidates(run_id, best_known_candidate))

@@ -474,6 +474,28 @@ def test_study_runs_are_labelled_against_the_one_loop_model_of_their_seed(bench,
     assert "the runs of seed(s) 2 are left out" in capsys.readouterr().out
 
 
+def test_a_study_run_is_judged_against_the_gentlest_rate_that_did_not_diverge(bench, tmp_path):
+    """As a suite sets it (`store.reference`): the one-loop run at the gentlest rate is the
+    bar, unless it went non-finite; then its last finite loss, near its first, is no bar."""
+    runs = []
+    for run_id, n_loops, lr, final, diverged in (("standard-k01-lr0.001", 1, 1e-3, 1.3, True),
+                                                   ("standard-k01-lr0.003", 1, 3e-3, 1.4, False),
+                                                   ("standard-k04-lr0.01", 4, 1e-2, 2.0, False)):
+        losses = final + 3.0 * np.exp(-np.arange(STEPS) / 20)
+        if diverged:
+            losses[5:] = np.nan
+        (tmp_path / run_id).mkdir()
+        (tmp_path / run_id / "config.json").write_text(json.dumps({}))
+        (tmp_path / run_id / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(losses)))
+        (tmp_path / run_id / "summary.json").write_text(json.dumps({"status": "diverged" if diverged else "stable"}))
+        runs.append({"run_id": run_id, "cell": {"arch": "standard", "n_loops": n_loops, "seed": 0, "lr": lr}})
+    (tmp_path / "suite.json").write_text(json.dumps({"name": "s", "runs": runs}))
+    scored = {run.name: run for run in bench.score_study(tmp_path)[0]}
+    # 2.0 is 43 % behind the run at 3e-3; the diverged run's last smoothed loss is above 4
+    assert scored["standard-k04-lr0.01"].verdicts["with reference"]["status"] == "failed_to_train"
+    assert scored["standard-k04-lr0.01"].verdicts["no reference"]["status"] == "stable"
+
+
 def test_the_reported_command_runs_elsewhere_with_standard_library_data(bench, tmp_path):
     """A report names the data as another machine can find it: the standard library by a
     variable the command sets, never this machine's path to it."""

@@ -123,14 +123,15 @@ def test_a_run_is_judged_against_the_one_loop_run_at_the_gentlest_learning_rate(
 
 def test_the_reference_passes_over_an_unfinished_gentlest_run_and_orders_nothing_it_cannot(tmp_path: Path):
     cells = {}
-    for lr, loss, status in ((1e-3, 1.5, "interrupted"), (3e-3, 2.2, "collapsed"), (1e-2, 1.9, "stable")):
+    for lr, loss, status in ((5e-4, 1.4, "diverged"), (1e-3, 1.5, "interrupted"), (3e-3, 2.2, "collapsed"),
+                             (1e-2, 1.9, "stable")):
         run_id = f"looped-k01-lr{lr:g}"
         cells[run_id] = {"arch": "looped", "n_loops": 1, "seed": 0, "lr": lr}
         with RunWriter(tmp_path / run_id, {"cell": cells[run_id]}) as run:
             run.log({"step": 1, "loss": loss})
             run.close({"status": status, "final_smoothed_loss": loss})
     write_suite_manifest(tmp_path, {"name": "sweep"}, cells)
-    # an interrupted run has no final loss; a collapsed one at the gentlest finished rate is still the bar
+    # an interrupted or diverged run gives no bar; a collapsed one at the gentlest finished rate still does
     assert reference_run(tmp_path, {"arch": "looped", "n_loops": 4, "seed": 0, "lr": 1e-2}) == (
         "looped-k01-lr0.003", 2.2)
 

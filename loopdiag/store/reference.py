@@ -4,8 +4,8 @@ A looped model trained at K loops on the same data and seed as its one-loop coun
 at least that model's capacity; ending far above it means the run failed to train, whether
 the loops or the learning rate are to blame. The reference is the suite's finished one-loop
 run of the architecture and seed at the gentlest learning rate it tried, no higher than the
-run's own (the best of several at that rate; where a rate is unknown, the best of all):
-`chosen_reference`. The gentlest rate is the setting least at risk of its own instability,
+run's own (the best of several at that rate; where a rate is unknown, the best of all;
+neither interrupted nor diverged, `finished_final_loss`): `chosen_reference`. The gentlest rate is the setting least at risk of its own instability,
 and the same bar for every rate above it, so a run at a rate too high for the model is
 judged against the same model at a gentle one, and a stability map compares every rate with
 one model. A run at a lower learning rate is not held to what a higher one reaches in the
@@ -145,13 +145,15 @@ def _finished(suite_dir: Path, accepts: Callable[[Mapping[str, Any]], bool]
 
 
 def finished_final_loss(run_dir: Path) -> float | None:
-    """The run's final smoothed loss when it finished (any verdict but interrupted) with
-    a finite one, else None."""
+    """The run's final smoothed loss when it finished with a finite one, else None. Not of
+    an interrupted run, nor of a diverged one: its loss or gradient went non-finite, which
+    no reference decides, and its last finite loss (a gentlest rate's run that blew up at
+    step 5 ends near its first) is no bar."""
     try:
         summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return None
-    if not isinstance(summary, dict) or summary.get("status") in (None, "interrupted"):
+    if not isinstance(summary, dict) or summary.get("status") in (None, "interrupted", "diverged"):
         return None
     loss = summary.get("final_smoothed_loss")
     if loss is None:
