@@ -176,7 +176,8 @@ def test_a_stable_verdict_against_a_slow_gentlest_rate_says_what_the_model_got_t
 
     text = explained("looped-k04-lr0.003")
     assert "(the final smoothed loss of run looped-k01-lr0.001)" in text
-    assert "The same model got to 2 with one loop at another learning rate (run looped-k01-lr0.003), 20 % lower" in text
+    assert ("The same model got to 2 with one loop at another learning rate (run looped-k01-lr0.003), "
+            "20 % lower") in text
     # at the slow rate itself too: the same model got further at a faster one
     assert "The same model got to" in explained("looped-k04-lr0.001")
     assert "The same model got to" not in explained("looped-k01-lr0.003")  # a one-loop run: no best known
@@ -218,7 +219,8 @@ def test_a_slow_reference_at_the_token_frequencies_is_overruled_by_a_faster_one_
     assert "best_known_run" not in reference_record(tmp_path / "sweep", {"arch": "looped", "n_loops": 1,
                                                                          "seed": 0, "lr": 3e-3})
     # a looped run at the faster rate is held to the gentlest rate too, told what the faster one got
-    assert reference_record(tmp_path / "sweep", {"arch": "looped", "n_loops": LOOPS, "seed": 0, "lr": 3e-3}) == reference
+    faster = {"arch": "looped", "n_loops": LOOPS, "seed": 0, "lr": 3e-3}
+    assert reference_record(tmp_path / "sweep", faster) == reference
     assert rejudge_suite(tmp_path / "slow-only") == {"looped-k01-lr0.0002": "failed_to_train",
                                                      "looped-k04-lr0.0002": "stable"}
 

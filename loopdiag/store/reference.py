@@ -5,26 +5,28 @@ at least that model's capacity; ending far above it means the run failed to trai
 the loops or the learning rate are to blame. The reference is the suite's finished one-loop
 run of the architecture and seed at the gentlest learning rate it tried, no higher than the
 run's own (the best of several at that rate; where a rate is unknown, the best of all;
-neither interrupted nor diverged, `finished_final_loss`): `chosen_reference`. The gentlest rate is the setting least at risk of its own instability,
-and the same bar for every rate above it, so a run at a rate too high for the model is
-judged against the same model at a gentle one, and a stability map compares every rate with
-one model. A run at a lower learning rate is not held to what a higher one reaches in the
-same steps: it learns more slowly, which no detector here is about (when the reference was
-the best one-loop run at any rate, a sweep over lr 3e-3 and 1e-2 judged 18 of 81 healthy
-runs failed to train, the one-loop models at 3e-3 among them, 14 % behind the same models at
-1e-2). Nor is a run at a fast rate held to the best one-loop run below it, which the
-reference was next: at lr 1e-1 it judged runs that ended within 10 % of the gentle model
-failed to train, or collapsed where they had recovered from a collapse (43 healthy runs on
-two sweeps up to 1e-1; none under this rule, nor on a third trained after it, where that
-one judged 25; `docs/held-out.md`, "The gentlest rate"). A gentle rate too slow for the
-budget makes a weak bar: a run ending ≥ 10 % behind a faster one-loop run but within 10 % of
-the slow one is judged stable, and the report's findings name such rates; where the slow
-run stalled at the token frequencies, the model's best known loss (below) says so. The
-choice needs no verdict (a broken run at the gentlest rate is still what that rate gives),
-so references never depend on the order runs are judged; a suite starts a run only once the
-runs it may take its reference from have finished (`reference_candidate`). The loss is the
-EMA of the train loss at the last record (`final_smoothed_loss`, recomputed from the records
-for runs judged before that field existed).
+neither interrupted nor diverged, `finished_final_loss`): `chosen_reference`. The gentlest
+rate is the setting least at risk of its own instability, and the same bar for every rate
+above it, so a run at a rate too high for the model is judged against the same model at a
+gentle one, and a stability map compares every rate with one model. A run at a lower
+learning rate is not held to what a higher one reaches in the same steps: it learns more
+slowly, which no detector here is about (when the reference was the best one-loop run at any
+rate, a sweep over lr 3e-3 and 1e-2 judged 18 of 81 healthy runs failed to train, the
+one-loop models at 3e-3 among them, 14 % behind the same models at 1e-2). Nor is a run at a
+fast rate held to the best one-loop run below it, which the reference was next: at lr 1e-1
+it judged runs that ended within 10 % of the gentle model failed to train, or collapsed
+where they had recovered from a collapse (43 healthy runs on two sweeps up to 1e-1; none
+under this rule, nor on a third trained after it, where that one judged 25;
+`docs/held-out.md`, "The gentlest rate"). A gentle rate too slow for the budget makes a weak
+bar: a run ending ≥ 10 % behind a faster one-loop run but within 10 % of the slow one is
+judged stable, and the report's findings name such rates; where the slow run stalled at the
+token frequencies, the model's best known loss (below) says so. The choice reads no verdict
+that a reference decides (an interrupted or diverged run is passed over; a collapsed one at
+the gentlest rate is still what that rate gives), so references never depend on the order
+runs are judged; a suite starts a run only once the runs it may take its reference from have
+finished (`reference_candidate`). The loss is the EMA of the train loss at the last record
+(`final_smoothed_loss`, recomputed from the records for runs judged before that field
+existed).
 
 Its records give the reference's loss curve, which a run that stopped learning at token
 statistics is compared with step by step while it trains (`recorded_losses`).
