@@ -118,6 +118,7 @@ from scipy.stats import binomtest
 
 from loopdiag.detect import (
     DETECTORS,
+    NonFinite,
     anchor_detectors,
     ground_truth_onset,
     replay,
@@ -811,10 +812,11 @@ def score_study(study: Path, kept: Callable[[str], bool] | None = None
     healthy = {seed: statistics.median(finals[run_id] for run_id in run_ids)
                for seed, run_ids in sorted(by_seed.items())}
 
-    # As `store.reference.finished_final_loss`: a run that went non-finite (diverged) is no bar.
+    # As `store.reference.finished_final_loss`: a run that diverged (a non-finite value where
+    # `non_finite` reads) is no bar.
     diverged = {run_id for run_id, records in finished.items()
                 if any(value is not None and not math.isfinite(value) for record in records
-                       for value in (raw_scalar(record, "loss"), raw_scalar(record, "grad_norm")))}
+                       for value in (raw_scalar(record, key) for key in NonFinite.reads))}
 
     def finished_candidates(run_id: str, candidate: Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
                             ) -> list[tuple[Mapping[str, Any], float, str]]:
