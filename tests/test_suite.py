@@ -261,6 +261,14 @@ def test_command_line_options_override_the_file(tmp_path):
     assert changed.train.optimizer == "adamw" and not changed.stop_on_collapse
     assert (changed.train.grad_accum_steps, changed.train.precision, changed.train.parallel) == (2, "bf16", "fsdp")
     assert changed.data == suite.data and changed.thresholds == suite.thresholds
+    assert changed.source == (f"{suite.source}, changed by --loops, --arch, --steps, --lr, --seeds, --size, "
+                               "--optimizer, --log-every, --grad-accum-steps, --precision, --parallel, "
+                               "--stop-on-collapse")
+
+
+def test_options_that_leave_the_file_as_it_is_leave_its_source_alone():
+    suite = load_probe_suite(PROBES / "default.toml")
+    assert apply_overrides(suite, loops=max(suite.loops), steps=suite.train.steps).source == suite.source
 
 
 def test_quick_shrinks_the_suite_and_renames_it(tmp_path):

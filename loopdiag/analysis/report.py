@@ -116,6 +116,10 @@ def _write_report(suite_dir: str | Path, out_dir: Path, command: str,
     description = (suite.spec or {}).get("description")
     blocks: list[Block] = [Heading(f"loopdiag report: {suite.name}", 1)]
     if description:
+        if suite.changed_by:
+            *others, last = suite.changed_by.split(", ")
+            options = f"{', '.join(others)} and {last}" if others else last
+            description += f" That is the suite as written; {options} changed it for these runs (below)."
         blocks.append(Paragraph(description))
     if run_command:
         blocks += [Paragraph("Reproduce the runs with:"), Code(run_command)]

@@ -44,6 +44,7 @@ from loopdiag.detect import default_detectors
 from loopdiag.detect.base import is_int
 from loopdiag.models import ARCHITECTURES, ModelConfig, preset
 from loopdiag.run.runner import RunSpec
+from loopdiag.store.suite_folder import CHANGED_BY
 from loopdiag.train import TrainConfig
 from loopdiag.train.config import OPTIMIZERS, PARALLEL, PRECISIONS, SCHEDULES
 
@@ -288,8 +289,14 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
         raw["loops"] = sorted({1, top})
         if raw.get("eval", {}).get("loops"):
             raw["eval"]["loops"] = sorted({1, top})
-    changed = parse_probe_suite(raw, source=f"{suite.source} with the command-line options",
-                                base_dir=suite.base_dir, default_name=suite.name)
+    options = [option for option, value in (
+        ("--loops", loops), ("--arch", archs), ("--steps", steps), ("--lr", lrs), ("--seeds", seeds),
+        ("--data", data), ("--size", size), ("--optimizer", optimizer), ("--schedule", schedule),
+        ("--log-every", log_every), ("--grad-accum-steps", grad_accum_steps), ("--precision", precision),
+        ("--parallel", parallel), ("--stop-on-collapse", stop_on_collapse)) if value is not None and value != []]
+    options += ["--quick"] if quick else []
+    source = f"{suite.source}{CHANGED_BY}{', '.join(options)}" if raw != suite.raw else suite.source
+    changed = parse_probe_suite(raw, source=source, base_dir=suite.base_dir, default_name=suite.name)
     # A file that cannot be read is named where it was given: --data, or the suite's data.files.
     return changed.with_(data=replace(changed.data, origin="--data" if data else suite.data.origin))
 

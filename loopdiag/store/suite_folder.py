@@ -15,6 +15,10 @@ import pandas as pd
 from loopdiag.store._files import SUITE_FILE, RunStoreWarning, read_manifest, write_json_atomic
 from loopdiag.store.reader import RunData, event_frame, is_run_dir, load_run, metric_frames
 
+# In a manifest's `spec.source`: the suite's file, this, then the command-line options that
+# changed what the file asked for.
+CHANGED_BY = ", changed by "
+
 
 @dataclass
 class SuiteData:
@@ -39,6 +43,13 @@ class SuiteData:
     @property
     def spec(self) -> dict[str, Any] | None:
         return None if self.manifest is None else self.manifest.get("spec")
+
+    @property
+    def changed_by(self) -> str | None:
+        """The command-line options that changed the suite's file for these runs ("--seeds,
+        --data"), or None: the spec's description is then the file's, not the runs'."""
+        source = (self.spec or {}).get("source") or ""
+        return source.rsplit(CHANGED_BY, 1)[1] if CHANGED_BY in source else None
 
     @cached_property
     def steps(self) -> pd.DataFrame:
