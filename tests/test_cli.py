@@ -59,7 +59,7 @@ def test_run_trains_every_cell_and_writes_the_report(tmp_path):
     assert (tmp_path / "again" / "table.csv").read_text() == (out / "table.csv").read_text()
     assert "flt-k03-s0" in (tmp_path / "again" / "report.md").read_text()
     # the suite's description tells the grid it was written for, not this run's
-    assert ("That is the suite as written; --loops, --arch, --steps and --quick changed it for these runs"
+    assert ("That is the suite as written; these runs were started with --loops, --arch, --steps and --quick"
             in (out / "report.md").read_text())
     assert "--svg" in (tmp_path / "again" / "report.md").read_text()  # the command that redraws it
     pngs, svgs = ({path.stem for path in (tmp_path / "again" / "figures").glob(f"*.{kind}")}

@@ -261,7 +261,7 @@ def test_command_line_options_override_the_file(tmp_path):
     assert changed.train.optimizer == "adamw" and not changed.stop_on_collapse
     assert (changed.train.grad_accum_steps, changed.train.precision, changed.train.parallel) == (2, "bf16", "fsdp")
     assert changed.data == suite.data and changed.thresholds == suite.thresholds
-    assert changed.source == (f"{suite.source}, changed by --loops, --arch, --steps, --lr, --seeds, --size, "
+    assert changed.source == (f"{suite.source}, with options --loops, --arch, --steps, --lr, --seeds, --size, "
                                "--optimizer, --log-every, --grad-accum-steps, --precision, --parallel, "
                                "--stop-on-collapse")
 

@@ -116,10 +116,10 @@ def _write_report(suite_dir: str | Path, out_dir: Path, command: str,
     description = (suite.spec or {}).get("description")
     blocks: list[Block] = [Heading(f"loopdiag report: {suite.name}", 1)]
     if description:
-        if suite.changed_by:
-            *others, last = suite.changed_by.split(", ")
+        if suite.command_line_options:
+            *others, last = suite.command_line_options.split(", ")
             options = f"{', '.join(others)} and {last}" if others else last
-            description += f" That is the suite as written; {options} changed it for these runs (below)."
+            description += f" That is the suite as written; these runs were started with {options} (below)."
         blocks.append(Paragraph(description))
     if run_command:
         blocks += [Paragraph("Reproduce the runs with:"), Code(run_command)]

@@ -15,9 +15,9 @@ import pandas as pd
 from loopdiag.store._files import SUITE_FILE, RunStoreWarning, read_manifest, write_json_atomic
 from loopdiag.store.reader import RunData, event_frame, is_run_dir, load_run, metric_frames
 
-# In a manifest's `spec.source`: the suite's file, this, then the command-line options that
-# changed what the file asked for.
-CHANGED_BY = ", changed by "
+# In a manifest's `spec.source`: the suite's file, this, then the command-line options given
+# where they changed what the file asked for.
+CHANGED_BY = ", with options "
 
 
 @dataclass
@@ -45,9 +45,10 @@ class SuiteData:
         return None if self.manifest is None else self.manifest.get("spec")
 
     @property
-    def changed_by(self) -> str | None:
-        """The command-line options that changed the suite's file for these runs ("--seeds,
-        --data"), or None: the spec's description is then the file's, not the runs'."""
+    def command_line_options(self) -> str | None:
+        """The command-line options these runs were started with ("--seeds, --data") where
+        they changed the suite's file, whose description then tells the file's grid, not
+        the runs'; else None."""
         source = (self.spec or {}).get("source") or ""
         return source.rsplit(CHANGED_BY, 1)[1] if CHANGED_BY in source else None
 
