@@ -128,6 +128,10 @@ def run(
         help="fp32, or bf16 (forwards under autocast; weights and statistics fp32).", show_default=False)] = None,
     parallel: Annotated[str | None, typer.Option(
         help="Under torchrun: ddp (replicated weights) or fsdp (sharded, FSDP2).", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Name these runs' suite (the report's title, the W&B group, the default --out) in "
+             "place of the file's: the same suite on other data or settings keeps its own.",
+        show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
         help="Report folder; the run store goes in its runs/. Default: reports/<suite name>.")] = None,
     wandb: Annotated[str, typer.Option(help="off, offline (no account; `wandb sync` uploads later) or online.")] = "offline",
@@ -184,7 +188,7 @@ def run(
         spec = apply_overrides(spec, loops=loops, archs=arch, steps=steps, lrs=lr, seeds=seeds, data=data,
                                size=size, optimizer=optimizer, schedule=schedule, log_every=log_every,
                                grad_accum_steps=grad_accum_steps, precision=precision, parallel=parallel,
-                               stop_on_collapse=stop_on_collapse, quick=quick)
+                               stop_on_collapse=stop_on_collapse, name=name, quick=quick)
         data = spec.data.load()  # a missing or unreadable corpus fails here, before any run
         distributed.check_device(spec.train.device)  # as does a device this machine lacks
     except ValueError as error:  # SuiteError and DataError included

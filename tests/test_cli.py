@@ -385,18 +385,21 @@ def test_online_wandb_without_a_login_is_refused(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "wandb login" in result.output
 
 
-def test_run_on_a_user_text_file(tmp_path):
+def test_run_on_a_user_text_file_under_a_name_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     text = tmp_path / "poem.txt"
     text.write_text("the loop returns, the weights are tied, the stream goes round.\n" * 200)
-    out = tmp_path / "out"
     result = runner.invoke(
-        app, [*QUICK, "--loops", "1", "--arch", "flt", "--steps", "3", "--data", str(text), "--out", str(out),
+        app, [*QUICK, "--loops", "1", "--arch", "flt", "--steps", "3", "--data", str(text), "--name", "poems",
               "--wandb", "off"]
     )
     assert result.exit_code == 0, result.output
     assert str(text) in result.output.replace("\n", "")
-    (run,) = load_suite(out / "runs").runs.values()
+    out = tmp_path / "reports" / "poems"  # the default --out follows the name
+    suite = load_suite(out / "runs")
+    (run,) = suite.runs.values()
     assert run.config["data"]["source"] == str(text)
+    assert suite.name == "poems" and (out / "report.md").read_text().startswith("# loopdiag report: poems")
 
 
 def test_run_and_eval_read_the_files_a_quoted_glob_matches(tmp_path):
@@ -467,6 +470,7 @@ def binary_file(tmp_path):
         (["--wandb", "cloud"], "--wandb must be off, offline or online"),
         (["--jobs", "-1"], "--jobs must be >= 0"),
         (["--alerts", "debug"], "--alerts must be info, warn or critical"),
+        (["--name", "a/b"], "name: must be a plain folder name, got 'a/b'"),
         (["--resume", "--overwrite"], "contradict"),
         (["--data", "/no/such/file.txt"], "no such file"),
         (["no/such/suite.toml"], "no such suite file"),
@@ -475,7 +479,7 @@ def binary_file(tmp_path):
         (["--data", "/no/such/*.txt"], "data.files: '/no/such/*.txt' matches no file"),
     ],
     ids=["arch", "loops", "seeds", "size", "steps", "lr", "optimizer", "log-every", "grad-accum-steps",
-         "precision", "parallel", "schedule", "wandb", "jobs", "alerts",
+         "precision", "parallel", "schedule", "wandb", "jobs", "alerts", "name",
          "resume-overwrite", "missing-data", "missing-suite", "unknown-suite-name", "two-suites", "empty-glob"],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):

@@ -271,6 +271,12 @@ def test_options_that_leave_the_file_as_it_is_leave_its_source_alone():
     assert apply_overrides(suite, loops=max(suite.loops), steps=suite.train.steps).source == suite.source
 
 
+def test_a_name_given_renames_the_suite_quick_or_not():
+    suite = load_probe_suite(PROBES / "default.toml")
+    assert apply_overrides(suite, name="default-locales").name == "default-locales"
+    assert apply_overrides(suite, name="default-locales", quick=True).name == "default-locales"
+
+
 def test_quick_shrinks_the_suite_and_renames_it(tmp_path):
     suite = load_probe_suite(PROBES / "default.toml")
     quick = apply_overrides(suite, quick=True)
@@ -291,6 +297,7 @@ def test_a_size_or_step_count_given_with_quick_wins_and_is_checked():
     ({"steps": 0}, "--steps must be >= 1"),
     ({"loops": 0}, "--loops must be >= 1"),
     ({"seeds": 0}, "--seeds must be >= 1"),
+    ({"name": ".."}, "name: must be a plain folder name, got '..'"),
     ({"archs": ["nope"]}, "archs: unknown architecture 'nope'"),
     ({"lrs": [0.0]}, "lrs: learning rates must be > 0"),
     ({"lrs": [math.inf]}, "lrs: learning rates must be > 0 and finite"),

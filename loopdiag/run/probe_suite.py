@@ -249,12 +249,12 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
                     schedule: str | None = None, log_every: int | None = None,
                     grad_accum_steps: int | None = None, precision: str | None = None,
                     parallel: str | None = None, stop_on_collapse: bool | None = None,
-                    quick: bool = False) -> ProbeSuite:
+                    name: str | None = None, quick: bool = False) -> ProbeSuite:
     """Command-line options over a suite, checked exactly as the file's values are.
 
     `loops` keeps the suite's loop counts below it and adds it; `quick` makes a smoke
     run: the tiny preset, at most 40 steps, loops 1 and the largest, named `<name>-quick`.
-    A size or step count given with it wins over its own (and is checked as always).
+    A size, step count or name given with it wins over its own (and is checked as always).
     """
     raw = copy.deepcopy(suite.raw)
     for option, value in (("--loops", loops), ("--steps", steps), ("--seeds", seeds),
@@ -268,7 +268,7 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
     if loops is not None:
         raw["loops"] = sorted({k for k in raw.get("loops", [1, 4, 12]) if k < loops} | {loops})
     given = {"archs": archs, "steps": steps, "lrs": lrs, "seeds": seeds, "log_every": log_every,
-             "stop_on_collapse": stop_on_collapse}
+             "stop_on_collapse": stop_on_collapse, "name": name}
     raw.update({key: value for key, value in given.items() if value is not None})
     if data:
         raw["data"] = {"files": [str(Path(path).resolve()) for path in data]}
@@ -279,7 +279,8 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
         if value is not None:
             raw.setdefault(section, {})[key] = value
     if quick:
-        raw["name"] = f"{suite.name}-quick"
+        if name is None:
+            raw["name"] = f"{suite.name}-quick"
         if size is None:
             sizes = ("preset", "d_model", "n_heads", "n_layers", "seq_len", "mlp_ratio")
             raw["model"] = {"preset": "tiny", **{k: v for k, v in raw.get("model", {}).items() if k not in sizes}}
@@ -293,7 +294,8 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
         ("--loops", loops), ("--arch", archs), ("--steps", steps), ("--lr", lrs), ("--seeds", seeds),
         ("--data", data), ("--size", size), ("--optimizer", optimizer), ("--schedule", schedule),
         ("--log-every", log_every), ("--grad-accum-steps", grad_accum_steps), ("--precision", precision),
-        ("--parallel", parallel), ("--stop-on-collapse", stop_on_collapse)) if value is not None and value != []]
+        ("--parallel", parallel), ("--stop-on-collapse", stop_on_collapse), ("--name", name))
+        if value is not None and value != []]
     options += ["--quick"] if quick else []
     source = f"{suite.source}{CHANGED_BY}{', '.join(options)}" if raw != suite.raw else suite.source
     changed = parse_probe_suite(raw, source=source, base_dir=suite.base_dir, default_name=suite.name)
