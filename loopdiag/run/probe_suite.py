@@ -44,7 +44,7 @@ from loopdiag.detect import default_detectors
 from loopdiag.detect.base import is_int
 from loopdiag.models import ARCHITECTURES, ModelConfig, preset
 from loopdiag.run.runner import RunSpec
-from loopdiag.store.suite_folder import CHANGED_BY
+from loopdiag.store.suite_folder import WITH_OPTIONS
 from loopdiag.train import TrainConfig
 from loopdiag.train.config import OPTIMIZERS, PARALLEL, PRECISIONS, SCHEDULES
 
@@ -297,7 +297,7 @@ def apply_overrides(suite: ProbeSuite, *, loops: int | None = None, archs: list[
         ("--parallel", parallel), ("--stop-on-collapse", stop_on_collapse), ("--name", name))
         if value is not None and value != []]
     options += ["--quick"] if quick else []
-    source = f"{suite.source}{CHANGED_BY}{', '.join(options)}" if raw != suite.raw else suite.source
+    source = f"{suite.source}{WITH_OPTIONS}{', '.join(options)}" if raw != suite.raw else suite.source
     changed = parse_probe_suite(raw, source=source, base_dir=suite.base_dir, default_name=suite.name)
     # A file that cannot be read is named where it was given: --data, or the suite's data.files.
     return changed.with_(data=replace(changed.data, origin="--data" if data else suite.data.origin))

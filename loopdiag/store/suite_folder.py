@@ -17,7 +17,7 @@ from loopdiag.store.reader import RunData, event_frame, is_run_dir, load_run, me
 
 # In a manifest's `spec.source`: the suite's file, this, then the command-line options given
 # where they changed what the file asked for.
-CHANGED_BY = ", with options "
+WITH_OPTIONS = ", with options "
 
 
 @dataclass
@@ -50,7 +50,7 @@ class SuiteData:
         they changed the suite's file, whose description then tells the file's grid, not
         the runs'; else None."""
         source = (self.spec or {}).get("source") or ""
-        return source.rsplit(CHANGED_BY, 1)[1] if CHANGED_BY in source else None
+        return source.rsplit(WITH_OPTIONS, 1)[1] if WITH_OPTIONS in source else None
 
     @cached_property
     def steps(self) -> pd.DataFrame:
