@@ -9,6 +9,13 @@ Prints, per `noise_z`, warnings per 10k records under Gaussian noise of the log 
 under Student-t noise (5 and 10 degrees of freedom, scaled to the same σ: heavier tails
 than the detection sets' batch losses, whose excess kurtosis is near 0), and, for
 comparison, the 10 % gap alone over the same recent best.
+
+Then the loss symptom `residual_explosion` warns with once the stream has tripled
+(`Symptoms.current`: the smoothed loss 10 % above the run's best, not the recent one), and,
+for comparison, the same with 8 σ of the loss's noise as well. Here the loss first falls 3×
+to its level over some 30 records, as a run's does, so that the best is not the noisy EMA
+of the first few records; only records after 70 (the detector's warm-up and baseline)
+count, one episode per 20-record cooldown.
 No run is involved, so nothing here is fitted to a scored set.
 """
 
@@ -20,6 +27,10 @@ import math
 import numpy as np
 
 from loopdiag.detect import LossRise, replay
+from loopdiag.detect.symptoms import RISE_NOISE_Z, Symptoms
+
+JUDGED_AFTER = 70  # residual_explosion's warm-up (50) and baseline window (20)
+COOLDOWN = 20
 
 
 def flat_records(rng: np.random.Generator, records: int, noise: float, tails: int | None) -> list[dict]:
@@ -34,6 +45,29 @@ def warnings_per_10k(detector: LossRise, args: argparse.Namespace, tails: int | 
     total = sum(len(replay(flat_records(rng, args.records, args.noise, tails), [detector]))
                 for _ in range(args.repeats))
     return 1e4 * total / (args.records * args.repeats)
+
+
+def run_best_episodes_per_10k(noise_z: float, args: argparse.Namespace, seed: int) -> float:
+    """Episodes of the smoothed loss standing 10 % and `noise_z` σ of its noise above the
+    run's best (the loss symptom alone, no stream) per 10k judged records of a loss that
+    falls to a flat noisy level."""
+    rng = np.random.default_rng(seed)
+    episodes = judged = 0
+    for _ in range(args.repeats):
+        symptoms = Symptoms(0.10, reads_rise=True, positions=False)
+        fall = 1 + 2 * np.exp(-np.arange(args.records) / 10)
+        losses = 2.0 * fall * np.exp(args.noise * rng.standard_normal(args.records))
+        last = -COOLDOWN
+        for step, loss in enumerate(losses.tolist(), start=1):
+            symptoms.update({"step": step, "loss": loss})
+            if step <= JUDGED_AFTER:
+                continue
+            judged += 1
+            above, noise = symptoms.loss.above_best(), symptoms.rise_state.noise
+            needed = max(0.10, noise_z * (noise or 0.0))
+            if step - last >= COOLDOWN and above is not None and above >= needed:
+                episodes, last = episodes + 1, step
+    return 1e4 * episodes / judged
 
 
 def main() -> None:
@@ -51,6 +85,10 @@ def main() -> None:
     for name, detector in rules.items():
         row = [warnings_per_10k(detector, args, tails, seed) for seed, tails in enumerate(noises.values())]
         print(f"{name:34}" + "".join(f"{rate:12.2f}" for rate in row), flush=True)
+    print("\nthe loss symptom over the run's best, after a fall, Gaussian noise; episodes per 10k records")
+    for noise_z in (0.0, RISE_NOISE_Z):
+        name = f"10 % and {noise_z:g} σ, run's best" if noise_z else "10 % alone, run's best"
+        print(f"{name:34}{run_best_episodes_per_10k(noise_z, args, 0):12.2f}", flush=True)
 
 
 if __name__ == "__main__":
