@@ -30,6 +30,7 @@ from loopdiag.detect import LossRise, replay
 from loopdiag.detect.symptoms import RISE_NOISE_Z, Symptoms
 
 JUDGED_AFTER = 70  # residual_explosion's warm-up (50) and baseline window (20)
+GAP = 0.10  # its loss symptom's gap, the labels'
 COOLDOWN = 20
 
 
@@ -54,7 +55,7 @@ def run_best_episodes_per_10k(noise_z: float, args: argparse.Namespace, seed: in
     rng = np.random.default_rng(seed)
     episodes = judged = 0
     for _ in range(args.repeats):
-        symptoms = Symptoms(0.10, reads_rise=True, positions=False)
+        symptoms = Symptoms(GAP, reads_rise=True, positions=False)
         fall = 1 + 2 * np.exp(-np.arange(args.records) / 10)
         losses = 2.0 * fall * np.exp(args.noise * rng.standard_normal(args.records))
         last = -COOLDOWN
@@ -64,7 +65,7 @@ def run_best_episodes_per_10k(noise_z: float, args: argparse.Namespace, seed: in
                 continue
             judged += 1
             above, noise = symptoms.loss.above_best(), symptoms.rise_state.noise
-            needed = max(0.10, noise_z * (noise or 0.0))
+            needed = max(GAP, noise_z * (noise or 0.0))
             if step - last >= COOLDOWN and above is not None and above >= needed:
                 episodes, last = episodes + 1, step
     return 1e4 * episodes / judged
