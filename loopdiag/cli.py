@@ -235,6 +235,7 @@ def run(
         f"{spec.train.steps} steps each, d_model={spec.model.d_model}, L={spec.model.n_layers}, "
         f"data {spec.data.describe()}, {min(jobs, len(cells))} at a time{f' on {ranks} ranks' if ranks > 1 else ''}",
         highlight=False, soft_wrap=True)
+    _say_if_too_few_records(spec.train.steps, spec.log_every)
     if resume and distributed.is_main():
         _say_which_runs_start_over(suite_dir, cells)
     wandb_mode = None if wandb == "off" else wandb
@@ -501,7 +502,13 @@ def analyze(
 ) -> None:
     """Verdicts from a run store: one run explained, or a suite's table."""
     from loopdiag.analysis import explain, run_verdict, suite_table
-    from loopdiag.analysis.analyzer import EXPLAINED, not_judged_text, reference_text, replayed_verdict
+    from loopdiag.analysis.analyzer import (
+        EXPLAINED,
+        few_records_text,
+        not_judged_text,
+        reference_text,
+        replayed_verdict,
+    )
     from loopdiag.store import is_run_dir, load_run, load_suite
 
     given = _given_reference(expected_loss, reference, path)
@@ -513,9 +520,9 @@ def analyze(
             note = (" (judged again from the store; the stored verdict is unchanged)" if given
                     else " (recomputed from the store)" if judged.get("recomputed") else "")
             console.print(f"[bold]{run.run_id}[/]: {judged['status']}{note}")
-            blind = not_judged_text(judged)
-            if blind:  # a verdict read from fewer statistics than the detectors use
-                console.print(blind, soft_wrap=True, highlight=False)
+            for caveat in (not_judged_text(judged), few_records_text(run, judged)):
+                if caveat:  # a verdict read from fewer statistics, or records, than the detectors use
+                    console.print(caveat, soft_wrap=True, highlight=False)
             if judged["status"] in (*EXPLAINED, "interrupted"):
                 console.print(explain(run, judged), soft_wrap=True)
             # what the verdict was judged against, where a reference could change it
@@ -530,6 +537,20 @@ def analyze(
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise bad_input(str(error)) from None
     console.print(stability_table(table))
+
+
+def _say_if_too_few_records(steps: int, log_every: int) -> None:
+    """A line before training when each run would record fewer losses than the loss is
+    smoothed over: said after the runs, it would come once the compute was spent."""
+    from loopdiag.detect.symptoms import EMA_SPAN
+
+    # the first step, every log_every-th, and the last (`LoopRecorder.logs_step`)
+    records = len({1, steps, *range(log_every, steps + 1, log_every)})
+    if records < EMA_SPAN:
+        console.print(f"[yellow]each run records {records} of its {steps} steps (log_every {log_every}), "
+                      f"fewer than the {EMA_SPAN} the loss is smoothed over: a stable verdict will be weak "
+                      "evidence, and each such run will say so. Lower --log-every or raise --steps to judge "
+                      "the runs.[/]", highlight=False, soft_wrap=True)
 
 
 def _given_reference(expected_loss: float | None, reference: Path | None,

@@ -93,8 +93,8 @@ def test_live_alerts_print_from_the_severity_asked_for():
 
 
 def test_sparse_records_with_validation_between_them_give_every_run_a_final_loss(tmp_path):
-    # Records at steps 1, 5 and 10, validation at 4, 8 and 12: three records of their own,
-    # the last one the run's last record.
+    # Records at steps 1, 5, 10 and 12 (the run's last step, whatever log_every), validation
+    # at 4, 8 and 12: two records of their own, and one on the last record.
     suite = tmp_path / "sparse.toml"
     suite.write_text('archs = ["flt"]\nloops = [1, 2]\nsteps = 12\nlog_every = 5\n'
                      '[model]\npreset = "tiny"\n[train]\neval_every = 4\n')
@@ -104,9 +104,27 @@ def test_sparse_records_with_validation_between_them_give_every_run_a_final_loss
     table = pd.read_csv(out / "table.csv").set_index("run_id")
     for run_id, run in load_suite(out / "runs").runs.items():
         steps = run.steps.set_index("step")
-        assert steps["loss"].dropna().index.tolist() == [1, 5, 10]
+        assert steps["loss"].dropna().index.tolist() == [1, 5, 10, 12]
         assert steps["val_loss"].dropna().index.tolist() == [4, 8, 12]
-        assert table.loc[run_id, "final_loss"] == pytest.approx(steps.loc[10, "loss"])
+        assert table.loc[run_id, "final_loss"] == pytest.approx(steps.loc[12, "loss"])
+        assert run.summary["last_loss"] == pytest.approx(steps.loc[12, "loss"])
+        assert table.loc[run_id, "records"] == 4
+    # four losses cannot be judged: said before training, and in the report for each stable run
+    assert "each run records 4 of its 12 steps (log_every 5)" in " ".join(result.output.split())
+    stable = table.index[table["status"] == "stable"]
+    assert len(stable) and (f"{len(stable)} stable run(s) were judged from only 4 records each"
+                            in (out / "report.md").read_text())
+    result = runner.invoke(app, ["analyze", str(out / "runs" / stable[0])])
+    assert "Judged from only 4 records, fewer than the 20" in " ".join(result.output.split())
+
+
+def test_a_suite_that_records_as_many_losses_as_the_smoothing_span_is_not_told_it_records_too_few(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", "--quick", "--jobs", "1", "--steps", "20", "--loops", "1", "--arch", "flt",
+                                 "--wandb", "off", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "each run records" not in result.output
+    assert "judged from only" not in (out / "report.md").read_text()
 
 
 @pytest.mark.processes

@@ -120,6 +120,13 @@ def test_lightning_gradient_accumulation_records_each_optimizer_step(tmp_path):
     assert [record["loss"] for record in records] == pytest.approx([(a + b) / 2 for a, b in micro_batch_pairs])
 
 
+def test_lightning_records_its_last_step_whatever_log_every(tmp_path):
+    callback = lightning_integration.LoopdiagCallback(module="model", log_every=3)
+    fit_lightning(tmp_path, callback, steps=5)
+    assert [record["step"] for record in callback.recorder.records] == [1, 3, 5]
+    assert callback.recorder.records[-1]["n_loops"] == 4
+
+
 def test_lightning_stop_on_ends_training_and_writes_the_run(tmp_path):
     alerts = []
     monitor = loopdiag.Monitor([StopsAt(2)], sinks=[loopdiag.CallbackSink(alerts.append)], stop_on="critical")
@@ -264,6 +271,13 @@ def test_huggingface_trainer_records_each_optimizer_step(tmp_path):
     # without clipping, the recorded gradient is the Trainer's accumulated one
     assert [row["grad_norm"] for row in logs] == pytest.approx([r["grad_norm"] for r in records], rel=1e-5)
     assert all(abs(record["loss"] - math.log(VOCAB)) < 0.5 for record in records)  # a mean, near chance
+
+
+def test_huggingface_records_its_last_step_whatever_log_every(tmp_path):
+    callback = hf_integration.LoopdiagCallback(loop_module=ALBERT_GROUP, log_every=3)
+    train_hf(tmp_path, callback, steps=5)
+    assert [record["step"] for record in callback.recorder.records] == [1, 3, 5]
+    assert callback.recorder.records[-1]["n_loops"] == 4
 
 
 def test_huggingface_with_dropout_records_the_trainers_loss_beside_the_rerun(tmp_path):

@@ -15,7 +15,7 @@ from rich.console import Console
 from torch import nn
 
 import loopdiag
-from loopdiag.detect import Event
+from loopdiag.detect import Event, NonFinite
 
 
 class TiedEncoder(nn.Module):
@@ -231,6 +231,34 @@ def test_records_with_nothing_any_detector_reads_say_that_nothing_is_judged():
     (note,) = lines
     assert note.message.startswith("Nothing on this run is judged")
     assert set(monitor.not_judged()) == {detector.name for detector in monitor.detectors}
+
+
+def judged_losses(losses, **monitor_options) -> tuple[loopdiag.Monitor, list[Event]]:
+    lines = []
+    monitor = loopdiag.Monitor(sinks=[loopdiag.CallbackSink(lines.append)], **monitor_options)
+    for step, loss in enumerate(losses, start=1):
+        monitor.update({"step": 10 * step, "loss": loss})
+    monitor.finish()
+    return monitor, [line for line in lines if line.detector == "monitor" and "records" in line.evidence]
+
+
+def test_a_run_of_fewer_losses_than_the_smoothing_span_says_its_verdict_says_little():
+    _, (note,) = judged_losses([5.5, 4.0, 3.2, 3.0])
+    assert note.severity == "info" and note.step == 40 and note.evidence == {"records": 4}
+    # the first loss's weight in the EMA of span 20 after 4 losses: (19/21)**3
+    assert note.message.startswith("Judged from only 4 records, fewer than the 20") and "74%" in note.message
+
+
+def test_a_run_of_as_many_losses_as_the_smoothing_span_is_not_told_so():
+    _, notes = judged_losses([5.5 - 0.1 * step for step in range(20)])
+    assert notes == []
+
+
+def test_a_short_run_that_failed_or_is_judged_by_the_users_detectors_is_not_told_so():
+    monitor, notes = judged_losses([5.5, 4.0, math.nan])
+    assert notes == [] and any(event.severity == "critical" for event in monitor.events)
+    _, notes = judged_losses([5.5, 4.0, 3.2], detectors=[NonFinite()])
+    assert notes == []
 
 
 def test_a_session_step_may_leave_out_the_learning_rate():

@@ -386,6 +386,27 @@ def test_recorder_callback_in_train():
     assert "grad_cos" not in records[0] and all("grad_cos" in record for record in records[1:])
 
 
+def test_the_last_step_of_a_training_run_is_recorded_whatever_log_every():
+    model = tiny("looped", 3)
+    rec = probes.attach(model, log_every=5)
+    source = lambda g: (lambda idx: (idx, idx.roll(-1, dims=1)))(torch.randint(0, 256, (B, T), generator=g))
+    result = train(model, source, [], TrainConfig(steps=13, batch_size=B, eval_every=0),
+                   callbacks=[probes.RecorderCallback(rec)])
+    assert [r["step"] for r in rec.records] == [1, 5, 10, 13]
+    last = rec.records[-1]
+    # a full record: the loop statistics of its forward, and the cosine with step 12's gradient
+    assert last["loss"] == result.history[-1]["train_loss"] and last["n_loops"] == 3
+    assert len(last["resid_norm"]) == 3 and all(math.isfinite(v) for v in last["token_corr"])
+    assert math.isfinite(last["grad_cos"])
+
+
+@pytest.mark.parametrize("last_step", [-1, 2.0, True, "12"])
+def test_a_last_step_that_is_no_step_number_is_refused(last_step):
+    rec = probes.attach(tiny("looped", 2))
+    with pytest.raises(ValueError, match="last_step"):
+        rec.last_step = last_step
+
+
 def test_a_run_that_diverges_between_logged_steps_records_the_step_it_diverged_at():
     model = tiny("looped", 2)
     forward, calls = model.forward, []

@@ -27,7 +27,7 @@ from loopdiag.analysis.rejudge import judge
 from loopdiag.detect import default_detectors
 from loopdiag.detect.base import not_judged_message
 from loopdiag.detect.failure import FailedToTrainConfig
-from loopdiag.detect.symptoms import behind_from
+from loopdiag.detect.symptoms import EMA_SPAN, behind_from, few_records_message
 from loopdiag.detect.verdict import FAILED_STATUSES, smoothed_ends, trained_out
 from loopdiag.store import RunData
 from loopdiag.store import event_frame, is_run_dir, read_records
@@ -83,6 +83,11 @@ def final_loss(steps: pd.DataFrame) -> float:
         return math.nan
     tail = losses[-max(1, int(len(losses) * FINAL_FRACTION)):]
     return float(tail.mean()) if np.isfinite(tail).all() else math.nan
+
+
+def loss_records(steps: pd.DataFrame) -> int:
+    """How many training losses the run recorded: what its verdict was read from."""
+    return len(_values(training_rows(steps), LOSS_COLUMNS))
 
 
 def best_loss(steps: pd.DataFrame) -> float:
@@ -244,6 +249,15 @@ def not_judged_text(judged: dict[str, Any]) -> str:
     # in the detectors' order, as the monitor's line has them
     return not_judged_message({name: keys for name, keys in reads.items() if name in blind},
                               all_blind=set(blind) >= set(reads))
+
+
+def few_records_text(run: RunData, judged: dict[str, Any]) -> str:
+    """The monitor's line for a stable run of fewer losses than the loss is smoothed over
+    ("" otherwise): a rejudged store has lost its live events."""
+    if judged.get("status") != "stable":
+        return ""
+    records = loss_records(run.steps_of((*LOSS_COLUMNS, "val_loss")))
+    return few_records_message(records) if 0 < records < EMA_SPAN else ""
 
 
 def verdict_events(run: RunData, judged: dict[str, Any]) -> pd.DataFrame:

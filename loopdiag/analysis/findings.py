@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from loopdiag.analysis.tables import compare, stable_lr_range
-from loopdiag.detect.symptoms import CONTEXT_FREE_MARGIN, behind_from, times
+from loopdiag.detect.symptoms import CONTEXT_FREE_MARGIN, EMA_SPAN, behind_from, first_loss_weight, times
 
 SIGNIFICANCE = 0.05  # a "beats" claim needs a lower mean final loss and p below this
 # A looped model whose loss ends this much above the same model run with one loop was made
@@ -31,6 +31,7 @@ def findings(table: pd.DataFrame, context_free_loss: float | None = None) -> lis
         lines += _slow_learning_rates(table, context_free_loss)
     lines += _warnings(table)
     lines += _stable_but_warned(table)
+    lines += _few_records(table)
     recomputed = table[table["recomputed"].astype(bool)]
     if len(recomputed):
         where = ", ".join(run_id if pd.isna(step) else f"{run_id} (step {int(step)})"
@@ -212,6 +213,21 @@ def _stable_but_warned(table: pd.DataFrame) -> list[str]:
     return [f"{len(warned)} stable run(s) were warned, first at: {named}{more}. A warning is a "
             f"symptom that had not become a collapse by the run's end; its events say which, and "
             f"a longer run tells whether it would."]
+
+
+def _few_records(table: pd.DataFrame) -> list[str]:
+    """Stable runs judged from fewer losses than the loss is smoothed over: weak verdicts
+    (the monitor's line, for the whole suite)."""
+    records = pd.to_numeric(table["records"], errors="coerce")
+    few = records[(table["status"] == "stable") & (records > 0) & (records < EMA_SPAN)]
+    if few.empty:
+        return []
+    counts = f"{few.min():.0f}" if few.min() == few.max() else f"{few.min():.0f} to {few.max():.0f}"
+    return [f"{len(few)} stable run(s) were judged from only {counts} records each, fewer than the "
+            f"{EMA_SPAN} the loss is smoothed over: their final smoothed loss still gives the first "
+            f"loss a weight of {first_loss_weight(int(few.max())):.0%} or more, which narrows the gap to "
+            f"what the model should reach, so these verdicts are weak evidence. Record more often "
+            f"(log_every) or train longer."]
 
 
 def _warnings(table: pd.DataFrame) -> list[str]:

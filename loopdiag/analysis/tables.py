@@ -19,6 +19,7 @@ from loopdiag.analysis.analyzer import (
     final_loss,
     final_val_loss,
     first_warning_step,
+    loss_records,
     oscillation_index,
     residual_growth,
     run_cell,
@@ -31,7 +32,7 @@ from loopdiag.store._files import LOOP_SCALING_FILE
 TABLE_COLUMNS = (
     "run_id", "arch", "n_loops", "lr", "seed", "status", "mechanism", "failure_step", "signal",
     "final_loss", "best_loss", "final_val_loss", "resid_growth_steps", "resid_ratio_loops",
-    "oscillation", "first_warning_step", "warning_lead", "last_step", "recomputed",
+    "oscillation", "first_warning_step", "warning_lead", "last_step", "records", "recomputed",
 )
 
 
@@ -94,6 +95,7 @@ def _row(run_id: str, run: RunData, cell: dict[str, object]) -> dict[str, object
         "oscillation": oscillation_index(steps),
         "first_warning_step": warning, "warning_lead": failure_step - warning,
         "last_step": float(steps["step"].max()) if len(steps) else math.nan,
+        "records": loss_records(steps),
         "recomputed": bool(judged["recomputed"]),
     }
 

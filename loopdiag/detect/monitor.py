@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from loopdiag.detect import SEVERITIES, Detector, Event, FailedToTrain, default_detectors
-from loopdiag.detect.base import blind_detectors, not_judged_message
-from loopdiag.detect.symptoms import CONTEXT_FREE_MARGIN
+from loopdiag.detect.base import blind_detectors, not_judged_message, raw_scalar
+from loopdiag.detect.symptoms import CONTEXT_FREE_MARGIN, EMA_SPAN, few_records_message
 
 SEVERITY_STYLE = {"info": "cyan", "warn": "yellow", "critical": "bold red"}
 # Records after which a detector that judged none says so (its statistic is not recorded).
@@ -111,6 +111,10 @@ class Monitor:
         self._broken_sinks: set[int] = set()
         self._records = 0
         self._keys_seen: set[str] = set()
+        # the default detectors read a smoothed loss: a run with too few losses is told so
+        self._counts_losses = detectors is None
+        self._losses = 0
+        self._last_step: Any = None
 
     @property
     def should_stop(self) -> bool:
@@ -129,7 +133,7 @@ class Monitor:
 
     def update(self, record: Mapping[str, Any]) -> list[Event]:
         fired = [event for detector in self.detectors for event in detector.update(record)]
-        self._records += 1
+        self._count(record)
         if self._records == 1 and self._unreached_line is not None:
             fired.append(self._unreached_line_event(record))
         if self._records <= NOT_JUDGED_AFTER:
@@ -140,18 +144,31 @@ class Monitor:
         return fired
 
     def finish(self) -> list[Event]:
-        """The detectors' end-of-run judgements (call once, when training ended)."""
+        """The detectors' end-of-run judgements (call once, when training ended), and, when
+        none found a failure in a run of fewer than `EMA_SPAN` losses, a line saying that its
+        verdict says little."""
         fired = [event for detector in self.detectors for event in detector.finish()]
+        failed = any(event.severity == "critical" for event in (*self.events, *fired))
+        if self._counts_losses and 0 < self._losses < EMA_SPAN and not failed:
+            fired.append(Event(step=self._last_step if isinstance(self._last_step, int) else self._records,
+                               detector="monitor", severity="info", evidence={"records": self._losses},
+                               message=few_records_message(self._losses)))
         self._fire(fired)
         return fired
 
     def restore(self, record: Mapping[str, Any]) -> None:
         """Feed an already-judged record (a resumed run's history): the detectors catch up
         and its events count towards the verdict, but nothing is sent and nothing stops."""
-        self._records += 1
+        self._count(record)
         if self._records <= NOT_JUDGED_AFTER:
             self._keys_seen.update(record)
         self.events.extend(event for detector in self.detectors for event in detector.update(record))
+
+    def _count(self, record: Mapping[str, Any]) -> None:
+        self._records += 1
+        self._last_step = record.get("step", self._last_step)
+        if raw_scalar(record, "loss") is not None:
+            self._losses += 1
 
     def not_judged(self) -> dict[str, tuple[str, ...]]:
         """`blind_detectors` so far: those that have judged no record because the records

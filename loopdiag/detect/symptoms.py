@@ -115,6 +115,20 @@ def capped(loss: float, smoothed: float | None, batch_cap: float | None) -> floa
 EMA_SPAN = 20  # records: the smoothing of the labels (`ground_truth_onset`)
 
 
+def first_loss_weight(records: int) -> float:
+    """The weight a run's first loss still has in its smoothed loss after `records` losses
+    (the EMA of span `EMA_SPAN`, started at the first)."""
+    return (1 - 2 / (EMA_SPAN + 1)) ** max(records - 1, 0)
+
+
+def few_records_message(records: int) -> str:
+    """Why a stable verdict read from fewer than `EMA_SPAN` losses is weak evidence."""
+    return (f"Judged from only {records} record{'' if records == 1 else 's'}, fewer than the {EMA_SPAN} "
+            f"the loss is smoothed over: its final smoothed loss still gives its first loss a weight of "
+            f"{first_loss_weight(records):.0%}, which narrows its gap to what the model should reach, so "
+            f"a stable verdict here is weak evidence. Record more often (log_every) or train longer.")
+
+
 class LossTrack:
     """The loss's EMA (span `ema_span`), its running best and the step it was reached at,
     and its recent losses, to tell a stall from learning over `window` records."""

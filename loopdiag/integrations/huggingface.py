@@ -42,7 +42,8 @@ class LoopdiagCallback(TrainerCallback):
         with `stop_on` set, its stop ends training (`control.should_training_stop`).
     run_dir: when given, the records, events and verdict are also written there as a
         loopdiag run store, with `config` (plus the recorder's settings) as its config.json.
-    attach_options: passed to `loopdiag.attach` (stats, log_every, window, ...).
+    attach_options: passed to `loopdiag.attach` (stats, log_every, window, ...); the Trainer's
+        last step (`state.max_steps`) is recorded whatever `log_every`.
 
     Gradient statistics are taken in `on_pre_optimizer_step`, the Trainer's only hook
     between the last backward of a step and the optimizer: after gradient accumulation,
@@ -87,7 +88,8 @@ class LoopdiagCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, **kwargs: Any) -> None:
         main = state.is_world_process_zero
-        self.session.start(model, first_step=state.global_step + 1, write=main, judge=main)
+        self.session.start(model, first_step=state.global_step + 1,
+                           last_step=state.max_steps if state.max_steps > 0 else None, write=main, judge=main)
         self._remove_loss_hook()  # left by a run that crashed
         self._loss_hook = model.register_forward_hook(self._keep_loss)
         self._losses, self._logged_step = [], None

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ class LoopdiagCallback(Callback):
 
     Each record goes to every logger of the trainer (`logger.log_metrics`) at the optimizer
     step's number (`trainer.global_step`), as `resid_norm/loop_03`, `grad_cos`, ...: every
-    step the recorder logs (attach's `log_every`), whatever `Trainer(log_every_n_steps=)`.
+    step the recorder logs (attach's `log_every`, and the last of `trainer.estimated_stepping_batches`),
+    whatever `Trainer(log_every_n_steps=)`.
     The recorder stays readable as `callback.recorder` after training.
     """
 
@@ -71,7 +73,10 @@ class LoopdiagCallback(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         main = trainer.is_global_zero
-        self.session.start(pl_module, first_step=trainer.global_step + 1, write=main, judge=main)
+        total = trainer.estimated_stepping_batches  # optimizer steps; inf for an endless run
+        last_step = int(total) if math.isfinite(total) and total > 0 else None
+        self.session.start(pl_module, first_step=trainer.global_step + 1, last_step=last_step,
+                           write=main, judge=main)
         self._losses, self._stepped = [], False
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule,

@@ -16,6 +16,7 @@ class RecorderCallback(TrainCallback):
     """Feeds the trainer's steps to `recorder` and passes each finished record to
     `on_record` (where a run store or detectors plug in).
 
+    The trainer's last step is logged whatever `log_every` (`LoopRecorder.last_step`).
     Loss, learning rate and the pre-clip global grad norm come from the trainer's own
     host-side history, so they cost no extra sync (under torchrun the loss there is
     already the mean over ranks). A step that diverges (non-finite loss
@@ -31,6 +32,7 @@ class RecorderCallback(TrainCallback):
         saved = state.callback_state.get(RECORDER_STATE)
         if saved is not None:  # a resume: continue the windows that span steps
             self.recorder.load_state_dict(saved)
+        self.recorder.last_step = state.config.steps
         self.recorder.begin_step(state.step + 1)  # trainer steps are 1-based; resumes continue
 
     def before_checkpoint(self, state: TrainState) -> None:

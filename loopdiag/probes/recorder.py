@@ -116,6 +116,7 @@ class LoopRecorder:
         self.records: list[Record] = []
         self._grads = GradientProbe(model, shared_params, window)
         self._step = 0  # the step expected to be running
+        self._last_step: int | None = None
         self._closed_a_step = False
         self._backward_ran = False  # since the last step closed
         self._warned_backwards = False
@@ -142,10 +143,26 @@ class LoopRecorder:
     # --- the training-loop interface -------------------------------------------------
 
     def logs_step(self, step: int) -> bool:
-        """Every `log_every`-th step, and the first step of a run whatever its number: the
-        first update is where a learning rate too large shows most (`update_size`: 1.4× the
-        weights' norm at step 1 of a collapsing run, 0.3× three steps later)."""
-        return step % self.log_every == 0 or not self._closed_a_step
+        """Every `log_every`-th step, the first step of a run whatever its number (the first
+        update is where a learning rate too large shows most: `update_size`, 1.4× the
+        weights' norm at step 1 of a collapsing run, 0.3× three steps later), and the run's
+        `last_step` when it is known."""
+        return step % self.log_every == 0 or not self._closed_a_step or step == self._last_step
+
+    @property
+    def last_step(self) -> int | None:
+        """The run's last step, logged whatever `log_every`: a verdict reads the end of a run
+        (its final loss against what the model should reach), and with sparse logging the
+        last logged step can lie far before it. None (default): unknown, not logged for it.
+        A trainer that knows its length sets it before that step runs."""
+        return self._last_step
+
+    @last_step.setter
+    def last_step(self, step: int | None) -> None:
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+            raise ValueError(f"last_step must be a step number (an integer >= 0) or None, got {step!r}")
+        self._last_step = step
+        self._collecting = self.logs_step(self._step)  # the step expected next may be it
 
     def begin_step(self, step: int) -> None:
         """Optional: announce the step about to run; anything collected since the last

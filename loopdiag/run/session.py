@@ -106,9 +106,11 @@ class RunSession:
         stop = self.monitor.stop_event
         return None if stop is None else stop_message(stop)
 
-    def start(self, model: nn.Module | None = None, *, first_step: int = 1, resume: bool = False,
-              write: bool = True, judge: bool = True) -> RunSession:
+    def start(self, model: nn.Module | None = None, *, first_step: int = 1, last_step: int | None = None,
+              resume: bool = False, write: bool = True, judge: bool = True) -> RunSession:
         """Attach to `module` (found in `model` when it is a path) and open the run store.
+        `last_step`, when the trainer knows it, is recorded whatever `log_every`
+        (`LoopRecorder.last_step`).
 
         Under data parallelism only the main process writes (`write`). The recorder combines
         each record across processes (see `loopdiag.probes.recorder`); the CLI judges it in
@@ -122,6 +124,7 @@ class RunSession:
         self.summary, self.records = None, []
         self._last_step = first_step - 1 if resume else None
         self.recorder = attach(_submodule(model, self.module), self.loop_module, **self.attach_options)
+        self.recorder.last_step = last_step
         self.recorder.begin_step(first_step)
         self.judges, self.writes = judge, write
         if write and self.run_dir is not None:
