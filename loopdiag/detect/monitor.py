@@ -145,8 +145,8 @@ class Monitor:
 
     def finish(self) -> list[Event]:
         """The detectors' end-of-run judgements (call once, when training ended), and, when
-        none found a failure in a run of fewer than `EMA_SPAN` losses, a line saying that its
-        verdict says little."""
+        none found a failure in a run of fewer than `EMA_SPAN` losses, a line saying that a
+        stable verdict there is weak evidence."""
         fired = [event for detector in self.detectors for event in detector.finish()]
         failed = any(event.severity == "critical" for event in (*self.events, *fired))
         if self._counts_losses and 0 < self._losses < EMA_SPAN and not failed:
