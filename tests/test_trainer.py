@@ -269,7 +269,20 @@ class SignalAt(TrainCallback):
         self.ended_as = state.stop_reason
 
 
+@pytest.fixture
+def sigint_delivered():
+    """SIGINT handled as an interactive process handles it. A job that a non-interactive shell
+    starts in the background (a CI runner's, often) inherits SIGINT ignored, and the trainer
+    rightly leaves an ignored signal ignored."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.usefixtures("sigint_delivered")
 def test_a_signal_ends_the_step_with_a_checkpoint_that_resumes_as_if_uninterrupted(tmp_path, signum):
     straight_model = tiny_model()
     straight = train(straight_model, next_token_batches, val_set(), config())
@@ -286,6 +299,7 @@ def test_a_signal_ends_the_step_with_a_checkpoint_that_resumes_as_if_uninterrupt
         assert torch.equal(tensor, resumed_model.state_dict()[name]), name
 
 
+@pytest.mark.usefixtures("sigint_delivered")
 def test_a_second_sigint_stops_at_once(tmp_path):
     path = tmp_path / "ckpt.pt"
     with pytest.raises(KeyboardInterrupt):
@@ -293,6 +307,17 @@ def test_a_second_sigint_stops_at_once(tmp_path):
               callbacks=[SignalAt(7, signal.SIGINT, signal.SIGINT)], checkpoint_path=path,
               checkpoint_interval_s=None)
     assert not path.exists()  # left inside step 7, before the step's end could save one
+
+
+def test_a_sigint_the_process_ignores_stays_ignored(tmp_path):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's
+    try:
+        result = train(tiny_model(), next_token_batches, val_set(), config(),
+                       callbacks=[SignalAt(7, signal.SIGINT)], checkpoint_path=tmp_path / "ckpt.pt")
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.steps_done == config().steps
 
 
 class FailAt(TrainCallback):
