@@ -242,7 +242,7 @@ def judged_losses(losses, **monitor_options) -> tuple[loopdiag.Monitor, list[Eve
     return monitor, [line for line in lines if line.detector == "monitor" and "records" in line.evidence]
 
 
-def test_a_run_of_fewer_losses_than_the_smoothing_span_says_its_verdict_says_little():
+def test_a_run_of_fewer_losses_than_the_smoothing_span_is_told_its_stable_verdict_is_weak():
     _, (note,) = judged_losses([5.5, 4.0, 3.2, 3.0])
     assert note.severity == "info" and note.step == 40 and note.evidence == {"records": 4}
     # the first loss's weight in the EMA of span 20 after 4 losses: (19/21)**3
