@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 RUNS_FOLDER = "runs"  # the run store inside a report folder
 
-app = typer.Typer(no_args_is_help=True, help="Training-stability diagnostics for looped transformers.")
+app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help="Training-stability diagnostics for looped transformers.")
 console = Console()
 
 
@@ -133,7 +133,7 @@ def run(
              "place of the file's: the same suite on other data or settings keeps its own.",
         show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
-        help="Report folder; the run store goes in its runs/. Default: reports/<suite name>.")] = None,
+        help="Report folder; the run store goes in its runs/. Default: reports/SUITE, SUITE the suite's name.")] = None,
     wandb: Annotated[str, typer.Option(help="off, offline (no account; `wandb sync` uploads later) or online.")] = "offline",
     jobs: Annotated[int, typer.Option(help="Runs trained at once, in worker processes; 0: one per CPU core (at most 8).")] = 0,
     alerts: Annotated[str, typer.Option(
@@ -157,9 +157,10 @@ def run(
              "(--size and --steps, when given, win).")] = False,
     svg: Annotated[bool, typer.Option(help="Also write every figure of the report as SVG.")] = False,
 ) -> None:
-    """Train a probe suite (architectures x loop counts x learning rates x seeds) with the
-    probes and live collapse alerts, then write the report and print the stability table.
-    Under `torchrun --nproc_per_node N` all N ranks train each run together (DDP, or FSDP2
+    """Train a probe suite with live collapse alerts, then report and print the verdicts.
+
+    Every run of the suite (architectures x loop counts x learning rates x seeds) trains with
+    the probes attached; the report and the stability table follow. Under `torchrun --nproc_per_node N` all N ranks train each run together (DDP, or FSDP2
     with --parallel fsdp)."""
     from loopdiag import distributed
     from loopdiag.console import LiveProgress
@@ -588,7 +589,7 @@ def report(
     suite: Annotated[Path, typer.Argument(help="A report folder (with runs/) or a suite folder.")],
     out: Annotated[Path | None, typer.Option(help="Report folder. Default: the report folder given, "
                                                    "or the one holding the runs/ given; else "
-                                                   "reports/<suite folder name>.")] = None,
+                                                   "reports/ and the suite folder's name.")] = None,
     jobs: Annotated[int, typer.Option(help="Processes building missing columnar copies of the runs' "
                                            "records, and drawing the figures (two at most); 0: one "
                                            "per CPU core (at most 8).")] = 0,
@@ -599,8 +600,9 @@ def report(
                                           "an SVG costs as much to write again). Without it, SVGs an "
                                           "earlier report wrote are removed, as they would be stale.")] = False,
 ) -> None:
-    """Regenerate a suite's report (markdown, HTML, figures, table) from its run store alone.
-    Runs whose columnar copy (metrics.parquet) is missing or stale get one first."""
+    """Regenerate a suite's report from its run store alone.
+
+    Markdown, HTML, figures and table. Runs whose columnar copy (metrics.parquet) is missing or stale get one first."""
     if jobs < 0:
         raise bad_input(f"--jobs must be >= 0, got {jobs}")
     store = _store(suite)
@@ -676,8 +678,9 @@ def compare(
     suite: Annotated[Path | None, typer.Option(help="Compare architectures A and B inside this suite.")] = None,
     loops: Annotated[int | None, typer.Option(help="Only runs with this many loops.")] = None,
 ) -> None:
-    """Two runs side by side, two suites cell by cell, or two architectures of one suite
-    (paired t-test of final losses over matching runs)."""
+    """Two runs side by side, two suites cell by cell, or two architectures of one suite.
+
+    Architectures are compared by a paired t-test of final losses over matching runs."""
     from loopdiag.analysis import compare as compare_archs
     from loopdiag.analysis import compare_tables, run_table, suite_table
     from loopdiag.store import is_run_dir, load_suite
@@ -720,8 +723,10 @@ def eval_(
     examples: Annotated[int, typer.Option(help="Held-out task examples for accuracy.")] = 256,
     svg: Annotated[bool, typer.Option(help="Also write the figure as SVG.")] = False,
 ) -> None:
-    """Test-time loop scaling: evaluate trained runs at each inference loop count K' (loss,
-    and exact-match accuracy for a task), write <run>/loop_scaling.csv and plot it."""
+    """Test-time loop scaling: evaluate trained runs at each inference loop count K'.
+
+    The loss, and exact-match accuracy for a task, at each K'; written to
+    loop_scaling.csv in each run's folder and plotted."""
     from loopdiag.analysis import plot_loop_scaling, save_figure
     from loopdiag.data import expand_globs
     from loopdiag.evaluation import loop_scaling, parse_loops
@@ -760,21 +765,22 @@ def eval_(
 @app.command()
 def dashboard(
     suite: Annotated[str, typer.Argument(
-        help="A report folder (reports/<suite>, after `loopdiag run`), or a suite name or .toml file.")],
+        help="A report folder (reports/SUITE, after `loopdiag run`), or a suite name or .toml file.")],
     online: Annotated[bool, typer.Option(
         help="Save the workspace to W&B and print its URL (after `wandb login`).")] = False,
     out: Annotated[Path | None, typer.Option(
         help="Offline: the report folder to write wandb-workspace.json in. Default: the report "
              "folder given, or the one holding the suite folder given; for a suite name or "
-             "file, reports/<suite name>.")] = None,
+             "file, reports/ and the suite's name.")] = None,
     entity: Annotated[str | None, typer.Option(
         help="W&B entity. Default: your default entity online, a placeholder offline.")] = None,
     project: Annotated[str, typer.Option(help="W&B project the runs were logged to.")] = "loopdiag",
 ) -> None:
-    """A W&B workspace for a suite's runs: loss by architecture x K, per-loop residual norm,
-    token correlation and gradient (one line per loop), gradient oscillation, the stability
+    """A W&B workspace for a suite's runs.
+
+    Loss by architecture x K, per-loop residual norm, token correlation and gradient (one line per loop), gradient oscillation, the stability
     table and the alerts. Offline (the default) it writes the workspace definition to
-    <report folder>/wandb-workspace.json; --online saves it to W&B and prints its URL."""
+    wandb-workspace.json in the report folder; --online saves it to W&B and prints its URL."""
     from loopdiag.store._files import SUITE_FILE, read_manifest
 
     # a suite's name finds what `loopdiag run` trained under it first (`--quick` renames it)

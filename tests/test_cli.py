@@ -542,6 +542,18 @@ def test_module_entry_point():
     assert result.returncode == 0 and "--loops" in result.stdout
 
 
+def test_help_reads_as_sentences_at_any_width():
+    """Each command's summary is one line in the list, and a paragraph's source line breaks
+    do not break it on the screen."""
+    listing = runner.invoke(app, ["--help"], env={"COLUMNS": "120"})
+    assert listing.exit_code == 0
+    assert re.search(r"run +Train a probe suite with live collapse alerts, then report and print the verdicts\.",
+                     listing.output)
+    page = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert page.exit_code == 0
+    assert "(DDP, or FSDP2 with --parallel fsdp)" in page.output
+
+
 COLLAPSING_SUITE = """
 name = "collapse"
 description = "the plain looped model at a learning rate it cannot take, and FLT at the same"
