@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 
 RUNS_FOLDER = "runs"  # the run store inside a report folder
 
-app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help="Training-stability diagnostics for looped transformers.")
+# markdown: a paragraph of help reflows to the terminal (rich mode keeps the source's line breaks)
+app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Training-stability diagnostics for looped transformers.")
 console = Console()
 
 
@@ -133,7 +135,8 @@ def run(
              "place of the file's: the same suite on other data or settings keeps its own.",
         show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
-        help="Report folder; the run store goes in its runs/. Default: reports/SUITE, SUITE the suite's name.")] = None,
+        help="Report folder; the run store goes in its runs/. Default: reports/SUITE, SUITE the "
+             "suite's name.")] = None,
     wandb: Annotated[str, typer.Option(help="off, offline (no account; `wandb sync` uploads later) or online.")] = "offline",
     jobs: Annotated[int, typer.Option(help="Runs trained at once, in worker processes; 0: one per CPU core (at most 8).")] = 0,
     alerts: Annotated[str, typer.Option(
@@ -160,8 +163,9 @@ def run(
     """Train a probe suite with live collapse alerts, then report and print the verdicts.
 
     Every run of the suite (architectures x loop counts x learning rates x seeds) trains with
-    the probes attached; the report and the stability table follow. Under `torchrun --nproc_per_node N` all N ranks train each run together (DDP, or FSDP2
-    with --parallel fsdp)."""
+    the probes attached; the report and the stability table follow. Under `torchrun
+    --nproc_per_node N` all N ranks train each run together (DDP, or FSDP2 with --parallel
+    fsdp)."""
     from loopdiag import distributed
     from loopdiag.console import LiveProgress
     from loopdiag.data import SyntheticTask
@@ -602,7 +606,8 @@ def report(
 ) -> None:
     """Regenerate a suite's report from its run store alone.
 
-    Markdown, HTML, figures and table. Runs whose columnar copy (metrics.parquet) is missing or stale get one first."""
+    Markdown, HTML, figures and table. Runs whose columnar copy (metrics.parquet) is missing
+    or stale get one first."""
     if jobs < 0:
         raise bad_input(f"--jobs must be >= 0, got {jobs}")
     store = _store(suite)
@@ -778,9 +783,10 @@ def dashboard(
 ) -> None:
     """A W&B workspace for a suite's runs.
 
-    Loss by architecture x K, per-loop residual norm, token correlation and gradient (one line per loop), gradient oscillation, the stability
-    table and the alerts. Offline (the default) it writes the workspace definition to
-    wandb-workspace.json in the report folder; --online saves it to W&B and prints its URL."""
+    Loss by architecture x K, per-loop residual norm, token correlation and gradient (one line
+    per loop), gradient oscillation, the stability table and the alerts. Offline (the default)
+    it writes the workspace definition to wandb-workspace.json in the report folder; --online
+    saves it to W&B and prints its URL."""
     from loopdiag.store._files import SUITE_FILE, read_manifest
 
     # a suite's name finds what `loopdiag run` trained under it first (`--quick` renames it)
