@@ -154,6 +154,19 @@ def test_bad_file_raises_data_error_naming_path(tmp_path, name, data, reason):
     assert isinstance(caught.value, ValueError)
 
 
+def test_an_empty_file_among_others_adds_nothing_and_files_all_empty_are_refused(tmp_path):
+    text, empty = tmp_path / "module.py", tmp_path / "__init__.py"
+    text.write_text("def f():\n    return 1\n" * 2000)
+    empty.write_bytes(b"")
+    with_empty, alone = load_corpus([empty, text]), load_corpus([text])
+    assert with_empty.sha256 == alone.sha256 and torch.equal(with_empty.train, alone.train)
+    assert with_empty.files == (str(empty), str(text))  # the list read stays on record
+    second = tmp_path / "other.py"
+    second.write_bytes(b"")
+    with pytest.raises(DataError, match=r"all 2 files are empty"):
+        load_corpus([empty, second])
+
+
 def test_directory_is_refused(tmp_path):
     with pytest.raises(DataError, match="directory") as caught:
         load_corpus([tmp_path])

@@ -122,8 +122,6 @@ def _read_text_file(path: Path) -> bytes:
         raise DataError(f"{path}: is a directory; pass the text files themselves (in a suite or "
                         f"`--data`, a quoted glob such as '{path}/*.txt' takes them in name order)")
     raw = path.read_bytes()
-    if not raw:
-        raise DataError(f"{path}: file is empty")
     if b"\x00" in raw:
         raise DataError(f"{path}: contains NUL bytes; looks binary, expected UTF-8 text")
     try:
@@ -174,7 +172,13 @@ def load_corpus(
         path_list = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
         if not path_list:
             raise DataError("no corpus files given; pass paths=None for the embedded corpus")
-        raw = b"".join(_read_text_file(path) for path in path_list)
+        texts = [_read_text_file(path) for path in path_list]
+        # An empty file among others adds no byte (a package's empty __init__.py in a glob);
+        # text made of empty files alone is a mistake worth naming.
+        if not any(texts):
+            raise DataError(f"{path_list[0]}: file is empty" if len(path_list) == 1
+                            else f"all {len(path_list)} files are empty ({path_list[0]}, ...)")
+        raw = b"".join(texts)
         source = ", ".join(str(path) for path in path_list)
 
     tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
