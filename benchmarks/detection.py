@@ -769,7 +769,8 @@ STUDIES = (Path("reports/flt-stability/runs"), Path("reports/loops-compute/runs"
            Path("reports/detection/sweep-distutils/runs"), Path("reports/detection/sweep-gentle/runs"),
            Path("reports/detection/sweep-locales/runs"), Path("reports/detection/sweep-vimsyntax/runs"),
            Path("reports/detection/sweep-locales-mz/runs"), Path("reports/detection/sweep-locales-gl/runs"),
-           Path("reports/detection/sweep-muon/runs"), Path("reports/detection/user-model-scipy/runs"))
+           Path("reports/detection/sweep-muon/runs"), Path("reports/detection/user-model-scipy/runs"),
+           Path("reports/detection/sweep-pandas/runs"))
 
 
 def study_name(path: Path) -> str:
